@@ -1,0 +1,1 @@
+//! Shared helpers for the benchmarks: timing baselines and the ratio report.

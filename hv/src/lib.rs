@@ -1,0 +1,1 @@
+//! KVM hypervisor: boots guests whose disks are any Lun.

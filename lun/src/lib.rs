@@ -1,0 +1,183 @@
+//! The one abstraction of vapp: a [`Lun`] is a block-addressable volume.
+//!
+//! Every layer consumes LUNs and most produce them: a file or block device, an NBD export,
+//! a virtual disk inside a datastore, a snapshot, a replica, a fault-injecting wrapper.
+//! The trait is deliberately small; speed lives in the implementations.
+
+mod error;
+mod file;
+mod open;
+
+pub use error::{LunError, Result};
+pub use file::FileLun;
+pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
+
+use std::fmt;
+
+/// A block-addressable volume with a fixed logical sector size.
+///
+/// All offsets and lengths are in bytes and must be multiples of [`Lun::sector_size`];
+/// a request that is not gets [`LunError::Misaligned`], one past the end gets
+/// [`LunError::OutOfRange`]. Implementations call [`check_request`] for both.
+///
+/// A write is sector-atomic: after a crash each sector holds either its old or its new
+/// contents, never a mix. Nothing more is promised across sectors; durability needs
+/// [`Lun::flush`].
+pub trait Lun: Send + Sync + fmt::Debug {
+    /// Identity used in errors and logs, e.g. `file:/srv/ds1.vmfs` or `nbd://10.0.0.2/ds1`.
+    fn name(&self) -> &str;
+
+    /// Logical sector size in bytes: 512 or 4096 (any power of two ≥ 512 is legal).
+    fn sector_size(&self) -> u32;
+
+    /// Length in bytes, a multiple of the sector size.
+    fn size(&self) -> u64;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`. Returns once the LUN has accepted the data, which is not
+    /// yet durable: see [`Lun::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every write that returned before this call durable.
+    fn flush(&self) -> Result<()>;
+
+    /// True when writes are refused with [`LunError::ReadOnly`].
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    /// True when [`Lun::compare_and_write`] is implemented atomically (SCSI ATS semantics).
+    fn supports_compare_and_write(&self) -> bool {
+        false
+    }
+
+    /// Atomic test-and-set: if the bytes at `offset` equal `expected`, replace them with
+    /// `new` and return [`CompareAndWrite::Written`]; otherwise change nothing and return
+    /// [`CompareAndWrite::Miscompare`] carrying the current contents, so callers can retry
+    /// from them without another read.
+    ///
+    /// `expected` and `new` have the same length, a whole number of sectors. Backends
+    /// without an atomic primitive return [`LunError::Unsupported`]; callers must then use
+    /// a protocol that needs only sector-atomic reads and writes.
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> Result<CompareAndWrite> {
+        let _ = (expected, new, offset);
+        Err(LunError::Unsupported {
+            lun: self.name().to_string(),
+            op: "compare-and-write",
+        })
+    }
+
+    /// Makes `len` bytes at `offset` read back as zeroes. Backends that can deallocate
+    /// (punch a hole, NBD WRITE_ZEROES/TRIM) do so; the default writes zero buffers.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self, offset, len)?;
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Runs a batch of independent requests. Backends with a queue (io_uring, NBD) run
+    /// them in parallel; the default runs them one after another. The first failure is
+    /// returned; requests of a failed batch may or may not have been carried out.
+    fn submit(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
+        for request in batch.iter_mut() {
+            match request {
+                IoRequest::Read { buf, offset } => self.read_at(buf, *offset)?,
+                IoRequest::Write { buf, offset } => self.write_at(buf, *offset)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One request of a [`Lun::submit`] batch.
+#[derive(Debug)]
+pub enum IoRequest<'a> {
+    Read { buf: &'a mut [u8], offset: u64 },
+    Write { buf: &'a [u8], offset: u64 },
+}
+
+/// Outcome of [`Lun::compare_and_write`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompareAndWrite {
+    /// The comparison matched and the new data is in place.
+    Written,
+    /// The comparison failed; nothing was written. Holds the current contents.
+    Miscompare(Vec<u8>),
+}
+
+/// Validates alignment and range of a request against `lun`.
+pub fn check_request<L: Lun + ?Sized>(lun: &L, offset: u64, len: u64) -> Result<()> {
+    let sector = u64::from(lun.sector_size());
+    if offset % sector != 0 || len % sector != 0 {
+        return Err(LunError::Misaligned {
+            lun: lun.name().to_string(),
+            offset,
+            len,
+            sector_size: lun.sector_size(),
+        });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= lun.size() => Ok(()),
+        _ => Err(LunError::OutOfRange {
+            lun: lun.name().to_string(),
+            offset,
+            len,
+            size: lun.size(),
+        }),
+    }
+}
+
+impl<T: Lun + ?Sized> Lun for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn sector_size(&self) -> u32 {
+        (**self).sector_size()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+    fn supports_compare_and_write(&self) -> bool {
+        (**self).supports_compare_and_write()
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> Result<CompareAndWrite> {
+        (**self).compare_and_write(expected, new, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn submit(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
+        (**self).submit(batch)
+    }
+}

@@ -1,0 +1,82 @@
+//! `vapp`: the command line and host agent.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vapp", version, about = "Storage-centric virtual appliance")]
+struct Cli {
+    /// Datastore LUN: a file, a block device or an nbd:// URL.
+    #[arg(short = 'd', long = "datastore", env = "VAPP_DATASTORE", global = true)]
+    datastore: Option<String>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `vmfs=debug`.
+    #[arg(long, env = "VAPP_LOG", default_value = "warn", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Format, inspect and check datastores.
+    #[command(subcommand)]
+    Datastore(cmd::datastore::DatastoreCommand),
+    /// List a directory.
+    Ls(cmd::files::LsArgs),
+    /// Create a directory.
+    Mkdir(cmd::files::MkdirArgs),
+    /// Remove a file or directory.
+    Rm(cmd::files::RmArgs),
+    /// Rename or move a file or directory.
+    Mv(cmd::files::MvArgs),
+    /// Show a file's attributes.
+    Stat(cmd::files::StatArgs),
+    /// Print a file's contents.
+    Cat(cmd::files::CatArgs),
+    /// Copy a local file into the datastore.
+    Put(cmd::files::PutArgs),
+    /// Copy a file out of the datastore.
+    Get(cmd::files::GetArgs),
+    /// Manage virtual disks.
+    #[command(subcommand)]
+    Vdisk(cmd::files::VdiskCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let datastore = cli.datastore.as_deref();
+    let outcome = match cli.command {
+        Command::Datastore(command) => cmd::datastore::run(command),
+        Command::Ls(args) => cmd::files::ls(datastore, args),
+        Command::Mkdir(args) => cmd::files::mkdir(datastore, args),
+        Command::Rm(args) => cmd::files::rm(datastore, args),
+        Command::Mv(args) => cmd::files::mv(datastore, args),
+        Command::Stat(args) => cmd::files::stat(datastore, args),
+        Command::Cat(args) => cmd::files::cat(datastore, args),
+        Command::Put(args) => cmd::files::put(datastore, args),
+        Command::Get(args) => cmd::files::get(datastore, args),
+        Command::Vdisk(command) => cmd::files::vdisk(datastore, command),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("vapp: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

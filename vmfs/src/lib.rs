@@ -1,0 +1,1 @@
+//! A clustered VM datastore on one LUN.
