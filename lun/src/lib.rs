@@ -7,6 +7,7 @@
 mod error;
 mod file;
 mod open;
+pub mod prereq;
 
 pub use error::{LunError, Result};
 pub use file::FileLun;
