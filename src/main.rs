@@ -45,6 +45,11 @@ enum Command {
     /// Manage virtual disks.
     #[command(subcommand)]
     Vdisk(cmd::files::VdiskCommand),
+    /// Serve a LUN over NBD (qemu, nbdkit clients, other hosts' vapp).
+    Export(cmd::export::ExportArgs),
+    /// What this host offers for running VMs.
+    #[command(subcommand)]
+    Host(cmd::host::HostCommand),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,8 @@ fn main() -> ExitCode {
         Command::Put(args) => cmd::files::put(datastore, args),
         Command::Get(args) => cmd::files::get(datastore, args),
         Command::Vdisk(command) => cmd::files::vdisk(datastore, command),
+        Command::Export(args) => cmd::export::run(datastore, args),
+        Command::Host(command) => cmd::host::run(command),
     };
     match outcome {
         Ok(code) => code,

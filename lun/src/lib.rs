@@ -4,13 +4,23 @@
 //! a virtual disk inside a datastore, a snapshot, a replica, a fault-injecting wrapper.
 //! The trait is deliberately small; speed lives in the implementations.
 
+mod blockdev;
+mod direct;
+mod engine;
 mod error;
+pub mod fault;
 mod file;
+pub mod nbd;
 mod open;
 pub mod prereq;
+mod range_lock;
+mod uring;
 
+pub use direct::AlignedBuf;
+pub use engine::{IO_ENGINE_ENV, IoEngine};
 pub use error::{LunError, Result};
-pub use file::FileLun;
+pub use file::{Backing, FileLun};
+pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
 
 use std::fmt;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::{FileLun, Lun, LunError, Result};
+use crate::{FileLun, IoEngine, Lun, LunError, Result};
 
 /// Where a LUN lives, parsed from a user-supplied string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,10 +24,17 @@ pub enum LunSpec {
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
-    /// Bypass the host page cache (O_DIRECT). Block devices default to direct I/O anyway.
+    /// Bypass the host page cache (O_DIRECT) for a regular file. Block devices always use
+    /// direct I/O: a LUN shared between hosts must never be served from one host's cache.
     pub direct: bool,
     /// Create a sparse file of this many bytes when the path does not exist.
     pub create_size: Option<u64>,
+    /// Logical sector size of a file LUN (default 512, or more when O_DIRECT on its file
+    /// system needs more). For a block device, a multiple of its own logical sector size;
+    /// by default that size itself.
+    pub sector_size: Option<u32>,
+    /// Which I/O engine files and block devices use; see [`IoEngine`].
+    pub engine: IoEngine,
 }
 
 pub const NBD_DEFAULT_PORT: u16 = 10809;
@@ -104,17 +111,31 @@ fn split_host_port(authority: &str) -> std::result::Result<(String, u16), String
 pub fn open(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Lun>> {
     match LunSpec::parse(spec)? {
         LunSpec::Path(path) => {
-            if !path.exists() {
-                if let Some(size) = options.create_size {
-                    return Ok(Arc::new(FileLun::create(&path, size)?));
+            if let (Some(size), false) = (options.create_size, path.exists()) {
+                match FileLun::create_with(&path, size, options) {
+                    // Someone else created it in the meantime: open theirs.
+                    Err(_) if path.exists() => {}
+                    created => return Ok(Arc::new(created?)),
                 }
             }
-            Ok(Arc::new(FileLun::open(&path, options.read_only)?))
+            Ok(Arc::new(FileLun::open_with(&path, options)?))
         }
-        LunSpec::NbdTcp { .. } | LunSpec::NbdUnix { .. } => Err(LunError::Unsupported {
-            lun: spec.to_string(),
-            op: "NBD",
-        }),
+        LunSpec::NbdTcp { host, port, export } => Ok(Arc::new(crate::NbdLun::connect(
+            crate::NbdTarget::Tcp { host, port },
+            &export,
+            crate::NbdOptions {
+                read_only: options.read_only,
+                ..Default::default()
+            },
+        )?)),
+        LunSpec::NbdUnix { socket, export } => Ok(Arc::new(crate::NbdLun::connect(
+            crate::NbdTarget::Unix(socket),
+            &export,
+            crate::NbdOptions {
+                read_only: options.read_only,
+                ..Default::default()
+            },
+        )?)),
     }
 }
 

@@ -1,7 +1,9 @@
 //! One module per command group; each parses its own arguments and returns an exit code.
 
 pub mod datastore;
+pub mod export;
 pub mod files;
+pub mod host;
 
 use anyhow::Context;
 

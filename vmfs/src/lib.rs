@@ -1,1 +1,62 @@
-//! A clustered VM datastore on one LUN.
+//! A clustered VM datastore on one LUN (VMFS-style).
+//!
+//! The on-disk format is described in `FORMAT.md` next to this crate. In short: a superblock
+//! (and its backup at the end of the LUN), 64 heartbeat slots, reserved Disk Paxos lease
+//! areas, one redo journal per host slot, and resource clusters (lock record + bitmap) for
+//! file descriptors, sub-blocks, pointer blocks and file blocks. Every metadata unit is 4 KiB
+//! with magic, location and crc32c, and every metadata change goes through the host's journal.
+//!
+//! ```no_run
+//! # fn main() -> vmfs::Result<()> {
+//! let lun = lun::open("/srv/ds1.vmfs", &lun::OpenOptions { create_size: Some(8 << 30), ..Default::default() })?;
+//! vmfs::format(lun.clone(), &vmfs::FormatOptions { label: "ds1".into(), ..Default::default() })?;
+//! let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_write())?;
+//! ds.mkdir_all("/vms/web01", 0o755, vmfs::Creds::current())?;
+//! ds.create_vdisk("/vms/web01/disk0.vdisk", 20 << 30, false, vmfs::Creds::current())?;
+//! let disk = ds.open_lun("/vms/web01/disk0.vdisk", vmfs::Access::Exclusive)?;
+//! # let _ = disk; Ok(()) }
+//! ```
+
+mod bitmap;
+mod codec;
+mod datastore;
+mod dir;
+mod error;
+mod format;
+mod fsck;
+mod handle;
+mod host;
+mod inode;
+mod io;
+mod journal;
+mod layout;
+mod path;
+mod state;
+mod store;
+
+pub use datastore::{
+    Attr, Creds, Datastore, DirEntry, HostSlotInfo, Info, NewFile, OpenOptions, ResourceInfo,
+    SetAttr, StatFs, SuperblockSource,
+};
+pub use dir::NAME_MAX;
+pub use error::{Error, Result};
+pub use format::{FormatOptions, FormatReport, format};
+pub use fsck::{Finding, FsckOptions, FsckReport, Severity, fsck};
+pub use handle::{Access, FileHandle, VdiskLun};
+pub use inode::{INLINE_MAX, Kind};
+pub use layout::{
+    FORMAT_VERSION, HOST_SLOTS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_JOURNAL, ROOT_INO,
+    ResourceKind, Superblock,
+};
+pub use path::PutOptions;
+
+/// Offsets of on-disk structures, for tests and tools that inspect or damage a datastore.
+pub mod debug {
+    pub use crate::codec::UNIT;
+    pub use crate::layout::Superblock;
+
+    /// LUN offset of inode `ino`'s unit.
+    pub fn inode_offset(sb: &Superblock, ino: u64) -> u64 {
+        sb.inode_offset(ino)
+    }
+}

@@ -42,7 +42,10 @@ struct Measurement {
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let criterion_dir = args.next().map(PathBuf::from).unwrap_or_else(default_criterion_dir);
+    let criterion_dir = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(default_criterion_dir);
     let goals_path = args
         .next()
         .map(PathBuf::from)
@@ -79,7 +82,10 @@ fn main() -> Result<()> {
                 group,
                 name,
                 human_time(m.mean_ns),
-                m.throughput.as_ref().map(|t| rate(t, m.mean_ns)).unwrap_or_default(),
+                m.throughput
+                    .as_ref()
+                    .map(|t| rate(t, m.mean_ns))
+                    .unwrap_or_default(),
                 ratio,
                 goal
             );

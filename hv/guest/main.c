@@ -1,0 +1,877 @@
+/*
+ * vapp test guest: a freestanding kernel that checks what a VMM must get right and says so on
+ * the serial port, then powers off with a status whose bits name what failed (0: all passed).
+ *
+ * It boots through PVH, finds its CPUs in the ACPI MADT and starts each with INIT/SIPI, finds
+ * its virtio-blk devices on the command line (virtio_mmio.device=SIZE@BASE:IRQ, as Linux does),
+ * verifies the pattern the host wrote at the start of every disk, writes its own pattern after
+ * it, flushes and reads it back, and checks that error paths (out-of-range read, write to a
+ * read-only disk, unknown request type) come back with the virtio status they must.
+ *
+ * On the PVM backend every instruction here is emulated at about a million per second, so the
+ * code polls instead of taking interrupts and keeps loops short. It must not use SSE, x87 or
+ * XSAVE, which that emulator does not implement (built with -mgeneral-regs-only).
+ *
+ * The disk patterns are defined identically in hv/src/test_guest.rs; keep them in step.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define COM1 0x3f8
+#define EXIT_STATUS_PORT 0xf4
+#define LAPIC_BASE 0xfee00000UL
+#define SIPI_PAGE 0x8000
+#define MAX_CPUS 64
+#define MAX_DISKS 16
+
+/* Bits of the power-off status. */
+#define FAIL_BOOT_INFO 0x01    /* start_info, command line or ACPI tables unusable */
+#define FAIL_CPUS 0x02         /* a CPU listed in the MADT did not come up */
+#define FAIL_DISK_SETUP 0x04   /* a virtio-blk device could not be initialised */
+#define FAIL_HOST_PATTERN 0x08 /* the data the host wrote did not read back */
+#define FAIL_DISK_IO 0x10      /* a request that should succeed failed */
+#define FAIL_ERROR_PATH 0x20   /* a request that should fail did not, or failed wrongly */
+#define FAIL_VERIFY 0x40       /* the guest's own pattern did not read back */
+
+/* The disk patterns (see hv/src/test_guest.rs). */
+#define HOST_TAG 0x686f737470617474ULL  /* "hostpatt" */
+#define GUEST_TAG 0x6775657374706174ULL /* "guestpat" */
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+#define PATTERN_BYTES 4096
+#define HOST_PATTERN_SECTOR 0
+#define GUEST_PATTERN_SECTOR 8
+
+extern char ap_trampoline_start[], ap_trampoline_end[], triple_fault_insn[];
+extern void triple_fault(void) __attribute__((noreturn));
+extern void halt_forever(void) __attribute__((noreturn));
+
+/* ---- freestanding basics ---- */
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    void *ret = dst;
+    asm volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+    return ret;
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+    void *ret = dst;
+    asm volatile("rep stosb" : "+D"(dst), "+c"(n) : "a"(c) : "memory");
+    return ret;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const u8 *x = a, *y = b;
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != y[i])
+            return x[i] - y[i];
+    return 0;
+}
+
+static inline void outb(u16 port, u8 v) { asm volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { asm volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    asm volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline void mmio_write8(u64 addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline void cpu_relax(void) { asm volatile("pause" : : : "memory"); }
+static inline void barrier(void) { asm volatile("" : : : "memory"); }
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    asm volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+static u32 cpuid_apic_id(void)
+{
+    u32 a = 1, b, c = 0, d;
+    asm volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    return b >> 24;
+}
+
+/* ---- serial console, shared by all CPUs ---- */
+
+static volatile u32 console_lock;
+
+/* A 16550A takes 16 bytes into its transmit FIFO once THRE says it is empty; polling the
+ * line status once per FIFO rather than once per byte halves the port accesses (VM exits). */
+#define UART_FIFO 16
+static unsigned tx_room; /* guarded by console_lock */
+
+static void serial_init(void)
+{
+    outb(COM1 + 1, 0x00); /* no interrupts: this guest polls */
+    outb(COM1 + 3, 0x03); /* 8 data bits, no parity, one stop bit */
+    outb(COM1 + 2, 0x07); /* FIFOs on and cleared */
+    outb(COM1 + 4, 0x03); /* DTR, RTS */
+}
+
+static void serial_putc(char c)
+{
+    if (!tx_room) {
+        while (!(inb(COM1 + 5) & 0x20)) /* transmit holding register (FIFO) empty */
+            cpu_relax();
+        tx_room = UART_FIFO;
+    }
+    tx_room--;
+    outb(COM1, c);
+}
+
+static void put_unsigned(u64 v, unsigned base)
+{
+    char buf[24];
+    int n = 0;
+    do {
+        unsigned digit = v % base;
+        buf[n++] = digit < 10 ? '0' + digit : 'a' + digit - 10;
+        v /= base;
+    } while (v);
+    while (n)
+        serial_putc(buf[--n]);
+}
+
+/* printf with %s %c %u %x %lu %lx: all this guest needs. */
+static void kprintf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    for (const char *p = fmt; *p; p++) {
+        if (*p != '%') {
+            serial_putc(*p);
+            continue;
+        }
+        int is_long = 0;
+        if (p[1] == 'l') {
+            is_long = 1;
+            p++;
+        }
+        switch (*++p) {
+        case 's':
+            for (const char *s = va_arg(ap, const char *); *s; s++)
+                serial_putc(*s);
+            break;
+        case 'c':
+            serial_putc((char)va_arg(ap, int));
+            break;
+        case 'u':
+            put_unsigned(is_long ? va_arg(ap, u64) : va_arg(ap, u32), 10);
+            break;
+        case 'x':
+            put_unsigned(is_long ? va_arg(ap, u64) : va_arg(ap, u32), 16);
+            break;
+        default:
+            serial_putc('%');
+            serial_putc(*p);
+        }
+    }
+    __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
+    va_end(ap);
+}
+
+/* ---- boot information: PVH start_info and the command line ---- */
+
+#define HVM_START_MAGIC 0x336ec578
+#define E820_RAM 1
+
+struct hvm_start_info {
+    u32 magic, version, flags, nr_modules;
+    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    u32 memmap_entries, reserved;
+};
+
+struct hvm_memmap_entry {
+    u64 addr, size;
+    u32 type, reserved;
+};
+
+enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ };
+
+struct disk_desc {
+    u64 base;
+    u32 irq;
+};
+
+static struct {
+    enum mode mode;
+    struct disk_desc disks[MAX_DISKS];
+    unsigned ndisks;
+    u32 read_mib, req_kib, depth;
+} cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4};
+
+static int starts_with(const char *s, const char *prefix, const char **rest)
+{
+    while (*prefix)
+        if (*s++ != *prefix++)
+            return 0;
+    *rest = s;
+    return 1;
+}
+
+static int word_is(const char *s, const char *word)
+{
+    while (*word)
+        if (*s++ != *word++)
+            return 0;
+    return *s == ' ' || *s == 0;
+}
+
+/* Parses decimal or 0x-hex with an optional K/M/G suffix. */
+static u64 parse_num(const char **sp)
+{
+    const char *s = *sp;
+    u64 v = 0;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        for (s += 2;; s++) {
+            char c = *s;
+            if (c >= '0' && c <= '9')
+                v = v * 16 + (c - '0');
+            else if (c >= 'a' && c <= 'f')
+                v = v * 16 + (c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F')
+                v = v * 16 + (c - 'A' + 10);
+            else
+                break;
+        }
+    } else {
+        for (; *s >= '0' && *s <= '9'; s++)
+            v = v * 10 + (*s - '0');
+    }
+    switch (*s) {
+    case 'K': case 'k': v <<= 10; s++; break;
+    case 'M': case 'm': v <<= 20; s++; break;
+    case 'G': case 'g': v <<= 30; s++; break;
+    }
+    *sp = s;
+    return v;
+}
+
+static void parse_cmdline(const char *s)
+{
+    while (*s) {
+        const char *v;
+        if (starts_with(s, "virtio_mmio.device=", &v)) {
+            parse_num(&v); /* window size */
+            if (*v == '@') {
+                v++;
+                u64 base = parse_num(&v);
+                u64 irq = 0;
+                if (*v == ':') {
+                    v++;
+                    irq = parse_num(&v);
+                }
+                if (cfg.ndisks < MAX_DISKS)
+                    cfg.disks[cfg.ndisks++] = (struct disk_desc){base, (u32)irq};
+            }
+        } else if (starts_with(s, "mode=", &v)) {
+            if (word_is(v, "boot"))
+                cfg.mode = MODE_BOOT;
+            else if (word_is(v, "wait"))
+                cfg.mode = MODE_WAIT;
+            else if (word_is(v, "fault"))
+                cfg.mode = MODE_FAULT;
+            else if (word_is(v, "reset"))
+                cfg.mode = MODE_RESET;
+            else if (word_is(v, "read"))
+                cfg.mode = MODE_READ;
+        } else if (starts_with(s, "read_mib=", &v)) {
+            cfg.read_mib = parse_num(&v);
+        } else if (starts_with(s, "req_kib=", &v)) {
+            cfg.req_kib = parse_num(&v);
+        } else if (starts_with(s, "depth=", &v)) {
+            cfg.depth = parse_num(&v);
+        }
+        while (*s && *s != ' ')
+            s++;
+        while (*s == ' ')
+            s++;
+    }
+}
+
+/* ---- ACPI: the MADT names the CPUs, the FADT says how to power off and reset ---- */
+
+struct acpi_header {
+    char signature[4];
+    u32 length;
+    u8 revision, checksum;
+    char oem_id[6], oem_table_id[8];
+    u32 oem_revision, creator_id, creator_revision;
+} __attribute__((packed));
+
+struct acpi_gas {
+    u8 space_id, bit_width, bit_offset, access_size;
+    u64 address;
+} __attribute__((packed));
+
+#define FADT_RESET_REG 116
+#define FADT_RESET_VALUE 128
+#define FADT_SLEEP_CONTROL_REG 244
+#define FADT_MIN_LENGTH 268
+#define GAS_SYSTEM_MEMORY 0
+#define GAS_SYSTEM_IO 1
+#define SLP_TYP_S5 5
+#define SLP_EN (1 << 5)
+
+static struct {
+    u32 apic_ids[MAX_CPUS];
+    unsigned ncpus;
+    struct acpi_gas sleep_control, reset_reg;
+    u8 reset_value;
+    int have_fadt;
+} platform;
+
+static int checksum_ok(const void *p, u32 len)
+{
+    const u8 *b = p;
+    u8 sum = 0;
+    for (u32 i = 0; i < len; i++)
+        sum += b[i];
+    return sum == 0;
+}
+
+static int sig_is(const char *sig, const char *want)
+{
+    return sig[0] == want[0] && sig[1] == want[1] && sig[2] == want[2] && sig[3] == want[3];
+}
+
+static void parse_madt(const struct acpi_header *h)
+{
+    const u8 *p = (const u8 *)h + 44, *end = (const u8 *)h + h->length;
+    while (p + 2 <= end && p[1] >= 2) {
+        /* Processor Local APIC: enabled, or online capable */
+        if (p[0] == 0 && p[1] >= 8 && (*(const u32 *)(p + 4) & 3) && platform.ncpus < MAX_CPUS)
+            platform.apic_ids[platform.ncpus++] = p[3];
+        p += p[1];
+    }
+}
+
+static void parse_fadt(const struct acpi_header *h)
+{
+    if (h->length < FADT_MIN_LENGTH)
+        return;
+    const u8 *b = (const u8 *)h;
+    memcpy(&platform.sleep_control, b + FADT_SLEEP_CONTROL_REG, sizeof(struct acpi_gas));
+    memcpy(&platform.reset_reg, b + FADT_RESET_REG, sizeof(struct acpi_gas));
+    platform.reset_value = b[FADT_RESET_VALUE];
+    platform.have_fadt = 1;
+}
+
+/* Returns 0 when the tables were found and valid. */
+static int parse_acpi(u64 rsdp_addr)
+{
+    const u8 *rsdp = (const u8 *)rsdp_addr;
+    if (!rsdp || memcmp(rsdp, "RSD PTR ", 8) || !checksum_ok(rsdp, 20)) {
+        kprintf("vapp-testguest: no valid ACPI RSDP at 0x%lx\n", rsdp_addr);
+        return -1;
+    }
+    if (rsdp[15] < 2 || !checksum_ok(rsdp, 36)) {
+        kprintf("vapp-testguest: ACPI RSDP revision %u has no valid XSDT\n", rsdp[15]);
+        return -1;
+    }
+    const struct acpi_header *xsdt = (const void *)*(const u64 *)(rsdp + 24);
+    if (!sig_is(xsdt->signature, "XSDT") || !checksum_ok(xsdt, xsdt->length)) {
+        kprintf("vapp-testguest: bad ACPI XSDT\n");
+        return -1;
+    }
+    const u64 *entries = (const u64 *)((const u8 *)xsdt + sizeof(*xsdt));
+    unsigned n = (xsdt->length - sizeof(*xsdt)) / 8;
+    for (unsigned i = 0; i < n; i++) {
+        const struct acpi_header *t = (const void *)entries[i];
+        if (!checksum_ok(t, t->length)) {
+            kprintf("vapp-testguest: ACPI table %c%c%c%c has a bad checksum\n", t->signature[0],
+                    t->signature[1], t->signature[2], t->signature[3]);
+            return -1;
+        }
+        if (sig_is(t->signature, "APIC"))
+            parse_madt(t);
+        else if (sig_is(t->signature, "FACP"))
+            parse_fadt(t);
+    }
+    if (!platform.ncpus) {
+        kprintf("vapp-testguest: the MADT lists no CPU\n");
+        return -1;
+    }
+    return 0;
+}
+
+static void gas_write8(const struct acpi_gas *g, u8 v)
+{
+    if (g->space_id == GAS_SYSTEM_IO && g->address)
+        outb((u16)g->address, v);
+    else if (g->space_id == GAS_SYSTEM_MEMORY && g->address)
+        mmio_write8(g->address, v);
+}
+
+static void __attribute__((noreturn)) power_off(u32 status)
+{
+    kprintf("vapp-testguest: power off status=0x%x\n", status);
+    outl(EXIT_STATUS_PORT, status);
+    /* A platform without the exit-status port: ACPI S5 through the FADT sleep control register. */
+    if (platform.have_fadt)
+        gas_write8(&platform.sleep_control, (SLP_TYP_S5 << 2) | SLP_EN);
+    halt_forever();
+}
+
+/* ---- SMP: INIT/SIPI each CPU of the MADT through the local APIC ---- */
+
+#define LAPIC_ICR_LOW 0x300
+#define LAPIC_ICR_HIGH 0x310
+#define ICR_INIT 0x4500    /* INIT, level assert */
+#define ICR_STARTUP 0x4600 /* start-up IPI, level assert */
+#define ICR_BUSY (1 << 12)
+#define AP_TIMEOUT_TSC (20ULL * 1000 * 1000 * 1000) /* ~10 s at 2 GHz: emulated CPUs are slow */
+
+static volatile u32 cpus_up = 1;
+
+static void lapic_ipi(u32 apic_id, u32 command)
+{
+    mmio_write32(LAPIC_BASE + LAPIC_ICR_HIGH, apic_id << 24);
+    mmio_write32(LAPIC_BASE + LAPIC_ICR_LOW, command);
+    while (mmio_read32(LAPIC_BASE + LAPIC_ICR_LOW) & ICR_BUSY)
+        cpu_relax();
+}
+
+void ap_main(u32 slot)
+{
+    kprintf("vapp-testguest: cpu %u up (apic id %u)\n", slot + 1, cpuid_apic_id());
+    __atomic_add_fetch(&cpus_up, 1, __ATOMIC_RELEASE);
+}
+
+/* Returns the number of CPUs running. */
+static unsigned start_secondary_cpus(u32 bsp_apic_id)
+{
+    memcpy((void *)SIPI_PAGE, ap_trampoline_start, ap_trampoline_end - ap_trampoline_start);
+    for (unsigned i = 0; i < platform.ncpus; i++) {
+        u32 id = platform.apic_ids[i];
+        if (id == bsp_apic_id)
+            continue;
+        u32 want = cpus_up + 1;
+        lapic_ipi(id, ICR_INIT);
+        lapic_ipi(id, ICR_STARTUP | (SIPI_PAGE >> 12));
+        u64 start = rdtsc();
+        while (__atomic_load_n(&cpus_up, __ATOMIC_ACQUIRE) < want) {
+            if (rdtsc() - start > AP_TIMEOUT_TSC) {
+                kprintf("vapp-testguest: cpu with apic id %u did not start\n", id);
+                break;
+            }
+            cpu_relax();
+        }
+    }
+    return cpus_up;
+}
+
+/* ---- virtio-blk over virtio-mmio (version 2), polled ---- */
+
+#define VIRTIO_MMIO_MAGIC 0x000
+#define VIRTIO_MMIO_VERSION 0x004
+#define VIRTIO_MMIO_DEVICE_ID 0x008
+#define VIRTIO_MMIO_DEVICE_FEATURES 0x010
+#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
+#define VIRTIO_MMIO_DRIVER_FEATURES 0x020
+#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
+#define VIRTIO_MMIO_QUEUE_SEL 0x030
+#define VIRTIO_MMIO_QUEUE_NUM_MAX 0x034
+#define VIRTIO_MMIO_QUEUE_NUM 0x038
+#define VIRTIO_MMIO_QUEUE_READY 0x044
+#define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
+#define VIRTIO_MMIO_STATUS 0x070
+#define VIRTIO_MMIO_QUEUE_DESC_LOW 0x080
+#define VIRTIO_MMIO_QUEUE_DESC_HIGH 0x084
+#define VIRTIO_MMIO_QUEUE_DRIVER_LOW 0x090
+#define VIRTIO_MMIO_QUEUE_DRIVER_HIGH 0x094
+#define VIRTIO_MMIO_QUEUE_DEVICE_LOW 0x0a0
+#define VIRTIO_MMIO_QUEUE_DEVICE_HIGH 0x0a4
+#define VIRTIO_MMIO_CONFIG 0x100
+
+#define STATUS_ACKNOWLEDGE 1
+#define STATUS_DRIVER 2
+#define STATUS_DRIVER_OK 4
+#define STATUS_FEATURES_OK 8
+
+#define VIRTIO_BLK_F_RO (1u << 5)
+#define VIRTIO_BLK_F_BLK_SIZE (1u << 6)
+#define VIRTIO_BLK_F_FLUSH (1u << 9)
+#define VIRTIO_F_VERSION_1_HIGH 1u /* bit 32 */
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_ID_BYTES 20
+#define VIRTIO_BLK_T_BOGUS 0x7e
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define STATUS_PENDING 0xff
+
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define QSIZE 16
+#define MAX_INFLIGHT (QSIZE / 3)
+
+struct virtq_desc {
+    u64 addr;
+    u32 len;
+    u16 flags, next;
+};
+struct virtq_avail {
+    u16 flags, idx, ring[QSIZE], used_event;
+};
+struct virtq_used {
+    u16 flags, idx;
+    struct {
+        u32 id, len;
+    } ring[QSIZE];
+    u16 avail_event;
+};
+struct blk_req {
+    u32 type, reserved;
+    u64 sector;
+};
+
+struct disk {
+    u64 base;
+    u64 capacity; /* 512-byte sectors */
+    u32 blk_size;
+    int read_only, has_flush;
+    u16 qsize, avail_idx;
+    struct virtq_desc desc[QSIZE] __attribute__((aligned(16)));
+    struct virtq_avail avail __attribute__((aligned(2)));
+    struct virtq_used used __attribute__((aligned(4)));
+    struct blk_req hdr[MAX_INFLIGHT];
+    volatile u8 status[MAX_INFLIGHT];
+};
+
+static struct disk disks[MAX_DISKS];
+static u64 sector_buf[PATTERN_BYTES / 8], expect_buf[PATTERN_BYTES / 8];
+
+static u32 vreg(struct disk *d, u32 off) { return mmio_read32(d->base + off); }
+static void vset(struct disk *d, u32 off, u32 v) { mmio_write32(d->base + off, v); }
+
+/* Returns 0 when the device is ready; prints why not otherwise. */
+static int disk_init(struct disk *d, unsigned index, u64 base)
+{
+    d->base = base;
+    if (vreg(d, VIRTIO_MMIO_MAGIC) != 0x74726976 || vreg(d, VIRTIO_MMIO_VERSION) != 2 ||
+        vreg(d, VIRTIO_MMIO_DEVICE_ID) != 2) {
+        kprintf("vapp-testguest: disk %u: no virtio-mmio v2 block device at 0x%lx\n", index, base);
+        return -1;
+    }
+    vset(d, VIRTIO_MMIO_STATUS, 0);
+    vset(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    vset(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    u32 low = vreg(d, VIRTIO_MMIO_DEVICE_FEATURES);
+    vset(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    u32 high = vreg(d, VIRTIO_MMIO_DEVICE_FEATURES);
+    if (!(high & VIRTIO_F_VERSION_1_HIGH)) {
+        kprintf("vapp-testguest: disk %u: device does not offer VIRTIO_F_VERSION_1\n", index);
+        return -1;
+    }
+    low &= VIRTIO_BLK_F_RO | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+    vset(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    vset(d, VIRTIO_MMIO_DRIVER_FEATURES, low);
+    vset(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    vset(d, VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_F_VERSION_1_HIGH);
+    vset(d, VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (!(vreg(d, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK)) {
+        kprintf("vapp-testguest: disk %u: device refused the features\n", index);
+        return -1;
+    }
+    vset(d, VIRTIO_MMIO_QUEUE_SEL, 0);
+    u32 max = vreg(d, VIRTIO_MMIO_QUEUE_NUM_MAX);
+    if (max < 4) {
+        kprintf("vapp-testguest: disk %u: queue 0 too small (%u)\n", index, max);
+        return -1;
+    }
+    d->qsize = max < QSIZE ? max : QSIZE;
+    vset(d, VIRTIO_MMIO_QUEUE_NUM, d->qsize);
+    vset(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)d->desc);
+    vset(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)((u64)d->desc >> 32));
+    vset(d, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)(u64)&d->avail);
+    vset(d, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)((u64)&d->avail >> 32));
+    vset(d, VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)(u64)&d->used);
+    vset(d, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)((u64)&d->used >> 32));
+    /* This driver polls: no interrupts, and so nothing to acknowledge (each MMIO access is a
+     * VM exit, which costs tens of microseconds where the guest is emulated). */
+    d->avail.flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
+    vset(d, VIRTIO_MMIO_QUEUE_READY, 1);
+    vset(d, VIRTIO_MMIO_STATUS,
+         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+
+    d->read_only = !!(low & VIRTIO_BLK_F_RO);
+    d->has_flush = !!(low & VIRTIO_BLK_F_FLUSH);
+    d->capacity = vreg(d, VIRTIO_MMIO_CONFIG) | ((u64)vreg(d, VIRTIO_MMIO_CONFIG + 4) << 32);
+    d->blk_size = (low & VIRTIO_BLK_F_BLK_SIZE) ? vreg(d, VIRTIO_MMIO_CONFIG + 20) : 512;
+    kprintf("vapp-testguest: disk %u: %lu sectors, block size %u, %s\n", index, d->capacity,
+            d->blk_size, d->read_only ? "read-only" : "read-write");
+    return 0;
+}
+
+/* Makes the chain starting at descriptor `head` available to the device. */
+static void publish(struct disk *d, u16 head)
+{
+    d->avail.ring[d->avail_idx % d->qsize] = head;
+    barrier();
+    d->avail_idx++;
+    d->avail.idx = d->avail_idx;
+}
+
+/* Queues request `slot` (header, optional data, status) without notifying the device. */
+static void disk_queue(struct disk *d, unsigned slot, u32 type, u64 sector, void *buf, u32 len)
+{
+    unsigned first = slot * 3;
+    d->hdr[slot] = (struct blk_req){type, 0, sector};
+    d->status[slot] = STATUS_PENDING;
+    d->desc[first] = (struct virtq_desc){(u64)&d->hdr[slot], sizeof(struct blk_req),
+                                         VIRTQ_DESC_F_NEXT, first + 1};
+    unsigned last = first + 1;
+    if (len) {
+        u16 flags = VIRTQ_DESC_F_NEXT | (type == VIRTIO_BLK_T_IN ? VIRTQ_DESC_F_WRITE : 0);
+        d->desc[first + 1] = (struct virtq_desc){(u64)buf, len, flags, first + 2};
+        last = first + 2;
+    }
+    d->desc[last] = (struct virtq_desc){(u64)&d->status[slot], 1, VIRTQ_DESC_F_WRITE, 0};
+    publish(d, first);
+}
+
+static void disk_kick_and_wait(struct disk *d)
+{
+    barrier();
+    vset(d, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    while (*(volatile u16 *)&d->used.idx != d->avail_idx)
+        cpu_relax();
+}
+
+/* One synchronous request; returns its virtio status. */
+static u8 disk_request(struct disk *d, u32 type, u64 sector, void *buf, u32 len)
+{
+    disk_queue(d, 0, type, sector, buf, len);
+    disk_kick_and_wait(d);
+    return d->status[0];
+}
+
+/* A synchronous read whose data goes to two buffers, `first` bytes into `a`, the rest into `b`
+ * (a device may not assume one buffer per request). */
+static u8 disk_read_split(struct disk *d, u64 sector, void *a, u32 first, void *b, u32 len)
+{
+    d->hdr[0] = (struct blk_req){VIRTIO_BLK_T_IN, 0, sector};
+    d->status[0] = STATUS_PENDING;
+    d->desc[0] = (struct virtq_desc){(u64)&d->hdr[0], sizeof(struct blk_req), VIRTQ_DESC_F_NEXT, 1};
+    d->desc[1] = (struct virtq_desc){(u64)a, first, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2};
+    d->desc[2] = (struct virtq_desc){(u64)b, len - first, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 3};
+    d->desc[3] = (struct virtq_desc){(u64)&d->status[0], 1, VIRTQ_DESC_F_WRITE, 0};
+    publish(d, 0);
+    disk_kick_and_wait(d);
+    return d->status[0];
+}
+
+static void fill_pattern(u64 *words, u64 tag, unsigned disk)
+{
+    for (unsigned k = 0; k < PATTERN_BYTES / 8; k++)
+        words[k] = tag ^ ((u64)(disk + 1) << 48) ^ ((u64)k * GOLDEN);
+}
+
+/* Returns the index of the first word that differs, or -1. */
+static int first_difference(const u64 *a, const u64 *b)
+{
+    for (unsigned k = 0; k < PATTERN_BYTES / 8; k++)
+        if (a[k] != b[k])
+            return k;
+    return -1;
+}
+
+static u32 test_disk(struct disk *d, unsigned i)
+{
+    u32 fail = 0;
+    u8 st = disk_request(d, VIRTIO_BLK_T_IN, HOST_PATTERN_SECTOR, sector_buf, PATTERN_BYTES);
+    fill_pattern(expect_buf, HOST_TAG, i);
+    int diff = first_difference(sector_buf, expect_buf);
+    if (st != VIRTIO_BLK_S_OK) {
+        kprintf("vapp-testguest: disk %u: read failed status=%u\n", i, st);
+        fail |= FAIL_DISK_IO;
+    } else if (diff >= 0) {
+        kprintf("vapp-testguest: disk %u: host pattern MISMATCH at byte %u\n", i, diff * 8);
+        fail |= FAIL_HOST_PATTERN;
+    } else {
+        kprintf("vapp-testguest: disk %u: host pattern ok\n", i);
+    }
+
+    /* The same data again, into two half-size buffers out of order in memory. */
+    memset(sector_buf, 0, PATTERN_BYTES);
+    u8 *half = (u8 *)sector_buf + PATTERN_BYTES / 2;
+    st = disk_read_split(d, HOST_PATTERN_SECTOR, half, PATTERN_BYTES / 2, sector_buf,
+                         PATTERN_BYTES);
+    int split_ok = st == VIRTIO_BLK_S_OK &&
+                   !memcmp(half, expect_buf, PATTERN_BYTES / 2) &&
+                   !memcmp(sector_buf, (u8 *)expect_buf + PATTERN_BYTES / 2, PATTERN_BYTES / 2);
+    kprintf("vapp-testguest: disk %u: split read status=%u %s\n", i, st,
+            split_ok ? "matches" : "DIFFERS");
+    if (!split_ok)
+        fail |= st == VIRTIO_BLK_S_OK ? FAIL_HOST_PATTERN : FAIL_DISK_IO;
+
+    char id[VIRTIO_BLK_ID_BYTES + 1] = {0};
+    st = disk_request(d, VIRTIO_BLK_T_GET_ID, 0, id, VIRTIO_BLK_ID_BYTES);
+    kprintf("vapp-testguest: disk %u: id \"%s\" status=%u\n", i, id, st);
+    if (st != VIRTIO_BLK_S_OK)
+        fail |= FAIL_DISK_IO;
+
+    fill_pattern(expect_buf, GUEST_TAG, i);
+    st = disk_request(d, VIRTIO_BLK_T_OUT, GUEST_PATTERN_SECTOR, expect_buf, PATTERN_BYTES);
+    if (d->read_only) {
+        kprintf("vapp-testguest: disk %u: write to read-only disk status=%u\n", i, st);
+        if (st != VIRTIO_BLK_S_IOERR)
+            fail |= FAIL_ERROR_PATH;
+    } else if (st != VIRTIO_BLK_S_OK) {
+        kprintf("vapp-testguest: disk %u: write failed status=%u\n", i, st);
+        fail |= FAIL_DISK_IO;
+    } else {
+        st = d->has_flush ? disk_request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0) : VIRTIO_BLK_S_OK;
+        memset(sector_buf, 0, PATTERN_BYTES);
+        u8 rst = disk_request(d, VIRTIO_BLK_T_IN, GUEST_PATTERN_SECTOR, sector_buf, PATTERN_BYTES);
+        if (st != VIRTIO_BLK_S_OK || rst != VIRTIO_BLK_S_OK) {
+            kprintf("vapp-testguest: disk %u: flush status=%u, read back status=%u\n", i, st, rst);
+            fail |= FAIL_DISK_IO;
+        } else if (first_difference(sector_buf, expect_buf) >= 0) {
+            kprintf("vapp-testguest: disk %u: guest pattern did not read back\n", i);
+            fail |= FAIL_VERIFY;
+        } else {
+            kprintf("vapp-testguest: disk %u: guest pattern written, %s, read back\n", i,
+                    d->has_flush ? "flushed" : "no flush offered");
+        }
+    }
+
+    st = disk_request(d, VIRTIO_BLK_T_IN, d->capacity, sector_buf, PATTERN_BYTES);
+    kprintf("vapp-testguest: disk %u: out-of-range read status=%u\n", i, st);
+    if (st != VIRTIO_BLK_S_IOERR)
+        fail |= FAIL_ERROR_PATH;
+    st = disk_request(d, VIRTIO_BLK_T_BOGUS, 0, 0, 0);
+    kprintf("vapp-testguest: disk %u: unknown request type status=%u\n", i, st);
+    if (st != VIRTIO_BLK_S_UNSUPP)
+        fail |= FAIL_ERROR_PATH;
+    return fail;
+}
+
+/* Sequential read of disk 0 with large requests, `depth` in flight, into RAM at 16 MiB. */
+#define READ_BUFFER 0x1000000UL
+
+/* Reads the first `bytes` of the disk, `req` bytes a request; returns failure bits. */
+static u32 read_sequential(struct disk *d, u64 bytes, u64 req, u32 depth)
+{
+    for (u64 done = 0; done < bytes;) {
+        unsigned n = 0;
+        for (; n < depth && done < bytes; n++, done += req)
+            disk_queue(d, n, VIRTIO_BLK_T_IN, done >> 9, (void *)(READ_BUFFER + n * req), req);
+        disk_kick_and_wait(d);
+        for (unsigned s = 0; s < n; s++)
+            if (d->status[s] != VIRTIO_BLK_S_OK) {
+                kprintf("vapp-testguest: read: status=%u\n", d->status[s]);
+                return FAIL_DISK_IO;
+            }
+    }
+    return 0;
+}
+
+static u32 read_benchmark(struct disk *d, const struct hvm_start_info *si)
+{
+    u64 req = (u64)cfg.req_kib << 10, total = (u64)cfg.read_mib << 20;
+    u32 depth = cfg.depth < 1 ? 1 : cfg.depth > MAX_INFLIGHT ? MAX_INFLIGHT : cfg.depth;
+    if (!req || req > (1u << 31) || total % req || total > d->capacity * 512) {
+        kprintf("vapp-testguest: read: bad request size or disk too small\n");
+        return FAIL_ERROR_PATH;
+    }
+    int fits = 0;
+    const struct hvm_memmap_entry *m = (const void *)si->memmap_paddr;
+    for (u32 i = 0; i < si->memmap_entries; i++)
+        if (m[i].type == E820_RAM && m[i].addr <= READ_BUFFER &&
+            m[i].addr + m[i].size >= READ_BUFFER + depth * req)
+            fits = 1;
+    if (!fits) {
+        kprintf("vapp-testguest: read: not enough RAM for %u buffers of %lu bytes\n", depth, req);
+        return FAIL_BOOT_INFO;
+    }
+    /* One untimed batch first: the first touch of the buffers costs page faults on the host,
+     * which is not what this measures. */
+    u64 warm = depth * req < total ? depth * req : total;
+    u32 fail = read_sequential(d, warm, req, depth);
+    if (fail)
+        return fail;
+    kprintf("vapp-testguest: read start\n");
+    fail = read_sequential(d, total, req, depth);
+    if (!fail)
+        kprintf("vapp-testguest: read done %u MiB\n", cfg.read_mib);
+    return fail;
+}
+
+/* ---- the boot CPU ---- */
+
+void bsp_main(u32 start_info_addr)
+{
+    const struct hvm_start_info *si = (const void *)(u64)start_info_addr;
+    u32 fail = 0;
+
+    serial_init();
+    if (si->magic != HVM_START_MAGIC) {
+        kprintf("vapp-testguest: bad PVH start_info magic 0x%x\n", si->magic);
+        power_off(FAIL_BOOT_INFO);
+    }
+    const char *cmdline = si->cmdline_paddr ? (const char *)si->cmdline_paddr : "";
+    parse_cmdline(cmdline);
+    kprintf("vapp-testguest: booted, command line \"%s\"\n", cmdline);
+
+    if (parse_acpi(si->rsdp_paddr))
+        power_off(FAIL_BOOT_INFO);
+
+    if (cfg.mode == MODE_FAULT) {
+        kprintf("vapp-testguest: triple fault at rip=0x%lx\n", (u64)triple_fault_insn);
+        triple_fault();
+    }
+    if (cfg.mode == MODE_RESET) {
+        kprintf("vapp-testguest: reset through the ACPI reset register\n");
+        gas_write8(&platform.reset_reg, platform.reset_value);
+        halt_forever();
+    }
+
+    u32 bsp = cpuid_apic_id();
+    kprintf("vapp-testguest: cpu 0 up (apic id %u)\n", bsp);
+    unsigned up = start_secondary_cpus(bsp);
+    kprintf("vapp-testguest: %u of %u cpus up\n", up, platform.ncpus);
+    if (up != platform.ncpus)
+        fail |= FAIL_CPUS;
+    if (cfg.mode == MODE_BOOT)
+        power_off(fail);
+
+    kprintf("vapp-testguest: %u virtio-blk devices\n", cfg.ndisks);
+    for (unsigned i = 0; i < cfg.ndisks; i++) {
+        if (disk_init(&disks[i], i, cfg.disks[i].base)) {
+            fail |= FAIL_DISK_SETUP;
+            continue;
+        }
+        if (cfg.mode == MODE_READ) {
+            fail |= read_benchmark(&disks[i], si);
+            break;
+        }
+        fail |= test_disk(&disks[i], i);
+    }
+    if (cfg.mode == MODE_WAIT) {
+        kprintf("vapp-testguest: waiting to be stopped\n");
+        halt_forever();
+    }
+    power_off(fail);
+}

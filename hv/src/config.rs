@@ -1,0 +1,168 @@
+//! What a VM is made of. Everything arrives as bytes or LUNs, never as host paths: the caller
+//! reads the kernel and initrd from wherever the VM lives (a datastore), so `hv` never learns
+//! about files.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use lun::Lun;
+
+/// The description of one VM, checked by [`crate::Vm::create`] before any guest code runs.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Name used in logs and errors.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// A bzImage, or an x86-64 ELF (booted through its PVH entry when it has one).
+    pub kernel: Vec<u8>,
+    pub initrd: Option<Vec<u8>>,
+    /// Kernel command line. `hv` appends the `virtio_mmio.device=` entries of the disks.
+    pub cmdline: String,
+    /// virtio-blk devices, in order: the first is /dev/vda in a Linux guest.
+    pub disks: Vec<Disk>,
+    /// Where the guest's serial port (COM1) goes.
+    pub console: Console,
+}
+
+impl VmConfig {
+    /// One vCPU, 128 MiB, no disks, console discarded.
+    pub fn new(name: impl Into<String>, kernel: Vec<u8>) -> Self {
+        VmConfig {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: 128 << 20,
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            console: Console::Null,
+        }
+    }
+}
+
+/// A virtio-blk device backed by any LUN.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub lun: Arc<dyn Lun>,
+    /// Offer the device read-only (VIRTIO_BLK_F_RO) and refuse writes even if the LUN takes them.
+    pub read_only: bool,
+}
+
+impl Disk {
+    pub fn new(lun: Arc<dyn Lun>) -> Self {
+        Disk {
+            lun,
+            read_only: false,
+        }
+    }
+
+    pub fn read_only(lun: Arc<dyn Lun>) -> Self {
+        Disk {
+            lun,
+            read_only: true,
+        }
+    }
+}
+
+/// The sink of the guest's serial console.
+pub enum Console {
+    /// Discard the output.
+    Null,
+    Stdout,
+    /// Any writer, e.g. a log file.
+    Writer(Box<dyn Write + Send>),
+    /// An in-memory buffer the caller keeps a clone of.
+    Buffer(ConsoleBuffer),
+}
+
+impl Console {
+    pub(crate) fn into_writer(self) -> Box<dyn Write + Send> {
+        match self {
+            Console::Null => Box::new(io::sink()),
+            Console::Stdout => Box::new(io::stdout()),
+            Console::Writer(writer) => writer,
+            Console::Buffer(buffer) => Box::new(buffer),
+        }
+    }
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Console::Null => f.write_str("Null"),
+            Console::Stdout => f.write_str("Stdout"),
+            Console::Writer(_) => f.write_str("Writer"),
+            Console::Buffer(_) => f.write_str("Buffer"),
+        }
+    }
+}
+
+/// Console output kept in memory; clones share the same buffer.
+#[derive(Clone, Default)]
+pub struct ConsoleBuffer {
+    inner: Arc<(Mutex<Vec<u8>>, Condvar)>,
+}
+
+impl ConsoleBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything written so far, invalid UTF-8 replaced.
+    pub fn contents(&self) -> String {
+        let bytes = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Waits until the output contains `needle`; false on timeout.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let needle = needle.as_bytes();
+        if needle.is_empty() {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.inner;
+        let mut bytes = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // The serial port writes byte by byte: only look at what arrived since the last wakeup.
+        let mut searched = 0;
+        loop {
+            if bytes[searched..].windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            searched = bytes.len().saturating_sub(needle.len() - 1);
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            bytes = changed
+                .wait_timeout(bytes, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Write for ConsoleBuffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (lock, changed) = &*self.inner;
+        lock.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        changed.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ConsoleBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let len = self.inner.0.lock().map(|b| b.len()).unwrap_or(0);
+        write!(f, "ConsoleBuffer({len} bytes)")
+    }
+}

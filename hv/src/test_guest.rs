@@ -1,0 +1,72 @@
+//! The test guest (hv/guest/): a tiny PVH kernel built with this crate that checks SMP
+//! bring-up, ACPI and virtio-blk from the inside and powers off with a status. Tests, benches
+//! and demos boot it; its disk protocol is defined here and in guest/main.c, in step.
+//!
+//! Command line: `mode=test` (default: CPUs and disk checks), `mode=boot` (CPUs only),
+//! `mode=wait` (checks, then idle until stopped), `mode=fault` (triple fault), `mode=reset`
+//! (ACPI reset), `mode=read read_mib=N req_kib=K depth=D` (sequential read of disk 0).
+//!
+//! Disk protocol, per disk `i`: the host writes [`host_pattern`]`(i)` at byte 0; the guest
+//! checks it, writes [`guest_pattern`]`(i)` at byte [`GUEST_PATTERN_OFFSET`], flushes and reads
+//! it back.
+
+/// Bytes of each pattern.
+pub const PATTERN_BYTES: usize = 4096;
+pub const HOST_PATTERN_OFFSET: u64 = 0;
+pub const GUEST_PATTERN_OFFSET: u64 = 4096;
+
+/// Bits of the power-off status (0: every check passed).
+pub mod status {
+    pub const BOOT_INFO: u32 = 0x01;
+    pub const CPUS: u32 = 0x02;
+    pub const DISK_SETUP: u32 = 0x04;
+    pub const HOST_PATTERN: u32 = 0x08;
+    pub const DISK_IO: u32 = 0x10;
+    pub const ERROR_PATH: u32 = 0x20;
+    pub const VERIFY: u32 = 0x40;
+}
+
+const HOST_TAG: u64 = 0x686f_7374_7061_7474; // "hostpatt"
+const GUEST_TAG: u64 = 0x6775_6573_7470_6174; // "guestpat"
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn pattern(tag: u64, disk: u32) -> Vec<u8> {
+    (0..(PATTERN_BYTES / 8) as u64)
+        .flat_map(|k| (tag ^ (u64::from(disk + 1) << 48) ^ k.wrapping_mul(GOLDEN)).to_le_bytes())
+        .collect()
+}
+
+/// What the host writes at [`HOST_PATTERN_OFFSET`] of disk `disk` for the guest to check.
+pub fn host_pattern(disk: u32) -> Vec<u8> {
+    pattern(HOST_TAG, disk)
+}
+
+/// What the guest writes at [`GUEST_PATTERN_OFFSET`] of disk `disk`.
+pub fn guest_pattern(disk: u32) -> Vec<u8> {
+    pattern(GUEST_TAG, disk)
+}
+
+static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// The test guest's ELF image, or why it was not built.
+pub fn image() -> Result<&'static [u8], &'static str> {
+    if IMAGE.is_empty() {
+        Err("the hv test guest was not built: gcc was missing when hv was compiled")
+    } else {
+        Ok(IMAGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_differ_per_disk_and_side() {
+        assert_eq!(host_pattern(0).len(), PATTERN_BYTES);
+        assert_ne!(host_pattern(0), host_pattern(1));
+        assert_ne!(host_pattern(0), guest_pattern(0));
+        // The first word, as the guest computes it: tag ^ (disk + 1) << 48 ^ 0.
+        assert_eq!(host_pattern(0)[..8], (HOST_TAG ^ (1 << 48)).to_le_bytes());
+    }
+}

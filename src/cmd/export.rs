@@ -1,0 +1,196 @@
+//! `vapp export`: serve a LUN over NBD until Ctrl-C or SIGTERM.
+//!
+//! Prints the URL clients use on stdout once listening, so scripts can wait for it.
+//! The first SIGINT/SIGTERM stops accepting, lets in-flight requests finish, flushes and
+//! exits 0; a second one exits at once.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use lun::nbd::{ExportConfig, ListenAddr, NbdServer, ShutdownHandle};
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The LUN to serve: a file, a block device or an nbd:// URL. With -d DATASTORE, the path
+    /// of a file inside that datastore.
+    pub lun: String,
+    /// TCP address to listen on, HOST[:PORT] [default: 127.0.0.1:10809].
+    #[arg(long, conflicts_with = "socket")]
+    pub listen: Option<String>,
+    /// Listen on this Unix domain socket instead of TCP.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Export name clients ask for (the default, empty name is always accepted too).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Refuse writes (clients get EPERM).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Allow listening on an address other than loopback. The NBD protocol has no
+    /// authentication here: anyone who can reach the port can read and write the LUN.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Clients served at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_clients: usize,
+}
+
+pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    if let Some(datastore) = datastore {
+        bail!(
+            "cannot export {} from datastore {datastore}: serving files of a datastore is not \
+             available yet (it needs the datastore's file locks); export a file or device \
+             instead: vapp export LUN",
+            args.lun
+        );
+    }
+    let addr = listen_addr(&args)?;
+    // Before any thread exists, so every thread inherits the mask and the signals wait
+    // for the one thread that handles them.
+    let signals = termination_signals();
+    signals
+        .thread_block()
+        .context("cannot block SIGINT/SIGTERM for orderly shutdown")?;
+
+    let options = lun::OpenOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
+    let lun =
+        lun::open(&args.lun, &options).with_context(|| format!("cannot open {}", args.lun))?;
+    let config = ExportConfig {
+        name: args.name.clone(),
+        read_only: args.read_only,
+        max_clients: args.max_clients,
+        ..Default::default()
+    };
+    let server = NbdServer::bind(Arc::clone(&lun), config, &addr)?;
+    spawn_signal_handler(signals, server.shutdown_handle())?;
+
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", server.url()).context("cannot write to stdout")?;
+    stdout.flush().context("cannot write to stdout")?;
+    drop(stdout);
+
+    server
+        .serve()
+        .with_context(|| format!("serving {} failed", lun.name()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn termination_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+}
+
+fn spawn_signal_handler(signals: SigSet, shutdown: ShutdownHandle) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            while let Ok(signal) = signals.wait() {
+                seen += 1;
+                if seen > 1 {
+                    eprintln!("vapp export: {signal} again, exiting without waiting");
+                    std::process::exit(130);
+                }
+                tracing::info!(%signal, "stopping: finishing requests in flight");
+                shutdown.shutdown();
+            }
+        })
+        .context("cannot start the signal handling thread")?;
+    Ok(())
+}
+
+/// Where to listen; refuses anything but loopback unless `--allow-remote`.
+fn listen_addr(args: &ExportArgs) -> anyhow::Result<ListenAddr> {
+    if let Some(socket) = &args.socket {
+        return Ok(ListenAddr::Unix(socket.clone()));
+    }
+    let spec = args.listen.as_deref().unwrap_or("127.0.0.1");
+    let addr = parse_socket_addr(spec)?;
+    if !addr.ip().is_loopback() && !args.allow_remote {
+        bail!(
+            "refusing to listen on {addr}: it is reachable from other hosts and NBD has no \
+             authentication; pass --allow-remote if that is what you want"
+        );
+    }
+    Ok(ListenAddr::Tcp(addr))
+}
+
+/// `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT`; the port defaults to 10809.
+fn parse_socket_addr(spec: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = spec.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bare = spec.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, lun::NBD_DEFAULT_PORT));
+    }
+    let with_port = if spec.contains(':') {
+        spec.to_string()
+    } else {
+        format!("{spec}:{}", lun::NBD_DEFAULT_PORT)
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("invalid listen address {spec:?}"))?
+        .next()
+        .with_context(|| format!("listen address {spec:?} resolves to nothing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse_with_default_port() {
+        assert_eq!(
+            parse_socket_addr("127.0.0.1").unwrap(),
+            "127.0.0.1:10809".parse().unwrap()
+        );
+        assert_eq!(
+            parse_socket_addr("[::1]").unwrap(),
+            "[::1]:10809".parse().unwrap()
+        );
+        assert_eq!(parse_socket_addr("127.0.0.1:0").unwrap().port(), 0);
+        assert!(
+            parse_socket_addr("localhost:12345")
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        assert!(parse_socket_addr("127.0.0.1:99999").is_err());
+    }
+
+    fn args(listen: Option<&str>, allow_remote: bool) -> ExportArgs {
+        ExportArgs {
+            lun: "disk.raw".into(),
+            listen: listen.map(str::to_string),
+            socket: None,
+            name: String::new(),
+            read_only: false,
+            allow_remote,
+            max_clients: 1,
+        }
+    }
+
+    #[test]
+    fn loopback_by_default_and_remote_only_when_allowed() {
+        let default = listen_addr(&args(None, false)).unwrap();
+        assert_eq!(default, ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap()));
+        let refused = listen_addr(&args(Some("0.0.0.0"), false)).unwrap_err();
+        assert!(refused.to_string().contains("--allow-remote"), "{refused}");
+        assert!(listen_addr(&args(Some("[::]:10809"), false)).is_err());
+        assert!(listen_addr(&args(Some("0.0.0.0"), true)).is_ok());
+        assert!(listen_addr(&args(Some("[::1]:10809"), false)).is_ok());
+    }
+}

@@ -1,0 +1,202 @@
+//! Writing a new datastore.
+
+use std::sync::Arc;
+
+use lun::Lun;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::codec::*;
+use crate::datastore::read_superblock;
+use crate::dir;
+use crate::error::{Error, Result};
+use crate::inode::{AddrMode, Inode, Kind};
+use crate::journal::{self, Header, TX_START};
+use crate::layout::{self, Geometry, ROOT_INO, ResourceKind, Superblock};
+use crate::state::now_ns;
+
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    pub label: String,
+    /// File block size: a power of two from 64 KiB to 64 MiB.
+    pub block_size: u32,
+    /// File descriptors to reserve; default scales with the LUN (one per 256 KiB).
+    pub max_files: Option<u64>,
+    /// Per-host journal size; default 1 MiB, 4 MiB on LUNs of 16 GiB and more.
+    pub journal_size: Option<u64>,
+    /// Overwrite an existing datastore.
+    pub force: bool,
+    pub uuid: Option<Uuid>,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            label: "datastore".into(),
+            block_size: 1 << 20,
+            max_files: None,
+            journal_size: None,
+            force: false,
+            uuid: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatReport {
+    pub lun: String,
+    pub uuid: String,
+    pub label: String,
+    pub lun_size: u64,
+    pub block_size: u32,
+    pub sub_block_size: u32,
+    pub data_blocks: u64,
+    pub capacity_bytes: u64,
+    pub max_files: u64,
+    pub sub_blocks: u64,
+    pub pointer_blocks: u64,
+    pub journal_size: u64,
+    pub host_slots: u32,
+}
+
+/// Formats `lun` as an empty datastore with a root directory.
+///
+/// The old superblocks are destroyed first and the new ones written last, after a flush:
+/// a crash in between leaves a LUN that is plainly not a datastore, never a half-made one.
+pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport> {
+    let name = lun.name().to_string();
+    if lun.is_read_only() {
+        return Err(Error::ReadOnly { lun: name });
+    }
+    let sector = lun.sector_size();
+    if sector == 0 || sector as usize > UNIT || UNIT % sector as usize != 0 {
+        return Err(Error::Invalid {
+            object: name,
+            reason: format!("sector size {sector} is not supported (512..=4096)"),
+        });
+    }
+    if !options.force {
+        if let Ok((old, _)) = read_superblock(&*lun) {
+            return Err(Error::AlreadyFormatted {
+                lun: name,
+                label: old.label,
+            });
+        }
+    }
+    let geometry = Geometry {
+        block_size: options.block_size,
+        max_files: options.max_files,
+        journal_size: options.journal_size,
+    };
+    let uuid = options.uuid.unwrap_or_else(Uuid::new_v4);
+    let sb = layout::plan(&name, lun.size(), &geometry, uuid, &options.label, now_ns())?;
+
+    let zero = zero_unit();
+    lun.write_at(&zero[..], 0)?;
+    let old_backup = align_down(lun.size(), UNIT_U64) - UNIT_U64;
+    lun.write_at(&zero[..], old_backup)?;
+    lun.write_at(&zero[..], sb.backup_offset())?;
+    lun.flush()?;
+
+    lun.write_zeroes(sb.heartbeat_offset, u64::from(sb.host_slots) * UNIT_U64)?;
+    lun.write_zeroes(
+        sb.lease_offset,
+        u64::from(sb.lease_areas) * sb.lease_area_len(),
+    )?;
+    for slot in 0..sb.host_slots {
+        write_journal_head(&*lun, &sb, slot)?;
+    }
+    for kind in ResourceKind::ALL {
+        write_clusters(&*lun, &sb, kind)?;
+    }
+    write_root(&*lun, &sb)?;
+    lun.flush()?;
+    lun.write_at(&sb.encode(0)[..], 0)?;
+    lun.write_at(&sb.encode(sb.backup_offset())[..], sb.backup_offset())?;
+    lun.flush()?;
+    tracing::info!(lun = %name, %uuid, label = %sb.label, blocks = sb.file_blocks.count, "datastore formatted");
+    Ok(FormatReport {
+        lun: name,
+        uuid: uuid.to_string(),
+        label: sb.label.clone(),
+        lun_size: lun.size(),
+        block_size: sb.block_size,
+        sub_block_size: sb.sub_block_size,
+        data_blocks: sb.file_blocks.count,
+        capacity_bytes: sb.file_blocks.count * u64::from(sb.block_size),
+        max_files: sb.inodes.count,
+        sub_blocks: sb.sub_blocks.count,
+        pointer_blocks: sb.pointer_blocks.count,
+        journal_size: sb.journal_size,
+        host_slots: sb.host_slots,
+    })
+}
+
+/// Header, empty orphan list, and a blank first transaction slot so nothing of an older
+/// datastore on this LUN can ever be replayed.
+fn write_journal_head(lun: &dyn Lun, sb: &Superblock, slot: u32) -> Result<()> {
+    let area = sb.journal_area(slot);
+    let mut buf = vec![0u8; (TX_START as usize + 1) * UNIT];
+    let header = Header {
+        slot,
+        size: sb.journal_size,
+        checkpoint_seq: 0,
+        host: Uuid::nil(),
+    };
+    buf[..UNIT].copy_from_slice(&header.encode(area)[..]);
+    let orphan_off = area + journal::ORPHAN_UNIT * UNIT_U64;
+    buf[UNIT..2 * UNIT].copy_from_slice(&journal::encode_orphans(&[], orphan_off)[..]);
+    lun.write_at(&buf, area)?;
+    Ok(())
+}
+
+/// Every cluster of a resource type: a blank lock record and an empty bitmap. Written in
+/// large batches; the root's resources are marked by `write_root`.
+fn write_clusters(lun: &dyn Lun, sb: &Superblock, kind: ResourceKind) -> Result<()> {
+    const BATCH: u64 = 128;
+    let area = *sb.area(kind);
+    let clusters = area.clusters();
+    let mut c = 0;
+    while c < clusters {
+        let n = BATCH.min(clusters - c);
+        let mut buf = vec![0u8; (n * 2) as usize * UNIT];
+        for i in 0..n {
+            let cluster = c + i;
+            let mut bm = crate::bitmap::new(
+                kind,
+                cluster,
+                area.in_cluster(cluster),
+                area.bitmap_offset(cluster),
+            );
+            let reserved = match kind {
+                ResourceKind::Inode | ResourceKind::SubBlock => cluster == 0,
+                _ => false,
+            };
+            if reserved {
+                crate::bitmap::set(&mut bm, 0, true, area.bitmap_offset(cluster));
+            }
+            let at = (2 * i + 1) as usize * UNIT;
+            buf[at..at + UNIT].copy_from_slice(&bm[..]);
+        }
+        lun.write_at(&buf, area.lock_offset(c))?;
+        c += n;
+    }
+    Ok(())
+}
+
+/// The root directory: inode 1 (descriptor 0) in sub-block 0.
+fn write_root(lun: &dyn Lun, sb: &Superblock) -> Result<()> {
+    let now = now_ns();
+    let mut root = Inode::new(ROOT_INO, 1, Kind::Dir, 0o755, 0, 0, ROOT_INO, now);
+    root.set_addr_mode(AddrMode::SubBlock);
+    root.set_sub_block(1);
+    root.set_size(UNIT_U64);
+    root.set_allocated(u64::from(sb.sub_block_size));
+    let off = sb.inode_offset(ROOT_INO);
+    lun.write_at(&root.seal(off)[..], off)?;
+    let lock_off = sb.inode_lock_offset(ROOT_INO);
+    lun.write_zeroes(lock_off, UNIT_U64)?;
+    let unit_off = sb.sub_blocks.resource_offset(0);
+    lun.write_at(&dir::new_unit(ROOT_INO, 0, unit_off)[..], unit_off)?;
+    Ok(())
+}

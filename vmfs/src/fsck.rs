@@ -1,0 +1,1097 @@
+//! Checking and repairing a datastore.
+//!
+//! Raw checks first (superblock copies, heartbeat slots, journal headers and pending
+//! transactions, orphan lists), then a walk of the whole tree from the root that verifies
+//! every metadata unit and rebuilds, in memory, which resources are in use, how many names
+//! each inode has and which directory holds each directory. Everything found is compared
+//! with the bitmaps and inodes. Repair applies the safe fixes through the journal and checks
+//! again; what is still wrong is reported as remaining.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use lun::Lun;
+use serde::Serialize;
+
+use crate::codec::*;
+use crate::datastore::{Datastore, OpenOptions, SuperblockSource, read_superblock};
+use crate::dir;
+use crate::error::{Error, Result};
+use crate::host::Heartbeat;
+use crate::inode::{self, AddrMode, Inode, InodeView, Kind};
+use crate::journal::{self, Header, Orphan, TX_START};
+use crate::layout::{POINTER_BLOCK_SIZE, PTR_UNITS, ROOT_INO, ResourceKind, Superblock};
+use crate::state::State;
+use crate::store;
+
+#[derive(Debug, Clone, Default)]
+pub struct FsckOptions {
+    /// Fix what can be fixed safely. The datastore must not be in use by another host.
+    pub repair: bool,
+    /// Identity for the repairing open (defaults to this machine's).
+    pub open: Option<OpenOptions>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// An inconsistency: the datastore is not clean until it is repaired.
+    Error,
+    /// Worth knowing, not a problem (e.g. a host slot still marked live).
+    Info,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// The object, e.g. "inode 1234" or "file blocks bitmap of cluster 3".
+    pub object: String,
+    pub offset: Option<u64>,
+    pub problem: String,
+    /// What repair does (or did) about it; None when it cannot be fixed safely.
+    pub repair: Option<String>,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FsckStats {
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub file_blocks_used: u64,
+    pub sub_blocks_used: u64,
+    pub pointer_blocks_used: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckReport {
+    pub lun: String,
+    pub label: String,
+    pub uuid: String,
+    /// No problems remain.
+    pub clean: bool,
+    /// Problems found (severity error).
+    pub problems: usize,
+    pub repaired: usize,
+    pub remaining: usize,
+    pub findings: Vec<Finding>,
+    pub stats: FsckStats,
+}
+
+/// A change repair makes.
+#[derive(Debug)]
+enum Fix {
+    /// Write this (already sealed) image through the journal.
+    Unit {
+        off: u64,
+        image: Box<Unit>,
+    },
+    RemoveEntry {
+        dir: u64,
+        name: OsString,
+    },
+    LostFound {
+        ino: u64,
+        kind: Kind,
+    },
+}
+
+fn finding(
+    object: impl Into<String>,
+    offset: Option<u64>,
+    problem: impl Into<String>,
+    repair: Option<&str>,
+) -> Finding {
+    Finding {
+        severity: Severity::Error,
+        object: object.into(),
+        offset,
+        problem: problem.into(),
+        repair: repair.map(str::to_string),
+        repaired: false,
+    }
+}
+
+fn info(object: impl Into<String>, problem: impl Into<String>) -> Finding {
+    Finding {
+        severity: Severity::Info,
+        object: object.into(),
+        offset: None,
+        problem: problem.into(),
+        repair: None,
+        repaired: false,
+    }
+}
+
+/// Checks (and with `repair`, fixes) the datastore on `lun`.
+pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
+    let (sb, source) = read_superblock(&*lun)?;
+    let mut findings = Vec::new();
+    let mut truncating = Vec::new();
+    raw_checks(
+        &*lun,
+        &sb,
+        &source,
+        options.repair,
+        &mut findings,
+        &mut truncating,
+    )?;
+    if !options.repair {
+        let ds = Datastore::open(lun.clone(), &OpenOptions::read_only())?;
+        let scan = ds.read_op(Scan::run)?;
+        findings.extend(scan.findings);
+        return Ok(report(&lun, &sb, findings, scan.stats));
+    }
+    let open = options.open.clone().unwrap_or_default();
+    let ds = Datastore::open(
+        lun.clone(),
+        &OpenOptions {
+            read_only: false,
+            ..open
+        },
+    )?;
+    for (ino, size) in truncating {
+        match ds.truncate(ino, size) {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let first = ds.read_op(Scan::run)?;
+    let mut applied = false;
+    if !first.fixes.is_empty() {
+        apply(&ds, first.fixes)?;
+        applied = true;
+    }
+    ds.sync()?;
+    let second = ds.read_op(|s| {
+        s.st.drop_clean_cache();
+        s.forget_derived();
+        Scan::run(s)
+    })?;
+    let still: HashSet<(String, String)> = second
+        .findings
+        .iter()
+        .map(|f| (f.object.clone(), f.problem.clone()))
+        .collect();
+    for mut f in first.findings {
+        if f.severity == Severity::Error
+            && applied
+            && f.repair.is_some()
+            && !still.contains(&(f.object.clone(), f.problem.clone()))
+        {
+            f.repaired = true;
+        }
+        findings.push(f);
+    }
+    let known: HashSet<(String, String)> = findings
+        .iter()
+        .map(|f| (f.object.clone(), f.problem.clone()))
+        .collect();
+    for f in second.findings {
+        if !known.contains(&(f.object.clone(), f.problem.clone())) {
+            findings.push(f);
+        }
+    }
+    ds.close()?;
+    Ok(report(&lun, &sb, findings, second.stats))
+}
+
+fn report(
+    lun: &Arc<dyn Lun>,
+    sb: &Superblock,
+    findings: Vec<Finding>,
+    stats: FsckStats,
+) -> FsckReport {
+    let problems = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    let repaired = findings.iter().filter(|f| f.repaired).count();
+    let remaining = problems - repaired;
+    FsckReport {
+        lun: lun.name().to_string(),
+        label: sb.label.clone(),
+        uuid: sb.uuid.to_string(),
+        clean: remaining == 0,
+        problems,
+        repaired,
+        remaining,
+        findings,
+        stats,
+    }
+}
+
+/// Superblock copies, heartbeat slots, journals and orphan lists: things checked and fixed
+/// with plain LUN I/O before the datastore is opened.
+fn raw_checks(
+    lun: &dyn Lun,
+    sb: &Superblock,
+    source: &SuperblockSource,
+    repair: bool,
+    out: &mut Vec<Finding>,
+    truncating: &mut Vec<(u64, u64)>,
+) -> Result<()> {
+    let fixed = |f: &mut Finding| {
+        if repair {
+            f.repaired = true;
+        }
+    };
+    match source {
+        SuperblockSource::Backup(why) => {
+            let mut f = finding(
+                "primary superblock",
+                Some(0),
+                why.clone(),
+                Some("rewrite it from the backup"),
+            );
+            if repair {
+                lun.write_at(&sb.encode(0)[..], 0)?;
+                lun.flush()?;
+            }
+            fixed(&mut f);
+            out.push(f);
+        }
+        SuperblockSource::Primary => {
+            let at = sb.backup_offset();
+            let mut u = zero_unit();
+            lun.read_at(&mut u[..], at)?;
+            let problem = match Superblock::decode(&u[..], at) {
+                Ok(backup) if backup == *sb => None,
+                Ok(_) => Some("differs from the primary".to_string()),
+                Err(fault) => Some(fault.to_string()),
+            };
+            if let Some(problem) = problem {
+                let mut f = finding(
+                    "backup superblock",
+                    Some(at),
+                    problem,
+                    Some("rewrite it from the primary"),
+                );
+                if repair {
+                    lun.write_at(&sb.encode(at)[..], at)?;
+                    lun.flush()?;
+                }
+                fixed(&mut f);
+                out.push(f);
+            }
+        }
+    }
+    let mut region = vec![0u8; sb.host_slots as usize * UNIT];
+    lun.read_at(&mut region, sb.heartbeat_offset)?;
+    for slot in 0..sb.host_slots {
+        let at = slot as usize * UNIT;
+        let off = sb.heartbeat_slot_offset(slot);
+        match Heartbeat::decode(&region[at..at + UNIT], off, slot) {
+            Ok(Some(hb)) if hb.state == crate::host::SlotState::Live => out.push(info(
+                format!("heartbeat slot {slot}"),
+                format!("held by host {} ({}), pid {}", hb.hostname, hb.host, hb.pid),
+            )),
+            Ok(_) => {}
+            Err(why) => {
+                let mut f = finding(
+                    format!("heartbeat slot {slot}"),
+                    Some(off),
+                    why,
+                    Some("clear the slot"),
+                );
+                if repair {
+                    lun.write_at(&zero_unit()[..], off)?;
+                }
+                fixed(&mut f);
+                out.push(f);
+            }
+        }
+        let area = sb.journal_area(slot);
+        match store::read_journal(lun, sb, slot) {
+            Ok(state) => {
+                if !state.pending.is_empty() {
+                    let mut f = finding(
+                        format!("journal of host slot {slot}"),
+                        Some(area),
+                        format!(
+                            "{} committed transaction(s) not yet applied (the host did not unmount cleanly)",
+                            state.pending.len()
+                        ),
+                        Some("replay the journal"),
+                    );
+                    if repair {
+                        store::replay(lun, sb, slot, state.header.host)?;
+                    }
+                    fixed(&mut f);
+                    out.push(f);
+                }
+            }
+            Err(e) => {
+                let mut f = finding(
+                    format!("journal header of host slot {slot}"),
+                    Some(area),
+                    e.to_string(),
+                    Some("reset the journal"),
+                );
+                if repair {
+                    let header = Header {
+                        slot,
+                        size: sb.journal_size,
+                        checkpoint_seq: 0,
+                        host: uuid::Uuid::nil(),
+                    };
+                    let mut buf = vec![0u8; (TX_START as usize + 1) * UNIT];
+                    buf[..UNIT].copy_from_slice(&header.encode(area)[..]);
+                    lun.write_at(&buf[..UNIT], area)?;
+                    lun.write_at(&buf[2 * UNIT..], area + TX_START * UNIT_U64)?;
+                }
+                fixed(&mut f);
+                out.push(f);
+            }
+        }
+        let orphan_off = area + journal::ORPHAN_UNIT * UNIT_U64;
+        let mut u = zero_unit();
+        lun.read_at(&mut u[..], orphan_off)?;
+        let list = match journal::decode_orphans(&u, orphan_off) {
+            Ok(list) => list,
+            Err(fault) => {
+                let mut f = finding(
+                    format!("orphan list of host slot {slot}"),
+                    Some(orphan_off),
+                    fault.to_string(),
+                    Some("clear it"),
+                );
+                fixed(&mut f);
+                out.push(f);
+                vec![Orphan::Unlinked { ino: 0 }]
+            }
+        };
+        let real: Vec<Orphan> = list.into_iter().filter(|o| o.ino() != 0).collect();
+        if !real.is_empty() {
+            let mut f = finding(
+                format!("orphan list of host slot {slot}"),
+                Some(orphan_off),
+                format!("{} interrupted delete/truncate(s) not finished", real.len()),
+                Some("finish them"),
+            );
+            fixed(&mut f);
+            out.push(f);
+        }
+        for o in &real {
+            if let Orphan::Truncating { ino, size } = *o {
+                truncating.push((ino, size));
+            }
+        }
+        if repair && (u.iter().any(|&b| b != 0)) {
+            lun.write_at(&journal::encode_orphans(&[], orphan_off)[..], orphan_off)?;
+        }
+    }
+    if repair {
+        lun.flush()?;
+    }
+    Ok(())
+}
+
+struct Scan {
+    findings: Vec<Finding>,
+    fixes: Vec<Fix>,
+    stats: FsckStats,
+}
+
+/// Resource use rebuilt by the walk.
+struct Walk<'a> {
+    s: &'a mut State,
+    used: HashMap<ResourceKind, Vec<bool>>,
+    refs: HashMap<u64, u32>,
+    subdirs: HashMap<u64, u32>,
+    dirs_seen: HashSet<u64>,
+    inodes_seen: HashSet<u64>,
+    /// Pending new images of inodes (link counts, parents, allocation).
+    inode_fix: HashMap<u64, Inode>,
+    findings: Vec<Finding>,
+    fixes: Vec<Fix>,
+    stats: FsckStats,
+}
+
+impl Scan {
+    fn run(s: &mut State) -> Result<Scan> {
+        let mut used = HashMap::new();
+        for kind in ResourceKind::ALL {
+            used.insert(kind, vec![false; s.sb().area(kind).count as usize]);
+        }
+        let mut w = Walk {
+            s,
+            used,
+            refs: HashMap::new(),
+            subdirs: HashMap::new(),
+            dirs_seen: HashSet::new(),
+            inodes_seen: HashSet::new(),
+            inode_fix: HashMap::new(),
+            findings: Vec::new(),
+            fixes: Vec::new(),
+            stats: FsckStats::default(),
+        };
+        w.walk_from(ROOT_INO, ROOT_INO, None)?;
+        w.unreachable()?;
+        w.link_counts()?;
+        w.bitmaps()?;
+        w.lock_records()?;
+        for (ino, i) in std::mem::take(&mut w.inode_fix) {
+            let off = w.s.sb().inode_offset(ino);
+            w.fixes.push(Fix::Unit {
+                off,
+                image: i.seal(off),
+            });
+        }
+        Ok(Scan {
+            findings: w.findings,
+            fixes: w.fixes,
+            stats: w.stats,
+        })
+    }
+}
+
+impl Walk<'_> {
+    fn mark(&mut self, kind: ResourceKind, index: u64, owner: u64) -> bool {
+        let Some(bits) = self.used.get_mut(&kind) else {
+            return false;
+        };
+        let slot = &mut bits[index as usize];
+        if *slot {
+            self.findings.push(finding(
+                format!("inode {owner}"),
+                None,
+                format!("{} {index} is also used by another file", kind.name()),
+                None,
+            ));
+            return false;
+        }
+        *slot = true;
+        true
+    }
+
+    fn fix_inode(&mut self, u: &Arc<Unit>) -> &mut Inode {
+        self.inode_fix
+            .entry(u.ino())
+            .or_insert_with(|| Inode::from_unit(u))
+    }
+
+    /// Breadth-first walk of the tree below `start` (whose entry is in `parent`).
+    fn walk_from(&mut self, start: u64, parent: u64, entry: Option<OsString>) -> Result<()> {
+        let mut queue = VecDeque::new();
+        queue.push_back((start, parent, entry));
+        while let Some((ino, parent, name)) = queue.pop_front() {
+            self.visit(ino, parent, name, &mut queue)?;
+        }
+        Ok(())
+    }
+
+    fn remove_entry_fix(&mut self, dir: u64, name: &Option<OsString>) -> Option<&'static str> {
+        match name {
+            Some(n) => {
+                self.fixes.push(Fix::RemoveEntry {
+                    dir,
+                    name: n.clone(),
+                });
+                Some("remove the directory entry")
+            }
+            None => None,
+        }
+    }
+
+    fn visit(
+        &mut self,
+        ino: u64,
+        parent: u64,
+        name: Option<OsString>,
+        queue: &mut VecDeque<(u64, u64, Option<OsString>)>,
+    ) -> Result<()> {
+        let what = match &name {
+            Some(n) => format!(
+                "entry {:?} in directory inode {parent}",
+                n.to_string_lossy()
+            ),
+            None => format!("inode {ino}"),
+        };
+        let u = match self.s.inode_unit(ino) {
+            Ok(u) => u,
+            Err(Error::Corrupt {
+                object,
+                offset,
+                reason,
+                ..
+            }) => {
+                let fix = self.remove_entry_fix(parent, &name);
+                if fix.is_some() {
+                    let off = self.s.sb().inode_offset(ino);
+                    self.fixes.push(Fix::Unit {
+                        off,
+                        image: Inode::freed(ino, 1).seal(off),
+                    });
+                }
+                self.findings.push(finding(
+                    object,
+                    Some(offset),
+                    format!("{reason} (referenced by {what})"),
+                    fix,
+                ));
+                return Ok(());
+            }
+            Err(Error::NotFound { .. }) => {
+                let fix = self.remove_entry_fix(parent, &name);
+                self.findings.push(finding(
+                    what,
+                    None,
+                    format!("points to inode {ino}, which does not exist"),
+                    fix,
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if u.kind_code() == inode::KIND_FREE {
+            let fix = self.remove_entry_fix(parent, &name);
+            self.findings.push(finding(
+                what,
+                None,
+                format!("points to free inode {ino}"),
+                fix,
+            ));
+            return Ok(());
+        }
+        let kind = u.kind().unwrap_or(Kind::File);
+        if self.inodes_seen.contains(&ino) {
+            if kind == Kind::Dir {
+                let fix = self.remove_entry_fix(parent, &name);
+                self.findings.push(finding(
+                    what,
+                    None,
+                    format!("second name for directory inode {ino}"),
+                    fix,
+                ));
+            } else {
+                *self.refs.entry(ino).or_default() += 1;
+            }
+            return Ok(());
+        }
+        self.inodes_seen.insert(ino);
+        self.refs.insert(ino, 1);
+        self.mark(ResourceKind::Inode, ino - 1, ino);
+        match kind {
+            Kind::File => self.stats.files += 1,
+            Kind::Dir => self.stats.directories += 1,
+            Kind::Symlink => self.stats.symlinks += 1,
+        }
+        let allocated = self.storage(&u)?;
+        if allocated != u.allocated() {
+            self.findings.push(finding(
+                format!("inode {ino}"),
+                Some(self.s.sb().inode_offset(ino)),
+                format!(
+                    "records {} bytes allocated, its storage is {allocated}",
+                    u.allocated()
+                ),
+                Some("correct the count"),
+            ));
+            self.fix_inode(&u).set_allocated(allocated);
+        }
+        if kind == Kind::Dir {
+            self.dirs_seen.insert(ino);
+            if ino != ROOT_INO && name.is_some() && u.parent() != parent {
+                self.findings.push(finding(
+                    format!("directory inode {ino}"),
+                    Some(self.s.sb().inode_offset(ino)),
+                    format!(
+                        "'..' is inode {}, but its entry is in inode {parent}",
+                        u.parent()
+                    ),
+                    Some("point '..' at the containing directory"),
+                ));
+                self.fix_inode(&u).set_parent(parent);
+            }
+            if ino != ROOT_INO {
+                *self.subdirs.entry(parent).or_default() += 1;
+            }
+            for k in 0..u.size() / UNIT_U64 {
+                let loc = match self.s.dir_unit_location(&u, k) {
+                    Ok(loc) => loc,
+                    Err(e) => {
+                        self.findings.push(finding(
+                            format!("directory inode {ino}"),
+                            None,
+                            e.to_string(),
+                            None,
+                        ));
+                        break;
+                    }
+                };
+                match self.s.dir_unit(&u, k) {
+                    Ok((_, _, recs)) => {
+                        for r in recs.into_iter().filter(|r| r.ino != 0) {
+                            let child_name = OsStr::from_bytes(&r.name).to_os_string();
+                            if r.ino == 0 || r.ino > self.s.sb().inodes.count {
+                                self.findings.push(finding(
+                                    format!(
+                                        "entry {:?} in directory inode {ino}",
+                                        child_name.to_string_lossy()
+                                    ),
+                                    Some(loc),
+                                    format!("points to inode {} outside the datastore", r.ino),
+                                    Some("remove the directory entry"),
+                                ));
+                                self.fixes.push(Fix::RemoveEntry {
+                                    dir: ino,
+                                    name: child_name,
+                                });
+                                continue;
+                            }
+                            queue.push_back((r.ino, ino, Some(child_name)));
+                        }
+                    }
+                    Err(Error::Corrupt {
+                        object,
+                        offset,
+                        reason,
+                        ..
+                    }) => {
+                        self.findings.push(finding(
+                            object,
+                            Some(offset),
+                            reason,
+                            Some("replace it with an empty unit (its entries go to lost+found)"),
+                        ));
+                        self.fixes.push(Fix::Unit {
+                            off: loc,
+                            image: dir::new_unit(ino, k, loc),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks an inode's storage used; returns the bytes it occupies.
+    fn storage(&mut self, u: &Arc<Unit>) -> Result<u64> {
+        let ino = u.ino();
+        let sb = self.s.sb().clone();
+        let bs = u64::from(sb.block_size);
+        match u.addr_mode() {
+            Some(AddrMode::SubBlock) => {
+                match self
+                    .s
+                    .resource_index(ResourceKind::SubBlock, ino, u.sub_block())
+                {
+                    Ok(i) => {
+                        self.mark(ResourceKind::SubBlock, i, ino);
+                        self.stats.sub_blocks_used += 1;
+                        if u.size() > u64::from(sb.sub_block_size) {
+                            self.findings.push(finding(
+                                format!("inode {ino}"),
+                                None,
+                                format!("size {} exceeds its sub-block", u.size()),
+                                None,
+                            ));
+                        }
+                        Ok(u64::from(sb.sub_block_size))
+                    }
+                    Err(e) => {
+                        self.findings.push(finding(
+                            format!("inode {ino}"),
+                            None,
+                            e.to_string(),
+                            None,
+                        ));
+                        Ok(u.allocated())
+                    }
+                }
+            }
+            Some(AddrMode::Tree) => {
+                let mut total = 0;
+                let mut fixed = Inode::from_unit(u);
+                let mut changed = false;
+                for n in 0..crate::layout::DIRECT_ADDRS {
+                    let a = u.direct(n);
+                    if a == 0 {
+                        continue;
+                    }
+                    match self.s.block_index(ino, a) {
+                        Ok(b) => {
+                            if self.mark(ResourceKind::FileBlock, b, ino) {
+                                self.stats.file_blocks_used += 1;
+                            }
+                            total += bs;
+                        }
+                        Err(e) => {
+                            self.findings.push(finding(
+                                format!("inode {ino}"),
+                                None,
+                                e.to_string(),
+                                Some("clear the bad address (a hole)"),
+                            ));
+                            fixed.set_direct(n, 0);
+                            changed = true;
+                        }
+                    }
+                }
+                for level in 1..=3 {
+                    let root = u.indirect(level);
+                    if root == 0 {
+                        continue;
+                    }
+                    match self.s.resource_index(ResourceKind::PointerBlock, ino, root) {
+                        Ok(p) => total += self.walk_pointer_block(ino, p, level)?,
+                        Err(e) => {
+                            self.findings.push(finding(
+                                format!("inode {ino}"),
+                                None,
+                                e.to_string(),
+                                Some("clear the bad address (a hole)"),
+                            ));
+                            fixed.set_indirect(level, 0);
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    let keep = self.fix_inode(u);
+                    *keep = fixed;
+                }
+                Ok(total)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    fn walk_pointer_block(&mut self, ino: u64, p: u64, level: u32) -> Result<u64> {
+        let bs = u64::from(self.s.sb().block_size);
+        if self.mark(ResourceKind::PointerBlock, p, ino) {
+            self.stats.pointer_blocks_used += 1;
+        }
+        let mut total = POINTER_BLOCK_SIZE;
+        let base = self.s.sb().pointer_blocks.resource_offset(p);
+        for k in 0..PTR_UNITS {
+            let off = base + k * UNIT_U64;
+            let object = format!("pointer block {p} unit {k} of inode {ino}");
+            let u = match self.s.st.load(off, MAGIC_POINTER, &|| object.clone()) {
+                Ok(u) => u,
+                Err(Error::Corrupt { reason, .. }) => {
+                    self.findings.push(finding(
+                        object,
+                        Some(off),
+                        reason,
+                        Some("clear it (its blocks become holes)"),
+                    ));
+                    self.fixes.push(Fix::Unit {
+                        off,
+                        image: inode::pointer_unit_new(p, k, off),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Err(why) = inode::pointer_check(&u, p, k) {
+                self.findings.push(finding(
+                    object,
+                    Some(off),
+                    why,
+                    Some("clear it (its blocks become holes)"),
+                ));
+                self.fixes.push(Fix::Unit {
+                    off,
+                    image: inode::pointer_unit_new(p, k, off),
+                });
+                continue;
+            }
+            let mut repaired = Box::new(*u);
+            let mut changed = false;
+            let mut s = 0;
+            while let Some(hit) = inode::pointer_next(&u, s) {
+                s = hit + 1;
+                let a = inode::pointer_get(&u, hit);
+                let kind = if level == 1 {
+                    ResourceKind::FileBlock
+                } else {
+                    ResourceKind::PointerBlock
+                };
+                match self.s.resource_index(kind, ino, a) {
+                    Ok(i) if level == 1 => {
+                        if self.mark(ResourceKind::FileBlock, i, ino) {
+                            self.stats.file_blocks_used += 1;
+                        }
+                        total += bs;
+                    }
+                    Ok(i) => total += self.walk_pointer_block(ino, i, level - 1)?,
+                    Err(e) => {
+                        self.findings.push(finding(
+                            object.clone(),
+                            Some(off),
+                            e.to_string(),
+                            Some("clear the bad address (a hole)"),
+                        ));
+                        inode::pointer_set(&mut repaired, hit, 0, off);
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.fixes.push(Fix::Unit {
+                    off,
+                    image: repaired,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    /// Allocated inodes the walk did not reach.
+    fn unreachable(&mut self) -> Result<()> {
+        let area = self.s.sb().inodes;
+        let per = u64::from(area.per_cluster);
+        for c in 0..area.clusters() {
+            let bits = match self.s.bitmap(ResourceKind::Inode, c) {
+                Ok(u) => (0..area.in_cluster(c))
+                    .map(|i| crate::bitmap::get(&u, i))
+                    .collect::<Vec<_>>(),
+                Err(_) => vec![true; area.in_cluster(c) as usize],
+            };
+            for (i, set) in bits.into_iter().enumerate() {
+                let ino = c * per + i as u64 + 1;
+                if !set || self.inodes_seen.contains(&ino) {
+                    continue;
+                }
+                let off = self.s.sb().inode_offset(ino);
+                let u = match self.s.inode_unit(ino) {
+                    Ok(u) => u,
+                    Err(_) => continue, // bitmap rebuild clears the bit
+                };
+                if u.kind_code() == inode::KIND_FREE {
+                    continue;
+                }
+                if u.nlink() == 0 {
+                    self.findings.push(finding(
+                        format!("inode {ino}"),
+                        Some(off),
+                        "unlinked but never freed",
+                        Some("free it"),
+                    ));
+                    self.fixes.push(Fix::Unit {
+                        off,
+                        image: Inode::freed(ino, u.generation()).seal(off),
+                    });
+                    continue;
+                }
+                self.findings.push(finding(
+                    format!("inode {ino}"),
+                    Some(off),
+                    "allocated but not in any directory",
+                    Some("move it to /lost+found"),
+                ));
+                let kind = u.kind().unwrap_or(Kind::File);
+                self.walk_from(ino, 0, None)?;
+                self.refs.insert(ino, 1);
+                self.fixes.push(Fix::LostFound { ino, kind });
+            }
+        }
+        Ok(())
+    }
+
+    fn link_counts(&mut self) -> Result<()> {
+        let seen: Vec<u64> = self.inodes_seen.iter().copied().collect();
+        for ino in seen {
+            let u = self.s.inode_unit(ino)?;
+            let expected = if u.kind() == Some(Kind::Dir) {
+                2 + self.subdirs.get(&ino).copied().unwrap_or(0)
+            } else {
+                self.refs.get(&ino).copied().unwrap_or(0)
+            };
+            if u.nlink() != expected {
+                self.findings.push(finding(
+                    format!("inode {ino}"),
+                    Some(self.s.sb().inode_offset(ino)),
+                    format!("link count {} but {expected} found", u.nlink()),
+                    Some("correct the link count"),
+                ));
+                self.fix_inode(&u).set_nlink(expected);
+            }
+        }
+        Ok(())
+    }
+
+    fn bitmaps(&mut self) -> Result<()> {
+        for kind in ResourceKind::ALL {
+            let area = *self.s.sb().area(kind);
+            let per = u64::from(area.per_cluster);
+            for c in 0..area.clusters() {
+                let off = area.bitmap_offset(c);
+                let object = format!("{} bitmap of cluster {c}", kind.name());
+                let n = area.in_cluster(c);
+                let bits = &self.used[&kind][(c * per) as usize..(c * per + n) as usize];
+                let mut rebuilt = crate::bitmap::new(kind, c, n, off);
+                for (i, &b) in bits.iter().enumerate() {
+                    if b {
+                        crate::bitmap::set(&mut rebuilt, i as u64, true, off);
+                    }
+                }
+                let current = match self.s.bitmap(kind, c) {
+                    Ok(u) => u,
+                    Err(Error::Corrupt { reason, .. }) => {
+                        self.findings.push(finding(
+                            object,
+                            Some(off),
+                            reason,
+                            Some("rebuild it from the files that use it"),
+                        ));
+                        self.fixes.push(Fix::Unit {
+                            off,
+                            image: rebuilt,
+                        });
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let leaked = (0..n)
+                    .filter(|&i| crate::bitmap::get(&current, i) && !bits[i as usize])
+                    .count();
+                let missing = (0..n)
+                    .filter(|&i| !crate::bitmap::get(&current, i) && bits[i as usize])
+                    .count();
+                if leaked > 0 {
+                    self.findings.push(finding(
+                        object.clone(),
+                        Some(off),
+                        format!("{leaked} resource(s) marked in use but used by nothing (leaked)"),
+                        Some("free them"),
+                    ));
+                }
+                if missing > 0 {
+                    self.findings.push(finding(
+                        object.clone(),
+                        Some(off),
+                        format!("{missing} resource(s) in use but marked free"),
+                        Some("mark them in use"),
+                    ));
+                }
+                let count_bad = crate::bitmap::check(&current, kind, c, n).is_err();
+                if count_bad && leaked == 0 && missing == 0 {
+                    self.findings.push(finding(
+                        object,
+                        Some(off),
+                        "free count disagrees with the bits",
+                        Some("recount"),
+                    ));
+                }
+                if leaked > 0 || missing > 0 || count_bad {
+                    self.fixes.push(Fix::Unit {
+                        off,
+                        image: rebuilt,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lock records are written by the cluster layer; here they must be blank or valid.
+    fn lock_records(&mut self) -> Result<()> {
+        let mut offsets: Vec<(u64, String)> = Vec::new();
+        for kind in ResourceKind::ALL {
+            let area = *self.s.sb().area(kind);
+            for c in 0..area.clusters() {
+                offsets.push((
+                    area.lock_offset(c),
+                    format!("lock record of {} cluster {c}", kind.name()),
+                ));
+            }
+        }
+        for &ino in &self.inodes_seen {
+            offsets.push((
+                self.s.sb().inode_lock_offset(ino),
+                format!("lock record of inode {ino}"),
+            ));
+        }
+        for (off, object) in offsets {
+            let u = self.s.st.read_raw(off)?;
+            match verify(&u[..], MAGIC_LOCK, off, RECORD) {
+                Ok(()) | Err(UnitFault::Blank) => {}
+                Err(fault) => {
+                    self.findings.push(finding(
+                        object,
+                        Some(off),
+                        fault.to_string(),
+                        Some("clear the lock record"),
+                    ));
+                    self.fixes.push(Fix::Unit {
+                        off,
+                        image: zero_unit(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies the fixes of one scan through the journal.
+fn apply(ds: &Datastore, fixes: Vec<Fix>) -> Result<()> {
+    let mut lost = Vec::new();
+    let mut units = Vec::new();
+    let mut removals = Vec::new();
+    for fix in fixes {
+        match fix {
+            Fix::Unit { off, image } => units.push((off, image)),
+            Fix::RemoveEntry { dir, name } => removals.push((dir, name)),
+            Fix::LostFound { ino, kind } => lost.push((ino, kind)),
+        }
+    }
+    for chunk in units.chunks(crate::state::MAX_OP_UNITS) {
+        ds.write_op(|s| {
+            for (off, image) in chunk {
+                s.st.put(*off, Box::new(**image));
+            }
+            Ok(())
+        })?;
+    }
+    ds.write_op(|s| {
+        s.st.end_op(true);
+        s.st.commit()?;
+        s.st.drop_clean_cache();
+        s.forget_derived();
+        Ok(())
+    })?;
+    for (dir, name) in removals {
+        ds.write_op(|s| {
+            let d = s.inode(dir)?;
+            match s.dir_remove(&d, &name) {
+                Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })?;
+    }
+    if !lost.is_empty() {
+        let lf = ds
+            .mkdir_all("/lost+found", 0o700, crate::Creds::default())?
+            .ino;
+        for (ino, kind) in lost {
+            let name = OsString::from(format!("#{ino}"));
+            ds.write_op(|s| {
+                let mut d = Inode::from_unit(&s.inode(lf)?);
+                s.dir_insert(&mut d, &name, ino, kind)?;
+                if kind == Kind::Dir {
+                    d.set_nlink(d.nlink() + 1);
+                    let mut child = Inode::from_unit(&s.inode(ino)?);
+                    child.set_parent(lf);
+                    s.put_inode(child);
+                }
+                s.put_inode(d);
+                Ok(())
+            })?;
+        }
+    }
+    ds.sync()
+}
+
+impl Datastore {
+    /// Checks this open datastore (read-only view of the same walk fsck does).
+    pub fn check(&self) -> Result<Vec<Finding>> {
+        Ok(self.read_op(Scan::run)?.findings)
+    }
+}

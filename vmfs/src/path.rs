@@ -1,0 +1,378 @@
+//! Path helpers on top of the inode operations: resolve, mkdir -p, rm -r, put, list.
+//! Errors name the path the caller gave.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+
+use crate::datastore::{Attr, Creds, Datastore, NewFile};
+use crate::error::{Error, Result};
+use crate::inode::Kind;
+use crate::layout::ROOT_INO;
+
+/// Symbolic links followed while resolving one path.
+const MAX_SYMLINKS: u32 = 40;
+
+fn components(path: &str) -> Result<Vec<&OsStr>> {
+    if !path.starts_with('/') {
+        return Err(Error::Invalid {
+            object: path.to_string(),
+            reason: "datastore paths are absolute (start with '/')".into(),
+        });
+    }
+    Ok(path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .map(OsStr::new)
+        .collect())
+}
+
+/// Options for [`Datastore::put`].
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    pub new: NewFile,
+    /// Replace an existing file instead of failing.
+    pub overwrite: bool,
+}
+
+impl Datastore {
+    /// The inode at `path`. Symbolic links in the middle of a path are followed (relative
+    /// to their directory); the last component is not.
+    pub fn resolve(&self, path: &str) -> Result<u64> {
+        self.resolve_from(ROOT_INO, path, 0).map_err(|e| e.at(path))
+    }
+
+    fn resolve_from(&self, start: u64, path: &str, depth: u32) -> Result<u64> {
+        let parts = components(path)?;
+        let mut at = if path.starts_with('/') {
+            ROOT_INO
+        } else {
+            start
+        };
+        for (i, part) in parts.iter().enumerate() {
+            if part.as_bytes() == b".." {
+                let attr = self.getattr(at)?;
+                if attr.kind != Kind::Dir {
+                    return Err(Error::NotADirectory {
+                        object: path.into(),
+                    });
+                }
+                at = self.parent_of(at)?;
+                continue;
+            }
+            let attr = self.lookup(at, part)?;
+            let last = i + 1 == parts.len();
+            if attr.kind == Kind::Symlink && !last {
+                if depth >= MAX_SYMLINKS {
+                    return Err(Error::Invalid {
+                        object: path.into(),
+                        reason: "too many levels of symbolic links".into(),
+                    });
+                }
+                let target = self.readlink(attr.ino)?;
+                let target = target.to_string_lossy().into_owned();
+                let base = if target.starts_with('/') {
+                    ROOT_INO
+                } else {
+                    at
+                };
+                let rel = if target.starts_with('/') {
+                    target
+                } else {
+                    format!("/{target}")
+                };
+                at = if base == ROOT_INO {
+                    self.resolve_from(ROOT_INO, &rel, depth + 1)?
+                } else {
+                    self.resolve_relative(base, &rel, depth + 1)?
+                };
+            } else {
+                at = attr.ino;
+            }
+        }
+        Ok(at)
+    }
+
+    fn resolve_relative(&self, base: u64, rel: &str, depth: u32) -> Result<u64> {
+        let mut at = base;
+        for part in components(rel)? {
+            if part.as_bytes() == b".." {
+                at = self.parent_of(at)?;
+            } else {
+                let attr = self.lookup(at, part)?;
+                at = if attr.kind == Kind::Symlink {
+                    let target = self.readlink(attr.ino)?.to_string_lossy().into_owned();
+                    if target.starts_with('/') {
+                        self.resolve_from(ROOT_INO, &target, depth + 1)?
+                    } else {
+                        self.resolve_relative(at, &format!("/{target}"), depth + 1)?
+                    }
+                } else {
+                    attr.ino
+                };
+            }
+        }
+        Ok(at)
+    }
+
+    fn parent_of(&self, ino: u64) -> Result<u64> {
+        if ino == ROOT_INO {
+            return Ok(ROOT_INO);
+        }
+        self.readdir(ino, 1)?
+            .into_iter()
+            .find(|e| e.cookie == 2)
+            .map(|e| e.ino)
+            .ok_or_else(|| Error::NotFound {
+                object: format!("parent of inode {ino}"),
+            })
+    }
+
+    /// The directory that holds `path`'s last component, and that component.
+    pub fn split_parent(&self, path: &str) -> Result<(u64, OsString)> {
+        let parts = components(path)?;
+        let Some((last, dirs)) = parts.split_last() else {
+            return Err(Error::Invalid {
+                object: path.to_string(),
+                reason: "the root directory has no parent".into(),
+            });
+        };
+        if last.as_bytes() == b".." {
+            return Err(Error::Invalid {
+                object: path.to_string(),
+                reason: "path ends in '..'".into(),
+            });
+        }
+        let mut parent_path = String::from("/");
+        for d in dirs {
+            parent_path.push_str(&d.to_string_lossy());
+            parent_path.push('/');
+        }
+        let parent = self
+            .resolve_from(ROOT_INO, &parent_path, 0)
+            .map_err(|e| e.at(path))?;
+        Ok((parent, last.to_os_string()))
+    }
+
+    pub fn stat_path(&self, path: &str) -> Result<Attr> {
+        let ino = self.resolve(path)?;
+        self.getattr(ino).map_err(|e| e.at(path))
+    }
+
+    pub fn mkdir_path(&self, path: &str, mode: u32, creds: Creds) -> Result<Attr> {
+        let (parent, name) = self.split_parent(path)?;
+        self.mkdir(parent, &name, mode, creds)
+            .map_err(|e| e.at(path))
+    }
+
+    /// mkdir -p: creates missing parents; an existing directory is fine.
+    pub fn mkdir_all(&self, path: &str, mode: u32, creds: Creds) -> Result<Attr> {
+        let mut at = ROOT_INO;
+        let mut so_far = String::new();
+        for part in components(path)? {
+            so_far.push('/');
+            so_far.push_str(&part.to_string_lossy());
+            at = match self.lookup(at, part) {
+                Ok(a) if a.kind == Kind::Dir => a.ino,
+                Ok(_) => return Err(Error::NotADirectory { object: so_far }),
+                Err(Error::NotFound { .. }) => {
+                    self.mkdir(at, part, mode, creds)
+                        .map_err(|e| e.at(&so_far))?
+                        .ino
+                }
+                Err(e) => return Err(e.at(&so_far)),
+            };
+        }
+        self.getattr(at)
+    }
+
+    pub fn create_path(&self, path: &str, new: &NewFile) -> Result<Attr> {
+        let (parent, name) = self.split_parent(path)?;
+        self.create(parent, &name, new).map_err(|e| e.at(path))
+    }
+
+    /// Removes a file, a symlink or an empty directory; with `recursive`, a whole tree.
+    pub fn remove_path(&self, path: &str, recursive: bool) -> Result<()> {
+        let (parent, name) = self.split_parent(path)?;
+        let attr = self.lookup(parent, &name).map_err(|e| e.at(path))?;
+        if attr.kind == Kind::Dir {
+            if recursive {
+                self.remove_tree(attr.ino).map_err(|e| e.at(path))?;
+            }
+            self.rmdir(parent, &name).map_err(|e| e.at(path))
+        } else {
+            self.unlink(parent, &name).map_err(|e| e.at(path))
+        }
+    }
+
+    fn remove_tree(&self, dir: u64) -> Result<()> {
+        loop {
+            let entries: Vec<_> = self
+                .readdir(dir, 2)?
+                .into_iter()
+                .filter(|e| e.cookie > 2)
+                .collect();
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for e in entries {
+                if e.kind == Kind::Dir {
+                    self.remove_tree(e.ino)?;
+                    self.rmdir(dir, &e.name)?;
+                } else {
+                    self.unlink(dir, &e.name)?;
+                }
+            }
+        }
+    }
+
+    pub fn rename_path(&self, from: &str, to: &str) -> Result<()> {
+        let (p1, n1) = self.split_parent(from)?;
+        let (p2, n2) = self.split_parent(to)?;
+        self.rename(p1, &n1, p2, &n2, false).map_err(|e| match e {
+            Error::NotFound { .. } => e.at(from),
+            other => other.at(to),
+        })
+    }
+
+    /// Every entry of a directory (without "." and ".."), with attributes.
+    pub fn list(&self, path: &str) -> Result<Vec<(OsString, Attr)>> {
+        let ino = self.resolve(path)?;
+        let mut out = Vec::new();
+        let mut after = 2;
+        loop {
+            let batch = self.readdir(ino, after).map_err(|e| e.at(path))?;
+            let Some(last) = batch.last() else { break };
+            after = last.cookie;
+            for e in batch {
+                if e.cookie > 2 {
+                    let attr = self.getattr(e.ino)?;
+                    out.push((e.name, attr));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Streams `reader` into a new file at `path` with large aligned writes. Blocks that
+    /// are entirely zero are skipped on thin files, so sparse input stays thin. `progress`
+    /// gets the bytes copied so far.
+    pub fn put(
+        &self,
+        reader: &mut dyn Read,
+        path: &str,
+        options: &PutOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
+        const CHUNK: usize = 8 << 20;
+        let (parent, name) = self.split_parent(path)?;
+        let attr = match self.create(parent, &name, &options.new) {
+            Ok(a) => a,
+            Err(Error::Exists { .. }) if options.overwrite => {
+                let a = self.lookup(parent, &name)?;
+                if a.kind != Kind::File {
+                    return Err(Error::IsADirectory {
+                        object: path.into(),
+                    });
+                }
+                self.truncate(a.ino, 0).map_err(|e| e.at(path))?;
+                a
+            }
+            Err(e) => return Err(e.at(path)),
+        };
+        let mut buf = vec![0u8; CHUNK];
+        let mut total: u64 = 0;
+        loop {
+            let mut filled = 0;
+            while filled < CHUNK {
+                let n = reader
+                    .read(&mut buf[filled..])
+                    .map_err(|e| Error::Invalid {
+                        object: format!("input for {path}"),
+                        reason: format!("read failed: {e}"),
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            self.write_skipping_zero_blocks(attr.ino, total, &buf[..filled], options.new.thick)
+                .map_err(|e| e.at(path))?;
+            total += filled as u64;
+            progress(total);
+            if filled < CHUNK {
+                break;
+            }
+        }
+        // Trailing zero chunks were skipped: the size still covers them.
+        if self.getattr(attr.ino)?.size < total {
+            self.truncate(attr.ino, total).map_err(|e| e.at(path))?;
+        }
+        self.fsync(attr.ino)?;
+        Ok(total)
+    }
+
+    /// Writes `data` at `off` (a multiple of the block size), leaving whole zero blocks of a
+    /// thin file unwritten so they stay holes.
+    fn write_skipping_zero_blocks(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        thick: bool,
+    ) -> Result<()> {
+        if thick {
+            self.write(ino, off, data)?;
+            return Ok(());
+        }
+        let bs = self.superblock().block_size as usize;
+        let mut run: Option<usize> = None;
+        for (i, block) in data.chunks(bs).enumerate() {
+            let start = i * bs;
+            match (block.iter().all(|&b| b == 0), run) {
+                (false, None) => run = Some(start),
+                (true, Some(r)) => {
+                    self.write(ino, off + r as u64, &data[r..start])?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(r) = run {
+            self.write(ino, off + r as u64, &data[r..])?;
+        }
+        Ok(())
+    }
+
+    /// Creates a virtual disk of `size` bytes (a multiple of 512): thin, or eager-zeroed
+    /// thick with every block allocated and zeroed now.
+    pub fn create_vdisk(&self, path: &str, size: u64, thick: bool, creds: Creds) -> Result<Attr> {
+        if size == 0 || size % 512 != 0 {
+            return Err(Error::Invalid {
+                object: path.to_string(),
+                reason: format!("virtual disk size {size} must be a non-zero multiple of 512"),
+            });
+        }
+        let attr = self.create_path(
+            path,
+            &NewFile {
+                mode: 0o600,
+                creds,
+                thick,
+                vdisk: true,
+            },
+        )?;
+        let sized = self
+            .truncate(attr.ino, size)
+            .and_then(|()| self.fsync(attr.ino));
+        if let Err(e) = sized {
+            // Do not leave a disk of the wrong size behind.
+            let _ = self.remove_path(path, false);
+            return Err(e.at(path));
+        }
+        self.getattr(attr.ino)
+    }
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the vmfs integration tests: datastores in sparse temporary files.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::sync::Arc;
+
+use lun::Lun;
+use vmfs::{Creds, Datastore, FormatOptions, OpenOptions};
+
+pub struct TestDs {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl TestDs {
+    /// A freshly formatted datastore of `size` bytes in a sparse file.
+    pub fn new(size: u64) -> TestDs {
+        Self::with(
+            size,
+            FormatOptions {
+                label: "test".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn with(size: u64, options: FormatOptions) -> TestDs {
+        Self::in_dir(tempfile::tempdir().unwrap(), size, options)
+    }
+
+    /// On tmpfs when there is one: tests that flush thousands of times stay fast.
+    pub fn in_memory(size: u64, options: FormatOptions) -> TestDs {
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        Self::in_dir(dir, size, options)
+    }
+
+    fn in_dir(dir: tempfile::TempDir, size: u64, options: FormatOptions) -> TestDs {
+        let path = dir.path().join("ds.vmfs");
+        let lun = lun::open(
+            path.to_str().unwrap(),
+            &lun::OpenOptions {
+                create_size: Some(size),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        vmfs::format(lun, &options).unwrap();
+        TestDs { dir, path }
+    }
+
+    pub fn lun(&self) -> Arc<dyn Lun> {
+        lun::open(self.path.to_str().unwrap(), &lun::OpenOptions::default()).unwrap()
+    }
+
+    pub fn lun_ro(&self) -> Arc<dyn Lun> {
+        lun::open(
+            self.path.to_str().unwrap(),
+            &lun::OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    pub fn open(&self) -> Datastore {
+        Datastore::open(self.lun(), &host()).unwrap()
+    }
+
+    pub fn open_ro(&self) -> Datastore {
+        Datastore::open(self.lun_ro(), &OpenOptions::read_only()).unwrap()
+    }
+
+    /// Runs fsck (check only) and panics with the findings unless clean.
+    pub fn assert_clean(&self) {
+        let report = vmfs::fsck(self.lun_ro(), &vmfs::FsckOptions::default()).unwrap();
+        assert!(report.clean, "fsck found problems: {:#?}", report.findings);
+    }
+}
+
+/// A fixed test host identity.
+pub fn host() -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        host_name: "test-host".into(),
+        host_uuid: uuid_for("test-host"),
+    }
+}
+
+pub fn uuid_for(name: &str) -> uuid::Uuid {
+    let mut b = [0u8; 16];
+    for (i, c) in name.bytes().enumerate() {
+        b[i % 16] ^= c;
+    }
+    b[15] ^= 0x5a;
+    uuid::Uuid::from_bytes(b)
+}
+
+pub fn creds() -> Creds {
+    Creds {
+        uid: 1000,
+        gid: 1000,
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
