@@ -154,13 +154,16 @@ fn nbdinfo_describes_the_export_and_lists_it() {
 }
 
 #[test]
-fn read_only_export_leaves_the_file_alone() {
+fn read_only_export_serves_reads_and_refuses_writers() {
     if !require_tools(&[("qemu-io", "qemu-utils")]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (file, data) = random_file(dir.path(), "disk.raw", MIB, 5);
-    let export = Export::start(&file, &["--listen", "127.0.0.1:0", "--read-only"]);
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![0x5au8; MIB]).unwrap();
+    let export = Export::start(&path, &["--listen", "127.0.0.1:0", "--read-only"]);
+
+    // qemu honours the read-only flag: opening for writing is refused outright.
     let output = std::process::Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x11 0 4096", &export.url])
         .output()
@@ -168,8 +171,15 @@ fn read_only_export_leaves_the_file_alone() {
     let text = String::from_utf8_lossy(&output.stdout).to_string()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(
-        !text.contains("wrote 4096/4096"),
-        "a read-only export accepted a write: {text}"
+        !output.status.success(),
+        "a read-only export was opened for writing: {text}"
     );
-    assert!(std::fs::read(&file).unwrap() == data);
+    assert!(text.contains("Permission denied"), "{text}");
+
+    let out = run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x5a 0 65536", &export.url],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0x5a));
 }

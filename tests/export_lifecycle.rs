@@ -28,6 +28,18 @@ fn sparse(dir: &std::path::Path, len: u64) -> std::path::PathBuf {
     path
 }
 
+/// Waits until the writer got `count` blocks acknowledged, so a signal lands mid-stream.
+fn wait_for(progress: &AtomicU64, count: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::SeqCst) < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn sigterm_and_sigint_finish_writes_and_exit_zero() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
@@ -50,7 +62,7 @@ fn sigterm_and_sigint_finish_writes_and_exit_zero() {
                 }
             })
         };
-        std::thread::sleep(Duration::from_millis(200));
+        wait_for(&acknowledged, 16);
         export.signal(signal);
         let status = export.wait(Duration::from_secs(20));
         assert_eq!(status.code(), Some(0), "signal {signal}: {status}");
@@ -96,7 +108,7 @@ fn killed_mid_write_then_restarted_keeps_every_flushed_write() {
             panic!("every write succeeded: the server was never killed");
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(&flushed, 64);
     export.signal(libc::SIGKILL);
     let error = writer.join().unwrap();
     assert!(

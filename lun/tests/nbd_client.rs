@@ -89,22 +89,35 @@ fn random_io_against_nbdkit_memory_and_file_plugins() {
 }
 
 #[test]
-fn two_clients_share_one_export() {
-    if !have_qemu_nbd() {
+fn two_clients_share_one_export_on_qemu_nbd_and_nbdkit() {
+    if !have_qemu_nbd() || !have_nbdkit() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let file = sparse_file(dir.path(), "disk.raw", 32 * MIB);
-    let server = qemu_nbd(&file, "disk", dir.path());
-    let a = Arc::new(connect(&server.socket, "disk", NbdOptions::default()));
-    let b = Arc::new(connect(&server.socket, "disk", NbdOptions::default()));
+    {
+        let server = qemu_nbd(&file, "disk", dir.path());
+        two_clients(&server.socket, "disk");
+    }
+    let server = nbdkit(dir.path(), &["file", file.to_str().unwrap()]);
+    two_clients(&server.socket, "");
+}
 
-    // Both clients at once, each on its own half, from their own threads.
+/// Two clients at once, each writing its own half from its own thread; then each must
+/// see the other's flushed writes.
+fn two_clients(socket: &std::path::Path, export: &str) {
+    let a = Arc::new(connect(socket, export, NbdOptions::default()));
+    let b = Arc::new(connect(socket, export, NbdOptions::default()));
     let workers: Vec<_> = [(Arc::clone(&a), 0u64, 5u64), (Arc::clone(&b), 16 * MIB, 6)]
         .into_iter()
         .map(|(lun, start, seed)| {
             std::thread::spawn(move || {
                 let mut shadow = vec![0u8; 32 * MIB as usize];
+                lun.read_at(
+                    &mut shadow[start as usize..(start + 16 * MIB) as usize],
+                    start,
+                )
+                .unwrap();
                 exercise(&*lun, &mut shadow, start..start + 16 * MIB, seed);
                 shadow[start as usize..(start + 16 * MIB) as usize].to_vec()
             })
@@ -112,18 +125,19 @@ fn two_clients_share_one_export() {
         .collect();
     let halves: Vec<Vec<u8>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
 
-    // Each sees the other's flushed writes.
     let mut seen_by_a = vec![0u8; 16 * MIB as usize];
     a.read_at(&mut seen_by_a, 16 * MIB).unwrap();
     assert!(
         seen_by_a == halves[1],
-        "client A does not see client B's writes"
+        "{}: client A does not see client B's writes",
+        a.name()
     );
     let mut seen_by_b = vec![0u8; 16 * MIB as usize];
     b.read_at(&mut seen_by_b, 0).unwrap();
     assert!(
         seen_by_b == halves[0],
-        "client B does not see client A's writes"
+        "{}: client B does not see client A's writes",
+        b.name()
     );
 }
 
@@ -524,4 +538,83 @@ fn structured_holes_errors_and_out_of_order_chunks_are_understood() {
     assert!(buf[..512].iter().all(|&b| b == 0x66));
     drop(lun);
     server.join().unwrap();
+}
+
+#[test]
+fn servers_without_nbd_opt_go_are_served_through_export_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, server) = scripted_server(dir.path(), |mut stream| {
+        use std::io::{Read, Write};
+        // An old server: fixed newstyle, but no NO_ZEROES and no NBD_OPT_GO.
+        let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        greeting.extend_from_slice(&1u16.to_be_bytes());
+        stream.write_all(&greeting).unwrap();
+        let mut flags = [0u8; 4];
+        stream.read_exact(&mut flags).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(flags),
+            1,
+            "NO_ZEROES asked of a server without it"
+        );
+        loop {
+            let mut header = [0u8; 16];
+            stream.read_exact(&mut header).unwrap();
+            let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
+            let mut data = vec![0u8; u32::from_be_bytes(header[12..].try_into().unwrap()) as usize];
+            stream.read_exact(&mut data).unwrap();
+            if option == 1 {
+                assert_eq!(data, b"old");
+                let mut reply = (MIB).to_be_bytes().to_vec();
+                reply.extend_from_slice(&1u16.to_be_bytes());
+                reply.extend_from_slice(&[0u8; 124]);
+                stream.write_all(&reply).unwrap();
+                break;
+            }
+            let mut reply = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+            reply.extend_from_slice(&option.to_be_bytes());
+            reply.extend_from_slice(&((1u32 << 31) | 1).to_be_bytes());
+            reply.extend_from_slice(&0u32.to_be_bytes());
+            stream.write_all(&reply).unwrap();
+        }
+        let (command, handle, _, len) = scripted_request(&mut stream);
+        assert_eq!(command, CMD_READ);
+        simple_reply(&mut stream, 0, handle, &vec![0x77u8; len as usize]);
+        let (command, _, _, _) = scripted_request(&mut stream);
+        assert_eq!(command, CMD_DISC);
+    });
+    let lun = connect(&socket, "old", NbdOptions::default());
+    assert_eq!((lun.size(), lun.sector_size()), (MIB, 512));
+    assert!(!lun.info().structured_replies && !lun.info().can_flush);
+    assert_eq!(lun.info().block_sizes, None);
+    let mut buf = vec![0u8; 4096];
+    lun.read_at(&mut buf, 8192).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x77));
+    drop(lun);
+    server.join().unwrap();
+}
+
+#[test]
+fn oldstyle_servers_are_refused_with_a_reason() {
+    if !have_nbdkit() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("old.sock");
+    let mut child = std::process::Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--oldstyle", "-U"])
+        .arg(&socket)
+        .args(["memory", "size=1M"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "nbdkit did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let error = connect_err(&socket);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(matches!(error, LunError::Protocol { .. }), "{error}");
+    assert!(error.to_string().contains("oldstyle"), "{error}");
 }

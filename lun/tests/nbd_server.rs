@@ -379,30 +379,35 @@ fn flush_and_fua_are_durable_before_their_reply() {
     let dir = tempfile::tempdir().unwrap();
     let (path, file) = file_lun(dir.path(), MIB);
     let disk = Arc::new(FaultLun::new(file));
-    disk.set_crash_mode(CrashMode::DropUnflushed);
     let server = Running::tcp(Arc::clone(&disk) as Arc<dyn Lun>, ExportConfig::default());
     let client = server.client("", NbdOptions::default());
+    let block = |at: usize| std::fs::read(&path).unwrap()[at..at + 4096].to_vec();
 
+    // A power cut loses what was not flushed; the flushed write must survive it.
+    disk.set_crash_mode(CrashMode::DropUnflushed);
     client.write_at(&[0x11u8; 4096], 0).unwrap();
     client.flush().unwrap();
-    // FUA flushes the whole LUN here (the trait has no per-write FUA), so it goes before
-    // the write that must stay unflushed.
-    client.write_fua(&[0x33u8; 4096], 8192).unwrap();
     client.write_at(&[0x22u8; 4096], 4096).unwrap();
     disk.crash().unwrap();
-
-    let on_disk = std::fs::read(&path).unwrap();
     assert!(
-        on_disk[..4096].iter().all(|&b| b == 0x11),
+        block(0) == [0x11u8; 4096],
         "flushed write lost in the crash"
     );
     assert!(
-        on_disk[8192..12288].iter().all(|&b| b == 0x33),
-        "FUA write lost in the crash"
+        block(4096) == [0u8; 4096],
+        "unflushed write survived: the crash model is not armed"
     );
+
+    // Power back; a FUA write is durable on its own.
+    disk.clear_faults();
+    disk.set_crash_mode(CrashMode::DropUnflushed);
+    client.write_fua(&[0x33u8; 4096], 8192).unwrap();
+    client.write_at(&[0x44u8; 4096], 12288).unwrap();
+    disk.crash().unwrap();
+    assert!(block(8192) == [0x33u8; 4096], "FUA write lost in the crash");
     assert!(
-        on_disk[4096..8192].iter().all(|&b| b == 0),
-        "unflushed write should be lost: the crash model is not armed"
+        block(12288) == [0u8; 4096],
+        "unflushed write survived: the crash model is not armed"
     );
 }
 
@@ -443,14 +448,15 @@ fn shutdown_answers_requests_in_flight_then_flushes() {
     let (path, file) = file_lun(dir.path(), MIB);
     let disk = Arc::new(FaultLun::new(file));
     disk.set_crash_mode(CrashMode::DropUnflushed);
-    disk.set_latency(Duration::from_millis(400));
     let server = Running::tcp(Arc::clone(&disk) as Arc<dyn Lun>, ExportConfig::default());
     let client = Arc::new(server.client("", NbdOptions::default()));
+    // Slow enough that the write is surely still in the LUN when the shutdown comes.
+    disk.set_latency(Duration::from_millis(1200));
     let writer = {
         let client = Arc::clone(&client);
         std::thread::spawn(move || client.write_at(&[0x61u8; 8192], 0))
     };
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(400));
     server.stop().unwrap();
     writer
         .join()
@@ -501,7 +507,7 @@ fn many_clients_at_once_and_extra_ones_turned_away() {
     assert_file_holds(&path, &expected);
 
     let server = Running::tcp(
-        lun,
+        Arc::clone(&lun),
         ExportConfig {
             max_clients: 2,
             ..Default::default()
@@ -525,4 +531,18 @@ fn many_clients_at_once_and_extra_ones_turned_away() {
     assert!(matches!(error, LunError::Disconnected { .. }), "{error}");
     let mut buf = [0u8; 512];
     first.read_at(&mut buf, 0).unwrap();
+    drop((first, _second, server));
+
+    // A client that wants more connections than the server takes makes do with fewer.
+    let server = Running::tcp(
+        lun,
+        ExportConfig {
+            max_clients: 2,
+            ..Default::default()
+        },
+    );
+    let client = server.client("", NbdOptions::default());
+    assert_eq!(client.info().connections, 2);
+    let mut shadow = std::fs::read(&path).unwrap();
+    exercise(&client, &mut shadow, 0..2 * MIB, 70);
 }

@@ -81,7 +81,12 @@ impl Handshake<'_> {
         self.write_all(&client_flags.to_be_bytes())?;
 
         let structured_replies = want_structured && self.negotiate_structured_replies()?;
-        match self.go()? {
+        let chosen = self.go().inspect_err(|_| {
+            // A refused export ends the session the polite way; the server may already
+            // have hung up, which is fine too.
+            let _ = self.send_option(OPT_ABORT, &[]);
+        });
+        match chosen? {
             Some((size, flags, block_sizes)) => Ok(Negotiated {
                 size,
                 flags,

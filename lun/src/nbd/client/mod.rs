@@ -127,8 +127,9 @@ impl NbdLun {
             });
         }
 
-        // The smallest request the server takes unaligned-free is our sector; never below
-        // 512 so that sector-atomic metadata above us keeps its usual granularity.
+        // The server may refuse anything smaller or less aligned than its minimum block
+        // size, so that is our sector; never below 512, the granularity metadata above us
+        // is written in.
         let minimum = negotiated.block_sizes.map_or(1, |b| b.minimum);
         let sector_size = minimum.max(512);
         let size = negotiated.size - negotiated.size % u64::from(sector_size);
@@ -147,9 +148,19 @@ impl NbdLun {
         };
         let mut slots = vec![Mutex::new(Arc::new(first))];
         for _ in 1..wanted {
-            let (connection, other) = open()?;
-            check_same_export(&name, &negotiated, &other)?;
-            slots.push(Mutex::new(Arc::new(connection)));
+            // Extra connections only add speed: a server that takes fewer clients than it
+            // advertises still gets served, over what it accepted.
+            match open() {
+                Ok((connection, other)) => {
+                    check_same_export(&name, &negotiated, &other)?;
+                    slots.push(Mutex::new(Arc::new(connection)));
+                }
+                Err(error) => {
+                    tracing::warn!(lun = %name, connections = slots.len(), %error,
+                        "server refused another connection; carrying on with fewer");
+                    break;
+                }
+            }
         }
 
         let info = ExportInfo {

@@ -1,10 +1,16 @@
 //! One client of `vapp export`, from handshake to hang-up.
 //!
-//! The session thread reads requests and hands them to a small pool of workers (grown on
-//! demand), so requests in flight run in parallel and reply out of order, tagged by handle.
+//! The session thread reads requests. Sector-aligned reads and writes that arrive
+//! together form a batch, carried out with one `Lun::submit` and answered with one write
+//! of all its replies. A small batch on a fast LUN runs right on the session thread, which
+//! costs less than waking a worker; anything else goes to a pool of workers (grown on
+//! demand), so requests in flight run in parallel and replies go out of order, tagged by
+//! handle. On a slow LUN batches are spread over the workers, so requests overlap even
+//! where the LUN's `submit` runs them one by one.
+//!
 //! Memory held by requests in flight is bounded; a client that sends faster than the LUN
-//! keeps up simply stops being read. Whatever ends the session — DISC, a hang-up, a
-//! protocol violation, server shutdown — requests already read are finished and answered
+//! keeps up simply stops being read. Whatever ends the session (DISC, a hang-up, a
+//! protocol violation, server shutdown), requests already read are finished and answered
 //! before the socket closes.
 
 use std::collections::VecDeque;
@@ -27,6 +33,20 @@ const BUDGET: u64 = 96 << 20;
 
 /// The least a request counts against the budget, so payload-free requests are bounded too.
 const MIN_COST: u64 = 4096;
+
+/// Requests in one batch at most; more wait for the next one.
+const MAX_BATCH: usize = 64;
+
+/// Batches up to this many data bytes run on the session thread when the LUN is fast.
+const INLINE_BYTES: u64 = 256 * 1024;
+
+/// Data bytes in one batch at most.
+const MAX_BATCH_BYTES: u64 = 16 << 20;
+
+/// A LUN slower than this per request gets each batch spread over the workers instead of
+/// submitted whole: then its requests overlap even when its `submit` runs them one by one.
+/// Faster LUNs (the page cache, io_uring) gain more from fewer thread hand-offs.
+const SLOW_REQUEST_NS: u64 = 200_000;
 
 /// Workers keep their read buffer up to this size between requests.
 const SCRATCH_KEEP: usize = 4 << 20;
@@ -88,8 +108,8 @@ pub(super) fn serve(export: &Export, mut stream: Stream, peer: &str, stopping: &
         }),
         work_ready: Condvar::new(),
         budget: Mutex::new(Budget::default()),
-        inline_scratch: Mutex::new(Vec::new()),
         budget_freed: Condvar::new(),
+        inline_scratch: Mutex::new(Vec::new()),
     };
     let reason = session.run(receiver, stopping);
     tracing::info!(reason, "client disconnected");
@@ -144,20 +164,6 @@ enum Work {
     Single { request: Request, payload: Vec<u8> },
 }
 
-/// Requests in one batch at most; more wait for the next one.
-const MAX_BATCH: usize = 64;
-
-/// Batches up to this many data bytes run on the session thread when the LUN is fast.
-const INLINE_BYTES: u64 = 256 * 1024;
-
-/// Data bytes in one batch at most.
-const MAX_BATCH_BYTES: u64 = 16 << 20;
-
-/// A LUN slower than this per request gets each batch spread over the workers instead of
-/// submitted whole: then its requests overlap even when its `submit` runs them one by one.
-/// Faster LUNs (the page cache, io_uring) gain more from fewer thread hand-offs.
-const SLOW_REQUEST_NS: u64 = 200_000;
-
 fn cost_of(request: &Request) -> u64 {
     match request.command {
         CMD_READ | CMD_WRITE => u64::from(request.length).max(MIN_COST),
@@ -165,6 +171,7 @@ fn cost_of(request: &Request) -> u64 {
     }
 }
 
+/// Aligned reads and writes read so far, to be carried out as one batch.
 #[derive(Default)]
 struct Gathering {
     requests: Vec<Request>,
