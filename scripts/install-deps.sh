@@ -7,7 +7,7 @@ needs=(
   qemu-system-x86_64:qemu-system-x86
   nbdkit:nbdkit nbdinfo:libnbd-bin
   fusermount3:fuse3 nft:nftables ip:iproute2 losetup:mount
-  cpio:cpio gzip:gzip gcc:gcc
+  cpio:cpio gzip:gzip gcc:gcc rsync:rsync
 )
 missing=()
 for entry in "${needs[@]}"; do
