@@ -31,3 +31,16 @@ step "fsck"
 
 step "datastore info"
 "$vapp" datastore info "$VAPP_DATASTORE"
+
+step "a VM on the datastore: the test guest kernel (hv/guest), 2 vCPUs, a new 64 MiB disk"
+"$vapp" vm test-guest demo/testguest.elf
+"$vapp" vm create /vms/testguest --kernel demo/testguest.elf --vcpus 2 --memory 64M \
+  --disk 64M --cmdline "mode=test"
+"$vapp" vm list
+
+step "boot it from the datastore: its serial console, then how it ended"
+status=0
+"$vapp" vm start /vms/testguest || status=$?
+echo "vm start exit status: $status"
+[ "$status" = 0 ] || { echo "demo: the guest reported a failure" >&2; exit 1; }
+"$vapp" ls -l /vms/testguest

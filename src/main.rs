@@ -50,6 +50,13 @@ enum Command {
     /// What this host offers for running VMs.
     #[command(subcommand)]
     Host(cmd::host::HostCommand),
+    /// Mount a datastore through FUSE (as a host of the cluster).
+    Mount(cmd::mount::MountArgs),
+    /// Unmount a datastore mounted with `vapp mount`.
+    Umount(cmd::mount::UmountArgs),
+    /// Create, run, stop and list VMs that live on the datastore.
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCommand),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,9 @@ fn main() -> ExitCode {
         Command::Vdisk(command) => cmd::files::vdisk(datastore, command),
         Command::Export(args) => cmd::export::run(datastore, args),
         Command::Host(command) => cmd::host::run(command),
+        Command::Mount(args) => cmd::mount::mount(datastore, args),
+        Command::Umount(args) => cmd::mount::umount(args),
+        Command::Vm(command) => cmd::vm::run(datastore, command),
     };
     match outcome {
         Ok(code) => code,

@@ -4,9 +4,7 @@
 
 mod export_support;
 
-use export_support::{Export, require_tools, run};
-use rand::rngs::StdRng;
-use rand::{RngCore, SeedableRng};
+use export_support::{Export, random_bytes, require_tools, run};
 
 const MIB: usize = 1 << 20;
 
@@ -16,8 +14,7 @@ fn random_file(
     len: usize,
     seed: u64,
 ) -> (std::path::PathBuf, Vec<u8>) {
-    let mut data = vec![0u8; len];
-    StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    let data = random_bytes(len, seed);
     let path = dir.join(name);
     std::fs::write(&path, &data).unwrap();
     (path, data)

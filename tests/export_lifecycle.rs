@@ -155,20 +155,6 @@ fn listens_on_loopback_unless_remote_is_allowed() {
 }
 
 #[test]
-fn exporting_a_datastore_file_is_refused_until_it_exists() {
-    let output = Command::new(env!("CARGO_BIN_EXE_vapp"))
-        .args(["-d", "/nonexistent/ds.vmfs", "export", "vm1/disk.vmdk"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("vm1/disk.vmdk") && stderr.contains("not available yet"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn missing_lun_is_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_vapp"))
         .args(["export", "/nonexistent/disk.raw", "--listen", "127.0.0.1:0"])

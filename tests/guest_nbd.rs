@@ -1,8 +1,9 @@
 //! A real guest on `vapp export`: QEMU (software emulation) boots the Debian cloud kernel with
-//! a busybox initramfs whose two disks are NBD drives served by `vapp export` of plain files,
-//! one over TCP and one over a Unix socket. The guest reads a marker the host put on each
-//! disk, writes its own, syncs and powers off; the host then finds the guest's markers in
-//! the files.
+//! a busybox initramfs and two NBD disks. Its first disk is a virtual disk on a vapp
+//! datastore served by `vapp -d DATASTORE export` over TCP; its second a plain file served by
+//! `vapp export` over a Unix socket. The guest reads the marker the host put on each disk,
+//! writes its own, copies a file (its /init) onto the datastore disk, syncs and powers off;
+//! the host then finds the guest's data in the file and, through vmfs, in the datastore.
 #![allow(clippy::unwrap_used)]
 
 mod export_support;
@@ -11,12 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use export_support::{Export, require_tools};
+use export_support::{Datastore, Export, require_tools};
+use lun::Lun;
 
 const DISK_SIZE: u64 = 64 << 20;
-/// Where the host's and the guest's markers go, in 512-byte sectors.
+const VDISK: &str = "/vms/guest/root.vdisk";
+/// Where the host's and the guest's markers go, and the guest's file, in 512-byte sectors.
 const HOST_SECTOR: u64 = 1;
 const GUEST_SECTOR: u64 = 2048;
+const FILE_SECTOR: u64 = 4096;
 
 /// build/guest, fetched by scripts/guest-assets.sh when missing.
 fn guest_assets() -> Option<PathBuf> {
@@ -42,12 +46,6 @@ fn guest_assets() -> Option<PathBuf> {
     Some(assets)
 }
 
-fn write_marker(file: &Path, sector: u64, text: &str) {
-    use std::os::unix::fs::FileExt;
-    let disk = std::fs::OpenOptions::new().write(true).open(file).unwrap();
-    disk.write_all_at(text.as_bytes(), sector * 512).unwrap();
-}
-
 fn read_marker(file: &Path, sector: u64, len: usize) -> String {
     use std::os::unix::fs::FileExt;
     let disk = std::fs::File::open(file).unwrap();
@@ -57,7 +55,7 @@ fn read_marker(file: &Path, sector: u64, len: usize) -> String {
 }
 
 #[test]
-fn a_qemu_guest_boots_with_disks_on_vapp_export() {
+fn a_qemu_guest_boots_with_a_datastore_disk_on_vapp_export() {
     if !require_tools(&[("qemu-system-x86_64", "qemu-system-x86"), ("cpio", "cpio")]) {
         return;
     }
@@ -66,22 +64,37 @@ fn a_qemu_guest_boots_with_disks_on_vapp_export() {
     };
     let dir = tempfile::tempdir().unwrap();
     let nonce = format!("{:08x}", std::process::id() ^ 0x5eed_1234);
-    let disks: Vec<PathBuf> = ["tcp.raw", "unix.raw"]
-        .iter()
-        .map(|name| {
-            let path = dir.path().join(name);
-            std::fs::File::create(&path)
-                .unwrap()
-                .set_len(DISK_SIZE)
-                .unwrap();
-            path
-        })
-        .collect();
-    for (disk, name) in disks.iter().zip(["vda", "vdb"]) {
-        write_marker(disk, HOST_SECTOR, &format!("HOST-{name}-{nonce}\n"));
-    }
+    let host_marker = |name: &str| format!("HOST-{name}-{nonce}\n");
 
-    // Each disk: read the host's marker to the console, write the guest's, sync.
+    let ds = Datastore::format("1G");
+    ds.vdisk(VDISK, DISK_SIZE, false);
+    let vda = ds
+        .export(1, VDISK, &["--listen", "127.0.0.1:0", "--name", "vda"])
+        .unwrap();
+    let client = lun::open(&vda.url, &Default::default()).unwrap();
+    let mut sector = vec![0u8; 512];
+    sector[..host_marker("vda").len()].copy_from_slice(host_marker("vda").as_bytes());
+    client.write_at(&sector, HOST_SECTOR * 512).unwrap();
+    client.flush().unwrap();
+    drop(client);
+
+    let plain = dir.path().join("vdb.raw");
+    let file = std::fs::File::create(&plain).unwrap();
+    file.set_len(DISK_SIZE).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &file,
+        host_marker("vdb").as_bytes(),
+        HOST_SECTOR * 512,
+    )
+    .unwrap();
+    let socket = dir.path().join("vdb.sock");
+    let vdb = Export::start(
+        &plain,
+        &["--socket", socket.to_str().unwrap(), "--name", "vdb"],
+    );
+
+    // Each disk: read the host's marker to the console, write the guest's; then a file onto
+    // the datastore disk, and sync.
     let init = dir.path().join("init");
     std::fs::write(
         &init,
@@ -97,12 +110,14 @@ for disk in vda vdb; do
   echo "GUEST-SAW $(dd if=/dev/$disk bs=32 skip={skip} count=1 2>/dev/null)"
   echo "GUEST-$disk-{nonce}" | dd of=/dev/$disk bs=512 seek={seek} conv=notrunc 2>/dev/null
 done
+dd if=/init of=/dev/vda bs=512 seek={file} conv=notrunc 2>/dev/null
 sync
 echo GUEST-DONE
 poweroff -f
 "#,
             skip = HOST_SECTOR * 512 / 32,
             seek = GUEST_SECTOR,
+            file = FILE_SECTOR,
         ),
     )
     .unwrap();
@@ -116,13 +131,6 @@ poweroff -f
         .status()
         .unwrap();
     assert!(built.success(), "mkinitramfs.sh failed");
-
-    let tcp = Export::start(&disks[0], &["--listen", "127.0.0.1:0", "--name", "vda"]);
-    let socket = dir.path().join("vdb.sock");
-    let unix = Export::start(
-        &disks[1],
-        &["--socket", socket.to_str().unwrap(), "--name", "vdb"],
-    );
 
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
@@ -141,9 +149,9 @@ poweroff -f
         .arg(&initramfs)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", tcp.url))
+        .arg(format!("file={},format=raw,if=virtio", vda.url))
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", unix.url))
+        .arg(format!("file={},format=raw,if=virtio", vdb.url))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -166,18 +174,30 @@ poweroff -f
     );
     for name in ["vda", "vdb"] {
         assert!(
-            console.contains(&format!("GUEST-SAW HOST-{name}-{nonce}")),
+            console.contains(&format!("GUEST-SAW {}", host_marker(name).trim_end())),
             "the guest did not read the host's marker on {name}:\n{console}"
         );
     }
 
-    // Orderly stop: each export flushes before exiting.
-    for mut export in [tcp, unix] {
-        export.signal(libc::SIGTERM);
-        assert_eq!(export.wait(Duration::from_secs(20)).code(), Some(0));
-    }
-    for (disk, name) in disks.iter().zip(["vda", "vdb"]) {
-        let expected = format!("GUEST-{name}-{nonce}\n");
-        assert_eq!(read_marker(disk, GUEST_SECTOR, expected.len()), expected);
-    }
+    // Orderly stop: each export flushes; the datastore one also commits and closes.
+    vda.stop();
+    vdb.stop();
+    let expected = format!("GUEST-vdb-{nonce}\n");
+    assert_eq!(read_marker(&plain, GUEST_SECTOR, expected.len()), expected);
+
+    let disk = ds.get(VDISK);
+    let expected = format!("GUEST-vda-{nonce}\n");
+    let at = (GUEST_SECTOR * 512) as usize;
+    assert_eq!(
+        String::from_utf8_lossy(&disk[at..at + expected.len()]),
+        expected,
+        "the guest's marker is not in the datastore"
+    );
+    let script = std::fs::read(&init).unwrap();
+    let at = (FILE_SECTOR * 512) as usize;
+    assert!(
+        disk[at..at + script.len()] == script[..],
+        "the file the guest copied is not in the datastore"
+    );
+    ds.assert_clean();
 }

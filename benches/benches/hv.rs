@@ -9,6 +9,10 @@
 //!   requests, 4 in flight into 4 buffers, timed between the guest's console markers (after
 //!   one untimed batch that faults the buffers in); `baseline` reads the same page-cached file
 //!   on the host with 1 MiB preads into 4 buffers in turn.
+//! - `vm_start`: the same boot as a user runs it from a datastore: `vapp vm start` (process
+//!   start to exit: datastore mount, the VM's locks, kernel read from the datastore, boot,
+//!   power-off, unmount) against the same QEMU baseline. It needs the `vapp` binary: `$VAPP_BIN`
+//!   or `vapp` next to this bench's target directory (`cargo build --release --bin vapp`).
 //! - VMM memory overhead (printed, not a criterion group): RSS of a process running an idle
 //!   2-vCPU guest minus the guest's RAM, for hv and for QEMU.
 #![allow(clippy::unwrap_used)]
@@ -110,6 +114,81 @@ fn boot(c: &mut Criterion, guest: &Path, accel: &str) {
         b.iter(|| {
             let status = Command::new(&me).env(CHILD_ENV, "boot").status().unwrap();
             assert!(status.success());
+        });
+    });
+    group.finish();
+}
+
+/// The `vapp` binary: `$VAPP_BIN`, or target/<profile>/vapp next to this bench (cargo does not
+/// build binaries for a bench run: `make bench` builds the release binary first).
+fn vapp_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("VAPP_BIN") {
+        return Some(PathBuf::from(bin));
+    }
+    let bin = std::env::current_exe()
+        .ok()?
+        .parent()?
+        .parent()?
+        .join("vapp");
+    bin.is_file().then_some(bin)
+}
+
+fn vapp(bin: &Path, dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .env("VAPP_RUNTIME_DIR", dir.join("run"))
+        .env_remove("VAPP_DATASTORE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+fn vm_start(c: &mut Criterion, dir: &Path, accel: &str) {
+    let Some(bin) = vapp_binary() else {
+        eprintln!(
+            "hv bench: vm_start skipped: no vapp binary (cargo build --release --bin vapp, or set VAPP_BIN)"
+        );
+        return;
+    };
+    let guest = guest_image(dir);
+    let ds = dir.join("vm-bench.vmfs");
+    let ds = ds.to_str().unwrap();
+    let memory = format!("{}M", GUEST_MEMORY / MIB);
+    let vcpus = VCPUS.to_string();
+    for args in [
+        vec!["datastore", "format", ds, "--name", "bench", "--size", "1G"],
+        vec![
+            "-d",
+            ds,
+            "vm",
+            "create",
+            "/vms/bench",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--vcpus",
+            &vcpus,
+            "--memory",
+            &memory,
+            "--cmdline",
+            "mode=boot",
+        ],
+    ] {
+        let status = vapp(&bin, dir, &args).status().unwrap();
+        assert!(status.success(), "vapp {args:?}");
+    }
+    let mut group = c.benchmark_group("vm_start");
+    configure(&mut group);
+    group.bench_function("baseline", |b| {
+        b.iter(|| assert!(qemu_boot(accel, &guest)));
+    });
+    group.bench_function("vapp_vm_start", |b| {
+        b.iter(|| {
+            let status = vapp(&bin, dir, &["-d", ds, "vm", "start", "/vms/bench"])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "vapp vm start: {status}");
         });
     });
     group.finish();
@@ -321,6 +400,7 @@ fn main() {
     memory_overhead(&guest, accel);
     let mut c = Criterion::default().configure_from_args();
     boot(&mut c, &guest, accel);
+    vm_start(&mut c, dir.path(), accel);
     disk_read(&mut c, dir.path());
     c.final_summary();
 }

@@ -1,11 +1,14 @@
 //! ACPI tables: the guest finds its CPUs (MADT), how to power off and reset (FADT, hardware
-//! reduced: no PM timer, no GPEs, just sleep and reset registers) and its devices (DSDT).
+//! reduced: no PM timer, no GPEs, just sleep and reset registers), its devices and the power
+//! button behind the Generic Event Device (DSDT).
 //! Distribution kernels build virtio_mmio without command-line device support, so the DSDT is
 //! the only place they learn about our virtio-mmio disks.
 
 use acpi_tables::Aml;
 use acpi_tables::aml::{
-    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+    And, Device, EISAName, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, IO, If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion,
+    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -16,11 +19,12 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 
+use crate::devices::ged::EVENT_POWER_BUTTON;
 use crate::host::MAX_APIC_VCPUS;
 use crate::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_START, COM1_GSI, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
-    VIRTIO_MMIO_SIZE,
+    ACPI_SLEEP_STATUS_PORT, ACPI_START, COM1_GSI, COM1_PORT, GED_ADDR, GED_GSI, IOAPIC_ADDR,
+    LAPIC_ADDR, VIRTIO_MMIO_SIZE,
 };
 
 const OEM_ID: [u8; 6] = *b"VAPP  ";
@@ -176,7 +180,57 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
         })
         .collect();
 
-    let mut children: Vec<&dyn Aml> = vec![&com1];
+    // The power button, notified by the GED's event method. The GED's _CRS may hold only
+    // interrupts (Linux's evged refuses anything else), so its register is an OperationRegion.
+    let power_button_names = [
+        Name::new("_HID".into(), &EISAName::new("PNP0C0C")),
+        Name::new("_UID".into(), &0u8),
+    ];
+    let power_button = Device::new(
+        "PWRB".into(),
+        power_button_names.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    let ged_irq = Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = ResourceTemplate::new(vec![&ged_irq]);
+    let ged_hid = Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = Name::new("_UID".into(), &0u8);
+    let ged_crs = Name::new("_CRS".into(), &ged_crs);
+    let ged_base = GED_ADDR as u32;
+    let ged_region = OpRegion::new("GDST".into(), OpRegionSpace::SystemMemory, &ged_base, &4u8);
+    let ged_field = Field::new(
+        "GDST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let ged_register = Path::new("GDAT");
+    let read_events = Store::new(&Local(0), &ged_register);
+    let power_bit = And::new(&Local(1), &Local(0), &EVENT_POWER_BUTTON);
+    let power_button_path = Path::new("\\_SB_.PWRB");
+    // 0x80: "status change", which the ACPI button driver reports as a press.
+    let notify = Notify::new(&power_button_path, &0x80u8);
+    let pressed = Equal::new(&Local(1), &EVENT_POWER_BUTTON);
+    let if_pressed = If::new(&pressed, vec![&notify]);
+    let ged_event = Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_events, &power_bit, &if_pressed],
+    );
+    let ged = Device::new(
+        "GED_".into(),
+        vec![
+            &ged_hid,
+            &ged_uid,
+            &ged_crs,
+            &ged_region,
+            &ged_field,
+            &ged_event,
+        ],
+    );
+
+    let mut children: Vec<&dyn Aml> = vec![&com1, &power_button, &ged];
     children.extend(virtio.iter().map(|d| d as &dyn Aml));
     let system_bus = Scope::new("_SB_".into(), children);
     let s5 = Name::new(
@@ -219,6 +273,14 @@ mod tests {
         let dsdt = &tables.blobs[1].1;
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        // The GED register window, as OperationRegion GDST (SystemMemory, DWord base) encodes it.
+        let mut region = b"\x5b\x80GDST\x00\x0c".to_vec();
+        region.extend_from_slice(&(GED_ADDR as u32).to_le_bytes());
+        assert!(
+            dsdt.windows(region.len()).any(|w| w == region),
+            "GED region"
+        );
     }
 
     #[test]

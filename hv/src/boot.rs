@@ -50,6 +50,16 @@ enum Format {
     Elf,
 }
 
+/// Checks, without loading it, that `kernel` is something [`crate::Vm::create`] can boot: a
+/// bzImage or an x86-64 ELF. Returns the format's name ("bzImage" or "ELF"); the error names
+/// `vm` and says what is wrong. Lets a caller refuse a kernel before it stores it anywhere.
+pub fn check_kernel(vm: &str, kernel: &[u8]) -> Result<&'static str> {
+    Ok(match detect(vm, kernel)? {
+        Format::BzImage => "bzImage",
+        Format::Elf => "ELF",
+    })
+}
+
 /// Recognises the kernel by its magic numbers, before anything is loaded.
 fn detect(vm: &str, kernel: &[u8]) -> Result<Format> {
     let bad = |reason: &str| HvError::BadKernel {

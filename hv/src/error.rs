@@ -1,5 +1,7 @@
 //! Errors of the hypervisor. Every variant names the VM (and where it matters the LUN, the
-//! device or the KVM call) so a failure can be diagnosed from the message alone.
+//! device or the KVM call) so a failure can be diagnosed from the message and its sources
+//! (the OS or KVM error is the `source()`, not repeated in the message, so a chain printer
+//! such as anyhow's `{:#}` shows it once).
 
 use std::io;
 
@@ -7,7 +9,7 @@ pub type Result<T> = std::result::Result<T, HvError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
-    #[error("cannot open {path}: {source} (is KVM loaded and may this user use it?)")]
+    #[error("cannot open {path} (is KVM loaded and may this user use it?)")]
     KvmUnavailable {
         path: String,
         #[source]
@@ -47,7 +49,7 @@ pub enum HvError {
     #[error("vm {vm}: the kernel is neither a bzImage nor an x86-64 ELF: {reason}")]
     BadKernel { vm: String, reason: String },
 
-    #[error("vm {vm}: cannot load the kernel: {source}")]
+    #[error("vm {vm}: cannot load the kernel")]
     KernelLoad {
         vm: String,
         #[source]
@@ -75,7 +77,7 @@ pub enum HvError {
     #[error("vm {vm}: guest memory: {reason}")]
     GuestMemory { vm: String, reason: String },
 
-    #[error("vm {vm}: KVM {op} failed: {source}")]
+    #[error("vm {vm}: KVM {op} failed")]
     Kvm {
         vm: String,
         op: &'static str,
@@ -83,7 +85,7 @@ pub enum HvError {
         source: kvm_ioctls::Error,
     },
 
-    #[error("vm {vm}: {what}: {source}")]
+    #[error("vm {vm}: {what}")]
     Io {
         vm: String,
         what: String,

@@ -9,7 +9,7 @@
 //! 0x0009_fc00  end of low RAM; EBDA, VGA and BIOS area reserved up to 1 MiB
 //! 0x000e_0000  ACPI tables (RSDP first, where legacy scans look)
 //! 0x0010_0000  kernel; RAM continues to the end of memory or the MMIO gap
-//! 0xc000_0000  MMIO gap (1 GiB): virtio-mmio windows, then IOAPIC and LAPIC
+//! 0xc000_0000  MMIO gap (1 GiB): virtio-mmio windows, the GED, then IOAPIC and LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
 //! ```
 
@@ -35,12 +35,17 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The ACPI Generic Event Device's register window (the power button).
+pub const GED_ADDR: u64 = 0xd100_0000;
+pub const GED_SIZE: u64 = 0x1000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Where KVM keeps the TSS and identity page it needs for real-mode guests on Intel.
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
-/// GSIs: COM1 keeps its ISA line, virtio devices follow from 5 up to the IOAPIC's last pin.
+/// GSIs: the GED takes the unused ISA line of COM2, COM1 keeps its own, virtio devices
+/// follow from 5 up to the IOAPIC's last pin.
+pub const GED_GSI: u32 = 3;
 pub const COM1_GSI: u32 = 4;
 pub const VIRTIO_GSI_BASE: u32 = 5;
 pub const IOAPIC_PINS: u32 = 24;
@@ -122,9 +127,11 @@ mod tests {
     }
 
     #[test]
-    fn virtio_windows_fit_in_the_gap_below_the_ioapic() {
+    fn virtio_windows_fit_in_the_gap_below_the_ged_and_the_ioapic() {
         let (last, gsi) = virtio_mmio_device(MAX_DISKS - 1);
-        assert!(last + VIRTIO_MMIO_SIZE <= u64::from(IOAPIC_ADDR));
+        assert!(last + VIRTIO_MMIO_SIZE <= GED_ADDR);
+        assert!(GED_ADDR + GED_SIZE <= u64::from(IOAPIC_ADDR));
         assert!(gsi < IOAPIC_PINS);
+        const { assert!(GED_GSI < VIRTIO_GSI_BASE && GED_GSI != COM1_GSI) };
     }
 }

@@ -32,9 +32,11 @@ mod unpack;
 mod vcpu;
 mod vm;
 
+pub use boot::check_kernel;
 pub use config::{Console, ConsoleBuffer, Disk, VmConfig};
 pub use cpu::Registers;
 pub use error::{HvError, Result};
 pub use exit::VmExit;
 pub use host::{Backend, HostInfo};
+pub use layout::{MAX_DISKS, MIN_MEMORY};
 pub use vm::{EXIT_STATUS_PORT, Hypervisor, Vm, VmHandle};

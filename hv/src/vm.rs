@@ -19,6 +19,7 @@ use crate::acpi::{self, MmioDevice};
 use crate::boot;
 use crate::config::{Disk, VmConfig};
 use crate::cpu::{self, BootEntry};
+use crate::devices::ged::Ged;
 use crate::devices::legacy::{AcpiRegisters, ExitStatusPort, I8042, SerialPort};
 use crate::devices::virtio_blk::Block;
 use crate::devices::virtio_mmio::MmioTransport;
@@ -27,8 +28,9 @@ use crate::error::{HvError, Result};
 use crate::exit::{ExitLatch, VmExit};
 use crate::host::{self, HostInfo};
 use crate::layout::{
-    ACPI_SLEEP_CONTROL_PORT, BOOT_GDT, COM1_GSI, COM1_PORT, I8042_DATA_PORT, KVM_TSS_ADDR,
-    MAX_DISKS, MIN_MEMORY, VIRTIO_MMIO_SIZE, ram_regions, virtio_mmio_device,
+    ACPI_SLEEP_CONTROL_PORT, BOOT_GDT, COM1_GSI, COM1_PORT, GED_ADDR, GED_GSI, GED_SIZE,
+    I8042_DATA_PORT, KVM_TSS_ADDR, MAX_DISKS, MIN_MEMORY, VIRTIO_MMIO_SIZE, ram_regions,
+    virtio_mmio_device,
 };
 use crate::vcpu::{Vcpu, install_kick_handler};
 
@@ -170,6 +172,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     mem: Arc<GuestMemoryMmap>,
     serial: Arc<Mutex<SerialPort>>,
+    ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitLatch>,
 }
 
@@ -185,7 +188,7 @@ impl Vm {
 
     fn build(hv: &Hypervisor, config: VmConfig) -> Result<Vm> {
         let mut builder = Builder::new(hv, &config.name, config.memory_bytes)?;
-        let serial = builder.add_platform_devices(config.console)?;
+        let Platform { serial, ged } = builder.add_platform_devices(config.console)?;
         let mut cmdline = config.cmdline.trim().to_string();
         let mmio_devices = builder.add_disks(config.disks, &mut cmdline)?;
         let entry = builder.load_guest(
@@ -203,6 +206,7 @@ impl Vm {
             vcpus,
             mem: builder.mem,
             serial,
+            ged,
             exit,
         })
     }
@@ -220,6 +224,7 @@ impl Vm {
             threads: Vec::new(),
             exit: self.exit,
             serial: self.serial,
+            ged: self.ged,
             mem: self.mem,
             _vm_fd: self.vm_fd,
         };
@@ -261,6 +266,12 @@ impl Vm {
     pub fn run(self) -> Result<VmExit> {
         Ok(self.start()?.wait())
     }
+}
+
+/// The platform devices the host talks to after the VM is built.
+struct Platform {
+    serial: Arc<Mutex<SerialPort>>,
+    ged: Arc<Mutex<Ged>>,
 }
 
 /// The steps of building a VM, in order; each fails with an error naming the VM.
@@ -345,8 +356,9 @@ impl<'h> Builder<'h> {
         Ok(irq)
     }
 
-    /// COM1 writing to `console`, the i8042, the ACPI registers and the exit-status port.
-    fn add_platform_devices(&mut self, console: crate::Console) -> Result<Arc<Mutex<SerialPort>>> {
+    /// COM1 writing to `console`, the i8042, the ACPI registers, the exit-status port and the
+    /// GED with the power button.
+    fn add_platform_devices(&mut self, console: crate::Console) -> Result<Platform> {
         let serial = Arc::new(Mutex::new(SerialPort::new(
             &self.name,
             self.irq(COM1_GSI)?,
@@ -368,7 +380,9 @@ impl<'h> Builder<'h> {
             4,
             Arc::new(Mutex::new(ExitStatusPort)),
         );
-        Ok(serial)
+        let ged = Arc::new(Mutex::new(Ged::new(self.irq(GED_GSI)?)));
+        self.mmio.insert(GED_ADDR, GED_SIZE, ged.clone());
+        Ok(Platform { serial, ged })
     }
 
     /// A virtio-blk device per disk, each also named on `cmdline`.
@@ -515,6 +529,7 @@ pub struct VmHandle {
     threads: Vec<JoinHandle<()>>,
     exit: Arc<ExitLatch>,
     serial: Arc<Mutex<SerialPort>>,
+    ged: Arc<Mutex<Ged>>,
     mem: Arc<GuestMemoryMmap>,
     // Last: the VM must outlive its vCPUs and memory slots.
     _vm_fd: VmFd,
@@ -530,6 +545,31 @@ impl VmHandle {
     pub fn stop(&self) {
         if self.exit.set(VmExit::Stopped) {
             info!(vm = %self.name, "stopped from the host");
+        }
+    }
+
+    /// Presses the ACPI power button: the graceful way to ask a guest to shut down. A guest that
+    /// handles it (Linux with systemd-logind or acpid; the test guest in `mode=wait`) powers
+    /// off by itself; one that does not keeps running, and [`VmHandle::stop`] is the way out.
+    /// False when the VM has already ended or the interrupt could not be raised.
+    pub fn power_button(&self) -> bool {
+        if self.exit.is_set() {
+            return false;
+        }
+        match self
+            .ged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .press_power_button()
+        {
+            Ok(()) => {
+                info!(vm = %self.name, "power button pressed");
+                true
+            }
+            Err(error) => {
+                warn!(vm = %self.name, %error, "cannot raise the power button interrupt");
+                false
+            }
         }
     }
 

@@ -75,6 +75,26 @@ fn guest_detects_data_that_is_not_what_the_host_wrote() {
 }
 
 #[test]
+fn a_blank_disk_is_new_the_guest_writes_its_pattern_on_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = Arc::new(FileLun::create(&dir.path().join("blank.img"), 1 << 20).unwrap());
+    let (mut config, console) = guest_config("blank", 1, "");
+    config.disks.push(disk(&lun));
+    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
+    let out = console.contents();
+    assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");
+    assert!(
+        out.contains("disk 0: blank, no host pattern to check"),
+        "{out}"
+    );
+    assert!(out.contains("split read status=0 matches"), "{out}");
+    assert_eq!(read(lun.as_ref(), GUEST_PATTERN_OFFSET), guest_pattern(0));
+}
+
+#[test]
 fn a_4k_sector_lun_is_offered_with_its_block_size() {
     if !kvm_available() {
         return;

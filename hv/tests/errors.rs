@@ -26,7 +26,10 @@ fn no_kvm_device_is_a_clear_error() {
     assert!(matches!(error, HvError::KvmUnavailable { .. }), "{error:?}");
     let message = error.to_string();
     assert!(message.contains("/nonexistent/kvm"), "{message}");
-    assert!(message.contains("No such file"), "{message}");
+    let cause = std::error::Error::source(&error)
+        .expect("the OS error")
+        .to_string();
+    assert!(cause.contains("No such file"), "{cause}");
 }
 
 #[test]

@@ -224,6 +224,8 @@ fn bad_requests_get_errors_and_the_connection_survives() {
         expect(&mut raw, 7, EINVAL, "unknown command");
         raw.request(CMD_READ, 1 << 6, 8, 0, 512);
         expect(&mut raw, 8, EINVAL, "unknown command flag");
+        raw.request(CMD_TRIM, 0, 12, 4 * MIB - 512, 1024);
+        expect(&mut raw, 12, EINVAL, "trim past the end");
 
         // After all that, the same connection still reads and writes correctly.
         raw.write(9, 8192, &[0xabu8; 1024]);
@@ -277,6 +279,103 @@ fn partial_sector_requests_are_served_by_read_modify_write() {
     expected[1000..6000].fill(0);
     raw.request(CMD_FLUSH, 0, 3, 0, 0);
     assert_eq!(raw.reply().errno, 0);
+    assert_file_holds(&path, &expected);
+}
+
+/// True when every byte of `range` in the file is a hole (SEEK_DATA finds nothing in it).
+fn is_hole(path: &Path, range: std::ops::Range<u64>) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let file = std::fs::File::open(path).unwrap();
+    match lseek(&file, range.start as i64, Whence::SeekData) {
+        Ok(data) => data as u64 >= range.end,
+        Err(nix::errno::Errno::ENXIO) => true,
+        Err(e) => panic!("SEEK_DATA on {}: {e}", path.display()),
+    }
+}
+
+/// True when every byte of `range` in the file is allocated (SEEK_HOLE finds none in it).
+fn is_allocated(path: &Path, range: std::ops::Range<u64>) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let file = std::fs::File::open(path).unwrap();
+    lseek(&file, range.start as i64, Whence::SeekHole).unwrap() as u64 >= range.end
+}
+
+#[test]
+fn trim_frees_whole_granules_and_no_hole_zeroes_stay_allocated() {
+    const GRANULE: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("export.raw");
+    let mut expected = random_bytes(&mut StdRng::seed_from_u64(60), 2 * MIB as usize);
+    std::fs::write(&path, &expected).unwrap();
+    let lun: Arc<dyn Lun> = Arc::new(FileLun::open(&path, false).unwrap());
+    let config = ExportConfig {
+        trim_granularity: Some(GRANULE as u32),
+        ..Default::default()
+    };
+    let server = Running::tcp(Arc::clone(&lun), config);
+    let mut raw = RawClient::connect(server.addr(), "", true);
+    assert!(raw.flags & FLAG_SEND_TRIM != 0, "TRIM is not offered");
+
+    // Three whole granules inside, a sector of ragged edge on each side.
+    raw.request(
+        CMD_TRIM,
+        CMD_FLAG_FUA,
+        1,
+        GRANULE - 512,
+        (3 * GRANULE + 1024) as u32,
+    );
+    assert_eq!(raw.reply().errno, 0);
+    assert!(
+        is_hole(&path, GRANULE..4 * GRANULE),
+        "the granules were not freed"
+    );
+    assert!(is_allocated(&path, 0..GRANULE) && is_allocated(&path, 4 * GRANULE..2 * MIB));
+    expected[GRANULE as usize..4 * GRANULE as usize].fill(0);
+    assert_file_holds(&path, &expected);
+
+    // A trim smaller than a granule changes nothing.
+    raw.request(CMD_TRIM, 0, 2, 5 * GRANULE + 512, (GRANULE - 1024) as u32);
+    assert_eq!(raw.reply().errno, 0);
+    assert_file_holds(&path, &expected);
+
+    // NO_HOLE: zeroes that are provisioned, even over a hole; without it, a hole is fine.
+    raw.request(
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE,
+        3,
+        GRANULE,
+        GRANULE as u32,
+    );
+    assert_eq!(raw.reply().errno, 0);
+    assert!(
+        is_allocated(&path, GRANULE..2 * GRANULE),
+        "NO_HOLE left a hole"
+    );
+    raw.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 4, MIB, GRANULE as u32);
+    assert_eq!(raw.reply().errno, 0);
+    assert!(
+        is_allocated(&path, MIB..MIB + GRANULE),
+        "NO_HOLE deallocated"
+    );
+    raw.request(CMD_WRITE_ZEROES, 0, 5, MIB + GRANULE, GRANULE as u32);
+    assert_eq!(raw.reply().errno, 0);
+    assert!(is_hole(&path, MIB + GRANULE..MIB + 2 * GRANULE));
+    expected[MIB as usize..(MIB + 2 * GRANULE) as usize].fill(0);
+    assert_file_holds(&path, &expected);
+    drop(raw);
+    server.stop().unwrap();
+
+    // Without a granularity the export offers no TRIM and ignores one sent anyway.
+    let server = Running::tcp(lun, ExportConfig::default());
+    let mut raw = RawClient::connect(server.addr(), "", false);
+    assert_eq!(
+        raw.flags & FLAG_SEND_TRIM,
+        0,
+        "TRIM offered without a granularity"
+    );
+    raw.request(CMD_TRIM, 0, 1, 0, MIB as u32);
+    assert_eq!(raw.reply().errno, 0);
+    assert!(is_allocated(&path, 0..GRANULE));
     assert_file_holds(&path, &expected);
 }
 

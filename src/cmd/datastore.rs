@@ -1,7 +1,9 @@
-//! `vapp datastore ...`: format, info, fsck.
+//! `vapp datastore ...`: format, info, fsck, hosts.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -14,6 +16,8 @@ pub enum DatastoreCommand {
     Info(InfoArgs),
     /// Check (and with --repair, fix) a datastore. Exit 0 clean, 1 problems remain, 2 usage.
     Fsck(FsckArgs),
+    /// Hosts that have the datastore mounted: ids, heartbeat, and the locks each holds.
+    Hosts(HostsArgs),
 }
 
 #[derive(Args)]
@@ -35,6 +39,25 @@ pub struct FormatArgs {
     /// Per-host journal size (default 1M, 4M on LUNs of 16G and more).
     #[arg(long)]
     pub journal_size: Option<String>,
+    /// How hosts coordinate: `cas` (compare-and-write, "ATS-only") or `paxos` (plain
+    /// sector reads and writes, for LUNs without compare-and-write such as NBD). Default:
+    /// cas when the LUN offers it.
+    #[arg(long)]
+    pub lock_protocol: Option<vmfs::LockProtocol>,
+    /// The cluster's I/O timeout (e.g. 2s, 250ms); heartbeats, self-fencing (6x) and the
+    /// dead-host rule (8x) derive from it.
+    #[arg(long, default_value = "2s")]
+    pub io_timeout: String,
+}
+
+#[derive(Args)]
+pub struct HostsArgs {
+    pub lun: String,
+    #[arg(long)]
+    pub json: bool,
+    /// How long to watch heartbeats (default: a renewal interval and a quarter).
+    #[arg(long)]
+    pub watch: Option<String>,
 }
 
 #[derive(Args)]
@@ -58,7 +81,56 @@ pub fn run(command: DatastoreCommand) -> anyhow::Result<ExitCode> {
         DatastoreCommand::Format(args) => format(args),
         DatastoreCommand::Info(args) => info(args),
         DatastoreCommand::Fsck(args) => fsck(args),
+        DatastoreCommand::Hosts(args) => hosts(args),
     }
+}
+
+/// Parses a duration: a number with `ms` or `s` (seconds when no unit is given).
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim().to_ascii_lowercase();
+    let (digits, millis) = if let Some(d) = t.strip_suffix("ms") {
+        (d, true)
+    } else {
+        (t.strip_suffix('s').unwrap_or(&t), false)
+    };
+    let n: f64 = digits
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .with_context(|| format!("invalid duration {text:?}: use e.g. 2s or 250ms"))?;
+    Ok(Duration::from_secs_f64(if millis { n / 1000.0 } else { n }))
+}
+
+/// Opens a datastore's LUN. An `nbd://` LUN is reconnected with the datastore's
+/// io_timeout as its request timeout: a request the transport kept longer could land
+/// after the other hosts have declared this one dead.
+pub fn open_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>> {
+    let options = lun::OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    let first = lun::open(spec, &options).with_context(|| format!("{spec}: cannot open LUN"))?;
+    let target = match lun::LunSpec::parse(spec)? {
+        lun::LunSpec::Path(_) => return Ok(first),
+        lun::LunSpec::NbdTcp { host, port, export } => (lun::NbdTarget::Tcp { host, port }, export),
+        lun::LunSpec::NbdUnix { socket, export } => (lun::NbdTarget::Unix(socket), export),
+    };
+    let Ok((sb, _)) = vmfs::read_superblock(&*first) else {
+        return Ok(first);
+    };
+    drop(first);
+    let nbd = lun::NbdLun::connect(
+        target.0,
+        &target.1,
+        lun::NbdOptions {
+            read_only,
+            io_timeout: sb.timing().io_timeout,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("{spec}: cannot open LUN"))?;
+    Ok(Arc::new(nbd))
 }
 
 /// Parses a size: bytes, or a number with K, M, G or T (powers of 1024, any case, an
@@ -112,6 +184,7 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("{}: cannot open LUN", args.lun))?;
+    let io_timeout = parse_duration(&args.io_timeout)?;
     let options = vmfs::FormatOptions {
         label: args.name.clone(),
         block_size,
@@ -119,6 +192,8 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
         journal_size,
         force: args.force,
         uuid: None,
+        lock_protocol: args.lock_protocol,
+        io_timeout: Some(io_timeout),
     };
     let report = match vmfs::format(lun, &options) {
         Ok(r) => r,
@@ -143,18 +218,16 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
         human(report.journal_size),
         report.host_slots
     );
+    println!(
+        "  locking {}, {}",
+        report.lock_protocol.name(),
+        vmfs::Timing::from_millis(report.io_timeout_ms)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 fn open_read_only(spec: &str) -> anyhow::Result<vmfs::Datastore> {
-    let lun = lun::open(
-        spec,
-        &lun::OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{spec}: cannot open LUN"))?;
+    let lun = open_lun(spec, true)?;
     vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_only())
         .with_context(|| format!("{spec}: cannot open datastore"))
 }
@@ -203,12 +276,18 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
         human(info.journal_size),
         info.host_slots
     );
+    println!(
+        "locking     {}, io timeout {} ms, dead-host timeout {} ms",
+        info.lock_protocol.name(),
+        info.io_timeout_ms,
+        info.dead_host_timeout_ms
+    );
     println!("superblock  {}", info.superblock);
     if let Some(w) = &info.superblock_warning {
         println!("WARNING     {w}");
     }
-    let live: Vec<_> = info.hosts.iter().filter(|h| h.state == "live").collect();
-    println!("hosts       {} live", live.len());
+    let live: Vec<_> = info.hosts.iter().filter(|h| h.state != "free").collect();
+    println!("hosts       {} holding a slot", live.len());
     for h in live {
         println!(
             "  slot {:>2}  {} ({}) pid {}",
@@ -219,14 +298,7 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
-    let lun = lun::open(
-        &args.lun,
-        &lun::OpenOptions {
-            read_only: !args.repair,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{}: cannot open LUN", args.lun))?;
+    let lun = open_lun(&args.lun, !args.repair)?;
     let report = vmfs::fsck(
         lun,
         &vmfs::FsckOptions {
@@ -274,6 +346,69 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn hosts(args: HostsArgs) -> anyhow::Result<ExitCode> {
+    let lun = open_lun(&args.lun, true)?;
+    let watch = match &args.watch {
+        Some(w) => parse_duration(w)?,
+        None => {
+            let (sb, _) = vmfs::read_superblock(&*lun)
+                .with_context(|| format!("{}: cannot open datastore", args.lun))?;
+            sb.timing().renew_interval() * 5 / 4
+        }
+    };
+    let survey = vmfs::cluster::survey::survey(lun, watch)
+        .with_context(|| format!("{}: cannot read the heartbeat region", args.lun))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&survey)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "datastore {} ({}), {} locking, io timeout {} ms, dead after {} ms; watched {} ms",
+        survey.label,
+        survey.uuid,
+        survey.lock_protocol.name(),
+        survey.io_timeout_ms,
+        survey.dead_after_ms,
+        survey.watched_ms
+    );
+    if survey.hosts.is_empty() {
+        println!("no host has it mounted");
+    }
+    for h in &survey.hosts {
+        let beat = match (h.renewing, h.heartbeat_age_ms) {
+            (true, Some(age)) => format!("heartbeat {age} ms ago"),
+            _ => format!("NOT RENEWING for {} ms or more", survey.watched_ms),
+        };
+        let state = match h.recovered_by {
+            Some(by) => format!("recovering (by slot {by})"),
+            None => h.state.clone(),
+        };
+        println!(
+            "slot {:>2}  {} ({})  pid {}  generation {}  {}  {}",
+            h.slot, h.host_name, h.host_uuid, h.pid, h.generation, state, beat
+        );
+        for l in &h.locks {
+            println!(
+                "          {} {}{}",
+                l.mode,
+                l.object,
+                if l.open {
+                    " (open)"
+                } else {
+                    " (metadata update)"
+                }
+            );
+        }
+    }
+    for l in &survey.stale_locks {
+        println!(
+            "stale     {} {} (holder gone; freed by the next taker)",
+            l.mode, l.object
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = bytes as f64;
@@ -304,5 +439,16 @@ mod tests {
         assert!(parse_size("x").is_err());
         assert!(parse_size("-1G").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        use super::parse_duration;
+        use std::time::Duration;
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

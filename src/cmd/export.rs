@@ -1,8 +1,17 @@
-//! `vapp export`: serve a LUN over NBD until Ctrl-C or SIGTERM.
+//! `vapp export`: serve a LUN, or one file of a datastore, over NBD until Ctrl-C or SIGTERM.
 //!
 //! Prints the URL clients use on stdout once listening, so scripts can wait for it.
 //! The first SIGINT/SIGTERM stops accepting, lets in-flight requests finish, flushes and
 //! exits 0; a second one exits at once.
+//!
+//! With `-d DATASTORE`, the file is opened through the datastore's lock like a VM's disk:
+//! exclusive for a writable export, read-only shared with `--read-only`, so a disk in use
+//! cannot be exported for writing behind its user's back, and the export keeps anyone else
+//! from writing it. Either way the datastore is mounted as a host: a lock lives on disk,
+//! and only a host (heartbeat slot, journal) can hold one; a read-only mount could not
+//! keep a VM from starting on a disk being copied. At shutdown the disk is flushed (data
+//! and metadata committed), its lock released and the datastore closed cleanly; after a
+//! second signal or a crash the next mount by this host replays its journal.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -12,13 +21,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use lun::Lun;
 use lun::nbd::{ExportConfig, ListenAddr, NbdServer, ShutdownHandle};
 use nix::sys::signal::{SigSet, Signal};
+use vmfs::{Access, Datastore};
 
 #[derive(Args)]
 pub struct ExportArgs {
     /// The LUN to serve: a file, a block device or an nbd:// URL. With -d DATASTORE, the path
-    /// of a file inside that datastore.
+    /// of a file inside that datastore (a virtual disk).
     pub lun: String,
     /// TCP address to listen on, HOST[:PORT] [default: 127.0.0.1:10809].
     #[arg(long, conflicts_with = "socket")]
@@ -29,7 +40,7 @@ pub struct ExportArgs {
     /// Export name clients ask for (the default, empty name is always accepted too).
     #[arg(long, default_value = "")]
     pub name: String,
-    /// Refuse writes (clients get EPERM).
+    /// Refuse writes (clients get EPERM). With -d, the file is opened read-only shared.
     #[arg(long)]
     pub read_only: bool,
     /// Allow listening on an address other than loopback. The NBD protocol has no
@@ -39,17 +50,17 @@ pub struct ExportArgs {
     /// Clients served at once.
     #[arg(long, default_value_t = 64)]
     pub max_clients: usize,
+    /// With -d: host name this export uses in the datastore's cluster (default: the
+    /// machine's).
+    #[arg(long, env = "VAPP_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// With -d: host UUID this export uses in the datastore's cluster (default: from
+    /// /etc/machine-id).
+    #[arg(long, env = "VAPP_HOST_UUID")]
+    pub host_uuid: Option<uuid::Uuid>,
 }
 
 pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode> {
-    if let Some(datastore) = datastore {
-        bail!(
-            "cannot export {} from datastore {datastore}: serving files of a datastore is not \
-             available yet (it needs the datastore's file locks); export a file or device \
-             instead: vapp export LUN",
-            args.lun
-        );
-    }
     let addr = listen_addr(&args)?;
     // Before any thread exists, so every thread inherits the mask and the signals wait
     // for the one thread that handles them.
@@ -57,20 +68,39 @@ pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode
     signals
         .thread_block()
         .context("cannot block SIGINT/SIGTERM for orderly shutdown")?;
+    match datastore {
+        Some(spec) => export_datastore_file(spec, &args, &addr, signals)?,
+        None => {
+            let options = lun::OpenOptions {
+                read_only: args.read_only,
+                ..Default::default()
+            };
+            let lun = lun::open(&args.lun, &options)
+                .with_context(|| format!("cannot open {}", args.lun))?;
+            let trim = file_trim_granularity(&args.lun, &*lun);
+            serve(lun, &args, &addr, signals, trim)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
-    let options = lun::OpenOptions {
-        read_only: args.read_only,
-        ..Default::default()
-    };
-    let lun =
-        lun::open(&args.lun, &options).with_context(|| format!("cannot open {}", args.lun))?;
+/// Serves `lun` until a signal stops the server; returns once it is flushed.
+fn serve(
+    lun: Arc<dyn Lun>,
+    args: &ExportArgs,
+    addr: &ListenAddr,
+    signals: SigSet,
+    trim_granularity: Option<u32>,
+) -> anyhow::Result<()> {
+    let name = lun.name().to_string();
     let config = ExportConfig {
         name: args.name.clone(),
         read_only: args.read_only,
         max_clients: args.max_clients,
+        trim_granularity,
         ..Default::default()
     };
-    let server = NbdServer::bind(Arc::clone(&lun), config, &addr)?;
+    let server = NbdServer::bind(lun, config, addr)?;
     spawn_signal_handler(signals, server.shutdown_handle())?;
 
     let mut stdout = std::io::stdout().lock();
@@ -80,8 +110,71 @@ pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode
 
     server
         .serve()
-        .with_context(|| format!("serving {} failed", lun.name()))?;
-    Ok(ExitCode::SUCCESS)
+        .with_context(|| format!("serving {name} failed"))
+}
+
+/// Trims punch holes in a regular file: cheap, and the space goes back to its file
+/// system. Block devices (zeroing may mean writing) and NBD LUNs keep their data.
+fn file_trim_granularity(spec: &str, lun: &dyn Lun) -> Option<u32> {
+    match lun::LunSpec::parse(spec) {
+        Ok(lun::LunSpec::Path(path)) if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) => {
+            Some(lun.sector_size().max(4096))
+        }
+        _ => None,
+    }
+}
+
+fn export_datastore_file(
+    spec: &str,
+    args: &ExportArgs,
+    addr: &ListenAddr,
+    signals: SigSet,
+) -> anyhow::Result<()> {
+    let lun = super::datastore::open_lun(spec, false)?;
+    let ds = Datastore::open(lun, &host_options(args))
+        .with_context(|| format!("{spec}: cannot open datastore"))?;
+    let served = serve_datastore_file(&ds, spec, args, addr, signals);
+    // Also after a failure: the host slot and the journal must be left clean.
+    let closed = ds
+        .close()
+        .with_context(|| format!("{spec}: closing the datastore"));
+    served.and(closed)
+}
+
+fn serve_datastore_file(
+    ds: &Datastore,
+    spec: &str,
+    args: &ExportArgs,
+    addr: &ListenAddr,
+    signals: SigSet,
+) -> anyhow::Result<()> {
+    let path = args.lun.as_str();
+    let cannot = || format!("cannot export {path} from datastore {spec}");
+    let access = if args.read_only {
+        Access::ReadOnly
+    } else {
+        Access::Exclusive
+    };
+    let attr = ds.stat_path(path).with_context(cannot)?;
+    // Holds the file's lock until the server drops it, after the final flush.
+    let disk = ds.open_lun(path, access).with_context(cannot)?;
+    tracing::info!(lun = spec, path, %access, size = attr.size, thick = attr.thick,
+        "exporting a datastore file");
+    // Trimming whole blocks of a thin disk frees them, a metadata-only change; on a thick
+    // disk it would mean writing zeroes over them.
+    let trim = (!attr.thick).then_some(attr.block_size);
+    serve(disk, args, addr, signals, trim)
+}
+
+fn host_options(args: &ExportArgs) -> vmfs::OpenOptions {
+    let mut options = vmfs::OpenOptions::read_write();
+    if let Some(name) = &args.host_name {
+        options.host_name = name.clone();
+    }
+    if let Some(uuid) = args.host_uuid {
+        options.host_uuid = uuid;
+    }
+    options
 }
 
 fn termination_signals() -> SigSet {
@@ -180,6 +273,8 @@ mod tests {
             read_only: false,
             allow_remote,
             max_clients: 1,
+            host_name: None,
+            host_uuid: None,
         }
     }
 

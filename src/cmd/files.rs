@@ -89,16 +89,13 @@ pub struct VdiskCreateArgs {
 
 const IO_CHUNK: usize = 8 << 20;
 
+/// Read-only commands open the datastore without a host id and take no locks. Mutating
+/// commands mount it as a short-lived host of the cluster: they take a free heartbeat slot
+/// (one compare-and-write on a CAS datastore), lock what they change like any host, and
+/// release everything and the slot when they finish.
 fn open(datastore: Option<&str>, read_only: bool) -> anyhow::Result<Datastore> {
     let spec = super::require_datastore(datastore)?;
-    let lun = lun::open(
-        spec,
-        &lun::OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{spec}: cannot open LUN"))?;
+    let lun = super::datastore::open_lun(spec, read_only)?;
     let options = if read_only {
         vmfs::OpenOptions::read_only()
     } else {

@@ -4,6 +4,8 @@ pub mod datastore;
 pub mod export;
 pub mod files;
 pub mod host;
+pub mod mount;
+pub mod vm;
 
 use anyhow::Context;
 

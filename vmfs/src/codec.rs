@@ -146,6 +146,8 @@ pub const MAGIC_BITMAP: u32 = magic(b"VMBM");
 pub const MAGIC_INODE: u32 = magic(b"VMIN");
 pub const MAGIC_DIR: u32 = magic(b"VMDR");
 pub const MAGIC_POINTER: u32 = magic(b"VMPB");
+pub const MAGIC_PAXOS_LEADER: u32 = magic(b"VMPL");
+pub const MAGIC_PAXOS_BALLOT: u32 = magic(b"VMPD");
 
 pub fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a

@@ -1,20 +1,30 @@
-//! An open datastore: mounting (superblock, host slot, journal replay, orphans), the
-//! namespace operations, and unmounting.
+//! An open datastore: mounting (superblock, joining the cluster, orphans), the namespace
+//! operations, and unmounting.
+//!
+//! A read-write open is a host of the cluster: it takes a heartbeat slot, renews it from a
+//! background thread, and runs every metadata change under the on-disk locks of what it
+//! changes (see `locks.rs`). A background committer commits the running transaction every
+//! commit interval, releases transient locks, and recovers dead hosts (`recovery.rs`). A
+//! read-only open takes no slot and no lock, and overlays every host's pending journal
+//! transactions.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use lun::Lun;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::cluster::heartbeat::Heartbeat;
+use crate::cluster::{Identity, LockProtocol, Node};
 use crate::codec::*;
 use crate::dir;
 use crate::error::{Error, Result};
-use crate::host::{Heartbeat, SlotState};
 use crate::inode::{self, AddrMode, FLAG_THICK, FLAG_VDISK, Inode, InodeView, Kind};
 use crate::journal::{self, Orphan};
 use crate::layout::{FORMAT_VERSION, ROOT_INO, ResourceKind, Superblock};
@@ -43,13 +53,27 @@ impl OpenOptions {
     }
 }
 
+/// Environment variables that set a host's identity (e.g. for several hosts on one machine).
+pub const HOST_NAME_ENV: &str = "VAPP_HOST_NAME";
+pub const HOST_UUID_ENV: &str = "VAPP_HOST_UUID";
+
 impl Default for OpenOptions {
-    /// This machine's identity: host name, and a UUID from /etc/machine-id.
+    /// This machine's identity: `VAPP_HOST_NAME` or the host name, and `VAPP_HOST_UUID` or
+    /// a UUID from /etc/machine-id.
     fn default() -> Self {
-        let host_name = nix_hostname();
-        let host_uuid = std::fs::read_to_string("/etc/machine-id")
+        let host_name = std::env::var(HOST_NAME_ENV)
             .ok()
-            .and_then(|s| Uuid::try_parse(s.trim()).ok())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(nix_hostname);
+        let env_uuid = std::env::var(HOST_UUID_ENV)
+            .ok()
+            .and_then(|s| Uuid::try_parse(s.trim()).ok());
+        let host_uuid = env_uuid
+            .or_else(|| {
+                std::fs::read_to_string("/etc/machine-id")
+                    .ok()
+                    .and_then(|s| Uuid::try_parse(s.trim()).ok())
+            })
             .unwrap_or_else(|| {
                 let mut b = [0u8; 16];
                 let h = crc32c::crc32c(host_name.as_bytes());
@@ -246,6 +270,11 @@ pub struct Info {
     pub max_file_size: u64,
     pub journal_size: u64,
     pub host_slots: u32,
+    /// `compare-and-write` or `disk-paxos`.
+    pub lock_protocol: LockProtocol,
+    pub io_timeout_ms: u32,
+    /// After how long without a heartbeat other hosts declare a host dead.
+    pub dead_host_timeout_ms: u64,
     pub superblock: String,
     pub superblock_warning: Option<String>,
     pub read_only: bool,
@@ -257,27 +286,38 @@ pub(crate) struct HostInfo {
     pub uuid: Uuid,
     pub name: String,
     pub slot: u32,
-    pub generation: u64,
 }
 
 pub(crate) struct Inner {
+    /// Read-write opens: the LUN as the host may use it (writes refused once fenced).
     pub lun: Arc<dyn Lun>,
     pub sb: Superblock,
     pub source: SuperblockSource,
     pub host: Option<HostInfo>,
+    pub node: Option<Arc<Node>>,
     pub state: Mutex<State>,
     io: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
     closed: AtomicBool,
+    /// `Datastore` values handed out (the caller's and every open file's).
+    users: AtomicUsize,
+    /// One recovery of a dead host at a time in this process.
+    pub recovering: Mutex<()>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+    pub stop: Mutex<bool>,
+    pub wake: Condvar,
 }
 
 /// An open datastore. `Send + Sync`: operations lock internally; data reads and writes of
-/// already-allocated blocks run in parallel.
+/// already-allocated blocks run in parallel. The last `Datastore` of an open (the caller's
+/// and those inside open files) to go unmounts it.
 pub struct Datastore {
     pub(crate) inner: Arc<Inner>,
+    /// Counted among the users (false for the background committer's handle).
+    counted: bool,
 }
 
 /// Reads and validates the superblock, falling back to the backup copy.
-pub(crate) fn read_superblock(lun: &dyn Lun) -> Result<(Superblock, SuperblockSource)> {
+pub fn read_superblock(lun: &dyn Lun) -> Result<(Superblock, SuperblockSource)> {
     use crate::layout::SuperFault;
     let name = lun.name().to_string();
     let sector = lun.sector_size();
@@ -346,68 +386,76 @@ pub(crate) fn read_superblock(lun: &dyn Lun) -> Result<(Superblock, SuperblockSo
 }
 
 impl Datastore {
-    /// Mounts the datastore on `lun`. Read-write opens take a heartbeat slot, replay this
-    /// host's journal and finish interrupted deletes; read-only opens write nothing.
+    /// Mounts the datastore on `lun`. A read-write open joins the cluster (takes a heartbeat
+    /// slot), recovers earlier crashed runs of this host, finishes interrupted deletes, and
+    /// starts the background committer; a read-only open writes nothing.
     pub fn open(lun: Arc<dyn Lun>, options: &OpenOptions) -> Result<Datastore> {
         let (sb, source) = read_superblock(&*lun)?;
         let read_only = options.read_only || lun.is_read_only();
+        let timing = sb.timing();
         if read_only {
             let mut st = Store::new(lun.clone(), sb.clone());
-            st.set_overlay(store::overlay(&*lun, &sb)?);
-            let state = State::new(st, 0);
-            return Ok(Datastore::assemble(lun, sb, source, None, state));
+            st.set_overlay(store::overlay(&*lun, &sb)?, timing.commit_interval());
+            let state = State::new(st, 0, None);
+            return Ok(Datastore::assemble(lun, sb, source, None, None, state));
         }
-        let (slot, generation) = take_slot(&*lun, &sb, options)?;
-        let host = HostInfo {
-            uuid: options.host_uuid,
+        let who = Identity {
             name: options.host_name.clone(),
-            slot,
-            generation,
+            uuid: options.host_uuid,
         };
-        // From here on the slot is ours; give it back if the rest of the mount fails.
+        let node = Node::join_with(lun.clone(), &sb, &who)?;
+        let me = node.host().clone();
+        let guarded = node.lun();
+        let host = HostInfo {
+            uuid: me.uuid,
+            name: me.name.clone(),
+            slot: me.slot,
+        };
         let mounted = (|| {
-            let (replayed, seq) = store::replay(&*lun, &sb, slot, options.host_uuid)?;
-            for other in 0..sb.host_slots {
-                if other != slot && slot_is_free(&*lun, &sb, other)? {
-                    match store::replay(&*lun, &sb, other, options.host_uuid) {
-                        Ok(_) => {}
-                        Err(e @ Error::Corrupt { .. }) => {
-                            tracing::warn!(slot = other, error = %e, "journal of a free slot unreadable (run fsck)");
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+            // A free slot's journal is clean: its last holder checkpointed before leaving,
+            // or its recoverer replayed it.
+            let jstate = store::read_journal(&*guarded, &sb, me.slot)?;
+            if !jstate.pending.is_empty() {
+                tracing::error!(lun = %lun.name(), slot = me.slot, pending = jstate.pending.len(), "a free slot's journal has pending transactions; they are not replayed (run fsck)");
             }
-            let mut st = Store::new(lun.clone(), sb.clone());
-            st.attach_journal(slot, seq, options.host_uuid);
-            let orphan_off = sb.journal_area(slot) + journal::ORPHAN_UNIT * UNIT_U64;
+            let last_seq = jstate
+                .pending
+                .last()
+                .map_or(jstate.header.checkpoint_seq, |t| t.seq);
+            let mut st = Store::new(guarded.clone(), sb.clone());
+            st.attach_journal(me.slot, last_seq, me.uuid);
+            st.set_lease(node.lease());
+            let orphan_off = sb.journal_area(me.slot) + journal::ORPHAN_UNIT * UNIT_U64;
             let raw = st.read_raw(orphan_off)?;
             let orphans =
                 journal::decode_orphans(&raw, orphan_off).map_err(|f| Error::Corrupt {
                     lun: lun.name().to_string(),
-                    object: format!("orphan list of host slot {slot}"),
+                    object: format!("orphan list of host slot {}", me.slot),
                     offset: orphan_off,
                     reason: f.to_string(),
                 })?;
-            let seed = u64::from_le_bytes(
-                options.host_uuid.as_bytes()[..8]
-                    .try_into()
-                    .unwrap_or([0; 8]),
-            );
-            let mut state = State::new(st, seed);
+            let seed = u64::from_le_bytes(me.uuid.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+                ^ u64::from(me.slot).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let mut state = State::new(st, seed, Some(node.clone()));
             state.orphans = orphans;
-            tracing::info!(lun = %lun.name(), slot, generation, replayed, host = %options.host_name, "datastore mounted read-write");
             Ok::<_, Error>(state)
         })();
         let state = match mounted {
             Ok(s) => s,
             Err(e) => {
-                let _ = free_slot(&*lun, &sb, &host);
+                let _ = node.leave();
                 return Err(e);
             }
         };
-        let ds = Datastore::assemble(lun, sb, source, Some(host), state);
+        tracing::info!(lun = %lun.name(), host = %me, protocol = sb.lock_protocol.name(), timing = %timing, "datastore mounted read-write");
+        let ds = Datastore::assemble(guarded, sb, source, Some(host), Some(node.clone()), state);
+        // Earlier runs of this host that crashed hold slots and locks: recover them now
+        // (journal replay first), instead of after the dead-host timeout.
+        for slot in node.dead_slots() {
+            ds.recover_slot(slot)?;
+        }
         ds.finish_orphans()?;
+        ds.start_committer()?;
         Ok(ds)
     }
 
@@ -416,6 +464,7 @@ impl Datastore {
         sb: Superblock,
         source: SuperblockSource,
         host: Option<HostInfo>,
+        node: Option<Arc<Node>>,
         state: State,
     ) -> Datastore {
         Datastore {
@@ -424,43 +473,67 @@ impl Datastore {
                 sb,
                 source,
                 host,
+                node,
                 state: Mutex::new(state),
                 io: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
+                users: AtomicUsize::new(1),
+                recovering: Mutex::new(()),
+                committer: Mutex::new(None),
+                stop: Mutex::new(false),
+                wake: Condvar::new(),
             }),
+            counted: true,
         }
     }
 
+    /// Another handle on this open, counted among its users (open files hold one).
     pub(crate) fn share(&self) -> Datastore {
+        self.inner.users.fetch_add(1, Ordering::SeqCst);
         Datastore {
             inner: self.inner.clone(),
+            counted: true,
         }
     }
 
-    /// Finishes deletes and truncates that a crash interrupted.
-    fn finish_orphans(&self) -> Result<()> {
+    /// A handle for the background committer: it does not keep the datastore mounted.
+    pub(crate) fn background(inner: Arc<Inner>) -> Datastore {
+        Datastore {
+            inner,
+            counted: false,
+        }
+    }
+
+    pub(crate) fn node(&self) -> Option<&Arc<Node>> {
+        self.inner.node.as_ref()
+    }
+
+    /// Finishes deletes and truncates that a crash interrupted (this host's, or those of a
+    /// dead host it recovered).
+    pub(crate) fn finish_orphans(&self) -> Result<()> {
         let list = self.lock().orphans.clone();
         for orphan in list {
             tracing::info!(ino = orphan.ino(), "finishing interrupted delete/truncate");
             match orphan {
-                Orphan::Unlinked { ino } => self.reap(ino)?,
-                Orphan::Truncating { ino, size } => {
-                    let r = self.truncate(ino, size);
-                    self.write_op(|s| s.remove_orphan(ino))?;
-                    match r {
-                        Ok(()) | Err(Error::NotFound { .. }) => {}
-                        Err(e) => return Err(e),
+                Orphan::Unlinked { ino, .. } => self.reap(ino)?,
+                Orphan::Truncating { ino, .. } => self.write_op(|s| {
+                    s.remove_orphan(ino)?;
+                    s.lock_inode(ino)?;
+                    match s.inode(ino) {
+                        Ok(u) if orphan.concerns(u.generation()) => s.trim_past_eof(ino),
+                        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(e),
                     }
-                }
+                })?,
             }
         }
         Ok(())
     }
 
-    /// Commits, checkpoints the journal and frees the host slot. Fails with `Busy` while
-    /// file handles or virtual-disk LUNs of this datastore are still open.
+    /// Commits, releases every lock, checkpoints the journal and frees the host slot. Fails
+    /// with `Busy` while file handles or virtual-disk LUNs of this datastore are still open.
     pub fn close(self) -> Result<()> {
-        let holders = Arc::strong_count(&self.inner) - 1;
+        let holders = self.inner.users.load(Ordering::SeqCst).saturating_sub(1);
         if holders > 0 {
             return Err(Error::Busy {
                 object: format!("datastore {}", self.inner.sb.label),
@@ -481,28 +554,52 @@ impl Datastore {
     }
 
     /// Runs a metadata operation: on success its changes join the running transaction
-    /// (committed when large), on failure they are dropped and nothing changed.
-    pub(crate) fn write_op<R>(&self, f: impl FnOnce(&mut State) -> Result<R>) -> Result<R> {
-        let mut s = self.lock();
-        s.st.check_writable()?;
-        match f(&mut s) {
-            Ok(v) => {
-                s.st.end_op(true);
-                if s.st.should_commit() {
-                    s.st.commit()?;
+    /// (committed when large, or by the committer within a commit interval), on failure they
+    /// are dropped and nothing changed. An operation blocked by another host's lock is
+    /// retried once the lock can be had (see `locks.rs`), for at most the lock wait.
+    pub(crate) fn write_op<R>(&self, mut f: impl FnMut(&mut State) -> Result<R>) -> Result<R> {
+        let started = Instant::now();
+        loop {
+            let mut s = self.lock();
+            s.st.check_writable()?;
+            s.begin_op()?;
+            let err = match f(&mut s) {
+                Ok(v) => {
+                    s.st.end_op(true);
+                    if s.st.should_commit() {
+                        s.st.commit()?;
+                    }
+                    return Ok(v);
                 }
-                Ok(v)
+                Err(e) => e,
+            };
+            s.st.end_op(false);
+            s.forget_derived();
+            let err = self.fenced_or(err, &s);
+            let Some(wait) = s.wait.take() else {
+                return Err(err);
+            };
+            // Release what this host holds for metadata changes before waiting: the holder
+            // we wait for may be waiting for one of ours.
+            s.sync_point()?;
+            drop(s);
+            self.wait_for(&wait, started, err)?;
+        }
+    }
+
+    /// A failure caused by this host being fenced is reported as such.
+    fn fenced_or(&self, err: Error, s: &State) -> Error {
+        match s.st.check_writable() {
+            Err(fenced @ Error::HostFenced { .. }) if !matches!(err, Error::HostFenced { .. }) => {
+                fenced
             }
-            Err(e) => {
-                s.st.end_op(false);
-                s.forget_derived();
-                Err(e)
-            }
+            _ => err,
         }
     }
 
     pub(crate) fn read_op<R>(&self, f: impl FnOnce(&mut State) -> Result<R>) -> Result<R> {
         let mut s = self.lock();
+        s.begin_op()?;
         f(&mut s)
     }
 
@@ -527,18 +624,35 @@ impl Datastore {
         self.inner.host.as_ref().map(|h| h.slot)
     }
 
+    /// The host id this open holds (None when read-only).
+    pub fn host(&self) -> Option<crate::cluster::HostId> {
+        self.node().map(|n| n.host().clone())
+    }
+
+    /// Why this host fenced itself (stopped writing), if it did: its heartbeat could not be
+    /// renewed in time, or another host took its slot over.
+    pub fn fenced(&self) -> Option<String> {
+        self.node().and_then(|n| n.fenced())
+    }
+
+    /// The cluster timing of this datastore (fixed at format time).
+    pub fn timing(&self) -> crate::cluster::Timing {
+        self.inner.sb.timing()
+    }
+
     pub fn max_file_size(&self) -> u64 {
         self.inner.sb.max_file_size()
     }
 
-    /// Commits metadata and flushes the LUN: everything written so far is durable.
+    /// Commits metadata and flushes the LUN: everything written so far is durable, and the
+    /// locks taken for metadata changes are released.
     pub fn sync(&self) -> Result<()> {
         let mut s = self.lock();
         if !s.st.writable() {
             return Ok(());
         }
         s.st.check_writable()?;
-        s.st.commit()?;
+        s.sync_point()?;
         self.inner.lun.flush()?;
         Ok(())
     }
@@ -621,6 +735,7 @@ impl Datastore {
     pub fn create(&self, parent: u64, name: &OsStr, new: &NewFile) -> Result<Attr> {
         let bs = self.inner.sb.block_size;
         self.write_op(|s| {
+            s.lock_inode(parent)?;
             let (ino, generation) = prepare_entry(s, parent, name)?;
             let now = now_ns();
             let mut i = Inode::new(
@@ -652,6 +767,7 @@ impl Datastore {
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, creds: Creds) -> Result<Attr> {
         let bs = self.inner.sb.block_size;
         self.write_op(|s| {
+            s.lock_inode(parent)?;
             let (ino, generation) = prepare_entry(s, parent, name)?;
             let sub = s.alloc(
                 ResourceKind::SubBlock,
@@ -674,7 +790,7 @@ impl Datastore {
             i.set_size(UNIT_U64);
             i.set_allocated(u64::from(s.sb().sub_block_size));
             let off = s.sb().sub_blocks.resource_offset(sub);
-            s.st.put(off, dir::new_unit(ino, 0, off));
+            s.st.put_owned(off, dir::new_unit(ino, 0, off), ino);
             link_entry(s, parent, name, ino, Kind::Dir, true)?;
             let attr = Attr::from_unit(&i, bs);
             s.put_inode(i);
@@ -691,6 +807,7 @@ impl Datastore {
             });
         }
         self.write_op(|s| {
+            s.lock_inode(parent)?;
             let (ino, generation) = prepare_entry(s, parent, name)?;
             let mut i = Inode::new(
                 ino,
@@ -728,6 +845,8 @@ impl Datastore {
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> Result<Attr> {
         let bs = self.inner.sb.block_size;
         self.write_op(|s| {
+            s.lock_inode(parent)?;
+            s.lock_inode(ino)?;
             let u = s.inode(ino)?;
             if u.kind() == Some(Kind::Dir) {
                 return Err(Error::NotPermitted {
@@ -753,6 +872,7 @@ impl Datastore {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         let reap = self.write_op(|s| {
+            s.lock_inode(parent)?;
             let d = dir_inode(s, parent)?;
             let slot = s
                 .dir_lookup(&d, name)?
@@ -762,6 +882,9 @@ impl Datastore {
                     object: describe(parent, name),
                 });
             }
+            s.lock_inode(slot.ino)
+                .map_err(|e| e.at(&describe(parent, name)))?;
+            let d = dir_inode(s, parent)?;
             s.dir_remove(&d, name)?;
             touch_dir(s, parent, 0)?;
             drop_link(s, slot.ino)
@@ -774,6 +897,7 @@ impl Datastore {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         let reap = self.write_op(|s| {
+            s.lock_inode(parent)?;
             let d = dir_inode(s, parent)?;
             let slot = s
                 .dir_lookup(&d, name)?
@@ -783,6 +907,9 @@ impl Datastore {
                     object: describe(parent, name),
                 });
             }
+            s.lock_inode(slot.ino)
+                .map_err(|e| e.at(&describe(parent, name)))?;
+            let d = dir_inode(s, parent)?;
             let child = s.inode(slot.ino)?;
             if s.dir_len(&child)? > 0 {
                 return Err(Error::NotEmpty {
@@ -810,13 +937,28 @@ impl Datastore {
         no_replace: bool,
     ) -> Result<()> {
         let reap = self.write_op(|s| {
-            let d = dir_inode(s, parent)?;
-            let src = s
-                .dir_lookup(&d, name)?
-                .ok_or_else(|| not_found(parent, name))?;
+            // Directories in inode order; a directory moving to another parent also takes
+            // the root's lock, so two such renames cannot build a loop between them.
+            let (first, second) = (parent.min(new_parent), parent.max(new_parent));
+            s.lock_inode(first)?;
+            s.lock_inode(second)?;
+            let src = {
+                let d = dir_inode(s, parent)?;
+                s.dir_lookup(&d, name)?
+                    .ok_or_else(|| not_found(parent, name))?
+            };
+            if src.kind == Kind::Dir && parent != new_parent {
+                s.lock_inode(ROOT_INO)?;
+                s.lock_inode(src.ino)?;
+            }
             let nd = dir_inode(s, new_parent)?;
             dir::check_name(new_name)?;
             let dst = s.dir_lookup(&nd, new_name)?;
+            if let Some(dst) = dst.filter(|d| d.ino != src.ino) {
+                s.lock_inode(dst.ino)
+                    .map_err(|e| e.at(&describe(new_parent, new_name)))?;
+            }
+            let nd = dir_inode(s, new_parent)?;
             if let Some(dst) = dst {
                 if no_replace {
                     return Err(exists(new_parent, new_name));
@@ -883,12 +1025,14 @@ impl Datastore {
                     touch_dir(s, new_parent, 0)?;
                 }
             }
-            let mut moved = Inode::from_unit(&s.inode(src.ino)?);
-            if is_dir {
+            // Only a directory changing parents changes the moved inode (its ".."): a file's
+            // inode is left alone, so files held open by other hosts can be renamed.
+            if is_dir && parent != new_parent {
+                let mut moved = Inode::from_unit(&s.inode(src.ino)?);
                 moved.set_parent(new_parent);
+                moved.set_times(None, None, now);
+                s.put_inode(moved);
             }
-            moved.set_times(None, None, now);
-            s.put_inode(moved);
             Ok(reap)
         })?;
         if let Some(ino) = reap {
@@ -903,6 +1047,7 @@ impl Datastore {
         }
         let bs = self.inner.sb.block_size;
         self.write_op(|s| {
+            s.lock_inode(ino)?;
             let mut i = Inode::from_unit(&s.inode(ino)?);
             if let Some(mode) = set.mode {
                 i.set_mode(mode);
@@ -917,7 +1062,8 @@ impl Datastore {
         })
     }
 
-    /// Frees an unlinked inode once nothing holds it open.
+    /// Frees an unlinked inode once nothing in this process holds it open (other hosts
+    /// cannot: unlinking a file another host has open is refused).
     pub(crate) fn reap(&self, ino: u64) -> Result<()> {
         let io = self.io_lock(ino);
         let _guard = io.write().unwrap_or_else(|e| e.into_inner());
@@ -925,12 +1071,14 @@ impl Datastore {
             if s.locks.get(&ino).is_some_and(|h| !h.is_empty()) {
                 return Ok(());
             }
+            let entry = s.orphans.iter().find(|o| o.ino() == ino).copied();
+            s.lock_inode(ino)?;
             let u = match s.inode(ino) {
                 Ok(u) => u,
                 Err(Error::NotFound { .. }) => return s.remove_orphan(ino),
                 Err(e) => return Err(e),
             };
-            if u.nlink() > 0 {
+            if u.nlink() > 0 || entry.is_some_and(|o| !o.concerns(u.generation())) {
                 return s.remove_orphan(ino);
             }
             let mut i = Inode::from_unit(&u);
@@ -985,10 +1133,7 @@ impl Datastore {
             match Heartbeat::decode(&region[at..at + UNIT], off, slot) {
                 Ok(Some(hb)) => hosts.push(HostSlotInfo {
                     slot,
-                    state: match hb.state {
-                        SlotState::Live => "live".into(),
-                        SlotState::Free => "free".into(),
-                    },
+                    state: hb.state.name().into(),
                     host_uuid: hb.host.to_string(),
                     host_name: hb.hostname,
                     generation: hb.generation,
@@ -1032,6 +1177,9 @@ impl Datastore {
             max_file_size: sb.max_file_size(),
             journal_size: sb.journal_size,
             host_slots: sb.host_slots,
+            lock_protocol: sb.lock_protocol,
+            io_timeout_ms: sb.io_timeout_ms,
+            dead_host_timeout_ms: sb.timing().dead_after().as_millis() as u64,
             superblock,
             superblock_warning,
             read_only: self.is_read_only(),
@@ -1046,34 +1194,63 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn shutdown(&self) -> Result<()> {
+    /// Unmounts: stops the committer, commits and checkpoints, releases every lock, frees
+    /// the slot. When metadata cannot be made durable the slot is left live (heartbeat
+    /// stopped): the others recover this host's journal and locks as if it had crashed.
+    pub(crate) fn shutdown(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(host) = &self.host else {
+        self.stop_committer();
+        let Some(node) = &self.node else {
             return Ok(());
         };
         let result = {
             let mut s = self.lock();
-            if s.st.check_writable().is_ok() {
-                s.st.sync()
-            } else {
+            s.st.check_writable()
+                .and_then(|()| s.st.commit_point())
+                .and_then(|()| s.release_all())
+                .and_then(|()| Ok(self.lun.flush()?))
+        };
+        match result {
+            Ok(()) => {
+                node.leave()?;
+                tracing::info!(lun = %self.lun.name(), host = %node.host(), "datastore unmounted");
                 Ok(())
             }
-        };
-        // Keep the slot when metadata could not be made durable: the next open of this host
-        // must find it and replay the journal.
-        result?;
-        free_slot(&*self.lun, &self.sb, host)?;
-        tracing::info!(lun = %self.lun.name(), slot = host.slot, "datastore unmounted");
-        Ok(())
+            Err(e) => {
+                node.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    fn stop_committer(&self) {
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.notify_all();
+        let handle = self
+            .committer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    pub(crate) fn set_committer(&self, handle: JoinHandle<()>) {
+        *self.committer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
     }
 }
 
-impl Drop for Inner {
+impl Drop for Datastore {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            tracing::error!(lun = %self.lun.name(), error = %e, "datastore close failed; the journal will be replayed at next open");
+        if self.counted && self.inner.users.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Err(e) = self.inner.shutdown() {
+                tracing::error!(lun = %self.inner.lun.name(), error = %e, "datastore close failed; other hosts (or the next mount here) recover its journal");
+            }
         }
     }
 }
@@ -1161,7 +1338,10 @@ fn drop_link(s: &mut State, ino: u64) -> Result<Option<u64>> {
     if left > 0 {
         return Ok(None);
     }
-    s.add_orphan(Orphan::Unlinked { ino })?;
+    s.add_orphan(Orphan::Unlinked {
+        ino,
+        generation: u.generation() as u32,
+    })?;
     let open = s.locks.get(&ino).is_some_and(|h| !h.is_empty());
     Ok(if open { None } else { Some(ino) })
 }
@@ -1180,91 +1360,5 @@ pub(crate) fn release_storage(s: &mut State, i: &mut Inode) -> Result<()> {
     i.set_addr_mode(AddrMode::Inline);
     i.set_size(0);
     i.set_allocated(0);
-    Ok(())
-}
-
-/// Takes a heartbeat slot: ours from a previous run if there is one, else a free one.
-fn take_slot(lun: &dyn Lun, sb: &Superblock, options: &OpenOptions) -> Result<(u32, u64)> {
-    let mut region = vec![0u8; sb.host_slots as usize * UNIT];
-    lun.read_at(&mut region, sb.heartbeat_offset)?;
-    let mut mine = None;
-    let mut free = None;
-    for slot in 0..sb.host_slots {
-        let at = slot as usize * UNIT;
-        let off = sb.heartbeat_slot_offset(slot);
-        match Heartbeat::decode(&region[at..at + UNIT], off, slot) {
-            Ok(Some(hb)) if hb.host == options.host_uuid => {
-                if hb.state == SlotState::Live {
-                    tracing::warn!(
-                        slot,
-                        "this host's slot is still live: recovering after a crash"
-                    );
-                }
-                mine = Some((slot, hb.generation));
-                break;
-            }
-            Ok(Some(hb)) if hb.state == SlotState::Free => {
-                free.get_or_insert((slot, hb.generation));
-            }
-            Ok(None) => {
-                free.get_or_insert((slot, 0));
-            }
-            Ok(Some(_)) => {}
-            Err(why) => {
-                tracing::warn!(slot, error = %why, "damaged heartbeat slot skipped");
-            }
-        }
-    }
-    let Some((slot, generation)) = mine.or(free) else {
-        return Err(Error::NoHostSlot {
-            lun: lun.name().to_string(),
-            slots: sb.host_slots,
-        });
-    };
-    let generation = generation + 1;
-    let hb = Heartbeat {
-        slot,
-        state: SlotState::Live,
-        host: options.host_uuid,
-        hostname: options.host_name.clone(),
-        generation,
-        counter: 0,
-        time_ns: now_ns(),
-        pid: std::process::id(),
-    };
-    let off = sb.heartbeat_slot_offset(slot);
-    lun.write_at(&hb.encode(off)[..], off)?;
-    lun.flush()?;
-    Ok((slot, generation))
-}
-
-fn slot_is_free(lun: &dyn Lun, sb: &Superblock, slot: u32) -> Result<bool> {
-    let off = sb.heartbeat_slot_offset(slot);
-    let mut u = zero_unit();
-    lun.read_at(&mut u[..], off)?;
-    Ok(matches!(
-        Heartbeat::decode(&u[..], off, slot),
-        Ok(None)
-            | Ok(Some(Heartbeat {
-                state: SlotState::Free,
-                ..
-            }))
-    ))
-}
-
-fn free_slot(lun: &dyn Lun, sb: &Superblock, host: &HostInfo) -> Result<()> {
-    let hb = Heartbeat {
-        slot: host.slot,
-        state: SlotState::Free,
-        host: host.uuid,
-        hostname: host.name.clone(),
-        generation: host.generation,
-        counter: 0,
-        time_ns: now_ns(),
-        pid: 0,
-    };
-    let off = sb.heartbeat_slot_offset(host.slot);
-    lun.write_at(&hb.encode(off)[..], off)?;
-    lun.flush()?;
     Ok(())
 }

@@ -111,6 +111,13 @@ pub enum Error {
     /// updates until it is reopened (which replays the journal).
     #[error("{lun}: datastore stopped after a failed metadata write ({reason}); reopen to recover")]
     Fenced { lun: String, reason: String },
+
+    /// This host's heartbeat lease ran out (or another host took its slot over): it writes
+    /// nothing more to the LUN. Other hosts recover its journal and locks.
+    #[error(
+        "{lun}: host fenced: {reason}; this host no longer writes to the datastore (unmount and mount again to rejoin)"
+    )]
+    HostFenced { lun: String, reason: String },
 }
 
 impl Error {
@@ -122,7 +129,8 @@ impl Error {
             | Error::NewerVersion { .. }
             | Error::Truncated { .. }
             | Error::Corrupt { .. }
-            | Error::Fenced { .. } => libc::EIO,
+            | Error::Fenced { .. }
+            | Error::HostFenced { .. } => libc::EIO,
             Error::TooSmall { .. } | Error::NoSpace { .. } => libc::ENOSPC,
             Error::AlreadyFormatted { .. } | Error::Exists { .. } => libc::EEXIST,
             Error::NotFound { .. } => libc::ENOENT,

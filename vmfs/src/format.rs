@@ -1,11 +1,13 @@
 //! Writing a new datastore.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lun::Lun;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::cluster::{LockProtocol, Timing};
 use crate::codec::*;
 use crate::datastore::read_superblock;
 use crate::dir;
@@ -27,6 +29,11 @@ pub struct FormatOptions {
     /// Overwrite an existing datastore.
     pub force: bool,
     pub uuid: Option<Uuid>,
+    /// How hosts change shared records; default: compare-and-write when the LUN offers it,
+    /// Disk Paxos otherwise.
+    pub lock_protocol: Option<LockProtocol>,
+    /// The cluster's io_timeout, from which every interval derives (default 2 s).
+    pub io_timeout: Option<Duration>,
 }
 
 impl Default for FormatOptions {
@@ -38,6 +45,8 @@ impl Default for FormatOptions {
             journal_size: None,
             force: false,
             uuid: None,
+            lock_protocol: None,
+            io_timeout: None,
         }
     }
 }
@@ -57,6 +66,8 @@ pub struct FormatReport {
     pub pointer_blocks: u64,
     pub journal_size: u64,
     pub host_slots: u32,
+    pub lock_protocol: LockProtocol,
+    pub io_timeout_ms: u32,
 }
 
 /// Formats `lun` as an empty datastore with a root directory.
@@ -83,10 +94,26 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
             });
         }
     }
+    let lock_protocol = match options.lock_protocol {
+        Some(LockProtocol::CompareAndWrite) if !lun.supports_compare_and_write() => {
+            return Err(Error::Invalid {
+                object: name,
+                reason: "compare-and-write locking was asked for but this LUN cannot do \
+                         compare-and-write (use --lock-protocol paxos)"
+                    .into(),
+            });
+        }
+        Some(p) => p,
+        None if lun.supports_compare_and_write() => LockProtocol::CompareAndWrite,
+        None => LockProtocol::DiskPaxos,
+    };
+    let io_timeout = options.io_timeout.unwrap_or(Timing::DEFAULT_IO_TIMEOUT);
     let geometry = Geometry {
         block_size: options.block_size,
         max_files: options.max_files,
         journal_size: options.journal_size,
+        lock_protocol,
+        io_timeout_ms: Timing::new(io_timeout).io_timeout_ms(),
     };
     let uuid = options.uuid.unwrap_or_else(Uuid::new_v4);
     let sb = layout::plan(&name, lun.size(), &geometry, uuid, &options.label, now_ns())?;
@@ -98,11 +125,14 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
     lun.write_at(&zero[..], sb.backup_offset())?;
     lun.flush()?;
 
-    lun.write_zeroes(sb.heartbeat_offset, u64::from(sb.host_slots) * UNIT_U64)?;
-    lun.write_zeroes(
-        sb.lease_offset,
-        u64::from(sb.lease_areas) * sb.lease_area_len(),
-    )?;
+    zero_records(&*lun, sb.heartbeat_offset, sb.host_slots)?;
+    for a in 0..sb.lease_areas {
+        zero_records(
+            &*lun,
+            sb.lease_offset + u64::from(a) * sb.lease_area_len(),
+            1 + sb.host_slots,
+        )?;
+    }
     for slot in 0..sb.host_slots {
         write_journal_head(&*lun, &sb, slot)?;
     }
@@ -114,7 +144,7 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
     lun.write_at(&sb.encode(0)[..], 0)?;
     lun.write_at(&sb.encode(sb.backup_offset())[..], sb.backup_offset())?;
     lun.flush()?;
-    tracing::info!(lun = %name, %uuid, label = %sb.label, blocks = sb.file_blocks.count, "datastore formatted");
+    tracing::info!(lun = %name, %uuid, label = %sb.label, blocks = sb.file_blocks.count, protocol = lock_protocol.name(), timing = %sb.timing(), "datastore formatted");
     Ok(FormatReport {
         lun: name,
         uuid: uuid.to_string(),
@@ -129,7 +159,25 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
         pointer_blocks: sb.pointer_blocks.count,
         journal_size: sb.journal_size,
         host_slots: sb.host_slots,
+        lock_protocol,
+        io_timeout_ms: sb.io_timeout_ms,
     })
+}
+
+/// Blanks the record sector of `count` consecutive record units (heartbeat slots, Disk
+/// Paxos leaders and ballots). Only the first sector of each unit is written: the rest of
+/// a record unit is never touched by vmfs.
+fn zero_records(lun: &dyn Lun, offset: u64, count: u32) -> Result<()> {
+    let ss = (lun.sector_size() as usize).max(crate::codec::RECORD);
+    let zero = vec![0u8; ss];
+    let mut batch: Vec<lun::IoRequest<'_>> = (0..u64::from(count))
+        .map(|i| lun::IoRequest::Write {
+            buf: &zero,
+            offset: offset + i * UNIT_U64,
+        })
+        .collect();
+    lun.submit(&mut batch)?;
+    Ok(())
 }
 
 /// Header, empty orphan list, and a blank first transaction slot so nothing of an older
@@ -194,8 +242,7 @@ fn write_root(lun: &dyn Lun, sb: &Superblock) -> Result<()> {
     root.set_allocated(u64::from(sb.sub_block_size));
     let off = sb.inode_offset(ROOT_INO);
     lun.write_at(&root.seal(off)[..], off)?;
-    let lock_off = sb.inode_lock_offset(ROOT_INO);
-    lun.write_zeroes(lock_off, UNIT_U64)?;
+    zero_records(lun, sb.inode_lock_offset(ROOT_INO), 1)?;
     let unit_off = sb.sub_blocks.resource_offset(0);
     lun.write_at(&dir::new_unit(ROOT_INO, 0, unit_off)[..], unit_off)?;
     Ok(())

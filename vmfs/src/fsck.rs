@@ -15,11 +15,12 @@ use std::sync::Arc;
 use lun::Lun;
 use serde::Serialize;
 
+use crate::cluster::heartbeat::{Heartbeat, SlotState};
+use crate::cluster::{LockRecord, LockTarget};
 use crate::codec::*;
 use crate::datastore::{Datastore, OpenOptions, SuperblockSource, read_superblock};
 use crate::dir;
 use crate::error::{Error, Result};
-use crate::host::Heartbeat;
 use crate::inode::{self, AddrMode, Inode, InodeView, Kind};
 use crate::journal::{self, Header, Orphan, TX_START};
 use crate::layout::{POINTER_BLOCK_SIZE, PTR_UNITS, ROOT_INO, ResourceKind, Superblock};
@@ -128,6 +129,18 @@ fn info(object: impl Into<String>, problem: impl Into<String>) -> Finding {
 /// Checks (and with `repair`, fixes) the datastore on `lun`.
 pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
     let (sb, source) = read_superblock(&*lun)?;
+    if options.repair {
+        if let Some(hb) = crate::cluster::survey::renewing_hosts(&*lun, &sb)?.first() {
+            return Err(Error::Busy {
+                object: format!("datastore {} on {}", sb.label, lun.name()),
+                holder: format!(
+                    "host {} (slot {}, pid {}, uuid {})",
+                    hb.hostname, hb.slot, hb.pid, hb.host
+                ),
+                mode: "mounted read-write; repair needs every host unmounted".into(),
+            });
+        }
+    }
     let mut findings = Vec::new();
     let mut truncating = Vec::new();
     raw_checks(
@@ -284,10 +297,28 @@ fn raw_checks(
         let at = slot as usize * UNIT;
         let off = sb.heartbeat_slot_offset(slot);
         match Heartbeat::decode(&region[at..at + UNIT], off, slot) {
-            Ok(Some(hb)) if hb.state == crate::host::SlotState::Live => out.push(info(
-                format!("heartbeat slot {slot}"),
-                format!("held by host {} ({}), pid {}", hb.hostname, hb.host, hb.pid),
-            )),
+            Ok(Some(hb)) if hb.state != SlotState::Free => {
+                out.push(info(
+                    format!("heartbeat slot {slot}"),
+                    format!(
+                        "{} host {} ({}), pid {}, generation {}",
+                        hb.state.name(),
+                        hb.hostname,
+                        hb.host,
+                        hb.pid,
+                        hb.generation
+                    ),
+                ));
+                if repair {
+                    // No host uses the datastore (checked before): the slot's journal is
+                    // replayed below, so its locks may go.
+                    let mut freed = hb.clone();
+                    freed.state = SlotState::Free;
+                    freed.recoverer = None;
+                    freed.pid = 0;
+                    crate::cluster::paxos::write_record(lun, &freed.encode(off), off)?;
+                }
+            }
             Ok(_) => {}
             Err(why) => {
                 let mut f = finding(
@@ -360,7 +391,10 @@ fn raw_checks(
                 );
                 fixed(&mut f);
                 out.push(f);
-                vec![Orphan::Unlinked { ino: 0 }]
+                vec![Orphan::Unlinked {
+                    ino: 0,
+                    generation: 0,
+                }]
             }
         };
         let real: Vec<Orphan> = list.into_iter().filter(|o| o.ino() != 0).collect();
@@ -375,7 +409,7 @@ fn raw_checks(
             out.push(f);
         }
         for o in &real {
-            if let Orphan::Truncating { ino, size } = *o {
+            if let Orphan::Truncating { ino, size, .. } = *o {
                 truncating.push((ino, size));
             }
         }
@@ -990,40 +1024,32 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// Lock records are written by the cluster layer; here they must be blank or valid.
+    /// Every lock record must decode (blank is free) and guard its own object.
     fn lock_records(&mut self) -> Result<()> {
-        let mut offsets: Vec<(u64, String)> = Vec::new();
+        let mut targets: Vec<LockTarget> = Vec::new();
         for kind in ResourceKind::ALL {
             let area = *self.s.sb().area(kind);
             for c in 0..area.clusters() {
-                offsets.push((
-                    area.lock_offset(c),
-                    format!("lock record of {} cluster {c}", kind.name()),
-                ));
+                targets.push(LockTarget::Cluster(kind, c));
             }
         }
         for &ino in &self.inodes_seen {
-            offsets.push((
-                self.s.sb().inode_lock_offset(ino),
-                format!("lock record of inode {ino}"),
-            ));
+            targets.push(LockTarget::Inode(ino));
         }
-        for (off, object) in offsets {
+        for target in targets {
+            let off = target.offset(self.s.sb());
             let u = self.s.st.read_raw(off)?;
-            match verify(&u[..], MAGIC_LOCK, off, RECORD) {
-                Ok(()) | Err(UnitFault::Blank) => {}
-                Err(fault) => {
-                    self.findings.push(finding(
-                        object,
-                        Some(off),
-                        fault.to_string(),
-                        Some("clear the lock record"),
-                    ));
-                    self.fixes.push(Fix::Unit {
-                        off,
-                        image: zero_unit(),
-                    });
-                }
+            if let Err(why) = LockRecord::decode(&u[..], off, target.code()) {
+                self.findings.push(finding(
+                    format!("lock record of {}", target.describe()),
+                    Some(off),
+                    why,
+                    Some("clear the lock record"),
+                ));
+                self.fixes.push(Fix::Unit {
+                    off,
+                    image: zero_unit(),
+                });
             }
         }
         Ok(())

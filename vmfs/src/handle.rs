@@ -1,8 +1,13 @@
 //! Open-file handles with an access mode, and virtual disks as LUNs.
 //!
-//! A handle is the in-process shape of the cluster layer's on-disk lock: a holder identity and
-//! a mode. Read-only shared opens coexist; multi-writer opens coexist; an exclusive open
-//! excludes everything else.
+//! A handle holds its inode's on-disk lock in the handle's mode for as long as it is open:
+//! read-only shared opens coexist, multi-writer opens coexist, an exclusive open excludes
+//! everything else, across hosts (the lock record) and within this process (the holder list).
+//! A conflict with a live host fails at once with `Busy` naming the holder; a holder that
+//! stopped renewing its heartbeat is recovered and its lock broken. Read-only datastores
+//! take no locks. When the last handle of a host closes, what was done under the lock is
+//! committed and the lock given up at once: a host that reopens the file must queue behind
+//! the others again, so a host opening and closing in a loop cannot starve them.
 
 use std::fmt;
 use std::sync::Arc;
@@ -67,7 +72,7 @@ impl Datastore {
             });
         }
         let holder_name = self.holder_name();
-        let id = self.read_op(|s| {
+        let register = |s: &mut crate::state::State| {
             let u = s.inode(ino)?;
             if u.kind() == Some(Kind::Dir) && access.can_write() {
                 return Err(Error::IsADirectory {
@@ -82,13 +87,19 @@ impl Datastore {
                     mode: h.access.to_string(),
                 });
             }
+            if u.kind() != Some(Kind::Dir) && s.node.is_some() {
+                s.lock_open(ino, access)?;
+            }
             let id = s.next_holder;
             s.next_holder += 1;
-            if let Some(holders) = s.locks.get_mut(&ino) {
-                holders.push(Holder { id, access });
-            }
+            s.locks.entry(ino).or_default().push(Holder { id, access });
             Ok(id)
-        })?;
+        };
+        let id = if self.is_read_only() {
+            self.read_op(register)?
+        } else {
+            self.write_op(register)?
+        };
         tracing::debug!(ino, handle = id, access = %access, "file opened");
         Ok(FileHandle {
             ds: self.share(),
@@ -199,17 +210,25 @@ impl Drop for FileHandle {
                 last = holders.is_empty();
                 if last {
                     s.locks.remove(&self.ino);
+                    s.handles_closed(self.ino);
                 }
             }
-            let orphan = s
-                .orphans
-                .iter()
-                .any(|o| matches!(o, crate::journal::Orphan::Unlinked { ino } if *ino == self.ino));
+            let orphan = s.orphans.iter().any(
+                |o| matches!(o, crate::journal::Orphan::Unlinked { ino, .. } if *ino == self.ino),
+            );
             (last, orphan)
         };
         if last && orphan {
             if let Err(e) = self.ds.reap(self.ino) {
                 tracing::error!(ino = self.ino, error = %e, "freeing an unlinked file at close failed; it is freed at next mount");
+            }
+        }
+        if last {
+            let mut s = self.ds.lock();
+            if s.node.is_some() && s.st.check_writable().is_ok() {
+                if let Err(e) = s.sync_point() {
+                    tracing::warn!(ino = self.ino, error = %e, "releasing a file lock at close failed; retried at the next commit point");
+                }
             }
         }
     }

@@ -5,11 +5,19 @@
 //! metadata that points to it can be committed (allocating writes hold the state lock until
 //! the data is on the LUN). Storage past end-of-file always reads as zeroes, so growing a file
 //! never exposes old bytes. Writes into already-allocated storage are not journaled.
+//!
+//! In the cluster: a write needs the file's exclusive lock (an exclusive handle's, or one
+//! taken for the write), except that multi-writer holders overwrite allocated storage inside
+//! the file without touching metadata. The lock is pinned while data moves without the state
+//! lock, so a commit point cannot release it under the write. A read of a file this host
+//! holds no lock on checks afterwards that the inode did not change while it read (another
+//! host may have freed and reused the blocks), and reads again if it did.
 
 use std::sync::Arc;
 
 use lun::Lun;
 
+use crate::cluster::LockMode;
 use crate::codec::*;
 use crate::datastore::{Datastore, release_storage};
 use crate::error::{Error, Result};
@@ -81,6 +89,11 @@ pub(crate) fn zero_bytes(lun: &dyn Lun, off: u64, len: u64) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What identifies an inode's state: it changes with every metadata change.
+fn inode_tag(u: &impl InodeView) -> (u64, u64, u8) {
+    (u.generation(), u.version(), u.kind_code())
 }
 
 /// One piece of a read: zeroes, bytes from the inode, or a LUN range.
@@ -523,10 +536,24 @@ impl State {
                     let keep = size.div_ceil(bs);
                     i.set_size(size);
                     if self.next_mapped(&i, keep)?.is_some() {
-                        self.add_orphan(Orphan::Truncating { ino, size })?;
+                        // An unlinked file stays listed as unlinked: freeing it (at its last
+                        // close or the next mount) finishes this truncate too, and replacing
+                        // its entry would leak it.
+                        let unlinked = self.orphans.iter().any(
+                            |o| matches!(o, Orphan::Unlinked { ino: listed, .. } if *listed == ino),
+                        );
+                        if !unlinked {
+                            self.add_orphan(Orphan::Truncating {
+                                ino,
+                                size,
+                                generation: i.generation() as u32,
+                            })?;
+                        }
                         self.put_inode(i.clone());
                         self.trim(&mut i, keep)?;
-                        self.remove_orphan(ino)?;
+                        if !unlinked {
+                            self.remove_orphan(ino)?;
+                        }
                     }
                     if size == 0 && !i.is_thick() && i.allocated() == 0 {
                         i.set_addr_mode(AddrMode::Inline);
@@ -538,6 +565,37 @@ impl State {
         i.set_times(None, Some(now), now);
         self.put_inode(i);
         Ok(())
+    }
+
+    /// Frees every block mapped past end of file: the rest of a truncate a crash cut short.
+    pub(crate) fn trim_past_eof(&mut self, ino: u64) -> Result<()> {
+        let u = self.inode(ino)?;
+        if u.kind() != Some(Kind::File) || u.addr_mode() != Some(AddrMode::Tree) {
+            return Ok(());
+        }
+        let keep = u.size().div_ceil(u64::from(self.sb().block_size));
+        if self.next_mapped(&u, keep)?.is_none() {
+            return Ok(());
+        }
+        let mut i = Inode::from_unit(&u);
+        self.trim(&mut i, keep)?;
+        self.put_inode(i);
+        Ok(())
+    }
+
+    /// The lock a write of `[off, end)` needs. Multi-writer holders overwrite allocated
+    /// storage within the file without metadata; everything else needs the exclusive lock
+    /// (for multi-writer holders only while no other host holds the file).
+    fn write_lock(&mut self, ino: u64, end: u64, overwrite: bool) -> Result<bool> {
+        let multi = self
+            .held
+            .get(&crate::cluster::LockTarget::Inode(ino))
+            .is_some_and(|h| h.mode == LockMode::MultiWriter);
+        if multi && overwrite && end <= self.inode(ino)?.size() {
+            return Ok(false);
+        }
+        self.lock_inode(ino)?;
+        Ok(true)
     }
 
     fn fallocate_locked(&mut self, ino: u64, off: u64, len: u64, keep_size: bool) -> Result<()> {
@@ -636,28 +694,51 @@ impl State {
 impl Datastore {
     /// Reads up to `buf.len()` bytes at `off`; returns how many (short only at end of file).
     pub fn read(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
+        const ATTEMPTS: u32 = 8;
         let io = self.io_lock(ino);
         let _guard = io.read().unwrap_or_else(|e| e.into_inner());
-        let pieces = self.read_op(|s| s.read_plan(ino, off, buf.len()))?;
         let lun: Arc<dyn Lun> = self.lun().clone();
-        let mut at = 0;
-        for piece in pieces {
-            match piece {
-                Piece::Zero(n) => {
-                    buf[at..at + n].fill(0);
-                    at += n;
-                }
-                Piece::Inline(bytes) => {
-                    buf[at..at + bytes.len()].copy_from_slice(&bytes);
-                    at += bytes.len();
-                }
-                Piece::Lun { off, len } => {
-                    read_bytes(&*lun, off, &mut buf[at..at + len])?;
-                    at += len;
+        for _ in 0..ATTEMPTS {
+            let (pieces, before) = self.read_op(|s| {
+                let pieces = s.read_plan(ino, off, buf.len())?;
+                let before = if s.holds_inode(ino) {
+                    None
+                } else {
+                    Some(inode_tag(&s.inode(ino)?))
+                };
+                Ok((pieces, before))
+            })?;
+            let mut at = 0;
+            for piece in pieces {
+                match piece {
+                    Piece::Zero(n) => {
+                        buf[at..at + n].fill(0);
+                        at += n;
+                    }
+                    Piece::Inline(bytes) => {
+                        buf[at..at + bytes.len()].copy_from_slice(&bytes);
+                        at += bytes.len();
+                    }
+                    Piece::Lun { off, len } => {
+                        read_bytes(&*lun, off, &mut buf[at..at + len])?;
+                        at += len;
+                    }
                 }
             }
+            let Some(before) = before else {
+                return Ok(at);
+            };
+            // Another host may have changed the file (and reused its blocks) while we read.
+            let after = self.read_op(|s| s.inode(ino).map(|u| inode_tag(&u)))?;
+            if after == before {
+                return Ok(at);
+            }
         }
-        Ok(at)
+        Err(Error::Busy {
+            object: format!("inode {ino}"),
+            holder: "another host changing it continuously".into(),
+            mode: "read".into(),
+        })
     }
 
     /// Writes all of `data` at `off`, allocating (thin) storage as needed.
@@ -667,22 +748,38 @@ impl Datastore {
         }
         let io = self.io_lock(ino);
         let _guard = io.write().unwrap_or_else(|e| e.into_inner());
-        let plan = {
-            let mut s = self.lock();
-            s.st.check_writable()?;
-            s.overwrite_plan(ino, off, data.len() as u64)?
-        };
+        let end = off.saturating_add(data.len() as u64);
+        let plan = self.write_op(|s| {
+            let Some(plan) = s.overwrite_plan(ino, off, data.len() as u64)? else {
+                return Ok(None);
+            };
+            let metadata = s.write_lock(ino, end, true)?;
+            s.pin(ino);
+            Ok(Some((plan, metadata)))
+        })?;
         match plan {
-            Some(plan) => {
+            Some((plan, metadata)) => {
                 let lun = self.lun().clone();
                 let mut at = 0;
-                for (lun_off, len) in plan.pieces {
-                    write_bytes(&*lun, lun_off, &data[at..at + len], false)?;
+                let written = plan.pieces.iter().try_for_each(|&(lun_off, len)| {
+                    let r = write_bytes(&*lun, lun_off, &data[at..at + len], false);
                     at += len;
-                }
-                self.write_op(|s| s.finish_write(ino, off + data.len() as u64))?;
+                    r
+                });
+                let finished = written.and_then(|()| {
+                    if metadata {
+                        self.write_op(|s| s.finish_write(ino, end))
+                    } else {
+                        Ok(())
+                    }
+                });
+                self.lock().unpin(ino);
+                finished?;
             }
-            None => self.write_op(|s| s.write_alloc(ino, off, data))?,
+            None => self.write_op(|s| {
+                s.write_lock(ino, end, false)?;
+                s.write_alloc(ino, off, data)
+            })?,
         }
         Ok(data.len())
     }
@@ -692,21 +789,30 @@ impl Datastore {
     pub fn truncate(&self, ino: u64, size: u64) -> Result<()> {
         let io = self.io_lock(ino);
         let _guard = io.write().unwrap_or_else(|e| e.into_inner());
-        self.write_op(|s| s.truncate_locked(ino, size))
+        self.write_op(|s| {
+            s.lock_inode(ino)?;
+            s.truncate_locked(ino, size)
+        })
     }
 
     /// Allocates zeroed storage for `[off, off+len)`; extends the size unless `keep_size`.
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, keep_size: bool) -> Result<()> {
         let io = self.io_lock(ino);
         let _guard = io.write().unwrap_or_else(|e| e.into_inner());
-        self.write_op(|s| s.fallocate_locked(ino, off, len, keep_size))
+        self.write_op(|s| {
+            s.lock_inode(ino)?;
+            s.fallocate_locked(ino, off, len, keep_size)
+        })
     }
 
     /// Makes `[off, off+len)` read as zeroes; whole blocks of thin files are freed.
     pub fn punch_hole(&self, ino: u64, off: u64, len: u64) -> Result<()> {
         let io = self.io_lock(ino);
         let _guard = io.write().unwrap_or_else(|e| e.into_inner());
-        self.write_op(|s| s.punch_locked(ino, off, len))
+        self.write_op(|s| {
+            s.lock_inode(ino)?;
+            s.punch_locked(ino, off, len)
+        })
     }
 
     /// SEEK_DATA: the first offset at or after `off` that holds data, None past the end.

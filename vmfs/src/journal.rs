@@ -146,19 +146,38 @@ pub fn scan(area: &[u8], area_offset: u64, checkpoint_seq: u64, fs_size: u64) ->
 }
 
 /// Work a host must finish after a crash: free an unlinked inode, or finish a truncate.
+/// `generation` (low 32 bits; 0 = not recorded) keeps a recovering host from acting on a
+/// descriptor that was freed and reused since the entry was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Orphan {
     /// Unlinked (nlink 0) but possibly still open: free data and descriptor.
-    Unlinked { ino: u64 },
+    Unlinked { ino: u64, generation: u32 },
     /// Shrinking to `size`: free everything mapped past it.
-    Truncating { ino: u64, size: u64 },
+    Truncating {
+        ino: u64,
+        size: u64,
+        generation: u32,
+    },
 }
 
 impl Orphan {
     pub fn ino(&self) -> u64 {
         match *self {
-            Orphan::Unlinked { ino } | Orphan::Truncating { ino, .. } => ino,
+            Orphan::Unlinked { ino, .. } | Orphan::Truncating { ino, .. } => ino,
         }
+    }
+
+    pub fn generation(&self) -> u32 {
+        match *self {
+            Orphan::Unlinked { generation, .. } | Orphan::Truncating { generation, .. } => {
+                generation
+            }
+        }
+    }
+
+    /// True when the entry is about the descriptor generation `generation`.
+    pub fn concerns(&self, generation: u64) -> bool {
+        self.generation() == 0 || self.generation() == generation as u32
     }
 }
 
@@ -172,14 +191,12 @@ pub fn encode_orphans(list: &[Orphan], location: u64) -> Box<Unit> {
     put_u32(&mut u[..], O_COUNT, list.len() as u32);
     for (i, o) in list.iter().enumerate() {
         let at = O_ENTRIES + i * O_ENTRY;
+        put_u64(&mut u[..], at, o.ino());
+        put_u32(&mut u[..], at + 12, o.generation());
         match *o {
-            Orphan::Unlinked { ino } => {
-                put_u64(&mut u[..], at, ino);
-                put_u64(&mut u[..], at + 8, 0);
-            }
-            Orphan::Truncating { ino, size } => {
-                put_u64(&mut u[..], at, ino);
-                put_u64(&mut u[..], at + 8, 1);
+            Orphan::Unlinked { .. } => put_u32(&mut u[..], at + 8, 0),
+            Orphan::Truncating { size, .. } => {
+                put_u32(&mut u[..], at + 8, 1);
                 put_u64(&mut u[..], at + 16, size);
             }
         }
@@ -200,13 +217,15 @@ pub fn decode_orphans(u: &Unit, location: u64) -> Result<Vec<Orphan>, UnitFault>
         .map(|i| {
             let at = O_ENTRIES + i * O_ENTRY;
             let ino = get_u64(u, at);
-            if get_u64(u, at + 8) == 1 {
+            let generation = get_u32(u, at + 12);
+            if get_u32(u, at + 8) == 1 {
                 Orphan::Truncating {
                     ino,
                     size: get_u64(u, at + 16),
+                    generation,
                 }
             } else {
-                Orphan::Unlinked { ino }
+                Orphan::Unlinked { ino, generation }
             }
         })
         .collect())
@@ -286,10 +305,14 @@ mod tests {
         assert_eq!(Header::decode(&u[..], 4096, 3, 1 << 20).unwrap(), h);
         assert!(Header::decode(&u[..], 4096, 4, 1 << 20).is_err());
         let list = vec![
-            Orphan::Unlinked { ino: 9 },
+            Orphan::Unlinked {
+                ino: 9,
+                generation: 3,
+            },
             Orphan::Truncating {
                 ino: 10,
                 size: 4096,
+                generation: 1,
             },
         ];
         let u = encode_orphans(&list, 8192);

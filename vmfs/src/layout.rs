@@ -7,6 +7,7 @@
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::cluster::{LockProtocol, Timing};
 use crate::codec::*;
 use crate::error::{Error, Result};
 
@@ -133,6 +134,10 @@ pub struct Superblock {
     pub sub_blocks: ResourceArea,
     pub pointer_blocks: ResourceArea,
     pub file_blocks: ResourceArea,
+    /// How hosts change shared records (fixed at format time).
+    pub lock_protocol: LockProtocol,
+    /// The cluster timing every host of this datastore uses.
+    pub io_timeout_ms: u32,
 }
 
 pub const LABEL_MAX: usize = 63;
@@ -145,6 +150,9 @@ impl Superblock {
             ResourceKind::SubBlock => &self.sub_blocks,
             ResourceKind::PointerBlock => &self.pointer_blocks,
         }
+    }
+    pub fn timing(&self) -> Timing {
+        Timing::from_millis(self.io_timeout_ms)
     }
     pub fn backup_offset(&self) -> u64 {
         self.fs_size - UNIT_U64
@@ -201,6 +209,8 @@ impl Superblock {
             put_u64(b, o + 32, a.size);
         }
         put_u64(b, 336, ROOT_INO);
+        put_u32(b, 344, self.lock_protocol.code());
+        put_u32(b, 348, self.io_timeout_ms);
         seal(b, MAGIC_SUPER, location, RECORD);
         u
     }
@@ -245,6 +255,10 @@ impl Superblock {
             sub_blocks: area(1),
             pointer_blocks: area(2),
             file_blocks: area(3),
+            lock_protocol: LockProtocol::from_code(get_u32(b, 344)).ok_or_else(|| {
+                SuperFault::Insane(format!("unknown lock protocol {}", get_u32(b, 344)))
+            })?,
+            io_timeout_ms: get_u32(b, 348),
         };
         sb.sane().map_err(SuperFault::Insane)?;
         Ok(sb)
@@ -258,7 +272,11 @@ impl Superblock {
         {
             return Err(format!("block size {} out of range", self.block_size));
         }
-        if self.host_slots == 0 || self.host_slots > 4096 {
+        let io = std::time::Duration::from_millis(u64::from(self.io_timeout_ms));
+        if !(Timing::MIN_IO_TIMEOUT..=Timing::MAX_IO_TIMEOUT).contains(&io) {
+            return Err(format!("io timeout {} ms out of range", self.io_timeout_ms));
+        }
+        if self.host_slots == 0 || self.host_slots > crate::cluster::record::MAX_HOLDERS {
             return Err(format!("{} host slots", self.host_slots));
         }
         if self.journal_size < MIN_JOURNAL || self.journal_size % UNIT_U64 != 0 {
@@ -312,6 +330,8 @@ pub struct Geometry {
     pub block_size: u32,
     pub max_files: Option<u64>,
     pub journal_size: Option<u64>,
+    pub lock_protocol: LockProtocol,
+    pub io_timeout_ms: u32,
 }
 
 /// Places every region for a LUN of `lun_size` bytes.
@@ -355,7 +375,7 @@ pub fn plan(
         .unwrap_or_else(|| (fs_size / (256 << 10)).clamp(1024, 1 << 22));
     let sub_blocks = (max_files / 8).max(256);
     let pointer_blocks = (fs_size / u64::from(bs) / 2048 + 128).max(128);
-    let sb = layout(
+    let mut sb = layout(
         fs_size,
         bs,
         journal_size,
@@ -366,6 +386,19 @@ pub fn plan(
         label,
         created_ns,
     );
+    sb.lock_protocol = geometry.lock_protocol;
+    sb.io_timeout_ms = geometry.io_timeout_ms;
+    let io = std::time::Duration::from_millis(u64::from(geometry.io_timeout_ms));
+    if !(Timing::MIN_IO_TIMEOUT..=Timing::MAX_IO_TIMEOUT).contains(&io) {
+        return Err(Error::Invalid {
+            object: format!("io timeout {io:?}"),
+            reason: format!(
+                "must be from {:?} to {:?}",
+                Timing::MIN_IO_TIMEOUT,
+                Timing::MAX_IO_TIMEOUT
+            ),
+        });
+    }
     let data_blocks = sb.file_blocks.count;
     if fs_size < sb.file_blocks.area_offset || data_blocks < MIN_DATA_BLOCKS {
         // The smallest LUN that fits the same metadata plus the minimum number of blocks.
@@ -463,6 +496,8 @@ fn layout(
         sub_blocks: sub,
         pointer_blocks: pointers,
         file_blocks,
+        lock_protocol: LockProtocol::CompareAndWrite,
+        io_timeout_ms: Timing::default().io_timeout_ms(),
     }
 }
 
@@ -475,6 +510,8 @@ mod tests {
             block_size: bs,
             max_files: None,
             journal_size: None,
+            lock_protocol: LockProtocol::DiskPaxos,
+            io_timeout_ms: 2000,
         }
     }
 

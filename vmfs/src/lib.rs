@@ -18,6 +18,7 @@
 //! ```
 
 mod bitmap;
+pub mod cluster;
 mod codec;
 mod datastore;
 mod dir;
@@ -25,18 +26,20 @@ mod error;
 mod format;
 mod fsck;
 mod handle;
-mod host;
 mod inode;
 mod io;
 mod journal;
 mod layout;
+mod locks;
 mod path;
+mod recovery;
 mod state;
 mod store;
 
+pub use cluster::{LockMode, LockProtocol, Timing};
 pub use datastore::{
-    Attr, Creds, Datastore, DirEntry, HostSlotInfo, Info, NewFile, OpenOptions, ResourceInfo,
-    SetAttr, StatFs, SuperblockSource,
+    Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info, NewFile,
+    OpenOptions, ResourceInfo, SetAttr, StatFs, SuperblockSource, read_superblock,
 };
 pub use dir::NAME_MAX;
 pub use error::{Error, Result};

@@ -1,10 +1,12 @@
 //! In-memory state of an open datastore and the metadata primitives every operation is built
 //! from: inodes, resource allocation, the block map, directory indexes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::Arc;
+use std::time::Instant;
 
+use crate::cluster::{LockTarget, Node};
 use crate::codec::*;
 use crate::dir::{self, DirIndex, Slot};
 use crate::error::{Error, Result};
@@ -14,6 +16,7 @@ use crate::layout::{
     DIRECT_ADDRS, POINTER_BLOCK_SIZE, PTR_UNITS, PTRS_PER_BLOCK, PTRS_PER_UNIT, ResourceKind,
     Superblock,
 };
+use crate::locks::{Held, Wait};
 use crate::store::Store;
 
 pub(crate) fn now_ns() -> i64 {
@@ -63,15 +66,25 @@ pub(crate) struct Holder {
 pub(crate) struct State {
     pub st: Store,
     cursors: HashMap<ResourceKind, Cursor>,
-    free: HashMap<ResourceKind, u64>,
+    /// Free resources per kind and when they were counted (other hosts allocate too).
+    free: HashMap<ResourceKind, (u64, Instant)>,
     pub dirs: HashMap<u64, DirIndex>,
     pub orphans: Vec<Orphan>,
+    /// This process's open handles per inode.
     pub locks: HashMap<u64, Vec<Holder>>,
     pub next_holder: u64,
+    /// The joined host of a read-write open; None when read-only.
+    pub node: Option<Arc<Node>>,
+    /// On-disk locks this host holds.
+    pub held: HashMap<LockTarget, Held>,
+    /// Set by a lock request that should be waited for: the operation is retried after it.
+    pub wait: Option<Wait>,
+    /// Inodes whose unit was checked against the LUN during the current operation.
+    validated: HashSet<u64>,
 }
 
 impl State {
-    pub fn new(st: Store, seed: u64) -> State {
+    pub fn new(st: Store, seed: u64, node: Option<Arc<Node>>) -> State {
         let mut cursors = HashMap::new();
         for kind in ResourceKind::ALL {
             let clusters = st.sb.area(kind).clusters().max(1);
@@ -90,7 +103,19 @@ impl State {
             orphans: Vec::new(),
             locks: HashMap::new(),
             next_holder: 1,
+            node,
+            held: HashMap::new(),
+            wait: None,
+            validated: HashSet::new(),
         }
+    }
+
+    /// Called at the start of every operation: what was checked for an earlier one may have
+    /// changed since.
+    pub fn begin_op(&mut self) -> Result<()> {
+        self.validated.clear();
+        self.wait = None;
+        self.st.refresh_overlay()
     }
 
     pub fn sb(&self) -> &Superblock {
@@ -114,11 +139,35 @@ impl State {
         Ok(())
     }
 
-    /// The inode unit, live or free.
+    pub fn holds_inode(&self, ino: u64) -> bool {
+        self.held.contains_key(&LockTarget::Inode(ino))
+    }
+
+    /// The inode unit, live or free. An inode this host holds no lock on is reread from the
+    /// LUN once per operation; when it changed, everything cached about it is dropped.
     pub fn inode_unit(&mut self, ino: u64) -> Result<Arc<Unit>> {
         self.check_ino(ino)?;
         let off = self.sb().inode_offset(ino);
-        let u = self.st.load(off, MAGIC_INODE, &|| format!("inode {ino}"))?;
+        let unlocked =
+            !self.holds_inode(ino) && !self.st.is_pending(off) && !self.validated.contains(&ino);
+        let u = if unlocked {
+            let before = self.st.clean_copy(off);
+            let fresh = self
+                .st
+                .load_fresh(off, MAGIC_INODE, &|| format!("inode {ino}"))?;
+            let same = before.is_some_and(|b| {
+                b.generation() == fresh.generation()
+                    && b.version() == fresh.version()
+                    && b.kind_code() == fresh.kind_code()
+            });
+            if !same {
+                self.forget_inode_contents(ino);
+            }
+            self.validated.insert(ino);
+            fresh
+        } else {
+            self.st.load(off, MAGIC_INODE, &|| format!("inode {ino}"))?
+        };
         if let Err(why) = inode::check(&u, ino) {
             return Err(self.st.corrupt(format!("inode {ino}"), off, why));
         }
@@ -136,15 +185,32 @@ impl State {
         Ok(u)
     }
 
+    /// Drops the cached directory index and directory/pointer units of `ino` (not its
+    /// inode unit).
+    pub fn forget_inode_contents(&mut self, ino: u64) {
+        self.dirs.remove(&ino);
+        self.st.forget_owned(ino);
+    }
+
+    /// Drops everything cached about `ino`, its inode unit included.
+    pub fn forget_inode(&mut self, ino: u64) {
+        let off = self.sb().inode_offset(ino);
+        self.forget_inode_contents(ino);
+        self.st.forget(off);
+        self.validated.remove(&ino);
+    }
+
     pub fn put_inode(&mut self, i: Inode) {
         let off = self.sb().inode_offset(i.ino());
         self.st.put(off, i.seal(off));
     }
 
-    /// Allocates a descriptor; the generation continues from the previous owner's.
+    /// Allocates a descriptor and takes its lock; the generation continues from the
+    /// previous owner's.
     pub fn alloc_inode(&mut self) -> Result<(u64, u64)> {
         let index = self.alloc(ResourceKind::Inode, None, "a new file")?;
         let ino = index + 1;
+        self.lock_inode(ino)?;
         let off = self.sb().inode_offset(ino);
         let old = self.st.read_raw(off)?;
         let generation = if verify(&old[..], MAGIC_INODE, off, UNIT).is_ok() && old.ino() == ino {
@@ -164,12 +230,21 @@ impl State {
 
     // ---- allocation --------------------------------------------------------------------
 
+    pub fn holds_cluster(&self, kind: ResourceKind, cluster: u64) -> bool {
+        self.held.contains_key(&LockTarget::Cluster(kind, cluster))
+    }
+
+    /// A cluster's bitmap: cached while this host holds the cluster's lock, otherwise read
+    /// afresh (and then only a hint: another host may change it at any moment).
     pub fn bitmap(&mut self, kind: ResourceKind, cluster: u64) -> Result<Arc<Unit>> {
         let area = *self.sb().area(kind);
         let off = area.bitmap_offset(cluster);
-        let u = self.st.load(off, MAGIC_BITMAP, &|| {
-            format!("{} bitmap of cluster {cluster}", kind.name())
-        })?;
+        let object = || format!("{} bitmap of cluster {cluster}", kind.name());
+        let u = if self.holds_cluster(kind, cluster) || self.st.is_pending(off) {
+            self.st.load(off, MAGIC_BITMAP, &object)?
+        } else {
+            self.st.load_fresh(off, MAGIC_BITMAP, &object)?
+        };
         if let Err(why) = crate::bitmap::check_header(&u, kind, cluster, area.in_cluster(cluster)) {
             return Err(self.st.corrupt(
                 format!("{} bitmap of cluster {cluster}", kind.name()),
@@ -191,22 +266,27 @@ impl State {
             return Ok(false);
         }
         self.st.put(off, m);
-        if let Some(f) = self.free.get_mut(&kind) {
-            *f = if value { *f - 1 } else { *f + 1 };
+        if let Some((f, _)) = self.free.get_mut(&kind) {
+            *f = if value { f.saturating_sub(1) } else { *f + 1 };
         }
         Ok(true)
     }
 
     /// Takes one resource, preferring `goal` (the next block of the same file), then the
-    /// host's current cluster, then any cluster with room.
+    /// host's current cluster, then any cluster with room. A host allocates only from
+    /// clusters whose lock it holds; clusters locked by other hosts are skipped, and only
+    /// when every cluster with room is locked elsewhere does the operation wait.
     pub fn alloc(&mut self, kind: ResourceKind, goal: Option<u64>, what: &str) -> Result<u64> {
         let area = *self.sb().area(kind);
         let per = u64::from(area.per_cluster);
         if let Some(g) = goal.filter(|&g| g < area.count) {
             let u = self.bitmap(kind, g / per)?;
-            if !crate::bitmap::get(&u, g % per) {
-                self.set_bit(kind, g, true)?;
-                return Ok(g);
+            if !crate::bitmap::get(&u, g % per) && self.lock_cluster(kind, g / per, false)? {
+                let u = self.bitmap(kind, g / per)?;
+                if !crate::bitmap::get(&u, g % per) {
+                    self.set_bit(kind, g, true)?;
+                    return Ok(g);
+                }
             }
         }
         let clusters = area.clusters();
@@ -215,8 +295,17 @@ impl State {
             .get(&kind)
             .map(|c| (c.cluster, c.hint))
             .unwrap_or((0, 0));
+        let mut busy = None;
         for step in 0..clusters {
             let cluster = (start + step) % clusters;
+            let u = self.bitmap(kind, cluster)?;
+            if crate::bitmap::free(&u) == 0 {
+                continue;
+            }
+            if !self.lock_cluster(kind, cluster, false)? {
+                busy.get_or_insert(cluster);
+                continue;
+            }
             let u = self.bitmap(kind, cluster)?;
             let from = if step == 0 { hint } else { 0 };
             if let Some(bit) = crate::bitmap::find_free(&u, from) {
@@ -232,6 +321,11 @@ impl State {
                 return Ok(index);
             }
         }
+        if let Some(cluster) = busy {
+            // Every cluster with room is locked by another host: wait for this one.
+            self.lock_cluster(kind, cluster, true)?;
+            return self.alloc(kind, goal, what);
+        }
         Err(Error::NoSpace {
             lun: self.st.lun_name(),
             what: what.to_string(),
@@ -239,7 +333,11 @@ impl State {
         })
     }
 
+    /// Frees one resource, taking its cluster's lock (waiting for it if another host holds
+    /// it).
     pub fn release(&mut self, kind: ResourceKind, index: u64) -> Result<()> {
+        let cluster = index / u64::from(self.sb().area(kind).per_cluster);
+        self.lock_cluster(kind, cluster, true)?;
         if !self.set_bit(kind, index, false)? {
             let off = self
                 .sb()
@@ -254,18 +352,26 @@ impl State {
         Ok(())
     }
 
-    /// Free resources of a kind (reads every bitmap of that kind once).
+    /// Free resources of a kind: every bitmap of that kind is read, at most once per
+    /// commit interval (other hosts allocate too, so the figure is an estimate).
     pub fn free_count(&mut self, kind: ResourceKind) -> Result<u64> {
-        if let Some(f) = self.free.get(&kind) {
-            return Ok(*f);
+        let ttl = self.sb().timing().commit_interval();
+        if let Some((f, at)) = self.free.get(&kind) {
+            if at.elapsed() < ttl {
+                return Ok(*f);
+            }
         }
         let clusters = self.sb().area(kind).clusters();
         let mut total = 0;
         for c in 0..clusters {
             total += crate::bitmap::free(&*self.bitmap(kind, c)?);
         }
-        self.free.insert(kind, total);
+        self.free.insert(kind, (total, Instant::now()));
         Ok(total)
+    }
+
+    pub fn forget_free_count(&mut self, kind: ResourceKind) {
+        self.free.remove(&kind);
     }
 
     pub fn ensure_free(&mut self, kind: ResourceKind, needed: u64, what: &str) -> Result<()> {
@@ -310,7 +416,7 @@ impl State {
     fn ptr_unit(&mut self, owner: u64, addr: u64, k: u64) -> Result<(u64, Arc<Unit>)> {
         let p = self.resource_index(ResourceKind::PointerBlock, owner, addr)?;
         let off = self.sb().pointer_blocks.resource_offset(p) + k * UNIT_U64;
-        let u = self.st.load(off, MAGIC_POINTER, &|| {
+        let u = self.st.load_owned(off, MAGIC_POINTER, owner, &|| {
             format!("pointer block {p} unit {k} of inode {owner}")
         })?;
         if let Err(why) = inode::pointer_check(&u, p, k) {
@@ -332,7 +438,8 @@ impl State {
         let base = self.sb().pointer_blocks.resource_offset(p);
         for k in 0..PTR_UNITS {
             let off = base + k * UNIT_U64;
-            self.st.put(off, inode::pointer_unit_new(p, k, off));
+            self.st
+                .put_owned(off, inode::pointer_unit_new(p, k, off), i.ino());
         }
         i.add_allocated(POINTER_BLOCK_SIZE as i64);
         Ok(p + 1)
@@ -390,7 +497,7 @@ impl State {
                     if depth == 0 {
                         let mut m = Box::new(*u);
                         inode::pointer_set(&mut m, s, addr, off);
-                        self.st.put(off, m);
+                        self.st.put_owned(off, m, owner);
                         return Ok(());
                     }
                     let mut child = inode::pointer_get(&u, s);
@@ -401,7 +508,7 @@ impl State {
                         child = self.new_pointer_block(i)?;
                         let mut m = Box::new(*u);
                         inode::pointer_set(&mut m, s, child, off);
-                        self.st.put(off, m);
+                        self.st.put_owned(off, m, owner);
                     }
                     pb = child;
                 }
@@ -565,7 +672,7 @@ impl State {
                     i.add_allocated(-bs);
                     dirty = true;
                     if self.st.op_len() + 8 >= MAX_OP_UNITS {
-                        self.st.put(off, m.clone());
+                        self.st.put_owned(off, m.clone(), i.ino());
                         dirty = false;
                         self.intermediate(i)?;
                     }
@@ -574,7 +681,7 @@ impl State {
                     self.release(ResourceKind::PointerBlock, p)?;
                     inode::pointer_set(&mut m, hit, 0, off);
                     i.add_allocated(-(POINTER_BLOCK_SIZE as i64));
-                    self.st.put(off, m.clone());
+                    self.st.put_owned(off, m.clone(), i.ino());
                     dirty = false;
                     self.intermediate(i)?;
                 } else {
@@ -582,7 +689,7 @@ impl State {
                 }
             }
             if dirty {
-                self.st.put(off, m);
+                self.st.put_owned(off, m, i.ino());
             }
         }
         Ok(empty)
@@ -633,7 +740,7 @@ impl State {
     ) -> Result<(u64, Arc<Unit>, Vec<dir::Record>)> {
         let ino = d.ino();
         let off = self.dir_unit_location(d, k)?;
-        let u = self.st.load(off, MAGIC_DIR, &|| {
+        let u = self.st.load_owned(off, MAGIC_DIR, ino, &|| {
             format!("directory inode {ino} unit {k}")
         })?;
         let recs = dir::records(&u, ino, k).map_err(|why| {
@@ -697,7 +804,7 @@ impl State {
             self.st
                 .corrupt(format!("directory inode {dino} unit {k}"), off, why)
         })?;
-        self.st.put(off, m);
+        self.st.put_owned(off, m, dino);
         if let Some(index) = self.dirs.get_mut(&dino) {
             index.load_unit(k, &recs);
         }
@@ -724,7 +831,7 @@ impl State {
                 moved.push((base + j * UNIT_U64, m));
             }
             for (off, m) in moved {
-                self.st.put(off, m);
+                self.st.put_owned(off, m, dino);
             }
             let sb_index = self.resource_index(ResourceKind::SubBlock, dino, old_sb)?;
             self.release(ResourceKind::SubBlock, sb_index)?;
@@ -747,7 +854,7 @@ impl State {
         }
         d.set_size((k + 1) * UNIT_U64);
         let off = self.dir_unit_location(d, k)?;
-        self.st.put(off, dir::new_unit(dino, k, off));
+        self.st.put_owned(off, dir::new_unit(dino, k, off), dino);
         if let Some(index) = self.dirs.get_mut(&dino) {
             index.load_unit(
                 k,
@@ -770,7 +877,7 @@ impl State {
         dir::reseal(&mut m, off);
         let recs = dir::records(&m, dino, slot.unit)
             .map_err(|why| self.st.corrupt(format!("directory inode {dino}"), off, why))?;
-        self.st.put(off, m);
+        self.st.put_owned(off, m, dino);
         if let Some(index) = self.dirs.get_mut(&dino) {
             index.names.remove(name);
             index.slack[slot.unit as usize] = dir::slack(&recs);
@@ -796,7 +903,7 @@ impl State {
         let mut m = Box::new(*u);
         dir::retarget(&mut m, slot.off, ino, kind);
         dir::reseal(&mut m, off);
-        self.st.put(off, m);
+        self.st.put_owned(off, m, dino);
         if let Some(index) = self.dirs.get_mut(&dino) {
             index
                 .names

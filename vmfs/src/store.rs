@@ -5,14 +5,23 @@
 //! committed journal images not yet written in place, then in the cache of verified on-disk
 //! units, and last on the LUN (verified before it is cached). An operation that fails drops
 //! its layer, so a failed operation changes nothing. `commit` journals the running
-//! transaction, flushes, and only then writes the images in place.
+//! transaction, flushes, and only then writes the images in place: other units first, inodes
+//! last, so a host that reads an inode without its lock never finds a new inode next to an
+//! old directory or pointer unit.
+//!
+//! Other hosts change units this host does not hold locks on, so cached units are trusted
+//! only as far as the caller says: directory and pointer units are remembered with the inode
+//! they belong to and dropped when that inode changes; `load_fresh` rereads from the LUN and
+//! retries a unit caught in the middle of another host's in-place write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lun::{IoRequest, Lun};
 use uuid::Uuid;
 
+use crate::cluster::lease::Lease;
 use crate::codec::*;
 use crate::error::{Error, Result};
 use crate::journal::{self, Header, MAX_TX_UNITS, TX_START};
@@ -20,6 +29,9 @@ use crate::layout::Superblock;
 
 /// Drop verified clean units when the cache grows past this many (only between operations).
 const CLEAN_CACHE_MAX: usize = 1 << 18;
+/// Reads of a unit that fails verification before it is reported corrupt: another host's
+/// in-place write of a 4 KiB unit is not atomic on 512-byte sectors.
+const TORN_RETRIES: u32 = 6;
 
 pub(crate) struct Journal {
     pub slot: u32,
@@ -39,6 +51,14 @@ pub(crate) struct Store {
     op: HashMap<u64, Arc<Unit>>,
     journal: Option<Journal>,
     fenced: Option<String>,
+    /// The host lease: once it runs out nothing is written.
+    lease: Option<Arc<Lease>>,
+    /// Which inode a cached directory or pointer unit belongs to.
+    owner: HashMap<u64, u64>,
+    owned: HashMap<u64, Vec<u64>>,
+    /// Read-only opens: when the overlay was read, and how often to reread it.
+    overlay_at: Option<Instant>,
+    overlay_every: Duration,
     /// Commit once the running transaction holds this many units; an operation never touches
     /// more than the rest of a transaction's room.
     commit_at: usize,
@@ -55,8 +75,17 @@ impl Store {
             op: HashMap::new(),
             journal: None,
             fenced: None,
+            lease: None,
+            owner: HashMap::new(),
+            owned: HashMap::new(),
+            overlay_at: None,
+            overlay_every: Duration::from_secs(1),
             commit_at: MAX_TX_UNITS / 2,
         }
+    }
+
+    pub fn set_lease(&mut self, lease: Arc<Lease>) {
+        self.lease = Some(lease);
     }
 
     pub fn lun_name(&self) -> String {
@@ -84,6 +113,14 @@ impl Store {
     }
 
     pub fn check_writable(&self) -> Result<()> {
+        if let Some(lease) = &self.lease {
+            if let Err(reason) = lease.check() {
+                return Err(Error::HostFenced {
+                    lun: self.lun_name(),
+                    reason,
+                });
+            }
+        }
         if let Some(reason) = &self.fenced {
             return Err(Error::Fenced {
                 lun: self.lun_name(),
@@ -118,8 +155,121 @@ impl Store {
         self.journal.as_ref().map(|j| j.slot)
     }
 
-    pub fn set_overlay(&mut self, images: HashMap<u64, Arc<Unit>>) {
+    pub fn set_overlay(&mut self, images: HashMap<u64, Arc<Unit>>, every: Duration) {
         self.overlay = images;
+        self.overlay_at = Some(Instant::now());
+        self.overlay_every = every;
+    }
+
+    /// Read-only opens: rereads the other hosts' pending journal transactions when the
+    /// overlay is older than its period.
+    pub fn refresh_overlay(&mut self) -> Result<()> {
+        let Some(at) = self.overlay_at else {
+            return Ok(());
+        };
+        if at.elapsed() < self.overlay_every {
+            return Ok(());
+        }
+        self.overlay = overlay(&*self.lun, &self.sb)?;
+        self.overlay_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// True when finished operations are not yet committed, or committed but not yet
+    /// checkpointed.
+    pub fn has_uncommitted(&self) -> bool {
+        !self.tx.is_empty() || self.journal.as_ref().is_some_and(|j| j.cursor > TX_START)
+    }
+
+    /// True when the current operation or the running transaction changed the unit.
+    pub fn is_pending(&self, off: u64) -> bool {
+        self.op.contains_key(&off) || self.tx.contains_key(&off)
+    }
+
+    /// The cached verified image of a unit, if any (not the pending layers).
+    pub fn clean_copy(&self, off: u64) -> Option<Arc<Unit>> {
+        self.clean.get(&off).cloned()
+    }
+
+    /// Reads and verifies a unit from the LUN (or the read-only overlay), retrying a unit
+    /// that another host may be rewriting, and caches it.
+    pub fn load_fresh(
+        &mut self,
+        off: u64,
+        magic: u32,
+        object: &dyn Fn() -> String,
+    ) -> Result<Arc<Unit>> {
+        if let Some(u) = self.op.get(&off).or_else(|| self.tx.get(&off)) {
+            return Ok(u.clone());
+        }
+        if let Some(u) = self.overlay.get(&off) {
+            return Ok(u.clone());
+        }
+        let mut attempt = 0;
+        loop {
+            let mut u = zero_unit();
+            self.lun.read_at(&mut u[..], off)?;
+            match verify(&u[..], magic, off, UNIT) {
+                Ok(()) => {
+                    let u: Arc<Unit> = Arc::from(u);
+                    self.clean.insert(off, u.clone());
+                    return Ok(u);
+                }
+                Err(fault) if attempt >= TORN_RETRIES => {
+                    return Err(self.corrupt(object(), off, fault.to_string()));
+                }
+                Err(_) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(u64::from(attempt)));
+                }
+            }
+        }
+    }
+
+    /// A directory or pointer unit of inode `owner`: cached only while it is known to be
+    /// that inode's (the caller drops an inode's units when the inode changes).
+    pub fn load_owned(
+        &mut self,
+        off: u64,
+        magic: u32,
+        owner: u64,
+        object: &dyn Fn() -> String,
+    ) -> Result<Arc<Unit>> {
+        if let Some(u) = self.op.get(&off).or_else(|| self.tx.get(&off)) {
+            return Ok(u.clone());
+        }
+        if self.owner.get(&off) == Some(&owner) {
+            if let Some(u) = self.clean.get(&off) {
+                return Ok(u.clone());
+            }
+        }
+        let u = self.load_fresh(off, magic, object)?;
+        self.own(off, owner);
+        Ok(u)
+    }
+
+    fn own(&mut self, off: u64, owner: u64) {
+        if let Some(prev) = self.owner.insert(off, owner) {
+            if prev == owner {
+                return;
+            }
+        }
+        self.owned.entry(owner).or_default().push(off);
+    }
+
+    /// Forgets the cached directory and pointer units of inode `ino`.
+    pub fn forget_owned(&mut self, ino: u64) {
+        for off in self.owned.remove(&ino).unwrap_or_default() {
+            if self.owner.get(&off) == Some(&ino) {
+                self.owner.remove(&off);
+                self.clean.remove(&off);
+            }
+        }
+    }
+
+    /// Forgets one cached unit.
+    pub fn forget(&mut self, off: u64) {
+        self.clean.remove(&off);
     }
 
     fn cached(&self, off: u64) -> Option<&Arc<Unit>> {
@@ -159,6 +309,12 @@ impl Store {
     pub fn put(&mut self, off: u64, unit: Box<Unit>) {
         debug_assert!(self.journal.is_some());
         self.op.insert(off, Arc::from(unit));
+    }
+
+    /// Records a new image of a directory or pointer unit of inode `owner`.
+    pub fn put_owned(&mut self, off: u64, unit: Box<Unit>, owner: u64) {
+        self.put(off, unit);
+        self.own(off, owner);
     }
 
     pub fn op_len(&self) -> usize {
@@ -205,6 +361,20 @@ impl Store {
         }
         if self.clean.len() > CLEAN_CACHE_MAX {
             self.clean.clear();
+            self.owner.clear();
+            self.owned.clear();
+        }
+        Ok(())
+    }
+
+    /// Commit, then checkpoint: the running transaction is in place and the journal empty,
+    /// so nothing of it can ever be replayed over a later holder's changes. Locks may be
+    /// released after this.
+    pub fn commit_point(&mut self) -> Result<()> {
+        self.commit()?;
+        let dirty = self.journal.as_ref().is_some_and(|j| j.cursor > TX_START);
+        if dirty {
+            self.checkpoint()?;
         }
         Ok(())
     }
@@ -243,7 +413,13 @@ impl Store {
     }
 
     fn write_in_place(&mut self, images: &[(u64, Arc<Unit>)]) -> Result<()> {
-        if let Err(e) = write_units(&*self.lun, images) {
+        let (inodes, rest): (Vec<_>, Vec<_>) = images
+            .iter()
+            .cloned()
+            .partition(|(_, u)| get_u32(&u[..], OFF_MAGIC) == MAGIC_INODE);
+        let written =
+            write_units(&*self.lun, &rest).and_then(|()| write_units(&*self.lun, &inodes));
+        if let Err(e) = written {
             // The transaction is durable in the journal but its images may be half in place:
             // stop taking updates; replay at the next open finishes the job.
             let reason = e.to_string();
@@ -273,22 +449,19 @@ impl Store {
         Ok(())
     }
 
-    /// Commit, checkpoint and flush: everything so far is durable and the journal is empty.
-    pub fn sync(&mut self) -> Result<()> {
-        self.commit()?;
-        self.checkpoint()?;
-        self.lun.flush()?;
-        Ok(())
-    }
-
     /// Forgets every cached image (after repairs that wrote behind the cache's back).
     pub fn drop_clean_cache(&mut self) {
         self.clean.clear();
+        self.owner.clear();
+        self.owned.clear();
     }
 }
 
 /// Writes whole units at their offsets, merging neighbours into larger requests.
 pub(crate) fn write_units(lun: &dyn Lun, images: &[(u64, Arc<Unit>)]) -> Result<()> {
+    if images.is_empty() {
+        return Ok(());
+    }
     let mut sorted: Vec<&(u64, Arc<Unit>)> = images.iter().collect();
     sorted.sort_by_key(|(o, _)| *o);
     let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();

@@ -25,6 +25,9 @@ fn fresh() -> TestDs {
             block_size: 64 << 10,
             max_files: Some(1024),
             journal_size: Some(1 << 20),
+            // No heartbeat renewal or background commit during the workload: every run
+            // issues the same writes, so "crash after write k" means the same thing.
+            io_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         },
     )

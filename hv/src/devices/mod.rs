@@ -3,6 +3,7 @@
 //! Devices run on the vCPU thread that touched them, under a per-device lock: a guest's disk
 //! request is served synchronously inside its QUEUE_NOTIFY write.
 
+pub(crate) mod ged;
 pub(crate) mod legacy;
 pub(crate) mod virtio_blk;
 pub(crate) mod virtio_mmio;

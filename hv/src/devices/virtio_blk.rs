@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use lun::{IoRequest, Lun, check_request};
-use tracing::warn;
+use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -73,19 +73,19 @@ impl Block {
             .position(|(_, write)| *write)
             .unwrap_or(segments.len());
         if segments[split..].iter().any(|(_, write)| !*write) {
-            warn!(vm = %self.vm, disk = %self.name, "request with a readable buffer after a writable one");
+            debug!(vm = %self.vm, disk = %self.name, "request with a readable buffer after a writable one");
             return 0;
         }
         let readable: Vec<Segment> = segments[..split].iter().map(|(s, _)| *s).collect();
         let writable: Vec<Segment> = segments[split..].iter().map(|(s, _)| *s).collect();
         let Some(status_at) = last_byte(&writable) else {
-            warn!(vm = %self.vm, disk = %self.name, "request without room for a status byte");
+            debug!(vm = %self.vm, disk = %self.name, "request without room for a status byte");
             return 0;
         };
         let mut header = [0u8; HEADER_LEN];
         let header_ok = gather(mem, &readable, &mut header);
         let (status, written) = if !header_ok {
-            warn!(vm = %self.vm, disk = %self.name, "request header missing or outside guest memory");
+            debug!(vm = %self.vm, disk = %self.name, "request header missing or outside guest memory");
             (VIRTIO_BLK_S_IOERR, 0)
         } else {
             let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -102,7 +102,7 @@ impl Block {
                     (status, written)
                 }
                 VIRTIO_BLK_T_OUT if self.read_only => {
-                    warn!(vm = %self.vm, disk = %self.name, sector, "write to a read-only disk refused");
+                    debug!(vm = %self.vm, disk = %self.name, sector, "write to a read-only disk refused");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
                 VIRTIO_BLK_T_OUT => {
@@ -122,7 +122,7 @@ impl Block {
                     (VIRTIO_BLK_S_OK, n)
                 }
                 other => {
-                    warn!(vm = %self.vm, disk = %self.name, request = other, "unsupported request type");
+                    debug!(vm = %self.vm, disk = %self.name, request = other, "unsupported request type");
                     (VIRTIO_BLK_S_UNSUPP, 0)
                 }
             }
@@ -145,16 +145,23 @@ impl Block {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let len = total(data);
+        // The guest's mistakes are its to see in the status, and a guest must not be able to
+        // flood the host's log: only failures of the LUN itself are warnings.
+        let refused = |what: &dyn std::fmt::Display| {
+            debug!(vm = %self.vm, disk = %self.name, lun = %self.lun.name(), sector, len,
+                   write, error = %what, "disk request refused");
+            VIRTIO_BLK_S_IOERR
+        };
         let io_error = |what: &dyn std::fmt::Display| {
             warn!(vm = %self.vm, disk = %self.name, lun = %self.lun.name(), sector, len,
                   write, error = %what, "disk request failed");
             VIRTIO_BLK_S_IOERR
         };
         let Some(offset) = sector.checked_mul(SECTOR) else {
-            return io_error(&"sector number overflows");
+            return refused(&"sector number overflows");
         };
         if let Err(error) = check_request(&*self.lun, offset, len as u64) {
-            return io_error(&error);
+            return refused(&error);
         }
         let result = match self.host_ranges(data, mem) {
             Some(ranges) => {
@@ -187,7 +194,7 @@ impl Block {
             }
             None => {
                 if len > MAX_BOUNCE {
-                    return io_error(&format!(
+                    return refused(&format!(
                         "{len} bytes in unaligned or overlapping buffers (at most {MAX_BOUNCE})"
                     ));
                 }
@@ -198,7 +205,7 @@ impl Block {
                         self.lun.write_at(&bounce, offset)
                     } else {
                         self.bounce = bounce;
-                        return io_error(&"buffer outside guest memory");
+                        return refused(&"buffer outside guest memory");
                     }
                 } else {
                     self.lun.read_at(&mut bounce, offset).map(|()| {

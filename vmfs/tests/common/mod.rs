@@ -122,3 +122,71 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A host identity of its own, for tests that run several hosts on one datastore.
+pub fn host_named(name: &str) -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        host_name: name.into(),
+        host_uuid: uuid_for(name),
+    }
+}
+
+impl TestDs {
+    /// A datastore for cluster tests: small, on tmpfs, with the given lock protocol and
+    /// io_timeout.
+    pub fn cluster(protocol: vmfs::LockProtocol, io_timeout_ms: u64) -> TestDs {
+        TestDs::in_memory(
+            128 << 20,
+            FormatOptions {
+                label: "cluster".into(),
+                block_size: 64 << 10,
+                max_files: Some(1024),
+                journal_size: Some(1 << 20),
+                lock_protocol: Some(protocol),
+                io_timeout: Some(std::time::Duration::from_millis(io_timeout_ms)),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// A LUN handle of its own (as another host would have), hiding compare-and-write when
+    /// the datastore uses Disk Paxos.
+    pub fn host_lun(&self, protocol: vmfs::LockProtocol) -> Arc<dyn Lun> {
+        match protocol {
+            vmfs::LockProtocol::CompareAndWrite => self.lun(),
+            vmfs::LockProtocol::DiskPaxos => Arc::new(NoCas(self.lun())),
+        }
+    }
+}
+
+/// A LUN without compare-and-write: only sector-atomic reads and writes, like NBD.
+#[derive(Debug)]
+pub struct NoCas(pub Arc<dyn Lun>);
+
+impl Lun for NoCas {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.0.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+    fn submit(&self, batch: &mut [lun::IoRequest<'_>]) -> lun::Result<()> {
+        self.0.submit(batch)
+    }
+}

@@ -46,6 +46,13 @@ pub struct ExportConfig {
     pub max_clients: usize,
     /// Worker threads per client, i.e. requests of one client executed in parallel.
     pub workers_per_client: usize,
+    /// Serve NBD_CMD_TRIM by `Lun::write_zeroes` of the whole granules of this many bytes
+    /// it covers (rounded up to whole sectors); the ragged edges are left alone, as the
+    /// protocol allows. Set it only where `write_zeroes` is cheap and gives space back (a
+    /// hole punched in a file, freed blocks of a thin virtual disk). `None` advertises no
+    /// TRIM, and trims sent anyway are accepted and ignored: elsewhere "discarding" would
+    /// mean writing zeroes, which costs more than keeping the data.
+    pub trim_granularity: Option<u32>,
 }
 
 impl Default for ExportConfig {
@@ -56,6 +63,7 @@ impl Default for ExportConfig {
             read_only: false,
             max_clients: 64,
             workers_per_client: 8,
+            trim_granularity: None,
         }
     }
 }
@@ -89,6 +97,8 @@ struct Export {
     read_only: bool,
     max_payload: u32,
     workers: usize,
+    /// Bytes a TRIM deallocates at a time; see [`ExportConfig::trim_granularity`].
+    trim_granularity: Option<u64>,
     /// Serialises read-modify-write of partial sectors.
     partial_sectors: Mutex<()>,
     /// Running average of the time one read or write takes on the LUN, in nanoseconds.
@@ -105,7 +115,10 @@ impl Export {
         if self.read_only {
             flags |= FLAG_READ_ONLY;
         } else {
-            flags |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+            flags |= FLAG_SEND_WRITE_ZEROES;
+            if self.trim_granularity.is_some() {
+                flags |= FLAG_SEND_TRIM;
+            }
         }
         if structured_replies {
             // Reads are always answered in one chunk.
@@ -200,6 +213,10 @@ impl NbdServer {
         let (wake_rx, wake_tx) = nix::unistd::pipe().map_err(|e| listen_error(e.into()))?;
         let read_only = config.read_only || lun.is_read_only();
         let description = config.description.unwrap_or_else(|| lun.name().to_string());
+        let sector = u64::from(lun.sector_size());
+        let trim_granularity = config
+            .trim_granularity
+            .map(|granule| u64::from(granule).max(1).next_multiple_of(sector));
         Ok(Self {
             export: Arc::new(Export {
                 lun,
@@ -208,6 +225,7 @@ impl NbdServer {
                 read_only,
                 max_payload: MAX_PAYLOAD,
                 workers: config.workers_per_client.max(1),
+                trim_granularity,
                 partial_sectors: Mutex::new(()),
                 request_ns: AtomicU64::new(0),
             }),

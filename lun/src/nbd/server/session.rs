@@ -399,7 +399,13 @@ impl Session<'_> {
         match offset.checked_add(length) {
             Some(end) if end <= size => None,
             _ => Some((
-                if writes { ENOSPC } else { EINVAL },
+                // What the spec asks for: ENOSPC for data that does not fit, EINVAL for
+                // reads and trims of what is not there.
+                if matches!(request.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+                    ENOSPC
+                } else {
+                    EINVAL
+                },
                 format!(
                     "{name} at {offset} (+{length}) runs past the end of the {size}-byte export"
                 ),
@@ -616,11 +622,17 @@ impl Session<'_> {
             }
             CMD_WRITE => durable(export.write(payload, request.offset)),
             CMD_FLUSH => lun.flush(),
-            // A trim is a hint the protocol lets us ignore; the Lun trait has no discard.
-            CMD_TRIM => Ok(()),
-            CMD_WRITE_ZEROES => {
-                durable(export.write_zeroes(request.offset, u64::from(request.length)))
-            }
+            CMD_TRIM => match export.trim(request.offset, u64::from(request.length)) {
+                // FUA matters only when something was written.
+                Ok(true) => durable(Ok(())),
+                Ok(false) => Ok(()),
+                Err(error) => Err(error),
+            },
+            CMD_WRITE_ZEROES => durable(export.write_zeroes(
+                request.offset,
+                u64::from(request.length),
+                request.flags & CMD_FLAG_NO_HOLE != 0,
+            )),
             _ => Ok(()),
         };
         match outcome {
@@ -746,7 +758,9 @@ impl Export {
         self.lun.write_at(&span, start)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), LunError> {
+    /// Zeroes `len` bytes at `offset`. `Lun::write_zeroes` may deallocate; a client that
+    /// asked for NBD_CMD_FLAG_NO_HOLE gets the range written, hence provisioned, instead.
+    fn write_zeroes(&self, offset: u64, len: u64, provision: bool) -> Result<(), LunError> {
         let sector = u64::from(self.lun.sector_size());
         let head_end = offset.next_multiple_of(sector).min(offset + len);
         let tail_start = ((offset + len) / sector * sector).max(head_end);
@@ -754,12 +768,44 @@ impl Export {
             self.write(&vec![0u8; (head_end - offset) as usize], offset)?;
         }
         if tail_start > head_end {
-            self.lun.write_zeroes(head_end, tail_start - head_end)?;
+            if provision {
+                self.write_zero_buffers(head_end, tail_start - head_end)?;
+            } else {
+                self.lun.write_zeroes(head_end, tail_start - head_end)?;
+            }
         }
         if offset + len > tail_start {
             self.write(&vec![0u8; (offset + len - tail_start) as usize], tail_start)?;
         }
         Ok(())
+    }
+
+    /// Writes zeroes over a sector-aligned range, a megabyte at a time.
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<(), LunError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.lun.write_at(&zeroes[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Deallocates the whole trim granules inside the range; returns whether it did
+    /// anything. Without a granularity, or when no granule fits, the trim is a no-op.
+    fn trim(&self, offset: u64, len: u64) -> Result<bool, LunError> {
+        let Some(granule) = self.trim_granularity else {
+            return Ok(false);
+        };
+        let start = offset.next_multiple_of(granule);
+        let end = (offset + len) / granule * granule;
+        if start >= end {
+            return Ok(false);
+        }
+        self.lun.write_zeroes(start, end - start)?;
+        Ok(true)
     }
 
     /// Folds the time `requests` requests took into the running per-request average.

@@ -1,0 +1,214 @@
+//! `vm.toml`: what a VM is. It lives in the VM's folder on the datastore next to the kernel,
+//! the initrd and the disks, so any host that mounts the datastore can run the VM. Paths in it
+//! are datastore paths, relative to the VM folder unless they start with `/`: a folder moved
+//! with `vapp mv` keeps working. Every field is documented in hv/README.md ("vm.toml").
+
+use serde::{Deserialize, Serialize};
+
+pub const FILE_NAME: &str = "vm.toml";
+/// The format version this vapp writes; a newer one is refused rather than half understood.
+pub const VERSION: u32 = 1;
+/// The largest vm.toml read: a configuration is a few hundred bytes.
+pub const MAX_BYTES: u64 = 1 << 20;
+/// Where `vm create` puts the kernel and initrd it copies into the folder.
+pub const KERNEL_FILE: &str = "kernel";
+pub const INITRD_FILE: &str = "initrd";
+/// Linux's console on our COM1, reboot through the keyboard controller (which hv turns into a
+/// reset), and a reboot one second after a panic, as Firecracker boots its guests.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub version: u32,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub on_reset: OnReset,
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+}
+
+/// What a guest-initiated reset does (libvirt's `on_reboot`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReset {
+    /// Boot the VM again, as a PC does (and ESX).
+    #[default]
+    Reboot,
+    /// End `vm start` as if the guest had powered off (as Firecracker does).
+    PowerOff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: String,
+    /// Opened read-only shared: the guest sees a read-only device and other VMs may share it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// Only the version, read before anything else so a newer file gets a clear refusal.
+#[derive(Deserialize)]
+struct Versioned {
+    version: Option<u32>,
+}
+
+impl VmSpec {
+    /// Parses and checks `text`, the contents of `<folder>/vm.toml`; errors name the file.
+    pub fn parse(folder: &str, text: &str) -> Result<VmSpec, String> {
+        let file = path_in(folder, FILE_NAME);
+        let versioned: Versioned =
+            toml::from_str(text).map_err(|e| format!("{file}: {}", e.message()))?;
+        match versioned.version {
+            None => return Err(format!("{file}: no `version` field")),
+            Some(v) if v > VERSION => {
+                return Err(format!(
+                    "{file}: format version {v} is newer than this vapp understands ({VERSION})"
+                ));
+            }
+            Some(_) => {}
+        }
+        let spec: VmSpec = toml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+        spec.check().map_err(|reason| format!("{file}: {reason}"))?;
+        Ok(spec)
+    }
+
+    /// The file's contents, with a header saying where its fields are documented.
+    pub fn render(&self) -> Result<String, String> {
+        let body = toml::to_string(self).map_err(|e| format!("cannot encode vm.toml: {e}"))?;
+        Ok(format!(
+            "# vapp VM configuration: see \"vm.toml\" in hv/README.md for every field.\n{body}"
+        ))
+    }
+
+    /// The rules every VM obeys whatever host runs it; what depends on the host (vCPU limit,
+    /// free memory, KVM) is checked when the VM starts.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() {
+            return Err("`name` is empty".to_string());
+        }
+        if self.vcpus == 0 {
+            return Err("`vcpus` is 0: a VM needs at least one vCPU".to_string());
+        }
+        let min_mib = hv::MIN_MEMORY / MIB;
+        if self.memory_mib < min_mib {
+            return Err(format!(
+                "`memory_mib` is {}: a VM needs at least {min_mib} MiB",
+                self.memory_mib
+            ));
+        }
+        if self.memory_mib.checked_mul(MIB).is_none() {
+            return Err(format!("`memory_mib` {} is too large", self.memory_mib));
+        }
+        if self.kernel.trim().is_empty() {
+            return Err("`kernel` is empty".to_string());
+        }
+        if self.initrd.as_ref().is_some_and(|i| i.trim().is_empty()) {
+            return Err("`initrd` is empty (leave it out for none)".to_string());
+        }
+        if self.disks.len() > hv::MAX_DISKS {
+            return Err(format!(
+                "{} disks: a VM has at most {}",
+                self.disks.len(),
+                hv::MAX_DISKS
+            ));
+        }
+        if let Some(i) = self.disks.iter().position(|d| d.path.trim().is_empty()) {
+            return Err(format!("disk {i} has an empty `path`"));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib.saturating_mul(MIB)
+    }
+}
+
+/// The datastore path `path` means in `folder`: absolute paths stay, others are relative.
+pub fn path_in(folder: &str, path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{path}", folder.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmSpec {
+        VmSpec {
+            version: VERSION,
+            name: "web1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: KERNEL_FILE.into(),
+            initrd: Some(INITRD_FILE.into()),
+            cmdline: DEFAULT_CMDLINE.into(),
+            on_reset: OnReset::PowerOff,
+            disks: vec![
+                DiskSpec {
+                    path: "disk0.vdisk".into(),
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: "/vms/shared/iso.vdisk".into(),
+                    read_only: true,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let text = sample().render().unwrap();
+        assert!(text.contains("[[disk]]"), "{text}");
+        assert!(text.contains("on_reset = \"power-off\""), "{text}");
+        assert_eq!(VmSpec::parse("/vms/web1", &text).unwrap(), sample());
+    }
+
+    #[test]
+    fn defaults_fill_optional_fields() {
+        let text = "version = 1\nname = \"a\"\nvcpus = 1\nmemory_mib = 64\nkernel = \"kernel\"\n";
+        let spec = VmSpec::parse("/vms/a", text).unwrap();
+        assert_eq!(spec.on_reset, OnReset::Reboot);
+        assert!(spec.disks.is_empty() && spec.initrd.is_none() && spec.cmdline.is_empty());
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_the_file_and_the_field() {
+        let base = sample().render().unwrap();
+        let cases = [
+            (base.replace("vcpus = 2", "vcpus = 0"), "at least one vCPU"),
+            (
+                base.replace("memory_mib = 256", "memory_mib = 1"),
+                "at least 16 MiB",
+            ),
+            (base.replace("version = 1", "version = 7"), "newer"),
+            (base.replace("version = 1\n", ""), "no `version`"),
+            (base.replace("vcpus = 2", "vcpus = 2\ncpus = 2"), "cpus"),
+            (base.replace("vcpus = 2", "vcpus = \"two\""), "vcpus"),
+        ];
+        for (text, needle) in cases {
+            let err = VmSpec::parse("/vms/web1", &text).unwrap_err();
+            assert!(err.starts_with("/vms/web1/vm.toml: "), "{err}");
+            assert!(err.contains(needle), "{err} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_folder_unless_absolute() {
+        assert_eq!(path_in("/vms/a/", "disk0.vdisk"), "/vms/a/disk0.vdisk");
+        assert_eq!(path_in("/vms/a", "/vms/b/x.vdisk"), "/vms/b/x.vdisk");
+    }
+}
