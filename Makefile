@@ -32,8 +32,8 @@ clippy:
 test: deps guest-assets fmt clippy
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: deps guest-assets
-	$(CARGO) bench -p vapp-benches
+bench: release guest-assets
+	VAPP_BIN=$(CURDIR)/target/release/vapp $(CARGO) bench -p vapp-benches
 	$(CARGO) run -q -p vapp-benches --bin bench-report
 
 clean:
