@@ -23,10 +23,24 @@ dpkg-deb -x busybox-static_*.deb busybox
 cp kernel/boot/vmlinuz-* "$out/vmlinuz"
 cp busybox/bin/busybox "$out/busybox"
 mkdir -p "$out/modules"
-# Load order matters: busybox insmod does not resolve dependencies.
-for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_blk; do
+wanted="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_blk"
+for m in $wanted; do
   find kernel/lib/modules -name "$m.ko" -exec cp {} "$out/modules/" \;
   [ -s "$out/modules/$m.ko" ] || { echo "guest-assets: module $m.ko missing from $kernel_pkg" >&2; exit 1; }
 done
-echo "virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_blk" > "$out/modules/order"
-echo "guest-assets: $kernel_pkg and busybox-static in $out"
+# busybox insmod does not resolve dependencies, so write the load order from each module's own
+# `depends=` field (it changes between kernel updates: 6.1.0-56's virtio needs virtio_ring).
+depends() { tr '\0' '\n' < "$out/modules/$1.ko" | sed -n 's/^depends=//p' | tr ',' ' '; }
+order=()
+visit() {
+  local m=$1 d
+  [[ " ${order[*]} " == *" $m "* ]] && return
+  for d in $(depends "$m"); do
+    [ -s "$out/modules/$d.ko" ] || { echo "guest-assets: $m.ko needs $d.ko, which is not fetched" >&2; exit 1; }
+    visit "$d"
+  done
+  order+=("$m")
+}
+for m in $wanted; do visit "$m"; done
+echo "${order[*]}" > "$out/modules/order"
+echo "guest-assets: $kernel_pkg and busybox-static in $out (modules: ${order[*]})"

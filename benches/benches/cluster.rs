@@ -14,6 +14,7 @@
 //!   timeout / time-to-break, so the goal (break within 1.2 x the timeout) is >= 0.83.
 //!
 //! Host processes are this benchmark binary started again with a role in the environment.
+//! Datastores live on tmpfs (/dev/shm) when there is one.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -40,8 +41,15 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>, secs: u64) {
         .measurement_time(Duration::from_secs(secs));
 }
 
+/// On tmpfs when there is one: the figures are about the cluster protocol and its scaling,
+/// not about the flush latency of the disk under /tmp.
 fn scratch() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
 }
 
 fn format(path: &Path, protocol: LockProtocol, io_timeout: Duration) {
@@ -214,7 +222,10 @@ fn metadata_host() {
     ds.close().unwrap();
 }
 
-fn spawn_role(role: &str, vars: &[(&str, String)]) -> (Child, BufReader<std::process::ChildStdout>) {
+fn spawn_role(
+    role: &str,
+    vars: &[(&str, String)],
+) -> (Child, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.env(ROLE, role)
         .stdin(Stdio::piped())
@@ -232,7 +243,10 @@ fn expect(out: &mut BufReader<std::process::ChildStdout>, word: &str) {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "host exited before {word:?}");
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "host exited before {word:?}"
+        );
         if line.trim() == word {
             return;
         }

@@ -1,10 +1,16 @@
 //! A clustered VM datastore on one LUN (VMFS-style).
 //!
 //! The on-disk format is described in `FORMAT.md` next to this crate. In short: a superblock
-//! (and its backup at the end of the LUN), 64 heartbeat slots, reserved Disk Paxos lease
-//! areas, one redo journal per host slot, and resource clusters (lock record + bitmap) for
-//! file descriptors, sub-blocks, pointer blocks and file blocks. Every metadata unit is 4 KiB
+//! (and its backup at the end of the LUN), 64 heartbeat slots, Disk Paxos lease areas, one
+//! redo journal per host slot, and resource clusters (lock record + bitmap) for file
+//! descriptors, sub-blocks, pointer blocks and file blocks. Every metadata unit is 4 KiB
 //! with magic, location and crc32c, and every metadata change goes through the host's journal.
+//!
+//! Many hosts mount one LUN at once: a read-write [`Datastore::open`] joins the cluster
+//! (a heartbeat slot renewed in the background, self-fencing when it cannot be), and every
+//! metadata change runs under the on-disk lock of what it changes; a dead host's journal is
+//! replayed before its locks are broken. See [`cluster`] and the "Clustering" section of
+//! `FORMAT.md`.
 //!
 //! ```no_run
 //! # fn main() -> vmfs::Result<()> {

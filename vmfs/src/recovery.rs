@@ -52,7 +52,13 @@ impl Datastore {
             match outcome {
                 Ok(_) => return Ok(()),
                 Err(c) => match c.verdict {
+                    // Dead, or being recovered by this host after an attempt that failed:
+                    // (re)do the recovery here, so its error reaches the caller.
                     Verdict::Dead => {
+                        self.recover_slot(c.holder.slot)?;
+                        continue;
+                    }
+                    Verdict::Recovering { by } if by == me.slot => {
                         self.recover_slot(c.holder.slot)?;
                         continue;
                     }

@@ -1,13 +1,13 @@
 //! Clustering: many hosts on one LUN, coordinating only through the disk.
 //!
-//! - [`heartbeat`]: host ids are heartbeat slots held as delta leases (sanlock) and renewed
-//!   by a background thread; a host that cannot renew fences itself ([`lease`]).
-//! - [`monitor`]: other hosts are judged alive or dead by watching their renewal counters on
+//! - `heartbeat`: host ids are heartbeat slots held as delta leases (sanlock) and renewed by
+//!   a background thread; a host that cannot renew fences itself (`lease`).
+//! - `monitor`: other hosts are judged alive or dead by watching their renewal counters on
 //!   our own monotonic clock.
-//! - [`record`]: lock records next to every inode and resource cluster (free, exclusive,
+//! - `record`: lock records next to every inode and resource cluster (free, exclusive,
 //!   read-only shared, multi-writer), changed atomically by compare-and-write or, on LUNs
-//!   without it, under a Disk Paxos lease ([`paxos`]).
-//! - [`node`]: a joined host tying these together.
+//!   without it, under a Disk Paxos lease (`paxos`).
+//! - [`Node`]: a joined host tying these together.
 //! - [`survey`]: what `vapp datastore hosts` shows, read without joining.
 //!
 //! The datastore layer adds journal replay before lock breaking (recovery) and the rule that

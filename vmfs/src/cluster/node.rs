@@ -477,9 +477,9 @@ impl Node {
             };
             if let Some(owner) = leader.owner.filter(|o| *o != me) {
                 if !gone(owner) {
+                    // Areas are held for a few I/Os: look again soon.
                     blocker = Some(owner);
-                    std::thread::sleep(jitter(backoff));
-                    backoff = (backoff * 2).min(self.timing.io_timeout / 8);
+                    std::thread::sleep(jitter(Duration::from_millis(1)));
                     continue;
                 }
             }
@@ -509,7 +509,9 @@ impl Node {
                 Ballot::Aborted { max_mbal } => floor = floor.max(max_mbal),
                 Ballot::Outdated => {}
             }
+            // Colliding ballots back off, randomly, longer each time.
             std::thread::sleep(jitter(backoff));
+            backoff = (backoff * 2).min(self.timing.io_timeout / 8);
         }
     }
 
@@ -621,22 +623,35 @@ impl Node {
         }
     }
 
-    /// Slots another host must recover: dead per the monitor, or crashed runs of this host.
+    /// Slots another host must recover: dead per the monitor, crashed runs of this host, and
+    /// recoveries whose recoverer died or left.
     pub(crate) fn dead_slots(&self) -> Vec<u32> {
         let now = Instant::now();
-        let (mut dead, live): (Vec<u32>, Vec<u32>) = {
+        let (mut dead, mine, recovering) = {
             let m = guard(&self.monitor);
             let dead = m.dead_slots(self.me.slot, self.timing.dead_after(), now);
-            let live = (0..self.sb.host_slots)
-                .filter(|s| {
-                    m.seen(*s)
-                        .is_some_and(|x| x.hb.state == SlotState::Live && x.hb.host == self.me.uuid)
-                })
+            let seen = |state: SlotState| {
+                (0..self.sb.host_slots)
+                    .filter(|s| m.seen(*s).is_some_and(|x| x.hb.state == state))
+                    .collect::<Vec<u32>>()
+            };
+            let mine: Vec<u32> = seen(SlotState::Live)
+                .into_iter()
+                .filter(|s| m.seen(*s).is_some_and(|x| x.hb.host == self.me.uuid))
                 .collect();
-            (dead, live)
+            let recovering: Vec<(u32, u64)> = seen(SlotState::Recovering)
+                .into_iter()
+                .filter_map(|s| m.seen(s).map(|x| (s, x.hb.generation)))
+                .collect();
+            (dead, mine, recovering)
         };
-        for s in live {
+        for s in mine {
             if !dead.contains(&s) && self.crashed_here(s) {
+                dead.push(s);
+            }
+        }
+        for (s, generation) in recovering {
+            if self.verdict(Holder::new(s, generation)) == Verdict::Dead && !dead.contains(&s) {
                 dead.push(s);
             }
         }

@@ -186,13 +186,16 @@ impl Area<'_> {
                 .collect();
             self.lun.submit(&mut batch)?;
             drop(batch);
-            let torn = bufs.iter().enumerate().any(|(s, buf)| {
-                !intact(buf, MAGIC_PAXOS_BALLOT, self.dblock_offset(s as u32))
-            });
+            let torn = bufs
+                .iter()
+                .enumerate()
+                .any(|(s, buf)| !intact(buf, MAGIC_PAXOS_BALLOT, self.dblock_offset(s as u32)));
             if !torn {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_micros(50 * u64::from(attempt + 1)));
+            std::thread::sleep(std::time::Duration::from_micros(
+                50 * u64::from(attempt + 1),
+            ));
         }
         bufs.iter()
             .enumerate()

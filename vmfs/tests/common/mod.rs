@@ -190,3 +190,110 @@ impl Lun for NoCas {
         self.0.submit(batch)
     }
 }
+
+/// A LUN that loses power right after a host commits a journal transaction: once armed, the
+/// first flush after a journal transaction was written completes, and every write after it
+/// is silently lost (the host believes it succeeded). Deterministic whatever thread (an
+/// operation or the background committer) commits.
+#[derive(Debug)]
+pub struct CutAfterCommit {
+    inner: Arc<dyn Lun>,
+    journals: std::ops::Range<u64>,
+    armed: std::sync::atomic::AtomicBool,
+    journaled: std::sync::atomic::AtomicBool,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl CutAfterCommit {
+    pub fn new(inner: Arc<dyn Lun>) -> CutAfterCommit {
+        let sb = vmfs::read_superblock(&*inner).unwrap().0;
+        let journals =
+            sb.journal_offset..sb.journal_offset + u64::from(sb.host_slots) * sb.journal_size;
+        CutAfterCommit {
+            inner,
+            journals,
+            armed: Default::default(),
+            journaled: Default::default(),
+            cut: Default::default(),
+        }
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn lost(&self) -> bool {
+        self.is_cut()
+    }
+}
+
+impl Lun for CutAfterCommit {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.lost() {
+            return Ok(());
+        }
+        self.inner.write_at(buf, offset)?;
+        if self.armed.load(Ordering::SeqCst) && self.journals.contains(&offset) && buf.len() > 4096
+        {
+            self.journaled.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn flush(&self) -> lun::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.lost() {
+            return Ok(());
+        }
+        self.inner.flush()?;
+        if self.journaled.load(Ordering::SeqCst) {
+            self.cut.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn supports_compare_and_write(&self) -> bool {
+        self.inner.supports_compare_and_write()
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> lun::Result<lun::CompareAndWrite> {
+        if self.lost() {
+            return Ok(lun::CompareAndWrite::Written);
+        }
+        self.inner.compare_and_write(expected, new, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        if self.lost() {
+            return Ok(());
+        }
+        self.inner.write_zeroes(offset, len)
+    }
+    fn submit(&self, batch: &mut [lun::IoRequest<'_>]) -> lun::Result<()> {
+        for r in batch.iter_mut() {
+            match r {
+                lun::IoRequest::Read { buf, offset } => self.inner.read_at(buf, *offset)?,
+                lun::IoRequest::Write { buf, offset } => self.write_at(buf, *offset)?,
+            }
+        }
+        Ok(())
+    }
+}
