@@ -2,6 +2,7 @@
 
 mod cmd;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -95,5 +96,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Daemons (a background mount, a VM under a service manager) log to files and pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
