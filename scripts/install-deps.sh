@@ -19,12 +19,18 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-# Debian's qemu-system-x86 pins qemu-utils to its own version; a newer backports qemu-utils would
-# be removed by apt instead of replaced, so always ask for both together and allow the downgrade.
+# Debian's qemu-system-x86 pins qemu-utils to its own version. On machines that carry a newer
+# backports qemu-utils (whose source is no longer configured) apt would rather remove it than
+# downgrade it, so ask for both at the very version qemu-system-x86 will have.
 if printf '%s\n' "${missing[@]}" | grep -qx 'qemu-system-x86\|qemu-utils'; then
-  missing+=(qemu-utils qemu-system-x86)
+  [ "$(id -u)" -eq 0 ] && apt-get update -q >/dev/null
+  qemu_version=$(apt-cache madison qemu-system-x86 2>/dev/null | awk 'NR == 1 {print $3}')
+  others=()
+  for package in "${missing[@]}"; do
+    case "$package" in qemu-utils | qemu-system-x86) ;; *) others+=("$package") ;; esac
+  done
+  missing=("${others[@]}" "qemu-utils${qemu_version:+=$qemu_version}" "qemu-system-x86${qemu_version:+=$qemu_version}")
 fi
-mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: missing packages; as root run:" >&2
   echo "  apt-get install -y --no-install-recommends ${missing[*]}" >&2
