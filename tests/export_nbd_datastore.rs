@@ -149,3 +149,52 @@ fn a_disk_on_a_datastore_on_qemu_nbd_is_exported_onwards() {
     ds.assert_no_live_host();
     ds.assert_clean();
 }
+
+/// A datastore export whose host loses its LUN (the NBD server stops answering) fences
+/// itself and exits with an error naming the fence, instead of serving EIO forever; once
+/// the LUN is back, another host recovers it and exports the disk.
+#[test]
+fn an_export_whose_host_fences_itself_exits() {
+    if !require_tools(&[("qemu-nbd", "qemu-utils")]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = backing_file(dir.path());
+    let peer = Peer::qemu_nbd(&backing, &dir.path().join("qemu-nbd.sock"));
+    let ds = Datastore::format_on(&peer.url);
+    let disk = "/vms/a/disk.vdisk";
+    ds.vdisk(disk, 16 * MIB, false);
+    let socket = dir.path().join("disk.sock");
+    let mut export = ds
+        .export(1, disk, &["--socket", socket.to_str().unwrap()])
+        .unwrap();
+
+    peer.signal(libc::SIGSTOP);
+    let stopped = std::time::Instant::now();
+    let status = export.wait(std::time::Duration::from_secs(30));
+    let exited_after = stopped.elapsed();
+    peer.signal(libc::SIGCONT);
+    assert!(!status.success(), "a fenced export exited with {status}");
+    let log = export.stderr_text();
+    assert!(
+        log.contains("fenced itself") && log.contains(disk),
+        "the export's error does not say it fenced: {log}"
+    );
+    eprintln!("LUN stopped answering at 0; the export exited after {exited_after:?}");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let second = loop {
+        match ds.export(2, disk, &["--socket", socket.to_str().unwrap()]) {
+            Ok(export) => break export,
+            Err(why) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no other host could export the disk of the fenced one: {why}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
+    };
+    second.stop();
+    ds.assert_clean();
+}

@@ -18,6 +18,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -78,19 +80,25 @@ pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode
             let lun = lun::open(&args.lun, &options)
                 .with_context(|| format!("cannot open {}", args.lun))?;
             let trim = file_trim_granularity(&args.lun, &*lun);
-            serve(lun, &args, &addr, signals, trim)?;
+            serve(lun, &args, &addr, signals, trim, None)?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves `lun` until a signal stops the server; returns once it is flushed.
+/// Why the host serving a datastore file fenced itself, if it did.
+type FenceCheck<'a> = &'a (dyn Fn() -> Option<String> + Sync);
+
+/// Serves `lun` until a signal stops the server, or until `fenced` reports that the host
+/// fenced itself: then every write would fail, and a client is better told by a closed
+/// connection than by an export that answers EIO forever. Returns once it is flushed.
 fn serve(
     lun: Arc<dyn Lun>,
     args: &ExportArgs,
     addr: &ListenAddr,
     signals: SigSet,
     trim_granularity: Option<u32>,
+    fenced: Option<FenceCheck<'_>>,
 ) -> anyhow::Result<()> {
     let name = lun.name().to_string();
     let config = ExportConfig {
@@ -108,10 +116,41 @@ fn serve(
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
 
-    server
-        .serve()
-        .with_context(|| format!("serving {name} failed"))
+    let Some(fenced) = fenced else {
+        return server
+            .serve()
+            .with_context(|| format!("serving {name} failed"));
+    };
+    let shutdown = server.shutdown_handle();
+    let served = AtomicBool::new(false);
+    let fence = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            while !served.load(Ordering::Acquire) {
+                if let Some(why) = fenced() {
+                    tracing::error!(lun = %name, reason = %why, "host fenced: stopping the export");
+                    shutdown.shutdown();
+                    return Some(why);
+                }
+                std::thread::sleep(FENCE_POLL);
+            }
+            None
+        });
+        let result = server.serve();
+        served.store(true, Ordering::Release);
+        (result, watcher.join().ok().flatten())
+    });
+    match fence {
+        (_, Some(why)) => bail!(
+            "stopped serving {name}: this host fenced itself ({why}), so it may not write \
+             the datastore any more; clients were disconnected"
+        ),
+        (result, None) => result.with_context(|| format!("serving {name} failed")),
+    }
 }
+
+/// How often a datastore export checks whether its host fenced itself: well inside the
+/// renewal interval, so clients are cut off soon after the host stops writing.
+const FENCE_POLL: Duration = Duration::from_millis(100);
 
 /// Trims punch holes in a regular file: cheap, and the space goes back to its file
 /// system. Block devices (zeroing may mean writing) and NBD LUNs keep their data.
@@ -163,7 +202,7 @@ fn serve_datastore_file(
     // Trimming whole blocks of a thin disk frees them, a metadata-only change; on a thick
     // disk it would mean writing zeroes over them.
     let trim = (!attr.thick).then_some(attr.block_size);
-    serve(disk, args, addr, signals, trim)
+    serve(disk, args, addr, signals, trim, Some(&|| ds.fenced()))
 }
 
 fn host_options(args: &ExportArgs) -> vmfs::OpenOptions {

@@ -43,8 +43,9 @@ pub struct MountArgs {
     /// Host name this mount uses in the cluster (default: the machine's).
     #[arg(long, env = "VAPP_HOST_NAME")]
     pub host_name: Option<String>,
-    /// Host UUID this mount uses in the cluster (default: from /etc/machine-id). Two mounts
-    /// of one datastore on one machine are two hosts and need two UUIDs.
+    /// Host UUID this mount uses in the cluster (default: from /etc/machine-id). It names the
+    /// machine; every mount process is a host of its own with its own heartbeat slot, so two
+    /// mounts on one machine need no UUIDs of their own.
     #[arg(long, env = "VAPP_HOST_UUID")]
     pub host_uuid: Option<uuid::Uuid>,
 }

@@ -16,6 +16,7 @@ pub struct Export {
     pub child: Child,
     /// The URL it printed once listening.
     pub url: String,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 /// A `vapp` command with none of the caller's environment that would change its meaning.
@@ -58,16 +59,31 @@ impl Export {
             child.wait().unwrap();
             return Err(text);
         }
-        // Its log stays visible with the test's output.
+        // Its log stays visible with the test's output, and is kept for assertions.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut stderr, &mut std::io::stderr());
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut chunk) {
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
+                kept.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
         });
         let url = line.trim().to_string();
         assert!(
             url.starts_with("nbd"),
             "vapp export printed {line:?} instead of its URL"
         );
-        Ok(Export { child, url })
+        Ok(Export {
+            child,
+            url,
+            stderr: log,
+        })
+    }
+
+    /// What it logged so far.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -319,6 +335,15 @@ pub fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
 pub struct Peer {
     child: Child,
     pub url: String,
+}
+
+impl Peer {
+    /// Sends `signal` to the server: SIGSTOP makes it a LUN that stops answering.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
 }
 
 impl Peer {
