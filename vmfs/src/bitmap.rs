@@ -66,19 +66,7 @@ pub fn check(
     cluster: u64,
     count_expected: u64,
 ) -> Result<(), String> {
-    if get_u8(u, OFF_KIND) != kind.code() || get_u64(u, OFF_CLUSTER) != cluster {
-        return Err(format!(
-            "belongs to resource type {} cluster {}",
-            get_u8(u, OFF_KIND),
-            get_u64(u, OFF_CLUSTER)
-        ));
-    }
-    if count(u) != count_expected {
-        return Err(format!(
-            "covers {} resources, expected {count_expected}",
-            count(u)
-        ));
-    }
+    check_header(u, kind, cluster, count_expected)?;
     let used = (0..count_expected).filter(|&i| get(u, i)).count() as u64;
     if count_expected - used != free(u) {
         return Err(format!(

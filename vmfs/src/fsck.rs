@@ -805,13 +805,18 @@ impl Walk<'_> {
         for k in 0..PTR_UNITS {
             let off = base + k * UNIT_U64;
             let object = format!("pointer block {p} unit {k} of inode {ino}");
-            let u = match self.s.st.load(off, MAGIC_POINTER, &|| object.clone()) {
+            let checked = match self.s.st.load(off, MAGIC_POINTER, &|| object.clone()) {
+                Ok(u) => inode::pointer_check(&u, p, k).map(|()| u),
+                Err(Error::Corrupt { reason, .. }) => Err(reason),
+                Err(e) => return Err(e),
+            };
+            let u = match checked {
                 Ok(u) => u,
-                Err(Error::Corrupt { reason, .. }) => {
+                Err(why) => {
                     self.findings.push(finding(
                         object,
                         Some(off),
-                        reason,
+                        why,
                         Some("clear it (its blocks become holes)"),
                     ));
                     self.fixes.push(Fix::Unit {
@@ -820,21 +825,7 @@ impl Walk<'_> {
                     });
                     continue;
                 }
-                Err(e) => return Err(e),
             };
-            if let Err(why) = inode::pointer_check(&u, p, k) {
-                self.findings.push(finding(
-                    object,
-                    Some(off),
-                    why,
-                    Some("clear it (its blocks become holes)"),
-                ));
-                self.fixes.push(Fix::Unit {
-                    off,
-                    image: inode::pointer_unit_new(p, k, off),
-                });
-                continue;
-            }
             let mut repaired = Box::new(*u);
             let mut changed = false;
             let mut s = 0;

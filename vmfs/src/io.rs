@@ -406,12 +406,7 @@ impl State {
             if pos > i.size() {
                 i.set_size(pos);
             }
-            if self.st.op_len() >= MAX_OP_UNITS {
-                // Everything so far is on the LUN and consistent: commit it as one step.
-                self.put_inode(i.clone());
-                self.st.end_op(true);
-                self.st.commit()?;
-            }
+            self.commit_if_full(&i)?;
         }
         let now = now_ns();
         i.set_times(None, Some(now), now);
@@ -420,6 +415,17 @@ impl State {
     }
 
     /// Allocates (zeroed) every block of `[from, to)` that has none.
+    /// Commits a long operation as one step once its journal transaction is full:
+    /// everything so far is on the LUN and consistent, and `i` is the inode as of now.
+    fn commit_if_full(&mut self, i: &Inode) -> Result<()> {
+        if self.st.op_len() >= MAX_OP_UNITS {
+            self.put_inode(i.clone());
+            self.st.end_op(true);
+            self.st.commit()?;
+        }
+        Ok(())
+    }
+
     fn allocate_range(&mut self, i: &mut Inode, from: u64, to: u64) -> Result<()> {
         let bs = u64::from(self.sb().block_size);
         let what = format!("inode {}", i.ino());
@@ -676,11 +682,7 @@ impl State {
                         }
                     }
                     pos += take;
-                    if self.st.op_len() >= MAX_OP_UNITS {
-                        self.put_inode(i.clone());
-                        self.st.end_op(true);
-                        self.st.commit()?;
-                    }
+                    self.commit_if_full(&i)?;
                 }
             }
         }
