@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{disk, finish, guest_config, kvm_available, pattern_disk};
+use common::{disk, guest_config, kvm_available, pattern_disk, run_to_end};
 use hv::test_guest::{GUEST_PATTERN_OFFSET, PATTERN_BYTES, guest_pattern};
 use hv::{Vm, VmExit};
 use lun::Lun;
@@ -15,8 +15,7 @@ fn one_vcpu_boots_and_powers_off_cleanly() {
         return;
     }
     let (config, console) = guest_config("boot1", 1, "mode=boot");
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert_eq!(exit, VmExit::PowerOff { status: 0 }, "console:\n{out}");
     assert!(out.contains("cpu 0 up (apic id 0)"), "{out}");
     assert!(out.contains("1 of 1 cpus up"), "{out}");
@@ -30,8 +29,7 @@ fn every_vcpu_of_an_smp_guest_reports_its_apic_id() {
     // More vCPUs than the host has cores: vCPUs are threads, they need not have a core each.
     let vcpus = 4;
     let (config, console) = guest_config("smp4", vcpus, "mode=boot");
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert_eq!(exit, VmExit::PowerOff { status: 0 }, "console:\n{out}");
     for id in 0..vcpus {
         assert!(
@@ -90,6 +88,6 @@ fn guest_reset_ends_the_vm_as_reset() {
         return;
     }
     let (config, console) = guest_config("reset", 1, "mode=reset");
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
+    let (exit, _) = run_to_end(config, &console);
     assert_eq!(exit, VmExit::Reset, "console:\n{}", console.contents());
 }

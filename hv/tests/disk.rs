@@ -6,9 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{disk, finish, guest_config, kvm_available, pattern_disk};
+use common::{disk, guest_config, kvm_available, pattern_disk, run_to_end};
 use hv::test_guest::{GUEST_PATTERN_OFFSET, PATTERN_BYTES, guest_pattern, host_pattern, status};
-use hv::{Disk, Vm, VmExit};
+use hv::{Disk, VmExit};
 use lun::fault::{CrashMode, FaultLun};
 use lun::{FileLun, Lun, OpenOptions};
 
@@ -27,8 +27,7 @@ fn guest_reads_what_the_host_wrote_and_the_host_reads_what_the_guest_wrote() {
     let luns: Vec<_> = (0..3).map(|i| pattern_disk(&dir, i, 8 << 20)).collect();
     let (mut config, console) = guest_config("patterns", 2, "");
     config.disks = luns.iter().map(disk).collect();
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert_eq!(exit, VmExit::PowerOff { status: 0 }, "console:\n{out}");
     for (i, lun) in luns.iter().enumerate() {
         assert!(
@@ -59,8 +58,7 @@ fn guest_detects_data_that_is_not_what_the_host_wrote() {
     lun.write_at(&corrupt, 0).unwrap();
     let (mut config, console) = guest_config("corrupt", 1, "");
     config.disks.push(disk(&lun));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert!(
         out.contains("disk 0: host pattern MISMATCH at byte 2000"),
         "{out}"
@@ -83,8 +81,7 @@ fn a_blank_disk_is_new_the_guest_writes_its_pattern_on_it() {
     let lun = Arc::new(FileLun::create(&dir.path().join("blank.img"), 1 << 20).unwrap());
     let (mut config, console) = guest_config("blank", 1, "");
     config.disks.push(disk(&lun));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");
     assert!(
         out.contains("disk 0: blank, no host pattern to check"),
@@ -109,8 +106,7 @@ fn a_4k_sector_lun_is_offered_with_its_block_size() {
     lun.write_at(&host_pattern(0), 0).unwrap();
     let (mut config, console) = guest_config("4k", 1, "");
     config.disks.push(disk(&lun));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert!(
         out.contains("disk 0: 2048 sectors, block size 4096"),
         "{out}"
@@ -124,7 +120,7 @@ fn a_4k_sector_lun_is_offered_with_its_block_size() {
 fn run_then_cut_power(fault: &Arc<FaultLun>) -> (VmExit, String) {
     let (mut config, console) = guest_config("durable", 1, "");
     config.disks.push(Disk::new(fault.clone() as Arc<dyn Lun>));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
+    let (exit, _) = run_to_end(config, &console);
     fault.crash().unwrap();
     (exit, console.contents())
 }
@@ -188,8 +184,7 @@ fn lun_errors_reach_the_guest_as_ioerr() {
     fault.fail_writes(GUEST_PATTERN_OFFSET..GUEST_PATTERN_OFFSET + 512);
     let (mut config, console) = guest_config("ioerr", 1, "");
     config.disks.push(Disk::new(fault.clone() as Arc<dyn Lun>));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert!(out.contains("disk 0: host pattern ok"), "{out}");
     assert!(out.contains("disk 0: write failed status=1"), "{out}");
     assert_eq!(
@@ -212,8 +207,7 @@ fn a_read_only_disk_refuses_writes_with_ioerr_and_keeps_its_data() {
     config
         .disks
         .push(Disk::read_only(lun.clone() as Arc<dyn Lun>));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert!(
         out.contains("disk 0: 2048 sectors, block size 512, read-only"),
         "{out}"
@@ -240,8 +234,7 @@ fn out_of_range_and_unknown_requests_get_ioerr_and_unsupp() {
     let lun = pattern_disk(&dir, 0, 1 << 20);
     let (mut config, console) = guest_config("errors", 1, "");
     config.disks.push(disk(&lun));
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     assert!(out.contains("disk 0: out-of-range read status=1"), "{out}");
     assert!(
         out.contains("disk 0: unknown request type status=2"),

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{finish, guest_config, kvm_available};
+use common::{finish, guest_config, kvm_available, run_to_end};
 use hv::{Vm, VmExit};
 
 #[test]
@@ -124,8 +124,7 @@ fn a_triple_fault_ends_the_vm_with_the_faulting_registers() {
         return;
     }
     let (config, console) = guest_config("fault", 1, "mode=fault");
-    let exit = finish(Vm::create(config).unwrap().start().unwrap(), &console);
-    let out = console.contents();
+    let (exit, out) = run_to_end(config, &console);
     let rip = out
         .split("triple fault at rip=0x")
         .nth(1)

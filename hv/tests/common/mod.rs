@@ -56,3 +56,9 @@ pub fn finish(handle: VmHandle, console: &ConsoleBuffer) -> VmExit {
     }
     handle.wait()
 }
+
+/// Creates and starts the VM, waits for it to end: how it ended, and its console.
+pub fn run_to_end(config: VmConfig, console: &ConsoleBuffer) -> (VmExit, String) {
+    let exit = finish(hv::Vm::create(config).unwrap().start().unwrap(), console);
+    (exit, console.contents())
+}
