@@ -1,4 +1,5 @@
-//! `vapp`: the command line and host agent.
+//! `vapp`: the command line. Long-running commands (mount, export, vm start) are hosts of
+//! the datastore's cluster for as long as they run; there is no separate agent.
 
 mod cmd;
 

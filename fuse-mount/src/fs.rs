@@ -29,7 +29,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use vmfs::{Attr, Creds, Datastore, Kind, NewFile, SetAttr};
+use vmfs::{Attr, Creds, Datastore, DirEntry, Kind, NewFile, SetAttr};
 
 use crate::attr::{errno, file_attr, file_type, time_ns};
 use crate::open_files::{CachePolicy, Io, OpenFiles};
@@ -139,6 +139,54 @@ impl VmfsFs {
             }
         }
         Ok((fh, policy))
+    }
+
+    /// Hands the entries of directory `ino` after `offset` to `add` in batches, until `add`
+    /// says the reply is full (true) or the directory ends.
+    fn list_dir(
+        &self,
+        op: &'static str,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry) -> Result<bool, Errno>,
+    ) -> Result<(), Errno> {
+        let mut after = offset;
+        loop {
+            let batch = self
+                .ds()
+                .readdir(ino, after)
+                .map_err(|e| errno(op, ino, &e))?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for e in &batch {
+                if add(e)? {
+                    return Ok(());
+                }
+                after = e.cookie;
+            }
+        }
+    }
+
+    /// Creates regular file `name` in `parent` for the caller (mknod and create).
+    fn create_file(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> vmfs::Result<Attr> {
+        let (creds, _) = self.creds(req, parent)?;
+        self.ds().create(
+            parent,
+            name,
+            &NewFile {
+                mode: mode & !umask & 0o7777,
+                creds,
+                ..NewFile::default()
+            },
+        )
     }
 }
 
@@ -291,17 +339,7 @@ impl Filesystem for VmfsFs {
         if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
             return reply.error(Errno::EPERM);
         }
-        let attr = self.creds(req, parent.0).and_then(|(creds, _)| {
-            self.ds().create(
-                parent.0,
-                name,
-                &NewFile {
-                    mode: mode & !umask & 0o7777,
-                    creds,
-                    ..NewFile::default()
-                },
-            )
-        });
+        let attr = self.create_file(req, parent.0, name, mode, umask);
         self.entry(reply, "mknod", parent.0, attr);
     }
 
@@ -514,21 +552,12 @@ impl Filesystem for VmfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let mut after = offset;
-        loop {
-            let batch = match self.ds().readdir(ino.0, after) {
-                Ok(b) => b,
-                Err(e) => return reply.error(errno("readdir", ino.0, &e)),
-            };
-            if batch.is_empty() {
-                return reply.ok();
-            }
-            for e in batch {
-                if reply.add(INodeNo(e.ino), e.cookie, file_type(e.kind), &e.name) {
-                    return reply.ok();
-                }
-                after = e.cookie;
-            }
+        let listed = self.list_dir("readdir", ino.0, offset, |e| {
+            Ok(reply.add(INodeNo(e.ino), e.cookie, file_type(e.kind), &e.name))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -540,38 +569,25 @@ impl Filesystem for VmfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let mut after = offset;
-        loop {
-            let batch = match self.ds().readdir(ino.0, after) {
-                Ok(b) => b,
-                Err(e) => return reply.error(errno("readdirplus", ino.0, &e)),
+        let listed = self.list_dir("readdirplus", ino.0, offset, |e| {
+            let attr = match self.ds().getattr(e.ino) {
+                Ok(a) => a,
+                // Removed since the directory block was read.
+                Err(vmfs::Error::NotFound { .. }) => return Ok(false),
+                Err(err) => return Err(errno("readdirplus", e.ino, &err)),
             };
-            if batch.is_empty() {
-                return reply.ok();
-            }
-            for e in batch {
-                let attr = match self.ds().getattr(e.ino) {
-                    Ok(a) => a,
-                    // Removed since the directory block was read.
-                    Err(vmfs::Error::NotFound { .. }) => {
-                        after = e.cookie;
-                        continue;
-                    }
-                    Err(err) => return reply.error(errno("readdirplus", e.ino, &err)),
-                };
-                let full = reply.add(
-                    INodeNo(e.ino),
-                    e.cookie,
-                    &e.name,
-                    &TTL,
-                    &file_attr(&attr),
-                    Generation(attr.generation),
-                );
-                if full {
-                    return reply.ok();
-                }
-                after = e.cookie;
-            }
+            Ok(reply.add(
+                INodeNo(e.ino),
+                e.cookie,
+                &e.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(attr.generation),
+            ))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -645,17 +661,7 @@ impl Filesystem for VmfsFs {
         if let Err(e) = self.check_writable() {
             return reply.error(e);
         }
-        let created = self.creds(req, parent.0).and_then(|(creds, _)| {
-            self.ds().create(
-                parent.0,
-                name,
-                &NewFile {
-                    mode: mode & !umask & 0o7777,
-                    creds,
-                    ..NewFile::default()
-                },
-            )
-        });
+        let created = self.create_file(req, parent.0, name, mode, umask);
         let (attr, flags) = match created {
             // A new file is empty: nothing to truncate.
             Ok(a) => (a, flags & !libc::O_TRUNC),

@@ -113,7 +113,7 @@ pub(crate) struct Io<'a> {
 /// another host has just closed is often still recorded as held. A holder that keeps the
 /// file open (a running VM) is still there after the wait, and the `Busy` is returned.
 fn waiting<T>(ds: &Datastore, mut attempt: impl FnMut() -> vmfs::Result<T>) -> vmfs::Result<T> {
-    let timing = ds.superblock().timing();
+    let timing = ds.timing();
     let deadline = Instant::now() + timing.io_timeout;
     let poll =
         (timing.commit_interval() / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));

@@ -23,6 +23,37 @@
 #define MAX_CPUS 64
 #define SIPI_PAGE 0x8000
 
+/*
+ * From 32-bit protected mode with %cr0 missing \cr0_bits: the identity map, PAE, EFER.LME,
+ * paging, then a far jump to the 64-bit code at \target. The BSP and the APs share it.
+ */
+    .macro enter_long_mode cr0_bits, target
+    mov $pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $CR4_PAE, %eax
+    mov %eax, %cr4
+    mov $MSR_EFER, %ecx
+    rdmsr
+    or $EFER_LME, %eax
+    wrmsr
+    mov %cr0, %eax
+    or \cr0_bits, %eax
+    mov %eax, %cr0
+    ljmp $0x08, $\target
+    .endm
+
+/* Flat data segments in long mode; %fs and %gs null. */
+    .macro load_data_segments
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %eax, %eax
+    mov %ax, %fs
+    mov %ax, %gs
+    .endm
+
 /* The PVH entry point, found by the loader in this ELF note. */
     .section .note.Xen, "a", @note
     .p2align 2
@@ -39,29 +70,11 @@ pvh_entry:
     cli
     mov %ebx, %esi
     lgdt gdt_ptr
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $CR4_PAE, %eax
-    mov %eax, %cr4
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $EFER_LME, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $(CR0_PG | CR0_PE), %eax
-    mov %eax, %cr0
-    ljmp $0x08, $bsp_long
+    enter_long_mode $(CR0_PG|CR0_PE), bsp_long
 
     .code64
 bsp_long:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
+    load_data_segments
     lea boot_stack_top(%rip), %rsp
     mov %esi, %edi
     call bsp_main
@@ -69,13 +82,7 @@ bsp_long:
 
 /* Secondary CPUs arrive here in long mode from the trampoline. */
 ap_long:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
+    load_data_segments
     mov $1, %eax
     lock xadd %eax, ap_next_slot(%rip)
     mov %eax, %edi
@@ -124,19 +131,7 @@ ap_protected:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    mov $pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $CR4_PAE, %eax
-    mov %eax, %cr4
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $EFER_LME, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $CR0_PG, %eax
-    mov %eax, %cr0
-    ljmp $0x08, $ap_long
+    enter_long_mode $CR0_PG, ap_long
     .p2align 2
 ap_gdt_ptr:
     .word gdt_end - gdt - 1

@@ -109,10 +109,16 @@ impl HostInfo {
 
 /// Memory the host can give a new guest now (MemAvailable), if /proc/meminfo says.
 pub(crate) fn available_memory() -> Option<u64> {
-    meminfo_bytes(
-        &std::fs::read_to_string("/proc/meminfo").ok()?,
-        "MemAvailable",
-    )
+    read_meminfo("MemAvailable")
+}
+
+/// The host's RAM (MemTotal), if /proc/meminfo says: no guest can ever have more.
+pub fn total_memory() -> Option<u64> {
+    read_meminfo("MemTotal")
+}
+
+fn read_meminfo(key: &str) -> Option<u64> {
+    meminfo_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
 }
 
 fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {

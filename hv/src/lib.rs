@@ -37,6 +37,6 @@ pub use config::{Console, ConsoleBuffer, Disk, VmConfig};
 pub use cpu::Registers;
 pub use error::{HvError, Result};
 pub use exit::VmExit;
-pub use host::{Backend, HostInfo};
+pub use host::{Backend, HostInfo, total_memory};
 pub use layout::{MAX_DISKS, MIN_MEMORY};
 pub use vm::{EXIT_STATUS_PORT, Hypervisor, Vm, VmHandle};

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::{CompareAndWrite, IoRequest, Lun, LunError, Result, check_request};
+use crate::{CompareAndWrite, IoRequest, Lun, LunError, Result, check_request, lock};
 
 /// What a crash loses besides the writes issued after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,9 +160,7 @@ impl FaultLun {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the state consistent (every field is updated
         // in one step), so a poisoned lock is still usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn delay(&self) {
@@ -346,11 +344,7 @@ impl Lun for FaultLun {
 
     fn submit(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
         for request in batch.iter() {
-            let (offset, len) = match request {
-                IoRequest::Read { buf, offset } => (*offset, buf.len() as u64),
-                IoRequest::Write { buf, offset } => (*offset, buf.len() as u64),
-            };
-            check_request(self, offset, len)?;
+            check_request(self, request.offset(), request.buf().len() as u64)?;
         }
         {
             let mut state = self.state();

@@ -10,14 +10,14 @@ use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
 use crate::direct::{self, AlignedBuf, BouncePool, DioAlignment};
 use crate::engine::{Engine, Failure, IoEngine};
 use crate::range_lock::RangeLock;
-use crate::{CompareAndWrite, IoRequest, Lun, LunError, OpenOptions, Result, check_request};
+use crate::{CompareAndWrite, IoRequest, Lun, LunError, OpenOptions, Result, check_request, lock};
 
 /// Largest logical sector size accepted.
 const MAX_SECTOR_SIZE: u32 = 64 * 1024;
@@ -245,11 +245,7 @@ impl FileLun {
             if matches!(request, IoRequest::Write { .. }) {
                 self.check_writable()?;
             }
-            check_request(
-                self,
-                request_offset(request),
-                request_buf(request).len() as u64,
-            )?;
+            check_request(self, request.offset(), request.buf().len() as u64)?;
         }
         Ok(())
     }
@@ -258,11 +254,7 @@ impl FileLun {
     /// caller's memory.
     fn transfer(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
         match &self.direct {
-            Some(direct)
-                if batch
-                    .iter()
-                    .any(|r| !direct.align.is_aligned(request_buf(r))) =>
-            {
+            Some(direct) if batch.iter().any(|r| !direct.align.is_aligned(r.buf())) => {
                 self.transfer_bounced(direct, &mut split(batch))
             }
             _ => self
@@ -280,8 +272,9 @@ impl FileLun {
             let mut end = start;
             let mut bounced = 0;
             while end < pieces.len() && bounced < BOUNCE_WINDOW {
-                if !direct.align.is_aligned(request_buf(&pieces[end])) {
-                    bounced += request_buf(&pieces[end]).len();
+                let buf = pieces[end].buf();
+                if !direct.align.is_aligned(buf) {
+                    bounced += buf.len();
                 }
                 end += 1;
             }
@@ -289,7 +282,7 @@ impl FileLun {
             let mut bounces: Vec<Option<AlignedBuf>> = window
                 .iter()
                 .map(|piece| {
-                    let buf = request_buf(piece);
+                    let buf = piece.buf();
                     (!direct.align.is_aligned(buf)).then(|| {
                         let mut bounce = direct.bounce.take(buf.len());
                         if matches!(piece, IoRequest::Write { .. }) {
@@ -378,19 +371,6 @@ fn split<'a>(batch: &'a mut [IoRequest<'_>]) -> Vec<IoRequest<'a>> {
         }
     }
     pieces
-}
-
-fn request_buf<'r>(request: &'r IoRequest<'_>) -> &'r [u8] {
-    match request {
-        IoRequest::Read { buf, .. } => buf,
-        IoRequest::Write { buf, .. } => buf,
-    }
-}
-
-fn request_offset(request: &IoRequest<'_>) -> u64 {
-    match request {
-        IoRequest::Read { offset, .. } | IoRequest::Write { offset, .. } => *offset,
-    }
 }
 
 fn requested_sector_size(requested: Option<u32>) -> std::result::Result<u32, String> {
@@ -526,7 +506,7 @@ impl Lun for FileLun {
             }));
         }
         check_request(self, offset, len)?;
-        let _threads = self.cas.lock().unwrap_or_else(PoisonError::into_inner);
+        let _threads = lock(&self.cas);
         let _processes = RangeLock::acquire(&self.file, offset, len)
             .map_err(|error| self.io_error(Failure { offset, len, error }))?;
         let mut current = vec![0u8; new.len()];

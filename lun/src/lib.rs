@@ -24,6 +24,7 @@ pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
 
 use std::fmt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// A block-addressable volume with a fixed logical sector size.
 ///
@@ -89,15 +90,7 @@ pub trait Lun: Send + Sync + fmt::Debug {
     /// (punch a hole, NBD WRITE_ZEROES/TRIM) do so; the default writes zero buffers.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self, offset, len)?;
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.write_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
 
     /// Runs a batch of independent requests. Backends with a queue (io_uring, NBD) run
@@ -119,6 +112,21 @@ pub trait Lun: Send + Sync + fmt::Debug {
 pub enum IoRequest<'a> {
     Read { buf: &'a mut [u8], offset: u64 },
     Write { buf: &'a [u8], offset: u64 },
+}
+
+impl IoRequest<'_> {
+    pub(crate) fn offset(&self) -> u64 {
+        match self {
+            IoRequest::Read { offset, .. } | IoRequest::Write { offset, .. } => *offset,
+        }
+    }
+
+    pub(crate) fn buf(&self) -> &[u8] {
+        match self {
+            IoRequest::Read { buf, .. } => buf,
+            IoRequest::Write { buf, .. } => buf,
+        }
+    }
 }
 
 /// Outcome of [`Lun::compare_and_write`].
@@ -150,6 +158,27 @@ pub fn check_request<L: Lun + ?Sized>(lun: &L, offset: u64, len: u64) -> Result<
             size: lun.size(),
         }),
     }
+}
+
+/// Writes zero buffers over `len` sector-aligned bytes at `offset`, a megabyte at a time:
+/// the default [`Lun::write_zeroes`], and how a range is zeroed that must stay allocated.
+pub(crate) fn write_zero_buffers<L: Lun + ?Sized>(lun: &L, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        lun.write_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Locks `mutex`, ignoring poisoning: no critical section in this crate can panic halfway,
+/// so the data stays consistent and one panicking thread must not take every later
+/// request down with it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<T: Lun + ?Sized> Lun for std::sync::Arc<T> {

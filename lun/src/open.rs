@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::{FileLun, IoEngine, Lun, LunError, Result};
+use crate::{FileLun, IoEngine, Lun, LunError, NbdLun, NbdOptions, NbdTarget, Result};
 
 /// Where a LUN lives, parsed from a user-supplied string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +109,7 @@ fn split_host_port(authority: &str) -> std::result::Result<(String, u16), String
 
 /// Opens the LUN named by `spec`.
 pub fn open(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Lun>> {
-    match LunSpec::parse(spec)? {
+    let (target, export) = match LunSpec::parse(spec)? {
         LunSpec::Path(path) => {
             if let (Some(size), false) = (options.create_size, path.exists()) {
                 match FileLun::create_with(&path, size, options) {
@@ -118,25 +118,16 @@ pub fn open(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Lun>> {
                     created => return Ok(Arc::new(created?)),
                 }
             }
-            Ok(Arc::new(FileLun::open_with(&path, options)?))
+            return Ok(Arc::new(FileLun::open_with(&path, options)?));
         }
-        LunSpec::NbdTcp { host, port, export } => Ok(Arc::new(crate::NbdLun::connect(
-            crate::NbdTarget::Tcp { host, port },
-            &export,
-            crate::NbdOptions {
-                read_only: options.read_only,
-                ..Default::default()
-            },
-        )?)),
-        LunSpec::NbdUnix { socket, export } => Ok(Arc::new(crate::NbdLun::connect(
-            crate::NbdTarget::Unix(socket),
-            &export,
-            crate::NbdOptions {
-                read_only: options.read_only,
-                ..Default::default()
-            },
-        )?)),
-    }
+        LunSpec::NbdTcp { host, port, export } => (NbdTarget::Tcp { host, port }, export),
+        LunSpec::NbdUnix { socket, export } => (NbdTarget::Unix(socket), export),
+    };
+    let options = NbdOptions {
+        read_only: options.read_only,
+        ..NbdOptions::default()
+    };
+    Ok(Arc::new(NbdLun::connect(target, &export, options)?))
 }
 
 #[cfg(test)]

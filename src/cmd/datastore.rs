@@ -133,6 +133,13 @@ pub fn open_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>
     Ok(Arc::new(nbd))
 }
 
+/// Opens the datastore on `spec` as `options` say, its LUN through [`open_lun`] (read-only
+/// when the datastore is opened read-only). Every command that opens a datastore comes here.
+pub fn open_datastore(spec: &str, options: &vmfs::OpenOptions) -> anyhow::Result<vmfs::Datastore> {
+    let lun = open_lun(spec, options.read_only)?;
+    vmfs::Datastore::open(lun, options).with_context(|| format!("{spec}: cannot open datastore"))
+}
+
 /// Parses a size: bytes, or a number with K, M, G or T (powers of 1024, any case, an
 /// optional trailing "B" or "iB").
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
@@ -226,14 +233,8 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_read_only(spec: &str) -> anyhow::Result<vmfs::Datastore> {
-    let lun = open_lun(spec, true)?;
-    vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_only())
-        .with_context(|| format!("{spec}: cannot open datastore"))
-}
-
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let ds = open_read_only(&args.lun)?;
+    let ds = open_datastore(&args.lun, &vmfs::OpenOptions::read_only())?;
     let info = ds
         .info()
         .with_context(|| format!("{}: cannot read datastore", args.lun))?;

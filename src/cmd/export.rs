@@ -52,14 +52,9 @@ pub struct ExportArgs {
     /// Clients served at once.
     #[arg(long, default_value_t = 64)]
     pub max_clients: usize,
-    /// With -d: host name this export uses in the datastore's cluster (default: the
-    /// machine's).
-    #[arg(long, env = "VAPP_HOST_NAME")]
-    pub host_name: Option<String>,
-    /// With -d: host UUID this export uses in the datastore's cluster (default: from
-    /// /etc/machine-id).
-    #[arg(long, env = "VAPP_HOST_UUID")]
-    pub host_uuid: Option<uuid::Uuid>,
+    /// With -d: this export's identity in the datastore's cluster.
+    #[command(flatten)]
+    pub host: super::HostIdentity,
 }
 
 pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode> {
@@ -169,9 +164,7 @@ fn export_datastore_file(
     addr: &ListenAddr,
     signals: SigSet,
 ) -> anyhow::Result<()> {
-    let lun = super::datastore::open_lun(spec, false)?;
-    let ds = Datastore::open(lun, &host_options(args))
-        .with_context(|| format!("{spec}: cannot open datastore"))?;
+    let ds = super::datastore::open_datastore(spec, &args.host.open_options(false))?;
     let served = serve_datastore_file(&ds, spec, args, addr, signals);
     // Also after a failure: the host slot and the journal must be left clean.
     let closed = ds
@@ -203,17 +196,6 @@ fn serve_datastore_file(
     // disk it would mean writing zeroes over them.
     let trim = (!attr.thick).then_some(attr.block_size);
     serve(disk, args, addr, signals, trim, Some(&|| ds.fenced()))
-}
-
-fn host_options(args: &ExportArgs) -> vmfs::OpenOptions {
-    let mut options = vmfs::OpenOptions::read_write();
-    if let Some(name) = &args.host_name {
-        options.host_name = name.clone();
-    }
-    if let Some(uuid) = args.host_uuid {
-        options.host_uuid = uuid;
-    }
-    options
 }
 
 fn termination_signals() -> SigSet {
@@ -312,8 +294,10 @@ mod tests {
             read_only: false,
             allow_remote,
             max_clients: 1,
-            host_name: None,
-            host_uuid: None,
+            host: crate::cmd::HostIdentity {
+                host_name: None,
+                host_uuid: None,
+            },
         }
     }
 

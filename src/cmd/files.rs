@@ -94,14 +94,12 @@ const IO_CHUNK: usize = 8 << 20;
 /// (one compare-and-write on a CAS datastore), lock what they change like any host, and
 /// release everything and the slot when they finish.
 fn open(datastore: Option<&str>, read_only: bool) -> anyhow::Result<Datastore> {
-    let spec = super::require_datastore(datastore)?;
-    let lun = super::datastore::open_lun(spec, read_only)?;
     let options = if read_only {
         vmfs::OpenOptions::read_only()
     } else {
         vmfs::OpenOptions::read_write()
     };
-    Datastore::open(lun, &options).with_context(|| format!("{spec}: cannot open datastore"))
+    super::datastore::open_datastore(super::require_datastore(datastore)?, &options)
 }
 
 /// Unmounts cleanly so the failure of the last commit is reported, not just logged.
@@ -174,13 +172,11 @@ pub fn mv(datastore: Option<&str>, args: MvArgs) -> anyhow::Result<ExitCode> {
     // Like mv(1): into an existing directory keeps the name.
     let dst = match ds.stat_path(&args.dst) {
         Ok(a) if a.kind == Kind::Dir => {
-            let base = args
-                .src
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or_default();
-            format!("{}/{}", args.dst.trim_end_matches('/'), base)
+            format!(
+                "{}/{}",
+                args.dst.trim_end_matches('/'),
+                last_component(&args.src)
+            )
         }
         _ => args.dst.clone(),
     };
@@ -341,13 +337,7 @@ pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     let handle = ds.open_path(&args.path, Access::ReadOnly)?;
     let size = handle.size()?;
     let local = if args.local_file.is_dir() {
-        let base = args
-            .path
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or("file");
-        args.local_file.join(base)
+        args.local_file.join(last_component(&args.path))
     } else {
         args.local_file.clone()
     };
@@ -401,6 +391,14 @@ pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<E
             close(ds)
         }
     }
+}
+
+/// The last component of a datastore path, as mv(1) and cp(1) name a copy in a directory.
+fn last_component(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
 }
 
 fn mode_string(a: &vmfs::Attr) -> String {

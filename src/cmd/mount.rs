@@ -40,14 +40,8 @@ pub struct MountArgs {
     /// File the background daemon appends its log to (default: discarded).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Host name this mount uses in the cluster (default: the machine's).
-    #[arg(long, env = "VAPP_HOST_NAME")]
-    pub host_name: Option<String>,
-    /// Host UUID this mount uses in the cluster (default: from /etc/machine-id). It names the
-    /// machine; every mount process is a host of its own with its own heartbeat slot, so two
-    /// mounts on one machine need no UUIDs of their own.
-    #[arg(long, env = "VAPP_HOST_UUID")]
-    pub host_uuid: Option<uuid::Uuid>,
+    #[command(flatten)]
+    pub host: super::HostIdentity,
 }
 
 #[derive(Args)]
@@ -175,21 +169,6 @@ impl Ready {
     }
 }
 
-fn host_options(args: &MountArgs) -> vmfs::OpenOptions {
-    let mut options = if args.read_only {
-        vmfs::OpenOptions::read_only()
-    } else {
-        vmfs::OpenOptions::read_write()
-    };
-    if let Some(name) = &args.host_name {
-        options.host_name = name.clone();
-    }
-    if let Some(uuid) = args.host_uuid {
-        options.host_uuid = uuid;
-    }
-    options
-}
-
 fn serve(spec: &str, args: &MountArgs, ready: Option<&mut Ready>) -> anyhow::Result<ExitCode> {
     // Blocked before any thread exists, so every thread inherits the mask and the signals
     // wait for the one thread that handles them.
@@ -197,16 +176,7 @@ fn serve(spec: &str, args: &MountArgs, ready: Option<&mut Ready>) -> anyhow::Res
     signals
         .thread_block()
         .context("blocking shutdown signals")?;
-    let lun = lun::open(
-        spec,
-        &lun::OpenOptions {
-            read_only: args.read_only,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{spec}: cannot open LUN"))?;
-    let ds = vmfs::Datastore::open(lun, &host_options(args))
-        .with_context(|| format!("{spec}: cannot open datastore"))?;
+    let ds = super::datastore::open_datastore(spec, &args.host.open_options(args.read_only))?;
     let mounted = fuse_mount::mount(
         ds,
         &args.mountpoint,

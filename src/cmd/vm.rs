@@ -155,20 +155,12 @@ fn folder_path(path: &str) -> anyhow::Result<String> {
 }
 
 fn open_datastore(spec: &str, read_only: bool) -> anyhow::Result<Datastore> {
-    let lun = lun::open(
-        spec,
-        &lun::OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{spec}: cannot open LUN"))?;
     let options = if read_only {
         vmfs::OpenOptions::read_only()
     } else {
         vmfs::OpenOptions::read_write()
     };
-    Datastore::open(lun, &options).with_context(|| format!("{spec}: cannot open datastore"))
+    super::datastore::open_datastore(spec, &options)
 }
 
 /// This host's name as the datastore records it (`VAPP_HOST_NAME` or the host name).
@@ -358,13 +350,7 @@ fn parse_disk(arg: &str) -> anyhow::Result<NewDisk> {
 /// A VM this host could never run is refused at once; whether memory is free now and KVM is
 /// here is checked when it starts (possibly on another host).
 fn check_fits_this_host(folder: &str, spec: &VmSpec) -> anyhow::Result<()> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let total = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024);
-    if let Some(total) = total.filter(|&t| spec.memory_bytes() > t) {
+    if let Some(total) = hv::total_memory().filter(|&t| spec.memory_bytes() > t) {
         bail!(
             "vm {folder}: {} MiB of memory, more than this host has ({} MiB)",
             spec.memory_mib,

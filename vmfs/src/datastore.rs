@@ -26,7 +26,7 @@ use crate::codec::*;
 use crate::dir;
 use crate::error::{Error, Result};
 use crate::inode::{self, AddrMode, FLAG_THICK, FLAG_VDISK, Inode, InodeView, Kind};
-use crate::journal::{self, Orphan};
+use crate::journal::Orphan;
 use crate::layout::{FORMAT_VERSION, ROOT_INO, ResourceKind, Superblock};
 use crate::state::{State, now_ns};
 use crate::store::{self, Store};
@@ -425,15 +425,7 @@ impl Datastore {
             let mut st = Store::new(guarded.clone(), sb.clone());
             st.attach_journal(me.slot, last_seq, me.uuid);
             st.set_lease(node.lease());
-            let orphan_off = sb.journal_area(me.slot) + journal::ORPHAN_UNIT * UNIT_U64;
-            let raw = st.read_raw(orphan_off)?;
-            let orphans =
-                journal::decode_orphans(&raw, orphan_off).map_err(|f| Error::Corrupt {
-                    lun: lun.name().to_string(),
-                    object: format!("orphan list of host slot {}", me.slot),
-                    offset: orphan_off,
-                    reason: f.to_string(),
-                })?;
+            let orphans = store::read_orphans(&*guarded, &sb, me.slot)?;
             let seed = u64::from_le_bytes(me.uuid.as_bytes()[..8].try_into().unwrap_or([0; 8]))
                 ^ u64::from(me.slot).wrapping_mul(0x2545_f491_4f6c_dd1d);
             let mut state = State::new(st, seed, Some(node.clone()));
@@ -871,53 +863,37 @@ impl Datastore {
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
-        let reap = self.write_op(|s| {
-            s.lock_inode(parent)?;
-            let d = dir_inode(s, parent)?;
-            let slot = s
-                .dir_lookup(&d, name)?
-                .ok_or_else(|| not_found(parent, name))?;
-            if slot.kind == Kind::Dir {
-                return Err(Error::IsADirectory {
-                    object: describe(parent, name),
-                });
-            }
-            s.lock_inode(slot.ino)
-                .map_err(|e| e.at(&describe(parent, name)))?;
-            let d = dir_inode(s, parent)?;
-            s.dir_remove(&d, name)?;
-            touch_dir(s, parent, 0)?;
-            drop_link(s, slot.ino)
-        })?;
-        if let Some(ino) = reap {
-            self.reap(ino)?;
-        }
-        Ok(())
+        self.remove_entry(parent, name, false)
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove_entry(parent, name, true)
+    }
+
+    /// unlink (`dir` false) or rmdir (`dir` true) of `name` in `parent`.
+    fn remove_entry(&self, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
         let reap = self.write_op(|s| {
             s.lock_inode(parent)?;
             let d = dir_inode(s, parent)?;
             let slot = s
                 .dir_lookup(&d, name)?
                 .ok_or_else(|| not_found(parent, name))?;
-            if slot.kind != Kind::Dir {
-                return Err(Error::NotADirectory {
-                    object: describe(parent, name),
-                });
+            let object = || describe(parent, name);
+            match (dir, slot.kind == Kind::Dir) {
+                (false, true) => return Err(Error::IsADirectory { object: object() }),
+                (true, false) => return Err(Error::NotADirectory { object: object() }),
+                _ => {}
             }
-            s.lock_inode(slot.ino)
-                .map_err(|e| e.at(&describe(parent, name)))?;
+            s.lock_inode(slot.ino).map_err(|e| e.at(&object()))?;
             let d = dir_inode(s, parent)?;
-            let child = s.inode(slot.ino)?;
-            if s.dir_len(&child)? > 0 {
-                return Err(Error::NotEmpty {
-                    object: describe(parent, name),
-                });
+            if dir {
+                let child = s.inode(slot.ino)?;
+                if s.dir_len(&child)? > 0 {
+                    return Err(Error::NotEmpty { object: object() });
+                }
             }
             s.dir_remove(&d, name)?;
-            touch_dir(s, parent, -1)?;
+            touch_dir(s, parent, if dir { -1 } else { 0 })?;
             drop_link(s, slot.ino)
         })?;
         if let Some(ino) = reap {
@@ -1350,8 +1326,7 @@ fn drop_link(s: &mut State, ino: u64) -> Result<Option<u64>> {
 pub(crate) fn release_storage(s: &mut State, i: &mut Inode) -> Result<()> {
     match i.addr_mode() {
         Some(AddrMode::SubBlock) => {
-            let index = s.sub_block_offset(i.ino(), i.sub_block())?;
-            let sb_index = (index - s.sb().sub_blocks.area_offset) / s.sb().sub_blocks.size;
+            let sb_index = s.resource_index(ResourceKind::SubBlock, i.ino(), i.sub_block())?;
             s.release(ResourceKind::SubBlock, sb_index)?;
         }
         Some(AddrMode::Tree) => s.trim(i, 0)?,

@@ -192,13 +192,10 @@ pub fn retarget(u: &mut Unit, off: usize, ino: u64, kind: Kind) {
     put_u8(&mut u[..], off + 11, kind.code());
 }
 
+/// Seals a changed unit, or one moved to a new place in the directory's storage (same
+/// index, new location).
 pub fn reseal(u: &mut Unit, location: u64) {
     seal(&mut u[..], MAGIC_DIR, location, UNIT);
-}
-
-/// Moves a unit to a new place in the directory's storage (same index, new location).
-pub fn relocate(u: &mut Unit, location: u64) {
-    reseal(u, location);
 }
 
 /// Where a name lives.

@@ -348,7 +348,7 @@ fn raw_checks(
                         Some("replay the journal"),
                     );
                     if repair {
-                        store::replay(lun, sb, slot, state.header.host)?;
+                        store::replay_read(lun, sb, slot, &state, state.header.host)?;
                     }
                     fixed(&mut f);
                     out.push(f);
@@ -368,16 +368,14 @@ fn raw_checks(
                         checkpoint_seq: 0,
                         host: uuid::Uuid::nil(),
                     };
-                    let mut buf = vec![0u8; (TX_START as usize + 1) * UNIT];
-                    buf[..UNIT].copy_from_slice(&header.encode(area)[..]);
-                    lun.write_at(&buf[..UNIT], area)?;
-                    lun.write_at(&buf[2 * UNIT..], area + TX_START * UNIT_U64)?;
+                    lun.write_at(&header.encode(area)[..], area)?;
+                    lun.write_at(&zero_unit()[..], area + TX_START * UNIT_U64)?;
                 }
                 fixed(&mut f);
                 out.push(f);
             }
         }
-        let orphan_off = area + journal::ORPHAN_UNIT * UNIT_U64;
+        let orphan_off = sb.orphan_offset(slot);
         let mut u = zero_unit();
         lun.read_at(&mut u[..], orphan_off)?;
         let list = match journal::decode_orphans(&u, orphan_off) {
@@ -660,7 +658,7 @@ impl Walk<'_> {
                     Ok((_, _, recs)) => {
                         for r in recs.into_iter().filter(|r| r.ino != 0) {
                             let child_name = OsStr::from_bytes(&r.name).to_os_string();
-                            if r.ino == 0 || r.ino > self.s.sb().inodes.count {
+                            if r.ino > self.s.sb().inodes.count {
                                 self.findings.push(finding(
                                     format!(
                                         "entry {:?} in directory inode {ino}",
@@ -755,12 +753,7 @@ impl Walk<'_> {
                             total += bs;
                         }
                         Err(e) => {
-                            self.findings.push(finding(
-                                format!("inode {ino}"),
-                                None,
-                                e.to_string(),
-                                Some("clear the bad address (a hole)"),
-                            ));
+                            self.bad_address(format!("inode {ino}"), None, &e);
                             fixed.set_direct(n, 0);
                             changed = true;
                         }
@@ -774,12 +767,7 @@ impl Walk<'_> {
                     match self.s.resource_index(ResourceKind::PointerBlock, ino, root) {
                         Ok(p) => total += self.walk_pointer_block(ino, p, level)?,
                         Err(e) => {
-                            self.findings.push(finding(
-                                format!("inode {ino}"),
-                                None,
-                                e.to_string(),
-                                Some("clear the bad address (a hole)"),
-                            ));
+                            self.bad_address(format!("inode {ino}"), None, &e);
                             fixed.set_indirect(level, 0);
                             changed = true;
                         }
@@ -793,6 +781,16 @@ impl Walk<'_> {
             }
             _ => Ok(0),
         }
+    }
+
+    /// An address outside its resource area: repair clears it (the block becomes a hole).
+    fn bad_address(&mut self, object: String, offset: Option<u64>, e: &Error) {
+        self.findings.push(finding(
+            object,
+            offset,
+            e.to_string(),
+            Some("clear the bad address (a hole)"),
+        ));
     }
 
     fn walk_pointer_block(&mut self, ino: u64, p: u64, level: u32) -> Result<u64> {
@@ -846,12 +844,7 @@ impl Walk<'_> {
                     }
                     Ok(i) => total += self.walk_pointer_block(ino, i, level - 1)?,
                     Err(e) => {
-                        self.findings.push(finding(
-                            object.clone(),
-                            Some(off),
-                            e.to_string(),
-                            Some("clear the bad address (a hole)"),
-                        ));
+                        self.bad_address(object.clone(), Some(off), &e);
                         inode::pointer_set(&mut repaired, hit, 0, off);
                         changed = true;
                     }

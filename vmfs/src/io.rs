@@ -186,21 +186,36 @@ impl State {
         }
     }
 
+    /// End of `[off, off + len)`, refused when past the largest file size.
+    fn checked_end(&self, ino: u64, off: u64, len: u64) -> Result<u64> {
+        let max = self.sb().max_file_size();
+        off.checked_add(len)
+            .filter(|&e| e <= max)
+            .ok_or_else(|| Error::FileTooBig {
+                object: format!("inode {ino}"),
+                size: off.saturating_add(len),
+                max,
+            })
+    }
+
+    /// Where to look first for a new block at logical block `n`: right after block `n - 1`
+    /// of the same file, when it is mapped.
+    fn goal_after(&mut self, i: &impl InodeView, n: u64) -> Option<u64> {
+        if n == 0 {
+            return None;
+        }
+        self.block_at(i, n - 1)
+            .ok()
+            .filter(|&a| a != 0)
+            .map(|a| a & ADDR_MASK)
+    }
+
     /// The LUN ranges of a write when every byte already has storage and no conversion is
     /// needed; `None` sends the write down the allocating path.
     fn overwrite_plan(&mut self, ino: u64, off: u64, len: u64) -> Result<Option<Overwrite>> {
         let u = self.inode(ino)?;
         file_kind_check(&u)?;
-        let end = off
-            .checked_add(len)
-            .filter(|&e| e <= self.sb().max_file_size());
-        let Some(end) = end else {
-            return Err(Error::FileTooBig {
-                object: format!("inode {ino}"),
-                size: off.saturating_add(len),
-                max: self.sb().max_file_size(),
-            });
-        };
+        let end = self.checked_end(ino, off, len)?;
         match u.addr_mode() {
             Some(AddrMode::SubBlock) if end <= u64::from(self.sb().sub_block_size) => {
                 let base = self.sub_block_offset(ino, u.sub_block())?;
@@ -377,16 +392,7 @@ impl State {
             let chunk = &data[(pos - off) as usize..(pos - off + take) as usize];
             let addr = self.block_at(&i, n)?;
             if addr == 0 {
-                let goal_here = goal.or_else(|| {
-                    if n > 0 {
-                        self.block_at(&i, n - 1)
-                            .ok()
-                            .filter(|&a| a != 0)
-                            .map(|a| a & ADDR_MASK)
-                    } else {
-                        None
-                    }
-                });
+                let goal_here = goal.or_else(|| self.goal_after(&i, n));
                 let b = self.alloc(ResourceKind::FileBlock, goal_here, &what)?;
                 self.write_new_block(b, within, chunk)?;
                 self.set_block(&mut i, n, b + 1)?;
@@ -436,16 +442,7 @@ impl State {
         let mut goal = None;
         let mut run: Option<(u64, u64)> = None; // (first block index, count) to zero
         for n in missing {
-            let goal_here = goal.or_else(|| {
-                if n > 0 {
-                    self.block_at(i, n - 1)
-                        .ok()
-                        .filter(|&a| a != 0)
-                        .map(|a| a & ADDR_MASK)
-                } else {
-                    None
-                }
-            });
+            let goal_here = goal.or_else(|| self.goal_after(i, n));
             let b = self.alloc(ResourceKind::FileBlock, goal_here, &what)?;
             run = match run {
                 Some((first, count)) if first + count == b => Some((first, count + 1)),
@@ -607,16 +604,7 @@ impl State {
     fn fallocate_locked(&mut self, ino: u64, off: u64, len: u64, keep_size: bool) -> Result<()> {
         let u = self.inode(ino)?;
         file_kind_check(&u)?;
-        let end = off
-            .checked_add(len)
-            .filter(|&e| e <= self.sb().max_file_size());
-        let Some(end) = end else {
-            return Err(Error::FileTooBig {
-                object: format!("inode {ino}"),
-                size: off.saturating_add(len),
-                max: self.sb().max_file_size(),
-            });
-        };
+        let end = self.checked_end(ino, off, len)?;
         let mut i = Inode::from_unit(&u);
         let fits = match u.addr_mode() {
             Some(AddrMode::Inline) => end <= INLINE_MAX as u64,

@@ -163,6 +163,10 @@ impl Superblock {
     pub fn journal_area(&self, slot: u32) -> u64 {
         self.journal_offset + u64::from(slot) * self.journal_size
     }
+    /// The unit of host slot `slot`'s journal that holds its orphan list.
+    pub(crate) fn orphan_offset(&self, slot: u32) -> u64 {
+        self.journal_area(slot) + crate::journal::ORPHAN_UNIT * UNIT_U64
+    }
     pub fn lease_area_len(&self) -> u64 {
         (1 + u64::from(self.host_slots)) * UNIT_U64
     }

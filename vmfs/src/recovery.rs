@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 use crate::cluster::Verdict;
 use crate::cluster::node::random_u64;
 use crate::cluster::record::transition;
-use crate::codec::*;
 use crate::datastore::{Datastore, Inner};
 use crate::error::{Error, Result};
-use crate::journal::{self, ORPHAN_UNIT};
+use crate::journal;
 use crate::locks::Wait;
 use crate::store;
 
@@ -94,17 +93,9 @@ impl Datastore {
                 "recovering a dead host: replaying its journal before its locks are broken"
             );
             let (replayed, _) = store::replay(&**self.lun(), &sb, d, node.host().uuid)?;
-            let orphan_off = sb.journal_area(d) + ORPHAN_UNIT * UNIT_U64;
+            let orphan_off = sb.orphan_offset(d);
             let adopted = self.write_op(|s| {
-                let mut raw = zero_unit();
-                s.st.lun.read_at(&mut raw[..], orphan_off)?;
-                let theirs =
-                    journal::decode_orphans(&raw, orphan_off).map_err(|f| Error::Corrupt {
-                        lun: s.st.lun_name(),
-                        object: format!("orphan list of host slot {d}"),
-                        offset: orphan_off,
-                        reason: f.to_string(),
-                    })?;
+                let theirs = store::read_orphans(&*s.st.lun, &sb, d)?;
                 if theirs.is_empty() {
                     return Ok(0);
                 }

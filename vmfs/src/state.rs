@@ -246,11 +246,7 @@ impl State {
             self.st.load_fresh(off, MAGIC_BITMAP, &object)?
         };
         if let Err(why) = crate::bitmap::check_header(&u, kind, cluster, area.in_cluster(cluster)) {
-            return Err(self.st.corrupt(
-                format!("{} bitmap of cluster {cluster}", kind.name()),
-                off,
-                why,
-            ));
+            return Err(self.st.corrupt(object(), off, why));
         }
         Ok(u)
     }
@@ -336,13 +332,11 @@ impl State {
     /// Frees one resource, taking its cluster's lock (waiting for it if another host holds
     /// it).
     pub fn release(&mut self, kind: ResourceKind, index: u64) -> Result<()> {
-        let cluster = index / u64::from(self.sb().area(kind).per_cluster);
+        let area = *self.sb().area(kind);
+        let cluster = index / u64::from(area.per_cluster);
         self.lock_cluster(kind, cluster, true)?;
         if !self.set_bit(kind, index, false)? {
-            let off = self
-                .sb()
-                .area(kind)
-                .bitmap_offset(index / u64::from(self.sb().area(kind).per_cluster));
+            let off = area.bitmap_offset(cluster);
             return Err(self.st.corrupt(
                 format!("{} bitmap", kind.name()),
                 off,
@@ -772,6 +766,17 @@ impl State {
             .and_then(|x| x.names.get(name).copied()))
     }
 
+    /// Where `name` lives in `d`; `NotFound` when it is not there.
+    fn dir_slot(&mut self, d: &impl InodeView, name: &OsStr) -> Result<Slot> {
+        self.dir_lookup(d, name)?.ok_or_else(|| Error::NotFound {
+            object: format!(
+                "{:?} in directory inode {}",
+                name.to_string_lossy(),
+                d.ino()
+            ),
+        })
+    }
+
     pub fn dir_len(&mut self, d: &impl InodeView) -> Result<usize> {
         self.load_dir(d)?;
         Ok(self.dirs.get(&d.ino()).map_or(0, |x| x.names.len()))
@@ -827,7 +832,7 @@ impl State {
             for j in 0..k {
                 let (_, u, _) = self.dir_unit(d, j)?;
                 let mut m = Box::new(*u);
-                dir::relocate(&mut m, base + j * UNIT_U64);
+                dir::reseal(&mut m, base + j * UNIT_U64);
                 moved.push((base + j * UNIT_U64, m));
             }
             for (off, m) in moved {
@@ -854,23 +859,17 @@ impl State {
         }
         d.set_size((k + 1) * UNIT_U64);
         let off = self.dir_unit_location(d, k)?;
-        self.st.put_owned(off, dir::new_unit(dino, k, off), dino);
+        let unit = dir::new_unit(dino, k, off);
         if let Some(index) = self.dirs.get_mut(&dino) {
-            index.load_unit(
-                k,
-                &dir::records(&dir::new_unit(dino, k, off), dino, k).unwrap_or_default(),
-            );
+            index.load_unit(k, &dir::records(&unit, dino, k).unwrap_or_default());
         }
+        self.st.put_owned(off, unit, dino);
         Ok(k)
     }
 
     pub fn dir_remove(&mut self, d: &impl InodeView, name: &OsStr) -> Result<Slot> {
         let dino = d.ino();
-        let Some(slot) = self.dir_lookup(d, name)? else {
-            return Err(Error::NotFound {
-                object: format!("{:?} in directory inode {dino}", name.to_string_lossy()),
-            });
-        };
+        let slot = self.dir_slot(d, name)?;
         let (off, u, recs) = self.dir_unit(d, slot.unit)?;
         let mut m = Box::new(*u);
         dir::remove(&mut m, &recs, slot.off);
@@ -894,11 +893,7 @@ impl State {
         kind: Kind,
     ) -> Result<()> {
         let dino = d.ino();
-        let Some(slot) = self.dir_lookup(d, name)? else {
-            return Err(Error::NotFound {
-                object: format!("{:?} in directory inode {dino}", name.to_string_lossy()),
-            });
-        };
+        let slot = self.dir_slot(d, name)?;
         let (off, u, _) = self.dir_unit(d, slot.unit)?;
         let mut m = Box::new(*u);
         dir::retarget(&mut m, slot.off, ino, kind);
@@ -925,7 +920,7 @@ impl State {
                 resource: "orphan list",
             });
         }
-        let off = self.sb().journal_area(slot) + crate::journal::ORPHAN_UNIT * UNIT_U64;
+        let off = self.sb().orphan_offset(slot);
         self.st.put(off, crate::journal::encode_orphans(&list, off));
         self.orphans = list;
         Ok(())

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::cluster::lease::Lease;
 use crate::codec::*;
 use crate::error::{Error, Result};
-use crate::journal::{self, Header, MAX_TX_UNITS, TX_START};
+use crate::journal::{self, Header, MAX_TX_UNITS, Orphan, TX_START};
 use crate::layout::Superblock;
 
 /// Drop verified clean units when the cache grows past this many (only between operations).
@@ -360,9 +360,7 @@ impl Store {
             self.clean.insert(off, u);
         }
         if self.clean.len() > CLEAN_CACHE_MAX {
-            self.clean.clear();
-            self.owner.clear();
-            self.owned.clear();
+            self.drop_clean_cache();
         }
         Ok(())
     }
@@ -516,10 +514,33 @@ pub(crate) fn read_journal(lun: &dyn Lun, sb: &Superblock, slot: u32) -> Result<
     Ok(JournalState { header, pending })
 }
 
+/// A host slot's orphan list as it is on the LUN.
+pub(crate) fn read_orphans(lun: &dyn Lun, sb: &Superblock, slot: u32) -> Result<Vec<Orphan>> {
+    let off = sb.orphan_offset(slot);
+    let mut raw = zero_unit();
+    lun.read_at(&mut raw[..], off)?;
+    journal::decode_orphans(&raw, off).map_err(|f| Error::Corrupt {
+        lun: lun.name().to_string(),
+        object: format!("orphan list of host slot {slot}"),
+        offset: off,
+        reason: f.to_string(),
+    })
+}
+
 /// Applies a journal's pending transactions in place and checkpoints it. Returns how many
 /// transactions were replayed and the journal's last sequence number.
 pub(crate) fn replay(lun: &dyn Lun, sb: &Superblock, slot: u32, by: Uuid) -> Result<(usize, u64)> {
-    let state = read_journal(lun, sb, slot)?;
+    replay_read(lun, sb, slot, &read_journal(lun, sb, slot)?, by)
+}
+
+/// [`replay`] of a journal the caller has just read with [`read_journal`].
+pub(crate) fn replay_read(
+    lun: &dyn Lun,
+    sb: &Superblock,
+    slot: u32,
+    state: &JournalState,
+    by: Uuid,
+) -> Result<(usize, u64)> {
     let mut seq = state.header.checkpoint_seq;
     if state.pending.is_empty() {
         return Ok((0, seq));

@@ -66,31 +66,27 @@ impl Block {
         }
     }
 
-    /// Serves one request; returns the bytes written into guest buffers, status included.
-    fn execute(&mut self, segments: &[(Segment, bool)], mem: &GuestMemoryMmap) -> u32 {
-        let split = segments
-            .iter()
-            .position(|(_, write)| *write)
-            .unwrap_or(segments.len());
-        if segments[split..].iter().any(|(_, write)| !*write) {
-            debug!(vm = %self.vm, disk = %self.name, "request with a readable buffer after a writable one");
-            return 0;
-        }
-        let readable: Vec<Segment> = segments[..split].iter().map(|(s, _)| *s).collect();
-        let writable: Vec<Segment> = segments[split..].iter().map(|(s, _)| *s).collect();
-        let Some(status_at) = last_byte(&writable) else {
+    /// Serves one request, given its device-readable buffers then its device-writable ones;
+    /// returns the bytes written into guest buffers, status included.
+    fn execute(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let Some(status_at) = last_byte(writable) else {
             debug!(vm = %self.vm, disk = %self.name, "request without room for a status byte");
             return 0;
         };
         let mut header = [0u8; HEADER_LEN];
-        let header_ok = gather(mem, &readable, &mut header);
+        let header_ok = gather(mem, readable, &mut header);
         let (status, written) = if !header_ok {
             debug!(vm = %self.vm, disk = %self.name, "request header missing or outside guest memory");
             (VIRTIO_BLK_S_IOERR, 0)
         } else {
             let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-            let data_in = take(&writable, total(&writable) - 1);
+            let data_in = take(writable, total(writable) - 1);
             match kind {
                 VIRTIO_BLK_T_IN => {
                     let status = self.transfer(false, sector, &data_in, mem);
@@ -106,7 +102,7 @@ impl Block {
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
                 VIRTIO_BLK_T_OUT => {
-                    let data_out = skip(&readable, HEADER_LEN);
+                    let data_out = skip(readable, HEADER_LEN);
                     (self.transfer(true, sector, &data_out, mem), 0)
                 }
                 VIRTIO_BLK_T_FLUSH => match self.lun.flush() {
@@ -117,8 +113,7 @@ impl Block {
                     }
                 },
                 VIRTIO_BLK_T_GET_ID => {
-                    let serial = self.serial;
-                    let n = scatter(mem, &data_in, &serial);
+                    let n = scatter(mem, &data_in, &self.serial);
                     (VIRTIO_BLK_S_OK, n)
                 }
                 other => {
@@ -361,18 +356,27 @@ impl VirtioDevice for Block {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let segments: Vec<(Segment, bool)> = chain
-                .map(|d| {
-                    (
-                        Segment {
-                            addr: d.addr().0,
-                            len: d.len() as usize,
-                        },
-                        d.is_write_only(),
-                    )
-                })
-                .collect();
-            let written = self.execute(&segments, mem);
+            let (mut readable, mut writable) = (Vec::new(), Vec::new());
+            let mut misordered = false;
+            for d in chain {
+                let segment = Segment {
+                    addr: d.addr().0,
+                    len: d.len() as usize,
+                };
+                if d.is_write_only() {
+                    writable.push(segment);
+                } else if writable.is_empty() {
+                    readable.push(segment);
+                } else {
+                    misordered = true;
+                }
+            }
+            let written = if misordered {
+                debug!(vm = %self.vm, disk = %self.name, "request with a readable buffer after a writable one");
+                0
+            } else {
+                self.execute(&readable, &writable, mem)
+            };
             if let Err(error) = queue.add_used(mem, head, written) {
                 warn!(vm = %self.vm, disk = %self.name, %error, "cannot return a used buffer");
             }

@@ -72,8 +72,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     // takes these signals.
     let stop_signals = block_stop_signals()?;
     let hypervisor = Hypervisor::open_at(&options.kvm).context("this host cannot run VMs")?;
-    let lun = lun::open(datastore, &lun::OpenOptions::default())
-        .with_context(|| format!("{datastore}: cannot open LUN"))?;
+    let lun = crate::cmd::datastore::open_lun(datastore, false)?;
     let uuid = Datastore::open(lun.clone(), &vmfs::OpenOptions::read_only())
         .with_context(|| format!("{datastore}: cannot open datastore"))?
         .superblock()

@@ -419,16 +419,21 @@ impl Node {
         (unit.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 % self.sb.lease_areas.max(1)
     }
 
-    /// Runs `body` while holding the Disk Paxos lease of the area `off` hashes to.
-    fn with_area<T>(&self, off: u64, what: &str, body: &mut dyn FnMut() -> Result<T>) -> Result<T> {
-        let index = self.area_of(off);
-        let mut turn = guard(&self.areas[index as usize]);
-        let area = Area {
+    /// Disk Paxos lease area `index`, on the guarded LUN.
+    fn area(&self, index: u32) -> Area<'_> {
+        Area {
             lun: &*self.guarded,
             index,
             offset: self.sb.lease_offset + u64::from(index) * self.sb.lease_area_len(),
             slots: self.sb.host_slots,
-        };
+        }
+    }
+
+    /// Runs `body` while holding the Disk Paxos lease of the area `off` hashes to.
+    fn with_area<T>(&self, off: u64, what: &str, body: &mut dyn FnMut() -> Result<T>) -> Result<T> {
+        let index = self.area_of(off);
+        let mut turn = guard(&self.areas[index as usize]);
+        let area = self.area(index);
         let lver = self.paxos_acquire(&area, what, &mut turn)?;
         let result = body();
         let release = area.write_leader(&Leader {
@@ -531,12 +536,7 @@ impl Node {
                 continue;
             }
             *abandoned = false;
-            let area = Area {
-                lun: &*self.guarded,
-                index,
-                offset: self.sb.lease_offset + u64::from(index) * self.sb.lease_area_len(),
-                slots: self.sb.host_slots,
-            };
+            let area = self.area(index);
             let Ok(leader) = area.read_leader() else {
                 continue;
             };

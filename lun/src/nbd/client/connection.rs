@@ -16,14 +16,15 @@ use std::marker::PhantomData;
 use std::net::Shutdown;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::NbdOptions;
 use super::handshake::{Handshake, Negotiated};
 use crate::nbd::proto::*;
 use crate::nbd::transport::{NbdTarget, ReplyReader, Stream};
-use crate::{LunError, Result};
+use crate::{LunError, Result, lock};
 
 /// Read-ahead of the receiver. Large payloads bypass it and land directly in the caller's
 /// buffer; small replies are parsed from it without a system call each.
@@ -34,12 +35,6 @@ const MAX_IOVECS: usize = 1024;
 
 /// Longest error message from the server we keep.
 const MAX_ERROR_CHUNK: u32 = 64 * 1024;
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not take every later request down with it; the data the
-    // mutexes guard stays consistent because no critical section can panic halfway.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Why a connection stopped working; decides the error its pending requests get.
 #[derive(Debug, Clone)]
@@ -365,10 +360,14 @@ impl Connection {
         target: &NbdTarget,
         export: &str,
         lun: &str,
-        connect_timeout: Duration,
-        io_timeout: Duration,
-        structured_replies: bool,
+        options: &NbdOptions,
     ) -> Result<(Connection, Negotiated)> {
+        let NbdOptions {
+            connect_timeout,
+            io_timeout,
+            structured_replies,
+            ..
+        } = *options;
         let mut stream = target.connect(connect_timeout).map_err(|e| {
             if e.kind() == io::ErrorKind::TimedOut {
                 LunError::Timeout {
@@ -470,10 +469,8 @@ impl Connection {
                     }
                     .encode(),
                 );
-            }
-            for (op, header) in ops.iter().zip(&headers) {
                 table.pending.insert(
-                    be64(&header[8..16]),
+                    handle,
                     Pending {
                         command: op.command,
                         offset: op.offset,
@@ -783,34 +780,7 @@ fn finish_chunked(
         return Ok(());
     }
     if request.command == CMD_READ {
-        request.covered.sort_unstable();
-        let mut next = 0;
-        for &(at, len) in &request.covered {
-            if at != next {
-                let reason = format!(
-                    "structured read reply at {} (+{}) {} at byte {next}",
-                    request.offset,
-                    request.len,
-                    if at > next {
-                        "leaves a gap"
-                    } else {
-                        "overlaps"
-                    }
-                );
-                let error = LunError::Protocol {
-                    lun: shared.lun.clone(),
-                    reason: reason.clone(),
-                };
-                request.completion.finish(Err(error));
-                return Err(Death::Protocol(reason));
-            }
-            next = at + len;
-        }
-        if next != u64::from(request.len) {
-            let reason = format!(
-                "structured read reply at {} (+{}) ends after {next} bytes",
-                request.offset, request.len
-            );
+        if let Some(reason) = coverage_fault(&mut request) {
             request.completion.finish(Err(LunError::Protocol {
                 lun: shared.lun.clone(),
                 reason: reason.clone(),
@@ -820,4 +790,30 @@ fn finish_chunked(
     }
     request.completion.finish(Ok(()));
     Ok(())
+}
+
+/// What is wrong with the byte ranges a structured read reply covered, if anything.
+fn coverage_fault(request: &mut Pending) -> Option<String> {
+    request.covered.sort_unstable();
+    let mut next = 0;
+    for &(at, len) in &request.covered {
+        if at != next {
+            let fault = if at > next {
+                "leaves a gap"
+            } else {
+                "overlaps"
+            };
+            return Some(format!(
+                "structured read reply at {} (+{}) {fault} at byte {next}",
+                request.offset, request.len
+            ));
+        }
+        next = at + len;
+    }
+    (next != u64::from(request.len)).then(|| {
+        format!(
+            "structured read reply at {} (+{}) ends after {next} bytes",
+            request.offset, request.len
+        )
+    })
 }

@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use connection::{Batch, Connection, Op, lock};
+use connection::{Batch, Connection, Op};
 pub use handshake::BlockSizes;
 use handshake::Negotiated;
 
 use super::proto::*;
 use super::transport::NbdTarget;
-use crate::{IoRequest, Lun, LunError, Result, check_request};
+use crate::{IoRequest, Lun, LunError, Result, check_request, lock};
 
 /// How to talk to the server.
 #[derive(Debug, Clone)]
@@ -108,16 +108,7 @@ impl NbdLun {
     /// Connects to `export` on `target` and negotiates.
     pub fn connect(target: NbdTarget, export: &str, options: NbdOptions) -> Result<Self> {
         let name = target.url(export);
-        let open = || {
-            Connection::open(
-                &target,
-                export,
-                &name,
-                options.connect_timeout,
-                options.io_timeout,
-                options.structured_replies,
-            )
-        };
+        let open = || Connection::open(&target, export, &name, &options);
         let (first, negotiated) = open()?;
         let flags = negotiated.flags;
         if flags & FLAG_HAS_FLAGS == 0 {
@@ -203,10 +194,7 @@ impl NbdLun {
             self.write_at(buf, offset)?;
             return self.flush();
         }
-        let ops = self.split(buf.len(), offset, |range, at| {
-            Op::write(&buf[range], at, CMD_FLAG_FUA)
-        });
-        self.run(ops)
+        self.run(self.write_ops(buf, offset, CMD_FLAG_FUA).collect())
     }
 
     /// Tells the server the range is no longer needed; afterwards its contents are
@@ -229,18 +217,29 @@ impl NbdLun {
         Ok(())
     }
 
-    /// Cuts `len` bytes at `offset` into requests of at most the maximum size.
-    fn split<'a>(
+    /// A read of `buf` at `offset`, cut into requests of at most the maximum size.
+    fn read_ops<'a>(
         &self,
-        len: usize,
+        buf: &'a mut [u8],
         offset: u64,
-        mut op: impl FnMut(std::ops::Range<usize>, u64) -> Op<'a>,
-    ) -> Vec<Op<'a>> {
+    ) -> impl Iterator<Item = Op<'a>> + use<'a> {
         let max = self.max_request as usize;
-        (0..len)
-            .step_by(max)
-            .map(|start| op(start..len.min(start + max), offset + start as u64))
-            .collect()
+        buf.chunks_mut(max)
+            .enumerate()
+            .map(move |(i, chunk)| Op::read(chunk, offset + (i * max) as u64))
+    }
+
+    /// A write of `buf` at `offset`, cut into requests of at most the maximum size.
+    fn write_ops<'a>(
+        &self,
+        buf: &'a [u8],
+        offset: u64,
+        flags: u16,
+    ) -> impl Iterator<Item = Op<'a>> + use<'a> {
+        let max = self.max_request as usize;
+        buf.chunks(max)
+            .enumerate()
+            .map(move |(i, chunk)| Op::write(chunk, offset + (i * max) as u64, flags))
     }
 
     fn payloadless(&self, command: u16, offset: u64, len: u64) -> Vec<Op<'static>> {
@@ -261,18 +260,13 @@ impl NbdLun {
             return Ok(Arc::clone(&current));
         }
         let cause = current.death();
-        let (connection, negotiated) = Connection::open(
-            &self.target,
-            &self.export,
-            &self.name,
-            self.options.connect_timeout,
-            self.options.io_timeout,
-            self.options.structured_replies,
-        )
-        .map_err(|e| LunError::Disconnected {
-            lun: self.name.clone(),
-            reason: format!("{cause}; reconnecting failed: {}", reason_of(&e)),
-        })?;
+        let (connection, negotiated) =
+            Connection::open(&self.target, &self.export, &self.name, &self.options).map_err(
+                |e| LunError::Disconnected {
+                    lun: self.name.clone(),
+                    reason: format!("{cause}; reconnecting failed: {}", reason_of(&e)),
+                },
+            )?;
         if negotiated.size != self.info.export_size || negotiated.flags != self.flags {
             return Err(LunError::Protocol {
                 lun: self.name.clone(),
@@ -371,19 +365,12 @@ impl Lun for NbdLun {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(self, offset, buf.len() as u64)?;
-        let max = self.max_request as usize;
-        let ops = buf
-            .chunks_mut(max)
-            .enumerate()
-            .map(|(i, chunk)| Op::read(chunk, offset + (i * max) as u64))
-            .collect();
-        self.run(ops)
+        self.run(self.read_ops(buf, offset).collect())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        let ops = self.split(buf.len(), offset, |range, at| Op::write(&buf[range], at, 0));
-        self.run(ops)
+        self.run(self.write_ops(buf, offset, 0).collect())
     }
 
     fn flush(&self) -> Result<()> {
@@ -419,22 +406,11 @@ impl Lun for NbdLun {
                 IoRequest::Write { buf, offset } => self.check_write(*offset, buf.len() as u64)?,
             }
         }
-        let max = self.max_request as usize;
         let mut ops = Vec::with_capacity(batch.len());
         for request in batch.iter_mut() {
             match request {
-                IoRequest::Read { buf, offset } => {
-                    let offset = *offset;
-                    for (i, chunk) in buf.chunks_mut(max).enumerate() {
-                        ops.push(Op::read(chunk, offset + (i * max) as u64));
-                    }
-                }
-                IoRequest::Write { buf, offset } => {
-                    let buf: &[u8] = buf;
-                    ops.extend(self.split(buf.len(), *offset, |range, at| {
-                        Op::write(&buf[range], at, 0)
-                    }));
-                }
+                IoRequest::Read { buf, offset } => ops.extend(self.read_ops(buf, *offset)),
+                IoRequest::Write { buf, offset } => ops.extend(self.write_ops(buf, *offset, 0)),
             }
         }
         self.run(ops)

@@ -17,14 +17,14 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::proto::*;
 use super::transport::{NbdTarget, Stream};
-use crate::{Lun, LunError};
+use crate::{Lun, LunError, lock};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,10 +153,6 @@ struct Control {
     wake_rx: OwnedFd,
     /// A clone of each client socket, to cut reads short at shutdown.
     clients: Mutex<HashMap<u64, Stream>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Stops a running [`NbdServer`] gracefully; cheap to clone and usable from any thread.

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use super::Export;
 use super::handshake::{self, Outcome};
 use crate::nbd::proto::*;
 use crate::nbd::transport::Stream;
-use crate::{IoRequest, Lun, LunError};
+use crate::{IoRequest, Lun, LunError, lock};
 
 /// Request and reply bytes a session may hold at once. At least one maximum-size request
 /// always fits.
@@ -56,11 +56,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A client that takes no reply bytes for this long is dropped.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections here cannot panic halfway; poisoning carries no information.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Runs a connection to completion. Errors end the session and are logged, never
 /// propagated: one client's trouble is not the server's.
@@ -332,13 +327,8 @@ impl Session<'_> {
             && self.export.is_aligned(request.offset, length);
         if batched {
             if request.command == CMD_WRITE {
-                let before = gathering.payload.len();
-                let received = rx.by_ref().take(length).read_to_end(&mut gathering.payload);
-                if received.is_err() || gathering.payload.len() - before < data as usize {
-                    gathering.payload.truncate(before);
-                    self.release(cost);
-                    return Err("client hung up in the middle of a write request".into());
-                }
+                receive_payload(rx, length, &mut gathering.payload)
+                    .inspect_err(|_| self.release(cost))?;
             }
             gathering.requests.push(request);
             gathering.bytes += data;
@@ -348,11 +338,7 @@ impl Session<'_> {
         let mut payload = Vec::new();
         if request.command == CMD_WRITE {
             payload.reserve_exact(data as usize);
-            let received = rx.by_ref().take(length).read_to_end(&mut payload);
-            if received.is_err() || payload.len() < data as usize {
-                self.release(cost);
-                return Err("client hung up in the middle of a write request".into());
-            }
+            receive_payload(rx, length, &mut payload).inspect_err(|_| self.release(cost))?;
         }
         Ok(Next::Job(Job {
             work: Work::Single { request, payload },
@@ -721,6 +707,22 @@ impl Session<'_> {
     }
 }
 
+/// Appends a write's `length` payload bytes to `buf`; if the client hangs up first, `buf`
+/// is left as it was.
+fn receive_payload(
+    rx: &mut BufReader<Stream>,
+    length: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    let before = buf.len();
+    let received = rx.by_ref().take(length).read_to_end(buf);
+    if received.is_err() || ((buf.len() - before) as u64) < length {
+        buf.truncate(before);
+        return Err("client hung up in the middle of a write request".into());
+    }
+    Ok(())
+}
+
 fn receive_error(e: &io::Error) -> String {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         "client closed the connection".into()
@@ -769,26 +771,13 @@ impl Export {
         }
         if tail_start > head_end {
             if provision {
-                self.write_zero_buffers(head_end, tail_start - head_end)?;
+                crate::write_zero_buffers(&*self.lun, head_end, tail_start - head_end)?;
             } else {
                 self.lun.write_zeroes(head_end, tail_start - head_end)?;
             }
         }
         if offset + len > tail_start {
             self.write(&vec![0u8; (offset + len - tail_start) as usize], tail_start)?;
-        }
-        Ok(())
-    }
-
-    /// Writes zeroes over a sector-aligned range, a megabyte at a time.
-    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<(), LunError> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.lun.write_at(&zeroes[..n as usize], offset + done)?;
-            done += n;
         }
         Ok(())
     }
