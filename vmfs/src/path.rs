@@ -20,11 +20,15 @@ fn components(path: &str) -> Result<Vec<&OsStr>> {
             reason: "datastore paths are absolute (start with '/')".into(),
         });
     }
-    Ok(path
-        .split('/')
+    Ok(path_parts(path))
+}
+
+/// The components of a path, absolute or relative, without empty ones and ".".
+fn path_parts(path: &str) -> Vec<&OsStr> {
+    path.split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .map(OsStr::new)
-        .collect())
+        .collect()
 }
 
 /// Options for [`Datastore::put`].
@@ -39,22 +43,21 @@ impl Datastore {
     /// The inode at `path`. Symbolic links in the middle of a path are followed (relative
     /// to their directory); the last component is not.
     pub fn resolve(&self, path: &str) -> Result<u64> {
-        self.resolve_from(ROOT_INO, path, 0).map_err(|e| e.at(path))
+        let parts = components(path)?;
+        self.walk(ROOT_INO, &parts, false, 0)
+            .map_err(|e| e.at(path))
     }
 
-    fn resolve_from(&self, start: u64, path: &str, depth: u32) -> Result<u64> {
-        let parts = components(path)?;
-        let mut at = if path.starts_with('/') {
-            ROOT_INO
-        } else {
-            start
-        };
+    /// Walks `parts` from the directory `at`, following every symbolic link on the way, the
+    /// last component's too when `follow_last`. A link's target is walked from the link's
+    /// directory (from the root when absolute), counting towards [`MAX_SYMLINKS`], so a
+    /// loop of links ends in an error.
+    fn walk(&self, mut at: u64, parts: &[&OsStr], follow_last: bool, depth: u32) -> Result<u64> {
         for (i, part) in parts.iter().enumerate() {
             if part.as_bytes() == b".." {
-                let attr = self.getattr(at)?;
-                if attr.kind != Kind::Dir {
+                if self.getattr(at)?.kind != Kind::Dir {
                     return Err(Error::NotADirectory {
-                        object: path.into(),
+                        object: format!("inode {at}"),
                     });
                 }
                 at = self.parent_of(at)?;
@@ -62,55 +65,23 @@ impl Datastore {
             }
             let attr = self.lookup(at, part)?;
             let last = i + 1 == parts.len();
-            if attr.kind == Kind::Symlink && !last {
-                if depth >= MAX_SYMLINKS {
-                    return Err(Error::Invalid {
-                        object: path.into(),
-                        reason: "too many levels of symbolic links".into(),
-                    });
-                }
-                let target = self.readlink(attr.ino)?;
-                let target = target.to_string_lossy().into_owned();
-                let base = if target.starts_with('/') {
-                    ROOT_INO
-                } else {
-                    at
-                };
-                let rel = if target.starts_with('/') {
-                    target
-                } else {
-                    format!("/{target}")
-                };
-                at = if base == ROOT_INO {
-                    self.resolve_from(ROOT_INO, &rel, depth + 1)?
-                } else {
-                    self.resolve_relative(base, &rel, depth + 1)?
-                };
-            } else {
+            if attr.kind != Kind::Symlink || (last && !follow_last) {
                 at = attr.ino;
+                continue;
             }
-        }
-        Ok(at)
-    }
-
-    fn resolve_relative(&self, base: u64, rel: &str, depth: u32) -> Result<u64> {
-        let mut at = base;
-        for part in components(rel)? {
-            if part.as_bytes() == b".." {
-                at = self.parent_of(at)?;
+            if depth >= MAX_SYMLINKS {
+                return Err(Error::Invalid {
+                    object: part.to_string_lossy().into_owned(),
+                    reason: "too many levels of symbolic links".into(),
+                });
+            }
+            let target = self.readlink(attr.ino)?.to_string_lossy().into_owned();
+            let from = if target.starts_with('/') {
+                ROOT_INO
             } else {
-                let attr = self.lookup(at, part)?;
-                at = if attr.kind == Kind::Symlink {
-                    let target = self.readlink(attr.ino)?.to_string_lossy().into_owned();
-                    if target.starts_with('/') {
-                        self.resolve_from(ROOT_INO, &target, depth + 1)?
-                    } else {
-                        self.resolve_relative(at, &format!("/{target}"), depth + 1)?
-                    }
-                } else {
-                    attr.ino
-                };
-            }
+                at
+            };
+            at = self.walk(from, &path_parts(&target), true, depth + 1)?;
         }
         Ok(at)
     }
@@ -143,14 +114,7 @@ impl Datastore {
                 reason: "path ends in '..'".into(),
             });
         }
-        let mut parent_path = String::from("/");
-        for d in dirs {
-            parent_path.push_str(&d.to_string_lossy());
-            parent_path.push('/');
-        }
-        let parent = self
-            .resolve_from(ROOT_INO, &parent_path, 0)
-            .map_err(|e| e.at(path))?;
+        let parent = self.walk(ROOT_INO, dirs, true, 0).map_err(|e| e.at(path))?;
         Ok((parent, last.to_os_string()))
     }
 

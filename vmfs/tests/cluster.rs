@@ -579,6 +579,23 @@ fn a_recovery_cut_short_by_the_recoverers_death_is_finished_by_another_host() {
     let h = c.open_path("/z", Access::Exclusive).unwrap();
     drop(h);
     drop((held, a, r));
+    // c took a's slot over when it needed a's lock; r's own slot is recovered by c's
+    // background sweep, which may come a moment later: closing c first would leave it.
+    let me = c.host_slot().unwrap();
+    eventually(Duration::from_secs(5), || {
+        let info = t.open_ro().info()?;
+        match info
+            .hosts
+            .iter()
+            .find(|h| h.slot != me && h.state != "free")
+        {
+            Some(h) => Err(Error::Invalid {
+                object: format!("slot {}", h.slot),
+                reason: format!("still {}", h.state),
+            }),
+            None => Ok(()),
+        }
+    });
     c.close().unwrap();
     let info = t.open_ro().info().unwrap();
     assert!(

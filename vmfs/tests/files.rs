@@ -375,3 +375,46 @@ fn kinds_are_reported() {
     assert_eq!((a.uid, a.gid), (1000, 1000));
     ds.close().unwrap();
 }
+
+#[test]
+fn symbolic_links_are_followed_in_paths_and_loops_end_in_an_error() {
+    let t = TestDs::new(128 << 20);
+    let ds = t.open();
+    ds.mkdir_all("/data/real", 0o755, creds()).unwrap();
+    let d = ds.resolve("/data").unwrap();
+    // Relative links, resolved from their own directory; a chain of two.
+    ds.symlink(d, OsStr::new("alias"), OsStr::new("real"), creds())
+        .unwrap();
+    ds.symlink(d, OsStr::new("alias2"), OsStr::new("./alias"), creds())
+        .unwrap();
+    let f = ds
+        .create_path("/data/alias2/f", &NewFile::default())
+        .unwrap();
+    assert_eq!(ds.resolve("/data/real/f").unwrap(), f.ino);
+    assert_eq!(ds.resolve("/data/alias/f").unwrap(), f.ino);
+    // A directory made through a link lands in its target.
+    ds.mkdir_path("/data/alias/sub", 0o755, creds()).unwrap();
+    assert_eq!(
+        ds.stat_path("/data/real/sub").unwrap().kind,
+        Kind::Dir,
+        "mkdir through a link"
+    );
+    // The last component is not followed.
+    assert_eq!(ds.stat_path("/data/alias").unwrap().kind, Kind::Symlink);
+
+    // Links that point at each other, outside the root directory.
+    ds.symlink(d, OsStr::new("x"), OsStr::new("y"), creds())
+        .unwrap();
+    ds.symlink(d, OsStr::new("y"), OsStr::new("x"), creds())
+        .unwrap();
+    let err = ds.resolve("/data/x/f").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("too many levels of symbolic links"),
+        "{err}"
+    );
+    let err = ds.mkdir_path("/data/y/new", 0o755, creds()).unwrap_err();
+    assert!(err.to_string().contains("too many levels"), "{err}");
+    ds.close().unwrap();
+    t.assert_clean();
+}
