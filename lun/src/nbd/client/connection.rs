@@ -520,13 +520,14 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if !self.is_dead() {
+            // Marked closed before the request: a server answers a disconnect by closing
+            // the connection, which the receiver must see as ours, not as a loss.
+            lock(&self.shared.table).dead.get_or_insert(Death::Closed);
             // Soft disconnect, as the protocol asks of a client that is done. Nothing is
             // pending: every batch holds its connections until it has drained.
             if let Ok(mut sender) = self.shared.sender.try_lock() {
                 let _ = sender.write_all_vectored(&mut [IoSlice::new(&disconnect_request())]);
             }
-            let mut table = lock(&self.shared.table);
-            table.dead.get_or_insert(Death::Closed);
         }
         let _ = self.shared.control.shutdown(Shutdown::Both);
         if let Some(receiver) = self.receiver.take() {
