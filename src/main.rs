@@ -84,11 +84,24 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => code,
+        Err(error) if error.chain().any(|e| e.is::<cmd::StdoutClosed>()) => die_of_sigpipe(),
         Err(error) => {
             eprintln!("vapp: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ends the process as `ls | head -1` ends ls: killed by SIGPIPE (status 141 to a shell),
+/// with nothing on stderr. SIGPIPE stays ignored until here so that a write to a closed
+/// socket (NBD, a VM's control socket) is an error the code handles, not a death.
+fn die_of_sigpipe() -> ExitCode {
+    // SAFETY: resetting a signal disposition and raising it on ourselves touch no memory.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    ExitCode::from(141)
 }
 
 fn init_logging(filter: &str) {

@@ -4,11 +4,12 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use vmfs::{Access, Creds, Datastore, Kind};
 
@@ -59,6 +60,7 @@ pub struct CatArgs {
 
 #[derive(Args)]
 pub struct PutArgs {
+    /// The local file to copy; `-` reads standard input to its end.
     pub local_file: PathBuf,
     pub path: String,
     /// Allocate and zero every block up front (eager-zeroed thick).
@@ -69,6 +71,8 @@ pub struct PutArgs {
 #[derive(Args)]
 pub struct GetArgs {
     pub path: String,
+    /// Where to copy to: a file (created or replaced), a directory, a device or a pipe;
+    /// `-` writes standard output.
     pub local_file: PathBuf,
 }
 
@@ -143,11 +147,13 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
                 format_time(a.mtime_ns),
                 name,
                 target
-            )?;
+            )
+            .map_err(super::stdout_error)?;
         } else {
-            writeln!(out, "{name}")?;
+            writeln!(out, "{name}").map_err(super::stdout_error)?;
         }
     }
+    out.flush().map_err(super::stdout_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -214,39 +220,43 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
             "block_size": a.block_size,
             "symlink_target": target,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("  path: {}", args.path);
-    println!(
+    crate::outln!("  path: {}", args.path)?;
+    crate::outln!(
         "  type: {:?}{}{}",
         a.kind,
         if a.vdisk { " (virtual disk)" } else { "" },
         if a.thick { ", thick" } else { "" }
-    );
+    )?;
     if let Some(t) = target {
-        println!("target: {t}");
+        crate::outln!("target: {t}")?;
     }
-    println!(
+    crate::outln!(
         " inode: {} (generation {}, version {})",
-        a.ino, a.generation, a.version
-    );
-    println!(
+        a.ino,
+        a.generation,
+        a.version
+    )?;
+    crate::outln!(
         "  mode: {} ({:04o})  links: {}  uid: {}  gid: {}",
         mode_string(&a),
         a.perm,
         a.nlink,
         a.uid,
         a.gid
-    );
-    println!(
+    )?;
+    crate::outln!(
         "  size: {}  allocated: {}  block size: {}",
-        a.size, a.allocated, a.block_size
-    );
-    println!("access: {}", format_time(a.atime_ns));
-    println!("modify: {}", format_time(a.mtime_ns));
-    println!("change: {}", format_time(a.ctime_ns));
-    println!(" birth: {}", format_time(a.crtime_ns));
+        a.size,
+        a.allocated,
+        a.block_size
+    )?;
+    crate::outln!("access: {}", format_time(a.atime_ns))?;
+    crate::outln!("modify: {}", format_time(a.mtime_ns))?;
+    crate::outln!("change: {}", format_time(a.ctime_ns))?;
+    crate::outln!(" birth: {}", format_time(a.crtime_ns))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -263,22 +273,26 @@ pub fn cat(datastore: Option<&str>, args: CatArgs) -> anyhow::Result<ExitCode> {
         if n == 0 {
             break;
         }
-        if let Err(e) = out.write_all(&buf[..n]) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                break;
-            }
-            return Err(e).context("writing to stdout");
-        }
+        out.write_all(&buf[..n]).map_err(super::stdout_error)?;
         off += n as u64;
     }
-    out.flush().ok();
+    out.flush().map_err(super::stdout_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
+fn progress_bar(total: Option<u64>) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
+    let Some(total) = total else {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
+        {
+            bar.set_style(style);
+        }
+        return Some(bar);
+    };
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -288,11 +302,21 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
+/// `-` stands for standard input or output, as with tar, curl and qemu-img.
+fn is_stdio(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
 /// A path inside the datastore: into `dst` when it is a directory (or ends in '/').
 fn target_path(ds: &Datastore, dst: &str, local: &Path) -> anyhow::Result<String> {
     let into_dir = dst.ends_with('/') || ds.stat_path(dst).is_ok_and(|a| a.kind == Kind::Dir);
     if !into_dir {
         return Ok(dst.to_string());
+    }
+    if is_stdio(local) {
+        bail!(
+            "{dst}: is a directory; standard input has no name to copy it under, so give the file's path"
+        );
     }
     let name = local
         .file_name()
@@ -305,9 +329,19 @@ fn target_path(ds: &Datastore, dst: &str, local: &Path) -> anyhow::Result<String
 }
 
 pub fn put(datastore: Option<&str>, args: PutArgs) -> anyhow::Result<ExitCode> {
-    let mut file = File::open(&args.local_file)
-        .with_context(|| format!("{}: cannot open", args.local_file.display()))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let (mut input, len): (Box<dyn Read>, Option<u64>) = if is_stdio(&args.local_file) {
+        (Box::new(std::io::stdin().lock()), None)
+    } else {
+        let file = File::open(&args.local_file)
+            .with_context(|| format!("{}: cannot open", args.local_file.display()))?;
+        // A pipe or a device has no length up front: it is read to its end.
+        let len = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        (Box::new(file), len)
+    };
     let ds = open(datastore, false)?;
     let path = target_path(&ds, &args.path, &args.local_file)?;
     let bar = progress_bar(len);
@@ -319,31 +353,97 @@ pub fn put(datastore: Option<&str>, args: PutArgs) -> anyhow::Result<ExitCode> {
             vdisk: false,
         },
         overwrite: true,
+        expected_size: len,
     };
     let mut progress = |done: u64| {
         if let Some(b) = &bar {
             b.set_position(done);
         }
     };
-    ds.put(&mut file, &path, &options, &mut progress)?;
+    ds.put(&mut input, &path, &options, &mut progress)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     close(ds)
 }
 
+/// Where `get` writes: a regular file keeps the copy's holes and is sized and synced at
+/// the end; anything else (standard output, a pipe, /dev/null, a device) takes a stream.
+struct Sink {
+    file: File,
+    regular: bool,
+    stdout: bool,
+    name: String,
+}
+
+impl Sink {
+    fn open(local: &Path) -> anyhow::Result<Sink> {
+        if is_stdio(local) {
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("standard output")?;
+            return Ok(Sink {
+                file: File::from(fd),
+                regular: false,
+                stdout: true,
+                name: "standard output".into(),
+            });
+        }
+        let name = local.display().to_string();
+        let existing = std::fs::metadata(local).ok();
+        let file = match &existing {
+            // Opened as it is: truncating or creating makes no sense for a device or a pipe.
+            Some(m) if !m.is_file() && !m.is_dir() => {
+                std::fs::OpenOptions::new().write(true).open(local)
+            }
+            _ => File::create(local),
+        }
+        .with_context(|| format!("{name}: cannot create"))?;
+        Ok(Sink {
+            file,
+            regular: existing.is_none_or(|m| m.is_file()),
+            stdout: false,
+            name,
+        })
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        if self.regular && buf.iter().all(|&b| b == 0) {
+            // Holes stay holes in the copy.
+            self.file.seek(SeekFrom::Current(buf.len() as i64))?;
+            return Ok(());
+        }
+        match self.file.write_all(buf) {
+            Err(e) if self.stdout => Err(super::stdout_error(e)),
+            r => r.with_context(|| format!("{}: write failed", self.name)),
+        }
+    }
+
+    fn finish(self, size: u64) -> anyhow::Result<()> {
+        if !self.regular {
+            return Ok(());
+        }
+        self.file
+            .set_len(size)
+            .with_context(|| format!("{}: cannot set size", self.name))?;
+        self.file
+            .sync_all()
+            .with_context(|| format!("{}: sync failed", self.name))
+    }
+}
+
 pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     let ds = open(datastore, true)?;
     let handle = ds.open_path(&args.path, Access::ReadOnly)?;
     let size = handle.size()?;
-    let local = if args.local_file.is_dir() {
+    let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
         args.local_file.join(last_component(&args.path))
     } else {
         args.local_file.clone()
     };
-    let mut out =
-        File::create(&local).with_context(|| format!("{}: cannot create", local.display()))?;
-    let bar = progress_bar(size);
+    let mut out = Sink::open(&local)?;
+    let bar = progress_bar(Some(size));
     let mut buf = vec![0u8; IO_CHUNK];
     let mut off = 0u64;
     while off < size {
@@ -353,22 +453,13 @@ pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
         if n == 0 {
             break;
         }
-        // Holes stay holes in the copy.
-        if buf[..n].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(n as i64))?;
-        } else {
-            out.write_all(&buf[..n])
-                .with_context(|| format!("{}: write failed", local.display()))?;
-        }
+        out.write_all(&buf[..n])?;
         off += n as u64;
         if let Some(b) = &bar {
             b.set_position(off);
         }
     }
-    out.set_len(size)
-        .with_context(|| format!("{}: cannot set size", local.display()))?;
-    out.sync_all()
-        .with_context(|| format!("{}: sync failed", local.display()))?;
+    out.finish(size)?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -381,13 +472,13 @@ pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<E
             let size = parse_size(&args.size)?;
             let ds = open(datastore, false)?;
             let attr = ds.create_vdisk(&args.path, size, args.thick, Creds::current())?;
-            println!(
+            crate::outln!(
                 "created {} virtual disk {} of {} bytes ({} allocated)",
                 if args.thick { "thick" } else { "thin" },
                 args.path,
                 attr.size,
                 attr.allocated
-            );
+            )?;
             close(ds)
         }
     }

@@ -48,29 +48,32 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 "memory_available_bytes": info.host_memory_available_bytes,
             },
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
         let module = info
             .backend_module
             .as_deref()
             .map(|m| format!(" ({m})"))
             .unwrap_or_default();
-        println!(
+        crate::outln!(
             "KVM:          {}, API version {}",
-            info.kvm_path, info.kvm_api_version
-        );
-        println!("Backend:      {}{module}", info.backend);
-        println!("              {}", info.backend.guest_limits());
-        println!(
+            info.kvm_path,
+            info.kvm_api_version
+        )?;
+        crate::outln!("Backend:      {}{module}", info.backend)?;
+        crate::outln!("              {}", info.backend.guest_limits())?;
+        crate::outln!(
             "vCPUs per VM: up to {} (KVM allows {}, recommends {})",
-            info.hv_max_vcpus, info.max_vcpus, info.recommended_vcpus
-        );
-        println!("Host CPUs:    {}", info.host_cpus);
-        println!(
+            info.hv_max_vcpus,
+            info.max_vcpus,
+            info.recommended_vcpus
+        )?;
+        crate::outln!("Host CPUs:    {}", info.host_cpus)?;
+        crate::outln!(
             "Host memory:  {} total, {} available",
             gib(info.host_memory_bytes),
             gib(info.host_memory_available_bytes)
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

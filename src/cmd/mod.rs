@@ -7,8 +7,48 @@ pub mod host;
 pub mod mount;
 pub mod vm;
 
+use std::io::{self, Write};
+
 use anyhow::Context;
 use clap::Args;
+
+/// Standard output was closed by its reader (`vapp ls | head -1`). Not a failure of the
+/// command: `main` ends the process as coreutils end, by SIGPIPE, without a message.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// The error of a write to standard output: a closed pipe becomes [`StdoutClosed`].
+pub fn stdout_error(e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// Writes `text` to standard output; `println!` would panic on a closed pipe.
+pub fn print(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_fmt(text)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// `println!` that returns [`StdoutClosed`] instead of panicking when the reader is gone.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cmd::print(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 /// The `-d LUN` argument, required by every command that works inside a datastore.
 pub fn require_datastore(datastore: Option<&str>) -> anyhow::Result<&str> {

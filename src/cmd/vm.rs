@@ -317,7 +317,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         return Err(error.context(format!("vm {folder}: create failed, nothing kept")));
     }
     ds.close().context("closing the datastore")?;
-    println!(
+    crate::outln!(
         "created vm {folder} ({}): {} vCPU(s), {} MiB, {format} kernel ({} bytes){}, {} disk(s)",
         spec.name,
         spec.vcpus,
@@ -328,7 +328,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
             .map(|i| format!(", initrd ({} bytes)", i.len()))
             .unwrap_or_default(),
         spec.disks.len()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -403,6 +403,7 @@ fn put(ds: &Datastore, path: &str, bytes: &[u8]) -> anyhow::Result<()> {
             ..NewFile::default()
         },
         overwrite: false,
+        expected_size: Some(bytes.len() as u64),
     };
     ds.put(&mut &bytes[..], path, &options, &mut |_| {})
         .with_context(|| format!("writing {path}"))?;
@@ -448,7 +449,7 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
                 bail!("vm {folder}: still running after SIGKILL");
             }
         }
-        println!("vm {folder}: powered off");
+        crate::outln!("vm {folder}: powered off")?;
         return Ok(ExitCode::SUCCESS);
     }
     let asked = runtime::ask(&socket, Request::Shutdown);
@@ -462,7 +463,7 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     if wait_stopped(&registry, &folder, Duration::from_secs(args.timeout))? {
-        println!("vm {folder}: shut down");
+        crate::outln!("vm {folder}: shut down")?;
         return Ok(ExitCode::SUCCESS);
     }
     bail!(
@@ -605,14 +606,15 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &listed)?;
-        writeln!(out)?;
+        writeln!(out).map_err(crate::cmd::stdout_error)?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(
         out,
         "{:<24} {:<16} {:>5} {:>10} {:>5}  STATE",
         "VM", "NAME", "VCPUS", "MEMORY", "DISKS"
-    )?;
+    )
+    .map_err(crate::cmd::stdout_error)?;
     for vm in &listed {
         let state = match (vm.state, &vm.host, &vm.error) {
             ("running", Some(host), _) => format!(
@@ -631,7 +633,8 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
             vm.memory_bytes
                 .map_or("-".to_string(), |m| format!("{} MiB", m / MIB)),
             vm.disks.len(),
-        )?;
+        )
+        .map_err(crate::cmd::stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
 }

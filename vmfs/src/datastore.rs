@@ -503,11 +503,21 @@ impl Datastore {
     /// Finishes deletes and truncates that a crash interrupted (this host's, or those of a
     /// dead host it recovered).
     pub(crate) fn finish_orphans(&self) -> Result<()> {
-        let list = self.lock().orphans.clone();
+        let list = {
+            let s = self.lock();
+            let mut list = s.orphans.clone();
+            list.retain(|o| !s.staging.contains(&o.ino()));
+            list
+        };
         for orphan in list {
             tracing::info!(ino = orphan.ino(), "finishing interrupted delete/truncate");
             match orphan {
                 Orphan::Unlinked { ino, .. } => self.reap(ino)?,
+                Orphan::Staged {
+                    ino,
+                    parent,
+                    generation,
+                } => self.discard_staged(ino, parent, generation)?,
                 Orphan::Truncating { ino, .. } => self.write_op(|s| {
                     s.remove_orphan(ino)?;
                     s.lock_inode(ino)?;
@@ -725,6 +735,19 @@ impl Datastore {
 
     /// Creates a regular file.
     pub fn create(&self, parent: u64, name: &OsStr, new: &NewFile) -> Result<Attr> {
+        self.create_file(parent, name, new, false)
+    }
+
+    /// Creates a regular file; a `staged` one is listed in this host's orphan list in the
+    /// same transaction, so that it is removed if this host dies before
+    /// [`Datastore::rename_staged`] gives it its final name.
+    pub(crate) fn create_file(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new: &NewFile,
+        staged: bool,
+    ) -> Result<Attr> {
         let bs = self.inner.sb.block_size;
         self.write_op(|s| {
             s.lock_inode(parent)?;
@@ -750,6 +773,14 @@ impl Datastore {
             }
             i.set_flags(flags);
             link_entry(s, parent, name, ino, Kind::File, false)?;
+            if staged {
+                s.add_orphan(Orphan::Staged {
+                    ino,
+                    parent,
+                    generation: generation as u32,
+                })?;
+                s.staging.insert(ino);
+            }
             let attr = Attr::from_unit(&i, bs);
             s.put_inode(i);
             Ok(attr)
@@ -912,6 +943,31 @@ impl Datastore {
         new_name: &OsStr,
         no_replace: bool,
     ) -> Result<()> {
+        self.rename_op(parent, name, new_parent, new_name, no_replace, None)
+    }
+
+    /// Renames the staged file `ino` (see [`Datastore::create_file`]) over its final name,
+    /// dropping its orphan entry in the same transaction: a crash leaves either the old
+    /// file under the final name and the staged one to be removed, or the new file.
+    pub(crate) fn rename_staged(
+        &self,
+        parent: u64,
+        staged: &OsStr,
+        name: &OsStr,
+        ino: u64,
+    ) -> Result<()> {
+        self.rename_op(parent, staged, parent, name, false, Some(ino))
+    }
+
+    fn rename_op(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+        staged: Option<u64>,
+    ) -> Result<()> {
         let reap = self.write_op(|s| {
             // Directories in inode order; a directory moving to another parent also takes
             // the root's lock, so two such renames cannot build a loop between them.
@@ -1009,8 +1065,68 @@ impl Datastore {
                 moved.set_times(None, None, now);
                 s.put_inode(moved);
             }
+            if let Some(ino) = staged {
+                if src.ino != ino {
+                    return Err(Error::Invalid {
+                        object: describe(parent, name),
+                        reason: format!("no longer the file being copied in (inode {ino})"),
+                    });
+                }
+                s.remove_orphan(ino)?;
+            }
             Ok(reap)
         })?;
+        if let Some(ino) = staged {
+            self.lock().staging.remove(&ino);
+        }
+        if let Some(ino) = reap {
+            self.reap(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the staged file `ino` of directory `parent` (a copy that failed, or one whose
+    /// writer died) and its orphan entry. A name of `parent` is removed only while it still
+    /// names that descriptor generation, so a file that took the inode number since is safe.
+    pub(crate) fn discard_staged(&self, ino: u64, parent: u64, generation: u32) -> Result<()> {
+        let mut names = Vec::new();
+        let mut after = 2;
+        loop {
+            let batch = match self.readdir(parent, after) {
+                Ok(b) => b,
+                Err(Error::NotFound { .. } | Error::NotADirectory { .. }) => break,
+                Err(e) => return Err(e),
+            };
+            let Some(last) = batch.last() else { break };
+            after = last.cookie;
+            names.extend(
+                batch
+                    .into_iter()
+                    .filter(|e| e.cookie > 2 && e.ino == ino)
+                    .map(|e| e.name),
+            );
+        }
+        let reap = self.write_op(|s| {
+            s.remove_orphan(ino)?;
+            s.lock_inode(parent)?;
+            s.lock_inode(ino)?;
+            match s.inode(ino) {
+                Ok(u) if u.generation() as u32 == generation && u.kind() == Some(Kind::File) => {}
+                Ok(_) | Err(Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let mut reap = None;
+            for name in &names {
+                let d = dir_inode(s, parent)?;
+                if s.dir_lookup(&d, name)?.is_some_and(|slot| slot.ino == ino) {
+                    s.dir_remove(&d, name)?;
+                    touch_dir(s, parent, 0)?;
+                    reap = drop_link(s, ino)?;
+                }
+            }
+            Ok(reap)
+        })?;
+        self.lock().staging.remove(&ino);
         if let Some(ino) = reap {
             self.reap(ino)?;
         }

@@ -163,6 +163,11 @@ impl Error {
             },
             Error::FileTooBig { size, max, .. } => Error::FileTooBig { object, size, max },
             Error::NotPermitted { reason, .. } => Error::NotPermitted { object, reason },
+            Error::NoSpace { lun, resource, .. } => Error::NoSpace {
+                lun,
+                what: object,
+                resource,
+            },
             other => other,
         }
     }

@@ -145,7 +145,8 @@ pub fn scan(area: &[u8], area_offset: u64, checkpoint_seq: u64, fs_size: u64) ->
     (out, cursor)
 }
 
-/// Work a host must finish after a crash: free an unlinked inode, or finish a truncate.
+/// Work a host must finish after a crash: free an unlinked inode, finish a truncate, or
+/// remove a file that was still being copied in under a temporary name.
 /// `generation` (low 32 bits; 0 = not recorded) keeps a recovering host from acting on a
 /// descriptor that was freed and reused since the entry was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,20 +159,30 @@ pub enum Orphan {
         size: u64,
         generation: u32,
     },
+    /// Being written under a temporary name in directory `parent` and renamed over its final
+    /// name in the transaction that drops this entry (`Datastore::put`): if the writer dies
+    /// first, the temporary name is removed and the file freed.
+    Staged {
+        ino: u64,
+        parent: u64,
+        generation: u32,
+    },
 }
 
 impl Orphan {
     pub fn ino(&self) -> u64 {
         match *self {
-            Orphan::Unlinked { ino, .. } | Orphan::Truncating { ino, .. } => ino,
+            Orphan::Unlinked { ino, .. }
+            | Orphan::Truncating { ino, .. }
+            | Orphan::Staged { ino, .. } => ino,
         }
     }
 
     pub fn generation(&self) -> u32 {
         match *self {
-            Orphan::Unlinked { generation, .. } | Orphan::Truncating { generation, .. } => {
-                generation
-            }
+            Orphan::Unlinked { generation, .. }
+            | Orphan::Truncating { generation, .. }
+            | Orphan::Staged { generation, .. } => generation,
         }
     }
 
@@ -199,6 +210,10 @@ pub fn encode_orphans(list: &[Orphan], location: u64) -> Box<Unit> {
                 put_u32(&mut u[..], at + 8, 1);
                 put_u64(&mut u[..], at + 16, size);
             }
+            Orphan::Staged { parent, .. } => {
+                put_u32(&mut u[..], at + 8, 2);
+                put_u64(&mut u[..], at + 16, parent);
+            }
         }
     }
     seal(&mut u[..], MAGIC_ORPHANS, location, UNIT);
@@ -218,14 +233,18 @@ pub fn decode_orphans(u: &Unit, location: u64) -> Result<Vec<Orphan>, UnitFault>
             let at = O_ENTRIES + i * O_ENTRY;
             let ino = get_u64(u, at);
             let generation = get_u32(u, at + 12);
-            if get_u32(u, at + 8) == 1 {
-                Orphan::Truncating {
+            match get_u32(u, at + 8) {
+                1 => Orphan::Truncating {
                     ino,
                     size: get_u64(u, at + 16),
                     generation,
-                }
-            } else {
-                Orphan::Unlinked { ino, generation }
+                },
+                2 => Orphan::Staged {
+                    ino,
+                    parent: get_u64(u, at + 16),
+                    generation,
+                },
+                _ => Orphan::Unlinked { ino, generation },
             }
         })
         .collect())
@@ -313,6 +332,11 @@ mod tests {
                 ino: 10,
                 size: 4096,
                 generation: 1,
+            },
+            Orphan::Staged {
+                ino: 11,
+                parent: 2,
+                generation: 5,
             },
         ];
         let u = encode_orphans(&list, 8192);

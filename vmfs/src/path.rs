@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use crate::datastore::{Attr, Creds, Datastore, NewFile};
 use crate::error::{Error, Result};
@@ -37,6 +37,35 @@ pub struct PutOptions {
     pub new: NewFile,
     /// Replace an existing file instead of failing.
     pub overwrite: bool,
+    /// The input's length when known up front (a regular file), for the message of a copy
+    /// that runs out of space.
+    pub expected_size: Option<u64>,
+}
+
+/// What [`Datastore::put`] names the file while it copies: hidden, recognisable, and
+/// unique per host slot (a dead host's copy is removed before its slot is free again).
+fn staging_name(name: &OsStr, host: &str) -> OsString {
+    let suffix = format!(".vapp-put.{host}");
+    let room = crate::dir::NAME_MAX.saturating_sub(1 + suffix.len());
+    let mut staged = b".".to_vec();
+    staged.extend(name.as_bytes().iter().take(room));
+    staged.extend(suffix.as_bytes());
+    OsString::from_vec(staged)
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 impl Datastore {
@@ -221,6 +250,12 @@ impl Datastore {
     /// Streams `reader` into a new file at `path` with large aligned writes. Blocks that
     /// are entirely zero are skipped on thin files, so sparse input stays thin. `progress`
     /// gets the bytes copied so far.
+    ///
+    /// The copy is made under a temporary name in the same directory (see
+    /// [`staging_name`]) and renamed over `path` at the end, so `path` holds the old file
+    /// or the whole new one, never part of it. The temporary file is listed in this host's
+    /// orphan list until the rename: if the copy fails it is removed at once, and if this
+    /// process dies the host that recovers it removes it.
     pub fn put(
         &self,
         reader: &mut dyn Read,
@@ -228,22 +263,82 @@ impl Datastore {
         options: &PutOptions,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
-        const CHUNK: usize = 8 << 20;
         let (parent, name) = self.split_parent(path)?;
-        let attr = match self.create(parent, &name, &options.new) {
-            Ok(a) => a,
-            Err(Error::Exists { .. }) if options.overwrite => {
-                let a = self.lookup(parent, &name)?;
-                if a.kind != Kind::File {
-                    return Err(Error::IsADirectory {
-                        object: path.into(),
-                    });
-                }
-                self.truncate(a.ino, 0).map_err(|e| e.at(path))?;
-                a
+        match self.lookup(parent, &name) {
+            Ok(a) if a.kind != Kind::File => {
+                return Err(Error::IsADirectory {
+                    object: path.into(),
+                });
             }
+            Ok(_) if !options.overwrite => {
+                return Err(Error::Exists {
+                    object: path.into(),
+                });
+            }
+            Ok(_) | Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e.at(path)),
+        }
+        let host = self.host_tag().ok_or_else(|| Error::ReadOnly {
+            lun: self.lun().name().to_string(),
+        })?;
+        let free = self.statfs()?;
+        let free = free.blocks_free * u64::from(free.block_size);
+        let staged = staging_name(&name, &host);
+        let attr = self
+            .create_file(parent, &staged, &options.new, true)
+            .map_err(|e| e.at(path))?;
+        let mut read = 0;
+        let copied = self
+            .copy_into(attr.ino, reader, path, options, progress, &mut read)
+            .and_then(|total| {
+                self.fsync(attr.ino)?;
+                self.rename_staged(parent, &staged, &name, attr.ino)
+                    .map_err(|e| e.at(path))?;
+                self.fsync(attr.ino)?;
+                Ok(total)
+            });
+        let err = match copied {
+            Ok(total) => return Ok(total),
+            Err(e) => e,
         };
+        if let Err(cleanup) = self.discard_staged(attr.ino, parent, attr.generation as u32) {
+            tracing::warn!(path, ino = attr.ino, error = %cleanup,
+                "cannot remove the temporary file of a failed copy; the next mount removes it");
+        }
+        Err(match err {
+            Error::NoSpace { lun, resource, .. } => {
+                let needed = match options.expected_size {
+                    Some(size) => human(size),
+                    None => format!("more than {}", human(read)),
+                };
+                Error::NoSpace {
+                    lun,
+                    what: format!("{path}: it needs {needed}, {} free", human(free)),
+                    resource,
+                }
+            }
+            other => other,
+        })
+    }
+
+    /// A tag unique among this datastore's hosts: the host UUID's first group and its slot.
+    fn host_tag(&self) -> Option<String> {
+        let host = self.host()?;
+        let uuid = host.uuid.simple().to_string();
+        Some(format!("{}-{}", &uuid[..8], host.slot))
+    }
+
+    /// The copy loop of [`Datastore::put`]; `read` counts the input bytes taken so far.
+    fn copy_into(
+        &self,
+        ino: u64,
+        reader: &mut dyn Read,
+        path: &str,
+        options: &PutOptions,
+        progress: &mut dyn FnMut(u64),
+        read: &mut u64,
+    ) -> Result<u64> {
+        const CHUNK: usize = 8 << 20;
         let mut buf = vec![0u8; CHUNK];
         let mut total: u64 = 0;
         loop {
@@ -260,10 +355,11 @@ impl Datastore {
                 }
                 filled += n;
             }
+            *read = total + filled as u64;
             if filled == 0 {
                 break;
             }
-            self.write_skipping_zero_blocks(attr.ino, total, &buf[..filled], options.new.thick)
+            self.write_skipping_zero_blocks(ino, total, &buf[..filled], options.new.thick)
                 .map_err(|e| e.at(path))?;
             total += filled as u64;
             progress(total);
@@ -272,10 +368,9 @@ impl Datastore {
             }
         }
         // Trailing zero chunks were skipped: the size still covers them.
-        if self.getattr(attr.ino)?.size < total {
-            self.truncate(attr.ino, total).map_err(|e| e.at(path))?;
+        if self.getattr(ino)?.size < total {
+            self.truncate(ino, total).map_err(|e| e.at(path))?;
         }
-        self.fsync(attr.ino)?;
         Ok(total)
     }
 

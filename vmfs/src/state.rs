@@ -70,6 +70,9 @@ pub(crate) struct State {
     free: HashMap<ResourceKind, (u64, Instant)>,
     pub dirs: HashMap<u64, DirIndex>,
     pub orphans: Vec<Orphan>,
+    /// Files this process is copying in under a temporary name: their `Staged` orphan
+    /// entries are live work, not a crash's leftovers.
+    pub staging: HashSet<u64>,
     /// This process's open handles per inode.
     pub locks: HashMap<u64, Vec<Holder>>,
     pub next_holder: u64,
@@ -101,6 +104,7 @@ impl State {
             free: HashMap::new(),
             dirs: HashMap::new(),
             orphans: Vec::new(),
+            staging: HashSet::new(),
             locks: HashMap::new(),
             next_holder: 1,
             node,
