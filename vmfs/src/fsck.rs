@@ -15,7 +15,7 @@ use std::sync::Arc;
 use lun::Lun;
 use serde::Serialize;
 
-use crate::cluster::heartbeat::{Heartbeat, SlotState};
+use crate::cluster::heartbeat::{self, Heartbeat, SlotState};
 use crate::cluster::{LockRecord, LockTarget};
 use crate::codec::*;
 use crate::datastore::{Datastore, OpenOptions, SuperblockSource, read_superblock};
@@ -42,6 +42,10 @@ pub enum Severity {
     Error,
     /// Worth knowing, not a problem (e.g. a host slot still marked live).
     Info,
+    /// Unfinished work of a host that holds its slot (a running one, or one that died):
+    /// its journal or orphan list. Not damage: the host itself, or whoever recovers it,
+    /// finishes it.
+    Pending,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +58,91 @@ pub struct Finding {
     /// What repair does (or did) about it; None when it cannot be fixed safely.
     pub repair: Option<String>,
     pub repaired: bool,
+}
+
+/// Findings of one kind: the same severity, outcome and problem on objects of one sort.
+#[derive(Debug, Clone, Serialize)]
+pub struct FindingGroup {
+    pub severity: Severity,
+    /// The sort of object with its numbers left out, e.g. "inode N".
+    pub kind: String,
+    /// The problem of the first finding (others differ at most in numbers and names).
+    pub problem: String,
+    pub repair: Option<String>,
+    pub repaired: bool,
+    pub count: usize,
+    /// The first few objects, e.g. "inode 12".
+    pub examples: Vec<String>,
+}
+
+/// How many objects a group names.
+const GROUP_EXAMPLES: usize = 5;
+
+/// Text with every run of digits replaced by "N" and quoted names by "…", so findings that
+/// differ only in which object they are about group together.
+fn shape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    let mut digits = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+            continue;
+        }
+        if quoted {
+            continue;
+        }
+        if c.is_ascii_digit() {
+            if !digits {
+                out.push('N');
+            }
+            digits = true;
+            continue;
+        }
+        digits = false;
+        out.push(c);
+    }
+    out
+}
+
+fn group(findings: &[Finding]) -> Vec<FindingGroup> {
+    let mut groups: Vec<FindingGroup> = Vec::new();
+    let mut index: HashMap<(u8, bool, String, String, Option<String>), usize> = HashMap::new();
+    for f in findings {
+        let kind = shape(&f.object);
+        let key = (
+            f.severity as u8,
+            f.repaired,
+            kind.clone(),
+            shape(&f.problem),
+            f.repair.as_deref().map(shape),
+        );
+        match index.get(&key) {
+            Some(&i) => {
+                let g = &mut groups[i];
+                g.count += 1;
+                if g.examples.len() < GROUP_EXAMPLES {
+                    g.examples.push(f.object.clone());
+                }
+            }
+            None => {
+                index.insert(key, groups.len());
+                groups.push(FindingGroup {
+                    severity: f.severity,
+                    kind,
+                    problem: f.problem.clone(),
+                    repair: f.repair.clone(),
+                    repaired: f.repaired,
+                    count: 1,
+                    examples: vec![f.object.clone()],
+                });
+            }
+        }
+    }
+    groups
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -77,6 +166,10 @@ pub struct FsckReport {
     pub problems: usize,
     pub repaired: usize,
     pub remaining: usize,
+    /// Unfinished work of hosts holding their slots (severity pending): not problems.
+    pub pending: usize,
+    /// The findings grouped by kind, in order of first appearance.
+    pub groups: Vec<FindingGroup>,
     pub findings: Vec<Finding>,
     pub stats: FsckStats,
 }
@@ -115,6 +208,47 @@ fn finding(
     }
 }
 
+/// Work a host holding slot `hb` left unfinished; `by` says who finishes it.
+fn pending(
+    object: impl Into<String>,
+    offset: u64,
+    problem: impl Into<String>,
+    by: &str,
+) -> Finding {
+    Finding {
+        severity: Severity::Pending,
+        object: object.into(),
+        offset: Some(offset),
+        problem: problem.into(),
+        repair: Some(by.to_string()),
+        repaired: false,
+    }
+}
+
+/// Who finishes the unfinished work of the host holding slot `hb`, as fsck can tell
+/// without joining: a process of this machine that is gone is dead for sure.
+fn finisher(hb: &Heartbeat, sb: &Superblock) -> String {
+    let who = format!(
+        "host {} (slot {}, pid {}, uuid {})",
+        hb.hostname, hb.slot, hb.pid, hb.host
+    );
+    if let Some(r) = hb.recoverer {
+        return format!(
+            "{who} is being recovered by the host in slot {}; it finishes it",
+            r.slot
+        );
+    }
+    if heartbeat::same_machine(hb) && !heartbeat::pid_alive(hb.pid) {
+        return format!(
+            "{who} is dead (same machine, process gone): the next read-write open of the datastore recovers it at once"
+        );
+    }
+    format!(
+        "{who} finishes it while it runs; if it died, any host recovers it {} ms after its heartbeat stopped",
+        sb.timing().dead_after().as_millis()
+    )
+}
+
 fn info(object: impl Into<String>, problem: impl Into<String>) -> Finding {
     Finding {
         severity: Severity::Info,
@@ -143,6 +277,7 @@ pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
     }
     let mut findings = Vec::new();
     let mut truncating = Vec::new();
+    let mut orphans = HashMap::new();
     raw_checks(
         &*lun,
         &sb,
@@ -150,10 +285,11 @@ pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
         options.repair,
         &mut findings,
         &mut truncating,
+        &mut orphans,
     )?;
     if !options.repair {
         let ds = Datastore::open(lun.clone(), &OpenOptions::read_only())?;
-        let scan = ds.read_op(Scan::run)?;
+        let scan = ds.read_op(|s| Scan::run(s, &orphans))?;
         findings.extend(scan.findings);
         return Ok(report(&lun, &sb, findings, scan.stats));
     }
@@ -171,7 +307,7 @@ pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
             Err(e) => return Err(e),
         }
     }
-    let first = ds.read_op(Scan::run)?;
+    let first = ds.read_op(|s| Scan::run(s, &HashMap::new()))?;
     let mut applied = false;
     if !first.fixes.is_empty() {
         apply(&ds, first.fixes)?;
@@ -181,7 +317,7 @@ pub fn fsck(lun: Arc<dyn Lun>, options: &FsckOptions) -> Result<FsckReport> {
     let second = ds.read_op(|s| {
         s.st.drop_clean_cache();
         s.forget_derived();
-        Scan::run(s)
+        Scan::run(s, &HashMap::new())
     })?;
     let still: HashSet<(String, String)> = second
         .findings
@@ -221,8 +357,15 @@ fn report(
         .iter()
         .filter(|f| f.severity == Severity::Error)
         .count();
-    let repaired = findings.iter().filter(|f| f.repaired).count();
+    let repaired = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error && f.repaired)
+        .count();
     let remaining = problems - repaired;
+    let pending = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Pending && !f.repaired)
+        .count();
     FsckReport {
         lun: lun.name().to_string(),
         label: sb.label.clone(),
@@ -231,6 +374,8 @@ fn report(
         problems,
         repaired,
         remaining,
+        pending,
+        groups: group(&findings),
         findings,
         stats,
     }
@@ -245,6 +390,7 @@ fn raw_checks(
     repair: bool,
     out: &mut Vec<Finding>,
     truncating: &mut Vec<(u64, u64)>,
+    orphans: &mut HashMap<u64, String>,
 ) -> Result<()> {
     let fixed = |f: &mut Finding| {
         if repair {
@@ -296,8 +442,10 @@ fn raw_checks(
     for slot in 0..sb.host_slots {
         let at = slot as usize * UNIT;
         let off = sb.heartbeat_slot_offset(slot);
+        let mut holder = None;
         match Heartbeat::decode(&region[at..at + UNIT], off, slot) {
             Ok(Some(hb)) if hb.state != SlotState::Free => {
+                holder = Some(finisher(&hb, sb));
                 out.push(info(
                     format!("heartbeat slot {slot}"),
                     format!(
@@ -338,15 +486,23 @@ fn raw_checks(
         match store::read_journal(lun, sb, slot) {
             Ok(state) => {
                 if !state.pending.is_empty() {
-                    let mut f = finding(
-                        format!("journal of host slot {slot}"),
-                        Some(area),
-                        format!(
-                            "{} committed transaction(s) not yet applied (the host did not unmount cleanly)",
-                            state.pending.len()
+                    let n = state.pending.len();
+                    let mut f = match &holder {
+                        Some(by) => pending(
+                            format!("journal of host slot {slot}"),
+                            area,
+                            format!("{n} committed transaction(s) to replay"),
+                            by,
                         ),
-                        Some("replay the journal"),
-                    );
+                        None => finding(
+                            format!("journal of host slot {slot}"),
+                            Some(area),
+                            format!(
+                                "{n} committed transaction(s) not yet applied, yet the slot is free"
+                            ),
+                            Some("replay the journal"),
+                        ),
+                    };
                     if repair {
                         store::replay_read(lun, sb, slot, &state, state.header.host)?;
                     }
@@ -397,12 +553,30 @@ fn raw_checks(
         };
         let real: Vec<Orphan> = list.into_iter().filter(|o| o.ino() != 0).collect();
         if !real.is_empty() {
-            let mut f = finding(
-                format!("orphan list of host slot {slot}"),
-                Some(orphan_off),
-                format!("{} interrupted delete/truncate(s) not finished", real.len()),
-                Some("finish them"),
-            );
+            let what = format!("{} interrupted delete/truncate(s) to finish", real.len());
+            let mut f = match &holder {
+                Some(by) => {
+                    if !repair {
+                        for o in &real {
+                            if let Orphan::Unlinked { ino, .. } = *o {
+                                orphans.insert(ino, by.clone());
+                            }
+                        }
+                    }
+                    pending(
+                        format!("orphan list of host slot {slot}"),
+                        orphan_off,
+                        what,
+                        by,
+                    )
+                }
+                None => finding(
+                    format!("orphan list of host slot {slot}"),
+                    Some(orphan_off),
+                    format!("{what}, yet the slot is free"),
+                    Some("finish them"),
+                ),
+            };
             fixed(&mut f);
             out.push(f);
         }
@@ -437,13 +611,16 @@ struct Walk<'a> {
     inodes_seen: HashSet<u64>,
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
+    orphans: &'a HashMap<u64, String>,
     findings: Vec<Finding>,
     fixes: Vec<Fix>,
     stats: FsckStats,
 }
 
 impl Scan {
-    fn run(s: &mut State) -> Result<Scan> {
+    /// `orphans`: unlinked inodes on the orphan list of a host that holds its slot, which
+    /// that host (or its recoverer) frees.
+    fn run(s: &mut State, orphans: &HashMap<u64, String>) -> Result<Scan> {
         let mut used = HashMap::new();
         for kind in ResourceKind::ALL {
             used.insert(kind, vec![false; s.sb().area(kind).count as usize]);
@@ -456,6 +633,7 @@ impl Scan {
             dirs_seen: HashSet::new(),
             inodes_seen: HashSet::new(),
             inode_fix: HashMap::new(),
+            orphans,
             findings: Vec::new(),
             fixes: Vec::new(),
             stats: FsckStats::default(),
@@ -885,6 +1063,24 @@ impl Walk<'_> {
                     continue;
                 }
                 if u.nlink() == 0 {
+                    if let Some(by) = self.orphans.get(&ino) {
+                        // Its descriptor and storage stay in use until the delete is
+                        // finished: not leaks.
+                        self.findings.push(pending(
+                            format!("inode {ino}"),
+                            off,
+                            "unlinked while open; its descriptor and storage are freed when the delete is finished",
+                            by,
+                        ));
+                        self.walk_from(ino, 0, None)?;
+                        self.refs.insert(ino, 0);
+                        match u.kind() {
+                            Some(Kind::Dir) => self.stats.directories -= 1,
+                            Some(Kind::Symlink) => self.stats.symlinks -= 1,
+                            _ => self.stats.files -= 1,
+                        }
+                        continue;
+                    }
                     self.findings.push(finding(
                         format!("inode {ino}"),
                         Some(off),
@@ -1102,6 +1298,6 @@ fn apply(ds: &Datastore, fixes: Vec<Fix>) -> Result<()> {
 impl Datastore {
     /// Checks this open datastore (read-only view of the same walk fsck does).
     pub fn check(&self) -> Result<Vec<Finding>> {
-        Ok(self.read_op(Scan::run)?.findings)
+        Ok(self.read_op(|s| Scan::run(s, &HashMap::new()))?.findings)
     }
 }
