@@ -78,16 +78,26 @@ pub struct FindingGroup {
 /// How many objects a group names.
 const GROUP_EXAMPLES: usize = 5;
 
-/// Text with every run of digits replaced by "N" and quoted names by "…", so findings that
-/// differ only in which object they are about group together.
+/// Text with every word that holds a digit (a number, a hex magic) replaced by "N" and
+/// quoted names by "…", so findings that differ only in which object they are about, or in
+/// the random bytes found, group together.
 fn shape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
     let mut quoted = false;
-    let mut digits = false;
+    let flush = |word: &mut String, out: &mut String| {
+        if word.chars().any(|c| c.is_ascii_digit()) {
+            out.push('N');
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
     for c in text.chars() {
         if c == '"' {
+            flush(&mut word, &mut out);
             if !quoted {
-                out.push_str("\"…\"");
+                out.push('…');
             }
             quoted = !quoted;
             continue;
@@ -95,16 +105,14 @@ fn shape(text: &str) -> String {
         if quoted {
             continue;
         }
-        if c.is_ascii_digit() {
-            if !digits {
-                out.push('N');
-            }
-            digits = true;
-            continue;
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
         }
-        digits = false;
-        out.push(c);
     }
+    flush(&mut word, &mut out);
     out
 }
 
@@ -437,6 +445,18 @@ fn raw_checks(
             }
         }
     }
+    for index in 0..sb.lease_areas {
+        for (object, off, why) in crate::cluster::paxos::check_area(lun, sb, index, repair)? {
+            let mut f = finding(
+                object,
+                Some(off),
+                why,
+                Some("rewrite it free (no host holds a lease while none is mounted)"),
+            );
+            fixed(&mut f);
+            out.push(f);
+        }
+    }
     let mut region = vec![0u8; sb.host_slots as usize * UNIT];
     lun.read_at(&mut region, sb.heartbeat_offset)?;
     for slot in 0..sb.host_slots {
@@ -612,6 +632,7 @@ struct Walk<'a> {
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
     orphans: &'a HashMap<u64, String>,
+    root_rebuilt: bool,
     findings: Vec<Finding>,
     fixes: Vec<Fix>,
     stats: FsckStats,
@@ -634,12 +655,13 @@ impl Scan {
             inodes_seen: HashSet::new(),
             inode_fix: HashMap::new(),
             orphans,
+            root_rebuilt: false,
             findings: Vec::new(),
             fixes: Vec::new(),
             stats: FsckStats::default(),
         };
         w.walk_from(ROOT_INO, ROOT_INO, None)?;
-        w.unreachable()?;
+        w.descriptors()?;
         w.link_counts()?;
         w.bitmaps()?;
         w.lock_records()?;
@@ -720,6 +742,18 @@ impl Walk<'_> {
             ),
             None => format!("inode {ino}"),
         };
+        if ino == ROOT_INO && name.is_none() {
+            let why = match self.s.inode_unit(ino) {
+                Ok(u) if u.kind() == Some(Kind::Dir) => None,
+                Ok(_) => Some("not a directory".to_string()),
+                Err(Error::Corrupt { reason, .. }) => Some(reason),
+                Err(e) => return Err(e),
+            };
+            if let Some(why) = why {
+                self.rebuild_root(why);
+                return Ok(());
+            }
+        }
         let u = match self.s.inode_unit(ino) {
             Ok(u) => u,
             Err(Error::Corrupt {
@@ -1038,79 +1072,179 @@ impl Walk<'_> {
         Ok(total)
     }
 
-    /// Allocated inodes the walk did not reach.
-    fn unreachable(&mut self) -> Result<()> {
+    /// Every descriptor, one resource cluster per read: lock records, damaged units of
+    /// descriptors no file uses, and allocated inodes the walk did not reach. Unused
+    /// descriptors are checked from that one read, so a damaged inode bitmap does not turn
+    /// into a verified read of every unit it governs.
+    fn descriptors(&mut self) -> Result<()> {
         let area = self.s.sb().inodes;
         let per = u64::from(area.per_cluster);
+        let mut candidates: Vec<(u64, Kind, u64)> = Vec::new();
         for c in 0..area.clusters() {
-            let bits = match self.s.bitmap(ResourceKind::Inode, c) {
-                Ok(u) => (0..area.in_cluster(c))
+            let n = area.in_cluster(c);
+            let bits = self.s.bitmap(ResourceKind::Inode, c).ok().map(|u| {
+                (0..n)
                     .map(|i| crate::bitmap::get(&u, i))
-                    .collect::<Vec<_>>(),
-                Err(_) => vec![true; area.in_cluster(c) as usize],
-            };
-            for (i, set) in bits.into_iter().enumerate() {
-                let ino = c * per + i as u64 + 1;
-                if !set || self.inodes_seen.contains(&ino) {
+                    .collect::<Vec<_>>()
+            });
+            let first = c * per + 1;
+            let base = self.s.sb().inode_lock_offset(first);
+            let units = self.s.st.read_raw_range(base, 2 * n as usize)?;
+            for (i, pair) in units.chunks_exact(2).enumerate() {
+                let ino = first + i as u64;
+                let lock_off = base + 2 * i as u64 * UNIT_U64;
+                let off = lock_off + UNIT_U64;
+                let target = LockTarget::Inode(ino);
+                if let Err(why) = LockRecord::decode(&pair[0][..], lock_off, target.code()) {
+                    self.findings.push(finding(
+                        format!("lock record of {}", target.describe()),
+                        Some(lock_off),
+                        why,
+                        Some("clear the lock record"),
+                    ));
+                    self.fixes.push(Fix::Unit {
+                        off: lock_off,
+                        image: zero_unit(),
+                    });
+                }
+                if self.inodes_seen.contains(&ino) {
                     continue;
                 }
-                let off = self.s.sb().inode_offset(ino);
-                let u = match self.s.inode_unit(ino) {
-                    Ok(u) => u,
-                    Err(_) => continue, // bitmap rebuild clears the bit
+                let u = &pair[1];
+                let valid = match verify(&u[..], MAGIC_INODE, off, UNIT) {
+                    Ok(()) => inode::check(u, ino),
+                    Err(UnitFault::Blank) => continue,
+                    Err(fault) => Err(fault.to_string()),
                 };
-                if u.kind_code() == inode::KIND_FREE {
-                    continue;
-                }
-                if u.nlink() == 0 {
-                    if let Some(by) = self.orphans.get(&ino) {
-                        // Its descriptor and storage stay in use until the delete is
-                        // finished: not leaks.
-                        self.findings.push(pending(
-                            format!("inode {ino}"),
-                            off,
-                            "unlinked while open; its descriptor and storage are freed when the delete is finished",
-                            by,
-                        ));
-                        self.walk_from(ino, 0, None)?;
-                        self.refs.insert(ino, 0);
-                        match u.kind() {
-                            Some(Kind::Dir) => self.stats.directories -= 1,
-                            Some(Kind::Symlink) => self.stats.symlinks -= 1,
-                            _ => self.stats.files -= 1,
-                        }
-                        continue;
-                    }
+                if let Err(why) = valid {
                     self.findings.push(finding(
                         format!("inode {ino}"),
                         Some(off),
-                        "unlinked but never freed",
-                        Some("free it"),
+                        format!("{why}; no file uses it"),
+                        Some("rewrite it as a free descriptor"),
                     ));
                     self.fixes.push(Fix::Unit {
                         off,
-                        image: Inode::freed(ino, u.generation()).seal(off),
+                        image: Inode::freed(ino, 1).seal(off),
                     });
                     continue;
                 }
-                self.findings.push(finding(
-                    format!("inode {ino}"),
-                    Some(off),
-                    "allocated but not in any directory",
-                    Some("move it to /lost+found"),
-                ));
-                let kind = u.kind().unwrap_or(Kind::File);
-                self.walk_from(ino, 0, None)?;
-                self.refs.insert(ino, 1);
-                self.fixes.push(Fix::LostFound { ino, kind });
+                let in_use = bits.as_ref().is_none_or(|b| b[i]);
+                if u.kind_code() == inode::KIND_FREE || !in_use {
+                    continue;
+                }
+                if u.nlink() == 0 {
+                    self.unlinked(ino, u)?;
+                    continue;
+                }
+                candidates.push((ino, u.kind().unwrap_or(Kind::File), u.parent()));
             }
         }
+        // Directories whose parent is lost too are reached through it: attach only the tops
+        // of lost subtrees, then whatever is still unreached.
+        let lost_dirs: HashSet<u64> = candidates
+            .iter()
+            .filter(|c| c.1 == Kind::Dir)
+            .map(|c| c.0)
+            .collect();
+        let tops = candidates
+            .iter()
+            .filter(|c| c.1 == Kind::Dir && !lost_dirs.contains(&c.2));
+        let order: Vec<(u64, Kind)> = tops
+            .chain(candidates.iter().filter(|c| c.1 == Kind::Dir))
+            .chain(candidates.iter().filter(|c| c.1 != Kind::Dir))
+            .map(|c| (c.0, c.1))
+            .collect();
+        for (ino, kind) in order {
+            if self.inodes_seen.contains(&ino) {
+                continue;
+            }
+            self.findings.push(finding(
+                format!("inode {ino}"),
+                Some(self.s.sb().inode_offset(ino)),
+                "allocated but not in any directory",
+                Some("move it to /lost+found"),
+            ));
+            self.walk_from(ino, 0, None)?;
+            self.refs.insert(ino, 1);
+            self.fixes.push(Fix::LostFound { ino, kind });
+        }
         Ok(())
+    }
+
+    /// An allocated inode with no names that the walk did not reach: pending when a host
+    /// holding its slot has it on its orphan list, else never freed.
+    fn unlinked(&mut self, ino: u64, u: &Arc<Unit>) -> Result<()> {
+        let off = self.s.sb().inode_offset(ino);
+        if let Some(by) = self.orphans.get(&ino) {
+            // Its descriptor and storage stay in use until the delete is finished: not leaks.
+            self.findings.push(pending(
+                format!("inode {ino}"),
+                off,
+                "unlinked while open; its descriptor and storage are freed when the delete is finished",
+                by,
+            ));
+            self.walk_from(ino, 0, None)?;
+            self.refs.insert(ino, 0);
+            match u.kind() {
+                Some(Kind::Dir) => self.stats.directories -= 1,
+                Some(Kind::Symlink) => self.stats.symlinks -= 1,
+                _ => self.stats.files -= 1,
+            }
+            return Ok(());
+        }
+        self.findings.push(finding(
+            format!("inode {ino}"),
+            Some(off),
+            "unlinked but never freed",
+            Some("free it"),
+        ));
+        self.fixes.push(Fix::Unit {
+            off,
+            image: Inode::freed(ino, u.generation()).seal(off),
+        });
+        Ok(())
+    }
+
+    /// A root that is damaged, free or not a directory is replaced by an empty one; what it
+    /// held is then unreached and goes to /lost+found.
+    fn rebuild_root(&mut self, why: String) {
+        let off = self.s.sb().inode_offset(ROOT_INO);
+        self.findings.push(finding(
+            "root directory (inode 1)",
+            Some(off),
+            why,
+            Some("rebuild it empty (what it held goes to /lost+found)"),
+        ));
+        let mut root = Inode::new(
+            ROOT_INO,
+            1,
+            Kind::Dir,
+            0o755,
+            0,
+            0,
+            ROOT_INO,
+            crate::state::now_ns(),
+        );
+        root.set_addr_mode(AddrMode::Tree);
+        self.fixes.push(Fix::Unit {
+            off,
+            image: root.seal(off),
+        });
+        self.root_rebuilt = true;
+        self.inodes_seen.insert(ROOT_INO);
+        self.dirs_seen.insert(ROOT_INO);
+        self.refs.insert(ROOT_INO, 1);
+        self.mark(ResourceKind::Inode, ROOT_INO - 1, ROOT_INO);
+        self.stats.directories += 1;
     }
 
     fn link_counts(&mut self) -> Result<()> {
         let seen: Vec<u64> = self.inodes_seen.iter().copied().collect();
         for ino in seen {
+            if ino == ROOT_INO && self.root_rebuilt {
+                continue;
+            }
             let u = self.s.inode_unit(ino)?;
             let expected = if u.kind() == Some(Kind::Dir) {
                 2 + self.subdirs.get(&ino).copied().unwrap_or(0)
@@ -1204,7 +1338,8 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// Every lock record must decode (blank is free) and guard its own object.
+    /// Every cluster's lock record must decode (blank is free) and guard its own cluster
+    /// (descriptors' are checked with the descriptors).
     fn lock_records(&mut self) -> Result<()> {
         let mut targets: Vec<LockTarget> = Vec::new();
         for kind in ResourceKind::ALL {
@@ -1212,9 +1347,6 @@ impl Walk<'_> {
             for c in 0..area.clusters() {
                 targets.push(LockTarget::Cluster(kind, c));
             }
-        }
-        for &ino in &self.inodes_seen {
-            targets.push(LockTarget::Inode(ino));
         }
         for target in targets {
             let off = target.offset(self.s.sb());
