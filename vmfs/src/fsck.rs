@@ -66,7 +66,7 @@ pub struct FindingGroup {
     pub severity: Severity,
     /// The sort of object with its numbers left out, e.g. "inode N".
     pub kind: String,
-    /// The problem of the first finding (others differ at most in numbers and names).
+    /// The problem; with more than one finding, its words holding numbers read "N".
     pub problem: String,
     pub repair: Option<String>,
     pub repaired: bool,
@@ -148,6 +148,11 @@ fn group(findings: &[Finding]) -> Vec<FindingGroup> {
                     examples: vec![f.object.clone()],
                 });
             }
+        }
+    }
+    for g in &mut groups {
+        if g.count > 1 {
+            g.problem = shape(&g.problem);
         }
     }
     groups

@@ -151,3 +151,57 @@ fn random_bytes_over_the_first_inodes_are_repaired_and_the_rest_found_in_lost_fo
     ds.close().unwrap();
     t.assert_clean();
 }
+
+#[test]
+fn random_bytes_over_the_descriptor_bitmaps_are_checked_without_waiting_on_each_unit() {
+    let t = TestDs::new(256 << 20);
+    let mut files = Vec::new();
+    let sb;
+    {
+        let ds = t.open();
+        sb = ds.superblock().clone();
+        ds.mkdir_path("/d", 0o755, creds()).unwrap();
+        for n in 0..20u64 {
+            let a = ds
+                .create_path(&format!("/d/f-{n}"), &NewFile::default())
+                .unwrap();
+            ds.write(a.ino, 0, &pattern(5000, n)).unwrap();
+            files.push((a.ino, n));
+        }
+        ds.close().unwrap();
+    }
+    let (_, clean_took) = fsck(&t, false);
+    // The descriptors' cluster metadata (bitmaps and cluster locks), then the first
+    // descriptors.
+    let damaged = sb.inodes.meta_offset..sb.inodes.meta_offset + (1 << 20);
+    scribble(&t, damaged.start, 1 << 20);
+    let (check, took) = fsck(&t, false);
+    eprintln!("fsck: clean {clean_took:?}, damaged {took:?}");
+    assert!(!check.clean);
+    assert!(
+        took <= clean_took * 4 + Duration::from_millis(500),
+        "fsck of the damaged datastore took {took:?}, of the clean one {clean_took:?}"
+    );
+    assert!(check.groups.len() <= 16, "{:#?}", check.groups);
+    let (repair, _) = fsck(&t, true);
+    assert!(repair.clean, "{:#?}", errors(&repair));
+    t.assert_clean();
+
+    // Every file whose descriptor survived still holds its bytes, wherever it now hangs.
+    let ds = t.open();
+    let mut survived = 0;
+    for (ino, n) in files {
+        if damaged.contains(&sb.inode_offset(ino)) {
+            continue;
+        }
+        let mut back = vec![0u8; 5000];
+        ds.read(ino, 0, &mut back).unwrap();
+        assert_eq!(back, pattern(5000, n), "inode {ino}");
+        survived += 1;
+    }
+    eprintln!("{survived} of 20 files survived");
+    let a = ds.create_path("/new", &NewFile::default()).unwrap();
+    ds.write(a.ino, 0, b"usable again").unwrap();
+    ds.close().unwrap();
+    t.assert_clean();
+}
