@@ -74,6 +74,9 @@ pub struct FsckArgs {
     pub repair: bool,
     #[arg(long)]
     pub json: bool,
+    /// One line per finding instead of one per kind of finding.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 pub fn run(command: DatastoreCommand) -> anyhow::Result<ExitCode> {
@@ -310,26 +313,50 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("{}: fsck failed", args.lun))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    } else if args.verbose {
         for f in &report.findings {
-            let tag = match (f.severity, f.repaired) {
-                (vmfs::Severity::Info, _) => "info",
-                (_, true) => "FIXED",
-                (_, false) => "ERROR",
-            };
             let at = f
                 .offset
                 .map(|o| format!(" at LUN offset {o}"))
                 .unwrap_or_default();
-            let fix = match (&f.repair, f.repaired) {
-                (Some(r), false) if !args.repair => format!(" (--repair would {r})"),
-                (Some(r), true) => format!(" ({r})"),
-                _ => String::new(),
-            };
-            println!("{tag:<5} {}{at}: {}{fix}", f.object, f.problem);
+            let fix = fix_text(f.severity, f.repair.as_deref(), f.repaired, args.repair);
+            println!(
+                "{:<7} {}{at}: {}{fix}",
+                tag(f.severity, f.repaired),
+                f.object,
+                f.problem
+            );
         }
+    } else {
+        for g in &report.groups {
+            let fix = fix_text(g.severity, g.repair.as_deref(), g.repaired, args.repair);
+            let tag = tag(g.severity, g.repaired);
+            if g.count == 1 {
+                println!("{tag:<7} {}: {}{fix}", g.examples[0], g.problem);
+            } else {
+                let more = if g.count > g.examples.len() {
+                    ", …"
+                } else {
+                    ""
+                };
+                println!(
+                    "{tag:<7} {} × {}: {}{fix} [{}{more}]",
+                    g.count,
+                    g.kind,
+                    g.problem,
+                    g.examples.join(", ")
+                );
+            }
+        }
+    }
+    if !args.json {
+        let verdict = match (report.clean, report.pending) {
+            (false, _) => "NOT CLEAN".to_string(),
+            (true, 0) => "clean".to_string(),
+            (true, n) => format!("clean, recovery pending ({n} item(s) a host will finish)"),
+        };
         println!(
-            "{}: {} files, {} directories, {} symlinks; {} problem(s), {} repaired, {} remaining: {}",
+            "{}: {} files, {} directories, {} symlinks; {} problem(s), {} repaired, {} remaining: {verdict}",
             report.label,
             report.stats.files,
             report.stats.directories,
@@ -337,7 +364,6 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
             report.problems,
             report.repaired,
             report.remaining,
-            if report.clean { "clean" } else { "NOT CLEAN" }
         );
     }
     Ok(if report.clean {
@@ -345,6 +371,31 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn tag(severity: vmfs::Severity, repaired: bool) -> &'static str {
+    match (severity, repaired) {
+        (vmfs::Severity::Info, _) => "info",
+        (vmfs::Severity::Pending, false) => "pending",
+        (vmfs::Severity::Pending, true) => "done",
+        (_, true) => "FIXED",
+        (_, false) => "ERROR",
+    }
+}
+
+fn fix_text(
+    severity: vmfs::Severity,
+    repair: Option<&str>,
+    repaired: bool,
+    repairing: bool,
+) -> String {
+    match (severity, repair, repaired) {
+        (vmfs::Severity::Pending, Some(r), false) => format!(" ({r})"),
+        (vmfs::Severity::Pending, Some(_), true) => " (recovered by this repair)".to_string(),
+        (_, Some(r), false) if !repairing => format!(" (--repair would {r})"),
+        (_, Some(r), true) => format!(" ({r})"),
+        _ => String::new(),
+    }
 }
 
 fn hosts(args: HostsArgs) -> anyhow::Result<ExitCode> {

@@ -50,7 +50,7 @@ pub use datastore::{
 pub use dir::NAME_MAX;
 pub use error::{Error, Result};
 pub use format::{FormatOptions, FormatReport, format};
-pub use fsck::{Finding, FsckOptions, FsckReport, Severity, fsck};
+pub use fsck::{Finding, FindingGroup, FsckOptions, FsckReport, Severity, fsck};
 pub use handle::{Access, FileHandle, VdiskLun};
 pub use inode::{INLINE_MAX, Kind};
 pub use layout::{

@@ -33,6 +33,13 @@ const CLEAN_CACHE_MAX: usize = 1 << 18;
 /// in-place write of a 4 KiB unit is not atomic on 512-byte sectors.
 const TORN_RETRIES: u32 = 6;
 
+/// Could a unit that fails verification be one caught mid-write? Only if its magic is the
+/// expected one or still zero.
+fn torn_shaped(u: &[u8], magic: u32) -> bool {
+    let found = get_u32(u, 0);
+    found == magic || found == 0
+}
+
 pub(crate) struct Journal {
     pub slot: u32,
     area: u64,
@@ -215,7 +222,10 @@ impl Store {
                     self.clean.insert(off, u.clone());
                     return Ok(u);
                 }
-                Err(fault) if attempt >= TORN_RETRIES => {
+                // Units are rewritten in place only with their own magic, over an image
+                // with that magic or a never-written one: any other magic is damage, not a
+                // write in flight, and waiting for it to settle would only slow fsck down.
+                Err(fault) if attempt >= TORN_RETRIES || !torn_shaped(&u[..], magic) => {
                     return Err(self.corrupt(object(), off, fault.to_string()));
                 }
                 Err(_) => {
@@ -288,6 +298,25 @@ impl Store {
         let mut u = zero_unit();
         self.lun.read_at(&mut u[..], off)?;
         Ok(Arc::from(u))
+    }
+
+    /// Reads `n` consecutive units from `off` in one I/O without verifying them, each
+    /// replaced by its newer image when one is pending or cached (fsck).
+    pub fn read_raw_range(&self, off: u64, n: usize) -> Result<Vec<Arc<Unit>>> {
+        let mut buf = vec![0u8; n * UNIT];
+        self.lun.read_at(&mut buf, off)?;
+        Ok(buf
+            .chunks_exact(UNIT)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let at = off + i as u64 * UNIT_U64;
+                self.cached(at).cloned().unwrap_or_else(|| {
+                    let mut u = zero_unit();
+                    u.copy_from_slice(chunk);
+                    Arc::from(u)
+                })
+            })
+            .collect())
     }
 
     /// A verified unit of type `magic` at `off`; `object` names it in errors.

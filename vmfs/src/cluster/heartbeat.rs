@@ -26,6 +26,7 @@ const OFF_NONCE: usize = 144;
 const OFF_BY_NONCE: usize = 152;
 const OFF_IO_TIMEOUT: usize = 160;
 const OFF_BOOT_ID: usize = 168;
+const OFF_PID_NS: usize = 184;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -68,6 +69,9 @@ pub struct Heartbeat {
     pub io_timeout_ms: u32,
     /// The boot of the machine the writer runs on (/proc/sys/kernel/random/boot_id).
     pub boot_id: [u8; 16],
+    /// The writer's pid namespace (inode of /proc/self/ns/pid; 0 = not recorded): a pid is
+    /// checked only from the same namespace, where it means the same process.
+    pub pid_ns: u64,
     /// Recovering: the incarnation replaying this slot's journal.
     pub recoverer: Option<Incarnation>,
 }
@@ -91,6 +95,7 @@ impl Heartbeat {
         put_u64(&mut u[..], OFF_NONCE, self.nonce);
         put_u32(&mut u[..], OFF_IO_TIMEOUT, self.io_timeout_ms);
         u[OFF_BOOT_ID..OFF_BOOT_ID + 16].copy_from_slice(&self.boot_id);
+        put_u64(&mut u[..], OFF_PID_NS, self.pid_ns);
         let by = self.recoverer.unwrap_or(Incarnation {
             slot: u32::MAX,
             generation: 0,
@@ -137,6 +142,7 @@ impl Heartbeat {
             nonce: get_u64(u, OFF_NONCE),
             io_timeout_ms: get_u32(u, OFF_IO_TIMEOUT),
             boot_id,
+            pid_ns: get_u64(u, OFF_PID_NS),
             recoverer,
         };
         if hb.slot != slot {
@@ -153,6 +159,21 @@ pub fn boot_id() -> [u8; 16] {
         .and_then(|s| Uuid::try_parse(s.trim()).ok())
         .map(|u| *u.as_bytes())
         .unwrap_or([0; 16])
+}
+
+/// This process's pid namespace (0 when unknown).
+pub fn pid_ns() -> u64 {
+    std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0)
+}
+
+/// True when the record was written by a process of this machine (this boot) in our pid
+/// namespace, so its pid names the same process here.
+pub fn same_machine(hb: &Heartbeat) -> bool {
+    let here = boot_id();
+    let ns = pid_ns();
+    here != [0; 16] && hb.boot_id == here && ns != 0 && hb.pid_ns == ns
 }
 
 /// True when process `pid` exists on this machine.
@@ -185,6 +206,7 @@ mod tests {
             nonce: 0xfeed,
             io_timeout_ms: 2000,
             boot_id: [7; 16],
+            pid_ns: 4026531836,
             recoverer: (state == SlotState::Recovering).then_some(Incarnation {
                 slot: 9,
                 generation: 4,

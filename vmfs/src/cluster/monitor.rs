@@ -148,6 +148,7 @@ mod tests {
             nonce: 9,
             io_timeout_ms: 100,
             boot_id: [0; 16],
+            pid_ns: 0,
             recoverer: None,
         }
     }

@@ -198,6 +198,7 @@ impl Node {
                 nonce,
                 io_timeout_ms: timing.io_timeout_ms(),
                 boot_id,
+                pid_ns: heartbeat::pid_ns(),
                 recoverer: None,
             };
             let at = slot as usize * UNIT;
@@ -597,25 +598,32 @@ impl Node {
         }
     }
 
-    /// A live record of this host (same UUID, name and boot) left by a process that is gone:
-    /// an earlier run that crashed. It can be recovered at once, without the dead-host wait.
+    /// A live record left by a process of this machine that is gone: a host (any identity)
+    /// that crashed. It can be recovered at once, without the dead-host wait. A pid means the
+    /// same process only in the pid namespace that wrote it; a record without one (older
+    /// writers) is trusted only when it is this host's own identity, as it was then.
     fn crashed_here(&self, slot: u32) -> bool {
         let m = guard(&self.monitor);
         let Some(seen) = m.seen(slot) else {
             return false;
         };
         let hb = &seen.hb;
+        let ours = hb.host == self.me.uuid && hb.hostname == self.me.name;
         if hb.state != SlotState::Live
-            || hb.host != self.me.uuid
-            || hb.hostname != self.me.name
             || hb.boot_id != self.boot_id
             || self.boot_id == [0; 16]
             || slot == self.me.slot
         {
             return false;
         }
+        let provable = heartbeat::same_machine(hb) || (ours && hb.pid_ns == 0);
+        if !provable {
+            return false;
+        }
         if hb.pid == std::process::id() {
-            !guard(&JOINED)
+            // Hosts of one process (tests, a mount and its exports) are told apart by the
+            // incarnations this process joined; only our own identity's are taken over.
+            ours && !guard(&JOINED)
                 .iter()
                 .any(|(ds, s, nonce)| *ds == self.sb.uuid && *s == slot && *nonce == hb.nonce)
         } else {
@@ -623,7 +631,7 @@ impl Node {
         }
     }
 
-    /// Slots another host must recover: dead per the monitor, crashed runs of this host, and
+    /// Slots another host must recover: dead per the monitor, crashed hosts of this machine, and
     /// recoveries whose recoverer died or left.
     pub(crate) fn dead_slots(&self) -> Vec<u32> {
         let now = Instant::now();
@@ -637,7 +645,7 @@ impl Node {
             };
             let mine: Vec<u32> = seen(SlotState::Live)
                 .into_iter()
-                .filter(|s| m.seen(*s).is_some_and(|x| x.hb.host == self.me.uuid))
+                .filter(|s| m.seen(*s).is_some_and(|x| x.hb.boot_id == self.boot_id))
                 .collect();
             let recovering: Vec<(u32, u64)> = seen(SlotState::Recovering)
                 .into_iter()

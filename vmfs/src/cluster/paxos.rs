@@ -319,6 +319,75 @@ fn intact(buf: &[u8], magic: u32, off: u64) -> bool {
     )
 }
 
+/// A damaged record of a lease area: (object, LUN offset, problem).
+pub(crate) type Damage = (String, u64, String);
+
+/// Checks the leader and every ballot of lease area `index` (fsck). With `repair` (no host
+/// uses the datastore, so no instance is in flight) damaged records are rewritten: a leader
+/// as free at the highest lease version any intact record of the area shows, so the next
+/// instance still numbers above every earlier one; a ballot as blank.
+pub(crate) fn check_area(
+    lun: &dyn Lun,
+    sb: &crate::layout::Superblock,
+    index: u32,
+    repair: bool,
+) -> Result<Vec<Damage>> {
+    let area = Area {
+        lun,
+        index,
+        offset: sb.lease_offset + u64::from(index) * sb.lease_area_len(),
+        slots: sb.host_slots,
+    };
+    let mut buf = vec![0u8; sb.lease_area_len() as usize];
+    lun.read_at(&mut buf, area.offset)?;
+    let mut damaged = Vec::new();
+    let mut lver = 0;
+    let leader_off = area.leader_offset();
+    let leader_bad = match Leader::decode(&buf[..RECORD], index, leader_off) {
+        Ok(l) => {
+            lver = l.lver;
+            false
+        }
+        Err(why) => {
+            damaged.push((
+                format!("Disk Paxos leader of lease area {index}"),
+                leader_off,
+                why,
+            ));
+            true
+        }
+    };
+    let mut bad_slots = Vec::new();
+    for slot in 0..sb.host_slots {
+        let off = area.dblock_offset(slot);
+        let at = (off - area.offset) as usize;
+        match Dblock::decode(&buf[at..at + RECORD], off) {
+            Ok(d) => lver = lver.max(d.lver),
+            Err(why) => {
+                damaged.push((
+                    format!("Disk Paxos ballot of slot {slot} in lease area {index}"),
+                    off,
+                    why,
+                ));
+                bad_slots.push(slot);
+            }
+        }
+    }
+    if repair {
+        for slot in bad_slots {
+            area.write_dblock(slot, &Dblock::default())?;
+        }
+        if leader_bad {
+            area.write_leader(&Leader {
+                lver,
+                owner: None,
+                time_ns: 0,
+            })?;
+        }
+    }
+    Ok(damaged)
+}
+
 /// Writes the first sector of a record unit: the rest of the unit is never touched.
 pub(crate) fn write_record(lun: &dyn Lun, unit: &Unit, off: u64) -> Result<()> {
     let ss = (lun.sector_size() as usize).max(RECORD);
