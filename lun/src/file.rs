@@ -194,7 +194,7 @@ impl FileLun {
         let engine = Engine::select(options.engine).map_err(open_error)?;
         let reach = reach::of_file(&file, &metadata, backing == Backing::BlockDevice);
         let ats = match reach {
-            Reach::BlockDevice(DeviceKind::Scsi) if !options.read_only => {
+            Reach::BlockDevice(DeviceKind::Scsi) => {
                 probe_ats(&name, &file, &metadata, device_sector, sector_size)
             }
             Reach::BlockDevice(DeviceKind::Nvme) => {
@@ -577,11 +577,11 @@ impl Lun for FileLun {
         !self.read_only
     }
 
+    /// What a writable open of this path would use, so a read-only open can tell.
     fn compare_and_write_scope(&self) -> CasScope {
-        match (self.read_only, self.ats) {
-            (true, _) => CasScope::None,
-            (false, Some(_)) => CasScope::AllMachines("SCSI COMPARE AND WRITE"),
-            (false, None) => CasScope::ThisMachine,
+        match self.ats {
+            Some(_) => CasScope::AllMachines("SCSI COMPARE AND WRITE"),
+            None => CasScope::ThisMachine,
         }
     }
 

@@ -69,8 +69,9 @@ pub trait Lun: Send + Sync + fmt::Debug {
         false
     }
 
-    /// Who [`Lun::compare_and_write`] excludes. The default claims no more than this
-    /// machine; only a device's own atomic command excludes other machines.
+    /// Who [`Lun::compare_and_write`] excludes (on a read-only LUN: would exclude, were it
+    /// opened read-write). The default claims no more than this machine; only a device's
+    /// own atomic command excludes other machines.
     fn compare_and_write_scope(&self) -> CasScope {
         if self.supports_compare_and_write() {
             CasScope::ThisMachine
