@@ -319,6 +319,14 @@ impl Lun for FaultLun {
         self.inner.supports_compare_and_write()
     }
 
+    fn compare_and_write_scope(&self) -> crate::CasScope {
+        self.inner.compare_and_write_scope()
+    }
+
+    fn reach(&self) -> crate::Reach {
+        self.inner.reach()
+    }
+
     fn compare_and_write(
         &self,
         expected: &[u8],

@@ -17,6 +17,8 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use crate::direct::{self, AlignedBuf, BouncePool, DioAlignment};
 use crate::engine::{Engine, Failure, IoEngine};
 use crate::range_lock::RangeLock;
+use crate::reach::{self, CasScope, DeviceKind, Reach};
+use crate::scsi;
 use crate::{CompareAndWrite, IoRequest, Lun, LunError, OpenOptions, Result, check_request, lock};
 
 /// Largest logical sector size accepted.
@@ -42,12 +44,22 @@ struct Direct {
     bounce: BouncePool,
 }
 
+/// The device's own COMPARE AND WRITE, as probed at open.
+#[derive(Debug, Clone, Copy)]
+struct Ats {
+    /// The device's logical block size: COMPARE AND WRITE counts these.
+    block_size: u32,
+    /// Where the opened partition starts on its disk, in bytes.
+    start: u64,
+}
+
 /// A LUN on a regular file or a block device. See the module docs.
 ///
-/// [`Lun::compare_and_write`] is atomic among vapp processes on this host only: it holds
-/// an OFD byte-range lock over the sectors while it reads, compares and writes, which other
-/// hosts (sharing the device through a SAN) cannot see, and which plain writes do not take.
-/// Clustered callers reaching the LUN from several hosts must use Disk Paxos instead.
+/// [`Lun::compare_and_write`] is the device's own SCSI COMPARE AND WRITE where a SCSI
+/// device offers it, atomic among every machine that reaches the device. Everywhere else
+/// it is atomic among vapp processes on this machine only: it holds an OFD byte-range lock
+/// over the sectors while it reads, compares and writes, which other machines cannot see,
+/// and which plain writes do not take ([`Lun::compare_and_write_scope`] says which).
 #[derive(Debug)]
 pub struct FileLun {
     name: String,
@@ -58,6 +70,8 @@ pub struct FileLun {
     read_only: bool,
     direct: Option<Direct>,
     engine: Engine,
+    reach: Reach,
+    ats: Option<Ats>,
     /// OFD locks exclude other open files, not other threads using this one.
     cas: Mutex<()>,
 }
@@ -178,6 +192,25 @@ impl FileLun {
             tracing::warn!(lun = %name, raw_size, size, "LUN length is not a whole number of sectors; the tail is unused");
         }
         let engine = Engine::select(options.engine).map_err(open_error)?;
+        let reach = reach::of_file(&file, &metadata, backing == Backing::BlockDevice);
+        let ats = match reach {
+            Reach::BlockDevice(DeviceKind::Scsi) => {
+                probe_ats(&name, &file, &metadata, device_sector, sector_size)
+            }
+            Reach::BlockDevice(DeviceKind::Nvme) => {
+                tracing::info!(lun = %name, "NVMe fused compare and write is not used: the kernel's NVMe passthrough refuses fused commands");
+                None
+            }
+            _ => None,
+        };
+        let primitive = match (ats, backing) {
+            (Some(_), _) => "SCSI COMPARE AND WRITE (atomic across machines)",
+            (None, Backing::RegularFile) if reach == Reach::LocalFile => {
+                "OFD byte-range lock (this machine only; nothing else reaches a local file)"
+            }
+            (None, _) => "OFD byte-range lock (atomic on this machine only)",
+        };
+        tracing::info!(lun = %name, reach = %reach, compare_and_write = primitive, "LUN compare-and-write primitive");
         tracing::debug!(
             lun = %name,
             size,
@@ -199,6 +232,8 @@ impl FileLun {
                 bounce: BouncePool::new(align.memory.max(AlignedBuf::PAGE)),
             }),
             engine,
+            reach,
+            ats,
             cas: Mutex::new(()),
         })
     }
@@ -330,6 +365,43 @@ impl FileLun {
         Ok(())
     }
 
+    /// COMPARE AND WRITE through SG_IO: the device compares and writes atomically for every
+    /// machine; on a miscompare the current contents are read back for the caller.
+    fn ats_compare_and_write(
+        &self,
+        ats: Ats,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> Result<CompareAndWrite> {
+        let len = new.len() as u64;
+        let io_error = |error: io::Error| self.io_error(Failure { offset, len, error });
+        let blocks = u8::try_from(len / u64::from(ats.block_size)).map_err(|_| {
+            io_error(io::Error::other(
+                "compare-and-write longer than 255 device blocks",
+            ))
+        })?;
+        let lba = (ats.start + offset) / u64::from(ats.block_size);
+        let mut data = Vec::with_capacity(2 * new.len());
+        data.extend_from_slice(expected);
+        data.extend_from_slice(new);
+        let cdb = scsi::compare_and_write_cdb(lba, blocks);
+        match scsi::sg_io(&self.file, &cdb, scsi::Data::ToDevice(&data), 30_000)
+            .map_err(io_error)?
+        {
+            scsi::Outcome::Good => Ok(CompareAndWrite::Written),
+            scsi::Outcome::CheckCondition(sense) if sense.is_miscompare() => {
+                let mut current = vec![0u8; new.len()];
+                self.read_at(&mut current, offset)?;
+                Ok(CompareAndWrite::Miscompare(current))
+            }
+            scsi::Outcome::CheckCondition(sense) => Err(io_error(io::Error::other(format!(
+                "COMPARE AND WRITE failed: sense key {:#x}, ASC/ASCQ {:#04x}/{:#04x}",
+                sense.key, sense.asc, sense.ascq
+            )))),
+        }
+    }
+
     /// Writes zero buffers: the fallback when the kernel cannot zero a range for us.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
         let zeroes = AlignedBuf::new(PIECE.min(len as usize));
@@ -344,6 +416,27 @@ impl FileLun {
         }
         Ok(())
     }
+}
+
+/// Whether the SCSI device behind `file` has a COMPARE AND WRITE covering one LUN sector.
+fn probe_ats(
+    name: &str,
+    file: &File,
+    metadata: &std::fs::Metadata,
+    device_sector: Option<u32>,
+    sector_size: u32,
+) -> Option<Ats> {
+    let block_size = device_sector?;
+    let Some(max_blocks) = scsi::probe(file) else {
+        tracing::info!(lun = %name, "the SCSI device reports no COMPARE AND WRITE");
+        return None;
+    };
+    if u64::from(max_blocks) * u64::from(block_size) < u64::from(sector_size) {
+        tracing::info!(lun = %name, max_blocks, block_size, sector_size, "the device's COMPARE AND WRITE is shorter than one LUN sector; not used");
+        return None;
+    }
+    let start = reach::partition_start(metadata)?;
+    Some(Ats { block_size, start })
 }
 
 /// Cuts requests longer than [`PIECE`] into pieces of that size.
@@ -484,6 +577,18 @@ impl Lun for FileLun {
         !self.read_only
     }
 
+    /// What a writable open of this path would use, so a read-only open can tell.
+    fn compare_and_write_scope(&self) -> CasScope {
+        match self.ats {
+            Some(_) => CasScope::AllMachines("SCSI COMPARE AND WRITE"),
+            None => CasScope::ThisMachine,
+        }
+    }
+
+    fn reach(&self) -> Reach {
+        self.reach
+    }
+
     fn compare_and_write(
         &self,
         expected: &[u8],
@@ -506,6 +611,9 @@ impl Lun for FileLun {
             }));
         }
         check_request(self, offset, len)?;
+        if let Some(ats) = self.ats {
+            return self.ats_compare_and_write(ats, expected, new, offset);
+        }
         let _threads = lock(&self.cas);
         let _processes = RangeLock::acquire(&self.file, offset, len)
             .map_err(|error| self.io_error(Failure { offset, len, error }))?;

@@ -14,6 +14,8 @@ pub mod nbd;
 mod open;
 pub mod prereq;
 mod range_lock;
+mod reach;
+mod scsi;
 mod uring;
 
 pub use direct::AlignedBuf;
@@ -22,6 +24,7 @@ pub use error::{LunError, Result};
 pub use file::{Backing, FileLun};
 pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
+pub use reach::{CasScope, DeviceKind, Reach, shared_fs_name};
 
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -60,9 +63,26 @@ pub trait Lun: Send + Sync + fmt::Debug {
         false
     }
 
-    /// True when [`Lun::compare_and_write`] is implemented atomically (SCSI ATS semantics).
+    /// True when [`Lun::compare_and_write`] is implemented atomically (SCSI ATS semantics),
+    /// at least among the processes of this machine: see [`Lun::compare_and_write_scope`].
     fn supports_compare_and_write(&self) -> bool {
         false
+    }
+
+    /// Who [`Lun::compare_and_write`] excludes (on a read-only LUN: would exclude, were it
+    /// opened read-write). The default claims no more than this machine; only a device's
+    /// own atomic command excludes other machines.
+    fn compare_and_write_scope(&self) -> CasScope {
+        if self.supports_compare_and_write() {
+            CasScope::ThisMachine
+        } else {
+            CasScope::None
+        }
+    }
+
+    /// How this machine reaches the LUN, which says whether other machines might too.
+    fn reach(&self) -> Reach {
+        Reach::Other
     }
 
     /// Atomic test-and-set: if the bytes at `offset` equal `expected`, replace them with
@@ -205,6 +225,12 @@ impl<T: Lun + ?Sized> Lun for std::sync::Arc<T> {
     }
     fn supports_compare_and_write(&self) -> bool {
         (**self).supports_compare_and_write()
+    }
+    fn compare_and_write_scope(&self) -> CasScope {
+        (**self).compare_and_write_scope()
+    }
+    fn reach(&self) -> Reach {
+        (**self).reach()
     }
     fn compare_and_write(
         &self,

@@ -39,9 +39,11 @@ pub struct FormatArgs {
     /// Per-host journal size (default 1M, 4M on LUNs of 16G and more).
     #[arg(long)]
     pub journal_size: Option<String>,
-    /// How hosts coordinate: `cas` (compare-and-write, "ATS-only") or `paxos` (plain
-    /// sector reads and writes, for LUNs without compare-and-write such as NBD). Default:
-    /// cas when the LUN offers it.
+    /// How hosts coordinate: `cas` (compare-and-write, "ATS-only": the device's own SCSI
+    /// COMPARE AND WRITE, or a file on a local file system), `paxos` (plain sector reads and
+    /// writes: loop, virtio, md, dm, NBD, NFS/FUSE files) or `local` (compare-and-write
+    /// through a lock only this machine sees: states that no other machine will ever reach
+    /// the LUN). Default: cas where it is safe across machines, else paxos.
     #[arg(long)]
     pub lock_protocol: Option<vmfs::LockProtocol>,
     /// The cluster's I/O timeout (e.g. 2s, 250ms); heartbeats, self-fencing (6x) and the
@@ -233,7 +235,26 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
         report.lock_protocol.name(),
         vmfs::Timing::from_millis(report.io_timeout_ms)
     );
+    println!("  {}", describe_safety(&report.lock_safety));
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line: the primitive, how the LUN is reached, and whether locks hold across machines.
+fn describe_safety(safety: &vmfs::LockSafety) -> String {
+    let through = format!("{} through {}", safety.primitive, safety.reach);
+    if let Some(why) = &safety.refused {
+        return format!("{through}: read-write mounts through this path are refused: {why}");
+    }
+    if safety.safe_across_machines {
+        return format!("{through}: safe across machines");
+    }
+    let why = match safety.protocol {
+        vmfs::LockProtocol::HostLocal => {
+            "formatted with --lock-protocol local, stating no other machine reaches the LUN"
+        }
+        _ => "no other machine can reach a file on a local file system",
+    };
+    format!("{through}: NOT safe across machines ({why})")
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
@@ -286,6 +307,7 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
         info.io_timeout_ms,
         info.dead_host_timeout_ms
     );
+    println!("            {}", describe_safety(&info.lock_safety));
     println!("superblock  {}", info.superblock);
     if let Some(w) = &info.superblock_warning {
         println!("WARNING     {w}");

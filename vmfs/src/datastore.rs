@@ -270,8 +270,10 @@ pub struct Info {
     pub max_file_size: u64,
     pub journal_size: u64,
     pub host_slots: u32,
-    /// `compare-and-write` or `disk-paxos`.
+    /// `compare-and-write`, `disk-paxos` or `host-local`.
     pub lock_protocol: LockProtocol,
+    /// What the locks rest on through this LUN and whether they hold across machines.
+    pub lock_safety: crate::cluster::LockSafety,
     pub io_timeout_ms: u32,
     /// After how long without a heartbeat other hosts declare a host dead.
     pub dead_host_timeout_ms: u64,
@@ -439,7 +441,8 @@ impl Datastore {
                 return Err(e);
             }
         };
-        tracing::info!(lun = %lun.name(), host = %me, protocol = sb.lock_protocol.name(), timing = %timing, "datastore mounted read-write");
+        let safety = crate::cluster::lock_safety(sb.lock_protocol, &*lun);
+        tracing::info!(lun = %lun.name(), host = %me, protocol = sb.lock_protocol.name(), primitive = %safety.primitive, safe_across_machines = safety.safe_across_machines, timing = %timing, "datastore mounted read-write");
         let ds = Datastore::assemble(guarded, sb, source, Some(host), Some(node.clone()), state);
         // Earlier runs of this host that crashed hold slots and locks: recover them now
         // (journal replay first), instead of after the dead-host timeout.
@@ -1270,6 +1273,7 @@ impl Datastore {
             journal_size: sb.journal_size,
             host_slots: sb.host_slots,
             lock_protocol: sb.lock_protocol,
+            lock_safety: crate::cluster::lock_safety(sb.lock_protocol, &**lun),
             io_timeout_ms: sb.io_timeout_ms,
             dead_host_timeout_ms: sb.timing().dead_after().as_millis() as u64,
             superblock,

@@ -7,7 +7,7 @@ use lun::Lun;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::cluster::{LockProtocol, Timing};
+use crate::cluster::{LockProtocol, LockSafety, Timing, lock_safety};
 use crate::codec::*;
 use crate::datastore::read_superblock;
 use crate::dir;
@@ -29,8 +29,9 @@ pub struct FormatOptions {
     /// Overwrite an existing datastore.
     pub force: bool,
     pub uuid: Option<Uuid>,
-    /// How hosts change shared records; default: compare-and-write when the LUN offers it,
-    /// Disk Paxos otherwise.
+    /// How hosts change shared records; default: compare-and-write where it excludes every
+    /// machine that can reach the LUN (the device's own ATS, or a file on a local file
+    /// system), Disk Paxos otherwise.
     pub lock_protocol: Option<LockProtocol>,
     /// The cluster's io_timeout, from which every interval derives (default 2 s).
     pub io_timeout: Option<Duration>,
@@ -67,6 +68,8 @@ pub struct FormatReport {
     pub journal_size: u64,
     pub host_slots: u32,
     pub lock_protocol: LockProtocol,
+    /// What the locks rest on through this LUN and whether they hold across machines.
+    pub lock_safety: LockSafety,
     pub io_timeout_ms: u32,
 }
 
@@ -94,19 +97,28 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
             });
         }
     }
-    let lock_protocol = match options.lock_protocol {
-        Some(LockProtocol::CompareAndWrite) if !lun.supports_compare_and_write() => {
-            return Err(Error::Invalid {
-                object: name,
-                reason: "compare-and-write locking was asked for but this LUN cannot do \
-                         compare-and-write (use --lock-protocol paxos)"
-                    .into(),
-            });
-        }
-        Some(p) => p,
-        None if lun.supports_compare_and_write() => LockProtocol::CompareAndWrite,
-        None => LockProtocol::DiskPaxos,
-    };
+    let lock_protocol = options
+        .lock_protocol
+        .unwrap_or_else(|| crate::cluster::default_protocol(&*lun));
+    let safety = lock_safety(lock_protocol, &*lun);
+    if safety.refused.is_some() {
+        let reason = match lun.compare_and_write_scope() {
+            lun::CasScope::None => "compare-and-write locking was asked for but this LUN cannot \
+                                   do compare-and-write (use --lock-protocol paxos)"
+                .to_string(),
+            _ => format!(
+                "compare-and-write locking was asked for but this LUN is {}, whose \
+                 compare-and-write is an OFD lock other machines do not see (use \
+                 --lock-protocol paxos, or --lock-protocol local if no other machine can \
+                 ever reach this LUN)",
+                safety.reach
+            ),
+        };
+        return Err(Error::Invalid {
+            object: name,
+            reason,
+        });
+    }
     let io_timeout = options.io_timeout.unwrap_or(Timing::DEFAULT_IO_TIMEOUT);
     let geometry = Geometry {
         block_size: options.block_size,
@@ -144,7 +156,7 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
     lun.write_at(&sb.encode(0)[..], 0)?;
     lun.write_at(&sb.encode(sb.backup_offset())[..], sb.backup_offset())?;
     lun.flush()?;
-    tracing::info!(lun = %name, %uuid, label = %sb.label, blocks = sb.file_blocks.count, protocol = lock_protocol.name(), timing = %sb.timing(), "datastore formatted");
+    tracing::info!(lun = %name, %uuid, label = %sb.label, blocks = sb.file_blocks.count, protocol = lock_protocol.name(), primitive = %safety.primitive, safe_across_machines = safety.safe_across_machines, timing = %sb.timing(), "datastore formatted");
     Ok(FormatReport {
         lun: name,
         uuid: uuid.to_string(),
@@ -160,6 +172,7 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
         journal_size: sb.journal_size,
         host_slots: sb.host_slots,
         lock_protocol,
+        lock_safety: safety,
         io_timeout_ms: sb.io_timeout_ms,
     })
 }

@@ -42,7 +42,7 @@ mod recovery;
 mod state;
 mod store;
 
-pub use cluster::{LockMode, LockProtocol, Timing};
+pub use cluster::{LockMode, LockProtocol, LockSafety, Timing, lock_safety};
 pub use datastore::{
     Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info, NewFile,
     OpenOptions, ResourceInfo, SetAttr, StatFs, SuperblockSource, read_superblock,

@@ -6,7 +6,16 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use vmfs::{Datastore, FormatOptions, NewFile};
+use vmfs::{Datastore, Error, FormatOptions, LockProtocol, NewFile};
+
+fn have_loop_devices() -> bool {
+    lun::prereq::require(
+        lun::prereq::is_root()
+            && lun::prereq::have_command("losetup")
+            && std::path::Path::new("/dev/loop-control").exists(),
+        "root and losetup for loop devices",
+    )
+}
 
 /// A loop device that is detached however the test ends.
 struct Loop {
@@ -38,12 +47,7 @@ impl Drop for Loop {
 }
 
 fn run_on_loop(sector: u32) {
-    if !lun::prereq::require(
-        lun::prereq::is_root()
-            && lun::prereq::have_command("losetup")
-            && std::path::Path::new("/dev/loop-control").exists(),
-        "root and losetup for loop devices",
-    ) {
+    if !have_loop_devices() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -56,7 +60,7 @@ fn run_on_loop(sector: u32) {
     let lun = lun::open(&dev.dev, &lun::OpenOptions::default()).unwrap();
     assert_eq!(lun.sector_size(), sector, "{} sector size", dev.dev);
     assert_eq!(lun.size(), 256 << 20);
-    vmfs::format(
+    let report = vmfs::format(
         lun.clone(),
         &FormatOptions {
             label: format!("loop{sector}"),
@@ -64,6 +68,10 @@ fn run_on_loop(sector: u32) {
         },
     )
     .unwrap();
+    // A loop device has no atomic command of its own and could be a LUN other machines
+    // see: the default must not be a lock only this machine honours.
+    assert_eq!(report.lock_protocol, LockProtocol::DiskPaxos);
+    assert!(report.lock_safety.safe_across_machines);
     let data = pattern(3 << 20, u64::from(sector));
     {
         let ds = Datastore::open(lun.clone(), &host()).unwrap();
@@ -119,4 +127,106 @@ fn datastore_on_a_512_byte_sector_loop_device() {
 #[test]
 fn datastore_on_a_4k_sector_loop_device() {
     run_on_loop(4096);
+}
+
+/// A datastore formatted for compare-and-write on a local file, where the host-local lock is
+/// enough, must not be mounted read-write once it is reached as a block device: its locks
+/// would then be an OFD lock that another machine sharing the device never sees.
+#[test]
+fn compare_and_write_datastore_reached_through_a_loop_device_is_refused_read_write() {
+    if !have_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ds.vmfs");
+    let local: std::sync::Arc<dyn lun::Lun> =
+        std::sync::Arc::new(lun::FileLun::create(&file, 256 << 20).unwrap());
+    let report = vmfs::format(local.clone(), &FormatOptions::default()).unwrap();
+    assert_eq!(report.lock_protocol, LockProtocol::CompareAndWrite);
+    drop(local);
+
+    let dev = Loop::attach(&file, 512);
+    let lun = lun::open(&dev.dev, &lun::OpenOptions::default()).unwrap();
+    let Err(err) = Datastore::open(lun.clone(), &host()) else {
+        panic!(
+            "{} mounted read-write with a host-local compare-and-write",
+            dev.dev
+        );
+    };
+    let text = err.to_string();
+    assert!(matches!(err, Error::Invalid { .. }), "{err:?}");
+    assert!(
+        text.contains(&dev.dev) && text.contains("loop") && text.contains("--lock-protocol paxos"),
+        "the refusal names the LUN, how it is reached and the fix: {text}"
+    );
+    // Read-only still works, and says why read-write would not.
+    let ro = lun::open(
+        &dev.dev,
+        &lun::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ds = Datastore::open(ro, &vmfs::OpenOptions::read_only()).unwrap();
+    let info = ds.info().unwrap();
+    assert!(!info.lock_safety.safe_across_machines);
+    assert!(info.lock_safety.refused.is_some());
+    assert!(
+        info.hosts.iter().all(|h| h.state == "free"),
+        "a refused open took a heartbeat slot: {:?}",
+        info.hosts
+    );
+}
+
+/// On a block device without its own compare-and-write, `cas` is refused at format (it
+/// would be a lock only this machine honours) and `local` is how a user states that only
+/// this machine reaches the LUN: it formats, mounts, and is reported as not safe across
+/// machines.
+#[test]
+fn loop_device_takes_cas_only_when_declared_single_machine() {
+    if !have_loop_devices() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backing.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let dev = Loop::attach(&file, 512);
+    let lun = lun::open(&dev.dev, &lun::OpenOptions::default()).unwrap();
+    let err = vmfs::format(
+        lun.clone(),
+        &FormatOptions {
+            lock_protocol: Some(LockProtocol::CompareAndWrite),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("--lock-protocol local"),
+        "the refusal names the flag: {err}"
+    );
+    assert!(
+        vmfs::read_superblock(&*lun).is_err(),
+        "a refused format writes nothing"
+    );
+
+    let report = vmfs::format(
+        lun.clone(),
+        &FormatOptions {
+            lock_protocol: Some(LockProtocol::HostLocal),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(report.lock_protocol, LockProtocol::HostLocal);
+    assert!(!report.lock_safety.safe_across_machines);
+    let ds = Datastore::open(lun.clone(), &host()).unwrap();
+    ds.mkdir_all("/a", 0o755, creds()).unwrap();
+    assert_eq!(ds.info().unwrap().lock_protocol, LockProtocol::HostLocal);
+    ds.close().unwrap();
+    let report = vmfs::fsck(lun, &vmfs::FsckOptions::default()).unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
 }

@@ -139,6 +139,12 @@ impl Lun for GuardLun {
     fn supports_compare_and_write(&self) -> bool {
         self.inner.supports_compare_and_write()
     }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        self.inner.compare_and_write_scope()
+    }
+    fn reach(&self) -> lun::Reach {
+        self.inner.reach()
+    }
     fn compare_and_write(
         &self,
         expected: &[u8],

@@ -22,6 +22,7 @@ pub(crate) mod record;
 pub mod survey;
 mod timing;
 
+use lun::{CasScope, Lun, Reach};
 use serde::Serialize;
 
 use crate::layout::{ResourceKind, Superblock};
@@ -36,10 +37,15 @@ pub use timing::Timing;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LockProtocol {
-    /// Atomic compare-and-write of one sector (SCSI ATS; VMFS's "ATS-only" datastores).
+    /// Atomic compare-and-write of one sector that every host reaching the LUN sees: the
+    /// device's own (SCSI ATS; VMFS's "ATS-only" datastores), or a host-local lock on a
+    /// file no other machine can reach.
     CompareAndWrite,
     /// Plain sector-atomic reads and writes: delta leases and Disk Paxos (works over NBD).
     DiskPaxos,
+    /// Compare-and-write that may be atomic on this machine only (an OFD lock), because
+    /// the user stated at format that only one machine reaches the LUN.
+    HostLocal,
 }
 
 impl LockProtocol {
@@ -47,6 +53,7 @@ impl LockProtocol {
         match self {
             LockProtocol::CompareAndWrite => 1,
             LockProtocol::DiskPaxos => 2,
+            LockProtocol::HostLocal => 3,
         }
     }
 
@@ -54,6 +61,7 @@ impl LockProtocol {
         match code {
             1 => Some(LockProtocol::CompareAndWrite),
             2 => Some(LockProtocol::DiskPaxos),
+            3 => Some(LockProtocol::HostLocal),
             _ => None,
         }
     }
@@ -62,6 +70,7 @@ impl LockProtocol {
         match self {
             LockProtocol::CompareAndWrite => "compare-and-write",
             LockProtocol::DiskPaxos => "disk-paxos",
+            LockProtocol::HostLocal => "host-local",
         }
     }
 }
@@ -72,10 +81,93 @@ impl std::str::FromStr for LockProtocol {
         match s {
             "cas" | "ats" | "compare-and-write" => Ok(LockProtocol::CompareAndWrite),
             "paxos" | "disk-paxos" => Ok(LockProtocol::DiskPaxos),
+            "local" | "host-local" => Ok(LockProtocol::HostLocal),
             other => Err(format!(
-                "unknown lock protocol {other:?} (use cas or paxos)"
+                "unknown lock protocol {other:?} (use cas, paxos or local)"
             )),
         }
+    }
+}
+
+/// What a datastore's locks rest on when reached through one LUN, and whether they hold
+/// when other machines reach the same LUN.
+#[derive(Debug, Clone, Serialize)]
+pub struct LockSafety {
+    pub protocol: LockProtocol,
+    /// The primitive doing the work, e.g. "SCSI COMPARE AND WRITE".
+    pub primitive: String,
+    /// How this machine reaches the LUN, e.g. "a loop block device".
+    pub reach: String,
+    /// True when two machines reaching this LUN can never both hold one lock.
+    pub safe_across_machines: bool,
+    /// Why a read-write mount through this LUN is refused; `None` when it is allowed.
+    pub refused: Option<String>,
+}
+
+/// Judges `protocol` on `lun`: the one rule format, mount and `datastore info` share.
+pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
+    let reach = lun.reach();
+    let scope = lun.compare_and_write_scope();
+    let cas_primitive = match scope {
+        CasScope::AllMachines(command) => command.to_string(),
+        CasScope::ThisMachine => "OFD byte-range lock (this machine only)".to_string(),
+        CasScope::None => "none".to_string(),
+    };
+    let no_cas = || {
+        format!(
+            "this datastore is formatted for compare-and-write ({}) locking and {} ({reach}) \
+             cannot do compare-and-write; hosts using plain reads and writes would not exclude \
+             hosts using compare-and-write, so mounting read-write is refused (mount read-only, \
+             or reformat with --lock-protocol paxos)",
+            protocol.name(),
+            lun.name()
+        )
+    };
+    let (primitive, safe_across_machines, refused) = match (protocol, scope) {
+        (LockProtocol::DiskPaxos, _) => (
+            "Disk Paxos over plain sector reads and writes".to_string(),
+            true,
+            None,
+        ),
+        (_, CasScope::None) => (cas_primitive, false, Some(no_cas())),
+        (_, CasScope::AllMachines(_)) => (cas_primitive, true, None),
+        (LockProtocol::HostLocal, CasScope::ThisMachine) => (cas_primitive, false, None),
+        (LockProtocol::CompareAndWrite, CasScope::ThisMachine) if reach == Reach::LocalFile => {
+            (cas_primitive, false, None)
+        }
+        (LockProtocol::CompareAndWrite, CasScope::ThisMachine) => (
+            cas_primitive,
+            false,
+            Some(format!(
+                "this datastore is formatted for compare-and-write, which needs either the \
+                 device's own atomic compare-and-write or a file only this machine can reach; \
+                 {} is {reach}, whose compare-and-write is an OFD lock other machines do not \
+                 see, so two machines could hold one lock and mounting read-write is refused \
+                 (open it through the local file it was formatted on, mount read-only, or \
+                 move its files to a datastore formatted with --lock-protocol paxos)",
+                lun.name()
+            )),
+        ),
+    };
+    LockSafety {
+        protocol,
+        primitive,
+        reach: reach.to_string(),
+        safe_across_machines,
+        refused,
+    }
+}
+
+/// The protocol `datastore format` picks when none is asked for: compare-and-write where it
+/// excludes every machine that can reach the LUN, Disk Paxos everywhere else.
+pub(crate) fn default_protocol(lun: &dyn Lun) -> LockProtocol {
+    if lock_safety(LockProtocol::CompareAndWrite, lun)
+        .refused
+        .is_none()
+    {
+        LockProtocol::CompareAndWrite
+    } else {
+        LockProtocol::DiskPaxos
     }
 }
 

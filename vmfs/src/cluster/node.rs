@@ -133,15 +133,10 @@ impl Node {
         who: &Identity,
     ) -> Result<Arc<Node>> {
         let protocol = sb.lock_protocol;
-        if protocol == LockProtocol::CompareAndWrite && !lun.supports_compare_and_write() {
+        if let Some(reason) = super::lock_safety(protocol, &*lun).refused {
             return Err(Error::Invalid {
                 object: lun.name().to_string(),
-                reason: "this datastore is formatted for compare-and-write (ATS-only) locking \
-                         and this LUN cannot do compare-and-write; hosts using plain reads and \
-                         writes would not exclude hosts using compare-and-write, so mounting \
-                         read-write is refused (mount read-only, or reformat with \
-                         --lock-protocol paxos)"
-                    .into(),
+                reason,
             });
         }
         let timing = sb.timing();
@@ -374,7 +369,7 @@ impl Node {
         let object = target.code();
         let ss = self.guarded.sector_size() as usize;
         match self.protocol {
-            LockProtocol::CompareAndWrite => {
+            LockProtocol::CompareAndWrite | LockProtocol::HostLocal => {
                 let mut cur = paxos::read_intact(&*self.guarded, off, MAGIC_LOCK)?;
                 for _ in 0..1000 {
                     let rec = LockRecord::decode(&cur, off, object)
@@ -712,14 +707,13 @@ impl Node {
         let ss = rec.len();
         let issued = Instant::now();
         let outcome = match self.protocol {
-            LockProtocol::CompareAndWrite => {
-                self.raw
-                    .compare_and_write(&rec, &new[..ss], off)
-                    .map(|r| match r {
-                        CompareAndWrite::Written => Ok(()),
-                        CompareAndWrite::Miscompare(now) => Err(now),
-                    })
-            }
+            LockProtocol::CompareAndWrite | LockProtocol::HostLocal => self
+                .raw
+                .compare_and_write(&rec, &new[..ss], off)
+                .map(|r| match r {
+                    CompareAndWrite::Written => Ok(()),
+                    CompareAndWrite::Miscompare(now) => Err(now),
+                }),
             LockProtocol::DiskPaxos => paxos::read_record(&*self.raw, off)
                 .map_err(|e| match e {
                     Error::Lun(l) => l,
@@ -851,7 +845,7 @@ impl Node {
             })
         };
         match self.protocol {
-            LockProtocol::CompareAndWrite => {
+            LockProtocol::CompareAndWrite | LockProtocol::HostLocal => {
                 let mut cur = paxos::read_intact(&*self.guarded, off, MAGIC_HEARTBEAT)?;
                 for _ in 0..100 {
                     let hb = decode(&cur)?;
@@ -906,7 +900,7 @@ impl Node {
         hb.time_ns = crate::state::now_ns();
         let new = hb.encode(off);
         match self.protocol {
-            LockProtocol::CompareAndWrite => {
+            LockProtocol::CompareAndWrite | LockProtocol::HostLocal => {
                 if let CompareAndWrite::Miscompare(_) =
                     self.guarded.compare_and_write(&rec, &new[..ss], off)?
                 {
@@ -1028,7 +1022,7 @@ fn replace_slot(
     let ss = lun.sector_size() as usize;
     let bytes = new.encode(off);
     match protocol {
-        LockProtocol::CompareAndWrite => Ok(matches!(
+        LockProtocol::CompareAndWrite | LockProtocol::HostLocal => Ok(matches!(
             lun.compare_and_write(&expected[..ss], &bytes[..ss], off)?,
             CompareAndWrite::Written
         )),

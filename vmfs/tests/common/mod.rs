@@ -154,7 +154,7 @@ impl TestDs {
     /// the datastore uses Disk Paxos.
     pub fn host_lun(&self, protocol: vmfs::LockProtocol) -> Arc<dyn Lun> {
         match protocol {
-            vmfs::LockProtocol::CompareAndWrite => self.lun(),
+            vmfs::LockProtocol::CompareAndWrite | vmfs::LockProtocol::HostLocal => self.lun(),
             vmfs::LockProtocol::DiskPaxos => Arc::new(NoCas(self.lun())),
         }
     }
@@ -269,6 +269,12 @@ impl Lun for CutAfterCommit {
     }
     fn supports_compare_and_write(&self) -> bool {
         self.inner.supports_compare_and_write()
+    }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        self.inner.compare_and_write_scope()
+    }
+    fn reach(&self) -> lun::Reach {
+        self.inner.reach()
     }
     fn compare_and_write(
         &self,

@@ -351,6 +351,10 @@ fn reason_of(error: &LunError) -> String {
 }
 
 impl Lun for NbdLun {
+    fn reach(&self) -> crate::Reach {
+        crate::Reach::Nbd
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
