@@ -329,17 +329,26 @@ impl Filesystem for VmfsFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         if let Err(e) = self.check_writable() {
             return reply.error(e);
         }
-        // Datastores hold files, directories and symlinks; no device nodes, FIFOs or sockets.
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return reply.error(Errno::EPERM);
-        }
-        let attr = self.create_file(req, parent.0, name, mode, umask);
+        let file_type = mode & libc::S_IFMT;
+        // mknod(2) with no type makes a regular file.
+        let attr = if file_type == 0 || file_type == libc::S_IFREG {
+            self.create_file(req, parent.0, name, mode, umask)
+        } else {
+            let Some(kind) = Kind::from_type_bits(mode).filter(|k| k.is_special()) else {
+                return reply.error(Errno::EINVAL);
+            };
+            self.creds(req, parent.0).and_then(|(creds, _)| {
+                let perm = mode & !umask & 0o7777;
+                let rdev = u64::from(rdev);
+                self.ds().mknod(parent.0, name, kind, perm, rdev, creds)
+            })
+        };
         self.entry(reply, "mknod", parent.0, attr);
     }
 

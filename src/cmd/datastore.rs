@@ -329,11 +329,12 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
             println!("{tag:<5} {}{at}: {}{fix}", f.object, f.problem);
         }
         println!(
-            "{}: {} files, {} directories, {} symlinks; {} problem(s), {} repaired, {} remaining: {}",
+            "{}: {} files, {} directories, {} symlinks, {} special files; {} problem(s), {} repaired, {} remaining: {}",
             report.label,
             report.stats.files,
             report.stats.directories,
             report.stats.symlinks,
+            report.stats.special,
             report.problems,
             report.repaired,
             report.remaining,

@@ -131,6 +131,11 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             };
+            // ls(1) shows a device node's numbers where a file's size goes.
+            let size = match device_numbers(&a) {
+                Some((major, minor)) => format!("{major}, {minor}"),
+                None => a.size.to_string(),
+            };
             writeln!(
                 out,
                 "{} {:>3} {:>5} {:>5} {:>14} {:>14} {} {}{}",
@@ -138,7 +143,7 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
                 a.nlink,
                 a.uid,
                 a.gid,
-                a.size,
+                size,
                 a.allocated,
                 format_time(a.mtime_ns),
                 name,
@@ -213,6 +218,7 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
             "vdisk": a.vdisk,
             "block_size": a.block_size,
             "symlink_target": target,
+            "device": device_numbers(&a).map(|(major, minor)| serde_json::json!({"major": major, "minor": minor})),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -226,6 +232,9 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
     );
     if let Some(t) = target {
         println!("target: {t}");
+    }
+    if let Some((major, minor)) = device_numbers(&a) {
+        println!("device: {major}, {minor}");
     }
     println!(
         " inode: {} (generation {}, version {})",
@@ -401,12 +410,22 @@ fn last_component(path: &str) -> &str {
         .unwrap_or_default()
 }
 
+/// (major, minor) of a character or block device node.
+fn device_numbers(a: &vmfs::Attr) -> Option<(u32, u32)> {
+    matches!(a.kind, Kind::CharDevice | Kind::BlockDevice)
+        .then(|| (libc::major(a.rdev), libc::minor(a.rdev)))
+}
+
 fn mode_string(a: &vmfs::Attr) -> String {
     let t = match a.kind {
         Kind::Dir => 'd',
         Kind::Symlink => 'l',
         Kind::File if a.vdisk => 'v',
         Kind::File => '-',
+        Kind::Fifo => 'p',
+        Kind::CharDevice => 'c',
+        Kind::BlockDevice => 'b',
+        Kind::Socket => 's',
     };
     let mut s = String::with_capacity(10);
     s.push(t);

@@ -75,6 +75,9 @@ pub enum Error {
     #[error("{name:?}: name longer than 255 bytes")]
     NameTooLong { name: String },
 
+    #[error("{object}: symbolic link target of {len} bytes is longer than 4095 bytes")]
+    TargetTooLong { object: String, len: usize },
+
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
 
@@ -137,7 +140,7 @@ impl Error {
             Error::NotADirectory { .. } => libc::ENOTDIR,
             Error::IsADirectory { .. } => libc::EISDIR,
             Error::NotEmpty { .. } => libc::ENOTEMPTY,
-            Error::NameTooLong { .. } => libc::ENAMETOOLONG,
+            Error::NameTooLong { .. } | Error::TargetTooLong { .. } => libc::ENAMETOOLONG,
             Error::Invalid { .. } => libc::EINVAL,
             Error::FileTooBig { .. } => libc::EFBIG,
             Error::Busy { .. } | Error::NoHostSlot { .. } => libc::EBUSY,
