@@ -72,8 +72,9 @@ pub enum Error {
     #[error("{object}: directory not empty")]
     NotEmpty { object: String },
 
-    #[error("{name:?}: name longer than 255 bytes")]
-    NameTooLong { name: String },
+    /// Names the component by its first bytes: the whole of it fills a terminal line.
+    #[error("{}: name of {len} bytes is longer than 255 bytes", abbreviate(name))]
+    NameTooLong { name: String, len: usize },
 
     #[error("{object}: symbolic link target of {len} bytes is longer than 4095 bytes")]
     TargetTooLong { object: String, len: usize },
@@ -121,6 +122,15 @@ pub enum Error {
         "{lun}: host fenced: {reason}; this host no longer writes to the datastore (unmount and mount again to rejoin)"
     )]
     HostFenced { lun: String, reason: String },
+}
+
+/// `"abcd…"`: the first 24 characters of a name, quoted.
+fn abbreviate(name: &str) -> String {
+    const SHOWN: usize = 24;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}", format!("{}…", &name[..cut])),
+        None => format!("{name:?}"),
+    }
 }
 
 impl Error {
@@ -188,7 +198,10 @@ mod tests {
         assert_eq!(Error::NotADirectory { object: o() }.errno(), libc::ENOTDIR);
         assert_eq!(Error::IsADirectory { object: o() }.errno(), libc::EISDIR);
         assert_eq!(Error::NotEmpty { object: o() }.errno(), libc::ENOTEMPTY);
-        assert_eq!(Error::NameTooLong { name: o() }.errno(), libc::ENAMETOOLONG);
+        assert_eq!(
+            Error::NameTooLong { name: o(), len: 2 }.errno(),
+            libc::ENAMETOOLONG
+        );
         assert_eq!(
             Error::Invalid {
                 object: o(),
@@ -244,5 +257,20 @@ mod tests {
         }
         .at("/vms/a");
         assert_eq!(e.to_string(), "/vms/a: no such file or directory");
+    }
+
+    #[test]
+    fn a_long_name_is_shown_by_its_start_and_length() {
+        let e = Error::NameTooLong {
+            name: "n".repeat(300),
+            len: 300,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "\"{}…\": name of 300 bytes is longer than 255 bytes",
+                "n".repeat(24)
+            )
+        );
     }
 }

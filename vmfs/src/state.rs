@@ -764,6 +764,7 @@ impl State {
         if name.len() > dir::NAME_MAX {
             return Err(Error::NameTooLong {
                 name: name.to_string_lossy().into_owned(),
+                len: name.len(),
             });
         }
         self.load_dir(d)?;
