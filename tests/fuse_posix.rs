@@ -309,12 +309,10 @@ fn ctime(p: &Path) -> (i64, i64) {
 }
 
 #[test]
-fn other_users_get_the_kernels_permission_rules_and_setid_bits_behave_as_on_ext4() {
-    let Some(fx) = fixture() else { return };
-    if !lun::prereq::require(lun::prereq::have_command("setpriv"), "setpriv (util-linux)") {
+fn other_users_get_the_kernels_permission_rules_and_ctime_moves_as_posix_says() {
+    let Some((fx, m)) = mounted_for_others() else {
         return;
-    }
-    let m = Mounted::new(&fx, "mp", &["--allow-other"]);
+    };
     let at = |p: &str| m.path(p);
     let q = |p: &str| m.path(p).to_str().unwrap().to_string();
 
@@ -414,46 +412,6 @@ fn other_users_get_the_kernels_permission_rules_and_setid_bits_behave_as_on_ext4
         0,
         "subdirectory lost set-group-id"
     );
-
-    // Set-user-id (and set-group-id with group execute) go on a write, a truncate and a
-    // chown by anyone but root; a write by root keeps them, as on ext4.
-    let prog = at("tmp/prog");
-    succeeds(1000, 1000, &[], &format!("echo v1 > {}", q("tmp/prog")));
-    let setid = |bits: u32| {
-        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(bits)).unwrap();
-        assert_eq!(mode(&prog), bits);
-    };
-    setid(0o6755);
-    succeeds(1000, 1000, &[], &format!("echo v2 >> {}", q("tmp/prog")));
-    assert_eq!(mode(&prog), 0o755, "write by the owner");
-    setid(0o6755);
-    succeeds(1000, 1000, &[], &format!(": > {}", q("tmp/prog")));
-    assert_eq!(mode(&prog), 0o755, "O_TRUNC by the owner");
-    setid(0o6755);
-    succeeds(
-        1000,
-        1000,
-        &[],
-        &format!("truncate -s 100 {}", q("tmp/prog")),
-    );
-    assert_eq!(mode(&prog), 0o755, "truncate by the owner");
-    setid(0o2745);
-    succeeds(1000, 1000, &[], &format!("echo v3 >> {}", q("tmp/prog")));
-    assert_eq!(
-        mode(&prog),
-        0o2745,
-        "set-group-id without group execute stays"
-    );
-    setid(0o6755);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&prog)
-        .unwrap()
-        .write_all(b"root\n")
-        .unwrap();
-    assert_eq!(mode(&prog), 0o6755, "a write by root");
-    std::os::unix::fs::chown(&prog, Some(1001), None).unwrap();
-    assert_eq!(mode(&prog), 0o755, "chown");
 
     // ctime moves with every change of the inode; a directory's mtime and ctime with every
     // change of its entries.
@@ -558,5 +516,77 @@ fn other_users_get_the_kernels_permission_rules_and_setid_bits_behave_as_on_ext4
         );
     }
     m.unmount();
+    let listing = ok(&["-d", fx.lun(), "ls", "-l", "/"]);
+    let line = |name: &str| {
+        listing
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .unwrap_or_else(|| panic!("{name} not listed: {listing}"))
+            .to_string()
+    };
+    assert!(line("tmp").starts_with("drwxrwxrwt"), "{listing}");
+    assert!(line("shared").starts_with("drwxrwsrwx"), "{listing}");
     fx.assert_clean();
+}
+
+#[test]
+fn set_user_id_goes_on_a_write_or_truncate_by_anyone_but_root_and_on_chown() {
+    let Some((fx, m)) = mounted_for_others() else {
+        return;
+    };
+    let q = |p: &str| m.path(p).to_str().unwrap().to_string();
+    std::fs::create_dir(m.path("tmp")).unwrap();
+    std::fs::set_permissions(m.path("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // Set-user-id (and set-group-id with group execute) go on a write, a truncate and a
+    // chown by anyone but root; a write by root keeps them, as on ext4.
+    let prog = m.path("tmp/prog");
+    succeeds(1000, 1000, &[], &format!("echo v1 > {}", q("tmp/prog")));
+    let setid = |bits: u32| {
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(bits)).unwrap();
+        assert_eq!(mode(&prog), bits);
+    };
+    setid(0o6755);
+    succeeds(1000, 1000, &[], &format!("echo v2 >> {}", q("tmp/prog")));
+    assert_eq!(mode(&prog), 0o755, "write by the owner");
+    setid(0o6755);
+    succeeds(1000, 1000, &[], &format!(": > {}", q("tmp/prog")));
+    assert_eq!(mode(&prog), 0o755, "O_TRUNC by the owner");
+    setid(0o6755);
+    succeeds(
+        1000,
+        1000,
+        &[],
+        &format!("truncate -s 100 {}", q("tmp/prog")),
+    );
+    assert_eq!(mode(&prog), 0o755, "truncate by the owner");
+    setid(0o2745);
+    succeeds(1000, 1000, &[], &format!("echo v3 >> {}", q("tmp/prog")));
+    assert_eq!(
+        mode(&prog),
+        0o2745,
+        "set-group-id without group execute stays"
+    );
+    setid(0o6755);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&prog)
+        .unwrap()
+        .write_all(b"root\n")
+        .unwrap();
+    assert_eq!(mode(&prog), 0o6755, "a write by root");
+    std::os::unix::fs::chown(&prog, Some(1001), None).unwrap();
+    assert_eq!(mode(&prog), 0o755, "chown");
+
+    m.unmount();
+    fx.assert_clean();
+}
+
+/// A datastore mounted with `--allow-other`, for tests that run commands as other users.
+fn mounted_for_others() -> Option<(Fixture, Mounted)> {
+    let fx = fixture()?;
+    if !lun::prereq::require(lun::prereq::have_command("setpriv"), "setpriv (util-linux)") {
+        return None;
+    }
+    let m = Mounted::new(&fx, "mp", &["--allow-other"]);
+    Some((fx, m))
 }

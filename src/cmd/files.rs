@@ -429,11 +429,22 @@ fn mode_string(a: &vmfs::Attr) -> String {
     };
     let mut s = String::with_capacity(10);
     s.push(t);
-    for shift in [6, 3, 0] {
+    // As ls(1): set-user-id, set-group-id and sticky show in the execute column, lower case
+    // when execute is set too.
+    for (shift, special, mark) in [
+        (6, libc::S_ISUID, 's'),
+        (3, libc::S_ISGID, 's'),
+        (0, libc::S_ISVTX, 't'),
+    ] {
         let bits = (a.perm >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        s.push(match (a.perm & special != 0, bits & 1 != 0) {
+            (true, true) => mark,
+            (true, false) => mark.to_ascii_uppercase(),
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
     }
     s
 }
