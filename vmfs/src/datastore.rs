@@ -925,7 +925,8 @@ impl Datastore {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<OsString> {
-        let inline = self.read_op(|s| {
+        // A target in a sub-block is read like file data, outside the metadata lock.
+        let (size, inline) = self.read_op(|s| {
             let i = s.inode(ino)?;
             if i.kind() != Some(Kind::Symlink) {
                 return Err(Error::Invalid {
@@ -934,14 +935,13 @@ impl Datastore {
                 });
             }
             let size = (i.size() as usize).min(inode::SYMLINK_MAX);
-            Ok(match i.addr_mode() {
-                Some(AddrMode::Inline) => Ok(i.inline()[..size.min(inode::INLINE_MAX)].to_vec()),
-                _ => Err(size),
-            })
+            let inline = (i.addr_mode() == Some(AddrMode::Inline))
+                .then(|| i.inline()[..size.min(inode::INLINE_MAX)].to_vec());
+            Ok((size, inline))
         })?;
         let bytes = match inline {
-            Ok(bytes) => bytes,
-            Err(size) => {
+            Some(bytes) => bytes,
+            None => {
                 let mut buf = vec![0u8; size];
                 let n = self.read(ino, 0, &mut buf)?;
                 buf.truncate(n);
