@@ -10,6 +10,10 @@ pub(crate) fn file_type(kind: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Socket => FileType::Socket,
     }
 }
 
@@ -27,7 +31,8 @@ pub(crate) fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        // The kernel's dev_t is 32 bits wide in FUSE; mknod gave no more.
+        rdev: a.rdev as u32,
         // The datastore block: tools size their buffers from it, and 1 MiB requests are
         // what the mount serves fastest.
         blksize: a.block_size,

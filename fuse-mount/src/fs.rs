@@ -121,8 +121,9 @@ impl VmfsFs {
         }
     }
 
-    /// Opens `ino` for this host and applies O_TRUNC.
-    fn open_file(&self, ino: u64, flags: OpenFlags) -> Result<(u64, CachePolicy), Errno> {
+    /// Opens `ino` for this host and applies O_TRUNC (which, as any truncate by a user other
+    /// than root, clears set-user-id).
+    fn open_file(&self, uid: u32, ino: u64, flags: OpenFlags) -> Result<(u64, CachePolicy), Errno> {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         if write {
             self.check_writable()?;
@@ -133,12 +134,39 @@ impl VmfsFs {
             .open(self.ds(), ino, write)
             .map_err(|e| errno("open", ino, &e))?;
         if write && flags.0 & libc::O_TRUNC != 0 {
-            if let Err(e) = self.write_locked(ino, Some(fh), |io| io.truncate(self.ds(), 0)) {
+            let truncated = self
+                .write_locked(ino, Some(fh), |io| io.truncate(self.ds(), 0))
+                .and_then(|()| self.kill_suid(uid, ino));
+            if let Err(e) = truncated {
                 self.shared.files.release(self.ds(), fh);
                 return Err(errno("open", ino, &e));
             }
         }
         Ok((fh, policy))
+    }
+
+    /// Clears set-user-id, and set-group-id on a group-executable file, before a write by
+    /// anyone but root, as the kernel does for local file systems: a modified program must not
+    /// keep running with its owner's rights. The kernel leaves this to FUSE file systems on
+    /// direct-I/O writes. The inode is held by the write open, so its attributes come from
+    /// this host's cache.
+    fn kill_suid(&self, uid: u32, ino: u64) -> vmfs::Result<()> {
+        if uid == 0 {
+            return Ok(());
+        }
+        let perm = self.ds().getattr(ino)?.perm;
+        let mut kill = perm & libc::S_ISUID;
+        if perm & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            kill |= libc::S_ISGID;
+        }
+        if kill != 0 {
+            let change = SetAttr {
+                mode: Some(perm & !kill),
+                ..SetAttr::default()
+            };
+            self.ds().setattr(ino, &change)?;
+        }
+        Ok(())
     }
 
     /// Hands the entries of directory `ino` after `offset` to `add` in batches, until `add`
@@ -329,17 +357,26 @@ impl Filesystem for VmfsFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         if let Err(e) = self.check_writable() {
             return reply.error(e);
         }
-        // Datastores hold files, directories and symlinks; no device nodes, FIFOs or sockets.
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return reply.error(Errno::EPERM);
-        }
-        let attr = self.create_file(req, parent.0, name, mode, umask);
+        let file_type = mode & libc::S_IFMT;
+        // mknod(2) with no type makes a regular file.
+        let attr = if file_type == 0 || file_type == libc::S_IFREG {
+            self.create_file(req, parent.0, name, mode, umask)
+        } else {
+            let Some(kind) = Kind::from_type_bits(mode).filter(|k| k.is_special()) else {
+                return reply.error(Errno::EINVAL);
+            };
+            self.creds(req, parent.0).and_then(|(creds, _)| {
+                let perm = mode & !umask & 0o7777;
+                let rdev = u64::from(rdev);
+                self.ds().mknod(parent.0, name, kind, perm, rdev, creds)
+            })
+        };
         self.entry(reply, "mknod", parent.0, attr);
     }
 
@@ -451,8 +488,8 @@ impl Filesystem for VmfsFs {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_file(ino.0, flags) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_file(req.uid(), ino.0, flags) {
             Ok((fh, policy)) => reply.opened(Fh(fh), fopen_flags(policy)),
             Err(e) => reply.error(e),
         }
@@ -488,7 +525,7 @@ impl Filesystem for VmfsFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: Fh,
         offset: u64,
@@ -501,6 +538,9 @@ impl Filesystem for VmfsFs {
         let Some((inode, true)) = self.shared.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        if let Err(e) = self.kill_suid(req.uid(), ino.0) {
+            return reply.error(errno("write", ino.0, &e));
+        }
         match inode.io().write(self.ds(), data, offset) {
             // A request is at most MAX_REQUEST bytes.
             Ok(n) => reply.written(n as u32),
@@ -676,7 +716,7 @@ impl Filesystem for VmfsFs {
             }
             Err(e) => return reply.error(errno("create", parent.0, &e)),
         };
-        let (fh, policy) = match self.open_file(attr.ino, OpenFlags(flags)) {
+        let (fh, policy) = match self.open_file(req.uid(), attr.ino, OpenFlags(flags)) {
             Ok(opened) => opened,
             Err(e) => return reply.error(e),
         };

@@ -378,11 +378,12 @@ fn fsck(args: FsckArgs) -> anyhow::Result<ExitCode> {
             (true, n) => format!("clean, recovery pending ({n} item(s) a host will finish)"),
         };
         println!(
-            "{}: {} files, {} directories, {} symlinks; {} problem(s), {} repaired, {} remaining: {verdict}",
+            "{}: {} files, {} directories, {} symlinks, {} special files; {} problem(s), {} repaired, {} remaining: {verdict}",
             report.label,
             report.stats.files,
             report.stats.directories,
             report.stats.symlinks,
+            report.stats.special,
             report.problems,
             report.repaired,
             report.remaining,

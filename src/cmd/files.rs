@@ -135,6 +135,11 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             };
+            // ls(1) shows a device node's numbers where a file's size goes.
+            let size = match device_numbers(&a) {
+                Some((major, minor)) => format!("{major}, {minor}"),
+                None => a.size.to_string(),
+            };
             writeln!(
                 out,
                 "{} {:>3} {:>5} {:>5} {:>14} {:>14} {} {}{}",
@@ -142,7 +147,7 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
                 a.nlink,
                 a.uid,
                 a.gid,
-                a.size,
+                size,
                 a.allocated,
                 format_time(a.mtime_ns),
                 name,
@@ -219,6 +224,7 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
             "vdisk": a.vdisk,
             "block_size": a.block_size,
             "symlink_target": target,
+            "device": device_numbers(&a).map(|(major, minor)| serde_json::json!({"major": major, "minor": minor})),
         });
         crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -232,6 +238,9 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
     )?;
     if let Some(t) = target {
         crate::outln!("target: {t}")?;
+    }
+    if let Some((major, minor)) = device_numbers(&a) {
+        crate::outln!("device: {major}, {minor}")?;
     }
     crate::outln!(
         " inode: {} (generation {}, version {})",
@@ -492,20 +501,41 @@ fn last_component(path: &str) -> &str {
         .unwrap_or_default()
 }
 
+/// (major, minor) of a character or block device node.
+fn device_numbers(a: &vmfs::Attr) -> Option<(u32, u32)> {
+    matches!(a.kind, Kind::CharDevice | Kind::BlockDevice)
+        .then(|| (libc::major(a.rdev), libc::minor(a.rdev)))
+}
+
 fn mode_string(a: &vmfs::Attr) -> String {
     let t = match a.kind {
         Kind::Dir => 'd',
         Kind::Symlink => 'l',
         Kind::File if a.vdisk => 'v',
         Kind::File => '-',
+        Kind::Fifo => 'p',
+        Kind::CharDevice => 'c',
+        Kind::BlockDevice => 'b',
+        Kind::Socket => 's',
     };
     let mut s = String::with_capacity(10);
     s.push(t);
-    for shift in [6, 3, 0] {
+    // As ls(1): set-user-id, set-group-id and sticky show in the execute column, lower case
+    // when execute is set too.
+    for (shift, special, mark) in [
+        (6, libc::S_ISUID, 's'),
+        (3, libc::S_ISGID, 's'),
+        (0, libc::S_ISVTX, 't'),
+    ] {
         let bits = (a.perm >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        s.push(match (a.perm & special != 0, bits & 1 != 0) {
+            (true, true) => mark,
+            (true, false) => mark.to_ascii_uppercase(),
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
     }
     s
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -27,7 +27,10 @@ use crate::dir;
 use crate::error::{Error, Result};
 use crate::inode::{self, AddrMode, FLAG_THICK, FLAG_VDISK, Inode, InodeView, Kind};
 use crate::journal::Orphan;
-use crate::layout::{FORMAT_VERSION, ROOT_INO, ResourceKind, Superblock};
+use crate::layout::{
+    FORMAT_VERSION, LONG_SYMLINKS_VERSION, ROOT_INO, ResourceKind, SPECIAL_FILES_VERSION,
+    Superblock,
+};
 use crate::state::{State, now_ns};
 use crate::store::{self, Store};
 
@@ -127,6 +130,8 @@ pub struct Attr {
     pub thick: bool,
     pub vdisk: bool,
     pub block_size: u32,
+    /// Device number of a character or block device node (Linux `dev_t`), else 0.
+    pub rdev: u64,
 }
 
 impl Attr {
@@ -154,6 +159,7 @@ impl Attr {
             thick: u.flags() & FLAG_THICK != 0,
             vdisk: u.flags() & FLAG_VDISK != 0,
             block_size,
+            rdev: u.rdev(),
         }
     }
 }
@@ -824,13 +830,96 @@ impl Datastore {
         })
     }
 
+    /// Creates a FIFO, a character or block device node (`rdev`) or a UNIX socket: an inode
+    /// with a type and no data.
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        mode: u32,
+        rdev: u64,
+        creds: Creds,
+    ) -> Result<Attr> {
+        if !kind.is_special() {
+            return Err(Error::Invalid {
+                object: describe(parent, name),
+                reason: format!("mknod makes FIFOs, device nodes and sockets, not {kind:?}"),
+            });
+        }
+        self.needs_version(SPECIAL_FILES_VERSION, &describe(parent, name), || {
+            "FIFOs, device nodes and sockets".into()
+        })?;
+        let bs = self.inner.sb.block_size;
+        self.write_op(|s| {
+            s.lock_inode(parent)?;
+            let (ino, generation) = prepare_entry(s, parent, name)?;
+            let mut i = Inode::new(
+                ino,
+                generation,
+                kind,
+                mode,
+                creds.uid,
+                creds.gid,
+                parent,
+                now_ns(),
+            );
+            if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+                i.set_rdev(rdev);
+            }
+            link_entry(s, parent, name, ino, kind, false)?;
+            let attr = Attr::from_unit(&i, bs);
+            s.put_inode(i);
+            Ok(attr)
+        })
+    }
+
+    /// Refuses what a datastore of an older format version cannot store: hosts running an
+    /// older vapp still mount it, and would misread it.
+    fn needs_version(
+        &self,
+        version: u32,
+        object: &str,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let have = self.inner.sb.version;
+        if have >= version {
+            return Ok(());
+        }
+        Err(Error::NotPermitted {
+            object: object.to_string(),
+            reason: format!(
+                "{} need datastore format version {version}; this datastore is version {have} (format a new one to use them)",
+                what()
+            ),
+        })
+    }
+
+    /// Creates a symbolic link. Targets up to [`inode::INLINE_MAX`] bytes live in the inode,
+    /// longer ones (up to PATH_MAX - 1) in a sub-block.
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, creds: Creds) -> Result<Attr> {
         let bs = self.inner.sb.block_size;
         let bytes = target.as_bytes();
-        if bytes.is_empty() || bytes.len() > inode::INLINE_MAX || bytes.contains(&0) {
-            return Err(Error::NameTooLong {
-                name: target.to_string_lossy().into_owned(),
+        if bytes.is_empty() || bytes.contains(&0) {
+            return Err(Error::Invalid {
+                object: describe(parent, name),
+                reason: "a symbolic link target is 1 or more bytes with no NUL".into(),
             });
+        }
+        if bytes.len() > inode::SYMLINK_MAX {
+            return Err(Error::TargetTooLong {
+                object: describe(parent, name),
+                len: bytes.len(),
+            });
+        }
+        let long = bytes.len() > inode::INLINE_MAX;
+        if long {
+            self.needs_version(LONG_SYMLINKS_VERSION, &describe(parent, name), || {
+                format!(
+                    "symbolic link targets longer than {} bytes",
+                    inode::INLINE_MAX
+                )
+            })?;
         }
         self.write_op(|s| {
             s.lock_inode(parent)?;
@@ -845,7 +934,22 @@ impl Datastore {
                 parent,
                 now_ns(),
             );
-            i.inline_mut()[..bytes.len()].copy_from_slice(bytes);
+            if long {
+                // As a small file's data: on the LUN before the inode that points to it commits,
+                // and the rest of the sub-block zero.
+                let sbs = s.sb().sub_block_size;
+                let what = format!("symbolic link {:?}", name.to_string_lossy());
+                let sub = s.alloc(ResourceKind::SubBlock, None, &what)?;
+                let base = s.sb().sub_blocks.resource_offset(sub);
+                let mut content = vec![0u8; sbs as usize];
+                content[..bytes.len()].copy_from_slice(bytes);
+                s.st.lun.write_at(&content, base)?;
+                i.set_addr_mode(AddrMode::SubBlock);
+                i.set_sub_block(sub + 1);
+                i.set_allocated(u64::from(sbs));
+            } else {
+                i.inline_mut()[..bytes.len()].copy_from_slice(bytes);
+            }
             i.set_size(bytes.len() as u64);
             link_entry(s, parent, name, ino, Kind::Symlink, false)?;
             let attr = Attr::from_unit(&i, bs);
@@ -855,7 +959,8 @@ impl Datastore {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<OsString> {
-        self.read_op(|s| {
+        // A target in a sub-block is read like file data, outside the metadata lock.
+        let (size, inline) = self.read_op(|s| {
             let i = s.inode(ino)?;
             if i.kind() != Some(Kind::Symlink) {
                 return Err(Error::Invalid {
@@ -863,8 +968,21 @@ impl Datastore {
                     reason: "not a symbolic link".into(),
                 });
             }
-            Ok(OsStr::from_bytes(&i.inline()[..i.size() as usize]).to_os_string())
-        })
+            let size = (i.size() as usize).min(inode::SYMLINK_MAX);
+            let inline = (i.addr_mode() == Some(AddrMode::Inline))
+                .then(|| i.inline()[..size.min(inode::INLINE_MAX)].to_vec());
+            Ok((size, inline))
+        })?;
+        let bytes = match inline {
+            Some(bytes) => bytes,
+            None => {
+                let mut buf = vec![0u8; size];
+                let n = self.read(ino, 0, &mut buf)?;
+                buf.truncate(n);
+                buf
+            }
+        };
+        Ok(OsString::from_vec(bytes))
     }
 
     /// Hard link: another name for a file (not a directory).

@@ -116,6 +116,7 @@ pub fn check_name(name: &OsStr) -> crate::Result<()> {
     if bytes.len() > NAME_MAX {
         return Err(crate::Error::NameTooLong {
             name: name.to_string_lossy().into_owned(),
+            len: bytes.len(),
         });
     }
     check_name_bytes(bytes).map_err(|why| crate::Error::Invalid {

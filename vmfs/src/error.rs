@@ -72,8 +72,12 @@ pub enum Error {
     #[error("{object}: directory not empty")]
     NotEmpty { object: String },
 
-    #[error("{name:?}: name longer than 255 bytes")]
-    NameTooLong { name: String },
+    /// Names the component by its first bytes: the whole of it fills a terminal line.
+    #[error("{}: name of {len} bytes is longer than 255 bytes", abbreviate(name))]
+    NameTooLong { name: String, len: usize },
+
+    #[error("{object}: symbolic link target of {len} bytes is longer than 4095 bytes")]
+    TargetTooLong { object: String, len: usize },
 
     #[error("{object}: {reason}")]
     Invalid { object: String, reason: String },
@@ -120,6 +124,15 @@ pub enum Error {
     HostFenced { lun: String, reason: String },
 }
 
+/// `"abcd…"`: the first 24 characters of a name, quoted.
+fn abbreviate(name: &str) -> String {
+    const SHOWN: usize = 24;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}", format!("{}…", &name[..cut])),
+        None => format!("{name:?}"),
+    }
+}
+
 impl Error {
     /// The errno a FUSE or NBD front end reports for this error.
     pub fn errno(&self) -> i32 {
@@ -137,7 +150,7 @@ impl Error {
             Error::NotADirectory { .. } => libc::ENOTDIR,
             Error::IsADirectory { .. } => libc::EISDIR,
             Error::NotEmpty { .. } => libc::ENOTEMPTY,
-            Error::NameTooLong { .. } => libc::ENAMETOOLONG,
+            Error::NameTooLong { .. } | Error::TargetTooLong { .. } => libc::ENAMETOOLONG,
             Error::Invalid { .. } => libc::EINVAL,
             Error::FileTooBig { .. } => libc::EFBIG,
             Error::Busy { .. } | Error::NoHostSlot { .. } => libc::EBUSY,
@@ -190,7 +203,10 @@ mod tests {
         assert_eq!(Error::NotADirectory { object: o() }.errno(), libc::ENOTDIR);
         assert_eq!(Error::IsADirectory { object: o() }.errno(), libc::EISDIR);
         assert_eq!(Error::NotEmpty { object: o() }.errno(), libc::ENOTEMPTY);
-        assert_eq!(Error::NameTooLong { name: o() }.errno(), libc::ENAMETOOLONG);
+        assert_eq!(
+            Error::NameTooLong { name: o(), len: 2 }.errno(),
+            libc::ENAMETOOLONG
+        );
         assert_eq!(
             Error::Invalid {
                 object: o(),
@@ -246,5 +262,20 @@ mod tests {
         }
         .at("/vms/a");
         assert_eq!(e.to_string(), "/vms/a: no such file or directory");
+    }
+
+    #[test]
+    fn a_long_name_is_shown_by_its_start_and_length() {
+        let e = Error::NameTooLong {
+            name: "n".repeat(300),
+            len: 300,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "\"{}…\": name of 300 bytes is longer than 255 bytes",
+                "n".repeat(24)
+            )
+        );
     }
 }

@@ -163,6 +163,8 @@ pub struct FsckStats {
     pub files: u64,
     pub directories: u64,
     pub symlinks: u64,
+    /// FIFOs, device nodes and sockets.
+    pub special: u64,
     pub file_blocks_used: u64,
     pub sub_blocks_used: u64,
     pub pointer_blocks_used: u64,
@@ -827,6 +829,9 @@ impl Walk<'_> {
             Kind::File => self.stats.files += 1,
             Kind::Dir => self.stats.directories += 1,
             Kind::Symlink => self.stats.symlinks += 1,
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
+                self.stats.special += 1
+            }
         }
         let allocated = self.storage(&u)?;
         if allocated != u.allocated() {

@@ -26,10 +26,15 @@ const OFF_MTIME: usize = 88;
 const OFF_CTIME: usize = 96;
 const OFF_CRTIME: usize = 104;
 const OFF_PARENT: usize = 112;
+const OFF_RDEV: usize = 120;
 pub const TAIL: usize = 128;
 /// Bytes of file data an inode holds inline.
 pub const INLINE_MAX: usize = UNIT - TAIL;
 const OFF_INDIRECT: usize = TAIL + DIRECT_ADDRS as usize * 8;
+
+/// Longest symbolic link target: PATH_MAX - 1, as ext4. Targets longer than
+/// [`INLINE_MAX`] live in a sub-block.
+pub const SYMLINK_MAX: usize = 4095;
 
 /// High address bits are reserved for per-block flags (e.g. to-be-zeroed) in later versions.
 pub const ADDR_MASK: u64 = (1 << 48) - 1;
@@ -40,6 +45,10 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+    Socket,
 }
 
 impl Kind {
@@ -48,6 +57,11 @@ impl Kind {
             Kind::File => 1,
             Kind::Dir => 2,
             Kind::Symlink => 3,
+            // 4 is kept for raw device mappings.
+            Kind::Fifo => 5,
+            Kind::CharDevice => 6,
+            Kind::BlockDevice => 7,
+            Kind::Socket => 8,
         }
     }
     pub fn from_code(c: u8) -> Option<Kind> {
@@ -55,8 +69,33 @@ impl Kind {
             1 => Some(Kind::File),
             2 => Some(Kind::Dir),
             3 => Some(Kind::Symlink),
+            5 => Some(Kind::Fifo),
+            6 => Some(Kind::CharDevice),
+            7 => Some(Kind::BlockDevice),
+            8 => Some(Kind::Socket),
             _ => None,
         }
+    }
+    /// The kind of a `S_IFMT` file type; `None` for types vmfs does not store.
+    pub fn from_type_bits(mode: u32) -> Option<Kind> {
+        match mode & libc::S_IFMT {
+            libc::S_IFREG => Some(Kind::File),
+            libc::S_IFDIR => Some(Kind::Dir),
+            libc::S_IFLNK => Some(Kind::Symlink),
+            libc::S_IFIFO => Some(Kind::Fifo),
+            libc::S_IFCHR => Some(Kind::CharDevice),
+            libc::S_IFBLK => Some(Kind::BlockDevice),
+            libc::S_IFSOCK => Some(Kind::Socket),
+            _ => None,
+        }
+    }
+    /// FIFOs, device nodes and sockets: an inode with no data, only a type (and, for
+    /// devices, a device number).
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket
+        )
     }
     /// The S_IFMT bits.
     pub fn type_bits(self) -> u32 {
@@ -64,6 +103,10 @@ impl Kind {
             Kind::File => libc::S_IFREG,
             Kind::Dir => libc::S_IFDIR,
             Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::CharDevice => libc::S_IFCHR,
+            Kind::BlockDevice => libc::S_IFBLK,
+            Kind::Socket => libc::S_IFSOCK,
         }
     }
 }
@@ -155,6 +198,10 @@ pub trait InodeView {
     }
     fn parent(&self) -> u64 {
         get_u64(self.raw(), OFF_PARENT)
+    }
+    /// Device number of a character or block device node (Linux `dev_t` encoding).
+    fn rdev(&self) -> u64 {
+        get_u64(self.raw(), OFF_RDEV)
     }
     fn inline(&self) -> &[u8] {
         &self.raw()[TAIL..]
@@ -264,6 +311,9 @@ impl Inode {
     pub fn set_parent(&mut self, parent: u64) {
         put_u64(&mut self.raw[..], OFF_PARENT, parent);
     }
+    pub fn set_rdev(&mut self, rdev: u64) {
+        put_u64(&mut self.raw[..], OFF_RDEV, rdev);
+    }
     pub fn set_times(&mut self, atime: Option<i64>, mtime: Option<i64>, ctime: i64) {
         if let Some(a) = atime {
             put_i64(&mut self.raw[..], OFF_ATIME, a);
@@ -319,6 +369,14 @@ pub fn check(u: &Unit, ino: u64) -> Result<(), String> {
     };
     if kind == Kind::Dir && mode == AddrMode::Inline {
         return Err("directory with inline data".into());
+    }
+    if kind.is_special() && (mode != AddrMode::Inline || u.size() != 0) {
+        return Err(format!("{kind:?} with {} bytes of data", u.size()));
+    }
+    if kind == Kind::Symlink
+        && (mode == AddrMode::Tree || u.size() == 0 || u.size() > SYMLINK_MAX as u64)
+    {
+        return Err(format!("symbolic link target of {} bytes", u.size()));
     }
     if mode == AddrMode::Inline && u.size() > INLINE_MAX as u64 {
         return Err(format!("inline file of {} bytes", u.size()));

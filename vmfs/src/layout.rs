@@ -11,7 +11,14 @@ use crate::cluster::{LockProtocol, Timing};
 use crate::codec::*;
 use crate::error::{Error, Result};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 adds FIFOs, device nodes and sockets, and symbolic link targets in a sub-block.
+/// A host opens every version up to its own; a version-1 datastore stays version 1 (hosts
+/// running an older vapp may mount it) and refuses only what version 1 cannot store.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version that stores FIFOs, character and block devices and sockets.
+pub const SPECIAL_FILES_VERSION: u32 = 2;
+/// The first version that stores symbolic link targets longer than an inode's inline data.
+pub const LONG_SYMLINKS_VERSION: u32 = 2;
 pub const SIGNATURE: &[u8; 8] = b"VAPPVMFS";
 /// Heartbeat slots, journals and Disk Paxos ballots are sized for this many hosts.
 pub const HOST_SLOTS: u32 = 64;

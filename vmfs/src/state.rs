@@ -762,7 +762,15 @@ impl State {
         Ok(())
     }
 
+    /// The entry `name` of `d`. A name no directory can hold is `NameTooLong`, not absent,
+    /// so every call that takes a path reports ENAMETOOLONG as ext4 does.
     pub fn dir_lookup(&mut self, d: &impl InodeView, name: &OsStr) -> Result<Option<Slot>> {
+        if name.len() > dir::NAME_MAX {
+            return Err(Error::NameTooLong {
+                name: name.to_string_lossy().into_owned(),
+                len: name.len(),
+            });
+        }
         self.load_dir(d)?;
         Ok(self
             .dirs
