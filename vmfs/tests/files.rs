@@ -73,6 +73,10 @@ fn unaligned_overwrites_and_growth_read_back() {
         (1 << 20, 3),
         ((1 << 20) - 7, 20),
         (333, 1),
+        // Into a fresh block, misaligned at both ends and covering whole sectors between:
+        // the body goes straight to the LUN, the partial sectors are padded or patched.
+        ((3 << 20) + 16, (1 << 20) - 16),
+        ((3 << 20) + 1000, 5000),
     ];
     for (k, &(off, len)) in writes.iter().enumerate() {
         let data = pattern(len, k as u64 + 50);
@@ -85,6 +89,12 @@ fn unaligned_overwrites_and_growth_read_back() {
         let mut back = vec![0u8; model.len()];
         assert_eq!(ds.read(ino, 0, &mut back).unwrap(), model.len());
         assert!(back == model, "after write {k}");
+        // Misaligned reads around the write: partial sectors at the ends, whole ones between.
+        let from = off.saturating_sub(1) as usize;
+        let to = (end + 1).min(model.len());
+        let mut part = vec![0u8; to - from];
+        assert_eq!(ds.read(ino, from as u64, &mut part).unwrap(), to - from);
+        assert!(part == model[from..to], "misaligned read after write {k}");
     }
     ds.close().unwrap();
     t.assert_clean();
