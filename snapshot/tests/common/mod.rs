@@ -46,6 +46,8 @@ pub struct Machine {
     crashed: AtomicBool,
     faults: Mutex<Vec<Arc<FaultLun>>>,
     tear: bool,
+    /// The write the cut caught: (LUN name, offset, length). Its bytes are undefined.
+    cut: Mutex<Option<(String, u64, u64)>>,
 }
 
 impl Machine {
@@ -56,6 +58,7 @@ impl Machine {
             crashed: AtomicBool::new(false),
             faults: Mutex::new(Vec::new()),
             tear,
+            cut: Mutex::new(None),
         })
     }
 
@@ -85,14 +88,22 @@ impl Machine {
         self.crashed.load(Ordering::SeqCst)
     }
 
+    /// The byte range of `lun` that the write caught by the cut may have torn.
+    pub fn torn_range(&self, lun: &str) -> Option<std::ops::Range<usize>> {
+        let cut = self.cut.lock().unwrap();
+        let (name, offset, len) = cut.as_ref()?;
+        (name == lun && self.tear).then(|| *offset as usize..(*offset + *len) as usize)
+    }
+
     /// Counts one write; true when it is the one the power cut catches.
-    fn tick(&self, me: &FaultLun) -> bool {
+    fn tick(&self, me: &FaultLun, offset: u64, len: u64) -> bool {
         *self.writes.lock().unwrap() += 1;
         let mut left = self.left.lock().unwrap();
         match *left {
             Some(0) => {
                 *left = None;
                 self.crashed.store(true, Ordering::SeqCst);
+                *self.cut.lock().unwrap() = Some((me.inner().name().to_string(), offset, len));
                 for f in self.faults.lock().unwrap().iter() {
                     if std::ptr::eq(f.as_ref(), me) {
                         f.crash_after_writes(0);
@@ -139,15 +150,28 @@ impl Lun for PowerLun {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
         lun::check_request(self, offset, buf.len() as u64)?;
-        self.machine.tick(&self.fault);
+        self.machine.tick(&self.fault, offset, buf.len() as u64);
         self.fault.write_at(buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
         lun::check_request(self, offset, len)?;
-        self.machine.tick(&self.fault);
+        self.machine.tick(&self.fault, offset, len);
         self.fault.write_zeroes(offset, len)
     }
     fn flush(&self) -> lun::Result<()> {
         self.fault.flush()
+    }
+}
+
+/// `actual` equals `expected` except, possibly, inside `torn` (a write caught by the cut,
+/// never acknowledged, whose bytes are undefined).
+pub fn same_outside(actual: &[u8], expected: &[u8], torn: Option<std::ops::Range<usize>>) -> bool {
+    match torn {
+        None => actual == expected,
+        Some(r) => {
+            actual.len() == expected.len()
+                && actual[..r.start] == expected[..r.start]
+                && actual[r.end..] == expected[r.end..]
+        }
     }
 }
