@@ -205,22 +205,21 @@ fn rollback_run(cut: Option<u64>) -> u64 {
     let pool = machine.lun(&f.pool, CrashMode::DropUnflushed);
     let late_write = vec![0x33u8; 4096];
     let late_at = SOURCE - 8192;
-    let mut started = false;
-    let mut late_flushed = false;
-    {
+    let (started, late_flushed) = {
         let snaps = Snapshots::open(source, pool).unwrap();
         if let Some(n) = cut {
             machine.crash_after(n);
         }
         snaps.start_rollback("gold").unwrap();
-        started = !machine.crashed();
+        let started = !machine.crashed();
         snaps.rollback_step(3).unwrap();
         // A write to a chunk not yet restored.
         snaps.source().write_at(&late_write, late_at).unwrap();
         snaps.source().flush().unwrap();
-        late_flushed = !machine.crashed();
+        let late_flushed = !machine.crashed();
         while snaps.rollback_step(3).unwrap().is_some() {}
-    }
+        (started, late_flushed)
+    };
     let writes = machine.writes();
     let context = format!("cut after {cut:?} writes");
     let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
