@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use lun::Lun;
+use tracing::info;
 
 use crate::error::{Result, SnapError};
 use crate::format::{
     ENTRY, Entry, HEADER_SEALED, HEADER_SLOT, Header, Kind, Layout, MAX_NAME, MAX_SESSIONS,
-    SESSION_INVALID, SessionRecord, TABLE_OFFSET, UNIT, bad_pool,
+    SESSION_INVALID, SESSION_WRITABLE, SessionRecord, TABLE_OFFSET, UNIT, bad_pool,
 };
 
 /// Where a chunk's preserved copies live.
@@ -173,6 +174,57 @@ impl State {
 impl Engine {
     pub fn pool_name(&self) -> &str {
         self.pool.name()
+    }
+
+    /// Refuses a session that cannot be taken now: name in use, no room, a rollback running.
+    pub fn check_new_session(&self, st: &State, name: &str) -> Result<()> {
+        if st.session(name).is_some() {
+            return Err(SnapError::SessionExists {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            });
+        }
+        check_room(self.pool_name(), st)?;
+        if let Some(p) = st.rollback_progress() {
+            return Err(SnapError::RollbackInProgress {
+                pool: self.pool_name().to_string(),
+                name: p.session,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a new session durably. The caller holds the gate exclusively and has
+    /// flushed the source, so the session's point in time is the source as flushed.
+    pub fn add_session(
+        &self,
+        st: &mut State,
+        name: &str,
+        writable: bool,
+        group: u64,
+    ) -> Result<SessionRecord> {
+        let mut next = st.header.clone();
+        let generation = next.next_gen;
+        next.next_gen += 1;
+        let record = SessionRecord {
+            generation,
+            created_unix: crate::now_unix(),
+            flags: if writable { SESSION_WRITABLE } else { 0 },
+            group,
+            name: name.to_string(),
+        };
+        next.sessions.push(record.clone());
+        self.persist_header(st, next)?;
+        st.rebuild();
+        info!(
+            pool = self.pool_name(),
+            source = self.source.name(),
+            session = name,
+            generation,
+            group,
+            "snapshot session created"
+        );
+        Ok(record)
     }
 
     /// Writes the header to the copy its sequence number selects and flushes: after this

@@ -26,6 +26,8 @@ pub(crate) struct SessionRecord {
     pub generation: u64,
     pub created_unix: u64,
     pub flags: u32,
+    /// Consistency group id, 0 for a session taken alone.
+    pub group: u64,
     pub name: String,
 }
 
@@ -141,6 +143,7 @@ impl Header {
             put_u32(&mut b, r + 16, s.flags);
             b[r + 20] = s.name.len() as u8;
             b[r + 24..r + 24 + s.name.len()].copy_from_slice(s.name.as_bytes());
+            put_u64(&mut b, r + 56, s.group);
         }
         let crc = seal_crc(&b, 12);
         put_u32(&mut b, 12, crc);
@@ -187,6 +190,7 @@ impl Header {
                 generation: get_u64(b, r),
                 created_unix: get_u64(b, r + 8),
                 flags: get_u32(b, r + 16),
+                group: get_u64(b, r + 56),
                 name,
             });
         }

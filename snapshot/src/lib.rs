@@ -30,6 +30,7 @@ mod engine;
 mod error;
 mod format;
 mod fsck;
+mod group;
 mod rollback;
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -39,7 +40,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lun::{Lun, LunError, check_request};
 use tracing::{error, info};
 
-use engine::{Engine, State, check_name, check_room, lock, read_header};
+use engine::{Engine, State, check_name, lock, read_header};
 use format::{
     HEADER_SLOT, Header, Layout, MAX_SOURCE_NAME, SESSION_INVALID, SESSION_WRITABLE, SessionRecord,
     TABLE_OFFSET, bad_pool,
@@ -47,6 +48,7 @@ use format::{
 
 pub use error::{Result, SnapError};
 pub use fsck::{FsckReport, fsck};
+pub use group::create_group_session;
 pub use rollback::RollbackProgress;
 
 /// Default chunk size: the unit of copy-on-first-write.
@@ -89,6 +91,8 @@ pub struct SessionInfo {
     pub state: SessionState,
     /// Pool chunks this session reads (shared ones count for every session sharing them).
     pub chunks_in_pool: u64,
+    /// The consistency group it was taken with, the same number on every member.
+    pub group: Option<u64>,
 }
 
 /// Pool space as chunks.
@@ -106,7 +110,7 @@ pub struct Snapshots {
     rollback_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -224,40 +228,10 @@ impl Snapshots {
         check_name(e.pool_name(), name)?;
         let _gate = e.gate.write().unwrap_or_else(PoisonError::into_inner);
         let mut st = lock(&e.state);
-        if st.session(name).is_some() {
-            return Err(SnapError::SessionExists {
-                pool: e.pool_name().to_string(),
-                name: name.to_string(),
-            });
-        }
-        check_room(e.pool_name(), &st)?;
-        if let Some(p) = st.rollback_progress() {
-            return Err(SnapError::RollbackInProgress {
-                pool: e.pool_name().to_string(),
-                name: p.session,
-            });
-        }
+        e.check_new_session(&st, name)?;
         // Writes acknowledged before this point must survive a crash with the session.
         e.source.flush()?;
-        let mut next = st.header.clone();
-        let generation = next.next_gen;
-        next.next_gen += 1;
-        next.sessions.push(SessionRecord {
-            generation,
-            created_unix: now_unix(),
-            flags: if writable { SESSION_WRITABLE } else { 0 },
-            name: name.to_string(),
-        });
-        e.persist_header(&mut st, next)?;
-        st.rebuild();
-        info!(
-            pool = e.pool_name(),
-            source = e.source.name(),
-            session = name,
-            generation = generation,
-            "snapshot session created"
-        );
-        let record = next_record(&st, generation);
+        let record = e.add_session(&mut st, name, writable, 0)?;
         Ok(info_of(&st, &record))
     }
 
@@ -390,18 +364,7 @@ impl Snapshots {
 /// Chunks copied back per step: small enough that a source write waits little.
 const ROLLBACK_BATCH: u64 = 64;
 
-fn next_record(st: &State, generation: u64) -> SessionRecord {
-    st.session_by_gen(generation)
-        .cloned()
-        .unwrap_or(SessionRecord {
-            generation,
-            created_unix: 0,
-            flags: 0,
-            name: String::new(),
-        })
-}
-
-fn info_of(st: &State, s: &SessionRecord) -> SessionInfo {
+pub(crate) fn info_of(st: &State, s: &SessionRecord) -> SessionInfo {
     let chunks_in_pool = st
         .chunks
         .values()
@@ -419,6 +382,7 @@ fn info_of(st: &State, s: &SessionRecord) -> SessionInfo {
             SessionState::Valid
         },
         chunks_in_pool,
+        group: (s.group != 0).then_some(s.group),
     }
 }
 
