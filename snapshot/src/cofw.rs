@@ -1,0 +1,241 @@
+//! The hot path: every write to the source, and every read or write of a session, in the
+//! order it happens. This is the only code that touches the source and the pool in one step.
+//!
+//! A source write, chunk by chunk: if a valid session still sees the chunk's current
+//! contents on the source (some session generation at or above the chunk's
+//! `preserved_to`), the old contents are read, written to a free pool slot and flushed,
+//! then the slot's table entry (chunk, generations `preserved_to..epoch`) is written and
+//! flushed; only then is the source written. One copy serves every session in that range,
+//! so the cost of a write does not depend on how many sessions there are, and a later write
+//! to the chunk in the same epoch goes straight to the source. Because the pool is durable
+//! before the source write is issued, a flush of the source only has to flush the source.
+
+use std::sync::PoisonError;
+
+use tracing::warn;
+
+use crate::engine::{Engine, State, lock};
+use crate::error::{Result, SnapError};
+use crate::format::{Entry, Kind, SESSION_INVALID};
+
+/// One piece of a request that falls inside one chunk.
+struct Piece {
+    chunk: u64,
+    /// Offset inside the chunk.
+    within: u64,
+    /// Range of the caller's buffer.
+    start: usize,
+    end: usize,
+}
+
+fn pieces(offset: u64, len: u64, chunk_size: u64) -> impl Iterator<Item = Piece> {
+    let mut at = offset;
+    let end = offset + len;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let chunk = at / chunk_size;
+        let within = at % chunk_size;
+        let n = (chunk_size - within).min(end - at);
+        let piece = Piece {
+            chunk,
+            within,
+            start: (at - offset) as usize,
+            end: (at - offset + n) as usize,
+        };
+        at += n;
+        Some(piece)
+    })
+}
+
+impl Engine {
+    fn chunk_size(&self) -> u64 {
+        lock(&self.state).chunk_size()
+    }
+
+    /// A write to the source through the engine.
+    pub fn write_source(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        for p in pieces(offset, buf.len() as u64, self.chunk_size()) {
+            let mut st = lock(&self.state);
+            if st.header.rollback.is_some() {
+                self.restore_before_write(&mut st, p.chunk)?;
+            }
+            if st.needs_copy(p.chunk) {
+                self.preserve(&mut st, p.chunk)?;
+            }
+        }
+        self.source.write_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Copies `chunk`'s current source contents into the pool for every session that still
+    /// sees them. When the pool has no free slot, those sessions cannot be kept whole: they
+    /// are invalidated (durably, before the source changes) and the write goes on.
+    pub(crate) fn preserve(&self, st: &mut State, chunk: u64) -> Result<()> {
+        let lo = st.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
+        let hi = st.epoch();
+        let mut data = vec![0u8; st.chunk_size() as usize];
+        let len = st.chunk_len(chunk) as usize;
+        self.source
+            .read_at(&mut data[..len], chunk * st.chunk_size())?;
+        let entry = Entry {
+            chunk,
+            lo,
+            hi,
+            kind: Kind::Shared,
+        };
+        if self.store_copy(st, &data, entry)?.is_none() {
+            self.invalidate_from(st, chunk, lo)?;
+        }
+        Ok(())
+    }
+
+    fn invalidate_from(&self, st: &mut State, chunk: u64, lo: u64) -> Result<()> {
+        let mut next = st.header.clone();
+        let mut lost = Vec::new();
+        for s in next.sessions.iter_mut() {
+            if s.generation >= lo && s.flags & SESSION_INVALID == 0 {
+                s.flags |= SESSION_INVALID;
+                lost.push(s.name.clone());
+            }
+        }
+        self.persist_header(st, next)?;
+        st.rebuild();
+        warn!(
+            pool = self.pool_name(),
+            source = self.source.name(),
+            chunk,
+            sessions = ?lost,
+            free_slots = st.free.len(),
+            "snapshot pool full: sessions invalidated to keep the source writable"
+        );
+        Ok(())
+    }
+
+    fn session_check(&self, st: &State, generation: u64, name: &str) -> Result<()> {
+        match st.session_by_gen(generation) {
+            None => Err(SnapError::UnknownSession {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            }),
+            Some(s) if s.flags & SESSION_INVALID != 0 => Err(SnapError::SessionInvalid {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Reads session `generation`'s point in time. The slot is looked up, the data read without the
+    /// lock, and the lookup repeated: a concurrent source write preserves the chunk before
+    /// it changes the source, so an unchanged lookup proves the bytes read are the right ones.
+    pub fn read_session(
+        &self,
+        generation: u64,
+        name: &str,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        let cs = self.chunk_size();
+        for p in pieces(offset, buf.len() as u64, cs) {
+            let piece = &mut buf[p.start..p.end];
+            loop {
+                let (slot, slot_offset) = {
+                    let st = lock(&self.state);
+                    self.session_check(&st, generation, name)?;
+                    let slot = st.locate(generation, p.chunk);
+                    (slot, slot.map(|s| st.layout().slot_offset(s)))
+                };
+                match slot_offset {
+                    Some(at) => self.pool.read_at(piece, at + p.within)?,
+                    None => self.source.read_at(piece, p.chunk * cs + p.within)?,
+                }
+                let st = lock(&self.state);
+                self.session_check(&st, generation, name)?;
+                if st.locate(generation, p.chunk) == slot {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A write to a writable session: the first write to a chunk gives the session its own
+    /// copy (its current view merged with the new bytes, durable before its table entry);
+    /// later writes go to that copy. The source is never touched.
+    pub fn write_session(
+        &self,
+        generation: u64,
+        name: &str,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        let mut st = lock(&self.state);
+        self.session_check(&st, generation, name)?;
+        let cs = st.chunk_size();
+        for p in pieces(offset, buf.len() as u64, cs) {
+            let own = st.chunks.get(&p.chunk).and_then(|c| {
+                c.copies
+                    .iter()
+                    .find(|(e, _)| e.kind == Kind::Private && e.lo == generation)
+                    .map(|&(_, slot)| slot)
+            });
+            if let Some(slot) = own {
+                let at = st.layout().slot_offset(slot) + p.within;
+                self.pool.write_at(&buf[p.start..p.end], at)?;
+                continue;
+            }
+            let mut data = vec![0u8; cs as usize];
+            let len = st.chunk_len(p.chunk) as usize;
+            match st.locate(generation, p.chunk) {
+                Some(slot) => self
+                    .pool
+                    .read_at(&mut data[..len], st.layout().slot_offset(slot))?,
+                None => self.source.read_at(&mut data[..len], p.chunk * cs)?,
+            }
+            let w = p.within as usize;
+            data[w..w + (p.end - p.start)].copy_from_slice(&buf[p.start..p.end]);
+            let entry = Entry {
+                chunk: p.chunk,
+                lo: generation,
+                hi: generation + 1,
+                kind: Kind::Private,
+            };
+            if self.store_copy(&mut st, &data, entry)?.is_none() {
+                return Err(SnapError::PoolFull {
+                    pool: self.pool_name().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A read of the source: during a rollback, chunks not yet copied back are read from
+    /// the session being restored.
+    pub fn read_source(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let st = lock(&self.state);
+        let Some(target) = st.header.rollback else {
+            drop(st);
+            self.source.read_at(buf, offset)?;
+            return Ok(());
+        };
+        let cs = st.chunk_size();
+        for p in pieces(offset, buf.len() as u64, cs) {
+            let piece = &mut buf[p.start..p.end];
+            let from_pool = if st.is_restored(p.chunk) {
+                None
+            } else {
+                st.locate(target, p.chunk)
+            };
+            match from_pool {
+                Some(slot) => self
+                    .pool
+                    .read_at(piece, st.layout().slot_offset(slot) + p.within)?,
+                None => self.source.read_at(piece, p.chunk * cs + p.within)?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,397 @@
+//! The engine's state: the header, the slot table mirrored in memory, and the per-chunk
+//! index the hot path consults. Everything here changes under `Engine::state`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use lun::Lun;
+use tracing::info;
+
+use crate::error::{Result, SnapError};
+use crate::format::{
+    ENTRY, Entry, HEADER_SEALED, HEADER_SLOT, Header, Kind, Layout, MAX_NAME, MAX_SESSIONS,
+    SESSION_INVALID, SESSION_WRITABLE, SessionRecord, TABLE_OFFSET, UNIT, bad_pool,
+};
+
+/// Where a chunk's preserved copies live.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkIndex {
+    /// Highest `hi` of this chunk's shared copies: every valid session with a generation
+    /// below it has a copy, so a write needs one only if a valid session is at or above it.
+    pub preserved_to: u64,
+    /// (entry, slot) of every copy of this chunk still needed.
+    pub copies: Vec<(Entry, u64)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub header: Header,
+    pub slots: Vec<Option<Entry>>,
+    pub free: Vec<u64>,
+    pub chunks: HashMap<u64, ChunkIndex>,
+    /// Highest generation of a valid session, cached so a write decides in O(1).
+    pub max_valid_gen: Option<u64>,
+    /// Chunks already restored by the running rollback (mirrors the on-disk bitmap).
+    pub restored: Option<Vec<u8>>,
+    pub rollback_cursor: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Engine {
+    pub source: Arc<dyn Lun>,
+    pub pool: Arc<dyn Lun>,
+    /// Source writes hold it shared; taking a session holds it exclusive, so a session's
+    /// point in time falls between writes, never inside one.
+    pub gate: RwLock<()>,
+    pub state: Mutex<State>,
+    pub source_view_name: String,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update of the state is completed or undone before an error returns, so a panic
+    // elsewhere leaves it consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl State {
+    pub fn layout(&self) -> Layout {
+        self.header.layout
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.header.layout.chunk_size)
+    }
+
+    /// Generation the source's writes belong to now.
+    pub fn epoch(&self) -> u64 {
+        self.header.next_gen
+    }
+
+    pub fn session(&self, name: &str) -> Option<&SessionRecord> {
+        self.header.sessions.iter().find(|s| s.name == name)
+    }
+
+    pub fn session_by_gen(&self, generation: u64) -> Option<&SessionRecord> {
+        self.header
+            .sessions
+            .iter()
+            .find(|s| s.generation == generation)
+    }
+
+    fn is_needed(&self, e: &Entry) -> bool {
+        let pinned = self.header.rollback;
+        let valid = |g: u64| {
+            pinned == Some(g)
+                || self
+                    .session_by_gen(g)
+                    .is_some_and(|s| s.flags & SESSION_INVALID == 0)
+        };
+        match e.kind {
+            Kind::Private => valid(e.lo),
+            Kind::Shared => self
+                .header
+                .sessions
+                .iter()
+                .any(|s| e.covers(s.generation) && valid(s.generation)),
+        }
+    }
+
+    /// Rebuilds the chunk index and free list from the slot table and the sessions: a
+    /// copy no valid session needs is free at once.
+    pub fn rebuild(&mut self) {
+        self.max_valid_gen = self
+            .header
+            .sessions
+            .iter()
+            .filter(|s| s.flags & SESSION_INVALID == 0)
+            .map(|s| s.generation)
+            .max();
+        self.chunks.clear();
+        self.free.clear();
+        for slot in (0..self.slots.len() as u64).rev() {
+            let entry = self.slots[slot as usize];
+            match entry {
+                Some(e) if self.is_needed(&e) => {
+                    let index = self.chunks.entry(e.chunk).or_default();
+                    if e.kind == Kind::Shared {
+                        index.preserved_to = index.preserved_to.max(e.hi);
+                    }
+                    index.copies.push((e, slot));
+                }
+                _ => {
+                    self.slots[slot as usize] = None;
+                    self.free.push(slot);
+                }
+            }
+        }
+    }
+
+    /// True when the first write of this epoch to `chunk` must preserve its old contents.
+    pub fn needs_copy(&self, chunk: u64) -> bool {
+        let preserved_to = self.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
+        let pinned = self.header.rollback.is_some_and(|g| g >= preserved_to);
+        pinned || self.max_valid_gen.is_some_and(|g| g >= preserved_to)
+    }
+
+    /// The pool slot holding session `generation`'s view of `chunk`, or `None` when the session
+    /// sees the source itself.
+    pub fn locate(&self, generation: u64, chunk: u64) -> Option<u64> {
+        let index = self.chunks.get(&chunk)?;
+        let private = index
+            .copies
+            .iter()
+            .find(|(e, _)| e.kind == Kind::Private && e.lo == generation);
+        private
+            .or_else(|| {
+                index
+                    .copies
+                    .iter()
+                    .find(|(e, _)| e.kind == Kind::Shared && e.covers(generation))
+            })
+            .map(|&(_, slot)| slot)
+    }
+
+    pub fn insert(&mut self, slot: u64, e: Entry) {
+        self.slots[slot as usize] = Some(e);
+        let index = self.chunks.entry(e.chunk).or_default();
+        if e.kind == Kind::Shared {
+            index.preserved_to = index.preserved_to.max(e.hi);
+        }
+        index.copies.push((e, slot));
+    }
+
+    /// Length of `chunk` on the source (the last one may be short).
+    pub fn chunk_len(&self, chunk: u64) -> u64 {
+        let cs = self.chunk_size();
+        cs.min(self.header.source_size - chunk * cs)
+    }
+
+    pub fn source_chunks(&self) -> u64 {
+        self.header.source_size.div_ceil(self.chunk_size())
+    }
+}
+
+impl Engine {
+    pub fn pool_name(&self) -> &str {
+        self.pool.name()
+    }
+
+    /// Refuses a session that cannot be taken now: name in use, no room, a rollback running.
+    pub fn check_new_session(&self, st: &State, name: &str) -> Result<()> {
+        if st.session(name).is_some() {
+            return Err(SnapError::SessionExists {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            });
+        }
+        check_room(self.pool_name(), st)?;
+        if let Some(p) = st.rollback_progress() {
+            return Err(SnapError::RollbackInProgress {
+                pool: self.pool_name().to_string(),
+                name: p.session,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a new session durably. The caller holds the gate exclusively and has
+    /// flushed the source, so the session's point in time is the source as flushed.
+    pub fn add_session(
+        &self,
+        st: &mut State,
+        name: &str,
+        writable: bool,
+        group: u64,
+    ) -> Result<SessionRecord> {
+        let mut next = st.header.clone();
+        let generation = next.next_gen;
+        next.next_gen += 1;
+        let record = SessionRecord {
+            generation,
+            created_unix: crate::now_unix(),
+            flags: if writable { SESSION_WRITABLE } else { 0 },
+            group,
+            name: name.to_string(),
+        };
+        next.sessions.push(record.clone());
+        self.persist_header(st, next)?;
+        st.rebuild();
+        info!(
+            pool = self.pool_name(),
+            source = self.source.name(),
+            session = name,
+            generation,
+            group,
+            "snapshot session created"
+        );
+        Ok(record)
+    }
+
+    /// Writes the header to the copy its sequence number selects and flushes: after this
+    /// returns the new state survives a power cut, and a torn write leaves the other copy.
+    pub fn persist_header(&self, st: &mut State, mut next: Header) -> Result<()> {
+        next.seq = st.header.seq + 1;
+        self.pool.write_at(&next.encode(), next.offset())?;
+        self.pool.flush()?;
+        st.header = next;
+        Ok(())
+    }
+
+    /// Writes the table sector holding `slot`'s entry as the in-memory table has it.
+    pub fn write_entry_sector(&self, st: &State, slot: u64) -> Result<()> {
+        let sector = u64::from(self.pool.sector_size());
+        let per = sector / ENTRY as u64;
+        let first = slot / per * per;
+        let mut buf = vec![0u8; sector as usize];
+        for i in 0..per {
+            let s = first + i;
+            if let Some(e) = st.slots.get(s as usize) {
+                Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
+            }
+        }
+        self.pool
+            .write_at(&buf, TABLE_OFFSET + first * ENTRY as u64)?;
+        Ok(())
+    }
+
+    /// Makes `chunk`'s slot hold `data` for `entry`: the data is durable before the entry
+    /// that points at it, and both before this returns.
+    pub fn store_copy(&self, st: &mut State, data: &[u8], entry: Entry) -> Result<Option<u64>> {
+        let Some(slot) = st.free.pop() else {
+            return Ok(None);
+        };
+        let outcome = (|| {
+            self.pool.write_at(data, st.layout().slot_offset(slot))?;
+            self.pool.flush()?;
+            st.slots[slot as usize] = Some(entry);
+            self.write_entry_sector(st, slot)?;
+            self.pool.flush()?;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                st.slots[slot as usize] = None;
+                st.insert(slot, entry);
+                Ok(Some(slot))
+            }
+            Err(e) => {
+                st.slots[slot as usize] = None;
+                st.free.push(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the pool into a new engine state, checking every record.
+    pub fn load(source: &Arc<dyn Lun>, pool: &Arc<dyn Lun>) -> Result<State> {
+        let header = read_header(pool.as_ref())?;
+        let name = pool.name();
+        if header.source_name != source.name() || header.source_size != source.size() {
+            return Err(SnapError::WrongSource {
+                pool: name.to_string(),
+                expected: format!("{} ({} bytes)", header.source_name, header.source_size),
+                found: format!("{} ({} bytes)", source.name(), source.size()),
+            });
+        }
+        let layout = header.layout;
+        if Layout::compute(pool.size(), header.source_size, layout.chunk_size) != Some(layout) {
+            return Err(bad_pool(name, "layout does not match the pool's size"));
+        }
+        let slots = read_table(pool.as_ref(), &layout)?
+            .into_iter()
+            .enumerate()
+            .map(|(slot, entry)| entry.map_err(|r| bad_pool(name, format!("slot {slot}: {r}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let mut restored = None;
+        if header.rollback.is_some() {
+            let mut bits = vec![0u8; layout.bitmap_len as usize];
+            pool.read_at(&mut bits, layout.bitmap_offset)?;
+            restored = Some(bits);
+        }
+        let mut st = State {
+            header,
+            slots,
+            free: Vec::new(),
+            chunks: HashMap::new(),
+            max_valid_gen: None,
+            restored,
+            rollback_cursor: 0,
+        };
+        st.rebuild();
+        Ok(st)
+    }
+}
+
+/// The newer valid header copy; the error names what is wrong with both when neither is.
+pub(crate) fn read_header(pool: &dyn Lun) -> Result<Header> {
+    if pool.size() < TABLE_OFFSET {
+        return Err(bad_pool(pool.name(), "too small to hold a pool header"));
+    }
+    let mut best: Option<Header> = None;
+    let mut reasons = Vec::new();
+    for copy in 0..2 {
+        let mut b = vec![0u8; HEADER_SEALED];
+        pool.read_at(&mut b, copy * HEADER_SLOT)?;
+        match Header::decode(&b) {
+            Ok(h) if h.offset() == copy * HEADER_SLOT => {
+                if best.as_ref().is_none_or(|b| h.seq > b.seq) {
+                    best = Some(h);
+                }
+            }
+            Ok(_) => reasons.push(format!("copy {copy}: sequence in the wrong copy")),
+            Err(r) => reasons.push(format!("copy {copy}: {r}")),
+        }
+    }
+    best.ok_or_else(|| bad_pool(pool.name(), reasons.join("; ")))
+}
+
+/// Every slot-table entry, each decoded or with the reason it is damaged.
+pub(crate) fn read_table(
+    pool: &dyn Lun,
+    layout: &Layout,
+) -> Result<Vec<Result<Option<Entry>, String>>> {
+    let mut out = Vec::with_capacity(layout.slots as usize);
+    let step = 256 * UNIT;
+    let mut at = 0;
+    while at < layout.table_len {
+        let n = step.min(layout.table_len - at);
+        let mut b = vec![0u8; n as usize];
+        pool.read_at(&mut b, TABLE_OFFSET + at)?;
+        for e in b.chunks_exact(ENTRY) {
+            if (out.len() as u64) < layout.slots {
+                out.push(Entry::decode(e));
+            }
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// A session name: 1 to 32 bytes of letters, digits, `-`, `_`, `.` (shown in lists and
+/// used on command lines, so nothing that needs quoting).
+pub(crate) fn check_name(pool: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SnapError::BadName {
+            pool: pool.to_string(),
+            name: name.to_string(),
+            reason: format!("use 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"),
+        })
+    }
+}
+
+pub(crate) fn check_room(pool: &str, st: &State) -> Result<()> {
+    if st.header.sessions.len() >= MAX_SESSIONS {
+        return Err(SnapError::TooManySessions {
+            pool: pool.to_string(),
+            max: MAX_SESSIONS,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The pool's on-disk layout, byte for byte as FORMAT.md describes it: fixed little-endian
+//! fields, every record sealed with crc32c.
+
+use crate::error::{Result, SnapError};
+
+pub(crate) const MAGIC: &[u8; 8] = b"VSNPPOOL";
+pub(crate) const VERSION: u32 = 1;
+/// Each header copy: 4 KiB of fixed fields, then the session records.
+pub(crate) const HEADER_SLOT: u64 = 32 * 1024;
+pub(crate) const HEADER_SEALED: usize = 4096 + MAX_SESSIONS * SESSION_RECORD;
+pub(crate) const SESSION_RECORD: usize = 64;
+pub(crate) const MAX_SESSIONS: usize = 256;
+pub(crate) const MAX_NAME: usize = 32;
+pub(crate) const MAX_SOURCE_NAME: usize = 256;
+pub(crate) const TABLE_OFFSET: u64 = 2 * HEADER_SLOT;
+pub(crate) const ENTRY: usize = 32;
+/// Metadata regions are aligned to this unit so any sector size up to 4 KiB works.
+pub(crate) const UNIT: u64 = 4096;
+
+pub(crate) const SESSION_WRITABLE: u32 = 1;
+pub(crate) const SESSION_INVALID: u32 = 2;
+
+/// One snapshot session as recorded in the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionRecord {
+    pub generation: u64,
+    pub created_unix: u64,
+    pub flags: u32,
+    /// Consistency group id, 0 for a session taken alone.
+    pub group: u64,
+    pub name: String,
+}
+
+/// Where everything lives in the pool; fixed when the pool is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub chunk_size: u32,
+    pub slots: u64,
+    pub table_len: u64,
+    pub bitmap_offset: u64,
+    pub bitmap_len: u64,
+    pub data_offset: u64,
+}
+
+impl Layout {
+    /// Places table, rollback bitmap and data for a pool of `pool_size` bytes; `None` when
+    /// not even one chunk fits.
+    pub fn compute(pool_size: u64, source_size: u64, chunk_size: u32) -> Option<Layout> {
+        let chunk = u64::from(chunk_size);
+        let source_chunks = source_size.div_ceil(chunk);
+        let bitmap_len = source_chunks.div_ceil(8).next_multiple_of(UNIT);
+        // The table for pool_size/chunk slots is at least as large as the one needed, so
+        // shrinking the slot count to what remains keeps everything inside the pool.
+        let mut slots = pool_size / chunk;
+        let table_len = (slots * ENTRY as u64).next_multiple_of(UNIT);
+        let bitmap_offset = TABLE_OFFSET + table_len;
+        let data_offset = (bitmap_offset + bitmap_len).next_multiple_of(chunk);
+        slots = pool_size.checked_sub(data_offset)? / chunk;
+        (slots > 0).then_some(Layout {
+            chunk_size,
+            slots,
+            table_len,
+            bitmap_offset,
+            bitmap_len,
+            data_offset,
+        })
+    }
+
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        self.data_offset + slot * u64::from(self.chunk_size)
+    }
+}
+
+/// The pool header: one of two alternating copies, the valid one with the higher sequence
+/// number wins, so a torn header write never loses the previous state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub seq: u64,
+    pub uuid: [u8; 16],
+    pub source_size: u64,
+    pub source_name: String,
+    pub next_gen: u64,
+    pub layout: Layout,
+    /// Generation of the session the source is being rolled back to.
+    pub rollback: Option<u64>,
+    pub sessions: Vec<SessionRecord>,
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// crc32c of `b` with the 4 bytes at `at` read as zero.
+fn seal_crc(b: &[u8], at: usize) -> u32 {
+    let c = crc32c::crc32c(&b[..at]);
+    let c = crc32c::crc32c_append(c, &[0u8; 4]);
+    crc32c::crc32c_append(c, &b[at + 4..])
+}
+
+impl Header {
+    /// The header copy this one goes to: sequence numbers alternate between the two.
+    pub fn offset(&self) -> u64 {
+        (self.seq % 2) * HEADER_SLOT
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SEALED];
+        b[0..8].copy_from_slice(MAGIC);
+        put_u32(&mut b, 8, VERSION);
+        put_u64(&mut b, 16, self.seq);
+        b[24..40].copy_from_slice(&self.uuid);
+        put_u32(&mut b, 40, self.layout.chunk_size);
+        put_u64(&mut b, 48, self.source_size);
+        put_u64(&mut b, 56, self.next_gen);
+        put_u64(&mut b, 64, self.layout.slots);
+        put_u64(&mut b, 72, self.layout.table_len);
+        put_u64(&mut b, 80, self.layout.bitmap_offset);
+        put_u64(&mut b, 88, self.layout.bitmap_len);
+        put_u64(&mut b, 96, self.layout.data_offset);
+        put_u32(&mut b, 104, u32::from(self.rollback.is_some()));
+        put_u64(&mut b, 112, self.rollback.unwrap_or(0));
+        put_u32(&mut b, 120, self.sessions.len() as u32);
+        let name = self.source_name.as_bytes();
+        b[128..130].copy_from_slice(&(name.len() as u16).to_le_bytes());
+        b[130..130 + name.len()].copy_from_slice(name);
+        for (i, s) in self.sessions.iter().enumerate() {
+            let r = 4096 + i * SESSION_RECORD;
+            put_u64(&mut b, r, s.generation);
+            put_u64(&mut b, r + 8, s.created_unix);
+            put_u32(&mut b, r + 16, s.flags);
+            b[r + 20] = s.name.len() as u8;
+            b[r + 24..r + 24 + s.name.len()].copy_from_slice(s.name.as_bytes());
+            put_u64(&mut b, r + 56, s.group);
+        }
+        let crc = seal_crc(&b, 12);
+        put_u32(&mut b, 12, crc);
+        b
+    }
+
+    /// Decodes one header copy; the error says which check failed.
+    pub fn decode(b: &[u8]) -> Result<Header, String> {
+        if b.len() < HEADER_SEALED {
+            return Err("short header".into());
+        }
+        let b = &b[..HEADER_SEALED];
+        if &b[0..8] != MAGIC {
+            return Err("bad magic (not a snapshot pool)".into());
+        }
+        let version = get_u32(b, 8);
+        if version != VERSION {
+            return Err(format!(
+                "unsupported version {version} (this build reads {VERSION})"
+            ));
+        }
+        if get_u32(b, 12) != seal_crc(b, 12) {
+            return Err("header checksum mismatch".into());
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[24..40]);
+        let count = get_u32(b, 120) as usize;
+        let name_len = usize::from(u16::from_le_bytes([b[128], b[129]]));
+        if count > MAX_SESSIONS || name_len > MAX_SOURCE_NAME {
+            return Err("session count or source name length out of range".into());
+        }
+        let source_name = String::from_utf8(b[130..130 + name_len].to_vec())
+            .map_err(|_| "source name is not UTF-8".to_string())?;
+        let mut sessions = Vec::with_capacity(count);
+        for i in 0..count {
+            let r = 4096 + i * SESSION_RECORD;
+            let len = usize::from(b[r + 20]);
+            if len == 0 || len > MAX_NAME {
+                return Err(format!("session record {i}: bad name length {len}"));
+            }
+            let name = String::from_utf8(b[r + 24..r + 24 + len].to_vec())
+                .map_err(|_| format!("session record {i}: name is not UTF-8"))?;
+            sessions.push(SessionRecord {
+                generation: get_u64(b, r),
+                created_unix: get_u64(b, r + 8),
+                flags: get_u32(b, r + 16),
+                group: get_u64(b, r + 56),
+                name,
+            });
+        }
+        let chunk_size = get_u32(b, 40);
+        if !chunk_size.is_power_of_two() {
+            return Err(format!("chunk size {chunk_size} is not a power of two"));
+        }
+        Ok(Header {
+            seq: get_u64(b, 16),
+            uuid,
+            source_size: get_u64(b, 48),
+            source_name,
+            next_gen: get_u64(b, 56),
+            layout: Layout {
+                chunk_size,
+                slots: get_u64(b, 64),
+                table_len: get_u64(b, 72),
+                bitmap_offset: get_u64(b, 80),
+                bitmap_len: get_u64(b, 88),
+                data_offset: get_u64(b, 96),
+            },
+            rollback: (get_u32(b, 104) != 0).then(|| get_u64(b, 112)),
+            sessions,
+        })
+    }
+}
+
+/// What a pool slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The old contents of a source chunk, serving sessions with generation in `lo..hi`.
+    Shared,
+    /// A writable session's own copy of a chunk; the session's generation is `lo`.
+    Private,
+}
+
+/// One slot-table entry: which source chunk a pool slot holds and for whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub chunk: u64,
+    pub lo: u64,
+    pub hi: u64,
+    pub kind: Kind,
+}
+
+impl Entry {
+    pub fn covers(&self, generation: u64) -> bool {
+        self.lo <= generation && generation < self.hi
+    }
+
+    pub fn encode(entry: Option<&Entry>, b: &mut [u8]) {
+        b[..ENTRY].fill(0);
+        let Some(e) = entry else { return };
+        put_u64(b, 0, e.chunk);
+        put_u64(b, 8, e.lo);
+        put_u64(b, 16, e.hi);
+        b[24] = match e.kind {
+            Kind::Shared => 1,
+            Kind::Private => 2,
+        };
+        let crc = crc32c::crc32c(&b[..28]);
+        put_u32(b, 28, crc);
+    }
+
+    /// `Ok(None)` for a free entry (all zero).
+    pub fn decode(b: &[u8]) -> Result<Option<Entry>, String> {
+        let b = &b[..ENTRY];
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if get_u32(b, 28) != crc32c::crc32c(&b[..28]) {
+            return Err("checksum mismatch".into());
+        }
+        let kind = match b[24] {
+            1 => Kind::Shared,
+            2 => Kind::Private,
+            k => return Err(format!("unknown kind {k}")),
+        };
+        let e = Entry {
+            chunk: get_u64(b, 0),
+            lo: get_u64(b, 8),
+            hi: get_u64(b, 16),
+            kind,
+        };
+        if e.lo >= e.hi {
+            return Err(format!("empty generation range {}..{}", e.lo, e.hi));
+        }
+        Ok(Some(e))
+    }
+}
+
+pub(crate) fn bad_pool(pool: &str, reason: impl Into<String>) -> SnapError {
+    SnapError::BadPool {
+        pool: pool.to_string(),
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,256 @@
+//! Power cuts at every write of a workload, on the source and the pool at once (a shared
+//! power supply), with torn writes and lost volatile caches: after reopening, every
+//! surviving session reads exactly what the source held at its point in time, the source
+//! reads its last flushed state, and the pool passes fsck.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use lun::Lun;
+use lun::fault::CrashMode;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use snapshot::{PoolOptions, SessionState, Snapshots};
+
+use common::{Machine, S, files, open, read_all, same_outside};
+
+const SOURCE: u64 = 64 * 1024;
+const POOL: u64 = 512 * 1024;
+const CHUNK: u32 = 4096;
+
+/// What must hold after the crash, recorded as the workload runs.
+#[derive(Default)]
+struct Expect {
+    /// The source's contents at its last flush that returned before the power cut.
+    flushed: Vec<u8>,
+    /// Also acceptable: the contents flushed by a session creation the cut interrupted
+    /// after its source flush.
+    maybe_flushed: Option<Vec<u8>>,
+    /// Every session ever asked for, with its point in time.
+    sessions: BTreeMap<String, Vec<u8>>,
+    /// Sessions whose creation returned before the cut: they must survive, unless deleted.
+    created: Vec<String>,
+    /// Sessions whose deletion was asked for: they may survive (the cut came first).
+    deleted: Vec<String>,
+    rollback: Option<String>,
+}
+
+/// A fixed workload: source writes, flushes, sessions taken and deleted.
+fn workload(snaps: &Snapshots, machine: &Machine, expect: &mut Expect) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let source = snaps.source();
+    let mut current = expect.flushed.clone();
+    let mut live: Vec<String> = Vec::new();
+    for step in 0..40 {
+        match rng.random_range(0..10) {
+            0..6 => {
+                let len = rng.random_range(1..=12u64) * S;
+                let offset = rng.random_range(0..(SOURCE - len) / S) * S;
+                let fill = rng.random::<u8>();
+                let data = vec![fill; len as usize];
+                source.write_at(&data, offset).unwrap();
+                current[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            }
+            6..8 => {
+                let name = format!("s{step}");
+                expect.sessions.insert(name.clone(), current.clone());
+                let before = machine.crashed();
+                snaps.create_session(&name, false).unwrap();
+                if !before && machine.crashed() {
+                    expect.maybe_flushed = Some(current.clone());
+                }
+                // Taking a session flushes the source.
+                if !machine.crashed() {
+                    expect.flushed = current.clone();
+                    expect.created.push(name.clone());
+                }
+                live.push(name);
+            }
+            8 if live.len() > 1 => {
+                let name = live.remove(0);
+                expect.deleted.push(name.clone());
+                snaps.delete_session(&name).unwrap();
+            }
+            _ => {}
+        }
+        if rng.random_bool(0.3) {
+            source.flush().unwrap();
+            if !machine.crashed() {
+                expect.flushed = current.clone();
+            }
+        }
+    }
+}
+
+/// Runs the workload on fresh files with the power cut after `cut` writes (never when
+/// `None`); returns the total writes and checks the state after reopening.
+fn run(cut: Option<u64>, mode: CrashMode, tear: bool) -> u64 {
+    let f = files(SOURCE, POOL);
+    // The source starts with known bytes, flushed.
+    let mut initial = vec![0u8; SOURCE as usize];
+    StdRng::seed_from_u64(1).fill(&mut initial[..]);
+    open(&f.source).write_at(&initial, 0).unwrap();
+    Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+
+    let machine = Machine::new(tear);
+    let source = machine.lun(&f.source, mode);
+    let pool = machine.lun(&f.pool, mode);
+    let mut expect = Expect {
+        flushed: initial,
+        ..Expect::default()
+    };
+    {
+        let snaps = Snapshots::open(source, pool).unwrap();
+        if let Some(n) = cut {
+            machine.crash_after(n);
+        }
+        workload(&snaps, &machine, &mut expect);
+    }
+    let writes = machine.writes();
+
+    // Power back: the bare files, no fault layer.
+    let context = format!("cut after {cut:?} writes, {mode:?}, tear {tear}");
+    let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
+    assert!(report.is_clean(), "{context}: {:?}", report.problems);
+    let snaps = Snapshots::open(open(&f.source), open(&f.pool))
+        .unwrap_or_else(|e| panic!("{context}: {e}"));
+    let listed = snaps.list();
+    for name in &expect.created {
+        assert!(
+            expect.deleted.contains(name) || listed.iter().any(|s| &s.name == name),
+            "{context}: session {name} lost"
+        );
+    }
+    for s in &listed {
+        assert_eq!(s.state, SessionState::Valid, "{context}: {}", s.name);
+        let data = read_all(snaps.session(&s.name).unwrap().as_ref());
+        assert!(
+            data == expect.sessions[&s.name],
+            "{context}: session {} does not read its point in time",
+            s.name
+        );
+    }
+    if mode == CrashMode::DropUnflushed {
+        let torn = machine.torn_range(open(&f.source).name());
+        let now = read_all(snaps.source().as_ref());
+        let maybe = expect.maybe_flushed.as_ref();
+        assert!(
+            same_outside(&now, &expect.flushed, torn.clone())
+                || maybe.is_some_and(|m| same_outside(&now, m, torn)),
+            "{context}: source is not its last flushed state"
+        );
+    }
+    assert!(expect.rollback.is_none());
+    writes
+}
+
+fn every_cut(mode: CrashMode, tear: bool) {
+    let total = run(None, mode, tear);
+    assert!(
+        total > 20,
+        "the workload writes too little to test ({total})"
+    );
+    for cut in 0..total {
+        run(Some(cut), mode, tear);
+    }
+}
+
+#[test]
+fn a_power_cut_at_every_write_keeps_sessions_exact() {
+    every_cut(CrashMode::DropLater, false);
+}
+
+#[test]
+fn torn_writes_and_lost_caches_keep_sessions_exact_and_the_source_flushed() {
+    every_cut(CrashMode::DropUnflushed, true);
+}
+
+/// A rollback cut by a power failure at every write resumes on the next open and ends
+/// with the source at the session's point in time, keeping a write flushed during it.
+#[test]
+fn a_rollback_cut_at_every_write_resumes_on_open() {
+    let total = rollback_run(None);
+    for cut in 0..total {
+        rollback_run(Some(cut));
+    }
+}
+
+fn rollback_run(cut: Option<u64>) -> u64 {
+    let f = files(SOURCE, POOL);
+    let old = vec![0x11u8; SOURCE as usize];
+    let new = vec![0x22u8; SOURCE as usize];
+    {
+        let snaps = Snapshots::create(
+            open(&f.source),
+            open(&f.pool),
+            PoolOptions { chunk_size: CHUNK },
+        )
+        .unwrap();
+        snaps.source().write_at(&old, 0).unwrap();
+        snaps.create_session("gold", false).unwrap();
+        snaps.create_session("other", false).unwrap();
+        snaps.source().write_at(&new, 0).unwrap();
+        snaps.source().flush().unwrap();
+    }
+    let machine = Machine::new(true);
+    let source = machine.lun(&f.source, CrashMode::DropUnflushed);
+    let pool = machine.lun(&f.pool, CrashMode::DropUnflushed);
+    let late_write = vec![0x33u8; 4096];
+    let late_at = SOURCE - 8192;
+    let (started, late_flushed) = {
+        let snaps = Snapshots::open(source, pool).unwrap();
+        if let Some(n) = cut {
+            machine.crash_after(n);
+        }
+        snaps.start_rollback("gold").unwrap();
+        let started = !machine.crashed();
+        snaps.rollback_step(3).unwrap();
+        // A write to a chunk not yet restored.
+        snaps.source().write_at(&late_write, late_at).unwrap();
+        snaps.source().flush().unwrap();
+        let late_flushed = !machine.crashed();
+        while snaps.rollback_step(3).unwrap().is_some() {}
+        (started, late_flushed)
+    };
+    let writes = machine.writes();
+    let context = format!("cut after {cut:?} writes");
+    let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
+    assert!(report.is_clean(), "{context}: {:?}", report.problems);
+    let snaps = Snapshots::open(open(&f.source), open(&f.pool)).unwrap();
+    snaps.wait_rollback().unwrap();
+    let mut expected = old.clone();
+    if late_flushed {
+        expected[late_at as usize..late_at as usize + 4096].copy_from_slice(&late_write);
+    }
+    let now = read_all(snaps.source().as_ref());
+    let torn = machine.torn_range(open(&f.source).name());
+    if started {
+        assert!(
+            same_outside(&now, &expected, torn),
+            "{context}: source is not the session's point in time"
+        );
+    } else {
+        assert!(
+            same_outside(&now, &expected, torn.clone()) || same_outside(&now, &new, torn),
+            "{context}: source is neither before nor after"
+        );
+    }
+    assert!(
+        read_all(snaps.session("gold").unwrap().as_ref()) == old,
+        "{context}: gold"
+    );
+    assert!(
+        read_all(snaps.session("other").unwrap().as_ref()) == old,
+        "{context}: other"
+    );
+    let _: Arc<dyn Lun> = snaps.source();
+    writes
+}

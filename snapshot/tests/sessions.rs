@@ -1,0 +1,231 @@
+//! Sessions at scale, a full pool, and bad input: each a clear error that changes nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use lun::Lun;
+use lun::fault::FaultLun;
+use snapshot::{PoolOptions, SessionState, SnapError, Snapshots};
+
+use common::{files, open, read_all};
+
+const CHUNK: u32 = 4096;
+const C: u64 = CHUNK as u64;
+
+fn chunk_of(fill: u8) -> Vec<u8> {
+    vec![fill; C as usize]
+}
+
+/// Pool writes caused by the first write to a chunk with `sessions` sessions open.
+fn pool_writes_for_first_write(sessions: usize) -> u64 {
+    let f = files(64 * C, 4 << 20);
+    let pool = Arc::new(FaultLun::new(open(&f.pool)));
+    let snaps = Snapshots::create(
+        open(&f.source),
+        pool.clone(),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    for i in 0..sessions {
+        snaps.create_session(&format!("s{i}"), false).unwrap();
+    }
+    let before = pool.writes();
+    snaps.source().write_at(&chunk_of(9), 5 * C).unwrap();
+    let cost = pool.writes() - before;
+    // The one copy serves every session.
+    for i in 0..sessions {
+        let lun = snaps.session(&format!("s{i}")).unwrap();
+        let mut buf = chunk_of(1);
+        lun.read_at(&mut buf, 5 * C).unwrap();
+        assert_eq!(buf, chunk_of(0));
+    }
+    assert_eq!(snaps.usage().used, 1);
+    cost
+}
+
+#[test]
+fn a_first_write_costs_the_same_with_64_sessions_as_with_one() {
+    let one = pool_writes_for_first_write(1);
+    let many = pool_writes_for_first_write(64);
+    assert_eq!(one, 2, "data and its table entry");
+    assert_eq!(many, one);
+}
+
+#[test]
+fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_source() {
+    // 64 KiB header copies + 4 KiB table + 4 KiB bitmap leave 6 data slots of 4 KiB.
+    let f = files(64 * C, 64 * 1024 + 8192 + 6 * C);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    assert_eq!(snaps.usage().total, 6);
+    let source = snaps.source();
+    source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
+    snaps.create_session("old", false).unwrap();
+    for c in 0..4 {
+        source.write_at(&chunk_of(2), c * C).unwrap();
+    }
+    snaps.create_session("new", false).unwrap();
+    // Chunks 0..4 again: "new" needs their 2s, two slots remain.
+    for c in 0..4 {
+        source.write_at(&chunk_of(3), c * C).unwrap();
+    }
+    let list = snaps.list();
+    assert_eq!(list[0].name, "old");
+    assert_eq!(list[0].state, SessionState::Valid);
+    assert_eq!(list[1].name, "new");
+    assert_eq!(list[1].state, SessionState::Invalid);
+    assert!(matches!(
+        snaps.session("new"),
+        Err(SnapError::SessionInvalid { .. })
+    ));
+    // "new"'s copies are free again, "old" still reads its point in time.
+    assert_eq!(snaps.usage().used, 4);
+    assert_eq!(
+        read_all(snaps.session("old").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+    let mut expected = vec![1u8; (64 * C) as usize];
+    expected[..(4 * C) as usize].fill(3);
+    assert_eq!(read_all(source.as_ref()), expected);
+    // The state survives a reopen and fsck sees nothing wrong.
+    drop(snaps);
+    let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.invalid_sessions, 1);
+    let snaps = Snapshots::open(open(&f.source), open(&f.pool)).unwrap();
+    assert_eq!(snaps.list()[1].state, SessionState::Invalid);
+    // A writable session out of room gets ENOSPC; the source still writes.
+    snaps.create_session("rw", true).unwrap();
+    let rw = snaps.session("rw").unwrap();
+    rw.write_at(&chunk_of(7), 10 * C).unwrap();
+    rw.write_at(&chunk_of(7), 11 * C).unwrap();
+    let err = rw.write_at(&chunk_of(7), 12 * C).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    snaps.source().write_at(&chunk_of(4), 20 * C).unwrap();
+}
+
+/// Every byte of the pool, to prove a refused request changed nothing.
+fn pool_bytes(path: &std::path::Path) -> Vec<u8> {
+    read_all(open(path).as_ref())
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_changes_nothing() {
+    let f = files(64 * C, 1 << 20);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    snaps.create_session("a", false).unwrap();
+    let before = pool_bytes(&f.pool);
+
+    let err = snaps.delete_session("nope").unwrap_err();
+    assert!(matches!(err, SnapError::UnknownSession { .. }));
+    assert!(err.to_string().contains("\"nope\""), "{err}");
+    assert!(matches!(
+        snaps.session("nope"),
+        Err(SnapError::UnknownSession { .. })
+    ));
+    assert!(matches!(
+        snaps.rollback("nope"),
+        Err(SnapError::UnknownSession { .. })
+    ));
+    assert!(matches!(
+        snaps.create_session("a", false),
+        Err(SnapError::SessionExists { .. })
+    ));
+    assert!(matches!(
+        snaps.create_session("no/slash", false),
+        Err(SnapError::BadName { .. })
+    ));
+    let ro = snaps.session("a").unwrap();
+    assert!(matches!(
+        ro.write_at(&chunk_of(1), 0),
+        Err(lun::LunError::ReadOnly { .. })
+    ));
+    assert_eq!(pool_bytes(&f.pool), before);
+    drop(snaps);
+
+    // A pool of another source.
+    let other = f.dir.path().join("other.img");
+    lun::FileLun::create(&other, 64 * C).unwrap();
+    let err = Snapshots::open(open(&other), open(&f.pool)).unwrap_err();
+    assert!(matches!(err, SnapError::WrongSource { .. }), "{err}");
+    assert!(err.to_string().contains("source.img"), "{err}");
+    // Making it a pool again is refused too.
+    let err = Snapshots::create(open(&other), open(&f.pool), PoolOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("already the snapshot pool of"),
+        "{err}"
+    );
+    assert_eq!(pool_bytes(&f.pool), before);
+    assert_eq!(
+        snapshot::pool_source(open(&f.pool).as_ref()).unwrap(),
+        (open(&f.source).name().to_string(), 64 * C)
+    );
+
+    // A pool too small, and chunk sizes out of range.
+    let small = f.dir.path().join("small.snap");
+    lun::FileLun::create(&small, 64 * 1024).unwrap();
+    let small_before = pool_bytes(&small);
+    let err = Snapshots::create(open(&f.source), open(&small), PoolOptions::default()).unwrap_err();
+    assert!(matches!(err, SnapError::PoolTooSmall { .. }), "{err}");
+    for chunk_size in [256, 3 * 4096, 2 << 20] {
+        let err = Snapshots::create(open(&f.source), open(&small), PoolOptions { chunk_size })
+            .unwrap_err();
+        assert!(matches!(err, SnapError::BadChunkSize { .. }), "{err}");
+    }
+    assert_eq!(pool_bytes(&small), small_before);
+    // Not a pool at all.
+    let err = Snapshots::open(open(&f.source), open(&small)).unwrap_err();
+    assert!(err.to_string().contains("bad magic"), "{err}");
+}
+
+#[test]
+fn fsck_names_a_damaged_entry_and_a_damaged_header_copy_falls_back_to_the_other() {
+    let f = files(64 * C, 1 << 20);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    snaps.create_session("a", false).unwrap();
+    snaps.source().write_at(&chunk_of(5), 0).unwrap();
+    drop(snaps);
+    let pool = open(&f.pool);
+    // The newest header copy is damaged: the previous one (before session "a") is used.
+    let report = snapshot::fsck(pool.as_ref()).unwrap();
+    assert_eq!(report.sessions, 1);
+    assert_eq!(report.used_slots, 1);
+    let mut sector = vec![0u8; 512];
+    pool.read_at(&mut sector, 0).unwrap();
+    sector[100] ^= 0xff;
+    pool.write_at(&sector, 0).unwrap();
+    let report = snapshot::fsck(pool.as_ref()).unwrap();
+    assert!(report.is_clean());
+    assert_eq!(report.sessions, 0);
+    // A damaged table entry is named.
+    let mut table = vec![0u8; 512];
+    pool.read_at(&mut table, 64 * 1024).unwrap();
+    table[3] ^= 0x01;
+    pool.write_at(&table, 64 * 1024).unwrap();
+    let report = snapshot::fsck(pool.as_ref()).unwrap();
+    assert_eq!(
+        report.problems,
+        vec!["slot 0: checksum mismatch".to_string()]
+    );
+    let err = Snapshots::open(open(&f.source), open(&f.pool)).unwrap_err();
+    assert!(
+        err.to_string().contains("slot 0: checksum mismatch"),
+        "{err}"
+    );
+}
