@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::*;
 use lun::Lun;
 use lun::fault::{CrashMode, FaultLun};
-use vmfs::{Datastore, FormatOptions, NewFile, ROOT_INO};
+use vmfs::{Datastore, FormatOptions, Kind, NewFile, ROOT_INO};
 
 type Durable = BTreeMap<String, Vec<u8>>;
 type Phase<'a> = &'a dyn Fn(&Datastore, &str, &mut Durable) -> vmfs::Result<()>;
@@ -68,6 +68,16 @@ fn workload(lun: Arc<FaultLun>, durable: &mut Durable) -> vmfs::Result<()> {
             let c = ds.create_path(&format!("{dir}/gone"), &NewFile::default())?;
             ds.write(c.ino, 0, &pattern(100_000, 12))?;
             ds.remove_path(&format!("{dir}/gone"), false)?;
+            // A FIFO, a device node, and a symlink whose target needs a sub-block (its
+            // target reads back as the link's data).
+            let d = ds.resolve(dir)?;
+            ds.mknod(d, OsStr::new("fifo"), Kind::Fifo, 0o644, 0, creds())?;
+            ds.mknod(d, OsStr::new("null"), Kind::CharDevice, 0o666, 259, creds())?;
+            out.insert(format!("{dir}/fifo"), Vec::new());
+            out.insert(format!("{dir}/null"), Vec::new());
+            let target = "./".repeat(2000) + "victim";
+            ds.symlink(d, OsStr::new("long"), OsStr::new(&target), creds())?;
+            out.insert(format!("{dir}/long"), target.into_bytes());
             Ok(())
         },
         &|ds, dir, out| {
