@@ -240,7 +240,7 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
 fn describe_safety(safety: &vmfs::LockSafety) -> String {
     let through = format!("{} through {}", safety.primitive, safety.reach);
     if let Some(why) = &safety.refused {
-        return format!("{through}: read-write mounts through this path are refused: {why}");
+        return format!("{through}: {why}");
     }
     if safety.safe_across_machines {
         return format!("{through}: safe across machines");

@@ -115,12 +115,11 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
     };
     let no_cas = || {
         format!(
-            "this datastore is formatted for compare-and-write ({}) locking and {} ({reach}) \
-             cannot do compare-and-write; hosts using plain reads and writes would not exclude \
-             hosts using compare-and-write, so mounting read-write is refused (mount read-only, \
-             or reformat with --lock-protocol paxos)",
+            "formatted for {} locking, but reached as {reach}, which cannot do \
+             compare-and-write; hosts using plain reads and writes would not exclude hosts \
+             using compare-and-write: read-write mount refused (mount it read-only, or move \
+             its files to a datastore formatted with --lock-protocol paxos)",
             protocol.name(),
-            lun.name()
         )
     };
     let (primitive, safe_across_machines, refused) = match (protocol, scope) {
@@ -139,13 +138,11 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
             cas_primitive,
             false,
             Some(format!(
-                "this datastore is formatted for compare-and-write, which needs either the \
-                 device's own atomic compare-and-write or a file only this machine can reach; \
-                 {} is {reach}, whose compare-and-write is an OFD lock other machines do not \
-                 see, so two machines could hold one lock and mounting read-write is refused \
-                 (open it through the local file it was formatted on, mount read-only, or \
-                 move its files to a datastore formatted with --lock-protocol paxos)",
-                lun.name()
+                "formatted for compare-and-write, but reached as {reach}, whose \
+                 compare-and-write is an OFD lock other machines do not see, so two machines \
+                 could hold one lock: read-write mount refused (open it through the local file \
+                 it was formatted on, mount it read-only, or move its files to a datastore \
+                 formatted with --lock-protocol paxos)"
             )),
         ),
     };
