@@ -202,3 +202,111 @@ impl LockTarget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only what the policy reads: how the LUN is reached and who its compare-and-write
+    /// excludes. No I/O is ever done.
+    #[derive(Debug)]
+    struct Reached(Reach, CasScope);
+
+    impl Lun for Reached {
+        fn name(&self) -> &str {
+            "test"
+        }
+        fn sector_size(&self) -> u32 {
+            512
+        }
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn flush(&self) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn supports_compare_and_write(&self) -> bool {
+            self.1 != CasScope::None
+        }
+        fn compare_and_write_scope(&self) -> CasScope {
+            self.1
+        }
+        fn reach(&self) -> Reach {
+            self.0
+        }
+    }
+
+    const ATS: CasScope = CasScope::AllMachines("SCSI COMPARE AND WRITE");
+
+    #[test]
+    fn defaults_follow_who_compare_and_write_excludes() {
+        use lun::DeviceKind::*;
+        let cases = [
+            (Reach::BlockDevice(Scsi), ATS, LockProtocol::CompareAndWrite),
+            (
+                Reach::BlockDevice(Scsi),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::BlockDevice(Nvme),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::BlockDevice(Loop),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::LocalFile,
+                CasScope::ThisMachine,
+                LockProtocol::CompareAndWrite,
+            ),
+            (
+                Reach::SharedFile("NFS"),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (Reach::Nbd, CasScope::None, LockProtocol::DiskPaxos),
+            (Reach::Other, CasScope::ThisMachine, LockProtocol::DiskPaxos),
+        ];
+        for (reach, scope, expected) in cases {
+            assert_eq!(
+                default_protocol(&Reached(reach, scope)),
+                expected,
+                "{reach} with {scope:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_write_use_is_judged_by_the_path_opened() {
+        let scsi = Reached(Reach::BlockDevice(lun::DeviceKind::Scsi), ATS);
+        let ats = lock_safety(LockProtocol::CompareAndWrite, &scsi);
+        assert!(ats.safe_across_machines && ats.refused.is_none());
+        assert_eq!(ats.primitive, "SCSI COMPARE AND WRITE");
+
+        let nfs = Reached(Reach::SharedFile("NFS"), CasScope::ThisMachine);
+        let refused = lock_safety(LockProtocol::CompareAndWrite, &nfs);
+        assert!(!refused.safe_across_machines);
+        let why = refused.refused.unwrap();
+        assert!(
+            why.contains("NFS") && why.contains("--lock-protocol paxos"),
+            "{why}"
+        );
+
+        // Stated single-machine: allowed anywhere compare-and-write exists, never "safe".
+        let local = lock_safety(LockProtocol::HostLocal, &nfs);
+        assert!(local.refused.is_none() && !local.safe_across_machines);
+        let nbd = Reached(Reach::Nbd, CasScope::None);
+        assert!(lock_safety(LockProtocol::HostLocal, &nbd).refused.is_some());
+        assert!(lock_safety(LockProtocol::DiskPaxos, &nbd).safe_across_machines);
+    }
+}
