@@ -274,7 +274,11 @@ fn info_tells_lock_safety_and_a_local_file_datastore_is_refused_as_a_block_devic
         }
     }
     let _detach = Detach(dev.clone());
-    fails(&["-d", &dev, "mkdir", "/x"], 1, "--lock-protocol paxos");
+    fails(
+        &["-d", &dev, "mkdir", "/x"],
+        1,
+        "set-lock-protocol LUN paxos",
+    );
     let text = ok(&["datastore", "info", &dev]);
     assert!(
         text.contains("a loop block device: formatted for compare-and-write")
@@ -283,4 +287,17 @@ fn info_tells_lock_safety_and_a_local_file_datastore_is_refused_as_a_block_devic
     );
     // Nothing was written: the file still opens read-write where it was formatted.
     ok(&["-d", ds, "mkdir", "/x"]);
+
+    // The fix the refusal names: `cas` stays refused through the loop device, Disk Paxos
+    // is safe there, and the datastore's files are all still there.
+    fails(
+        &["datastore", "set-lock-protocol", &dev, "cas"],
+        1,
+        "--lock-protocol local",
+    );
+    let out = ok(&["datastore", "set-lock-protocol", &dev, "paxos"]);
+    assert!(out.contains("safe across machines"), "{out}");
+    ok(&["-d", &dev, "mkdir", "/y"]);
+    assert!(ok(&["-d", &dev, "ls", "/"]).contains('x'));
+    ok(&["datastore", "fsck", &dev]);
 }

@@ -117,8 +117,9 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
         format!(
             "formatted for {} locking, but reached as {reach}, which cannot do \
              compare-and-write; hosts using plain reads and writes would not exclude hosts \
-             using compare-and-write: read-write mount refused (mount it read-only, or move \
-             its files to a datastore formatted with --lock-protocol paxos)",
+             using compare-and-write: read-write mount refused (with no host mounting it, \
+             switch it with `vapp datastore set-lock-protocol LUN paxos`, or mount it \
+             read-only)",
             protocol.name(),
         )
     };
@@ -140,9 +141,10 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
             Some(format!(
                 "formatted for compare-and-write, but reached as {reach}, whose \
                  compare-and-write is an OFD lock other machines do not see, so two machines \
-                 could hold one lock: read-write mount refused (open it through the local file \
-                 it was formatted on, mount it read-only, or move its files to a datastore \
-                 formatted with --lock-protocol paxos)"
+                 could hold one lock: read-write mount refused (with no host mounting it, \
+                 switch it with `vapp datastore set-lock-protocol LUN paxos`, or `local` if \
+                 no other machine can reach the LUN; or open it through the local file it \
+                 was formatted on, or mount it read-only)"
             )),
         ),
     };
@@ -298,7 +300,7 @@ mod tests {
         assert!(!refused.safe_across_machines);
         let why = refused.refused.unwrap();
         assert!(
-            why.contains("NFS") && why.contains("--lock-protocol paxos"),
+            why.contains("NFS") && why.contains("set-lock-protocol LUN paxos"),
             "{why}"
         );
 
