@@ -224,3 +224,80 @@ fn fsck_exit_codes_follow_the_repair_outcome() {
     ok(&["datastore", "fsck", ds_s, "--repair"]);
     ok(&["datastore", "fsck", ds_s]);
 }
+
+/// `datastore info` says what the locks rest on and whether they hold across machines; a
+/// datastore formatted on a local file (compare-and-write through a host-local lock) and
+/// then reached as a block device is refused for read-write commands, naming the fix.
+#[test]
+fn info_tells_lock_safety_and_a_local_file_datastore_is_refused_as_a_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds.vmfs");
+    let ds = ds.to_str().unwrap();
+    let out = ok(&[
+        "datastore",
+        "format",
+        ds,
+        "--name",
+        "safe",
+        "--size",
+        "256M",
+    ]);
+    assert!(out.contains("locking compare-and-write"), "{out}");
+    let text = ok(&["datastore", "info", ds]);
+    assert!(
+        text.contains(
+            "NOT safe across machines (no other machine can reach a file on a local file system)"
+        ),
+        "{text}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["datastore", "info", ds, "--json"])).unwrap();
+    assert_eq!(info["lock_safety"]["safe_across_machines"], false);
+    assert_eq!(info["lock_safety"]["refused"], serde_json::Value::Null);
+
+    if !lun::prereq::require(
+        lun::prereq::is_root() && lun::prereq::have_command("losetup"),
+        "root and losetup for a loop device",
+    ) {
+        return;
+    }
+    let out = Command::new("losetup")
+        .args(["-f", "--show", ds])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup failed");
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    fails(
+        &["-d", &dev, "mkdir", "/x"],
+        1,
+        "set-lock-protocol LUN paxos",
+    );
+    let text = ok(&["datastore", "info", &dev]);
+    assert!(
+        text.contains("a loop block device: formatted for compare-and-write")
+            && text.contains("read-write mount refused"),
+        "{text}"
+    );
+    // Nothing was written: the file still opens read-write where it was formatted.
+    ok(&["-d", ds, "mkdir", "/x"]);
+
+    // The fix the refusal names: `cas` stays refused through the loop device, Disk Paxos
+    // is safe there, and the datastore's files are all still there.
+    fails(
+        &["datastore", "set-lock-protocol", &dev, "cas"],
+        1,
+        "--lock-protocol local",
+    );
+    let out = ok(&["datastore", "set-lock-protocol", &dev, "paxos"]);
+    assert!(out.contains("safe across machines"), "{out}");
+    ok(&["-d", &dev, "mkdir", "/y"]);
+    assert!(ok(&["-d", &dev, "ls", "/"]).contains('x'));
+    ok(&["datastore", "fsck", &dev]);
+}

@@ -437,3 +437,51 @@ fn errno() -> i32 {
 fn cstr(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.to_str().unwrap()).unwrap()
 }
+
+/// A datastore file on a FUSE file system (this project's own mount) may be opened by other
+/// machines too, and this machine's OFD locks mean nothing to them: `datastore format`
+/// picks Disk Paxos there, refuses `cas`, and `datastore info` says what the locks rest on.
+#[test]
+fn a_datastore_file_on_a_fuse_file_system_gets_disk_paxos() {
+    if !fuse_available() {
+        return;
+    }
+    let fx = Fixture::new("1G");
+    let m = Mounted::new(&fx, "mnt", &[]);
+    let inner = m.path("inner.vmfs");
+    let inner = inner.to_str().unwrap();
+    let out = ok(&[
+        "datastore",
+        "format",
+        inner,
+        "--name",
+        "inner",
+        "--size",
+        "256M",
+    ]);
+    assert!(out.contains("locking disk-paxos"), "{out}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["datastore", "info", inner, "--json"])).unwrap();
+    assert_eq!(info["lock_protocol"], "disk-paxos");
+    assert_eq!(info["lock_safety"]["safe_across_machines"], true);
+    assert_eq!(info["lock_safety"]["reach"], "a file on a FUSE file system");
+
+    let refused = m.path("cas.vmfs");
+    let out = vapp(&[
+        "datastore",
+        "format",
+        refused.to_str().unwrap(),
+        "--name",
+        "cas",
+        "--size",
+        "256M",
+        "--lock-protocol",
+        "cas",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--lock-protocol local"), "{stderr}");
+    assert!(!refused.exists(), "a refused format leaves no file behind");
+    drop(m);
+    fx.assert_clean();
+}

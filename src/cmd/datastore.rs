@@ -18,6 +18,15 @@ pub enum DatastoreCommand {
     Fsck(FsckArgs),
     /// Hosts that have the datastore mounted: ids, heartbeat, and the locks each holds.
     Hosts(HostsArgs),
+    /// Change how hosts coordinate on a datastore no host has mounted (as VMFS changes its
+    /// locking mode offline): `paxos`, `cas` or `local`, as at format.
+    SetLockProtocol(SetLockProtocolArgs),
+}
+
+#[derive(Args)]
+pub struct SetLockProtocolArgs {
+    pub lun: String,
+    pub protocol: vmfs::LockProtocol,
 }
 
 #[derive(Args)]
@@ -87,7 +96,17 @@ pub fn run(command: DatastoreCommand) -> anyhow::Result<ExitCode> {
         DatastoreCommand::Info(args) => info(args),
         DatastoreCommand::Fsck(args) => fsck(args),
         DatastoreCommand::Hosts(args) => hosts(args),
+        DatastoreCommand::SetLockProtocol(args) => set_lock_protocol(args),
     }
+}
+
+fn set_lock_protocol(args: SetLockProtocolArgs) -> anyhow::Result<ExitCode> {
+    let lun = open_lun(&args.lun, false)?;
+    let safety = vmfs::set_lock_protocol(lun, args.protocol)
+        .with_context(|| format!("{}: cannot change the lock protocol", args.lun))?;
+    println!("{}: locking {}", args.lun, args.protocol.name());
+    println!("  {}", describe_safety(&safety));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Parses a duration: a number with `ms` or `s` (seconds when no unit is given).
@@ -243,7 +262,7 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
 fn describe_safety(safety: &vmfs::LockSafety) -> String {
     let through = format!("{} through {}", safety.primitive, safety.reach);
     if let Some(why) = &safety.refused {
-        return format!("{through}: read-write mounts through this path are refused: {why}");
+        return format!("{through}: {why}");
     }
     if safety.safe_across_machines {
         return format!("{through}: safe across machines");

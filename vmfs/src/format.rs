@@ -100,25 +100,7 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
     let lock_protocol = options
         .lock_protocol
         .unwrap_or_else(|| crate::cluster::default_protocol(&*lun));
-    let safety = lock_safety(lock_protocol, &*lun);
-    if safety.refused.is_some() {
-        let reason = match lun.compare_and_write_scope() {
-            lun::CasScope::None => "compare-and-write locking was asked for but this LUN cannot \
-                                   do compare-and-write (use --lock-protocol paxos)"
-                .to_string(),
-            _ => format!(
-                "compare-and-write locking was asked for but this LUN is {}, whose \
-                 compare-and-write is an OFD lock other machines do not see (use \
-                 --lock-protocol paxos, or --lock-protocol local if no other machine can \
-                 ever reach this LUN)",
-                safety.reach
-            ),
-        };
-        return Err(Error::Invalid {
-            object: name,
-            reason,
-        });
-    }
+    let safety = usable_protocol(lock_protocol, &*lun)?;
     let io_timeout = options.io_timeout.unwrap_or(Timing::DEFAULT_IO_TIMEOUT);
     let geometry = Geometry {
         block_size: options.block_size,
@@ -175,6 +157,73 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
         lock_safety: safety,
         io_timeout_ms: sb.io_timeout_ms,
     })
+}
+
+/// Refuses a protocol the user asked for that the LUN cannot use safely through this path.
+fn usable_protocol(protocol: LockProtocol, lun: &dyn Lun) -> Result<LockSafety> {
+    let safety = lock_safety(protocol, lun);
+    if safety.refused.is_none() {
+        return Ok(safety);
+    }
+    let reason = match lun.compare_and_write_scope() {
+        lun::CasScope::None => "compare-and-write locking was asked for but this LUN cannot do \
+                               compare-and-write (use --lock-protocol paxos)"
+            .to_string(),
+        _ => format!(
+            "compare-and-write locking was asked for but this LUN is {}, whose \
+             compare-and-write is an OFD lock other machines do not see (use --lock-protocol \
+             paxos, or --lock-protocol local if no other machine can ever reach this LUN)",
+            safety.reach
+        ),
+    };
+    Err(Error::Invalid {
+        object: lun.name().to_string(),
+        reason,
+    })
+}
+
+/// Changes the lock protocol recorded in the superblocks of an unmounted datastore, as
+/// VMFS changes its locking mode offline: lock records have one layout under every
+/// protocol, so only the superblocks change. Refused while any heartbeat slot is held (a
+/// mounted host, or a crashed one whose journal awaits replay), and for a protocol the LUN
+/// cannot use safely through this path. Returns the new protocol's safety.
+pub fn set_lock_protocol(lun: Arc<dyn Lun>, protocol: LockProtocol) -> Result<LockSafety> {
+    let name = lun.name().to_string();
+    if lun.is_read_only() {
+        return Err(Error::ReadOnly { lun: name });
+    }
+    let (mut sb, _) = read_superblock(&*lun)?;
+    let safety = usable_protocol(protocol, &*lun)?;
+    if sb.lock_protocol == protocol {
+        return Ok(safety);
+    }
+    let region = crate::cluster::survey::read_region(&*lun, &sb)?;
+    if let Some((slot, hb)) = region
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, hb)| hb.as_ref().map(|hb| (slot, hb)))
+        .find(|(_, hb)| hb.state != crate::cluster::heartbeat::SlotState::Free)
+    {
+        return Err(Error::Invalid {
+            object: name,
+            reason: format!(
+                "heartbeat slot {slot} is {} by host {} (pid {}): the lock protocol changes \
+                 only while no host has the datastore mounted (unmount it everywhere; a \
+                 crashed host's slot is freed by the next read-write mount through a path \
+                 its current protocol allows)",
+                hb.state.name(),
+                hb.hostname,
+                hb.pid
+            ),
+        });
+    }
+    let from = sb.lock_protocol;
+    sb.lock_protocol = protocol;
+    lun.write_at(&sb.encode(0)[..], 0)?;
+    lun.write_at(&sb.encode(sb.backup_offset())[..], sb.backup_offset())?;
+    lun.flush()?;
+    tracing::info!(lun = %name, from = from.name(), to = protocol.name(), primitive = %safety.primitive, "lock protocol changed");
+    Ok(safety)
 }
 
 /// Blanks the record sector of `count` consecutive record units (heartbeat slots, Disk

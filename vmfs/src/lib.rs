@@ -49,7 +49,7 @@ pub use datastore::{
 };
 pub use dir::NAME_MAX;
 pub use error::{Error, Result};
-pub use format::{FormatOptions, FormatReport, format};
+pub use format::{FormatOptions, FormatReport, format, set_lock_protocol};
 pub use fsck::{Finding, FindingGroup, FsckOptions, FsckReport, Severity, fsck};
 pub use handle::{Access, FileHandle, VdiskLun};
 pub use inode::{INLINE_MAX, Kind};

@@ -156,7 +156,9 @@ fn compare_and_write_datastore_reached_through_a_loop_device_is_refused_read_wri
     let text = err.to_string();
     assert!(matches!(err, Error::Invalid { .. }), "{err:?}");
     assert!(
-        text.contains(&dev.dev) && text.contains("loop") && text.contains("--lock-protocol paxos"),
+        text.contains(&dev.dev)
+            && text.contains("loop")
+            && text.contains("set-lock-protocol LUN paxos"),
         "the refusal names the LUN, how it is reached and the fix: {text}"
     );
     // Read-only still works, and says why read-write would not.

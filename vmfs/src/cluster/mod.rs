@@ -115,12 +115,12 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
     };
     let no_cas = || {
         format!(
-            "this datastore is formatted for compare-and-write ({}) locking and {} ({reach}) \
-             cannot do compare-and-write; hosts using plain reads and writes would not exclude \
-             hosts using compare-and-write, so mounting read-write is refused (mount read-only, \
-             or reformat with --lock-protocol paxos)",
+            "formatted for {} locking, but reached as {reach}, which cannot do \
+             compare-and-write; hosts using plain reads and writes would not exclude hosts \
+             using compare-and-write: read-write mount refused (with no host mounting it, \
+             switch it with `vapp datastore set-lock-protocol LUN paxos`, or mount it \
+             read-only)",
             protocol.name(),
-            lun.name()
         )
     };
     let (primitive, safe_across_machines, refused) = match (protocol, scope) {
@@ -139,13 +139,12 @@ pub fn lock_safety(protocol: LockProtocol, lun: &dyn Lun) -> LockSafety {
             cas_primitive,
             false,
             Some(format!(
-                "this datastore is formatted for compare-and-write, which needs either the \
-                 device's own atomic compare-and-write or a file only this machine can reach; \
-                 {} is {reach}, whose compare-and-write is an OFD lock other machines do not \
-                 see, so two machines could hold one lock and mounting read-write is refused \
-                 (open it through the local file it was formatted on, mount read-only, or \
-                 move its files to a datastore formatted with --lock-protocol paxos)",
-                lun.name()
+                "formatted for compare-and-write, but reached as {reach}, whose \
+                 compare-and-write is an OFD lock other machines do not see, so two machines \
+                 could hold one lock: read-write mount refused (with no host mounting it, \
+                 switch it with `vapp datastore set-lock-protocol LUN paxos`, or `local` if \
+                 no other machine can reach the LUN; or open it through the local file it \
+                 was formatted on, or mount it read-only)"
             )),
         ),
     };
@@ -203,5 +202,113 @@ impl LockTarget {
             LockTarget::Inode(ino) => format!("inode {ino}"),
             LockTarget::Cluster(kind, c) => format!("{} cluster {c}", kind.name()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only what the policy reads: how the LUN is reached and who its compare-and-write
+    /// excludes. No I/O is ever done.
+    #[derive(Debug)]
+    struct Reached(Reach, CasScope);
+
+    impl Lun for Reached {
+        fn name(&self) -> &str {
+            "test"
+        }
+        fn sector_size(&self) -> u32 {
+            512
+        }
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn flush(&self) -> lun::Result<()> {
+            unreachable!("the policy does no I/O")
+        }
+        fn supports_compare_and_write(&self) -> bool {
+            self.1 != CasScope::None
+        }
+        fn compare_and_write_scope(&self) -> CasScope {
+            self.1
+        }
+        fn reach(&self) -> Reach {
+            self.0
+        }
+    }
+
+    const ATS: CasScope = CasScope::AllMachines("SCSI COMPARE AND WRITE");
+
+    #[test]
+    fn defaults_follow_who_compare_and_write_excludes() {
+        use lun::DeviceKind::*;
+        let cases = [
+            (Reach::BlockDevice(Scsi), ATS, LockProtocol::CompareAndWrite),
+            (
+                Reach::BlockDevice(Scsi),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::BlockDevice(Nvme),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::BlockDevice(Loop),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (
+                Reach::LocalFile,
+                CasScope::ThisMachine,
+                LockProtocol::CompareAndWrite,
+            ),
+            (
+                Reach::SharedFile("NFS"),
+                CasScope::ThisMachine,
+                LockProtocol::DiskPaxos,
+            ),
+            (Reach::Nbd, CasScope::None, LockProtocol::DiskPaxos),
+            (Reach::Other, CasScope::ThisMachine, LockProtocol::DiskPaxos),
+        ];
+        for (reach, scope, expected) in cases {
+            assert_eq!(
+                default_protocol(&Reached(reach, scope)),
+                expected,
+                "{reach} with {scope:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_write_use_is_judged_by_the_path_opened() {
+        let scsi = Reached(Reach::BlockDevice(lun::DeviceKind::Scsi), ATS);
+        let ats = lock_safety(LockProtocol::CompareAndWrite, &scsi);
+        assert!(ats.safe_across_machines && ats.refused.is_none());
+        assert_eq!(ats.primitive, "SCSI COMPARE AND WRITE");
+
+        let nfs = Reached(Reach::SharedFile("NFS"), CasScope::ThisMachine);
+        let refused = lock_safety(LockProtocol::CompareAndWrite, &nfs);
+        assert!(!refused.safe_across_machines);
+        let why = refused.refused.unwrap();
+        assert!(
+            why.contains("NFS") && why.contains("set-lock-protocol LUN paxos"),
+            "{why}"
+        );
+
+        // Stated single-machine: allowed anywhere compare-and-write exists, never "safe".
+        let local = lock_safety(LockProtocol::HostLocal, &nfs);
+        assert!(local.refused.is_none() && !local.safe_across_machines);
+        let nbd = Reached(Reach::Nbd, CasScope::None);
+        assert!(lock_safety(LockProtocol::HostLocal, &nbd).refused.is_some());
+        assert!(lock_safety(LockProtocol::DiskPaxos, &nbd).safe_across_machines);
     }
 }

@@ -61,7 +61,7 @@ pub struct Survey {
     pub stale_locks: Vec<LockReport>,
 }
 
-fn read_region(lun: &dyn Lun, sb: &Superblock) -> Result<Vec<Option<Heartbeat>>> {
+pub(crate) fn read_region(lun: &dyn Lun, sb: &Superblock) -> Result<Vec<Option<Heartbeat>>> {
     let mut region = vec![0u8; sb.host_slots as usize * UNIT];
     lun.read_at(&mut region, sb.heartbeat_offset)?;
     Ok((0..sb.host_slots)
