@@ -15,6 +15,16 @@
 //!   copied once less, and it reaches the datastore before write(2) returns, so errors
 //!   (ENOSPC, a fenced host, a lock lost) reach the process that wrote. There is no
 //!   write-back cache: no other host ever waits on data sitting in this kernel.
+//! - Why not write-back, although a file open for writing is held exclusive by this host, so
+//!   dirty pages under that lock would break no cluster rule as long as they reach the
+//!   datastore before the lock goes (the kernel writes them back before FLUSH and RELEASE):
+//!   FUSE's write-back mode is per mount, and in it the kernel trusts its own size and mtime
+//!   of every regular file over the daemon's, so a file another host grew or truncated would
+//!   keep its old size here; and a write-back that fails after this host is fenced would
+//!   reach the writer, if at all, only at a later fsync or close.
+//!   Direct writes cost the mount one extra copy per byte (the kernel copies the caller's
+//!   pages into the daemon's buffer, then vmfs copies them into the LUN), done in turn with
+//!   the caller's write; that is the gap left against the library on memory-speed storage.
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
