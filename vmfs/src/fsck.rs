@@ -1099,27 +1099,27 @@ impl Walk<'_> {
                 let ino = first + i as u64;
                 let lock_off = base + 2 * i as u64 * UNIT_U64;
                 let off = lock_off + UNIT_U64;
-                let target = LockTarget::Inode(ino);
-                if let Err(why) = LockRecord::decode(&pair[0][..], lock_off, target.code()) {
-                    self.findings.push(finding(
-                        format!("lock record of {}", target.describe()),
-                        Some(lock_off),
-                        why,
-                        Some("clear the lock record"),
-                    ));
-                    self.fixes.push(Fix::Unit {
-                        off: lock_off,
-                        image: zero_unit(),
-                    });
-                }
+                self.lock_record(LockTarget::Inode(ino), lock_off, &pair[0])?;
                 if self.inodes_seen.contains(&ino) {
                     continue;
                 }
-                let u = &pair[1];
+                let mut u = pair[1].clone();
                 let valid = match verify(&u[..], MAGIC_INODE, off, UNIT) {
-                    Ok(()) => inode::check(u, ino),
+                    Ok(()) => inode::check(&u, ino),
                     Err(UnitFault::Blank) => continue,
-                    Err(fault) => Err(fault.to_string()),
+                    // Read it again the way a host reads a unit another host may be writing.
+                    Err(_) => match self
+                        .s
+                        .st
+                        .load_fresh(off, MAGIC_INODE, &|| format!("inode {ino}"))
+                    {
+                        Ok(fresh) => {
+                            u = fresh;
+                            inode::check(&u, ino)
+                        }
+                        Err(Error::Corrupt { reason, .. }) => Err(reason),
+                        Err(e) => return Err(e),
+                    },
                 };
                 if let Err(why) = valid {
                     self.findings.push(finding(
@@ -1139,7 +1139,7 @@ impl Walk<'_> {
                     continue;
                 }
                 if u.nlink() == 0 {
-                    self.unlinked(ino, u)?;
+                    self.unlinked(ino, &u)?;
                     continue;
                 }
                 candidates.push((ino, u.kind().unwrap_or(Kind::File), u.parent()));
@@ -1356,19 +1356,36 @@ impl Walk<'_> {
         for target in targets {
             let off = target.offset(self.s.sb());
             let u = self.s.st.read_raw(off)?;
-            if let Err(why) = LockRecord::decode(&u[..], off, target.code()) {
-                self.findings.push(finding(
-                    format!("lock record of {}", target.describe()),
-                    Some(off),
-                    why,
-                    Some("clear the lock record"),
-                ));
-                self.fixes.push(Fix::Unit {
-                    off,
-                    image: zero_unit(),
-                });
+            self.lock_record(target, off, &u)?;
+        }
+        Ok(())
+    }
+
+    /// Checks lock record `u` read at `off`; one that does not decode is read again as other
+    /// hosts' records are (a read racing a write of the sector can return part of each)
+    /// before it is reported.
+    fn lock_record(&mut self, target: LockTarget, off: u64, u: &Unit) -> Result<()> {
+        let Err(mut why) = LockRecord::decode(&u[..], off, target.code()) else {
+            return Ok(());
+        };
+        // Only a record with its own magic (or none yet) can be one caught mid-write.
+        if matches!(get_u32(&u[..], 0), MAGIC_LOCK | 0) {
+            let again = crate::cluster::paxos::read_intact(&*self.s.st.lun, off, MAGIC_LOCK)?;
+            match LockRecord::decode(&again, off, target.code()) {
+                Ok(_) => return Ok(()),
+                Err(w) => why = w,
             }
         }
+        self.findings.push(finding(
+            format!("lock record of {}", target.describe()),
+            Some(off),
+            why,
+            Some("clear the lock record"),
+        ));
+        self.fixes.push(Fix::Unit {
+            off,
+            image: zero_unit(),
+        });
         Ok(())
     }
 }
