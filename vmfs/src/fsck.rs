@@ -1,11 +1,13 @@
 //! Checking and repairing a datastore.
 //!
-//! Raw checks first (superblock copies, heartbeat slots, journal headers and pending
-//! transactions, orphan lists), then a walk of the whole tree from the root that verifies
-//! every metadata unit and rebuilds, in memory, which resources are in use, how many names
-//! each inode has and which directory holds each directory. Everything found is compared
-//! with the bitmaps and inodes. Repair applies the safe fixes through the journal and checks
-//! again; what is still wrong is reported as remaining.
+//! Raw checks first (superblock copies, Disk Paxos lease areas, heartbeat slots, journal
+//! headers and pending transactions, orphan lists), then a walk of the whole tree from the
+//! root that verifies every metadata unit and rebuilds, in memory, which resources are in
+//! use, how many names each inode has and which directory holds each directory, then every
+//! descriptor (one read per resource cluster). Everything found is compared with the bitmaps
+//! and inodes. The unfinished work of a host that holds its slot is reported as pending, not
+//! as damage. Repair applies the safe fixes through the journal and checks again; what is
+//! still wrong is reported as remaining.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -637,6 +639,8 @@ struct Walk<'a> {
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
     orphans: &'a HashMap<u64, String>,
+    /// Inodes the walk reached and found damaged (already reported).
+    damaged: HashSet<u64>,
     root_rebuilt: bool,
     findings: Vec<Finding>,
     fixes: Vec<Fix>,
@@ -660,6 +664,7 @@ impl Scan {
             inodes_seen: HashSet::new(),
             inode_fix: HashMap::new(),
             orphans,
+            damaged: HashSet::new(),
             root_rebuilt: false,
             findings: Vec::new(),
             fixes: Vec::new(),
@@ -767,6 +772,7 @@ impl Walk<'_> {
                 reason,
                 ..
             }) => {
+                self.damaged.insert(ino);
                 let fix = self.remove_entry_fix(parent, &name);
                 if fix.is_some() {
                     let off = self.s.sb().inode_offset(ino);
@@ -1100,7 +1106,7 @@ impl Walk<'_> {
                 let lock_off = base + 2 * i as u64 * UNIT_U64;
                 let off = lock_off + UNIT_U64;
                 self.lock_record(LockTarget::Inode(ino), lock_off, &pair[0])?;
-                if self.inodes_seen.contains(&ino) {
+                if self.inodes_seen.contains(&ino) || self.damaged.contains(&ino) {
                     continue;
                 }
                 let mut u = pair[1].clone();
