@@ -1113,7 +1113,11 @@ impl Walk<'_> {
                 let valid = match verify(&u[..], MAGIC_INODE, off, UNIT) {
                     Ok(()) => inode::check(&u, ino),
                     Err(UnitFault::Blank) => continue,
-                    // Read it again the way a host reads a unit another host may be writing.
+                    Err(fault) if !matches!(get_u32(&u[..], 0), MAGIC_INODE | 0) => {
+                        Err(fault.to_string())
+                    }
+                    // Its own magic: read it again the way a host reads a unit another host
+                    // may be writing.
                     Err(_) => match self
                         .s
                         .st
