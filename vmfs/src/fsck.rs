@@ -1113,9 +1113,7 @@ impl Walk<'_> {
                 let valid = match verify(&u[..], MAGIC_INODE, off, UNIT) {
                     Ok(()) => inode::check(&u, ino),
                     Err(UnitFault::Blank) => continue,
-                    Err(fault) if !matches!(get_u32(&u[..], 0), MAGIC_INODE | 0) => {
-                        Err(fault.to_string())
-                    }
+                    Err(fault) if !may_be_torn(&u[..], MAGIC_INODE) => Err(fault.to_string()),
                     // Its own magic: read it again the way a host reads a unit another host
                     // may be writing.
                     Err(_) => match self
@@ -1378,8 +1376,7 @@ impl Walk<'_> {
         let Err(mut why) = LockRecord::decode(&u[..], off, target.code()) else {
             return Ok(());
         };
-        // Only a record with its own magic (or none yet) can be one caught mid-write.
-        if matches!(get_u32(&u[..], 0), MAGIC_LOCK | 0) {
+        if may_be_torn(&u[..], MAGIC_LOCK) {
             let again = crate::cluster::paxos::read_intact(&*self.s.st.lun, off, MAGIC_LOCK)?;
             match LockRecord::decode(&again, off, target.code()) {
                 Ok(_) => return Ok(()),

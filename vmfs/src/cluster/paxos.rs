@@ -344,9 +344,7 @@ pub(crate) fn check_area(
     // writing: read it again as hosts do before calling it damaged.
     let settled = |at: usize, magic: u32| -> Result<Vec<u8>> {
         let rec = &buf[at..at + RECORD];
-        if !intact(rec, magic, area.offset + at as u64)
-            && matches!(get_u32(rec, 0), m if m == magic || m == 0)
-        {
+        if !intact(rec, magic, area.offset + at as u64) && may_be_torn(rec, magic) {
             return read_intact(lun, area.offset + at as u64, magic);
         }
         Ok(rec.to_vec())
