@@ -114,6 +114,14 @@ impl std::fmt::Display for UnitFault {
     }
 }
 
+/// Could a unit (or record) that fails verification be one read in the middle of another
+/// host's write? Units are rewritten in place only with their own magic, over an image with
+/// that magic or a never-written one, so only if its magic is `magic` or still zero: any
+/// other magic is damage, and rereading it only slows the reader down.
+pub fn may_be_torn(b: &[u8], magic: u32) -> bool {
+    matches!(get_u32(b, OFF_MAGIC), m if m == magic || m == 0)
+}
+
 pub fn verify(b: &[u8], magic: u32, location: u64, len: usize) -> Result<(), UnitFault> {
     let found = get_u32(b, OFF_MAGIC);
     if found != magic {

@@ -450,10 +450,11 @@ impl Datastore {
         let safety = crate::cluster::lock_safety(sb.lock_protocol, &*lun);
         tracing::info!(lun = %lun.name(), host = %me, protocol = sb.lock_protocol.name(), primitive = %safety.primitive, safe_across_machines = safety.safe_across_machines, timing = %timing, "datastore mounted read-write");
         let ds = Datastore::assemble(guarded, sb, source, Some(host), Some(node.clone()), state);
-        // Earlier runs of this host that crashed hold slots and locks: recover them now
-        // (journal replay first), instead of after the dead-host timeout.
-        for slot in node.dead_slots() {
-            ds.recover_slot(slot)?;
+        // Hosts of this machine that crashed hold slots and locks: recover them now
+        // (journal replay first), instead of after the dead-host timeout, so a crashed
+        // command leaves nothing behind the next one.
+        for slot in node.dead_slots(true) {
+            ds.recover_slot(slot, true)?;
         }
         ds.finish_orphans()?;
         ds.start_committer()?;

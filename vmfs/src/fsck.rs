@@ -1,11 +1,13 @@
 //! Checking and repairing a datastore.
 //!
-//! Raw checks first (superblock copies, heartbeat slots, journal headers and pending
-//! transactions, orphan lists), then a walk of the whole tree from the root that verifies
-//! every metadata unit and rebuilds, in memory, which resources are in use, how many names
-//! each inode has and which directory holds each directory. Everything found is compared
-//! with the bitmaps and inodes. Repair applies the safe fixes through the journal and checks
-//! again; what is still wrong is reported as remaining.
+//! Raw checks first (superblock copies, Disk Paxos lease areas, heartbeat slots, journal
+//! headers and pending transactions, orphan lists), then a walk of the whole tree from the
+//! root that verifies every metadata unit and rebuilds, in memory, which resources are in
+//! use, how many names each inode has and which directory holds each directory, then every
+//! descriptor (one read per resource cluster). Everything found is compared with the bitmaps
+//! and inodes. The unfinished work of a host that holds its slot is reported as pending, not
+//! as damage. Repair applies the safe fixes through the journal and checks again; what is
+//! still wrong is reported as remaining.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -639,6 +641,8 @@ struct Walk<'a> {
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
     orphans: &'a HashMap<u64, String>,
+    /// Inodes the walk reached and found damaged (already reported).
+    damaged: HashSet<u64>,
     root_rebuilt: bool,
     findings: Vec<Finding>,
     fixes: Vec<Fix>,
@@ -662,6 +666,7 @@ impl Scan {
             inodes_seen: HashSet::new(),
             inode_fix: HashMap::new(),
             orphans,
+            damaged: HashSet::new(),
             root_rebuilt: false,
             findings: Vec::new(),
             fixes: Vec::new(),
@@ -769,6 +774,7 @@ impl Walk<'_> {
                 reason,
                 ..
             }) => {
+                self.damaged.insert(ino);
                 let fix = self.remove_entry_fix(parent, &name);
                 if fix.is_some() {
                     let off = self.s.sb().inode_offset(ino);
@@ -1104,27 +1110,29 @@ impl Walk<'_> {
                 let ino = first + i as u64;
                 let lock_off = base + 2 * i as u64 * UNIT_U64;
                 let off = lock_off + UNIT_U64;
-                let target = LockTarget::Inode(ino);
-                if let Err(why) = LockRecord::decode(&pair[0][..], lock_off, target.code()) {
-                    self.findings.push(finding(
-                        format!("lock record of {}", target.describe()),
-                        Some(lock_off),
-                        why,
-                        Some("clear the lock record"),
-                    ));
-                    self.fixes.push(Fix::Unit {
-                        off: lock_off,
-                        image: zero_unit(),
-                    });
-                }
-                if self.inodes_seen.contains(&ino) {
+                self.lock_record(LockTarget::Inode(ino), lock_off, &pair[0])?;
+                if self.inodes_seen.contains(&ino) || self.damaged.contains(&ino) {
                     continue;
                 }
-                let u = &pair[1];
+                let mut u = pair[1].clone();
                 let valid = match verify(&u[..], MAGIC_INODE, off, UNIT) {
-                    Ok(()) => inode::check(u, ino),
+                    Ok(()) => inode::check(&u, ino),
                     Err(UnitFault::Blank) => continue,
-                    Err(fault) => Err(fault.to_string()),
+                    Err(fault) if !may_be_torn(&u[..], MAGIC_INODE) => Err(fault.to_string()),
+                    // Its own magic: read it again the way a host reads a unit another host
+                    // may be writing.
+                    Err(_) => match self
+                        .s
+                        .st
+                        .load_fresh(off, MAGIC_INODE, &|| format!("inode {ino}"))
+                    {
+                        Ok(fresh) => {
+                            u = fresh;
+                            inode::check(&u, ino)
+                        }
+                        Err(Error::Corrupt { reason, .. }) => Err(reason),
+                        Err(e) => return Err(e),
+                    },
                 };
                 if let Err(why) = valid {
                     self.findings.push(finding(
@@ -1144,7 +1152,7 @@ impl Walk<'_> {
                     continue;
                 }
                 if u.nlink() == 0 {
-                    self.unlinked(ino, u)?;
+                    self.unlinked(ino, &u)?;
                     continue;
                 }
                 candidates.push((ino, u.kind().unwrap_or(Kind::File), u.parent()));
@@ -1361,19 +1369,35 @@ impl Walk<'_> {
         for target in targets {
             let off = target.offset(self.s.sb());
             let u = self.s.st.read_raw(off)?;
-            if let Err(why) = LockRecord::decode(&u[..], off, target.code()) {
-                self.findings.push(finding(
-                    format!("lock record of {}", target.describe()),
-                    Some(off),
-                    why,
-                    Some("clear the lock record"),
-                ));
-                self.fixes.push(Fix::Unit {
-                    off,
-                    image: zero_unit(),
-                });
+            self.lock_record(target, off, &u)?;
+        }
+        Ok(())
+    }
+
+    /// Checks lock record `u` read at `off`; one that does not decode is read again as other
+    /// hosts' records are (a read racing a write of the sector can return part of each)
+    /// before it is reported.
+    fn lock_record(&mut self, target: LockTarget, off: u64, u: &Unit) -> Result<()> {
+        let Err(mut why) = LockRecord::decode(&u[..], off, target.code()) else {
+            return Ok(());
+        };
+        if may_be_torn(&u[..], MAGIC_LOCK) {
+            let again = crate::cluster::paxos::read_intact(&*self.s.st.lun, off, MAGIC_LOCK)?;
+            match LockRecord::decode(&again, off, target.code()) {
+                Ok(_) => return Ok(()),
+                Err(w) => why = w,
             }
         }
+        self.findings.push(finding(
+            format!("lock record of {}", target.describe()),
+            Some(off),
+            why,
+            Some("clear the lock record"),
+        ));
+        self.fixes.push(Fix::Unit {
+            off,
+            image: zero_unit(),
+        });
         Ok(())
     }
 }

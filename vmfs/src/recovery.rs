@@ -54,11 +54,11 @@ impl Datastore {
                     // Dead, or being recovered by this host after an attempt that failed:
                     // (re)do the recovery here, so its error reaches the caller.
                     Verdict::Dead => {
-                        self.recover_slot(c.holder.slot)?;
+                        self.recover_slot(c.holder.slot, false)?;
                         continue;
                     }
                     Verdict::Recovering { by } if by == me.slot => {
-                        self.recover_slot(c.holder.slot)?;
+                        self.recover_slot(c.holder.slot, false)?;
                         continue;
                     }
                     Verdict::Alive if c.open => return Err(node.busy(w.object.clone(), &c)),
@@ -71,8 +71,9 @@ impl Datastore {
     }
 
     /// Recovers dead slot `d` (see the module docs). Does nothing when another host is
-    /// recovering it or it no longer needs recovery.
-    pub(crate) fn recover_slot(&self, d: u32) -> Result<()> {
+    /// recovering it or it no longer needs recovery. `joining`: this host is joining, and a
+    /// crashed host of this machine of any identity counts as dead.
+    pub(crate) fn recover_slot(&self, d: u32, joining: bool) -> Result<()> {
         let Some(node) = self.node().cloned() else {
             return Ok(());
         };
@@ -82,7 +83,7 @@ impl Datastore {
                 .recovering
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let Some(dead) = node.claim_recovery(d)? else {
+            let Some(dead) = node.claim_recovery(d, joining)? else {
                 return Ok(());
             };
             let sb = self.superblock().clone();
@@ -191,8 +192,8 @@ fn committer_loop(weak: std::sync::Weak<Inner>) {
         }
         if Instant::now() >= next_recovery {
             next_recovery = Instant::now() + recover_every;
-            for slot in node.dead_slots() {
-                if let Err(e) = ds.recover_slot(slot) {
+            for slot in node.dead_slots(false) {
+                if let Err(e) = ds.recover_slot(slot, false) {
                     tracing::warn!(lun = %ds.lun().name(), host = %node.host(), slot, error = %e, "recovering a dead host failed; retried later");
                 }
             }

@@ -33,13 +33,6 @@ const CLEAN_CACHE_MAX: usize = 1 << 18;
 /// in-place write of a 4 KiB unit is not atomic on 512-byte sectors.
 const TORN_RETRIES: u32 = 6;
 
-/// Could a unit that fails verification be one caught mid-write? Only if its magic is the
-/// expected one or still zero.
-fn torn_shaped(u: &[u8], magic: u32) -> bool {
-    let found = get_u32(u, 0);
-    found == magic || found == 0
-}
-
 pub(crate) struct Journal {
     pub slot: u32,
     area: u64,
@@ -222,10 +215,7 @@ impl Store {
                     self.clean.insert(off, u.clone());
                     return Ok(u);
                 }
-                // Units are rewritten in place only with their own magic, over an image
-                // with that magic or a never-written one: any other magic is damage, not a
-                // write in flight, and waiting for it to settle would only slow fsck down.
-                Err(fault) if attempt >= TORN_RETRIES || !torn_shaped(&u[..], magic) => {
+                Err(fault) if attempt >= TORN_RETRIES || !may_be_torn(&u[..], magic) => {
                     return Err(self.corrupt(object(), off, fault.to_string()));
                 }
                 Err(_) => {

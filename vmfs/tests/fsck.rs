@@ -1,7 +1,7 @@
 //! fsck against damage found by overwriting 1 MiB of a datastore with random bytes: the Disk
-//! Paxos lease areas, and the first file descriptors (the root's included). fsck finds it
-//! quickly, `--repair` makes the datastore usable again, and what it can find of the tree is
-//! reattached under /lost+found.
+//! Paxos lease areas, the first file descriptors (the root's included), and the descriptors'
+//! bitmaps. fsck finds it in a few times the time of a clean check, `--repair` makes the
+//! datastore usable again, and what it can find of the tree is reattached under /lost+found.
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -575,7 +575,7 @@ impl Node {
             Watch::Gone => Verdict::Stale,
             Watch::Alive => Verdict::Alive,
             Watch::Dead => Verdict::Dead,
-            Watch::Unknown if self.crashed_here(h.slot) => Verdict::Dead,
+            Watch::Unknown if self.crashed_here(h.slot, false) => Verdict::Dead,
             Watch::Unknown => Verdict::Unknown,
             Watch::Recovering { slot, generation } => {
                 if slot == self.me.slot && generation == self.me.generation {
@@ -593,11 +593,13 @@ impl Node {
         }
     }
 
-    /// A live record left by a process of this machine that is gone: a host (any identity)
-    /// that crashed. It can be recovered at once, without the dead-host wait. A pid means the
-    /// same process only in the pid namespace that wrote it; a record without one (older
-    /// writers) is trusted only when it is this host's own identity, as it was then.
-    fn crashed_here(&self, slot: u32) -> bool {
+    /// A live record left by a process of this machine that is gone: a host that crashed.
+    /// It can be recovered at once, without the dead-host wait. `anyone`: whatever its host
+    /// identity (a host joining), else only one of this host's own identity (a running
+    /// host keeps to the dead-host timeout for the others). A pid means the same process only in
+    /// the pid namespace that wrote it; a record without one (older writers) is trusted only
+    /// when it is this host's own identity, as it was then.
+    fn crashed_here(&self, slot: u32, anyone: bool) -> bool {
         let m = guard(&self.monitor);
         let Some(seen) = m.seen(slot) else {
             return false;
@@ -612,7 +614,7 @@ impl Node {
             return false;
         }
         let provable = heartbeat::same_machine(hb) || (ours && hb.pid_ns == 0);
-        if !provable {
+        if !provable || !(anyone || ours) {
             return false;
         }
         if hb.pid == std::process::id() {
@@ -626,9 +628,10 @@ impl Node {
         }
     }
 
-    /// Slots another host must recover: dead per the monitor, crashed hosts of this machine, and
-    /// recoveries whose recoverer died or left.
-    pub(crate) fn dead_slots(&self) -> Vec<u32> {
+    /// Slots another host must recover: dead per the monitor, crashed hosts of this machine
+    /// (of any identity when `joining`, see `crashed_here`), and recoveries whose recoverer
+    /// died or left.
+    pub(crate) fn dead_slots(&self, joining: bool) -> Vec<u32> {
         let now = Instant::now();
         let (mut dead, mine, recovering) = {
             let m = guard(&self.monitor);
@@ -649,7 +652,7 @@ impl Node {
             (dead, mine, recovering)
         };
         for s in mine {
-            if !dead.contains(&s) && self.crashed_here(s) {
+            if !dead.contains(&s) && self.crashed_here(s, joining) {
                 dead.push(s);
             }
         }
@@ -755,7 +758,7 @@ impl Node {
 
     /// Claims dead slot `d` for recovery. Returns the dead incarnation's record, or `None`
     /// when the slot does not need (or no longer needs) this host to recover it.
-    pub(crate) fn claim_recovery(&self, d: u32) -> Result<Option<Heartbeat>> {
+    pub(crate) fn claim_recovery(&self, d: u32, joining: bool) -> Result<Option<Heartbeat>> {
         if d == self.me.slot {
             return Ok(None);
         }
@@ -770,6 +773,7 @@ impl Node {
                 SlotState::Free => false,
                 SlotState::Live => {
                     matches!(self.verdict(Holder::new(d, hb.generation)), Verdict::Dead)
+                        || (joining && self.crashed_here(d, true))
                 }
                 SlotState::Recovering => match hb.recoverer {
                     Some(r) if r == me => true,

@@ -340,10 +340,19 @@ pub(crate) fn check_area(
     };
     let mut buf = vec![0u8; sb.lease_area_len() as usize];
     lun.read_at(&mut buf, area.offset)?;
+    // A record that fails to verify with its own magic (or none) may be one a host is
+    // writing: read it again as hosts do before calling it damaged.
+    let settled = |at: usize, magic: u32| -> Result<Vec<u8>> {
+        let rec = &buf[at..at + RECORD];
+        if !intact(rec, magic, area.offset + at as u64) && may_be_torn(rec, magic) {
+            return read_intact(lun, area.offset + at as u64, magic);
+        }
+        Ok(rec.to_vec())
+    };
     let mut damaged = Vec::new();
     let mut lver = 0;
     let leader_off = area.leader_offset();
-    let leader_bad = match Leader::decode(&buf[..RECORD], index, leader_off) {
+    let leader_bad = match Leader::decode(&settled(0, MAGIC_PAXOS_LEADER)?, index, leader_off) {
         Ok(l) => {
             lver = l.lver;
             false
@@ -361,7 +370,7 @@ pub(crate) fn check_area(
     for slot in 0..sb.host_slots {
         let off = area.dblock_offset(slot);
         let at = (off - area.offset) as usize;
-        match Dblock::decode(&buf[at..at + RECORD], off) {
+        match Dblock::decode(&settled(at, MAGIC_PAXOS_BALLOT)?, off) {
             Ok(d) => lver = lver.max(d.lver),
             Err(why) => {
                 damaged.push((
