@@ -2,6 +2,7 @@
 //! the datastore's cluster for as long as they run; there is no separate agent.
 
 mod cmd;
+mod console;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -86,7 +87,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if error.chain().any(|e| e.is::<cmd::StdoutClosed>()) => die_of_sigpipe(),
         Err(error) => {
-            eprintln!("vapp: {error:#}");
+            hostln!("vapp: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -109,7 +110,7 @@ fn init_logging(filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| console::HostStderr)
         // Daemons (a background mount, a VM under a service manager) log to files and pipes.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
