@@ -63,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     init_logging(&cli.log);
     let datastore = cli.datastore.as_deref();
@@ -91,6 +92,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `println!` panics when standard output is a closed pipe; the commands that print much
+/// report it as [`cmd::StdoutClosed`] instead, and this catches the other `println!` calls.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // std's wording: "failed printing to stdout: Broken pipe (os error 32)".
+        if message.starts_with("failed printing to stdout")
+            && message.contains(&format!("(os error {})", libc::EPIPE))
+        {
+            die_of_sigpipe();
+        }
+        default(info);
+    }));
 }
 
 /// Ends the process as `ls | head -1` ends ls: killed by SIGPIPE (status 141 to a shell),

@@ -123,12 +123,14 @@ fn a_closed_standard_output_ends_a_command_quietly_by_sigpipe() {
     std::fs::write(fx.local("f.bin"), pattern(3 * MIB, 1)).unwrap();
     fx.ok(&["put", fx.local("f.bin").to_str().unwrap(), "/dir/f.bin"]);
 
-    let commands: [&[&str]; 5] = [
+    let ds = fx.ds.clone();
+    let commands: [&[&str]; 6] = [
         &["ls", "/dir"],
         &["ls", "-l", "/"],
         &["stat", "/dir/f.bin"],
         &["cat", "/dir/f.bin"],
         &["get", "/dir/f.bin", "-"],
+        &["datastore", "info", &ds],
     ];
     for args in commands {
         // Every write fails with EPIPE: the reading end is closed before the command starts.
