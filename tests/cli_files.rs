@@ -265,6 +265,18 @@ fn a_full_datastore_names_the_path_and_the_space_needed_and_free() {
     );
     assert_eq!(fx.names("/"), before, "the failed copy left something");
 
+    // A thick virtual disk is all allocated up front: the same figures.
+    let out = fx.run(&["vdisk", "create", "/big.vdisk", "--size", "100M", "--thick"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "no space left for /big.vdisk: it needs 100.0 MiB, {free} free"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(fx.names("/"), before, "the failed create left something");
+
     // The space is really back: 20 MiB fit.
     std::fs::write(&big, pattern(20 * MIB, 5)).unwrap();
     fx.ok(&["put", big.to_str().unwrap(), "/r5.bin"]);
