@@ -2,6 +2,7 @@
 //! the datastore's cluster for as long as they run; there is no separate agent.
 
 mod cmd;
+mod console;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -62,6 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     init_logging(&cli.log);
     let datastore = cli.datastore.as_deref();
@@ -86,10 +88,31 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if error.chain().any(|e| e.is::<cmd::StdoutClosed>()) => die_of_sigpipe(),
         Err(error) => {
-            eprintln!("vapp: {error:#}");
+            hostln!("vapp: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `println!` panics when standard output is a closed pipe; the commands that print much
+/// report it as [`cmd::StdoutClosed`] instead, and this catches the other `println!` calls.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // std's wording: "failed printing to stdout: Broken pipe (os error 32)".
+        if message.starts_with("failed printing to stdout")
+            && message.contains(&format!("(os error {})", libc::EPIPE))
+        {
+            die_of_sigpipe();
+        }
+        default(info);
+    }));
 }
 
 /// Ends the process as `ls | head -1` ends ls: killed by SIGPIPE (status 141 to a shell),
@@ -109,7 +132,7 @@ fn init_logging(filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| console::HostStderr)
         // Daemons (a background mount, a VM under a service manager) log to files and pipes.
         .with_ansi(std::io::stderr().is_terminal())
         .init();

@@ -123,12 +123,14 @@ fn a_closed_standard_output_ends_a_command_quietly_by_sigpipe() {
     std::fs::write(fx.local("f.bin"), pattern(3 * MIB, 1)).unwrap();
     fx.ok(&["put", fx.local("f.bin").to_str().unwrap(), "/dir/f.bin"]);
 
-    let commands: [&[&str]; 5] = [
+    let ds = fx.ds.clone();
+    let commands: [&[&str]; 6] = [
         &["ls", "/dir"],
         &["ls", "-l", "/"],
         &["stat", "/dir/f.bin"],
         &["cat", "/dir/f.bin"],
         &["get", "/dir/f.bin", "-"],
+        &["datastore", "info", &ds],
     ];
     for args in commands {
         // Every write fails with EPIPE: the reading end is closed before the command starts.
@@ -262,6 +264,18 @@ fn a_full_datastore_names_the_path_and_the_space_needed_and_free() {
         "{stderr}"
     );
     assert_eq!(fx.names("/"), before, "the failed copy left something");
+
+    // A thick virtual disk is all allocated up front: the same figures.
+    let out = fx.run(&["vdisk", "create", "/big.vdisk", "--size", "100M", "--thick"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "no space left for /big.vdisk: it needs 100.0 MiB, {free} free"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(fx.names("/"), before, "the failed create left something");
 
     // The space is really back: 20 MiB fit.
     std::fs::write(&big, pattern(20 * MIB, 5)).unwrap();

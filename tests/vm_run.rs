@@ -406,3 +406,75 @@ fn force_kills_a_hung_vm_process_and_the_vm_starts_again_at_once() {
     );
     fx.assert_fsck_clean();
 }
+
+/// `vm start` on one terminal or pipe (`2>&1`, as `make demo` runs it): its "started" line
+/// comes before anything the guest prints, and no host message or log line lands inside a
+/// guest console line, even one the guest left open (a getty's `login: ` prompt).
+#[test]
+fn host_messages_and_logs_never_land_inside_a_guest_console_line() {
+    if !kvm_available() {
+        return;
+    }
+    let fx = Fixture::new();
+    fx.create_vm("/vms/mix", 2, "mode=wait prompt=login", &["1M"]);
+    fx.write_host_pattern("/vms/mix/disk0.vdisk", 0);
+    let terminal = fx.dir.path().join("terminal.txt");
+    let file = std::fs::File::create(&terminal).unwrap();
+    // Info logs: host lines written while the guest prints, and one at its prompt.
+    let mut vm = fx
+        .command(&["vm", "start", "/vms/mix"])
+        .env("VAPP_LOG", "info")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let wait_for = |needle: &str| {
+        let deadline = std::time::Instant::now() + vm_support::GUEST_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&terminal).unwrap();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let signal = |signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.id() as i32), signal).unwrap()
+    };
+    wait_for("vapp-testguest login: ");
+    // Logged at info, while the guest sits at its prompt.
+    signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("SIGHUP ignored");
+    signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+    let text = std::fs::read_to_string(&terminal).unwrap();
+
+    let started = text
+        .find("vapp: vm /vms/mix (mix) started: 2 vCPU(s)")
+        .unwrap_or_else(|| panic!("no started line: {text}"));
+    let guest = text.find("vapp-testguest").unwrap();
+    assert!(started < guest, "the guest printed first: {text}");
+    assert!(
+        text.contains("power button pressed, shutting down"),
+        "{text}"
+    );
+    assert!(text.contains("vapp: vm /vms/mix: powered off"), "{text}");
+    for line in text.lines() {
+        // A host message starts its line; a log line starts with its timestamp.
+        let host = ["vapp: ", " INFO ", " WARN ", " ERROR "]
+            .iter()
+            .filter_map(|needle| line.find(needle))
+            .min();
+        let guest = line.find("vapp-testguest");
+        match (host, guest) {
+            (Some(_), Some(_)) => panic!("host and guest output in one line: {line:?}\n{text}"),
+            (Some(at), None) if line.starts_with("vapp: ") => assert_eq!(at, 0, "{line:?}"),
+            (None, Some(at)) => assert_eq!(at, 0, "guest line broken: {line:?}\n{text}"),
+            _ => {}
+        }
+    }
+}

@@ -217,6 +217,7 @@ static struct {
     unsigned ndisks;
     u32 read_mib, req_kib, depth;
     int ignore_power_button;
+    int prompt; /* prompt=login: end the output with a getty's "login: " and no newline */
 } cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4};
 
 static int starts_with(const char *s, const char *prefix, const char **rest)
@@ -302,6 +303,8 @@ static void parse_cmdline(const char *s)
             cfg.depth = parse_num(&v);
         } else if (starts_with(s, "power_button=", &v)) {
             cfg.ignore_power_button = word_is(v, "ignore");
+        } else if (starts_with(s, "prompt=", &v)) {
+            cfg.prompt = word_is(v, "login");
         }
         while (*s && *s != ' ')
             s++;
@@ -990,6 +993,8 @@ static void __attribute__((noreturn)) wait_for_power_button(u32 bsp, u32 status)
     kprintf("vapp-testguest: power button: GED register 0x%lx, GSI %u%s\n", platform.ged_register,
             platform.ged_gsi, cfg.ignore_power_button ? ", ignored" : "");
     kprintf("vapp-testguest: waiting to be stopped\n");
+    if (cfg.prompt)
+        kprintf("vapp-testguest login: ");
     u32 seen = 0;
     for (;;) {
         asm volatile("sti; hlt; cli" : : : "memory");

@@ -4,7 +4,8 @@
 //!
 //! Command line: `mode=test` (default: CPUs and disk checks), `mode=boot` (CPUs only),
 //! `mode=wait` (checks, then idle until stopped), `mode=fault` (triple fault), `mode=reset`
-//! (ACPI reset), `mode=read read_mib=N req_kib=K depth=D` (sequential read of disk 0).
+//! (ACPI reset), `mode=read read_mib=N req_kib=K depth=D` (sequential read of disk 0);
+//! `prompt=login` ends mode=wait's output with a getty's `login: ` and no newline.
 //!
 //! Disk protocol, per disk `i`: the host writes [`host_pattern`]`(i)` at byte 0; the guest
 //! checks it, writes [`guest_pattern`]`(i)` at byte [`GUEST_PATTERN_OFFSET`], flushes and reads

@@ -1208,8 +1208,9 @@ impl Datastore {
     }
 
     /// Removes the staged file `ino` of directory `parent` (a copy that failed, or one whose
-    /// writer died) and its orphan entry. A name of `parent` is removed only while it still
-    /// names that descriptor generation, so a file that took the inode number since is safe.
+    /// writer died) and its orphan entry; does nothing once the file has its final name. A
+    /// name of `parent` is removed only while it still names that descriptor generation, so
+    /// a file that took the inode number since is safe.
     pub(crate) fn discard_staged(&self, ino: u64, parent: u64, generation: u32) -> Result<()> {
         let mut names = Vec::new();
         let mut after = 2;
@@ -1229,6 +1230,15 @@ impl Datastore {
             );
         }
         let reap = self.write_op(|s| {
+            // The entry leaves the list in the transaction that renames the file to its
+            // final name: without it, no name of this file is a temporary one.
+            let listed = s
+                .orphans
+                .iter()
+                .any(|o| matches!(o, Orphan::Staged { ino: i, .. } if *i == ino));
+            if !listed {
+                return Ok(None);
+            }
             s.remove_orphan(ino)?;
             s.lock_inode(parent)?;
             s.lock_inode(ino)?;

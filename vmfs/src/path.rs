@@ -53,6 +53,18 @@ fn staging_name(name: &OsStr, host: &str) -> OsString {
     OsString::from_vec(staged)
 }
 
+/// A `NoSpace` error about `path` that says what it needed and what was free.
+fn with_space(err: Error, path: &str, needed: &str, free: u64) -> Error {
+    match err {
+        Error::NoSpace { lun, resource, .. } => Error::NoSpace {
+            lun,
+            what: format!("{path}: it needs {needed}, {} free", human(free)),
+            resource,
+        },
+        other => other.at(path),
+    }
+}
+
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -281,8 +293,7 @@ impl Datastore {
         let host = self.host_tag().ok_or_else(|| Error::ReadOnly {
             lun: self.lun().name().to_string(),
         })?;
-        let free = self.statfs()?;
-        let free = free.blocks_free * u64::from(free.block_size);
+        let free = self.free_bytes()?;
         let staged = staging_name(&name, &host);
         let attr = self
             .create_file(parent, &staged, &options.new, true)
@@ -305,20 +316,17 @@ impl Datastore {
             tracing::warn!(path, ino = attr.ino, error = %cleanup,
                 "cannot remove the temporary file of a failed copy; the next mount removes it");
         }
-        Err(match err {
-            Error::NoSpace { lun, resource, .. } => {
-                let needed = match options.expected_size {
-                    Some(size) => human(size),
-                    None => format!("more than {}", human(read)),
-                };
-                Error::NoSpace {
-                    lun,
-                    what: format!("{path}: it needs {needed}, {} free", human(free)),
-                    resource,
-                }
-            }
-            other => other,
-        })
+        let needed = match options.expected_size {
+            Some(size) => human(size),
+            None => format!("more than {}", human(read)),
+        };
+        Err(with_space(err, path, &needed, free))
+    }
+
+    /// Free bytes for files, as `statfs` counts them.
+    fn free_bytes(&self) -> Result<u64> {
+        let free = self.statfs()?;
+        Ok(free.blocks_free * u64::from(free.block_size))
     }
 
     /// A tag unique among this datastore's hosts: the host UUID's first group and its slot.
@@ -415,6 +423,7 @@ impl Datastore {
                 reason: format!("virtual disk size {size} must be a non-zero multiple of 512"),
             });
         }
+        let free = self.free_bytes()?;
         let attr = self.create_path(
             path,
             &NewFile {
@@ -430,7 +439,7 @@ impl Datastore {
         if let Err(e) = sized {
             // Do not leave a disk of the wrong size behind.
             let _ = self.remove_path(path, false);
-            return Err(e.at(path));
+            return Err(with_space(e, path, &human(size), free));
         }
         self.getattr(attr.ino)
     }

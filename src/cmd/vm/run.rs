@@ -130,7 +130,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     let closed = ds.close();
     drop(claim);
     let exit = outcome?;
-    eprintln!("vapp: vm {folder}: {exit}");
+    crate::hostln!("vapp: vm {folder}: {exit}");
     closed.with_context(|| format!("vm {folder}: closing the datastore"))?;
     Ok(ExitCode::from(exit_status(&exit)))
 }
@@ -271,9 +271,9 @@ impl Run {
         let mut vm = first;
         loop {
             self.boots += 1;
-            let handle = Arc::new(vm.start().with_context(|| format!("vm {}", self.folder))?);
+            // Before the vCPUs run, so the line precedes everything the guest prints.
             let spec = &self.loaded.spec;
-            eprintln!(
+            crate::hostln!(
                 "vapp: vm {} ({}) {}: {} vCPU(s), {} MiB, {} disk(s); pid {}",
                 self.folder,
                 spec.name,
@@ -287,6 +287,7 @@ impl Run {
                 spec.disks.len(),
                 std::process::id()
             );
+            let handle = Arc::new(vm.start().with_context(|| format!("vm {}", self.folder))?);
             info!(vm = %self.folder, boots = self.boots, "running");
             spawn_waiter(handle.clone(), self.events.clone())?;
             let exit = self.supervise(&handle);
@@ -350,12 +351,12 @@ impl Run {
         self.signals += 1;
         self.stopping = true;
         if self.signals == 1 && handle.power_button() {
-            eprintln!(
+            crate::hostln!(
                 "vapp: vm {}: {signal}: pressed the power button; send it again to power the VM off now",
                 self.folder
             );
         } else {
-            eprintln!("vapp: vm {}: {signal}: powering off", self.folder);
+            crate::hostln!("vapp: vm {}: {signal}: powering off", self.folder);
             handle.stop();
         }
     }
@@ -456,35 +457,38 @@ fn spawn_control_thread(listener: UnixListener, events: Sender<Event>) -> anyhow
 /// The serial console's output: standard output, a log file, or both.
 #[derive(Clone)]
 struct ConsoleSink {
-    outputs: Arc<Mutex<Vec<Box<dyn Write + Send>>>>,
+    stdout: bool,
+    log: Option<Arc<Mutex<std::fs::File>>>,
 }
 
 impl ConsoleSink {
     fn new(options: &Options) -> anyhow::Result<ConsoleSink> {
-        let mut outputs: Vec<Box<dyn Write + Send>> = Vec::new();
-        if options.console || options.console_log.is_none() {
-            outputs.push(Box::new(io::stdout()));
-        }
-        if let Some(path) = &options.console_log {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("console log {}", path.display()))?;
-            outputs.push(Box::new(file));
-        }
+        let log = match &options.console_log {
+            Some(path) => Some(Arc::new(Mutex::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("console log {}", path.display()))?,
+            ))),
+            None => None,
+        };
         Ok(ConsoleSink {
-            outputs: Arc::new(Mutex::new(outputs)),
+            stdout: options.console || options.console_log.is_none(),
+            log,
         })
     }
 }
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut outputs = self.outputs.lock().unwrap_or_else(PoisonError::into_inner);
-        for out in outputs.iter_mut() {
-            // A closed terminal or a full disk must not stop the guest: its output is lost.
-            let _ = out.write_all(buf).and_then(|()| out.flush());
+        // A closed terminal or a full disk must not stop the guest: its output is lost.
+        if self.stdout {
+            let _ = crate::console::guest_output(buf);
+        }
+        if let Some(log) = &self.log {
+            let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = log.write_all(buf);
         }
         Ok(buf.len())
     }
@@ -542,7 +546,7 @@ fn spawn_console_input(events: Sender<Event>) -> anyhow::Result<Terminal> {
         .unwrap_or_else(PoisonError::into_inner)
         .is_some()
     {
-        eprintln!("vapp: console attached; Ctrl-] detaches (the VM keeps running)\r");
+        crate::hostln!("vapp: console attached; Ctrl-] detaches (the VM keeps running)\r");
     }
     let terminal = Terminal {
         saved: saved.clone(),
@@ -576,7 +580,7 @@ fn spawn_console_input(events: Sender<Event>) -> anyhow::Result<Terminal> {
             }
             if detach {
                 restore(&saved);
-                eprintln!(
+                crate::hostln!(
                     "\nvapp: console detached; the VM keeps running (`vapp vm stop` ends it)"
                 );
                 return;
