@@ -57,7 +57,8 @@ impl Engine {
     /// A write to the source through the engine.
     pub fn write_source(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        for p in pieces(offset, buf.len() as u64, self.chunk_size()) {
+        let cs = self.chunk_size();
+        for p in pieces(offset, buf.len() as u64, cs) {
             let mut st = lock(&self.state);
             if st.header.rollback.is_some() {
                 self.restore_before_write(&mut st, p.chunk)?;
@@ -66,7 +67,24 @@ impl Engine {
                 self.preserve(&mut st, p.chunk)?;
             }
         }
+        // Clones: the chunks are logged before either side changes, then the write is
+        // mirrored to every clone that follows the source.
+        let mirrors = {
+            let mut st = lock(&self.state);
+            if st.header.clones.is_empty() {
+                Vec::new()
+            } else {
+                let last = (offset + buf.len() as u64 - 1) / cs;
+                self.log_changes(&mut st, offset / cs..=last, None)?;
+                st.mirrors()
+            }
+        };
         self.source.write_at(buf, offset)?;
+        for (name, lun) in mirrors {
+            if let Err(e) = lun.write_at(buf, offset) {
+                self.fracture_on_error(&name, &e);
+            }
+        }
         Ok(())
     }
 
@@ -216,18 +234,21 @@ impl Engine {
     /// the session being restored.
     pub fn read_source(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let st = lock(&self.state);
-        let Some(target) = st.header.rollback else {
+        if st.header.rollback.is_none() && st.reverse_syncing().is_none() {
             drop(st);
             self.source.read_at(buf, offset)?;
             return Ok(());
-        };
+        }
         let cs = st.chunk_size();
         for p in pieces(offset, buf.len() as u64, cs) {
             let piece = &mut buf[p.start..p.end];
-            let from_pool = if st.is_restored(p.chunk) {
-                None
-            } else {
-                st.locate(target, p.chunk)
+            if let Some(clone) = st.reverse_source(p.chunk) {
+                clone.read_at(piece, p.chunk * cs + p.within)?;
+                continue;
+            }
+            let from_pool = match st.header.rollback {
+                Some(target) if !st.is_restored(p.chunk) => st.locate(target, p.chunk),
+                _ => None,
             };
             match from_pool {
                 Some(slot) => self

@@ -34,6 +34,10 @@ pub(crate) struct State {
     /// Chunks already restored by the running rollback (mirrors the on-disk bitmap).
     pub restored: Option<Vec<u8>>,
     pub rollback_cursor: u64,
+    /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
+    pub clone_bits: HashMap<u32, Vec<u8>>,
+    /// Clone LUNs attached in this process, by clone name.
+    pub clone_luns: HashMap<String, Arc<dyn Lun>>,
 }
 
 #[derive(Debug)]
@@ -191,6 +195,14 @@ impl Engine {
                 name: p.session,
             });
         }
+        // The source's contents are still partly on the clone: a session would not see them.
+        if let Some(c) = st.reverse_syncing() {
+            return Err(SnapError::CloneBusy {
+                pool: self.pool_name().to_string(),
+                name: c.name.clone(),
+                reason: "it is being copied back to the source; wait for it to finish".into(),
+            });
+        }
         Ok(())
     }
 
@@ -308,7 +320,15 @@ impl Engine {
             pool.read_at(&mut bits, layout.bitmap_offset)?;
             restored = Some(bits);
         }
+        let mut clone_bits = HashMap::new();
+        for c in &header.clones {
+            let mut bits = vec![0u8; layout.bitmap_len as usize];
+            pool.read_at(&mut bits, layout.clone_bitmap(c.slot))?;
+            clone_bits.insert(c.slot, bits);
+        }
         let mut st = State {
+            clone_bits,
+            clone_luns: HashMap::new(),
             header,
             slots,
             free: Vec::new(),

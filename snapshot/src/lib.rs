@@ -25,6 +25,7 @@
 //! it: for `file:/srv/vm1.img`, `/srv/vm1.img.snap`; [`pool_source`] reads which source a
 //! pool belongs to without opening that source.
 
+mod clones;
 mod cofw;
 mod engine;
 mod error;
@@ -46,7 +47,9 @@ use format::{
     TABLE_OFFSET, bad_pool,
 };
 
+pub use clones::CloneInfo;
 pub use error::{Result, SnapError};
+pub use format::CloneState;
 pub use fsck::{FsckReport, fsck};
 pub use group::create_group_session;
 pub use rollback::RollbackProgress;
@@ -176,6 +179,7 @@ impl Snapshots {
             layout,
             rollback: None,
             sessions: Vec::new(),
+            clones: Vec::new(),
         };
         // The other header copy is cleared too: a stale copy with a higher sequence
         // number would otherwise win on open.
@@ -361,6 +365,103 @@ impl Snapshots {
     }
 }
 
+/// Clones: full copies of the source on other LUNs, mirrored until fractured.
+impl Snapshots {
+    /// Makes `lun` (the source's size and sector size) a clone named `name`: every chunk is
+    /// logged for copying and writes are mirrored from now on. Run [`Snapshots::sync_step`]
+    /// or [`Snapshots::run_sync`] to copy.
+    pub fn add_clone(&self, name: &str, lun: Arc<dyn Lun>) -> Result<()> {
+        self.engine.add_clone(name, lun)
+    }
+
+    /// Attaches a clone's LUN after [`Snapshots::open`]; until then writes to the source
+    /// are only logged for it.
+    pub fn attach_clone(&self, name: &str, lun: Arc<dyn Lun>) -> Result<()> {
+        self.engine.attach_clone(name, lun)
+    }
+
+    pub fn remove_clone(&self, name: &str) -> Result<()> {
+        self.engine.remove_clone(name)
+    }
+
+    /// Stops mirroring to a synchronized clone; both sides then change independently and
+    /// the fracture log records which chunks.
+    pub fn fracture(&self, name: &str) -> Result<()> {
+        self.engine.fracture(name)
+    }
+
+    /// Starts copying the logged chunks from the source to the clone.
+    pub fn sync(&self, name: &str) -> Result<()> {
+        self.engine.start_sync(name, false)
+    }
+
+    /// Starts copying the logged chunks from the clone back to the source; the source reads
+    /// them from the clone until they are copied.
+    pub fn reverse_sync(&self, name: &str) -> Result<()> {
+        self.engine.start_sync(name, true)
+    }
+
+    /// Copies up to `max_chunks` chunks of a running sync; `None` once synchronized.
+    pub fn sync_step(&self, name: &str, max_chunks: u64) -> Result<Option<CloneInfo>> {
+        self.engine.sync_step(name, max_chunks)
+    }
+
+    /// Runs a sync (started by [`Snapshots::sync`], [`Snapshots::reverse_sync`] or
+    /// [`Snapshots::add_clone`]) to its end.
+    pub fn run_sync(&self, name: &str) -> Result<()> {
+        while self.engine.sync_step(name, ROLLBACK_BATCH)?.is_some() {}
+        Ok(())
+    }
+
+    pub fn clones(&self) -> Vec<CloneInfo> {
+        lock(&self.engine.state).clone_infos()
+    }
+
+    /// A fractured clone as a `Lun` whose writes are logged for the next sync.
+    pub fn clone_view(&self, name: &str) -> Result<Arc<CloneLun>> {
+        let lun = self.engine.clone_lun(name)?;
+        Ok(Arc::new(CloneLun {
+            engine: self.engine.clone(),
+            clone: name.to_string(),
+            lun_name: format!("clone:{}", lun.name()),
+            lun,
+        }))
+    }
+}
+
+/// A clone LUN seen through the engine: reads go to it, writes are logged first.
+#[derive(Debug)]
+pub struct CloneLun {
+    engine: Arc<Engine>,
+    clone: String,
+    lun_name: String,
+    lun: Arc<dyn Lun>,
+}
+
+impl Lun for CloneLun {
+    fn name(&self) -> &str {
+        &self.lun_name
+    }
+    fn sector_size(&self) -> u32 {
+        self.lun.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.lun.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.lun.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        check_request(self, offset, buf.len() as u64)?;
+        self.engine
+            .write_clone(&self.clone, buf, offset)
+            .map_err(|e| e.into_lun(&self.lun_name, offset, buf.len() as u64))
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.lun.flush()
+    }
+}
+
 /// Chunks copied back per step: small enough that a source write waits little.
 const ROLLBACK_BATCH: u64 = 64;
 
@@ -421,9 +522,11 @@ impl Lun for SourceLun {
             .map_err(|e| e.into_lun(self.name(), offset, buf.len() as u64))
     }
     /// Copies are durable in the pool before the source write they protect, so only the
-    /// source needs flushing.
+    /// source, and the clones its writes are mirrored to, need flushing.
     fn flush(&self) -> lun::Result<()> {
-        self.engine.source.flush()
+        self.engine
+            .flush_source()
+            .map_err(|e| e.into_lun(self.name(), 0, 0))
     }
 }
 

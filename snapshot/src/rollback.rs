@@ -71,6 +71,13 @@ impl Engine {
                 name: p.session,
             });
         }
+        if let Some(c) = st.reverse_syncing() {
+            return Err(SnapError::CloneBusy {
+                pool,
+                name: c.name.clone(),
+                reason: "it is being copied back to the source; wait for it to finish".into(),
+            });
+        }
         let session = st.session(name).cloned().ok_or(SnapError::UnknownSession {
             pool: pool.clone(),
             name: name.to_string(),
@@ -113,6 +120,8 @@ impl Engine {
         if st.needs_copy(chunk) {
             self.preserve(st, chunk)?;
         }
+        // Not mirrored: clones learn of the change through their logs and the next sync.
+        self.log_changes(st, chunk..=chunk, None)?;
         self.source.write_at(&data, chunk * st.chunk_size())?;
         Ok(())
     }
