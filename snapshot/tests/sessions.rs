@@ -55,8 +55,9 @@ fn a_first_write_costs_the_same_with_64_sessions_as_with_one() {
 
 #[test]
 fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_source() {
-    // 64 KiB header copies + 4 KiB table + 4 KiB bitmap leave 6 data slots of 4 KiB.
-    let f = files(64 * C, 64 * 1024 + 8192 + 6 * C);
+    // 64 KiB header copies + 4 KiB table + 9 × 4 KiB bitmaps (rollback, 8 clone logs)
+    // leave 6 data slots of 4 KiB.
+    let f = files(64 * C, 64 * 1024 + 40 * 1024 + 6 * C);
     let snaps = Snapshots::create(
         open(&f.source),
         open(&f.pool),
