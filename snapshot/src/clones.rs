@@ -373,11 +373,10 @@ impl Engine {
                 lun.write_at(&data, c * cs)?;
             }
         }
-        if reverse {
-            self.source.flush()?;
-        } else {
-            lun.flush()?;
-        }
+        // Both sides, not just the destination: a chunk copied from unflushed data would
+        // otherwise differ again after a power cut, with its bit already cleared.
+        self.source.flush()?;
+        lun.flush()?;
         let layout = st.layout();
         let mut units = Vec::new();
         if let Some(bits) = st.clone_bits.get_mut(&record.slot) {

@@ -34,6 +34,7 @@ mod fsck;
 mod group;
 mod rollback;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -111,6 +112,18 @@ pub struct PoolUsage {
 pub struct Snapshots {
     engine: Arc<Engine>,
     rollback_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Tells the background rollback to stop between steps (the engine is going away;
+    /// the next open resumes it from the pool).
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Snapshots {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = lock(&self.rollback_thread).take() {
+            let _ = h.join();
+        }
+    }
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -207,6 +220,7 @@ impl Snapshots {
         let snaps = Snapshots {
             engine,
             rollback_thread: Mutex::new(None),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         if resume {
             info!(
@@ -349,8 +363,9 @@ impl Snapshots {
 
     fn spawn_rollback(&self) {
         let engine = self.engine.clone();
+        let stop = self.stop.clone();
         let handle = std::thread::spawn(move || {
-            loop {
+            while !stop.load(Ordering::SeqCst) {
                 match engine.rollback_step(ROLLBACK_BATCH) {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
