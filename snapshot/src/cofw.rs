@@ -18,6 +18,9 @@ use crate::engine::{Engine, State, lock};
 use crate::error::{Result, SnapError};
 use crate::format::{Entry, Kind, SESSION_INVALID};
 
+/// Most chunks one sequential copy-on-first-write preserves at once (2 MiB of 64 KiB chunks).
+const PRESERVE_AHEAD: u64 = 32;
+
 /// One piece of a request that falls inside one chunk.
 struct Piece {
     chunk: u64,
@@ -79,6 +82,12 @@ impl Engine {
                 st.mirrors()
             }
         };
+        if mirrors.is_empty() {
+            self.source.write_at(buf, offset)?;
+            return Ok(());
+        }
+        // Two overlapping writes must land in the same order on the source and its mirrors.
+        let _order = lock(&self.mirror_order);
         self.source.write_at(buf, offset)?;
         for (name, lun) in mirrors {
             if let Err(e) = lun.write_at(buf, offset) {
@@ -91,23 +100,40 @@ impl Engine {
     /// Copies `chunk`'s current source contents into the pool for every session that still
     /// sees them. When the pool has no free slot, those sessions cannot be kept whole: they
     /// are invalidated (durably, before the source changes) and the write goes on.
+    ///
+    /// A write right after the previous chunk's copy is taken as sequential, and the next
+    /// chunks that need a copy are preserved with it (as readahead does for reads): the
+    /// flushes, which dominate the cost, are then paid once per run instead of per chunk.
+    /// A chunk preserved early holds exactly what its sessions see, so this only spends
+    /// pool space a sequential writer is about to need anyway.
     pub(crate) fn preserve(&self, st: &mut State, chunk: u64) -> Result<()> {
-        let lo = st.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
         let hi = st.epoch();
-        let mut data = vec![0u8; st.chunk_size() as usize];
-        let len = st.chunk_len(chunk) as usize;
-        self.source
-            .read_at(&mut data[..len], chunk * st.chunk_size())?;
-        let entry = Entry {
-            chunk,
-            lo,
-            hi,
-            kind: Kind::Shared,
-        };
-        if self.store_copy(st, &data, entry)?.is_none() {
-            self.invalidate_from(st, chunk, lo)?;
+        let lo_of = |st: &State, c: u64| st.chunks.get(&c).map_or(0, |i| i.preserved_to);
+        if st.free.is_empty() {
+            let lo = lo_of(st, chunk);
+            return self.invalidate_from(st, chunk, lo);
         }
-        Ok(())
+        let sequential = chunk > 0 && lo_of(st, chunk - 1) == hi;
+        let mut run = 1;
+        if sequential {
+            let limit = PRESERVE_AHEAD.min(st.free.len() as u64);
+            while run < limit && chunk + run < st.source_chunks() && st.needs_copy(chunk + run) {
+                run += 1;
+            }
+        }
+        let cs = st.chunk_size();
+        let mut data = vec![0u8; (run * cs) as usize];
+        let len = (run - 1) * cs + st.chunk_len(chunk + run - 1);
+        self.source.read_at(&mut data[..len as usize], chunk * cs)?;
+        let entries: Vec<Entry> = (chunk..chunk + run)
+            .map(|c| Entry {
+                chunk: c,
+                lo: lo_of(st, c),
+                hi,
+                kind: Kind::Shared,
+            })
+            .collect();
+        self.store_copies(st, &data, &entries)
     }
 
     fn invalidate_from(&self, st: &mut State, chunk: u64, lo: u64) -> Result<()> {

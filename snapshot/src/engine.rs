@@ -48,6 +48,8 @@ pub(crate) struct Engine {
     /// point in time falls between writes, never inside one.
     pub gate: RwLock<()>,
     pub state: Mutex<State>,
+    /// Held across a source write and its mirrored copies.
+    pub mirror_order: Mutex<()>,
     pub source_view_name: String,
 }
 
@@ -266,29 +268,61 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes `chunk`'s slot hold `data` for `entry`: the data is durable before the entry
-    /// that points at it, and both before this returns.
+    /// Makes `chunk`'s slot hold `data` for `entry`; `None` when the pool is full.
     pub fn store_copy(&self, st: &mut State, data: &[u8], entry: Entry) -> Result<Option<u64>> {
-        let Some(slot) = st.free.pop() else {
+        if st.free.is_empty() {
             return Ok(None);
-        };
+        }
+        self.store_copies(st, data, &[entry])?;
+        Ok(st.chunks.get(&entry.chunk).and_then(|c| {
+            c.copies
+                .iter()
+                .find(|(e, _)| *e == entry)
+                .map(|&(_, slot)| slot)
+        }))
+    }
+
+    /// Puts chunk-sized pieces of `data` in free slots for `entries` (the caller checked
+    /// there are enough): all the data is durable before any entry that points at it, and
+    /// the entries before this returns. Two flushes however many chunks.
+    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<()> {
+        let cs = st.chunk_size() as usize;
+        let slots: Vec<u64> = (0..entries.len()).filter_map(|_| st.free.pop()).collect();
         let outcome = (|| {
-            self.pool.write_at(data, st.layout().slot_offset(slot))?;
+            if slots.len() < entries.len() {
+                return Err(SnapError::PoolFull {
+                    pool: self.pool_name().to_string(),
+                });
+            }
+            for (i, &slot) in slots.iter().enumerate() {
+                self.pool
+                    .write_at(&data[i * cs..(i + 1) * cs], st.layout().slot_offset(slot))?;
+            }
             self.pool.flush()?;
-            st.slots[slot as usize] = Some(entry);
-            self.write_entry_sector(st, slot)?;
+            for (&slot, e) in slots.iter().zip(entries) {
+                st.slots[slot as usize] = Some(*e);
+            }
+            let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
+            let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
+            sectors.dedup();
+            for sector in sectors {
+                self.write_entry_sector(st, sector * per)?;
+            }
             self.pool.flush()?;
             Ok(())
         })();
+        for &slot in &slots {
+            st.slots[slot as usize] = None;
+        }
         match outcome {
             Ok(()) => {
-                st.slots[slot as usize] = None;
-                st.insert(slot, entry);
-                Ok(Some(slot))
+                for (&slot, e) in slots.iter().zip(entries) {
+                    st.insert(slot, *e);
+                }
+                Ok(())
             }
             Err(e) => {
-                st.slots[slot as usize] = None;
-                st.free.push(slot);
+                st.free.extend(slots.iter().rev());
                 Err(e)
             }
         }

@@ -216,6 +216,7 @@ impl Snapshots {
             pool,
             gate: RwLock::new(()),
             state: Mutex::new(state),
+            mirror_order: Mutex::new(()),
         });
         let snaps = Snapshots {
             engine,

@@ -68,12 +68,13 @@ fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_
     let source = snaps.source();
     source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
     snaps.create_session("old", false).unwrap();
-    for c in 0..4 {
+    // Every other chunk, so each write preserves just its own chunk.
+    for c in [0, 2, 4, 6] {
         source.write_at(&chunk_of(2), c * C).unwrap();
     }
     snaps.create_session("new", false).unwrap();
-    // Chunks 0..4 again: "new" needs their 2s, two slots remain.
-    for c in 0..4 {
+    // The same chunks again: "new" needs their 2s, two slots remain.
+    for c in [0, 2, 4, 6] {
         source.write_at(&chunk_of(3), c * C).unwrap();
     }
     let list = snaps.list();
@@ -92,7 +93,9 @@ fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_
         vec![1u8; (64 * C) as usize]
     );
     let mut expected = vec![1u8; (64 * C) as usize];
-    expected[..(4 * C) as usize].fill(3);
+    for c in [0, 2, 4, 6] {
+        expected[(c * C) as usize..((c + 1) * C) as usize].fill(3);
+    }
     assert_eq!(read_all(source.as_ref()), expected);
     // The state survives a reopen and fsck sees nothing wrong.
     drop(snaps);
@@ -229,4 +232,67 @@ fn fsck_names_a_damaged_entry_and_a_damaged_header_copy_falls_back_to_the_other(
         err.to_string().contains("slot 0: checksum mismatch"),
         "{err}"
     );
+}
+
+/// Counts flushes that reach a LUN.
+#[derive(Debug)]
+struct CountFlushes {
+    inner: Arc<dyn Lun>,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl Lun for CountFlushes {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_sequential_writer_pays_the_pool_flushes_once_per_run_not_per_chunk() {
+    let f = files(64 * C, 4 << 20);
+    let pool = Arc::new(CountFlushes {
+        inner: open(&f.pool),
+        flushes: Default::default(),
+    });
+    let snaps = Snapshots::create(
+        open(&f.source),
+        pool.clone(),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
+    snaps.create_session("s", false).unwrap();
+    let before = pool.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    for c in 0..64 {
+        source.write_at(&chunk_of(2), c * C).unwrap();
+    }
+    let flushes = pool.flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // The first chunk alone, then runs of 32 chunks: two flushes each.
+    assert!(
+        flushes <= 8,
+        "{flushes} pool flushes for 64 sequential chunks"
+    );
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+    assert_eq!(snaps.usage().used, 64);
 }
