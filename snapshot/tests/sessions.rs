@@ -296,3 +296,93 @@ fn a_sequential_writer_pays_the_pool_flushes_once_per_run_not_per_chunk() {
     );
     assert_eq!(snaps.usage().used, 64);
 }
+
+thread_local! {
+    static SLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A source whose reads, on a thread marked slow, announce the chunk they are about to
+/// read and then wait: the window in which a concurrent write copies and overwrites it.
+#[derive(Debug)]
+struct SlowReads {
+    inner: Arc<dyn Lun>,
+    reading: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Lun for SlowReads {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        if SLOW.with(|s| s.get()) {
+            self.reading
+                .store(offset / C + 1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A session read racing a source write to the chunk it is reading returns the point in
+/// time, never the new bytes: the read looks up the chunk's copy again after reading the
+/// source, and rereads from the pool when the write copied it meanwhile.
+#[test]
+fn a_session_read_racing_a_write_to_its_chunk_sees_only_the_point_in_time() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const N: u64 = 16;
+    let f = files(N * C, 4 << 20);
+    let reading = Arc::new(AtomicU64::new(0));
+    let source = Arc::new(SlowReads {
+        inner: open(&f.source),
+        reading: reading.clone(),
+    });
+    let snaps = Arc::new(
+        Snapshots::create(source, open(&f.pool), PoolOptions { chunk_size: CHUNK }).unwrap(),
+    );
+    snaps
+        .source()
+        .write_at(&vec![1u8; (N * C) as usize], 0)
+        .unwrap();
+    snaps.create_session("s", false).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (source, reading, done) = (snaps.source(), reading.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut written = vec![false; N as usize];
+            let mut hits = 0;
+            while !done.load(Ordering::SeqCst) {
+                let r = reading.load(Ordering::SeqCst);
+                if r > 0 && !written[(r - 1) as usize] {
+                    written[(r - 1) as usize] = true;
+                    source.write_at(&chunk_of(2), (r - 1) * C).unwrap();
+                    hits += 1;
+                }
+            }
+            hits
+        })
+    };
+    let session = snaps.session("s").unwrap();
+    let mut buf = vec![0u8; (N * C) as usize];
+    SLOW.with(|s| s.set(true));
+    session.read_at(&mut buf, 0).unwrap();
+    SLOW.with(|s| s.set(false));
+    done.store(true, Ordering::SeqCst);
+    let hits = writer.join().unwrap();
+    assert!(hits > 0, "the writer never raced the reader");
+    assert!(
+        buf.iter().all(|&b| b == 1),
+        "a session read saw a later write"
+    );
+}
