@@ -18,8 +18,9 @@ use crate::engine::{Engine, State, lock};
 use crate::error::{Result, SnapError};
 use crate::format::{Entry, Kind, SESSION_INVALID};
 
-/// Most chunks one sequential copy-on-first-write preserves at once (2 MiB of 64 KiB chunks).
-const PRESERVE_AHEAD: u64 = 32;
+/// Most chunks one sequential copy-on-first-write preserves at once (16 MiB of 64 KiB
+/// chunks): the most pool space a sequential writer can hold ahead of itself.
+const PRESERVE_AHEAD: u64 = 256;
 
 /// One piece of a request that falls inside one chunk.
 struct Piece {
@@ -104,6 +105,7 @@ impl Engine {
     /// A write right after the previous chunk's copy is taken as sequential, and the next
     /// chunks that need a copy are preserved with it (as readahead does for reads): the
     /// flushes, which dominate the cost, are then paid once per run instead of per chunk.
+    /// A chunk that already has its copy ends the run.
     /// A chunk preserved early holds exactly what its sessions see, so this only spends
     /// pool space a sequential writer is about to need anyway.
     pub(crate) fn preserve(&self, st: &mut State, chunk: u64) -> Result<()> {
@@ -113,14 +115,18 @@ impl Engine {
             let lo = lo_of(st, chunk);
             return self.invalidate_from(st, chunk, lo);
         }
-        let sequential = chunk > 0 && lo_of(st, chunk - 1) == hi;
+        // Like readahead, the run doubles while the writer keeps consuming it.
+        let wanted = match st.ahead {
+            Some((next, len)) if next == chunk => (len * 2).min(PRESERVE_AHEAD),
+            _ if chunk > 0 && lo_of(st, chunk - 1) == hi => 4,
+            _ => 1,
+        };
+        let limit = wanted.min(st.free.len() as u64);
         let mut run = 1;
-        if sequential {
-            let limit = PRESERVE_AHEAD.min(st.free.len() as u64);
-            while run < limit && chunk + run < st.source_chunks() && st.needs_copy(chunk + run) {
-                run += 1;
-            }
+        while run < limit && chunk + run < st.source_chunks() && st.needs_copy(chunk + run) {
+            run += 1;
         }
+        st.ahead = Some((chunk + run, run));
         let cs = st.chunk_size();
         let mut data = vec![0u8; (run * cs) as usize];
         let len = (run - 1) * cs + st.chunk_len(chunk + run - 1);

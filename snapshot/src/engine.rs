@@ -34,6 +34,8 @@ pub(crate) struct State {
     /// Chunks already restored by the running rollback (mirrors the on-disk bitmap).
     pub restored: Option<Vec<u8>>,
     pub rollback_cursor: u64,
+    /// The last sequential preservation: (the chunk after it, its length in chunks).
+    pub ahead: Option<(u64, u64)>,
     /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
     pub clone_bits: HashMap<u32, Vec<u8>>,
     /// Clone LUNs attached in this process, by clone name.
@@ -370,6 +372,7 @@ impl Engine {
             max_valid_gen: None,
             restored,
             rollback_cursor: 0,
+            ahead: None,
         };
         st.rebuild();
         Ok(st)

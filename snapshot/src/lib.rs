@@ -15,8 +15,14 @@
 //! `cofw.rs`), so a crash at any point leaves every surviving session reading exactly the
 //! source's contents at its point in time. Deleting a session only rewrites the header:
 //! slots no valid session needs are free at once, in memory and on the next open.
-//! A rollback is a persisted state machine (see `rollback.rs`). The on-disk layout is in
-//! `FORMAT.md`.
+//! A sequential writer preserves the chunks ahead of it in one copy, so the pool's
+//! flushes are paid per run rather than per chunk.
+//!
+//! Rollback (`rollback.rs`) and clone sync (`clones.rs`) are persisted state machines
+//! with a progress value; a crash resumes them. A consistency group (`group.rs`) closes
+//! the write gates of all its members before taking their sessions. Clones keep a
+//! fracture log per clone in the pool, so sync and reverse sync copy only what changed.
+//! The on-disk layout is in `FORMAT.md`.
 //!
 //! Finding a LUN's sessions from the LUN alone: the pool's header names its source (the
 //! source LUN's name, e.g. `file:/srv/vm1.img`, and its size), and [`Snapshots::open`]
