@@ -367,6 +367,7 @@ impl Engine {
                 }
                 // Other clones learn of the change through their logs.
                 self.log_changes(&mut st, c..=c, None)?;
+                st.speculative.remove(&c);
                 self.source.write_at(&data, c * cs)?;
             } else {
                 self.source.read_at(&mut data, c * cs)?;

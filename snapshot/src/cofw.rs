@@ -70,6 +70,7 @@ impl Engine {
             if st.needs_copy(p.chunk) {
                 self.preserve(&mut st, p.chunk)?;
             }
+            st.speculative.remove(&p.chunk);
         }
         // Clones: the chunks are logged before either side changes, then the write is
         // mirrored to every clone that follows the source.
@@ -111,7 +112,7 @@ impl Engine {
     pub(crate) fn preserve(&self, st: &mut State, chunk: u64) -> Result<()> {
         let hi = st.epoch();
         let lo_of = |st: &State, c: u64| st.chunks.get(&c).map_or(0, |i| i.preserved_to);
-        if st.free.is_empty() {
+        if st.free.is_empty() && !self.reclaim_speculative(st)? {
             let lo = lo_of(st, chunk);
             return self.invalidate_from(st, chunk, lo);
         }
@@ -139,7 +140,47 @@ impl Engine {
                 kind: Kind::Shared,
             })
             .collect();
-        self.store_copies(st, &data, &entries)
+        self.store_copies(st, &data, &entries)?;
+        for e in &entries[1..] {
+            let slot = st
+                .chunks
+                .get(&e.chunk)
+                .and_then(|index| index.copies.iter().find(|(x, _)| x == e).map(|&(_, s)| s));
+            if let Some(slot) = slot {
+                st.speculative.insert(e.chunk, slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the copies made ahead of a sequential writer that it never reached: their
+    /// chunks are unchanged on the source, so the sessions read them there again. The
+    /// entries are cleared durably before their slots can be reused.
+    fn reclaim_speculative(&self, st: &mut State) -> Result<bool> {
+        let spec: Vec<(u64, u64)> = st.speculative.drain().collect();
+        if spec.is_empty() {
+            return Ok(false);
+        }
+        for &(chunk, slot) in &spec {
+            st.slots[slot as usize] = None;
+            if let Some(index) = st.chunks.get_mut(&chunk) {
+                index.copies.retain(|&(_, s)| s != slot);
+                index.preserved_to = index
+                    .copies
+                    .iter()
+                    .filter(|(e, _)| e.kind == Kind::Shared)
+                    .map(|(e, _)| e.hi)
+                    .max()
+                    .unwrap_or(0);
+            }
+        }
+        for &(_, slot) in &spec {
+            self.write_entry_sector(st, slot)?;
+        }
+        self.pool.flush()?;
+        st.free.extend(spec.iter().map(|&(_, slot)| slot));
+        st.ahead = None;
+        Ok(true)
     }
 
     fn invalidate_from(&self, st: &mut State, chunk: u64, lo: u64) -> Result<()> {

@@ -36,6 +36,9 @@ pub(crate) struct State {
     pub rollback_cursor: u64,
     /// The last sequential preservation: (the chunk after it, its length in chunks).
     pub ahead: Option<(u64, u64)>,
+    /// Chunks copied ahead of a sequential writer and not written since, with their slot:
+    /// the first space to take back when the pool fills.
+    pub speculative: HashMap<u64, u64>,
     /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
     pub clone_bits: HashMap<u32, Vec<u8>>,
     /// Clone LUNs attached in this process, by clone name.
@@ -373,6 +376,7 @@ impl Engine {
             restored,
             rollback_cursor: 0,
             ahead: None,
+            speculative: HashMap::new(),
         };
         st.rebuild();
         Ok(st)

@@ -122,6 +122,7 @@ impl Engine {
         }
         // Not mirrored: clones learn of the change through their logs and the next sync.
         self.log_changes(st, chunk..=chunk, None)?;
+        st.speculative.remove(&chunk);
         self.source.write_at(&data, chunk * st.chunk_size())?;
         Ok(())
     }

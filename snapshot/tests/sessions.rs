@@ -386,3 +386,38 @@ fn a_session_read_racing_a_write_to_its_chunk_sees_only_the_point_in_time() {
         "a session read saw a later write"
     );
 }
+
+#[test]
+fn copies_made_ahead_of_a_sequential_writer_are_taken_back_before_a_session_is_invalidated() {
+    // 6 data slots, as in the pool-full test.
+    let f = files(64 * C, 64 * 1024 + 40 * 1024 + 6 * C);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
+    snaps.create_session("s", false).unwrap();
+    // A sequential run: chunks 0, 1 and 3 written, the copies run ahead and fill the pool.
+    for c in [0, 1, 3] {
+        source.write_at(&chunk_of(2), c * C).unwrap();
+    }
+    assert_eq!(snaps.usage().used, 6);
+    // Elsewhere: the copies nobody wrote over are taken back, the session stays whole.
+    source.write_at(&chunk_of(3), 20 * C).unwrap();
+    assert_eq!(snaps.list()[0].state, SessionState::Valid);
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+    drop(snaps);
+    let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let snaps = Snapshots::open(open(&f.source), open(&f.pool)).unwrap();
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+}
