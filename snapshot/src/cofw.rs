@@ -265,6 +265,13 @@ impl Engine {
     ) -> Result<()> {
         let mut st = lock(&self.state);
         self.session_check(&st, generation, name)?;
+        // The source is being copied from this session: it must hold still until done.
+        if st.header.rollback == Some(generation) {
+            return Err(SnapError::RollbackInProgress {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            });
+        }
         let cs = st.chunk_size();
         for p in pieces(offset, buf.len() as u64, cs) {
             let own = st.chunks.get(&p.chunk).and_then(|c| {

@@ -112,6 +112,11 @@ fn run(seed: u64, steps: usize) {
                 let name = model.sessions.keys().nth(i).unwrap().clone();
                 snaps.start_rollback(&name).unwrap();
                 model.source = model.sessions[&name].clone();
+                if writable[&name] {
+                    // The session being restored from holds still until the end.
+                    let err = snaps.session(&name).unwrap().write_at(&[0u8; 512], 0);
+                    assert!(err.unwrap_err().to_string().contains("rollback"));
+                }
                 // Writes and reads while the copy back runs.
                 while snaps
                     .rollback_step(rng.random_range(1..20))
