@@ -119,6 +119,9 @@ impl State {
             .max();
         self.chunks.clear();
         self.free.clear();
+        // A slot freed here may be reused for anything: no longer a copy made ahead.
+        self.speculative.clear();
+        self.ahead = None;
         for slot in (0..self.slots.len() as u64).rev() {
             let entry = self.slots[slot as usize];
             match entry {
@@ -140,8 +143,7 @@ impl State {
     /// True when the first write of this epoch to `chunk` must preserve its old contents.
     pub fn needs_copy(&self, chunk: u64) -> bool {
         let preserved_to = self.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
-        let pinned = self.header.rollback.is_some_and(|g| g >= preserved_to);
-        pinned || self.max_valid_gen.is_some_and(|g| g >= preserved_to)
+        self.max_valid_gen.is_some_and(|g| g >= preserved_to)
     }
 
     /// The pool slot holding session `generation`'s view of `chunk`, or `None` when the session

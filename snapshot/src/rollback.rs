@@ -12,7 +12,7 @@
 
 use std::sync::PoisonError;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::engine::{Engine, State, lock};
 use crate::error::{Result, SnapError};
@@ -120,10 +120,16 @@ impl Engine {
         if st.needs_copy(chunk) {
             self.preserve(st, chunk)?;
         }
-        // Not mirrored: clones learn of the change through their logs and the next sync.
         self.log_changes(st, chunk..=chunk, None)?;
         st.speculative.remove(&chunk);
-        self.source.write_at(&data, chunk * st.chunk_size())?;
+        let at = chunk * st.chunk_size();
+        self.source.write_at(&data, at)?;
+        // Clones that follow the source follow its rollback too.
+        for (name, lun) in st.mirrors() {
+            if let Err(e) = lun.write_at(&data, at) {
+                warn!(pool = self.pool_name(), clone = %name, error = %e, "mirroring a restored chunk failed; the clone's log keeps it for the next sync");
+            }
+        }
         Ok(())
     }
 

@@ -260,3 +260,20 @@ fn clone_crash_run(cut: Option<u64>) -> u64 {
     );
     writes
 }
+
+#[test]
+fn a_synchronized_clone_follows_a_rollback_of_its_source() {
+    let s = setup();
+    s.snaps.run_sync("c1").unwrap();
+    s.snaps.create_session("before", false).unwrap();
+    let source = s.snaps.source();
+    source
+        .write_at(&vec![6u8; (10 * C) as usize], 5 * C)
+        .unwrap();
+    s.snaps.rollback("before").unwrap();
+    s.snaps.wait_rollback().unwrap();
+    source.flush().unwrap();
+    let now = read_all(source.as_ref());
+    assert_eq!(now, read_all(s.snaps.session("before").unwrap().as_ref()));
+    assert_eq!(read_all(s.clone.as_ref()), now);
+}
