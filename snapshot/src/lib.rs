@@ -28,8 +28,8 @@
 //! source LUN's name, e.g. `file:/srv/vm1.img`, and its size), and [`Snapshots::open`]
 //! refuses a pool of another source. The source itself carries no marker (its every byte
 //! belongs to its user), so the convention for a LUN outside a datastore is a pool beside
-//! it: for `file:/srv/vm1.img`, `/srv/vm1.img.snap`; [`pool_source`] reads which source a
-//! pool belongs to without opening that source.
+//! it ([`pool_beside`]: for `/srv/vm1.img`, `/srv/vm1.img.snap`); [`pool_source`] reads
+//! which source a pool belongs to without opening that source.
 
 mod clones;
 mod cofw;
@@ -507,6 +507,15 @@ pub(crate) fn info_of(st: &State, s: &SessionRecord) -> SessionInfo {
         chunks_in_pool,
         group: (s.group != 0).then_some(s.group),
     }
+}
+
+/// Where the pool of a source outside a datastore lives by convention: beside it, with
+/// `.snap` appended (`/srv/vm1.img` -> `/srv/vm1.img.snap`), so a LUN's sessions are found
+/// from the LUN alone.
+pub fn pool_beside(source: &std::path::Path) -> std::path::PathBuf {
+    let mut name = source.as_os_str().to_os_string();
+    name.push(".snap");
+    std::path::PathBuf::from(name)
 }
 
 /// Which source a pool belongs to (its name and size), read from the pool alone.

@@ -171,6 +171,8 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
         "{err}"
     );
     assert_eq!(pool_bytes(&f.pool), before);
+    // The pool beside the source names it.
+    assert_eq!(f.pool, f.dir.path().join("source.img.snap"));
     assert_eq!(
         snapshot::pool_source(open(&f.pool).as_ref()).unwrap(),
         (open(&f.source).name().to_string(), 64 * C)
