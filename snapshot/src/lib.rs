@@ -1,5 +1,6 @@
 //! Array-style snapshots of any [`Lun`]: copy-on-first-write sessions kept in a reserved
-//! pool (itself a LUN), writable sessions, and rollback.
+//! pool (itself a LUN), writable sessions, rollback, consistency groups across sources,
+//! and clones on other LUNs with fracture logs.
 //!
 //! # Design
 //!
@@ -50,7 +51,7 @@ use tracing::{error, info};
 
 use engine::{Engine, State, check_name, lock, read_header};
 use format::{
-    HEADER_SLOT, Header, Layout, MAX_SOURCE_NAME, SESSION_INVALID, SESSION_WRITABLE, SessionRecord,
+    Header, Layout, MAX_SOURCE_NAME, SESSION_INVALID, SESSION_WRITABLE, SessionRecord,
     TABLE_OFFSET, bad_pool,
 };
 
@@ -206,13 +207,13 @@ impl Snapshots {
         pool.flush()?;
         pool.write_at(&header.encode(), header.offset())?;
         pool.flush()?;
-        debug_assert_eq!(header.offset(), HEADER_SLOT);
         info!(pool = %pool_name, source = source.name(), chunk_size = chunk, slots = layout.slots, "snapshot pool created");
         Snapshots::open(source, pool)
     }
 
     /// Opens the pool of `source`, refusing a pool of another source. A rollback cut short
-    /// by a crash resumes in the background.
+    /// by a crash resumes in the background. Clones are attached with
+    /// [`Snapshots::attach_clone`]; until then source writes are only logged for them.
     pub fn open(source: Arc<dyn Lun>, pool: Arc<dyn Lun>) -> Result<Snapshots> {
         let state: State = Engine::load(&source, &pool)?;
         let resume = state.header.rollback.is_some();
