@@ -144,18 +144,23 @@ impl Engine {
     }
 
     /// A mirrored write failed: the clone is fractured (its log already names the chunk)
-    /// so the source's write still succeeds.
-    pub(crate) fn fracture_on_error(&self, name: &str, err: &lun::LunError) {
+    /// so the source's write still succeeds. Not during a reverse sync, where the clone
+    /// holds the source's contents of the chunks still to copy: the write fails instead.
+    pub(crate) fn fracture_on_error(&self, name: &str, err: lun::LunError) -> Result<()> {
         let mut st = lock(&self.state);
         let Some(i) = st.header.clones.iter().position(|c| c.name == name) else {
-            return;
+            return Ok(());
         };
+        if st.header.clones[i].state == CloneState::ReverseSyncing {
+            return Err(err.into());
+        }
         let mut next = st.header.clone();
         next.clones[i].state = CloneState::Fractured;
         if let Err(e) = self.persist_header(&mut st, next) {
             warn!(pool = self.pool_name(), clone = name, error = %e, "cannot record the fracture");
         }
         warn!(pool = self.pool_name(), clone = name, error = %err, "mirrored write failed: clone fractured");
+        Ok(())
     }
 
     fn check_clone_lun(&self, pool: &str, lun: &dyn Lun) -> Result<()> {

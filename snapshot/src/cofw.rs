@@ -93,7 +93,7 @@ impl Engine {
         self.source.write_at(buf, offset)?;
         for (name, lun) in mirrors {
             if let Err(e) = lun.write_at(buf, offset) {
-                self.fracture_on_error(&name, &e);
+                self.fracture_on_error(&name, e)?;
             }
         }
         Ok(())

@@ -277,3 +277,38 @@ fn a_synchronized_clone_follows_a_rollback_of_its_source() {
     assert_eq!(now, read_all(s.snaps.session("before").unwrap().as_ref()));
     assert_eq!(read_all(s.clone.as_ref()), now);
 }
+
+#[test]
+fn a_failed_mirrored_write_fractures_the_clone_and_the_source_write_succeeds() {
+    let s = setup();
+    s.snaps.run_sync("c1").unwrap();
+    s.snaps.source().flush().unwrap();
+    s.clone.fail_writes(0..CHUNKS * C);
+    let source = s.snaps.source();
+    source.write_at(&vec![4u8; 512], 8 * C).unwrap();
+    let info = &s.snaps.clones()[0];
+    assert_eq!(info.state, CloneState::Fractured);
+    assert_eq!(info.logged_chunks, 1);
+    s.clone.clear_faults();
+    s.snaps.sync("c1").unwrap();
+    s.snaps.run_sync("c1").unwrap();
+    assert_eq!(read_all(s.clone.as_ref()), read_all(source.as_ref()));
+
+    // During a reverse sync the clone holds the source's contents: its failure fails the write.
+    s.snaps.source().flush().unwrap();
+    s.snaps.fracture("c1").unwrap();
+    s.snaps
+        .clone_view("c1")
+        .unwrap()
+        .write_at(&vec![5u8; 512], 9 * C)
+        .unwrap();
+    s.snaps.reverse_sync("c1").unwrap();
+    s.clone.fail_writes(0..CHUNKS * C);
+    assert!(source.write_at(&vec![6u8; 512], 9 * C).is_err());
+    assert_eq!(s.snaps.clones()[0].state, CloneState::ReverseSyncing);
+    s.clone.clear_faults();
+    s.snaps.run_sync("c1").unwrap();
+    let mut sector = vec![0u8; 512];
+    source.read_at(&mut sector, 9 * C).unwrap();
+    assert_eq!(sector, vec![5u8; 512]);
+}
