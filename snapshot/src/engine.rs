@@ -301,9 +301,19 @@ impl Engine {
                     pool: self.pool_name().to_string(),
                 });
             }
-            for (i, &slot) in slots.iter().enumerate() {
-                self.pool
-                    .write_at(&data[i * cs..(i + 1) * cs], st.layout().slot_offset(slot))?;
+            // Consecutive slots (the usual case: the free list hands them out in order)
+            // take one write.
+            let mut i = 0;
+            while i < slots.len() {
+                let mut n = 1;
+                while i + n < slots.len() && slots[i + n] == slots[i] + n as u64 {
+                    n += 1;
+                }
+                self.pool.write_at(
+                    &data[i * cs..(i + n) * cs],
+                    st.layout().slot_offset(slots[i]),
+                )?;
+                i += n;
             }
             self.pool.flush()?;
             for (&slot, e) in slots.iter().zip(entries) {
