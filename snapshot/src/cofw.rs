@@ -1,5 +1,6 @@
 //! The hot path: every write to the source, and every read or write of a session, in the
-//! order it happens. This is the only code that touches the source and the pool in one step.
+//! order it happens. Rollback and clone sync reuse `preserve` from here when they write
+//! the source.
 //!
 //! A source write, chunk by chunk: if a valid session still sees the chunk's current
 //! contents on the source (some session generation at or above the chunk's
@@ -7,8 +8,10 @@
 //! then the slot's table entry (chunk, generations `preserved_to..epoch`) is written and
 //! flushed; only then is the source written. One copy serves every session in that range,
 //! so the cost of a write does not depend on how many sessions there are, and a later write
-//! to the chunk in the same epoch goes straight to the source. Because the pool is durable
-//! before the source write is issued, a flush of the source only has to flush the source.
+//! to the chunk in the same epoch goes straight to the source. With clones, the chunks are
+//! then logged in their fracture logs (durably) and the write mirrored to the clones that
+//! follow the source. Because the pool is durable before the source write is issued, a
+//! flush of the source only has to flush the source and those clones.
 
 use std::sync::PoisonError;
 
