@@ -1,5 +1,6 @@
 //! The hot path: every write to the source, and every read or write of a session, in the
-//! order it happens. This is the only code that touches the source and the pool in one step.
+//! order it happens. Rollback and clone sync reuse `preserve` from here when they write
+//! the source.
 //!
 //! A source write, chunk by chunk: if a valid session still sees the chunk's current
 //! contents on the source (some session generation at or above the chunk's
@@ -7,8 +8,10 @@
 //! then the slot's table entry (chunk, generations `preserved_to..epoch`) is written and
 //! flushed; only then is the source written. One copy serves every session in that range,
 //! so the cost of a write does not depend on how many sessions there are, and a later write
-//! to the chunk in the same epoch goes straight to the source. Because the pool is durable
-//! before the source write is issued, a flush of the source only has to flush the source.
+//! to the chunk in the same epoch goes straight to the source. With clones, the chunks are
+//! then logged in their fracture logs (durably) and the write mirrored to the clones that
+//! follow the source. Because the pool is durable before the source write is issued, a
+//! flush of the source only has to flush the source and those clones.
 
 use std::sync::PoisonError;
 
@@ -17,6 +20,10 @@ use tracing::warn;
 use crate::engine::{Engine, State, lock};
 use crate::error::{Result, SnapError};
 use crate::format::{Entry, Kind, SESSION_INVALID};
+
+/// Most chunks one sequential copy-on-first-write preserves at once (16 MiB of 64 KiB
+/// chunks): the most pool space a sequential writer can hold ahead of itself.
+const PRESERVE_AHEAD: u64 = 256;
 
 /// One piece of a request that falls inside one chunk.
 struct Piece {
@@ -57,7 +64,8 @@ impl Engine {
     /// A write to the source through the engine.
     pub fn write_source(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        for p in pieces(offset, buf.len() as u64, self.chunk_size()) {
+        let cs = self.chunk_size();
+        for p in pieces(offset, buf.len() as u64, cs) {
             let mut st = lock(&self.state);
             if st.header.rollback.is_some() {
                 self.restore_before_write(&mut st, p.chunk)?;
@@ -65,31 +73,117 @@ impl Engine {
             if st.needs_copy(p.chunk) {
                 self.preserve(&mut st, p.chunk)?;
             }
+            st.speculative.remove(&p.chunk);
         }
+        // Clones: the chunks are logged before either side changes, then the write is
+        // mirrored to every clone that follows the source.
+        let mirrors = {
+            let mut st = lock(&self.state);
+            if st.header.clones.is_empty() {
+                Vec::new()
+            } else {
+                let last = (offset + buf.len() as u64 - 1) / cs;
+                self.log_changes(&mut st, offset / cs..=last, None)?;
+                st.mirrors()
+            }
+        };
+        if mirrors.is_empty() {
+            self.source.write_at(buf, offset)?;
+            return Ok(());
+        }
+        // Two overlapping writes must land in the same order on the source and its mirrors.
+        let _order = lock(&self.mirror_order);
         self.source.write_at(buf, offset)?;
+        for (name, lun) in mirrors {
+            if let Err(e) = lun.write_at(buf, offset) {
+                self.fracture_on_error(&name, e)?;
+            }
+        }
         Ok(())
     }
 
     /// Copies `chunk`'s current source contents into the pool for every session that still
     /// sees them. When the pool has no free slot, those sessions cannot be kept whole: they
     /// are invalidated (durably, before the source changes) and the write goes on.
+    ///
+    /// A write right after the previous chunk's copy is taken as sequential, and the next
+    /// chunks that need a copy are preserved with it (as readahead does for reads): the
+    /// flushes, which dominate the cost, are then paid once per run instead of per chunk.
+    /// A chunk that already has its copy ends the run.
+    /// A chunk preserved early holds exactly what its sessions see, so this only spends
+    /// pool space a sequential writer is about to need anyway.
     pub(crate) fn preserve(&self, st: &mut State, chunk: u64) -> Result<()> {
-        let lo = st.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
         let hi = st.epoch();
-        let mut data = vec![0u8; st.chunk_size() as usize];
-        let len = st.chunk_len(chunk) as usize;
-        self.source
-            .read_at(&mut data[..len], chunk * st.chunk_size())?;
-        let entry = Entry {
-            chunk,
-            lo,
-            hi,
-            kind: Kind::Shared,
+        let lo_of = |st: &State, c: u64| st.chunks.get(&c).map_or(0, |i| i.preserved_to);
+        if st.free.is_empty() && !self.reclaim_speculative(st)? {
+            let lo = lo_of(st, chunk);
+            return self.invalidate_from(st, chunk, lo);
+        }
+        // Like readahead, the run doubles while the writer keeps consuming it.
+        let wanted = match st.ahead {
+            Some((next, len)) if next == chunk => (len * 2).min(PRESERVE_AHEAD),
+            _ if chunk > 0 && lo_of(st, chunk - 1) == hi => 4,
+            _ => 1,
         };
-        if self.store_copy(st, &data, entry)?.is_none() {
-            self.invalidate_from(st, chunk, lo)?;
+        let limit = wanted.min(st.free.len() as u64);
+        let mut run = 1;
+        while run < limit && chunk + run < st.source_chunks() && st.needs_copy(chunk + run) {
+            run += 1;
+        }
+        st.ahead = Some((chunk + run, run));
+        let cs = st.chunk_size();
+        let mut data = vec![0u8; (run * cs) as usize];
+        let len = (run - 1) * cs + st.chunk_len(chunk + run - 1);
+        self.source.read_at(&mut data[..len as usize], chunk * cs)?;
+        let entries: Vec<Entry> = (chunk..chunk + run)
+            .map(|c| Entry {
+                chunk: c,
+                lo: lo_of(st, c),
+                hi,
+                kind: Kind::Shared,
+            })
+            .collect();
+        self.store_copies(st, &data, &entries)?;
+        for e in &entries[1..] {
+            let slot = st
+                .chunks
+                .get(&e.chunk)
+                .and_then(|index| index.copies.iter().find(|(x, _)| x == e).map(|&(_, s)| s));
+            if let Some(slot) = slot {
+                st.speculative.insert(e.chunk, slot);
+            }
         }
         Ok(())
+    }
+
+    /// Frees the copies made ahead of a sequential writer that it never reached: their
+    /// chunks are unchanged on the source, so the sessions read them there again. The
+    /// entries are cleared durably before their slots can be reused.
+    fn reclaim_speculative(&self, st: &mut State) -> Result<bool> {
+        let spec: Vec<(u64, u64)> = st.speculative.drain().collect();
+        if spec.is_empty() {
+            return Ok(false);
+        }
+        for &(chunk, slot) in &spec {
+            st.slots[slot as usize] = None;
+            if let Some(index) = st.chunks.get_mut(&chunk) {
+                index.copies.retain(|&(_, s)| s != slot);
+                index.preserved_to = index
+                    .copies
+                    .iter()
+                    .filter(|(e, _)| e.kind == Kind::Shared)
+                    .map(|(e, _)| e.hi)
+                    .max()
+                    .unwrap_or(0);
+            }
+        }
+        for &(_, slot) in &spec {
+            self.write_entry_sector(st, slot)?;
+        }
+        self.pool.flush()?;
+        st.free.extend(spec.iter().map(|&(_, slot)| slot));
+        st.ahead = None;
+        Ok(true)
     }
 
     fn invalidate_from(&self, st: &mut State, chunk: u64, lo: u64) -> Result<()> {
@@ -174,6 +268,13 @@ impl Engine {
     ) -> Result<()> {
         let mut st = lock(&self.state);
         self.session_check(&st, generation, name)?;
+        // The source is being copied from this session: it must hold still until done.
+        if st.header.rollback == Some(generation) {
+            return Err(SnapError::RollbackInProgress {
+                pool: self.pool_name().to_string(),
+                name: name.to_string(),
+            });
+        }
         let cs = st.chunk_size();
         for p in pieces(offset, buf.len() as u64, cs) {
             let own = st.chunks.get(&p.chunk).and_then(|c| {
@@ -216,18 +317,21 @@ impl Engine {
     /// the session being restored.
     pub fn read_source(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let st = lock(&self.state);
-        let Some(target) = st.header.rollback else {
+        if st.header.rollback.is_none() && st.reverse_syncing().is_none() {
             drop(st);
             self.source.read_at(buf, offset)?;
             return Ok(());
-        };
+        }
         let cs = st.chunk_size();
         for p in pieces(offset, buf.len() as u64, cs) {
             let piece = &mut buf[p.start..p.end];
-            let from_pool = if st.is_restored(p.chunk) {
-                None
-            } else {
-                st.locate(target, p.chunk)
+            if let Some(clone) = st.reverse_source(p.chunk) {
+                clone.read_at(piece, p.chunk * cs + p.within)?;
+                continue;
+            }
+            let from_pool = match st.header.rollback {
+                Some(target) if !st.is_restored(p.chunk) => st.locate(target, p.chunk),
+                _ => None,
             };
             match from_pool {
                 Some(slot) => self

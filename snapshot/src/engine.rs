@@ -34,6 +34,15 @@ pub(crate) struct State {
     /// Chunks already restored by the running rollback (mirrors the on-disk bitmap).
     pub restored: Option<Vec<u8>>,
     pub rollback_cursor: u64,
+    /// The last sequential preservation: (the chunk after it, its length in chunks).
+    pub ahead: Option<(u64, u64)>,
+    /// Chunks copied ahead of a sequential writer and not written since, with their slot:
+    /// the first space to take back when the pool fills.
+    pub speculative: HashMap<u64, u64>,
+    /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
+    pub clone_bits: HashMap<u32, Vec<u8>>,
+    /// Clone LUNs attached in this process, by clone name.
+    pub clone_luns: HashMap<String, Arc<dyn Lun>>,
 }
 
 #[derive(Debug)]
@@ -44,6 +53,8 @@ pub(crate) struct Engine {
     /// point in time falls between writes, never inside one.
     pub gate: RwLock<()>,
     pub state: Mutex<State>,
+    /// Held across a source write and its mirrored copies.
+    pub mirror_order: Mutex<()>,
     pub source_view_name: String,
 }
 
@@ -108,6 +119,9 @@ impl State {
             .max();
         self.chunks.clear();
         self.free.clear();
+        // A slot freed here may be reused for anything: no longer a copy made ahead.
+        self.speculative.clear();
+        self.ahead = None;
         for slot in (0..self.slots.len() as u64).rev() {
             let entry = self.slots[slot as usize];
             match entry {
@@ -129,8 +143,7 @@ impl State {
     /// True when the first write of this epoch to `chunk` must preserve its old contents.
     pub fn needs_copy(&self, chunk: u64) -> bool {
         let preserved_to = self.chunks.get(&chunk).map_or(0, |c| c.preserved_to);
-        let pinned = self.header.rollback.is_some_and(|g| g >= preserved_to);
-        pinned || self.max_valid_gen.is_some_and(|g| g >= preserved_to)
+        self.max_valid_gen.is_some_and(|g| g >= preserved_to)
     }
 
     /// The pool slot holding session `generation`'s view of `chunk`, or `None` when the session
@@ -189,6 +202,14 @@ impl Engine {
             return Err(SnapError::RollbackInProgress {
                 pool: self.pool_name().to_string(),
                 name: p.session,
+            });
+        }
+        // The source's contents are still partly on the clone: a session would not see them.
+        if let Some(c) = st.reverse_syncing() {
+            return Err(SnapError::CloneBusy {
+                pool: self.pool_name().to_string(),
+                name: c.name.clone(),
+                reason: "it is being copied back to the source; wait for it to finish".into(),
             });
         }
         Ok(())
@@ -254,29 +275,71 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes `chunk`'s slot hold `data` for `entry`: the data is durable before the entry
-    /// that points at it, and both before this returns.
+    /// Makes `chunk`'s slot hold `data` for `entry`; `None` when the pool is full.
     pub fn store_copy(&self, st: &mut State, data: &[u8], entry: Entry) -> Result<Option<u64>> {
-        let Some(slot) = st.free.pop() else {
+        if st.free.is_empty() {
             return Ok(None);
-        };
+        }
+        self.store_copies(st, data, &[entry])?;
+        Ok(st.chunks.get(&entry.chunk).and_then(|c| {
+            c.copies
+                .iter()
+                .find(|(e, _)| *e == entry)
+                .map(|&(_, slot)| slot)
+        }))
+    }
+
+    /// Puts chunk-sized pieces of `data` in free slots for `entries` (the caller checked
+    /// there are enough): all the data is durable before any entry that points at it, and
+    /// the entries before this returns. Two flushes however many chunks.
+    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<()> {
+        let cs = st.chunk_size() as usize;
+        let slots: Vec<u64> = (0..entries.len()).filter_map(|_| st.free.pop()).collect();
         let outcome = (|| {
-            self.pool.write_at(data, st.layout().slot_offset(slot))?;
+            if slots.len() < entries.len() {
+                return Err(SnapError::PoolFull {
+                    pool: self.pool_name().to_string(),
+                });
+            }
+            // Consecutive slots (the usual case: the free list hands them out in order)
+            // take one write.
+            let mut i = 0;
+            while i < slots.len() {
+                let mut n = 1;
+                while i + n < slots.len() && slots[i + n] == slots[i] + n as u64 {
+                    n += 1;
+                }
+                self.pool.write_at(
+                    &data[i * cs..(i + n) * cs],
+                    st.layout().slot_offset(slots[i]),
+                )?;
+                i += n;
+            }
             self.pool.flush()?;
-            st.slots[slot as usize] = Some(entry);
-            self.write_entry_sector(st, slot)?;
+            for (&slot, e) in slots.iter().zip(entries) {
+                st.slots[slot as usize] = Some(*e);
+            }
+            let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
+            let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
+            sectors.dedup();
+            for sector in sectors {
+                self.write_entry_sector(st, sector * per)?;
+            }
             self.pool.flush()?;
             Ok(())
         })();
+        for &slot in &slots {
+            st.slots[slot as usize] = None;
+        }
         match outcome {
             Ok(()) => {
-                st.slots[slot as usize] = None;
-                st.insert(slot, entry);
-                Ok(Some(slot))
+                for (&slot, e) in slots.iter().zip(entries) {
+                    st.insert(slot, *e);
+                }
+                Ok(())
             }
             Err(e) => {
-                st.slots[slot as usize] = None;
-                st.free.push(slot);
+                st.free.extend(slots.iter().rev());
                 Err(e)
             }
         }
@@ -308,7 +371,15 @@ impl Engine {
             pool.read_at(&mut bits, layout.bitmap_offset)?;
             restored = Some(bits);
         }
+        let mut clone_bits = HashMap::new();
+        for c in &header.clones {
+            let mut bits = vec![0u8; layout.bitmap_len as usize];
+            pool.read_at(&mut bits, layout.clone_bitmap(c.slot))?;
+            clone_bits.insert(c.slot, bits);
+        }
         let mut st = State {
+            clone_bits,
+            clone_luns: HashMap::new(),
             header,
             slots,
             free: Vec::new(),
@@ -316,6 +387,8 @@ impl Engine {
             max_valid_gen: None,
             restored,
             rollback_cursor: 0,
+            ahead: None,
+            speculative: HashMap::new(),
         };
         st.rebuild();
         Ok(st)

@@ -56,6 +56,29 @@ pub enum SnapError {
     #[error("{pool}: a rollback to session {name:?} is in progress; wait for it to finish")]
     RollbackInProgress { pool: String, name: String },
 
+    #[error("{pool}: no clone named {name:?}")]
+    UnknownClone { pool: String, name: String },
+
+    #[error("{pool}: a clone named {name:?} already exists")]
+    CloneExists { pool: String, name: String },
+
+    #[error("{pool}: already {max} clones, remove one first")]
+    TooManyClones { pool: String, max: usize },
+
+    #[error("{pool}: {lun} cannot be a clone of this source: {reason}")]
+    BadClone {
+        pool: String,
+        lun: String,
+        reason: String,
+    },
+
+    #[error("{pool}: clone {name:?}: {reason}")]
+    CloneBusy {
+        pool: String,
+        name: String,
+        reason: String,
+    },
+
     #[error("{pool}: the pool is full")]
     PoolFull { pool: String },
 }

@@ -17,6 +17,11 @@ pub(crate) const ENTRY: usize = 32;
 /// Metadata regions are aligned to this unit so any sector size up to 4 KiB works.
 pub(crate) const UNIT: u64 = 4096;
 
+/// Clones one pool keeps; each has a fracture-log bitmap after the rollback bitmap.
+pub(crate) const MAX_CLONES: usize = 8;
+const CLONE_RECORDS: usize = 1024;
+const CLONE_RECORD: usize = 320;
+
 pub(crate) const SESSION_WRITABLE: u32 = 1;
 pub(crate) const SESSION_INVALID: u32 = 2;
 
@@ -54,7 +59,8 @@ impl Layout {
         let mut slots = pool_size / chunk;
         let table_len = (slots * ENTRY as u64).next_multiple_of(UNIT);
         let bitmap_offset = TABLE_OFFSET + table_len;
-        let data_offset = (bitmap_offset + bitmap_len).next_multiple_of(chunk);
+        let bitmaps = (1 + MAX_CLONES as u64) * bitmap_len;
+        let data_offset = (bitmap_offset + bitmaps).next_multiple_of(chunk);
         slots = pool_size.checked_sub(data_offset)? / chunk;
         (slots > 0).then_some(Layout {
             chunk_size,
@@ -64,6 +70,11 @@ impl Layout {
             bitmap_len,
             data_offset,
         })
+    }
+
+    /// Where clone slot `i`'s fracture log lives.
+    pub fn clone_bitmap(&self, i: u32) -> u64 {
+        self.bitmap_offset + (1 + u64::from(i)) * self.bitmap_len
     }
 
     pub fn slot_offset(&self, slot: u64) -> u64 {
@@ -84,6 +95,31 @@ pub(crate) struct Header {
     /// Generation of the session the source is being rolled back to.
     pub rollback: Option<u64>,
     pub sessions: Vec<SessionRecord>,
+    pub clones: Vec<CloneRecord>,
+}
+
+/// Where a clone stands; the numbers are the on-disk state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneState {
+    /// Copying the chunks its fracture log names from the source; writes are mirrored.
+    Syncing = 1,
+    /// A copy of the source kept equal by mirrored writes.
+    Synchronized = 2,
+    /// Independent: both sides take writes, logged for the next sync.
+    Fractured = 3,
+    /// Copying the chunks its fracture log names back to the source; the source reads
+    /// them from the clone meanwhile, and writes are mirrored.
+    ReverseSyncing = 4,
+}
+
+/// A clone as recorded in the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CloneRecord {
+    pub state: CloneState,
+    /// Which fracture-log bitmap it owns.
+    pub slot: u32,
+    pub name: String,
+    pub lun_name: String,
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -133,6 +169,16 @@ impl Header {
         put_u32(&mut b, 104, u32::from(self.rollback.is_some()));
         put_u64(&mut b, 112, self.rollback.unwrap_or(0));
         put_u32(&mut b, 120, self.sessions.len() as u32);
+        put_u32(&mut b, 124, self.clones.len() as u32);
+        for (i, c) in self.clones.iter().enumerate() {
+            let r = CLONE_RECORDS + i * CLONE_RECORD;
+            put_u32(&mut b, r, c.state as u32);
+            put_u32(&mut b, r + 4, c.slot);
+            b[r + 8] = c.name.len() as u8;
+            b[r + 16..r + 16 + c.name.len()].copy_from_slice(c.name.as_bytes());
+            b[r + 48..r + 50].copy_from_slice(&(c.lun_name.len() as u16).to_le_bytes());
+            b[r + 50..r + 50 + c.lun_name.len()].copy_from_slice(c.lun_name.as_bytes());
+        }
         let name = self.source_name.as_bytes();
         b[128..130].copy_from_slice(&(name.len() as u16).to_le_bytes());
         b[130..130 + name.len()].copy_from_slice(name);
@@ -194,6 +240,43 @@ impl Header {
                 name,
             });
         }
+        let clone_count = get_u32(b, 124) as usize;
+        if clone_count > MAX_CLONES {
+            return Err(format!(
+                "{clone_count} clones recorded, at most {MAX_CLONES}"
+            ));
+        }
+        let mut clones = Vec::with_capacity(clone_count);
+        for i in 0..clone_count {
+            let r = CLONE_RECORDS + i * CLONE_RECORD;
+            let state = match get_u32(b, r) {
+                1 => CloneState::Syncing,
+                2 => CloneState::Synchronized,
+                3 => CloneState::Fractured,
+                4 => CloneState::ReverseSyncing,
+                s => return Err(format!("clone record {i}: unknown state {s}")),
+            };
+            let slot = get_u32(b, r + 4);
+            let len = usize::from(b[r + 8]);
+            let lun_len = usize::from(u16::from_le_bytes([b[r + 48], b[r + 49]]));
+            if slot as usize >= MAX_CLONES
+                || len == 0
+                || len > MAX_NAME
+                || lun_len > MAX_SOURCE_NAME
+            {
+                return Err(format!("clone record {i}: slot or name out of range"));
+            }
+            let text = |at: usize, n: usize| {
+                String::from_utf8(b[at..at + n].to_vec())
+                    .map_err(|_| format!("clone record {i}: name is not UTF-8"))
+            };
+            clones.push(CloneRecord {
+                state,
+                slot,
+                name: text(r + 16, len)?,
+                lun_name: text(r + 50, lun_len)?,
+            });
+        }
         let chunk_size = get_u32(b, 40);
         if !chunk_size.is_power_of_two() {
             return Err(format!("chunk size {chunk_size} is not a power of two"));
@@ -214,6 +297,7 @@ impl Header {
             },
             rollback: (get_u32(b, 104) != 0).then(|| get_u64(b, 112)),
             sessions,
+            clones,
         })
     }
 }

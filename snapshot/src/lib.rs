@@ -1,5 +1,6 @@
 //! Array-style snapshots of any [`Lun`]: copy-on-first-write sessions kept in a reserved
-//! pool (itself a LUN), writable sessions, and rollback.
+//! pool (itself a LUN), writable sessions, rollback, consistency groups across sources,
+//! and clones on other LUNs with fracture logs.
 //!
 //! # Design
 //!
@@ -15,16 +16,23 @@
 //! `cofw.rs`), so a crash at any point leaves every surviving session reading exactly the
 //! source's contents at its point in time. Deleting a session only rewrites the header:
 //! slots no valid session needs are free at once, in memory and on the next open.
-//! A rollback is a persisted state machine (see `rollback.rs`). The on-disk layout is in
-//! `FORMAT.md`.
+//! A sequential writer preserves the chunks ahead of it in one copy, so the pool's
+//! flushes are paid per run rather than per chunk.
+//!
+//! Rollback (`rollback.rs`) and clone sync (`clones.rs`) are persisted state machines
+//! with a progress value; a crash resumes them. A consistency group (`group.rs`) closes
+//! the write gates of all its members before taking their sessions. Clones keep a
+//! fracture log per clone in the pool, so sync and reverse sync copy only what changed.
+//! The on-disk layout is in `FORMAT.md`.
 //!
 //! Finding a LUN's sessions from the LUN alone: the pool's header names its source (the
 //! source LUN's name, e.g. `file:/srv/vm1.img`, and its size), and [`Snapshots::open`]
 //! refuses a pool of another source. The source itself carries no marker (its every byte
 //! belongs to its user), so the convention for a LUN outside a datastore is a pool beside
-//! it: for `file:/srv/vm1.img`, `/srv/vm1.img.snap`; [`pool_source`] reads which source a
-//! pool belongs to without opening that source.
+//! it ([`pool_beside`]: for `/srv/vm1.img`, `/srv/vm1.img.snap`); [`pool_source`] reads
+//! which source a pool belongs to without opening that source.
 
+mod clones;
 mod cofw;
 mod engine;
 mod error;
@@ -33,6 +41,7 @@ mod fsck;
 mod group;
 mod rollback;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -42,11 +51,13 @@ use tracing::{error, info};
 
 use engine::{Engine, State, check_name, lock, read_header};
 use format::{
-    HEADER_SLOT, Header, Layout, MAX_SOURCE_NAME, SESSION_INVALID, SESSION_WRITABLE, SessionRecord,
+    Header, Layout, MAX_SOURCE_NAME, SESSION_INVALID, SESSION_WRITABLE, SessionRecord,
     TABLE_OFFSET, bad_pool,
 };
 
+pub use clones::CloneInfo;
 pub use error::{Result, SnapError};
+pub use format::CloneState;
 pub use fsck::{FsckReport, fsck};
 pub use group::create_group_session;
 pub use rollback::RollbackProgress;
@@ -108,6 +119,18 @@ pub struct PoolUsage {
 pub struct Snapshots {
     engine: Arc<Engine>,
     rollback_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Tells the background rollback to stop between steps (the engine is going away;
+    /// the next open resumes it from the pool).
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Snapshots {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = lock(&self.rollback_thread).take() {
+            let _ = h.join();
+        }
+    }
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -176,6 +199,7 @@ impl Snapshots {
             layout,
             rollback: None,
             sessions: Vec::new(),
+            clones: Vec::new(),
         };
         // The other header copy is cleared too: a stale copy with a higher sequence
         // number would otherwise win on open.
@@ -183,13 +207,13 @@ impl Snapshots {
         pool.flush()?;
         pool.write_at(&header.encode(), header.offset())?;
         pool.flush()?;
-        debug_assert_eq!(header.offset(), HEADER_SLOT);
         info!(pool = %pool_name, source = source.name(), chunk_size = chunk, slots = layout.slots, "snapshot pool created");
         Snapshots::open(source, pool)
     }
 
     /// Opens the pool of `source`, refusing a pool of another source. A rollback cut short
-    /// by a crash resumes in the background.
+    /// by a crash resumes in the background. Clones are attached with
+    /// [`Snapshots::attach_clone`]; until then source writes are only logged for them.
     pub fn open(source: Arc<dyn Lun>, pool: Arc<dyn Lun>) -> Result<Snapshots> {
         let state: State = Engine::load(&source, &pool)?;
         let resume = state.header.rollback.is_some();
@@ -199,10 +223,12 @@ impl Snapshots {
             pool,
             gate: RwLock::new(()),
             state: Mutex::new(state),
+            mirror_order: Mutex::new(()),
         });
         let snaps = Snapshots {
             engine,
             rollback_thread: Mutex::new(None),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         if resume {
             info!(
@@ -345,8 +371,9 @@ impl Snapshots {
 
     fn spawn_rollback(&self) {
         let engine = self.engine.clone();
+        let stop = self.stop.clone();
         let handle = std::thread::spawn(move || {
-            loop {
+            while !stop.load(Ordering::SeqCst) {
                 match engine.rollback_step(ROLLBACK_BATCH) {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
@@ -358,6 +385,103 @@ impl Snapshots {
             }
         });
         *lock(&self.rollback_thread) = Some(handle);
+    }
+}
+
+/// Clones: full copies of the source on other LUNs, mirrored until fractured.
+impl Snapshots {
+    /// Makes `lun` (the source's size and sector size) a clone named `name`: every chunk is
+    /// logged for copying and writes are mirrored from now on. Run [`Snapshots::sync_step`]
+    /// or [`Snapshots::run_sync`] to copy.
+    pub fn add_clone(&self, name: &str, lun: Arc<dyn Lun>) -> Result<()> {
+        self.engine.add_clone(name, lun)
+    }
+
+    /// Attaches a clone's LUN after [`Snapshots::open`]; until then writes to the source
+    /// are only logged for it.
+    pub fn attach_clone(&self, name: &str, lun: Arc<dyn Lun>) -> Result<()> {
+        self.engine.attach_clone(name, lun)
+    }
+
+    pub fn remove_clone(&self, name: &str) -> Result<()> {
+        self.engine.remove_clone(name)
+    }
+
+    /// Stops mirroring to a synchronized clone; both sides then change independently and
+    /// the fracture log records which chunks.
+    pub fn fracture(&self, name: &str) -> Result<()> {
+        self.engine.fracture(name)
+    }
+
+    /// Starts copying the logged chunks from the source to the clone.
+    pub fn sync(&self, name: &str) -> Result<()> {
+        self.engine.start_sync(name, false)
+    }
+
+    /// Starts copying the logged chunks from the clone back to the source; the source reads
+    /// them from the clone until they are copied.
+    pub fn reverse_sync(&self, name: &str) -> Result<()> {
+        self.engine.start_sync(name, true)
+    }
+
+    /// Copies up to `max_chunks` chunks of a running sync; `None` once synchronized.
+    pub fn sync_step(&self, name: &str, max_chunks: u64) -> Result<Option<CloneInfo>> {
+        self.engine.sync_step(name, max_chunks)
+    }
+
+    /// Runs a sync (started by [`Snapshots::sync`], [`Snapshots::reverse_sync`] or
+    /// [`Snapshots::add_clone`]) to its end.
+    pub fn run_sync(&self, name: &str) -> Result<()> {
+        while self.engine.sync_step(name, ROLLBACK_BATCH)?.is_some() {}
+        Ok(())
+    }
+
+    pub fn clones(&self) -> Vec<CloneInfo> {
+        lock(&self.engine.state).clone_infos()
+    }
+
+    /// A fractured clone as a `Lun` whose writes are logged for the next sync.
+    pub fn clone_view(&self, name: &str) -> Result<Arc<CloneLun>> {
+        let lun = self.engine.clone_lun(name)?;
+        Ok(Arc::new(CloneLun {
+            engine: self.engine.clone(),
+            clone: name.to_string(),
+            lun_name: format!("clone:{}", lun.name()),
+            lun,
+        }))
+    }
+}
+
+/// A clone LUN seen through the engine: reads go to it, writes are logged first.
+#[derive(Debug)]
+pub struct CloneLun {
+    engine: Arc<Engine>,
+    clone: String,
+    lun_name: String,
+    lun: Arc<dyn Lun>,
+}
+
+impl Lun for CloneLun {
+    fn name(&self) -> &str {
+        &self.lun_name
+    }
+    fn sector_size(&self) -> u32 {
+        self.lun.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.lun.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.lun.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        check_request(self, offset, buf.len() as u64)?;
+        self.engine
+            .write_clone(&self.clone, buf, offset)
+            .map_err(|e| e.into_lun(&self.lun_name, offset, buf.len() as u64))
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.lun.flush()
     }
 }
 
@@ -384,6 +508,15 @@ pub(crate) fn info_of(st: &State, s: &SessionRecord) -> SessionInfo {
         chunks_in_pool,
         group: (s.group != 0).then_some(s.group),
     }
+}
+
+/// Where the pool of a source outside a datastore lives by convention: beside it, with
+/// `.snap` appended (`/srv/vm1.img` -> `/srv/vm1.img.snap`), so a LUN's sessions are found
+/// from the LUN alone.
+pub fn pool_beside(source: &std::path::Path) -> std::path::PathBuf {
+    let mut name = source.as_os_str().to_os_string();
+    name.push(".snap");
+    std::path::PathBuf::from(name)
 }
 
 /// Which source a pool belongs to (its name and size), read from the pool alone.
@@ -421,9 +554,11 @@ impl Lun for SourceLun {
             .map_err(|e| e.into_lun(self.name(), offset, buf.len() as u64))
     }
     /// Copies are durable in the pool before the source write they protect, so only the
-    /// source needs flushing.
+    /// source, and the clones its writes are mirrored to, need flushing.
     fn flush(&self) -> lun::Result<()> {
-        self.engine.source.flush()
+        self.engine
+            .flush_source()
+            .map_err(|e| e.into_lun(self.name(), 0, 0))
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::sync::PoisonError;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::engine::{Engine, State, lock};
 use crate::error::{Result, SnapError};
@@ -71,6 +71,13 @@ impl Engine {
                 name: p.session,
             });
         }
+        if let Some(c) = st.reverse_syncing() {
+            return Err(SnapError::CloneBusy {
+                pool,
+                name: c.name.clone(),
+                reason: "it is being copied back to the source; wait for it to finish".into(),
+            });
+        }
         let session = st.session(name).cloned().ok_or(SnapError::UnknownSession {
             pool: pool.clone(),
             name: name.to_string(),
@@ -113,7 +120,16 @@ impl Engine {
         if st.needs_copy(chunk) {
             self.preserve(st, chunk)?;
         }
-        self.source.write_at(&data, chunk * st.chunk_size())?;
+        self.log_changes(st, chunk..=chunk, None)?;
+        st.speculative.remove(&chunk);
+        let at = chunk * st.chunk_size();
+        self.source.write_at(&data, at)?;
+        // Clones that follow the source follow its rollback too.
+        for (name, lun) in st.mirrors() {
+            if let Err(e) = lun.write_at(&data, at) {
+                warn!(pool = self.pool_name(), clone = %name, error = %e, "mirroring a restored chunk failed; the clone's log keeps it for the next sync");
+            }
+        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Random source writes, sessions taken and deleted, writes to writable sessions,
-//! rollbacks (with writes while they run) and reopens, checked byte for byte against an
-//! in-memory model after every step.
+//! rollbacks (with writes while they run), a clone fractured, written, synced and
+//! reverse-synced (with writes while it runs), and reopens, checked byte for byte against
+//! an in-memory model after every step.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,6 +22,8 @@ const CHUNK: u32 = 4096;
 struct Model {
     source: Vec<u8>,
     sessions: BTreeMap<String, Vec<u8>>,
+    /// The clone's contents once fractured; `None` while it follows the source.
+    clone: Option<Vec<u8>>,
 }
 
 fn random_write(rng: &mut StdRng, size: u64) -> (u64, Vec<u8>) {
@@ -33,6 +36,11 @@ fn random_write(rng: &mut StdRng, size: u64) -> (u64, Vec<u8>) {
 }
 
 fn check(snaps: &Snapshots, model: &Model, step: usize) {
+    let clone = read_all(snaps.clone_view("c").unwrap().as_ref());
+    assert!(
+        clone == *model.clone.as_ref().unwrap_or(&model.source),
+        "clone after step {step}"
+    );
     assert_eq!(
         read_all(snaps.source().as_ref()),
         model.source,
@@ -57,12 +65,15 @@ fn check(snaps: &Snapshots, model: &Model, step: usize) {
     assert!(snaps.list().iter().all(|s| s.state == SessionState::Valid));
 }
 
-fn run(seed: u64, steps: usize) {
+/// Runs `steps` random operations; returns how many syncs and reverse syncs ran.
+fn run(seed: u64, steps: usize) -> (usize, usize) {
+    let (mut syncs, mut reverse_syncs) = (0, 0);
     let f = files(SOURCE, 8 << 20);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Model {
         source: vec![0u8; SOURCE as usize],
         sessions: BTreeMap::new(),
+        clone: None,
     };
     let mut snaps = Snapshots::create(
         open(&f.source),
@@ -70,6 +81,10 @@ fn run(seed: u64, steps: usize) {
         PoolOptions { chunk_size: CHUNK },
     )
     .unwrap();
+    let clone_path = f.dir.path().join("clone.img");
+    lun::FileLun::create(&clone_path, SOURCE).unwrap();
+    snaps.add_clone("c", open(&clone_path)).unwrap();
+    snaps.run_sync("c").unwrap();
     let mut writable = BTreeMap::new();
     let mut counter = 0;
     for step in 0..steps {
@@ -112,6 +127,11 @@ fn run(seed: u64, steps: usize) {
                 let name = model.sessions.keys().nth(i).unwrap().clone();
                 snaps.start_rollback(&name).unwrap();
                 model.source = model.sessions[&name].clone();
+                if writable[&name] {
+                    // The session being restored from holds still until the end.
+                    let err = snaps.session(&name).unwrap().write_at(&[0u8; 512], 0);
+                    assert!(err.unwrap_err().to_string().contains("rollback"));
+                }
                 // Writes and reads while the copy back runs.
                 while snaps
                     .rollback_step(rng.random_range(1..20))
@@ -131,7 +151,45 @@ fn run(seed: u64, steps: usize) {
                 snaps.source().flush().unwrap();
                 drop(snaps);
                 snaps = Snapshots::open(open(&f.source), open(&f.pool)).unwrap();
+                snaps.attach_clone("c", open(&clone_path)).unwrap();
             }
+            94..100 => match model.clone.take() {
+                None => {
+                    snaps.fracture("c").unwrap();
+                    model.clone = Some(model.source.clone());
+                }
+                Some(mut image) => match rng.random_range(0..4) {
+                    0 | 1 => {
+                        let (offset, data) = random_write(&mut rng, SOURCE);
+                        let view = snaps.clone_view("c").unwrap();
+                        view.write_at(&data, offset).unwrap();
+                        image[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                        model.clone = Some(image);
+                    }
+                    2 => {
+                        snaps.sync("c").unwrap();
+                        snaps.run_sync("c").unwrap();
+                        syncs += 1;
+                    }
+                    _ => {
+                        snaps.reverse_sync("c").unwrap();
+                        reverse_syncs += 1;
+                        model.source = image;
+                        // The source reads the clone at once; writes go to both meanwhile.
+                        while snaps
+                            .sync_step("c", rng.random_range(1..8))
+                            .unwrap()
+                            .is_some()
+                        {
+                            assert_eq!(read_all(snaps.source().as_ref()), model.source);
+                            let (offset, data) = random_write(&mut rng, SOURCE);
+                            snaps.source().write_at(&data, offset).unwrap();
+                            model.source[offset as usize..offset as usize + data.len()]
+                                .copy_from_slice(&data);
+                        }
+                    }
+                },
+            },
             _ => {}
         }
         check(&snaps, &model, step);
@@ -145,13 +203,21 @@ fn run(seed: u64, steps: usize) {
         snaps.delete_session(name).unwrap();
     }
     assert_eq!(snaps.usage().used, 0);
+    (syncs, reverse_syncs)
 }
 
 #[test]
 fn random_operations_match_the_model() {
+    let (mut syncs, mut reverse_syncs) = (0, 0);
     for seed in 0..3 {
-        run(seed, 120);
+        let (s, r) = run(seed, 150);
+        syncs += s;
+        reverse_syncs += r;
     }
+    assert!(
+        syncs > 0 && reverse_syncs > 0,
+        "{syncs} syncs, {reverse_syncs} reverse syncs"
+    );
 }
 
 #[test]

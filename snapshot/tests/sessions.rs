@@ -55,8 +55,9 @@ fn a_first_write_costs_the_same_with_64_sessions_as_with_one() {
 
 #[test]
 fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_source() {
-    // 64 KiB header copies + 4 KiB table + 4 KiB bitmap leave 6 data slots of 4 KiB.
-    let f = files(64 * C, 64 * 1024 + 8192 + 6 * C);
+    // 64 KiB header copies + 4 KiB table + 9 × 4 KiB bitmaps (rollback, 8 clone logs)
+    // leave 6 data slots of 4 KiB.
+    let f = files(64 * C, 64 * 1024 + 40 * 1024 + 6 * C);
     let snaps = Snapshots::create(
         open(&f.source),
         open(&f.pool),
@@ -67,12 +68,13 @@ fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_
     let source = snaps.source();
     source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
     snaps.create_session("old", false).unwrap();
-    for c in 0..4 {
+    // Every other chunk, so each write preserves just its own chunk.
+    for c in [0, 2, 4, 6] {
         source.write_at(&chunk_of(2), c * C).unwrap();
     }
     snaps.create_session("new", false).unwrap();
-    // Chunks 0..4 again: "new" needs their 2s, two slots remain.
-    for c in 0..4 {
+    // The same chunks again: "new" needs their 2s, two slots remain.
+    for c in [0, 2, 4, 6] {
         source.write_at(&chunk_of(3), c * C).unwrap();
     }
     let list = snaps.list();
@@ -91,7 +93,9 @@ fn a_full_pool_invalidates_only_the_sessions_it_cannot_keep_and_never_fails_the_
         vec![1u8; (64 * C) as usize]
     );
     let mut expected = vec![1u8; (64 * C) as usize];
-    expected[..(4 * C) as usize].fill(3);
+    for c in [0, 2, 4, 6] {
+        expected[(c * C) as usize..((c + 1) * C) as usize].fill(3);
+    }
     assert_eq!(read_all(source.as_ref()), expected);
     // The state survives a reopen and fsck sees nothing wrong.
     drop(snaps);
@@ -167,6 +171,8 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
         "{err}"
     );
     assert_eq!(pool_bytes(&f.pool), before);
+    // The pool beside the source names it.
+    assert_eq!(f.pool, f.dir.path().join("source.img.snap"));
     assert_eq!(
         snapshot::pool_source(open(&f.pool).as_ref()).unwrap(),
         (open(&f.source).name().to_string(), 64 * C)
@@ -227,5 +233,193 @@ fn fsck_names_a_damaged_entry_and_a_damaged_header_copy_falls_back_to_the_other(
     assert!(
         err.to_string().contains("slot 0: checksum mismatch"),
         "{err}"
+    );
+}
+
+/// Counts flushes that reach a LUN.
+#[derive(Debug)]
+struct CountFlushes {
+    inner: Arc<dyn Lun>,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl Lun for CountFlushes {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_sequential_writer_pays_the_pool_flushes_once_per_run_not_per_chunk() {
+    let f = files(64 * C, 4 << 20);
+    let pool = Arc::new(CountFlushes {
+        inner: open(&f.pool),
+        flushes: Default::default(),
+    });
+    let snaps = Snapshots::create(
+        open(&f.source),
+        pool.clone(),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
+    snaps.create_session("s", false).unwrap();
+    let before = pool.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    for c in 0..64 {
+        source.write_at(&chunk_of(2), c * C).unwrap();
+    }
+    let flushes = pool.flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // Runs of 1, 2, 4, ... 32 chunks and the last one: two flushes each, not 128.
+    assert!(
+        flushes <= 14,
+        "{flushes} pool flushes for 64 sequential chunks"
+    );
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+    assert_eq!(snaps.usage().used, 64);
+}
+
+thread_local! {
+    static SLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A source whose reads, on a thread marked slow, announce the chunk they are about to
+/// read and then wait: the window in which a concurrent write copies and overwrites it.
+#[derive(Debug)]
+struct SlowReads {
+    inner: Arc<dyn Lun>,
+    reading: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Lun for SlowReads {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        if SLOW.with(|s| s.get()) {
+            self.reading
+                .store(offset / C + 1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A session read racing a source write to the chunk it is reading returns the point in
+/// time, never the new bytes: the read looks up the chunk's copy again after reading the
+/// source, and rereads from the pool when the write copied it meanwhile.
+#[test]
+fn a_session_read_racing_a_write_to_its_chunk_sees_only_the_point_in_time() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const N: u64 = 16;
+    let f = files(N * C, 4 << 20);
+    let reading = Arc::new(AtomicU64::new(0));
+    let source = Arc::new(SlowReads {
+        inner: open(&f.source),
+        reading: reading.clone(),
+    });
+    let snaps = Arc::new(
+        Snapshots::create(source, open(&f.pool), PoolOptions { chunk_size: CHUNK }).unwrap(),
+    );
+    snaps
+        .source()
+        .write_at(&vec![1u8; (N * C) as usize], 0)
+        .unwrap();
+    snaps.create_session("s", false).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (source, reading, done) = (snaps.source(), reading.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut written = vec![false; N as usize];
+            let mut hits = 0;
+            while !done.load(Ordering::SeqCst) {
+                let r = reading.load(Ordering::SeqCst);
+                if r > 0 && !written[(r - 1) as usize] {
+                    written[(r - 1) as usize] = true;
+                    source.write_at(&chunk_of(2), (r - 1) * C).unwrap();
+                    hits += 1;
+                }
+            }
+            hits
+        })
+    };
+    let session = snaps.session("s").unwrap();
+    let mut buf = vec![0u8; (N * C) as usize];
+    SLOW.with(|s| s.set(true));
+    session.read_at(&mut buf, 0).unwrap();
+    SLOW.with(|s| s.set(false));
+    done.store(true, Ordering::SeqCst);
+    let hits = writer.join().unwrap();
+    assert!(hits > 0, "the writer never raced the reader");
+    assert!(
+        buf.iter().all(|&b| b == 1),
+        "a session read saw a later write"
+    );
+}
+
+#[test]
+fn copies_made_ahead_of_a_sequential_writer_are_taken_back_before_a_session_is_invalidated() {
+    // 6 data slots, as in the pool-full test.
+    let f = files(64 * C, 64 * 1024 + 40 * 1024 + 6 * C);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    source.write_at(&vec![1u8; (64 * C) as usize], 0).unwrap();
+    snaps.create_session("s", false).unwrap();
+    // A sequential run: chunks 0, 1 and 3 written, the copies run ahead and fill the pool.
+    for c in [0, 1, 3] {
+        source.write_at(&chunk_of(2), c * C).unwrap();
+    }
+    assert_eq!(snaps.usage().used, 6);
+    // Elsewhere: the copies nobody wrote over are taken back, the session stays whole.
+    source.write_at(&chunk_of(3), 20 * C).unwrap();
+    assert_eq!(snaps.list()[0].state, SessionState::Valid);
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
+    );
+    drop(snaps);
+    let report = snapshot::fsck(open(&f.pool).as_ref()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let snaps = Snapshots::open(open(&f.source), open(&f.pool)).unwrap();
+    assert_eq!(
+        read_all(snaps.session("s").unwrap().as_ref()),
+        vec![1u8; (64 * C) as usize]
     );
 }

@@ -21,7 +21,7 @@ pub struct Files {
 pub fn files(source_size: u64, pool_size: u64) -> Files {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
-    let pool = dir.path().join("source.img.snap");
+    let pool = snapshot::pool_beside(&source);
     FileLun::create(&source, source_size).unwrap();
     FileLun::create(&pool, pool_size).unwrap();
     Files { dir, source, pool }

@@ -1,0 +1,181 @@
+//! The snapshot engine on regular files: 64 MiB of sequential 64 KiB writes (then a flush)
+//! through the engine's source LUN, and 64 MiB of reads.
+//!
+//! - first write: `baseline` with no session; `cofw` right after a session is taken, so
+//!   every chunk is copied to the pool first.
+//! - rewrite: `baseline` with no session; `after_cofw` with a session whose chunks are all
+//!   copied already (writes go straight to the source).
+//! - sessions: the first write with 1 session open (`baseline`), 8 and 64.
+//! - read: the source (`baseline`) and a session whose chunks are all in the pool.
+//! - clone sync: a full copy to a clone (`baseline`) and a sync after 1 % of the chunks
+//!   changed on the source since the fracture.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{
+    BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+    measurement::WallTime,
+};
+use lun::{FileLun, Lun};
+use snapshot::{PoolOptions, Snapshots};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+const IO: usize = 64 * 1024;
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Bytes(SIZE));
+}
+
+fn file(path: &Path, size: u64) -> Arc<dyn Lun> {
+    if !path.exists() {
+        FileLun::create(path, size).unwrap();
+    }
+    Arc::new(FileLun::open(path, false).unwrap())
+}
+
+/// A source, filled, with an empty pool twice its size.
+fn engine(dir: &Path, name: &str) -> Snapshots {
+    let source = file(&dir.join(format!("{name}.img")), SIZE);
+    let pool = file(&dir.join(format!("{name}.snap")), 2 * SIZE + 4 * MIB);
+    write_pass(source.as_ref(), 1);
+    Snapshots::create(source, pool, PoolOptions::default()).unwrap()
+}
+
+fn write_pass(lun: &dyn Lun, fill: u8) {
+    let buf = vec![fill; IO];
+    for offset in (0..SIZE).step_by(IO) {
+        lun.write_at(&buf, offset).unwrap();
+    }
+    lun.flush().unwrap();
+}
+
+fn read_pass(lun: &dyn Lun) {
+    let mut buf = vec![0u8; IO];
+    for offset in (0..SIZE).step_by(IO) {
+        lun.read_at(&mut buf, offset).unwrap();
+    }
+}
+
+/// Times the first write pass after `sessions` fresh sessions are taken.
+fn first_write(snaps: &Snapshots, sessions: usize, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let source = snaps.source();
+    for i in 0..iters {
+        for s in 0..sessions {
+            snaps.create_session(&format!("s{s}"), false).unwrap();
+        }
+        let t = Instant::now();
+        write_pass(source.as_ref(), i as u8);
+        total += t.elapsed();
+        for s in 0..sessions {
+            snaps.delete_session(&format!("s{s}")).unwrap();
+        }
+    }
+    total
+}
+
+fn writes(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = engine(dir.path(), "w");
+
+    let mut group = c.benchmark_group("snapshot_first_write_64MiB");
+    configure(&mut group);
+    group.bench_function("baseline", |b| b.iter_custom(|n| first_write(&snaps, 0, n)));
+    group.bench_function("cofw", |b| b.iter_custom(|n| first_write(&snaps, 1, n)));
+    group.finish();
+
+    let mut group = c.benchmark_group("snapshot_rewrite_64MiB");
+    configure(&mut group);
+    let source = snaps.source();
+    group.bench_function("baseline", |b| b.iter(|| write_pass(source.as_ref(), 5)));
+    snaps.create_session("kept", false).unwrap();
+    write_pass(source.as_ref(), 6);
+    group.bench_function("after_cofw", |b| b.iter(|| write_pass(source.as_ref(), 7)));
+    group.finish();
+    snaps.delete_session("kept").unwrap();
+
+    let mut group = c.benchmark_group("snapshot_sessions_first_write_64MiB");
+    configure(&mut group);
+    group.bench_function("baseline", |b| b.iter_custom(|n| first_write(&snaps, 1, n)));
+    group.bench_function("8_sessions", |b| {
+        b.iter_custom(|n| first_write(&snaps, 8, n))
+    });
+    group.bench_function("64_sessions", |b| {
+        b.iter_custom(|n| first_write(&snaps, 64, n))
+    });
+    group.finish();
+}
+
+fn reads(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = engine(dir.path(), "r");
+    snaps.create_session("s", false).unwrap();
+    let source = snaps.source();
+    write_pass(source.as_ref(), 2);
+    let session = snaps.session("s").unwrap();
+    let mut group = c.benchmark_group("snapshot_read_64MiB");
+    configure(&mut group);
+    group.bench_function("baseline", |b| b.iter(|| read_pass(source.as_ref())));
+    group.bench_function("session", |b| b.iter(|| read_pass(session.as_ref())));
+    group.finish();
+}
+
+fn clone_sync(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = engine(dir.path(), "c");
+    let clone = file(&dir.path().join("clone.img"), SIZE);
+    snaps.add_clone("c", clone).unwrap();
+    snaps.run_sync("c").unwrap();
+    let source = snaps.source();
+    let chunks = SIZE / IO as u64;
+    let mut group = c.benchmark_group("snapshot_clone_sync_64MiB");
+    configure(&mut group);
+    // A full copy: what a sync costs with every chunk logged.
+    group.bench_function("baseline", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                snaps.remove_clone("c").unwrap();
+                snaps
+                    .add_clone("c", file(&dir.path().join("clone.img"), SIZE))
+                    .unwrap();
+                let t = Instant::now();
+                snaps.run_sync("c").unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    group.bench_function("after_1pct_changed", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                source.flush().unwrap();
+                snaps.fracture("c").unwrap();
+                for chunk in (0..chunks).step_by(100) {
+                    source
+                        .write_at(&vec![i as u8; IO], chunk * IO as u64)
+                        .unwrap();
+                }
+                let t = Instant::now();
+                snaps.sync("c").unwrap();
+                snaps.run_sync("c").unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, writes, reads, clone_sync);
+criterion_main!(benches);
