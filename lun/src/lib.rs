@@ -16,6 +16,7 @@ pub mod prereq;
 mod range_lock;
 mod reach;
 mod scsi;
+mod switch;
 mod uring;
 
 pub use direct::AlignedBuf;
@@ -25,6 +26,7 @@ pub use file::{Backing, FileLun};
 pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
 pub use reach::{CasScope, DeviceKind, Reach, shared_fs_name};
+pub use switch::{SwitchError, SwitchLun};
 
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
