@@ -204,6 +204,18 @@ fn processes_get_one_winner_per_round() {
         let me: u64 = parts.next().unwrap().parse().unwrap();
         let rounds: u64 = parts.next().unwrap().parse().unwrap();
         let lun = FileLun::open(Path::new(path), false).unwrap();
+        // A child that starts late on a loaded machine could find every round already
+        // played: all of them start playing together.
+        let dir = Path::new(path).parent().unwrap();
+        std::fs::write(dir.join(format!("ready-{me}")), b"").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while (0..4).any(|n| !dir.join(format!("ready-{n}")).exists()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other children never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let won = play(&lun, me, rounds);
         println!(
             "WON {}",
