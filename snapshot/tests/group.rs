@@ -65,7 +65,13 @@ fn a_group_session_is_one_point_in_time_across_members_under_concurrent_writers(
     let refs: Vec<&Snapshots> = members.iter().map(|m| m.as_ref()).collect();
     let mut points = Vec::new();
     for i in 0..4 {
+        // Some acknowledged writes since the last point, however loaded the machine is.
+        let seen = log.lock().unwrap().len();
         std::thread::sleep(std::time::Duration::from_millis(30));
+        let all = MEMBERS * SECTORS as usize;
+        while log.lock().unwrap().len() < (seen + 3).min(all) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let before = clock.load(Ordering::SeqCst);
         let infos = create_group_session(&refs, &format!("cg{i}"), false).unwrap();
         let after = clock.load(Ordering::SeqCst);

@@ -371,6 +371,7 @@ fn a_session_read_racing_a_write_to_its_chunk_sees_only_the_point_in_time() {
                     source.write_at(&chunk_of(2), (r - 1) * C).unwrap();
                     hits += 1;
                 }
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
             hits
         })
