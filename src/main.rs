@@ -15,6 +15,12 @@ struct Cli {
     #[arg(short = 'd', long = "datastore", env = "VAPP_DATASTORE", global = true)]
     datastore: Option<String>,
 
+    /// Open a copy of a datastore (a snapshot, clone or replica) read-write with the
+    /// original's signature: failover, once the original is gone. Refused while the
+    /// original is reachable from this host.
+    #[arg(long, env = vmfs::KEEP_SIGNATURE_ENV, global = true)]
+    keep_signature: bool,
+
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `vmfs=debug`.
     #[arg(long, env = "VAPP_LOG", default_value = "warn", global = true)]
     log: String,
@@ -63,6 +69,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.keep_signature {
+        // Every read-write open reads it through vmfs::OpenOptions, VM processes too.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var(vmfs::KEEP_SIGNATURE_ENV, "1") };
+    }
     init_logging(&cli.log);
     let datastore = cli.datastore.as_deref();
     let outcome = match cli.command {
