@@ -17,8 +17,8 @@ struct Cli {
 
     /// Open a copy of a datastore (a snapshot, clone or replica) read-write with the
     /// original's signature: failover, once the original is gone. Refused while the
-    /// original is reachable from this host.
-    #[arg(long, env = vmfs::KEEP_SIGNATURE_ENV, global = true)]
+    /// original is reachable from this host. VAPP_KEEP_SIGNATURE=1 does the same.
+    #[arg(long, global = true)]
     keep_signature: bool,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `vmfs=debug`.

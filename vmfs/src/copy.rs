@@ -279,6 +279,7 @@ fn refuse_live_hosts(lun: &dyn Lun, sb: &Superblock) -> Result<()> {
                 hb.state != SlotState::Free
                     && heartbeat::same_machine(hb)
                     && heartbeat::pid_alive(hb.pid)
+                    && !zombie(hb.pid)
             })
             .map(|hb| (slot as u32, hb.clone()))
     });
@@ -300,6 +301,16 @@ fn refuse_live_hosts(lun: &dyn Lun, sb: &Superblock) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// A killed process that nobody reaped yet (no init reaps in some containers) still
+/// answers kill(pid, 0), but holds nothing.
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            == Some('Z')
+    })
 }
 
 #[cfg(test)]
