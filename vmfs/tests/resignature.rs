@@ -149,3 +149,34 @@ fn a_power_cut_during_resignature_leaves_the_old_signature_or_the_new_one() {
         ds.close().unwrap();
     }
 }
+
+/// A datastore formatted before vapp recorded LUN identities is never judged a copy: its
+/// copies open read-write as before, until a resignature records an identity.
+#[test]
+fn a_datastore_without_a_recorded_identity_is_never_a_copy() {
+    let t = TestDs::cluster(LockProtocol::CompareAndWrite, 100);
+    let lun = open_lun(&t.path);
+    let (mut sb, _) = vmfs::read_superblock(&*lun).unwrap();
+    assert!(sb.lun_identity.is_some(), "format records the LUN identity");
+    sb.lun_identity = None;
+    lun.write_at(&sb.encode(0)[..], 0).unwrap();
+    lun.write_at(&sb.encode(sb.backup_offset())[..], sb.backup_offset())
+        .unwrap();
+    lun.flush().unwrap();
+    drop(lun);
+    let copy = t.dir.path().join("old-copy.vmfs");
+    cp(&t.path, &copy);
+
+    for path in [&t.path, &copy] {
+        let ds = Datastore::open(open_lun(path), &host_named("legacy")).unwrap();
+        assert_eq!(ds.info().unwrap().copy, "unknown");
+        ds.mkdir_path("/written", 0o755, creds()).unwrap();
+        ds.close().unwrap();
+        fsck_clean(path);
+    }
+
+    vmfs::resignature(open_lun(&copy), None).unwrap();
+    let ds = Datastore::open(open_lun(&copy), &host_named("legacy")).unwrap();
+    assert_eq!(ds.info().unwrap().copy, "no");
+    ds.close().unwrap();
+}
