@@ -367,8 +367,13 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     println!("            {}", describe_safety(&info.lock_safety));
     println!("superblock  {}", info.superblock);
     let identity = &info.lun_identity;
-    let recorded = identity.recorded.as_deref().unwrap_or("none recorded");
-    let found = identity.found.as_deref().unwrap_or("unknown");
+    let readable = |serialised: Option<&str>, none: &str| {
+        serialised
+            .and_then(lun::LunIdentity::parse)
+            .map_or_else(|| none.to_string(), |id| id.to_string())
+    };
+    let recorded = readable(identity.recorded.as_deref(), "none recorded");
+    let found = readable(identity.found.as_deref(), "no stable identity");
     match info.copy {
         "yes" => {
             println!("copy        yes: formatted on {recorded}, found on {found}");
