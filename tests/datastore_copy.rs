@@ -5,6 +5,7 @@
 //! own, and `--keep-signature` opens it in the original's place once that is gone.
 #![allow(clippy::unwrap_used)]
 
+mod export_support;
 mod fuse_support;
 
 use std::path::{Path, PathBuf};
@@ -416,4 +417,29 @@ fn resignature_is_refused_while_a_host_is_live_on_the_copy() {
     ok(&["datastore", "resignature", cp]);
     assert_ne!(info(cp)["uuid"], before["uuid"]);
     assert_clean(cp);
+}
+
+/// Over NBD the client sees the export, not the server's LUN: a datastore reached that way
+/// is never judged a copy, so the original served by qemu-nbd opens read-write.
+#[test]
+fn a_datastore_over_nbd_is_never_judged_a_copy() {
+    if !export_support::require_tools(&[("qemu-nbd", "qemu-utils")]) {
+        return;
+    }
+    let orig = Original::new(&["--lock-protocol", "paxos"]);
+    let peer = export_support::Peer::qemu_nbd(&orig.lun, &orig.dir.path().join("nbd.sock"));
+    let over_nbd = info(&peer.url);
+    assert_eq!(over_nbd["copy"], "unknown", "{over_nbd}");
+    assert!(
+        over_nbd["lun_identity"]["found"]
+            .as_str()
+            .unwrap()
+            .starts_with("nbd:"),
+        "{over_nbd}"
+    );
+    ok(&["-d", &peer.url, "mkdir", "/over-nbd"]);
+    orig.assert_files(&peer.url);
+    drop(peer);
+    assert_eq!(info(orig.lun())["copy"], "no");
+    assert!(ok(&["-d", orig.lun(), "ls", "/"]).contains("over-nbd"));
 }
