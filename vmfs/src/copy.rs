@@ -269,38 +269,52 @@ fn default_label(old: &str, uuid: Uuid) -> String {
     label
 }
 
-/// A host whose heartbeat moves, or a process of this machine that holds a slot, is live:
-/// resignaturing under it would pull the datastore from under its feet.
+/// A host whose heartbeat moves, or a live process of this machine that holds a slot, is
+/// live: resignaturing under it would pull the datastore from under its feet. As for
+/// dead-host recovery, a slot of another machine is judged only after its heartbeat stood
+/// still for the dead-host timeout, by which time its host has fenced itself; a slot of a
+/// process of this machine that is gone needs no wait.
 fn refuse_live_hosts(lun: &dyn Lun, sb: &Superblock) -> Result<()> {
-    let region = crate::cluster::survey::read_region(lun, sb)?;
-    let here = region.iter().enumerate().find_map(|(slot, hb)| {
-        hb.as_ref()
-            .filter(|hb| {
-                hb.state != SlotState::Free
-                    && heartbeat::same_machine(hb)
-                    && heartbeat::pid_alive(hb.pid)
-                    && !zombie(hb.pid)
-            })
-            .map(|hb| (slot as u32, hb.clone()))
-    });
-    let live = match here {
-        Some(found) => Some(found),
-        None => crate::cluster::survey::renewing_hosts(lun, sb)?
-            .into_iter()
-            .next()
-            .map(|hb| (hb.slot, hb)),
+    let busy = |slot: u32, hb: &heartbeat::Heartbeat| Error::Busy {
+        object: format!("datastore {:?} on {}", sb.label, lun.name()),
+        holder: format!(
+            "live host {} (slot {slot}, pid {}); unmount it everywhere before resignaturing",
+            hb.hostname, hb.pid
+        ),
+        mode: "mounted".into(),
     };
-    match live {
-        Some((slot, hb)) => Err(Error::Busy {
-            object: format!("datastore {:?} on {}", sb.label, lun.name()),
-            holder: format!(
-                "live host {} (slot {slot}, pid {}); unmount it everywhere before resignaturing",
-                hb.hostname, hb.pid
-            ),
-            mode: "mounted".into(),
-        }),
-        None => Ok(()),
+    let first = crate::cluster::survey::read_region(lun, sb)?;
+    let mut watched = Vec::new();
+    for (slot, hb) in first.iter().enumerate() {
+        let Some(hb) = hb.as_ref().filter(|hb| hb.state != SlotState::Free) else {
+            continue;
+        };
+        if heartbeat::same_machine(hb) {
+            if heartbeat::pid_alive(hb.pid) && !zombie(hb.pid) {
+                return Err(busy(slot as u32, hb));
+            }
+            continue;
+        }
+        watched.push(slot);
     }
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let timing = sb.timing();
+    let started = std::time::Instant::now();
+    tracing::info!(lun = %lun.name(), slots = ?watched, wait = ?timing.dead_after(), "watching heartbeats of other machines' slots before resignaturing");
+    while started.elapsed() < timing.dead_after() {
+        std::thread::sleep(timing.monitor_interval());
+        let now = crate::cluster::survey::read_region(lun, sb)?;
+        for &slot in &watched {
+            if let (Some(a), Some(b)) = (&first[slot], &now[slot]) {
+                if a.counter != b.counter || a.generation != b.generation {
+                    return Err(busy(slot as u32, b));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A killed process that nobody reaped yet (no init reaps in some containers) still
@@ -314,8 +328,96 @@ fn zombie(pid: u32) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A copy (a `cp` of a freshly formatted datastore file) whose slot 5 was held by a
+    /// host of another machine.
+    fn copy_with_foreign_slot(dir: &std::path::Path) -> (Arc<dyn Lun>, Superblock, u64) {
+        let orig = dir.join("orig.vmfs");
+        let lun = lun::open(
+            orig.to_str().unwrap(),
+            &lun::OpenOptions {
+                create_size: Some(128 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        crate::format(
+            lun,
+            &crate::FormatOptions {
+                block_size: 64 << 10,
+                max_files: Some(1024),
+                io_timeout: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let copy = dir.join("copy.vmfs");
+        std::fs::copy(&orig, &copy).unwrap();
+        let lun = lun::open(copy.to_str().unwrap(), &lun::OpenOptions::default()).unwrap();
+        let (sb, _) = read_superblock(&*lun).unwrap();
+        let off = sb.heartbeat_slot_offset(5);
+        let hb = heartbeat::Heartbeat {
+            slot: 5,
+            state: SlotState::Live,
+            host: Uuid::new_v4(),
+            hostname: "esx-far".into(),
+            generation: 3,
+            counter: 1,
+            time_ns: 0,
+            pid: 1,
+            nonce: 7,
+            io_timeout_ms: 100,
+            boot_id: [0xab; 16],
+            pid_ns: 0,
+            recoverer: None,
+        };
+        write_record(&*lun, &hb.encode(off), off).unwrap();
+        (lun, sb, off)
+    }
+
+    #[test]
+    fn another_machines_silent_slot_is_freed_after_the_dead_host_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lun, sb, _) = copy_with_foreign_slot(dir.path());
+        let started = Instant::now();
+        let report = resignature(lun.clone(), None).unwrap();
+        assert!(started.elapsed() >= sb.timing().dead_after());
+        assert_eq!(report.slots_cleared, 1);
+        let region = crate::cluster::survey::read_region(&*lun, &sb).unwrap();
+        let slot = region[5].as_ref().unwrap();
+        assert_eq!((slot.state, slot.generation), (SlotState::Free, 3));
+    }
+
+    #[test]
+    fn another_machines_renewing_slot_refuses_resignature_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lun, sb, off) = copy_with_foreign_slot(dir.path());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewer = {
+            let (lun, stop) = (lun.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut u = vec![0u8; crate::codec::UNIT];
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    lun.read_at(&mut u, off).unwrap();
+                    let mut hb = heartbeat::Heartbeat::decode(&u, off, 5).unwrap().unwrap();
+                    hb.counter += 1;
+                    write_record(&*lun, &hb.encode(off), off).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let err = resignature(lun.clone(), Some("x")).unwrap_err();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        renewer.join().unwrap();
+        let text = err.to_string();
+        assert!(text.contains("live host esx-far (slot 5"), "{text}");
+        let (after, _) = read_superblock(&*lun).unwrap();
+        assert_eq!(after, sb);
+    }
 
     #[test]
     fn default_labels_name_the_snapshot_and_fit() {
