@@ -154,9 +154,9 @@ pub struct ResignatureReport {
 /// snapshot LUN: replays every host's journal, frees every heartbeat slot and lock record,
 /// then writes a new UUID, `label` (default `snap-XXXXXXXX-OLD`) and this LUN's identity.
 ///
-/// Refused, changing nothing, while a live host holds a slot (see [`refuse_live_hosts`]:
-/// a slot of another machine costs a dead-host timeout of watching), on a datastore that
-/// is not a copy, and for a label longer than 63 bytes.
+/// Refused, changing nothing, while a live host holds a slot (a live process of this
+/// machine, or a heartbeat that moves: a slot of another machine costs a dead-host timeout
+/// of watching), on a datastore that is not a copy, and for a label longer than 63 bytes.
 /// Crash safety: everything before the superblocks is valid under the old signature too
 /// (journals replayed, slots free as after a recovery), and the primary superblock, which
 /// every open reads, is written last in one sector write after the backup: an interrupted
