@@ -15,7 +15,9 @@
 //! - `nbd:URI`: an NBD export. The client cannot see what the server serves, so it is
 //!   recorded and never compared.
 //!
-//! Anything else read back is kept as text and never compared either.
+//! Anything else read back is kept as text and never compared either. A LUN that vapp
+//! itself produces from another (a snapshot view, a clone) reports a `dev` identity with
+//! an id of its own (e.g. `vapp-snapshot.UUID`), so a datastore found on it is a copy.
 
 use std::fmt;
 use std::fs::File;
