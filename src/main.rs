@@ -16,6 +16,12 @@ struct Cli {
     #[arg(short = 'd', long = "datastore", env = "VAPP_DATASTORE", global = true)]
     datastore: Option<String>,
 
+    /// Open a copy of a datastore (a snapshot, clone or replica) read-write with the
+    /// original's signature: failover, once the original is gone. Refused while the
+    /// original is reachable from this host. VAPP_KEEP_SIGNATURE=1 does the same.
+    #[arg(long, global = true)]
+    keep_signature: bool,
+
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `vmfs=debug`.
     #[arg(long, env = "VAPP_LOG", default_value = "warn", global = true)]
     log: String,
@@ -65,6 +71,11 @@ enum Command {
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
     let cli = Cli::parse();
+    if cli.keep_signature {
+        // Every read-write open reads it through vmfs::OpenOptions, VM processes too.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var(vmfs::KEEP_SIGNATURE_ENV, "1") };
+    }
     init_logging(&cli.log);
     let datastore = cli.datastore.as_deref();
     let outcome = match cli.command {

@@ -327,6 +327,10 @@ impl Lun for FaultLun {
         self.inner.reach()
     }
 
+    fn identity(&self) -> Option<crate::LunIdentity> {
+        self.inner.identity()
+    }
+
     fn compare_and_write(
         &self,
         expected: &[u8],

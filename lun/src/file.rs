@@ -71,6 +71,7 @@ pub struct FileLun {
     direct: Option<Direct>,
     engine: Engine,
     reach: Reach,
+    identity: Option<crate::LunIdentity>,
     ats: Option<Ats>,
     /// OFD locks exclude other open files, not other threads using this one.
     cas: Mutex<()>,
@@ -193,6 +194,7 @@ impl FileLun {
         }
         let engine = Engine::select(options.engine).map_err(open_error)?;
         let reach = reach::of_file(&file, &metadata, backing == Backing::BlockDevice);
+        let identity = crate::identity::of_file(&file, &metadata, path, reach);
         let ats = match reach {
             Reach::BlockDevice(DeviceKind::Scsi) => {
                 probe_ats(&name, &file, &metadata, device_sector, sector_size)
@@ -233,6 +235,7 @@ impl FileLun {
             }),
             engine,
             reach,
+            identity,
             ats,
             cas: Mutex::new(()),
         })
@@ -587,6 +590,10 @@ impl Lun for FileLun {
 
     fn reach(&self) -> Reach {
         self.reach
+    }
+
+    fn identity(&self) -> Option<crate::LunIdentity> {
+        self.identity.clone()
     }
 
     fn compare_and_write(

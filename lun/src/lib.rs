@@ -10,6 +10,7 @@ mod engine;
 mod error;
 pub mod fault;
 mod file;
+mod identity;
 pub mod nbd;
 mod open;
 pub mod prereq;
@@ -23,6 +24,7 @@ pub use direct::AlignedBuf;
 pub use engine::{IO_ENGINE_ENV, IoEngine};
 pub use error::{LunError, Result};
 pub use file::{Backing, FileLun};
+pub use identity::{IDENTITY_MAX, LunIdentity};
 pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};
 pub use reach::{CasScope, DeviceKind, Reach, shared_fs_name};
@@ -85,6 +87,12 @@ pub trait Lun: Send + Sync + fmt::Debug {
     /// How this machine reaches the LUN, which says whether other machines might too.
     fn reach(&self) -> Reach {
         Reach::Other
+    }
+
+    /// What the LUN is, whatever path reached it (see [`LunIdentity`]); `None` when it
+    /// cannot be told (a test wrapper, a block device with no stable id).
+    fn identity(&self) -> Option<LunIdentity> {
+        None
     }
 
     /// Atomic test-and-set: if the bytes at `offset` equal `expected`, replace them with
@@ -233,6 +241,9 @@ impl<T: Lun + ?Sized> Lun for std::sync::Arc<T> {
     }
     fn reach(&self) -> Reach {
         (**self).reach()
+    }
+    fn identity(&self) -> Option<LunIdentity> {
+        (**self).identity()
     }
     fn compare_and_write(
         &self,

@@ -21,6 +21,21 @@ pub enum DatastoreCommand {
     /// Change how hosts coordinate on a datastore no host has mounted (as VMFS changes its
     /// locking mode offline): `paxos`, `cas` or `local`, as at format.
     SetLockProtocol(SetLockProtocolArgs),
+    /// Give a copy of a datastore (an array snapshot, a clone, a copied image) a signature
+    /// of its own, as VMFS resignatures a snapshot LUN: its journals are replayed, its
+    /// heartbeats and locks cleared, and it gets a new UUID, a new name and this LUN's
+    /// identity, so it mounts read-write beside its original.
+    Resignature(ResignatureArgs),
+}
+
+#[derive(Args)]
+pub struct ResignatureArgs {
+    pub lun: String,
+    /// The copy's new name (default: snap-XXXXXXXX- and the old name).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -97,6 +112,7 @@ pub fn run(command: DatastoreCommand) -> anyhow::Result<ExitCode> {
         DatastoreCommand::Fsck(args) => fsck(args),
         DatastoreCommand::Hosts(args) => hosts(args),
         DatastoreCommand::SetLockProtocol(args) => set_lock_protocol(args),
+        DatastoreCommand::Resignature(args) => resignature(args),
     }
 }
 
@@ -106,6 +122,28 @@ fn set_lock_protocol(args: SetLockProtocolArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: cannot change the lock protocol", args.lun))?;
     println!("{}: locking {}", args.lun, args.protocol.name());
     println!("  {}", describe_safety(&safety));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resignature(args: ResignatureArgs) -> anyhow::Result<ExitCode> {
+    let lun = open_lun(&args.lun, false)?;
+    let report = vmfs::resignature(lun, args.name.as_deref())
+        .with_context(|| format!("{}: cannot resignature", args.lun))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{}: resignatured datastore {:?} ({}) as {:?} ({})",
+        args.lun, report.old_label, report.old_uuid, report.label, report.uuid
+    );
+    println!(
+        "  {} transaction(s) replayed from {} journal(s), {} heartbeat slot(s) and {} lock(s) cleared",
+        report.transactions_replayed,
+        report.journals_replayed,
+        report.slots_cleared,
+        report.locks_cleared
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -328,6 +366,25 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     );
     println!("            {}", describe_safety(&info.lock_safety));
     println!("superblock  {}", info.superblock);
+    let identity = &info.lun_identity;
+    let readable = |serialised: Option<&str>, none: &str| {
+        serialised
+            .and_then(lun::LunIdentity::parse)
+            .map_or_else(|| none.to_string(), |id| id.to_string())
+    };
+    let recorded = readable(identity.recorded.as_deref(), "none recorded");
+    let found = readable(identity.found.as_deref(), "no stable identity");
+    match info.copy {
+        "yes" => {
+            println!("copy        yes: formatted on {recorded}, found on {found}");
+            match &identity.original {
+                Some(original) => println!("            original reachable at {original}"),
+                None => println!("            original not reachable from this host"),
+            }
+        }
+        "no" => println!("copy        no (on the LUN it was formatted on: {found})"),
+        _ => println!("copy        unknown (recorded: {recorded}; found: {found})"),
+    }
     if let Some(w) = &info.superblock_warning {
         println!("WARNING     {w}");
     }

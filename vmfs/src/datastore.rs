@@ -42,6 +42,10 @@ pub struct OpenOptions {
     pub host_name: String,
     /// Stable per host: a host that crashed finds its own slot and replays its journal.
     pub host_uuid: Uuid,
+    /// Open a copy of a datastore read-write with the original's signature, as failover
+    /// does once the original is gone (still refused while it is reachable). Default:
+    /// `VAPP_KEEP_SIGNATURE` set to `1`, `true` or `yes`.
+    pub keep_signature: bool,
 }
 
 impl OpenOptions {
@@ -59,6 +63,9 @@ impl OpenOptions {
 /// Environment variables that set a host's identity (e.g. for several hosts on one machine).
 pub const HOST_NAME_ENV: &str = "VAPP_HOST_NAME";
 pub const HOST_UUID_ENV: &str = "VAPP_HOST_UUID";
+/// Set to `1` to open copies of datastores with the original's signature (see
+/// [`OpenOptions::keep_signature`]); child processes (a VM's) inherit it.
+pub const KEEP_SIGNATURE_ENV: &str = "VAPP_KEEP_SIGNATURE";
 
 impl Default for OpenOptions {
     /// This machine's identity: `VAPP_HOST_NAME` or the host name, and `VAPP_HOST_UUID` or
@@ -84,10 +91,13 @@ impl Default for OpenOptions {
                 b[4..8].copy_from_slice(&crc32c::crc32c_append(h, b"vapp").to_le_bytes());
                 Uuid::from_bytes(b)
             });
+        let keep_signature = std::env::var(KEEP_SIGNATURE_ENV)
+            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
         OpenOptions {
             read_only: false,
             host_name,
             host_uuid,
+            keep_signature,
         }
     }
 }
@@ -288,6 +298,11 @@ pub struct Info {
     pub read_only: bool,
     pub resources: Vec<ResourceInfo>,
     pub hosts: Vec<HostSlotInfo>,
+    /// `yes` when the datastore is found on another LUN than the one it was formatted on
+    /// (a snapshot, clone or copy), `no`, or `unknown`.
+    pub copy: &'static str,
+    /// The recorded and found LUN identities, and where the original is for a copy.
+    pub lun_identity: crate::copy::CopyStatus,
 }
 
 pub(crate) struct HostInfo {
@@ -407,6 +422,7 @@ impl Datastore {
             let state = State::new(st, 0, None);
             return Ok(Datastore::assemble(lun, sb, source, None, None, state));
         }
+        crate::copy::check_read_write(&*lun, &sb, options.keep_signature)?;
         let who = Identity {
             name: options.host_name.clone(),
             uuid: options.host_uuid,
@@ -1385,6 +1401,7 @@ impl Datastore {
                 )),
             ),
         };
+        let copy = crate::copy::status(&**lun, sb);
         Ok(Info {
             lun: lun.name().to_string(),
             uuid: sb.uuid.to_string(),
@@ -1410,6 +1427,8 @@ impl Datastore {
             read_only: self.is_read_only(),
             resources,
             hosts,
+            copy: copy.copy,
+            lun_identity: copy,
         })
     }
 }

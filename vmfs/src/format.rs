@@ -110,7 +110,8 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
         io_timeout_ms: Timing::new(io_timeout).io_timeout_ms(),
     };
     let uuid = options.uuid.unwrap_or_else(Uuid::new_v4);
-    let sb = layout::plan(&name, lun.size(), &geometry, uuid, &options.label, now_ns())?;
+    let mut sb = layout::plan(&name, lun.size(), &geometry, uuid, &options.label, now_ns())?;
+    sb.lun_identity = lun.identity();
 
     let zero = zero_unit();
     lun.write_at(&zero[..], 0)?;

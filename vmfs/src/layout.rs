@@ -145,7 +145,14 @@ pub struct Superblock {
     pub lock_protocol: LockProtocol,
     /// The cluster timing every host of this datastore uses.
     pub io_timeout_ms: u32,
+    /// The LUN the datastore was formatted (or last resignatured) on; `None` for one
+    /// formatted before vapp recorded it. A copy is found on another LUN.
+    pub lun_identity: Option<lun::LunIdentity>,
 }
+
+/// Where the recorded LUN identity lives in the superblock, and its room.
+const OFF_LUN_IDENTITY: usize = 352;
+const LUN_IDENTITY_LEN: usize = lun::IDENTITY_MAX;
 
 pub const LABEL_MAX: usize = 63;
 
@@ -222,6 +229,9 @@ impl Superblock {
         put_u64(b, 336, ROOT_INO);
         put_u32(b, 344, self.lock_protocol.code());
         put_u32(b, 348, self.io_timeout_ms);
+        if let Some(identity) = &self.lun_identity {
+            put_str(b, OFF_LUN_IDENTITY, LUN_IDENTITY_LEN, &identity.serialise());
+        }
         seal(b, MAGIC_SUPER, location, RECORD);
         u
     }
@@ -270,6 +280,7 @@ impl Superblock {
                 SuperFault::Insane(format!("unknown lock protocol {}", get_u32(b, 344)))
             })?,
             io_timeout_ms: get_u32(b, 348),
+            lun_identity: lun::LunIdentity::parse(&get_str(b, OFF_LUN_IDENTITY, LUN_IDENTITY_LEN)),
         };
         sb.sane().map_err(SuperFault::Insane)?;
         Ok(sb)
@@ -509,6 +520,7 @@ fn layout(
         file_blocks,
         lock_protocol: LockProtocol::CompareAndWrite,
         io_timeout_ms: Timing::default().io_timeout_ms(),
+        lun_identity: None,
     }
 }
 

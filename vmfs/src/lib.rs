@@ -26,6 +26,7 @@
 mod bitmap;
 pub mod cluster;
 mod codec;
+mod copy;
 mod datastore;
 mod dir;
 mod error;
@@ -43,9 +44,11 @@ mod state;
 mod store;
 
 pub use cluster::{LockMode, LockProtocol, LockSafety, Timing, lock_safety};
+pub use copy::{CopyStatus, ResignatureReport, resignature};
 pub use datastore::{
-    Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info, NewFile,
-    OpenOptions, ResourceInfo, SetAttr, StatFs, SuperblockSource, read_superblock,
+    Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info,
+    KEEP_SIGNATURE_ENV, NewFile, OpenOptions, ResourceInfo, SetAttr, StatFs, SuperblockSource,
+    read_superblock,
 };
 pub use dir::NAME_MAX;
 pub use error::{Error, Result};

@@ -145,6 +145,9 @@ impl Lun for GuardLun {
     fn reach(&self) -> lun::Reach {
         self.inner.reach()
     }
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        self.inner.identity()
+    }
     fn compare_and_write(
         &self,
         expected: &[u8],

@@ -181,7 +181,7 @@ pub fn survey(lun: Arc<dyn Lun>, watch: Duration) -> Result<Survey> {
 
 /// Every held lock record: all resource clusters, and the descriptors the bitmaps say are
 /// in use. Records that do not decode are skipped (fsck reports them).
-fn read_locks(lun: &dyn Lun, sb: &Superblock) -> Result<Vec<(LockTarget, LockRecord)>> {
+pub(crate) fn read_locks(lun: &dyn Lun, sb: &Superblock) -> Result<Vec<(LockTarget, LockRecord)>> {
     let mut out = Vec::new();
     let mut inodes_in_use = Vec::new();
     for kind in ResourceKind::ALL {

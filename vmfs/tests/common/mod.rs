@@ -88,6 +88,7 @@ pub fn host() -> OpenOptions {
         read_only: false,
         host_name: "test-host".into(),
         host_uuid: uuid_for("test-host"),
+        keep_signature: false,
     }
 }
 
@@ -129,6 +130,7 @@ pub fn host_named(name: &str) -> OpenOptions {
         read_only: false,
         host_name: name.into(),
         host_uuid: uuid_for(name),
+        keep_signature: false,
     }
 }
 

@@ -355,6 +355,12 @@ impl Lun for NbdLun {
         crate::Reach::Nbd
     }
 
+    fn identity(&self) -> Option<crate::LunIdentity> {
+        Some(crate::LunIdentity::Nbd {
+            uri: self.name().to_string(),
+        })
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
