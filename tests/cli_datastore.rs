@@ -246,7 +246,8 @@ fn info_tells_lock_safety_and_a_local_file_datastore_is_refused_as_a_block_devic
     let text = ok(&["datastore", "info", ds]);
     assert!(
         text.contains(
-            "NOT safe across machines (no other machine can reach a file on a local file system)"
+            "holds among this machine's processes only, enough here: \
+             no other machine can reach a file on a local file system"
         ),
         "{text}"
     );

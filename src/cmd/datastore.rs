@@ -311,7 +311,7 @@ fn describe_safety(safety: &vmfs::LockSafety) -> String {
         }
         _ => "no other machine can reach a file on a local file system",
     };
-    format!("{through}: NOT safe across machines ({why})")
+    format!("{through}: holds among this machine's processes only, enough here: {why}")
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
