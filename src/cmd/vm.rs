@@ -42,6 +42,10 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// The VMs on the datastore: size, disks, and whether they run.
     List(ListArgs),
+    /// Snapshot all of a VM's writable disks at one point in time, running or not.
+    Snapshot(SnapshotArgs),
+    /// Return all of a stopped VM's writable disks to one of its snapshots.
+    Revert(SnapshotArgs),
     /// Write hv's test guest kernel (a PVH ELF) to a file, for demos and tests.
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
@@ -114,6 +118,14 @@ pub struct ListArgs {
 }
 
 #[derive(Args)]
+pub struct SnapshotArgs {
+    /// The VM folder on the datastore.
+    path: String,
+    /// The snapshot's name: letters, digits, '-', '_' and '.', at most 32.
+    name: String,
+}
+
+#[derive(Args)]
 pub struct TestGuestArgs {
     output: PathBuf,
 }
@@ -136,6 +148,8 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
         }
         VmCommand::Stop(args) => stop(super::require_datastore(datastore)?, args),
         VmCommand::List(args) => list(super::require_datastore(datastore)?, args),
+        VmCommand::Snapshot(args) => snapshot(super::require_datastore(datastore)?, args),
+        VmCommand::Revert(args) => revert(super::require_datastore(datastore)?, args),
         VmCommand::TestGuest(args) => {
             let image = hv::test_guest::image().map_err(anyhow::Error::msg)?;
             std::fs::write(&args.output, image)
@@ -471,6 +485,114 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
          still running; `vapp vm stop --force {folder}` powers it off",
         args.timeout
     )
+}
+
+/// The VM's writable disks (read-only ones never change, so a snapshot leaves them out).
+fn writable_disks(ds: &Datastore, folder: &str) -> anyhow::Result<Vec<String>> {
+    let spec = read_spec(ds, folder)?;
+    let disks: Vec<String> = spec
+        .disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| spec::path_in(folder, &d.path))
+        .collect();
+    if disks.is_empty() {
+        bail!("vm {folder}: no writable disk to snapshot");
+    }
+    Ok(disks)
+}
+
+/// Runs `body` on the datastore mounted as a short-lived host, closing it however `body`
+/// ends.
+fn with_datastore<T>(
+    datastore: &str,
+    body: impl FnOnce(&Datastore) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let ds = open_datastore(datastore, false)?;
+    let out = body(&ds);
+    let closed = ds.close().context("closing the datastore");
+    let out = out?;
+    closed?;
+    Ok(out)
+}
+
+fn snapshot(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    use super::vdisk_snapshot as snap;
+    let folder = folder_path(&args.path)?;
+    let name = args.name;
+    let message = with_datastore(datastore, |ds| {
+        let disks = writable_disks(ds, &folder)?;
+        let registry = Registry::for_datastore(&ds.superblock().uuid.to_string());
+        if let Presence::Running(_) = registry.presence(&folder)? {
+            let reply = runtime::ask(
+                &registry.socket_path(&folder),
+                Request::Snapshot { name: name.clone() },
+            )
+            .with_context(|| format!("vm {folder}: asking it to take snapshot {name}"))?;
+            if !reply.ok {
+                bail!("{}", reply.message);
+            }
+            return Ok(reply.message);
+        }
+        // Stopped here; a VM running on another host holds its disks, and opening them
+        // is refused naming that host.
+        let mut engines = Vec::new();
+        for path in &disks {
+            let source = ds
+                .open_lun_through_engine(path, vmfs::Access::Exclusive)
+                .with_context(|| format!("vm {folder}: disk {path}"))?;
+            let snaps = snap::attach(ds, path, source, true)?
+                .with_context(|| format!("{path}: no snapshot engine"))?;
+            engines.push((path.clone(), snaps));
+        }
+        let members: Vec<&snapshot::Snapshots> = engines.iter().map(|(_, s)| s).collect();
+        let taken = snapshot::create_group_session(&members, &name, false);
+        drop(members);
+        if let Err(e) = taken {
+            for (path, snaps) in engines {
+                snap::release_if_empty(ds, &path, snaps)?;
+            }
+            return Err(anyhow::Error::new(e).context(format!("vm {folder}: snapshot {name}")));
+        }
+        Ok(format!(
+            "snapshot {name} of {} disk(s) taken",
+            engines.len()
+        ))
+    })?;
+    crate::outln!("vm {folder}: {message}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn revert(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    use super::vdisk_snapshot as snap;
+    let folder = folder_path(&args.path)?;
+    let name = args.name;
+    let count = with_datastore(datastore, |ds| {
+        let disks = writable_disks(ds, &folder)?;
+        let registry = Registry::for_datastore(&ds.superblock().uuid.to_string());
+        if let presence @ Presence::Running(_) = registry.presence(&folder)? {
+            bail!(
+                "vm {folder} is {}: stop it first (`vapp vm stop {folder}`), then revert it",
+                run::describe(&presence)
+            );
+        }
+        // Every disk is checked before any is changed.
+        let mut engines = Vec::new();
+        for path in &disks {
+            let snaps = snap::open_engine(ds, path)
+                .with_context(|| format!("vm {folder}: cannot revert to snapshot {name}"))?;
+            if !snaps.list().iter().any(|s| s.name == name) {
+                bail!("vm {folder}: disk {path} has no snapshot {name}");
+            }
+            engines.push((path.clone(), snaps));
+        }
+        for (path, snaps) in &engines {
+            snap::rollback_engine(path, snaps, &name)?;
+        }
+        Ok(engines.len())
+    })?;
+    crate::outln!("vm {folder}: {count} disk(s) reverted to snapshot {name}")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits until the VM process has let go of its claim; false on timeout.

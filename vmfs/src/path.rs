@@ -13,6 +13,21 @@ use crate::layout::ROOT_INO;
 /// Symbolic links followed while resolving one path.
 const MAX_SYMLINKS: u32 = 40;
 
+/// Where the snapshot pool of the virtual disk at `path` lives: a hidden file beside it,
+/// `/vms/a/disk0.vdisk` -> `/vms/a/.disk0.vdisk.snap`.
+pub fn snapshot_pool_path(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    let (dir, name) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    format!("{dir}/.{name}.snap")
+}
+
+/// The virtual disk a pool path belongs to, the inverse of [`snapshot_pool_path`].
+pub fn snapshot_source_path(pool: &str) -> Option<String> {
+    let (dir, name) = pool.trim_end_matches('/').rsplit_once('/')?;
+    let disk = name.strip_prefix('.')?.strip_suffix(".snap")?;
+    (!disk.is_empty()).then(|| format!("{dir}/{disk}"))
+}
+
 fn components(path: &str) -> Result<Vec<&OsStr>> {
     if !path.starts_with('/') {
         return Err(Error::Invalid {
@@ -236,6 +251,13 @@ impl Datastore {
         let (p2, n2) = self.split_parent(to)?;
         self.rename(p1, &n1, p2, &n2, false).map_err(|e| match e {
             Error::NotFound { .. } => e.at(from),
+            Error::SnapshotProtected { .. }
+                if self
+                    .stat_path(from)
+                    .is_ok_and(|a| a.snapshot_source || a.snapshot_pool) =>
+            {
+                e.at(from)
+            }
             other => other.at(to),
         })
     }
@@ -285,6 +307,12 @@ impl Datastore {
             Ok(_) if !options.overwrite => {
                 return Err(Error::Exists {
                     object: path.into(),
+                });
+            }
+            Ok(a) if a.snapshot_source || a.snapshot_pool => {
+                return Err(Error::SnapshotProtected {
+                    object: path.into(),
+                    pool: a.snapshot_pool,
                 });
             }
             Ok(_) | Err(Error::NotFound { .. }) => {}
