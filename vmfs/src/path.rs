@@ -217,12 +217,44 @@ impl Datastore {
         let attr = self.lookup(parent, &name).map_err(|e| e.at(path))?;
         if attr.kind == Kind::Dir {
             if recursive {
+                // Refused before anything is removed: a tree holding a disk with snapshots
+                // (or a pool) stays whole.
+                if let Some(e) = self.find_protected(attr.ino, path.trim_end_matches('/'))? {
+                    return Err(e);
+                }
                 self.remove_tree(attr.ino).map_err(|e| e.at(path))?;
             }
             self.rmdir(parent, &name).map_err(|e| e.at(path))
         } else {
             self.unlink(parent, &name).map_err(|e| e.at(path))
         }
+    }
+
+    /// The refusal for the first disk with snapshots or pool below directory `dir`.
+    fn find_protected(&self, dir: u64, path: &str) -> Result<Option<Error>> {
+        let mut entries = Vec::new();
+        let mut after = 2;
+        loop {
+            let batch = self.readdir(dir, after)?;
+            let Some(last) = batch.last() else { break };
+            after = last.cookie;
+            entries.extend(batch.into_iter().filter(|e| e.cookie > 2));
+        }
+        for e in entries {
+            let (name, attr) = (e.name, self.getattr(e.ino)?);
+            let child = format!("{path}/{}", name.to_string_lossy());
+            if attr.kind == Kind::Dir {
+                if let Some(e) = self.find_protected(attr.ino, &child)? {
+                    return Ok(Some(e));
+                }
+            } else if attr.snapshot_source || attr.snapshot_pool {
+                return Ok(Some(Error::SnapshotProtected {
+                    object: child,
+                    pool: attr.snapshot_pool,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     fn remove_tree(&self, dir: u64) -> Result<()> {

@@ -1,0 +1,180 @@
+//! Snapshots of virtual disks inside a datastore, as a user takes them: `vdisk snapshot`
+//! (the CLI's `snapshot` with `-d`), `PATH@NAME`, `vm snapshot` / `vm revert` of stopped and
+//! running VMs booted from the test guest, with the real `vapp` binary on a datastore file.
+#![allow(clippy::unwrap_used)]
+
+mod vm_support;
+
+use std::process::Command;
+
+use hv::test_guest::{GUEST_PATTERN_OFFSET, PATTERN_BYTES, counter_prefix, guest_pattern};
+use vm_support::{Fixture, kvm_available};
+
+const DISK: &str = "/vms/a/disk0.vdisk";
+const POOL: &str = "/vms/a/.disk0.vdisk.snap";
+
+fn free_bytes(fx: &Fixture) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_vapp"))
+        .args(["datastore", "info", &fx.ds, "--json"])
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["free_bytes"].as_u64().unwrap()
+}
+
+fn names(fx: &Fixture, dir: &str) -> Vec<String> {
+    fx.ok(&["ls", dir]).lines().map(str::to_string).collect()
+}
+
+/// The whole of `path` (a file or `PATH@NAME`) through `vapp get`.
+fn get(fx: &Fixture, path: &str) -> Vec<u8> {
+    let local = fx.dir.path().join("got.bin");
+    fx.ok(&["get", path, local.to_str().unwrap()]);
+    std::fs::read(&local).unwrap()
+}
+
+#[test]
+fn a_disk_with_snapshots_refuses_writers_around_the_engine_and_delete_removes_its_pool() {
+    let fx = Fixture::with_size("256M");
+    fx.ok(&["mkdir", "-p", "/vms/a"]);
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let local = fx.dir.path().join("data.bin");
+    std::fs::write(&local, &data).unwrap();
+    fx.ok(&["put", local.to_str().unwrap(), DISK]);
+    let free_before = free_bytes(&fx);
+
+    // A bad name changes nothing: no pool is left behind.
+    fx.fails(
+        &["vdisk", "snapshot", "create", DISK, "no/slash"],
+        &["no/slash"],
+    );
+    assert_eq!(names(&fx, "/vms/a"), ["disk0.vdisk"]);
+
+    let taken = fx.ok(&["vdisk", "snapshot", "create", DISK, "s1"]);
+    assert!(taken.contains("s1"), "{taken}");
+    assert!(names(&fx, "/vms/a").contains(&".disk0.vdisk.snap".to_string()));
+    let listed = fx.ok(&["vdisk", "snapshot", "list", DISK, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["sessions"][0]["name"], "s1");
+    assert_eq!(listed["sessions"][0]["valid"], true);
+
+    // Every writer around the engine is refused, naming the pool, and changes nothing.
+    let other = fx.dir.path().join("other.bin");
+    std::fs::write(&other, vec![7u8; 4 << 20]).unwrap();
+    fx.fails(&["put", other.to_str().unwrap(), DISK], &[DISK, POOL]);
+    fx.fails(&["rm", DISK], &[DISK, POOL]);
+    fx.fails(&["mv", DISK, "/vms/a/renamed.vdisk"], &[DISK, POOL]);
+    fx.fails(
+        &["rm", POOL],
+        &[POOL, "snapshot pool of /vms/a/disk0.vdisk"],
+    );
+    fx.fails(&["rm", "-r", "/vms"], &[POOL]);
+    assert_eq!(get(&fx, DISK), data);
+    assert_eq!(get(&fx, &format!("{DISK}@s1")), data);
+    fx.fails(&["get", &format!("{DISK}@nope"), "-"], &["nope"]);
+    fx.assert_fsck_clean();
+
+    // Deleting the last snapshot removes the pool and gives its space back; the disk is an
+    // ordinary file again.
+    fx.ok(&["vdisk", "snapshot", "delete", DISK, "s1"]);
+    assert_eq!(names(&fx, "/vms/a"), ["disk0.vdisk"]);
+    assert_eq!(free_bytes(&fx), free_before);
+    fx.ok(&["put", other.to_str().unwrap(), DISK]);
+    assert_eq!(get(&fx, DISK), vec![7u8; 4 << 20]);
+    fx.assert_fsck_clean();
+}
+
+#[test]
+fn a_stopped_vm_snapshot_keeps_its_point_while_the_guest_writes_and_revert_returns_to_it() {
+    if !kvm_available() {
+        return;
+    }
+    let fx = Fixture::new();
+    fx.create_vm("/vms/a", 1, "mode=test", &["1M"]);
+    fx.write_host_pattern(DISK, 0);
+    let before = get(&fx, DISK);
+    let taken = fx.ok(&["vm", "snapshot", "/vms/a", "s1"]);
+    assert!(taken.contains("snapshot s1 of 1 disk(s) taken"), "{taken}");
+    // A second snapshot of the same name is refused and changes nothing.
+    fx.fails(&["vm", "snapshot", "/vms/a", "s1"], &["s1"]);
+
+    // The guest writes its pattern through the engine.
+    let (status, console, messages) = fx.start("/vms/a", &[]).wait();
+    assert_eq!(status.code(), Some(0), "{console}\n{messages}");
+    let at = GUEST_PATTERN_OFFSET as usize;
+    let now = get(&fx, DISK);
+    assert_eq!(now[at..at + PATTERN_BYTES], guest_pattern(0)[..]);
+    // The snapshot still reads the disk as it was.
+    assert_eq!(get(&fx, &format!("{DISK}@s1")), before);
+    fx.assert_fsck_clean();
+
+    fx.fails(&["vm", "revert", "/vms/a", "nope"], &["nope"]);
+    assert_eq!(get(&fx, DISK), now);
+    let reverted = fx.ok(&["vm", "revert", "/vms/a", "s1"]);
+    assert!(
+        reverted.contains("1 disk(s) reverted to snapshot s1"),
+        "{reverted}"
+    );
+    assert_eq!(get(&fx, DISK), before);
+    fx.assert_fsck_clean();
+}
+
+#[test]
+fn a_running_vm_snapshot_is_one_point_of_all_its_disks_and_survives_a_kill_9() {
+    if !kvm_available() {
+        return;
+    }
+    const SECTORS: u64 = 64;
+    let fx = Fixture::new();
+    let cmdline = format!("mode=counter counter_sectors={SECTORS}");
+    fx.create_vm("/vms/c", 1, &cmdline, &["1M", "1M"]);
+    let disks = ["/vms/c/disk0.vdisk", "/vms/c/disk1.vdisk"];
+
+    let vm = fx.start("/vms/c", &[]);
+    vm.expect_console("counter: 256");
+    let taken = fx.ok(&["vm", "snapshot", "/vms/c", "s1"]);
+    assert!(
+        taken.contains("snapshot s1 of 2 disk(s) taken while running; guest disk writes paused"),
+        "{taken}"
+    );
+    // Reverting a running VM is refused.
+    fx.fails(&["vm", "revert", "/vms/c", "s1"], &["stop it first"]);
+    let seen = vm.stdout.text().matches("counter: ").count();
+    assert!(
+        vm.stdout.wait_for(
+            &format!("counter: {}", (seen as u64 + 2) * 256),
+            vm_support::GUEST_TIMEOUT
+        ),
+        "the guest stopped writing after the snapshot:\n{}",
+        vm.stdout.text()
+    );
+    // The VM process dies in the middle of writes through the engine.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (status, _, _) = vm.wait();
+    assert_eq!(status.code(), None);
+
+    // Started again, it writes through the engine once more, then is powered off.
+    let again = fx.start("/vms/c", &[]);
+    again.expect_console("counter: 256");
+    fx.ok(&["vm", "stop", "--force", "/vms/c"]);
+    again.wait();
+
+    let bytes = |path: &str| get(&fx, path)[..(SECTORS * 512) as usize].to_vec();
+    let snapshot: Vec<Vec<u8>> = disks.iter().map(|d| bytes(&format!("{d}@s1"))).collect();
+    let writes = counter_prefix(&snapshot, SECTORS).unwrap();
+    assert!(writes >= 256, "the snapshot holds only {writes} writes");
+    let current: Vec<Vec<u8>> = disks.iter().map(|d| bytes(d)).collect();
+    assert_ne!(
+        current, snapshot,
+        "the disks did not move on after the snapshot"
+    );
+    let listed = fx.ok(&["vdisk", "snapshot", "list", disks[1], "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["sessions"][0]["valid"], true, "{listed}");
+    assert!(listed["sessions"][0]["group"].is_u64(), "{listed}");
+    fx.assert_fsck_clean();
+}
