@@ -3,6 +3,7 @@
 //! running VMs booted from the test guest, with the real `vapp` binary on a datastore file.
 #![allow(clippy::unwrap_used)]
 
+mod fuse_support;
 mod vm_support;
 
 use std::process::Command;
@@ -177,4 +178,33 @@ fn a_running_vm_snapshot_is_one_point_of_all_its_disks_and_survives_a_kill_9() {
     assert_eq!(listed["sessions"][0]["valid"], true, "{listed}");
     assert!(listed["sessions"][0]["group"].is_u64(), "{listed}");
     fx.assert_fsck_clean();
+}
+
+#[test]
+fn the_fuse_mount_reads_a_disk_with_snapshots_but_refuses_to_write_it() {
+    if !fuse_support::fuse_available() {
+        return;
+    }
+    let fx = fuse_support::Fixture::new("256M");
+    let ds = fx.lun().to_string();
+    let local = fx.dir.path().join("data.bin");
+    let data = vec![0x5au8; 1 << 20];
+    std::fs::write(&local, &data).unwrap();
+    fuse_support::ok(&["-d", &ds, "mkdir", "-p", "/vms/a"]);
+    fuse_support::ok(&["-d", &ds, "put", local.to_str().unwrap(), DISK]);
+    fuse_support::ok(&["-d", &ds, "vdisk", "snapshot", "create", DISK, "s1"]);
+
+    let mount = fuse_support::Mounted::new(&fx, "mnt", &[]);
+    let disk = mount.path("vms/a/disk0.vdisk");
+    assert_eq!(std::fs::read(&disk).unwrap(), data);
+    let opened = std::fs::OpenOptions::new().write(true).open(&disk);
+    assert_eq!(
+        opened.map(|_| ()).unwrap_err().raw_os_error(),
+        Some(libc::EPERM),
+        "a writable open of a disk with snapshots through FUSE"
+    );
+    let removed = std::fs::remove_file(mount.path("vms/a/.disk0.vdisk.snap"));
+    assert_eq!(removed.unwrap_err().raw_os_error(), Some(libc::EPERM));
+    mount.unmount();
+    fx.assert_clean();
 }
