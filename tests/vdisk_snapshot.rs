@@ -3,6 +3,7 @@
 //! running VMs booted from the test guest, with the real `vapp` binary on a datastore file.
 #![allow(clippy::unwrap_used)]
 
+mod export_support;
 mod fuse_support;
 mod vm_support;
 
@@ -207,4 +208,63 @@ fn the_fuse_mount_reads_a_disk_with_snapshots_but_refuses_to_write_it() {
     assert_eq!(removed.unwrap_err().raw_os_error(), Some(libc::EPERM));
     mount.unmount();
     fx.assert_clean();
+}
+
+#[test]
+fn writes_through_an_export_keep_the_snapshot_and_rollback_returns_to_it() {
+    const MIB: u64 = 1 << 20;
+    let ds = export_support::Datastore::format("256M");
+    let size = 8 * MIB;
+    ds.vdisk(DISK, size, false);
+    let listen = ["--listen", "127.0.0.1:0"];
+    let old = export_support::random_bytes(size as usize, 1);
+    let export = ds.export(1, DISK, &listen).unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    client.write_at(&old, 0).unwrap();
+    client.flush().unwrap();
+    drop(client);
+    export.stop();
+
+    ds.ok(&["vdisk", "snapshot", "create", DISK, "s1"]);
+    let export = ds.export(1, DISK, &listen).unwrap();
+    let mut new = old.clone();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    for (at, len, seed) in [
+        (0, MIB, 2),
+        (3 * MIB + 4096, 200 * 1024, 3),
+        (size - 512, 512, 4),
+    ] {
+        let data = export_support::random_bytes(len as usize, seed);
+        client.write_at(&data, at).unwrap();
+        new[at as usize..(at + len) as usize].copy_from_slice(&data);
+    }
+    client.flush().unwrap();
+    // While the export writes the disk, its snapshot is refused naming the holder.
+    let refused = ds.export(2, &format!("{DISK}@s1"), &listen).err().unwrap();
+    assert!(refused.contains("busy"), "{refused}");
+    drop(client);
+    export.stop();
+
+    export_support::assert_same(
+        &ds.get(DISK),
+        &new,
+        "the disk after writes through the engine",
+    );
+    export_support::assert_same(&ds.get(&format!("{DISK}@s1")), &old, "DISK@s1");
+    let export = ds.export(1, &format!("{DISK}@s1"), &listen).unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    let mut seen = vec![0u8; size as usize];
+    client.read_at(&mut seen, 0).unwrap();
+    export_support::assert_same(&seen, &old, "DISK@s1 over NBD");
+    assert!(
+        client.write_at(&new[..512], 0).is_err(),
+        "a read-only snapshot took a write"
+    );
+    drop(client);
+    export.stop();
+
+    ds.ok(&["vdisk", "snapshot", "rollback", DISK, "s1"]);
+    export_support::assert_same(&ds.get(DISK), &old, "the disk after rollback");
+    ds.ok(&["vdisk", "snapshot", "delete", DISK, "s1"]);
+    ds.assert_clean();
 }

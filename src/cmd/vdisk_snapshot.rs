@@ -314,36 +314,41 @@ pub fn open_for_serving(
     ))
 }
 
-/// Session `name` of the disk at `path` as a LUN, writable only for a writable session
-/// opened with `write`.
+/// Session `name` of the disk at `path` as a LUN: writable when `write` is asked and the
+/// session is a writable one, read-only otherwise.
 pub fn open_session(
     ds: &Datastore,
     path: &str,
     name: &str,
     write: bool,
 ) -> anyhow::Result<Arc<dyn Lun>> {
+    let session = open_session_as(ds, path, name, Access::ReadOnly)?;
+    if !write || session.is_read_only() {
+        return Ok(session);
+    }
+    drop(session);
+    open_session_as(ds, path, name, Access::Exclusive)
+}
+
+fn open_session_as(
+    ds: &Datastore,
+    path: &str,
+    name: &str,
+    access: Access,
+) -> anyhow::Result<Arc<dyn Lun>> {
     let attr = disk_attr(ds, path)?;
     if !attr.snapshot_source {
         bail!("{path}@{name}: {path} has no snapshots");
     }
-    let access = if write {
-        Access::Exclusive
-    } else {
-        Access::ReadOnly
-    };
     let source = ds
         .open_lun_through_engine(path, access)
         .map_err(busy_hint)
         .with_context(|| format!("{path}@{name}"))?;
     let snaps =
         attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))?;
-    let session = snaps
+    let lun: Arc<dyn Lun> = snaps
         .session(name)
         .with_context(|| format!("{path}@{name}"))?;
-    if write && session.is_read_only() {
-        bail!("{path}@{name}: a read-only snapshot; take it with --writable to write it");
-    }
-    let lun: Arc<dyn Lun> = session;
     Ok(Arc::new(Held { _snaps: snaps, lun }))
 }
 
