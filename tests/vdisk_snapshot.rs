@@ -263,8 +263,24 @@ fn writes_through_an_export_keep_the_snapshot_and_rollback_returns_to_it() {
     drop(client);
     export.stop();
 
+    // A writable snapshot takes writes of its own; the disk does not see them.
+    ds.ok(&["vdisk", "snapshot", "create", DISK, "w1", "--writable"]);
+    let export = ds.export(1, &format!("{DISK}@w1"), &listen).unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    let private = export_support::random_bytes(64 * 1024, 5);
+    client.write_at(&private, MIB).unwrap();
+    client.flush().unwrap();
+    drop(client);
+    export.stop();
+    let mut w1 = new.clone();
+    w1[MIB as usize..(MIB + 64 * 1024) as usize].copy_from_slice(&private);
+    export_support::assert_same(&ds.get(&format!("{DISK}@w1")), &w1, "DISK@w1");
+    export_support::assert_same(&ds.get(DISK), &new, "the disk beside a writable snapshot");
+
     ds.ok(&["vdisk", "snapshot", "rollback", DISK, "s1"]);
     export_support::assert_same(&ds.get(DISK), &old, "the disk after rollback");
     ds.ok(&["vdisk", "snapshot", "delete", DISK, "s1"]);
+    ds.ok(&["vdisk", "snapshot", "delete", DISK, "w1"]);
+    assert!(!ds.ok(&["ls", "/vms/a"]).contains(".snap"));
     ds.assert_clean();
 }
