@@ -119,6 +119,33 @@ fn a_stopped_vm_snapshot_keeps_its_point_while_the_guest_writes_and_revert_retur
     );
     assert_eq!(get(&fx, DISK), before);
     fx.assert_fsck_clean();
+
+    // A writable snapshot boots as another VM's disk; its writes stay in the snapshot.
+    let read_only_disk = format!("{DISK}@s1");
+    fx.fails(
+        &[
+            "vm",
+            "create",
+            "/vms/b",
+            "--kernel",
+            fx.guest.to_str().unwrap(),
+            "--vcpus",
+            "1",
+            "--memory",
+            "64M",
+            "--disk",
+            &read_only_disk,
+        ],
+        &["read-only snapshot", "--writable"],
+    );
+    fx.ok(&["vdisk", "snapshot", "create", DISK, "w1", "--writable"]);
+    fx.create_vm("/vms/b", 1, "mode=test", &[&format!("{DISK}@w1")]);
+    let (status, console, messages) = fx.start("/vms/b", &[]).wait();
+    assert_eq!(status.code(), Some(0), "{console}\n{messages}");
+    let booted = get(&fx, &format!("{DISK}@w1"));
+    assert_eq!(booted[at..at + PATTERN_BYTES], guest_pattern(0)[..]);
+    assert_eq!(get(&fx, DISK), before);
+    fx.assert_fsck_clean();
 }
 
 #[test]

@@ -69,8 +69,9 @@ pub struct CreateArgs {
     /// Guest memory, a whole number of MiB, e.g. 256M or 2G.
     #[arg(long)]
     memory: String,
-    /// A new thin disk of SIZE in the folder (diskN.vdisk), or the datastore path of an
-    /// existing virtual disk. Repeat for more disks; the first is /dev/vda.
+    /// A new thin disk of SIZE in the folder (diskN.vdisk), the datastore path of an
+    /// existing virtual disk, or PATH@NAME, a writable snapshot of one. Repeat for more
+    /// disks; the first is /dev/vda.
     #[arg(long = "disk", value_name = "SIZE|PATH")]
     disks: Vec<String>,
     /// What a guest reset does.
@@ -384,6 +385,13 @@ fn check_fits_this_host(folder: &str, spec: &VmSpec) -> anyhow::Result<()> {
 }
 
 fn check_existing_disk(ds: &Datastore, path: &str) -> anyhow::Result<u64> {
+    if let Some((disk, name)) = super::vdisk_snapshot::split_session(ds, path) {
+        let session = super::vdisk_snapshot::open_session(ds, disk, name, false)?;
+        if session.is_read_only() {
+            bail!("{path}: a read-only snapshot; a VM writes its disks: take it with --writable");
+        }
+        return Ok(ds.stat_path(disk)?.ino);
+    }
     let attr = ds.stat_path(path)?;
     if attr.kind != Kind::File || attr.size == 0 || attr.size % 512 != 0 {
         bail!(
@@ -490,11 +498,13 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
 /// The VM's writable disks (read-only ones never change, so a snapshot leaves them out).
 fn writable_disks(ds: &Datastore, folder: &str) -> anyhow::Result<Vec<String>> {
     let spec = read_spec(ds, folder)?;
+    // A disk that is itself a snapshot (PATH@NAME) is left out too.
     let disks: Vec<String> = spec
         .disks
         .iter()
         .filter(|d| !d.read_only)
         .map(|d| spec::path_in(folder, &d.path))
+        .filter(|path| super::vdisk_snapshot::split_session(ds, path).is_none())
         .collect();
     if disks.is_empty() {
         bail!("vm {folder}: no writable disk to snapshot");

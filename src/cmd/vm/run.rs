@@ -238,6 +238,22 @@ fn open_disks(
     for (index, disk) in spec.disks.iter().enumerate() {
         let path = spec::path_in(folder, &disk.path);
         let what = || format!("vm {folder}: disk {index} ({path})");
+        if let Some((source, name)) = crate::cmd::vdisk_snapshot::split_session(ds, &path) {
+            let lun = crate::cmd::vdisk_snapshot::open_session(ds, source, name, !disk.read_only)
+                .with_context(what)?;
+            if !disk.read_only && lun.is_read_only() {
+                bail!(
+                    "{}: a read-only snapshot; take it with --writable, or make the disk read_only",
+                    what()
+                );
+            }
+            disks.push(if disk.read_only {
+                hv::Disk::read_only(lun)
+            } else {
+                hv::Disk::new(lun)
+            });
+            continue;
+        }
         let attr = ds.stat_path(&path).with_context(what)?;
         if attr.kind != Kind::File {
             bail!("{}: not a virtual disk file", what());
