@@ -505,35 +505,23 @@ pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `get PATH@NAME`: a virtual disk's snapshot, read under the disk's lock.
+/// `get PATH@NAME`: a virtual disk's snapshot, copied without locks, so also while a VM
+/// writes the disk.
 fn get_session(datastore: Option<&str>, args: &GetArgs) -> anyhow::Result<ExitCode> {
-    let ds = open(datastore, false)?;
-    let copied = (|| {
-        let Some((disk, name)) = super::vdisk_snapshot::split_session(&ds, &args.path) else {
-            anyhow::bail!("{}: not found", args.path);
-        };
-        let lun = super::vdisk_snapshot::open_session(&ds, disk, name, false)?;
-        let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
-            args.local_file.join(last_component(disk))
-        } else {
-            args.local_file.clone()
-        };
-        let mut out = Sink::open(&local)?;
-        let size = lun.size();
-        let mut buf = vec![0u8; IO_CHUNK];
-        let mut off = 0u64;
-        while off < size {
-            let n = usize::try_from((size - off).min(IO_CHUNK as u64))?;
-            lun.read_at(&mut buf[..n], off)
-                .with_context(|| args.path.clone())?;
-            out.write_all(&buf[..n])?;
-            off += n as u64;
-        }
-        out.finish(size)
-    })();
-    let closed = close(ds);
-    copied?;
-    closed
+    let spec = super::require_datastore(datastore)?;
+    let Some((disk, name)) = args.path.rsplit_once('@') else {
+        bail!("{}: not a snapshot path", args.path);
+    };
+    let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
+        args.local_file.join(last_component(disk))
+    } else {
+        args.local_file.clone()
+    };
+    let mut out = Sink::open(&local)?;
+    let size =
+        super::vdisk_snapshot::read_session_unlocked(spec, disk, name, &mut |b| out.write_all(b))?;
+    out.finish(size)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<ExitCode> {

@@ -15,9 +15,14 @@
 //! is taken. A pool found without a flagged disk holds no session (no session is taken
 //! before the flag) and is removed and made again by the next snapshot.
 //!
-//! Reading `PATH@NAME` takes the disk's and the pool's locks read-only shared: while a VM
-//! or an export holds the disk exclusively its copies are known only to that process, so
-//! the open is refused naming the holder.
+//! Serving `PATH@NAME` (export, a VM disk) takes the disk's and the pool's locks: while a
+//! VM or an export holds the disk exclusively its engine state is only in that process, so
+//! that open is refused naming the holder. Copying a snapshot out ([`read_session_unlocked`],
+//! `vapp get`) needs no lock and works while a VM writes the disk: it reads a stretch of the
+//! disk first and the pool's table after, from a fresh mount. Copy-on-first-write makes a
+//! chunk's copy and its table entry durable before the disk's write, so a chunk the writer
+//! changed before the disk was read has its copy in that table, and a chunk without one
+//! still held the snapshot's data when it was read.
 
 use std::sync::Arc;
 
@@ -350,6 +355,109 @@ fn open_session_as(
         .session(name)
         .with_context(|| format!("{path}@{name}"))?;
     Ok(Arc::new(Held { _snaps: snaps, lun }))
+}
+
+/// Bytes of the disk in a datastore read without locks for the snapshot engine: one stretch
+/// of the source, read before the pool's table is.
+#[derive(Debug)]
+struct Stretch {
+    name: String,
+    size: u64,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+impl Lun for Stretch {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn sector_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        let len = buf.len() as u64;
+        let start = offset
+            .checked_sub(self.offset)
+            .filter(|&at| at + len <= self.data.len() as u64)
+            .ok_or_else(|| lun::LunError::OutOfRange {
+                lun: self.name.clone(),
+                offset,
+                len,
+                size: self.offset + self.data.len() as u64,
+            })?;
+        let start = start as usize;
+        buf.copy_from_slice(&self.data[start..start + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> lun::Result<()> {
+        Err(lun::LunError::ReadOnly {
+            lun: self.name.clone(),
+        })
+    }
+    fn flush(&self) -> lun::Result<()> {
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
+
+/// Bytes read per stretch: a whole number of chunks of any chunk size.
+pub const UNLOCKED_STRETCH: u64 = 8 << 20;
+
+/// Copies session `name` of the disk at `path` on datastore `spec` without taking any lock,
+/// so while a VM or an export writes the disk (see the module documentation). Calls
+/// `sink` with each stretch in order; returns the disk's size.
+pub fn read_session_unlocked(
+    spec: &str,
+    path: &str,
+    name: &str,
+    sink: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mount = || super::datastore::open_datastore(spec, &vmfs::OpenOptions::read_only());
+    let size = disk_attr(&mount()?, path)?.size;
+    let pool_path = vmfs::snapshot_pool_path(path);
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(UNLOCKED_STRETCH);
+        let stretch = {
+            let ds = mount()?;
+            if !disk_attr(&ds, path)?.snapshot_source {
+                bail!("{path}@{name}: {path} has no snapshots");
+            }
+            let source = ds.open_lun_through_engine(path, Access::ReadOnly)?;
+            let mut data = vec![0u8; usize::try_from(len)?];
+            source
+                .read_at(&mut data, offset)
+                .with_context(|| format!("{path}@{name}"))?;
+            Stretch {
+                name: source.name().to_string(),
+                size: source.size(),
+                offset,
+                data,
+            }
+        };
+        // A fresh mount, so the pool's table and block map are read after the disk was.
+        let ds = mount()?;
+        let pool = ds
+            .open_lun_through_engine(&pool_path, Access::ReadOnly)
+            .with_context(|| format!("{path}: its snapshot pool"))?;
+        let snaps = Snapshots::open(Arc::new(stretch), pool)
+            .with_context(|| format!("{path}: opening its snapshot pool {pool_path}"))?;
+        let session = snaps
+            .session(name)
+            .with_context(|| format!("{path}@{name}"))?;
+        let mut out = vec![0u8; usize::try_from(len)?];
+        session
+            .read_at(&mut out, offset)
+            .with_context(|| format!("{path}@{name}"))?;
+        sink(&out)?;
+        offset += len;
+    }
+    Ok(size)
 }
 
 /// A LUN of an engine, keeping the engine (and its rollback thread) alive with it.
