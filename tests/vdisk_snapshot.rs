@@ -84,6 +84,32 @@ fn a_disk_with_snapshots_refuses_writers_around_the_engine_and_delete_removes_it
     fx.ok(&["put", other.to_str().unwrap(), DISK]);
     assert_eq!(get(&fx, DISK), vec![7u8; 4 << 20]);
     fx.assert_fsck_clean();
+
+    // A file of the pool's name that is no pool is left alone, and the snapshot refused.
+    fx.ok(&["put", local.to_str().unwrap(), POOL]);
+    fx.fails(
+        &["vdisk", "snapshot", "create", DISK, "s2"],
+        &[POOL, "not its snapshot pool"],
+    );
+    assert_eq!(get(&fx, POOL), data);
+    fx.ok(&["rm", POOL]);
+    // A pool left by a first snapshot cut short (flagged, its disk not yet) is replaced.
+    {
+        let lun = lun::open(&fx.ds, &Default::default()).unwrap();
+        let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_write()).unwrap();
+        let pool = ds
+            .create_vdisk(POOL, 1 << 20, false, vmfs::Creds::current())
+            .unwrap();
+        ds.set_snapshot_role(pool.ino, vmfs::SnapshotRole::Pool)
+            .unwrap();
+        ds.close().unwrap();
+    }
+    fx.assert_fsck_clean();
+    fx.ok(&["vdisk", "snapshot", "create", DISK, "s2"]);
+    assert_eq!(get(&fx, &format!("{DISK}@s2")), vec![7u8; 4 << 20]);
+    fx.ok(&["vdisk", "snapshot", "delete", DISK, "s2"]);
+    assert_eq!(names(&fx, "/vms/a"), ["disk0.vdisk"]);
+    fx.assert_fsck_clean();
 }
 
 #[test]

@@ -8,7 +8,8 @@
  * none), writes its own pattern after it, flushes and reads it back, and checks that error paths
  * (out-of-range read, write to a read-only disk, unknown request type) come back with the
  * virtio status they must. In mode=wait it then halts until the ACPI power button is pressed
- * (the GED interrupt wakes it) and powers off.
+ * (the GED interrupt wakes it) and powers off. In mode=counter it writes an ordered counter to
+ * its disks until stopped, so a snapshot of them can be checked for one point in time.
  *
  * On the PVM backend every kernel-mode instruction here is emulated at about a million per
  * second, and events are not injected while an instruction is being emulated, so the code polls
