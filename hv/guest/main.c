@@ -8,7 +8,8 @@
  * none), writes its own pattern after it, flushes and reads it back, and checks that error paths
  * (out-of-range read, write to a read-only disk, unknown request type) come back with the
  * virtio status they must. In mode=wait it then halts until the ACPI power button is pressed
- * (the GED interrupt wakes it) and powers off.
+ * (the GED interrupt wakes it) and powers off. In mode=counter it writes an ordered counter to
+ * its disks until stopped, so a snapshot of them can be checked for one point in time.
  *
  * On the PVM backend every kernel-mode instruction here is emulated at about a million per
  * second, and events are not injected while an instruction is being emulated, so the code polls
@@ -204,7 +205,7 @@ struct hvm_memmap_entry {
     u32 type, reserved;
 };
 
-enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ };
+enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ, MODE_COUNTER };
 
 struct disk_desc {
     u64 base;
@@ -216,9 +217,10 @@ static struct {
     struct disk_desc disks[MAX_DISKS];
     unsigned ndisks;
     u32 read_mib, req_kib, depth;
+    u32 counter_sectors;
     int ignore_power_button;
     int prompt; /* prompt=login: end the output with a getty's "login: " and no newline */
-} cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4};
+} cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4, .counter_sectors = 64};
 
 static int starts_with(const char *s, const char *prefix, const char **rest)
 {
@@ -295,10 +297,14 @@ static void parse_cmdline(const char *s)
                 cfg.mode = MODE_RESET;
             else if (word_is(v, "read"))
                 cfg.mode = MODE_READ;
+            else if (word_is(v, "counter"))
+                cfg.mode = MODE_COUNTER;
         } else if (starts_with(s, "read_mib=", &v)) {
             cfg.read_mib = parse_num(&v);
         } else if (starts_with(s, "req_kib=", &v)) {
             cfg.req_kib = parse_num(&v);
+        } else if (starts_with(s, "counter_sectors=", &v)) {
+            cfg.counter_sectors = parse_num(&v);
         } else if (starts_with(s, "depth=", &v)) {
             cfg.depth = parse_num(&v);
         } else if (starts_with(s, "power_button=", &v)) {
@@ -1013,6 +1019,34 @@ static void __attribute__((noreturn)) wait_for_power_button(u32 bsp, u32 status)
     }
 }
 
+/* mode=counter: write k = 1, 2, 3, ... one 512-byte sector at a time, each flushed before the
+ * next, write k going to disk k % ndisks, sector (k / ndisks) % counter_sectors, every word of
+ * the sector holding k. Any point in time of the disks is then a prefix of that sequence, which
+ * hv::test_guest::counter_prefix checks from the host. Runs until the VM is stopped. */
+static void __attribute__((noreturn)) write_counter(unsigned ndisks)
+{
+    static u64 sector[512 / 8];
+    u64 nsect = cfg.counter_sectors ? cfg.counter_sectors : 1;
+    for (unsigned i = 0; i < ndisks; i++)
+        if (disks[i].capacity < nsect)
+            nsect = disks[i].capacity;
+    kprintf("vapp-testguest: counter: started on %u disk(s), %lu sectors each\n", ndisks, nsect);
+    for (u64 k = 1;; k++) {
+        struct disk *d = &disks[k % ndisks];
+        for (unsigned w = 0; w < 512 / 8; w++)
+            sector[w] = k;
+        u8 st = disk_request(d, VIRTIO_BLK_T_OUT, (k / ndisks) % nsect, sector, 512);
+        if (st == VIRTIO_BLK_S_OK && d->has_flush)
+            st = disk_request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+        if (st != VIRTIO_BLK_S_OK) {
+            kprintf("vapp-testguest: counter: write %lu failed, status %u\n", k, st);
+            power_off(FAIL_DISK_IO);
+        }
+        if (k % 256 == 0)
+            kprintf("vapp-testguest: counter: %lu\n", k);
+    }
+}
+
 /* ---- the boot CPU ---- */
 
 void bsp_main(u32 start_info_addr)
@@ -1061,8 +1095,12 @@ void bsp_main(u32 start_info_addr)
             fail |= read_benchmark(&disks[i], si);
             break;
         }
+        if (cfg.mode == MODE_COUNTER)
+            continue;
         fail |= test_disk(&disks[i], i);
     }
+    if (cfg.mode == MODE_COUNTER && !fail && cfg.ndisks)
+        write_counter(cfg.ndisks);
     if (cfg.mode == MODE_WAIT)
         wait_for_power_button(bsp, fail);
     power_off(fail);

@@ -187,9 +187,10 @@ fn serve_datastore_file(
     } else {
         Access::Exclusive
     };
-    let attr = ds.stat_path(path).with_context(cannot)?;
-    // Holds the file's lock until the server drops it, after the final flush.
-    let disk = ds.open_lun(path, access).with_context(cannot)?;
+    // Holds the file's lock until the server drops it, after the final flush. A disk
+    // with snapshots is served through their engine; `PATH@NAME` is a snapshot.
+    let (disk, attr) =
+        super::vdisk_snapshot::open_for_serving(ds, path, access).with_context(cannot)?;
     tracing::info!(lun = spec, path, %access, size = attr.size, thick = attr.thick,
         "exporting a datastore file");
     // Trimming whole blocks of a thin disk frees them, a metadata-only change; on a thick

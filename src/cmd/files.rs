@@ -80,6 +80,32 @@ pub struct GetArgs {
 pub enum VdiskCommand {
     /// Create a virtual disk (thin unless --thick).
     Create(VdiskCreateArgs),
+    /// Snapshots of a virtual disk (the same as `vapp -d DS snapshot ...`).
+    #[command(subcommand, hide = true)]
+    Snapshot(VdiskSnapshotCommand),
+}
+
+#[derive(Subcommand)]
+pub enum VdiskSnapshotCommand {
+    Create {
+        path: String,
+        name: String,
+        #[arg(long)]
+        writable: bool,
+    },
+    List {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        path: String,
+        name: String,
+    },
+    Rollback {
+        path: String,
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -444,6 +470,10 @@ impl Sink {
 
 pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     let ds = open(datastore, true)?;
+    if super::vdisk_snapshot::split_session(&ds, &args.path).is_some() {
+        drop(ds);
+        return get_session(datastore, &args);
+    }
     let handle = ds.open_path(&args.path, Access::ReadOnly)?;
     let size = handle.size()?;
     let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
@@ -475,6 +505,25 @@ pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `get PATH@NAME`: a virtual disk's snapshot, copied without locks, so also while a VM
+/// writes the disk.
+fn get_session(datastore: Option<&str>, args: &GetArgs) -> anyhow::Result<ExitCode> {
+    let spec = super::require_datastore(datastore)?;
+    let Some((disk, name)) = args.path.rsplit_once('@') else {
+        bail!("{}: not a snapshot path", args.path);
+    };
+    let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
+        args.local_file.join(last_component(disk))
+    } else {
+        args.local_file.clone()
+    };
+    let mut out = Sink::open(&local)?;
+    let size =
+        super::vdisk_snapshot::read_session_unlocked(spec, disk, name, &mut |b| out.write_all(b))?;
+    out.finish(size)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<ExitCode> {
     match command {
         VdiskCommand::Create(args) => {
@@ -490,7 +539,77 @@ pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<E
             )?;
             close(ds)
         }
+        VdiskCommand::Snapshot(command) => vdisk_snapshot(datastore, command),
     }
+}
+
+fn vdisk_snapshot(
+    datastore: Option<&str>,
+    command: VdiskSnapshotCommand,
+) -> anyhow::Result<ExitCode> {
+    use super::vdisk_snapshot as snap;
+    let ds = super::require_datastore(datastore)?;
+    match command {
+        VdiskSnapshotCommand::Create {
+            path,
+            name,
+            writable,
+        } => {
+            let info = snap::create(ds, &path, &name, writable)?;
+            crate::outln!(
+                "snapshot {path}@{} taken (generation {})",
+                info.name,
+                info.generation
+            )?;
+        }
+        VdiskSnapshotCommand::List { path, json } => {
+            let (sessions, usage) = snap::list(ds, &path)?;
+            if json {
+                let sessions: Vec<_> = sessions
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.name,
+                            "generation": s.generation,
+                            "created_unix": s.created_unix,
+                            "writable": s.writable,
+                            "valid": s.state == snapshot::SessionState::Valid,
+                            "chunks_in_pool": s.chunks_in_pool,
+                            "group": s.group,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "sessions": sessions,
+                    "pool": {"chunk_size": usage.chunk_size, "used": usage.used, "total": usage.total},
+                });
+                crate::outln!("{out}")?;
+            } else {
+                for s in &sessions {
+                    crate::outln!(
+                        "{}\t{}\t{}",
+                        s.name,
+                        if s.writable { "writable" } else { "read-only" },
+                        if s.state == snapshot::SessionState::Valid {
+                            "valid"
+                        } else {
+                            "invalid"
+                        }
+                    )?;
+                }
+                crate::outln!("pool: {} of {} chunks used", usage.used, usage.total)?;
+            }
+        }
+        VdiskSnapshotCommand::Delete { path, name } => {
+            snap::delete(ds, &path, &name)?;
+            crate::outln!("snapshot {path}@{name} deleted")?;
+        }
+        VdiskSnapshotCommand::Rollback { path, name } => {
+            snap::rollback(ds, &path, &name)?;
+            crate::outln!("{path} rolled back to snapshot {name}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The last component of a datastore path, as mv(1) and cp(1) name a copy in a directory.

@@ -5,6 +5,7 @@ pub mod export;
 pub mod files;
 pub mod host;
 pub mod mount;
+pub mod vdisk_snapshot;
 pub mod vm;
 
 use std::io::{self, Write};

@@ -42,6 +42,10 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// The VMs on the datastore: size, disks, and whether they run.
     List(ListArgs),
+    /// Snapshot all of a VM's writable disks at one point in time, running or not.
+    Snapshot(SnapshotArgs),
+    /// Return all of a stopped VM's writable disks to one of its snapshots.
+    Revert(SnapshotArgs),
     /// Write hv's test guest kernel (a PVH ELF) to a file, for demos and tests.
     #[command(hide = true)]
     TestGuest(TestGuestArgs),
@@ -65,8 +69,9 @@ pub struct CreateArgs {
     /// Guest memory, a whole number of MiB, e.g. 256M or 2G.
     #[arg(long)]
     memory: String,
-    /// A new thin disk of SIZE in the folder (diskN.vdisk), or the datastore path of an
-    /// existing virtual disk. Repeat for more disks; the first is /dev/vda.
+    /// A new thin disk of SIZE in the folder (diskN.vdisk), the datastore path of an
+    /// existing virtual disk, or PATH@NAME, a writable snapshot of one. Repeat for more
+    /// disks; the first is /dev/vda.
     #[arg(long = "disk", value_name = "SIZE|PATH")]
     disks: Vec<String>,
     /// What a guest reset does.
@@ -114,6 +119,14 @@ pub struct ListArgs {
 }
 
 #[derive(Args)]
+pub struct SnapshotArgs {
+    /// The VM folder on the datastore.
+    path: String,
+    /// The snapshot's name: letters, digits, '-', '_' and '.', at most 32.
+    name: String,
+}
+
+#[derive(Args)]
 pub struct TestGuestArgs {
     output: PathBuf,
 }
@@ -136,6 +149,8 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
         }
         VmCommand::Stop(args) => stop(super::require_datastore(datastore)?, args),
         VmCommand::List(args) => list(super::require_datastore(datastore)?, args),
+        VmCommand::Snapshot(args) => snapshot(super::require_datastore(datastore)?, args),
+        VmCommand::Revert(args) => revert(super::require_datastore(datastore)?, args),
         VmCommand::TestGuest(args) => {
             let image = hv::test_guest::image().map_err(anyhow::Error::msg)?;
             std::fs::write(&args.output, image)
@@ -370,6 +385,13 @@ fn check_fits_this_host(folder: &str, spec: &VmSpec) -> anyhow::Result<()> {
 }
 
 fn check_existing_disk(ds: &Datastore, path: &str) -> anyhow::Result<u64> {
+    if let Some((disk, name)) = super::vdisk_snapshot::split_session(ds, path) {
+        let session = super::vdisk_snapshot::open_session(ds, disk, name, false)?;
+        if session.is_read_only() {
+            bail!("{path}: a read-only snapshot; a VM writes its disks: take it with --writable");
+        }
+        return Ok(ds.stat_path(disk)?.ino);
+    }
     let attr = ds.stat_path(path)?;
     if attr.kind != Kind::File || attr.size == 0 || attr.size % 512 != 0 {
         bail!(
@@ -471,6 +493,116 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
          still running; `vapp vm stop --force {folder}` powers it off",
         args.timeout
     )
+}
+
+/// The VM's writable disks (read-only ones never change, so a snapshot leaves them out).
+fn writable_disks(ds: &Datastore, folder: &str) -> anyhow::Result<Vec<String>> {
+    let spec = read_spec(ds, folder)?;
+    // A disk that is itself a snapshot (PATH@NAME) is left out too.
+    let disks: Vec<String> = spec
+        .disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| spec::path_in(folder, &d.path))
+        .filter(|path| super::vdisk_snapshot::split_session(ds, path).is_none())
+        .collect();
+    if disks.is_empty() {
+        bail!("vm {folder}: no writable disk to snapshot");
+    }
+    Ok(disks)
+}
+
+/// Runs `body` on the datastore mounted as a short-lived host, closing it however `body`
+/// ends.
+fn with_datastore<T>(
+    datastore: &str,
+    body: impl FnOnce(&Datastore) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let ds = open_datastore(datastore, false)?;
+    let out = body(&ds);
+    let closed = ds.close().context("closing the datastore");
+    let out = out?;
+    closed?;
+    Ok(out)
+}
+
+fn snapshot(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    use super::vdisk_snapshot as snap;
+    let folder = folder_path(&args.path)?;
+    let name = args.name;
+    let message = with_datastore(datastore, |ds| {
+        let disks = writable_disks(ds, &folder)?;
+        let registry = Registry::for_datastore(&ds.superblock().uuid.to_string());
+        if let Presence::Running(_) = registry.presence(&folder)? {
+            let reply = runtime::ask(
+                &registry.socket_path(&folder),
+                Request::Snapshot { name: name.clone() },
+            )
+            .with_context(|| format!("vm {folder}: asking it to take snapshot {name}"))?;
+            if !reply.ok {
+                bail!("{}", reply.message);
+            }
+            return Ok(reply.message);
+        }
+        // Stopped here; a VM running on another host holds its disks, and opening them
+        // is refused naming that host.
+        let mut engines = Vec::new();
+        for path in &disks {
+            let source = ds
+                .open_lun_through_engine(path, vmfs::Access::Exclusive)
+                .with_context(|| format!("vm {folder}: disk {path}"))?;
+            let snaps = snap::attach(ds, path, source, true)?
+                .with_context(|| format!("{path}: no snapshot engine"))?;
+            engines.push((path.clone(), snaps));
+        }
+        let members: Vec<&snapshot::Snapshots> = engines.iter().map(|(_, s)| s).collect();
+        let taken = snapshot::create_group_session(&members, &name, false);
+        drop(members);
+        if let Err(e) = taken {
+            for (path, snaps) in engines {
+                snap::release_if_empty(ds, &path, snaps)?;
+            }
+            return Err(anyhow::Error::new(e).context(format!("vm {folder}: snapshot {name}")));
+        }
+        Ok(format!(
+            "snapshot {name} of {} disk(s) taken",
+            engines.len()
+        ))
+    })?;
+    crate::outln!("vm {folder}: {message}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn revert(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    use super::vdisk_snapshot as snap;
+    let folder = folder_path(&args.path)?;
+    let name = args.name;
+    let count = with_datastore(datastore, |ds| {
+        let disks = writable_disks(ds, &folder)?;
+        let registry = Registry::for_datastore(&ds.superblock().uuid.to_string());
+        if let presence @ Presence::Running(_) = registry.presence(&folder)? {
+            bail!(
+                "vm {folder} is {}: stop it first (`vapp vm stop {folder}`), then revert it",
+                run::describe(&presence)
+            );
+        }
+        // Every disk is checked before any is changed.
+        let mut engines = Vec::new();
+        for path in &disks {
+            let snaps = snap::open_engine(ds, path)
+                .with_context(|| format!("vm {folder}: cannot revert to snapshot {name}"))?;
+            if !snaps.list().iter().any(|s| s.name == name) {
+                bail!("vm {folder}: disk {path} has no snapshot {name}");
+            }
+            engines.push((path.clone(), snaps));
+        }
+        for (path, snaps) in &engines {
+            snap::rollback_engine(path, snaps, &name)?;
+        }
+        Ok(engines.len())
+    })?;
+    crate::outln!("vm {folder}: {count} disk(s) reverted to snapshot {name}")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits until the VM process has let go of its claim; false on timeout.

@@ -25,7 +25,10 @@ use crate::cluster::{Identity, LockProtocol, Node};
 use crate::codec::*;
 use crate::dir;
 use crate::error::{Error, Result};
-use crate::inode::{self, AddrMode, FLAG_THICK, FLAG_VDISK, Inode, InodeView, Kind};
+use crate::inode::{
+    self, AddrMode, FLAG_SNAP_POOL, FLAG_SNAP_SOURCE, FLAG_THICK, FLAG_VDISK, Inode, InodeView,
+    Kind,
+};
 use crate::journal::Orphan;
 use crate::layout::{
     FORMAT_VERSION, LONG_SYMLINKS_VERSION, ROOT_INO, ResourceKind, SPECIAL_FILES_VERSION,
@@ -139,6 +142,10 @@ pub struct Attr {
     pub crtime_ns: i64,
     pub thick: bool,
     pub vdisk: bool,
+    /// A virtual disk with snapshot sessions: written only through the snapshot engine.
+    pub snapshot_source: bool,
+    /// The snapshot pool of a virtual disk.
+    pub snapshot_pool: bool,
     pub block_size: u32,
     /// Device number of a character or block device node (Linux `dev_t`), else 0.
     pub rdev: u64,
@@ -168,10 +175,35 @@ impl Attr {
             crtime_ns: u.crtime(),
             thick: u.flags() & FLAG_THICK != 0,
             vdisk: u.flags() & FLAG_VDISK != 0,
+            snapshot_source: u.flags() & FLAG_SNAP_SOURCE != 0,
+            snapshot_pool: u.flags() & FLAG_SNAP_POOL != 0,
             block_size,
             rdev: u.rdev(),
         }
     }
+}
+
+/// What a file is to the snapshot engine (recorded in its inode's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotRole {
+    /// An ordinary file.
+    None,
+    /// A virtual disk with snapshot sessions.
+    Source,
+    /// The pool keeping a virtual disk's sessions.
+    Pool,
+}
+
+/// Refuses a change around the snapshot engine to a protected file or a pool.
+pub(crate) fn check_unprotected(u: &impl InodeView, object: impl FnOnce() -> String) -> Result<()> {
+    let flags = u.flags();
+    if flags & (FLAG_SNAP_SOURCE | FLAG_SNAP_POOL) != 0 {
+        return Err(Error::SnapshotProtected {
+            object: object(),
+            pool: flags & FLAG_SNAP_POOL != 0,
+        });
+    }
+    Ok(())
 }
 
 /// Attribute changes; `None` leaves a field alone.
@@ -1054,6 +1086,7 @@ impl Datastore {
                 _ => {}
             }
             s.lock_inode(slot.ino).map_err(|e| e.at(&object()))?;
+            check_unprotected(&s.inode(slot.ino)?, object)?;
             let d = dir_inode(s, parent)?;
             if dir {
                 let child = s.inode(slot.ino)?;
@@ -1127,6 +1160,12 @@ impl Datastore {
             if let Some(dst) = dst.filter(|d| d.ino != src.ino) {
                 s.lock_inode(dst.ino)
                     .map_err(|e| e.at(&describe(new_parent, new_name)))?;
+            }
+            if src.kind == Kind::File {
+                check_unprotected(&s.inode(src.ino)?, || describe(parent, name))?;
+            }
+            if let Some(dst) = dst.filter(|d| d.ino != src.ino && d.kind == Kind::File) {
+                check_unprotected(&s.inode(dst.ino)?, || describe(new_parent, new_name))?;
             }
             let nd = dir_inode(s, new_parent)?;
             if let Some(dst) = dst {
@@ -1296,6 +1335,34 @@ impl Datastore {
                 i.set_owner(set.uid.unwrap_or(i.uid()), set.gid.unwrap_or(i.gid()));
             }
             i.set_times(set.atime_ns, set.mtime_ns, now_ns());
+            let attr = Attr::from_unit(&i, bs);
+            s.put_inode(i);
+            Ok(attr)
+        })
+    }
+
+    /// Records what file `ino` is to the snapshot engine. Only the engine's bookkeeping
+    /// calls this: a protected file is refused to every other writer (see
+    /// [`Datastore::open_lun_through_engine`]).
+    pub fn set_snapshot_role(&self, ino: u64, role: SnapshotRole) -> Result<Attr> {
+        let bs = self.inner.sb.block_size;
+        self.write_op(|s| {
+            s.lock_inode(ino)?;
+            let mut i = Inode::from_unit(&s.inode(ino)?);
+            if i.kind() != Some(Kind::File) {
+                return Err(Error::Invalid {
+                    object: format!("inode {ino}"),
+                    reason: "only a regular file can be a snapshot source or pool".into(),
+                });
+            }
+            let mut flags = i.flags() & !(FLAG_SNAP_SOURCE | FLAG_SNAP_POOL);
+            flags |= match role {
+                SnapshotRole::None => 0,
+                SnapshotRole::Source => FLAG_SNAP_SOURCE,
+                SnapshotRole::Pool => FLAG_SNAP_POOL,
+            };
+            i.set_flags(flags);
+            i.set_times(None, None, now_ns());
             let attr = Attr::from_unit(&i, bs);
             s.put_inode(i);
             Ok(attr)

@@ -111,6 +111,14 @@ pub enum Error {
     #[error("{object}: operation not permitted: {reason}")]
     NotPermitted { object: String, reason: String },
 
+    /// A virtual disk with snapshot sessions, or its pool, opened for writing, removed,
+    /// renamed or replaced around the snapshot engine.
+    #[error(
+        "{object}: operation not permitted: {}",
+        snapshot_refusal(.object, *.pool)
+    )]
+    SnapshotProtected { object: String, pool: bool },
+
     /// Metadata could not be written back after it was committed; the datastore stops taking
     /// updates until it is reopened (which replays the journal).
     #[error("{lun}: datastore stopped after a failed metadata write ({reason}); reopen to recover")]
@@ -122,6 +130,24 @@ pub enum Error {
         "{lun}: host fenced: {reason}; this host no longer writes to the datastore (unmount and mount again to rejoin)"
     )]
     HostFenced { lun: String, reason: String },
+}
+
+/// Why a protected file cannot be changed, naming the pool (or the disk) it goes with.
+fn snapshot_refusal(object: &str, pool: bool) -> String {
+    if pool {
+        let disk = crate::path::snapshot_source_path(object)
+            .unwrap_or_else(|| "its virtual disk".to_string());
+        format!(
+            "it is the snapshot pool of {disk}; only the snapshot engine changes it (delete the snapshots of {disk} to remove it)"
+        )
+    } else if object.starts_with('/') {
+        format!(
+            "it has snapshots kept in {}; only the snapshot engine writes it (vm start, export, snapshot rollback), and it is removed or renamed only after its snapshots are deleted",
+            crate::path::snapshot_pool_path(object)
+        )
+    } else {
+        "it has snapshots kept in the pool beside it; only the snapshot engine writes it (vm start, export, snapshot rollback), and it is removed or renamed only after its snapshots are deleted".to_string()
+    }
 }
 
 /// `"abcd…"`: the first 24 characters of a name, quoted.
@@ -155,7 +181,7 @@ impl Error {
             Error::FileTooBig { .. } => libc::EFBIG,
             Error::Busy { .. } | Error::NoHostSlot { .. } => libc::EBUSY,
             Error::ReadOnly { .. } => libc::EROFS,
-            Error::NotPermitted { .. } => libc::EPERM,
+            Error::NotPermitted { .. } | Error::SnapshotProtected { .. } => libc::EPERM,
         }
     }
 
@@ -176,6 +202,7 @@ impl Error {
             },
             Error::FileTooBig { size, max, .. } => Error::FileTooBig { object, size, max },
             Error::NotPermitted { reason, .. } => Error::NotPermitted { object, reason },
+            Error::SnapshotProtected { pool, .. } => Error::SnapshotProtected { object, pool },
             Error::NoSpace { lun, resource, .. } => Error::NoSpace {
                 lun,
                 what: object,

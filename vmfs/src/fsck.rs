@@ -869,6 +869,7 @@ impl Walk<'_> {
             if ino != ROOT_INO {
                 *self.subdirs.entry(parent).or_default() += 1;
             }
+            let mut children = Vec::new();
             for k in 0..u.size() / UNIT_U64 {
                 let loc = match self.s.dir_unit_location(&u, k) {
                     Ok(loc) => loc,
@@ -902,6 +903,7 @@ impl Walk<'_> {
                                 });
                                 continue;
                             }
+                            children.push((child_name.clone(), r.ino));
                             queue.push_back((r.ino, ino, Some(child_name)));
                         }
                     }
@@ -925,8 +927,66 @@ impl Walk<'_> {
                     Err(e) => return Err(e),
                 }
             }
+            self.snapshot_pairs(ino, &children);
         }
         Ok(())
+    }
+
+    /// A virtual disk flagged as having snapshots needs its pool beside it (see
+    /// "Snapshot sources and pools" in FORMAT.md); a pool without its flagged disk is the
+    /// harmless leftover of a first snapshot cut short.
+    fn snapshot_pairs(&mut self, dir: u64, children: &[(OsString, u64)]) {
+        let flags_of = |w: &mut Self, ino: u64| {
+            w.s.inode_unit(ino)
+                .ok()
+                .filter(|u| u.kind() == Some(Kind::File))
+                .map(|u| (u.flags(), u))
+        };
+        for (name, ino) in children {
+            let Some((flags, u)) = flags_of(self, *ino) else {
+                continue;
+            };
+            let name = name.to_string_lossy();
+            if flags & inode::FLAG_SNAP_SOURCE != 0 {
+                let pool = format!(".{name}.snap");
+                let paired = children
+                    .iter()
+                    .filter(|(n, _)| n.as_bytes() == pool.as_bytes())
+                    .any(|&(_, p)| {
+                        flags_of(self, p).is_some_and(|(f, _)| f & inode::FLAG_SNAP_POOL != 0)
+                    });
+                if !paired {
+                    self.findings.push(finding(
+                        format!("entry {name:?} in directory inode {dir}"),
+                        Some(self.s.sb().inode_offset(*ino)),
+                        format!(
+                            "flagged as a virtual disk with snapshots, but its pool {pool} is missing: writers are refused and its snapshots are lost"
+                        ),
+                        Some("clear the flag (the disk is an ordinary file again)"),
+                    ));
+                    let i = self.fix_inode(&u);
+                    i.set_flags(i.flags() & !inode::FLAG_SNAP_SOURCE);
+                }
+            }
+            if flags & inode::FLAG_SNAP_POOL != 0 {
+                let disk = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.strip_suffix(".snap"))
+                    .unwrap_or_default();
+                let paired = children
+                    .iter()
+                    .filter(|(n, _)| !disk.is_empty() && n.as_bytes() == disk.as_bytes())
+                    .any(|&(_, d)| {
+                        flags_of(self, d).is_some_and(|(f, _)| f & inode::FLAG_SNAP_SOURCE != 0)
+                    });
+                if !paired {
+                    self.findings.push(info(
+                        format!("entry {name:?} in directory inode {dir}"),
+                        "a snapshot pool whose virtual disk is not flagged (a first snapshot cut short): it holds no snapshot, and the next snapshot of that disk replaces it",
+                    ));
+                }
+            }
+        }
     }
 
     /// Marks an inode's storage used; returns the bytes it occupies.

@@ -65,7 +65,13 @@ pub struct FileHandle {
 impl Datastore {
     /// Opens inode `ino` with `access`, refusing with `Busy` (naming the holder) when an
     /// incompatible handle exists.
+    /// A virtual disk with snapshot sessions, or a snapshot pool, is refused for writing:
+    /// only the snapshot engine writes them ([`Datastore::open_lun_through_engine`]).
     pub fn open_file(&self, ino: u64, access: Access) -> Result<FileHandle> {
+        self.open_file_as(ino, access, false)
+    }
+
+    fn open_file_as(&self, ino: u64, access: Access, engine: bool) -> Result<FileHandle> {
         if access.can_write() && self.is_read_only() {
             return Err(Error::ReadOnly {
                 lun: self.lun().name().to_string(),
@@ -78,6 +84,9 @@ impl Datastore {
                 return Err(Error::IsADirectory {
                     object: format!("inode {ino}"),
                 });
+            }
+            if access.can_write() && !engine {
+                crate::datastore::check_unprotected(&u, || format!("inode {ino}"))?;
             }
             let holders = s.locks.entry(ino).or_default();
             if let Some(h) = holders.iter().find(|h| !access.compatible(h.access)) {
@@ -126,6 +135,28 @@ impl Datastore {
     /// 512). Flush makes writes durable.
     pub fn open_lun(&self, path: &str, access: Access) -> Result<Arc<dyn Lun>> {
         let handle = self.open_path(path, access)?;
+        self.vdisk_lun(path, handle, None)
+    }
+
+    /// [`Datastore::open_lun`] for the snapshot engine: a virtual disk with snapshot
+    /// sessions, or its pool, may be opened for writing. The LUN's name stays the same
+    /// while the file exists (`vmfs-inode:INO.GENERATION`), whatever path reaches it, so a
+    /// pool recognises its source after a relabel.
+    pub fn open_lun_through_engine(&self, path: &str, access: Access) -> Result<Arc<dyn Lun>> {
+        let ino = self.resolve(path)?;
+        let handle = self
+            .open_file_as(ino, access, true)
+            .map_err(|e| e.at(path))?;
+        let generation = self.getattr(ino)?.generation;
+        self.vdisk_lun(path, handle, Some(format!("vmfs-inode:{ino}.{generation}")))
+    }
+
+    fn vdisk_lun(
+        &self,
+        path: &str,
+        handle: FileHandle,
+        name: Option<String>,
+    ) -> Result<Arc<dyn Lun>> {
         let attr = self.getattr(handle.ino)?;
         if attr.kind != Kind::File || attr.size % 512 != 0 || attr.size == 0 {
             return Err(Error::Invalid {
@@ -137,7 +168,7 @@ impl Datastore {
             });
         }
         Ok(Arc::new(VdiskLun {
-            name: format!("vmfs:{}:{}", self.superblock().label, path),
+            name: name.unwrap_or_else(|| format!("vmfs:{}:{}", self.superblock().label, path)),
             size: attr.size,
             handle,
         }))

@@ -138,6 +138,10 @@ impl AddrMode {
 
 pub const FLAG_THICK: u16 = 1;
 pub const FLAG_VDISK: u16 = 2;
+/// A virtual disk with snapshot sessions: only the snapshot engine writes it.
+pub const FLAG_SNAP_SOURCE: u16 = 4;
+/// The snapshot pool of the virtual disk it is named after.
+pub const FLAG_SNAP_POOL: u16 = 8;
 /// Kind code of a free descriptor unit (the generation survives reuse).
 pub const KIND_FREE: u8 = 0;
 

@@ -47,8 +47,8 @@ pub use cluster::{LockMode, LockProtocol, LockSafety, Timing, lock_safety};
 pub use copy::{CopyStatus, ResignatureReport, resignature};
 pub use datastore::{
     Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info,
-    KEEP_SIGNATURE_ENV, NewFile, OpenOptions, ResourceInfo, SetAttr, StatFs, SuperblockSource,
-    read_superblock,
+    KEEP_SIGNATURE_ENV, NewFile, OpenOptions, ResourceInfo, SetAttr, SnapshotRole, StatFs,
+    SuperblockSource, read_superblock,
 };
 pub use dir::NAME_MAX;
 pub use error::{Error, Result};
@@ -60,7 +60,7 @@ pub use layout::{
     FORMAT_VERSION, HOST_SLOTS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_JOURNAL, ROOT_INO,
     ResourceKind, Superblock,
 };
-pub use path::PutOptions;
+pub use path::{PutOptions, snapshot_pool_path, snapshot_source_path};
 
 /// Offsets of on-disk structures, for tests and tools that inspect or damage a datastore.
 pub mod debug {

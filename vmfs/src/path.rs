@@ -13,6 +13,21 @@ use crate::layout::ROOT_INO;
 /// Symbolic links followed while resolving one path.
 const MAX_SYMLINKS: u32 = 40;
 
+/// Where the snapshot pool of the virtual disk at `path` lives: a hidden file beside it,
+/// `/vms/a/disk0.vdisk` -> `/vms/a/.disk0.vdisk.snap`.
+pub fn snapshot_pool_path(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    let (dir, name) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    format!("{dir}/.{name}.snap")
+}
+
+/// The virtual disk a pool path belongs to, the inverse of [`snapshot_pool_path`].
+pub fn snapshot_source_path(pool: &str) -> Option<String> {
+    let (dir, name) = pool.trim_end_matches('/').rsplit_once('/')?;
+    let disk = name.strip_prefix('.')?.strip_suffix(".snap")?;
+    (!disk.is_empty()).then(|| format!("{dir}/{disk}"))
+}
+
 fn components(path: &str) -> Result<Vec<&OsStr>> {
     if !path.starts_with('/') {
         return Err(Error::Invalid {
@@ -202,12 +217,44 @@ impl Datastore {
         let attr = self.lookup(parent, &name).map_err(|e| e.at(path))?;
         if attr.kind == Kind::Dir {
             if recursive {
+                // Refused before anything is removed: a tree holding a disk with snapshots
+                // (or a pool) stays whole.
+                if let Some(e) = self.find_protected(attr.ino, path.trim_end_matches('/'))? {
+                    return Err(e);
+                }
                 self.remove_tree(attr.ino).map_err(|e| e.at(path))?;
             }
             self.rmdir(parent, &name).map_err(|e| e.at(path))
         } else {
             self.unlink(parent, &name).map_err(|e| e.at(path))
         }
+    }
+
+    /// The refusal for the first disk with snapshots or pool below directory `dir`.
+    fn find_protected(&self, dir: u64, path: &str) -> Result<Option<Error>> {
+        let mut entries = Vec::new();
+        let mut after = 2;
+        loop {
+            let batch = self.readdir(dir, after)?;
+            let Some(last) = batch.last() else { break };
+            after = last.cookie;
+            entries.extend(batch.into_iter().filter(|e| e.cookie > 2));
+        }
+        for e in entries {
+            let (name, attr) = (e.name, self.getattr(e.ino)?);
+            let child = format!("{path}/{}", name.to_string_lossy());
+            if attr.kind == Kind::Dir {
+                if let Some(e) = self.find_protected(attr.ino, &child)? {
+                    return Ok(Some(e));
+                }
+            } else if attr.snapshot_source || attr.snapshot_pool {
+                return Ok(Some(Error::SnapshotProtected {
+                    object: child,
+                    pool: attr.snapshot_pool,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     fn remove_tree(&self, dir: u64) -> Result<()> {
@@ -236,6 +283,13 @@ impl Datastore {
         let (p2, n2) = self.split_parent(to)?;
         self.rename(p1, &n1, p2, &n2, false).map_err(|e| match e {
             Error::NotFound { .. } => e.at(from),
+            Error::SnapshotProtected { .. }
+                if self
+                    .stat_path(from)
+                    .is_ok_and(|a| a.snapshot_source || a.snapshot_pool) =>
+            {
+                e.at(from)
+            }
             other => other.at(to),
         })
     }
@@ -285,6 +339,12 @@ impl Datastore {
             Ok(_) if !options.overwrite => {
                 return Err(Error::Exists {
                     object: path.into(),
+                });
+            }
+            Ok(a) if a.snapshot_source || a.snapshot_pool => {
+                return Err(Error::SnapshotProtected {
+                    object: path.into(),
+                    pool: a.snapshot_pool,
                 });
             }
             Ok(_) | Err(Error::NotFound { .. }) => {}

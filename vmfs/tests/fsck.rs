@@ -210,3 +210,63 @@ fn random_bytes_over_the_descriptor_bitmaps_are_checked_without_waiting_on_each_
     ds.close().unwrap();
     t.assert_clean();
 }
+
+#[test]
+fn a_disk_with_snapshots_is_written_only_through_the_engine_and_fsck_pairs_it_with_its_pool() {
+    use vmfs::{Access, Error, SnapshotRole};
+    const DISK: &str = "/vms/a/disk0.vdisk";
+    const POOL: &str = "/vms/a/.disk0.vdisk.snap";
+    let t = TestDs::new(128 << 20);
+    {
+        let ds = t.open();
+        ds.mkdir_all("/vms/a", 0o755, creds()).unwrap();
+        let disk = ds.create_vdisk(DISK, 1 << 20, false, creds()).unwrap();
+        let pool = ds.create_vdisk(POOL, 1 << 20, false, creds()).unwrap();
+        ds.set_snapshot_role(pool.ino, SnapshotRole::Pool).unwrap();
+        ds.set_snapshot_role(disk.ino, SnapshotRole::Source)
+            .unwrap();
+        let refused = ds.open_lun(DISK, Access::Exclusive).unwrap_err();
+        assert!(
+            matches!(&refused, Error::SnapshotProtected { pool: false, .. }),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains(POOL), "{refused}");
+        assert_eq!(refused.errno(), libc::EPERM);
+        let refused = ds.remove_path(POOL, false).unwrap_err();
+        assert!(
+            matches!(refused, Error::SnapshotProtected { pool: true, .. }),
+            "{refused}"
+        );
+        assert!(ds.open_lun(DISK, Access::ReadOnly).is_ok());
+        let through = ds.open_lun_through_engine(DISK, Access::Exclusive).unwrap();
+        through.write_at(&[1u8; 512], 0).unwrap();
+        drop(through);
+        ds.close().unwrap();
+    }
+    let (check, _) = fsck(&t, false);
+    assert!(check.clean, "{:#?}", check.findings);
+
+    // The pool lost (by a tool that ignores the flags): the disk's flag is found and cleared.
+    {
+        let ds = t.open();
+        let pool = ds.stat_path(POOL).unwrap();
+        ds.set_snapshot_role(pool.ino, SnapshotRole::None).unwrap();
+        ds.remove_path(POOL, false).unwrap();
+        ds.close().unwrap();
+    }
+    let (check, _) = fsck(&t, false);
+    assert!(!check.clean);
+    assert!(
+        errors(&check)
+            .iter()
+            .any(|f| f.problem.contains(".disk0.vdisk.snap is missing")),
+        "{:#?}",
+        check.findings
+    );
+    fsck(&t, true);
+    let (after, _) = fsck(&t, false);
+    assert!(after.clean, "{:#?}", after.findings);
+    let ds = t.open();
+    assert!(ds.open_lun(DISK, Access::Exclusive).is_ok());
+    ds.close().unwrap();
+}

@@ -8,6 +8,11 @@
 //! `Datastore::open_lun`. The kernel and initrd are read from the datastore, never from this
 //! host's file system. Any failure before the guest starts changes nothing.
 //!
+//! Every writable disk is served through a `lun::SwitchLun`: a disk with snapshots has the
+//! snapshot engine under it from the start, and `vm snapshot` of the running VM
+//! ([`Request::Snapshot`]) puts the engine under a disk that has none yet without stopping
+//! the guest, then takes one group session of all disks while their writes wait.
+//!
 //! While the guest runs, `vm stop` (the control socket) and SIGTERM/SIGINT press the ACPI
 //! power button; `vm stop --force` or a second signal powers the VM off. A guest reset boots
 //! the VM again unless `on_reset = "power-off"` or a stop was asked for.
@@ -22,12 +27,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hv::{Hypervisor, VmExit, VmHandle};
+use lun::{Lun, SwitchLun};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::termios::{self, InputFlags, LocalFlags, SetArg, Termios};
+use snapshot::Snapshots;
 use tracing::{info, warn};
 use vmfs::{Access, Datastore, FileHandle, Kind};
 
@@ -63,8 +70,18 @@ struct Loaded {
     kernel: Vec<u8>,
     initrd: Option<Vec<u8>>,
     disks: Vec<hv::Disk>,
+    /// The writable disks, whose layer below can change while the guest runs.
+    writable: Vec<WritableDisk>,
     // Last, so the disks are closed before the VM's identity is given up.
     _identity: FileHandle,
+}
+
+/// A writable disk of the running VM.
+struct WritableDisk {
+    path: String,
+    switch: Arc<SwitchLun>,
+    /// Its snapshot engine, once it has snapshots.
+    engine: Option<Snapshots>,
 }
 
 pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<ExitCode> {
@@ -109,6 +126,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
         None
     };
     let mut run = Run {
+        ds: &ds,
         folder: folder.to_string(),
         record,
         hypervisor,
@@ -179,12 +197,13 @@ fn load(ds: &Datastore, folder: &str) -> anyhow::Result<Loaded> {
         .as_ref()
         .map(|i| read_file(ds, &spec::path_in(folder, i), "initrd", limit))
         .transpose()?;
-    let disks = open_disks(ds, folder, &spec)?;
+    let (disks, writable) = open_disks(ds, folder, &spec)?;
     Ok(Loaded {
         spec,
         kernel,
         initrd,
         disks,
+        writable,
         _identity: identity,
     })
 }
@@ -208,12 +227,33 @@ fn read_all(handle: &FileHandle, path: &str, limit: u64) -> anyhow::Result<Vec<u
     Ok(bytes)
 }
 
-fn open_disks(ds: &Datastore, folder: &str, spec: &VmSpec) -> anyhow::Result<Vec<hv::Disk>> {
+fn open_disks(
+    ds: &Datastore,
+    folder: &str,
+    spec: &VmSpec,
+) -> anyhow::Result<(Vec<hv::Disk>, Vec<WritableDisk>)> {
     let mut disks: Vec<hv::Disk> = Vec::new();
+    let mut writable = Vec::new();
     let mut inodes = Vec::new();
     for (index, disk) in spec.disks.iter().enumerate() {
         let path = spec::path_in(folder, &disk.path);
         let what = || format!("vm {folder}: disk {index} ({path})");
+        if let Some((source, name)) = crate::cmd::vdisk_snapshot::split_session(ds, &path) {
+            let lun = crate::cmd::vdisk_snapshot::open_session(ds, source, name, !disk.read_only)
+                .with_context(what)?;
+            if !disk.read_only && lun.is_read_only() {
+                bail!(
+                    "{}: a read-only snapshot; take it with --writable, or make the disk read_only",
+                    what()
+                );
+            }
+            disks.push(if disk.read_only {
+                hv::Disk::read_only(lun)
+            } else {
+                hv::Disk::new(lun)
+            });
+            continue;
+        }
         let attr = ds.stat_path(&path).with_context(what)?;
         if attr.kind != Kind::File {
             bail!("{}: not a virtual disk file", what());
@@ -222,19 +262,29 @@ fn open_disks(ds: &Datastore, folder: &str, spec: &VmSpec) -> anyhow::Result<Vec
             bail!("{}: the same file as disk {first}", what());
         }
         inodes.push(attr.ino);
-        let access = if disk.read_only {
-            Access::ReadOnly
-        } else {
-            Access::Exclusive
+        if disk.read_only {
+            let lun = ds.open_lun(&path, Access::ReadOnly).with_context(what)?;
+            disks.push(hv::Disk::read_only(lun));
+            continue;
+        }
+        let lun = ds
+            .open_lun_through_engine(&path, Access::Exclusive)
+            .with_context(what)?;
+        let engine =
+            crate::cmd::vdisk_snapshot::attach(ds, &path, lun.clone(), false).with_context(what)?;
+        let below: Arc<dyn Lun> = match &engine {
+            Some(snaps) => snaps.source(),
+            None => lun,
         };
-        let lun = ds.open_lun(&path, access).with_context(what)?;
-        disks.push(if disk.read_only {
-            hv::Disk::read_only(lun)
-        } else {
-            hv::Disk::new(lun)
+        let switch = Arc::new(SwitchLun::new(below));
+        disks.push(hv::Disk::new(switch.clone()));
+        writable.push(WritableDisk {
+            path,
+            switch,
+            engine,
         });
     }
-    Ok(disks)
+    Ok((disks, writable))
 }
 
 fn vm_config(loaded: &Loaded, console: &ConsoleSink) -> hv::VmConfig {
@@ -251,7 +301,8 @@ fn vm_config(loaded: &Loaded, console: &ConsoleSink) -> hv::VmConfig {
 
 /// One `vm start`: boots, reboots on a guest reset, and answers signals, `vm stop` and
 /// console input until the VM ends.
-struct Run {
+struct Run<'a> {
+    ds: &'a Datastore,
     folder: String,
     record: Record,
     hypervisor: Hypervisor,
@@ -266,7 +317,7 @@ struct Run {
     pending_input: VecDeque<u8>,
 }
 
-impl Run {
+impl Run<'_> {
     fn run(&mut self, first: hv::Vm) -> anyhow::Result<VmExit> {
         let mut vm = first;
         loop {
@@ -384,7 +435,58 @@ impl Run {
                 handle.stop();
                 reply(true, "powering off".to_string())
             }
+            Request::Snapshot { name } => match self.snapshot(&name) {
+                Ok(message) => reply(true, message),
+                Err(e) => reply(false, format!("{e:#}")),
+            },
         }
+    }
+
+    /// Takes snapshot `name` of every writable disk at one point: a disk without snapshots
+    /// first gets its pool and the engine under its virtio-blk device, then one group
+    /// session is taken while the writes of all disks wait. Returns what the guest felt.
+    fn snapshot(&mut self, name: &str) -> anyhow::Result<String> {
+        let folder = &self.folder;
+        let mut switch_pause = Duration::ZERO;
+        for disk in &mut self.loaded.writable {
+            if disk.engine.is_some() {
+                continue;
+            }
+            // The engine wraps the layer the guest writes now; it copies nothing until
+            // the first session, so the guest may keep writing around it meanwhile.
+            let snaps =
+                crate::cmd::vdisk_snapshot::attach(self.ds, &disk.path, disk.switch.below(), true)?
+                    .with_context(|| format!("{}: no snapshot engine", disk.path))?;
+            let view: Arc<dyn Lun> = snaps.source();
+            let started = Instant::now();
+            disk.switch
+                .switch(|_| Ok::<_, std::convert::Infallible>(view))
+                .with_context(|| format!("{}: putting the snapshot engine under it", disk.path))?;
+            switch_pause = switch_pause.max(started.elapsed());
+            disk.engine = Some(snaps);
+            info!(vm = %folder, disk = %disk.path, "snapshot engine now under the running disk");
+        }
+        let members: Vec<&Snapshots> = self
+            .loaded
+            .writable
+            .iter()
+            .filter_map(|d| d.engine.as_ref())
+            .collect();
+        if members.is_empty() {
+            bail!("vm {folder}: no writable disk to snapshot");
+        }
+        let started = Instant::now();
+        snapshot::create_group_session(&members, name, false)
+            .with_context(|| format!("vm {folder}: snapshot {name}"))?;
+        let pause = started.elapsed();
+        info!(vm = %folder, snapshot = name, disks = members.len(),
+            pause_us = pause.as_micros() as u64, switch_pause_us = switch_pause.as_micros() as u64,
+            "snapshot taken while running");
+        Ok(format!(
+            "snapshot {name} of {} disk(s) taken while running; guest disk writes paused {:.1} ms",
+            members.len(),
+            pause.max(switch_pause).as_secs_f64() * 1000.0
+        ))
     }
 }
 
@@ -443,10 +545,12 @@ fn spawn_control_thread(listener: UnixListener, events: Sender<Event>) -> anyhow
             if events.send(Event::Control(request, reply_to)).is_err() {
                 return;
             }
-            let answer = reply.recv_timeout(Duration::from_secs(5)).unwrap_or(Reply {
-                ok: false,
-                message: "the VM process did not answer".to_string(),
-            });
+            let answer = reply
+                .recv_timeout(runtime::ANSWER_TIMEOUT)
+                .unwrap_or(Reply {
+                    ok: false,
+                    message: "the VM process did not answer".to_string(),
+                });
             if let Err(error) = runtime::write_reply(&stream, &answer) {
                 warn!(%error, "control reply lost");
             }

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const RUNTIME_DIR_ENV: &str = "VAPP_RUNTIME_DIR";
 /// Longest a control request may take; the VM process answers at once.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the VM process may take to answer: a first snapshot makes the disks' pools.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a running VM process publishes about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +63,7 @@ pub struct Claim {
 }
 
 /// A control request, one JSON line; the answer is one [`Reply`] line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Request {
     Status,
@@ -69,6 +71,10 @@ pub enum Request {
     Shutdown,
     /// Power the VM off now.
     Kill,
+    /// Take snapshot `name` of every writable disk at one point in time.
+    Snapshot {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,7 +267,7 @@ pub fn write_reply(mut stream: &UnixStream, reply: &Reply) -> anyhow::Result<()>
 pub fn ask(socket: &Path, request: Request) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
-    stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
