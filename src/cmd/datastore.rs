@@ -126,10 +126,16 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(if millis { n / 1000.0 } else { n }))
 }
 
-/// Opens a datastore's LUN. An `nbd://` LUN is reconnected with the datastore's
-/// io_timeout as its request timeout: a request the transport kept longer could land
-/// after the other hosts have declared this one dead.
+/// Opens a datastore's LUN through [`crate::lunspec::open`]: `LUN@SESSION` and a LUN with
+/// snapshots go through the snapshot engine.
 pub fn open_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>> {
+    crate::lunspec::open(spec, !read_only)
+}
+
+/// Opens a LUN as it is, without the snapshot engine. An `nbd://` LUN is reconnected with
+/// the datastore's io_timeout as its request timeout: a request the transport kept longer
+/// could land after the other hosts have declared this one dead.
+pub fn open_raw_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>> {
     let options = lun::OpenOptions {
         read_only,
         ..Default::default()
