@@ -663,7 +663,9 @@ pub fn export(
     serve: impl FnOnce(Arc<dyn Lun>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let spec = Spec::parse(typed);
-    if spec.session.is_some() || read_only {
+    // A clone is written through its source's engine, which logs the writes for the next sync.
+    let clone = spec.session.is_none() && super::clone::lookup(&spec)?.is_some();
+    if spec.session.is_some() || read_only || clone {
         return serve(lunspec::open(typed, !read_only)?);
     }
     let mut claim = match Claim::take(&spec, "export")? {
