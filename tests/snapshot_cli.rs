@@ -352,3 +352,29 @@ fn a_datastore_snapshotted_while_two_hosts_write_over_nbd_is_consistent() {
         "the session did not change"
     );
 }
+
+#[test]
+fn formatting_a_lun_that_has_sessions_goes_through_the_engine() {
+    let env = Env::new();
+    let lun = env.file("disk.img", 80 * MIB, 11);
+    let original = file_sha(&lun);
+    env.ok(&["snapshot", "create", &lun, "s1", "--pool-size", "72M"]);
+    env.ok(&[
+        "datastore",
+        "format",
+        &lun,
+        "--name",
+        "x",
+        "--lock-protocol",
+        "paxos",
+        "--block-size",
+        "64K",
+        "--max-files",
+        "64",
+    ]);
+    assert_ne!(file_sha(&lun), original);
+    assert_eq!(
+        sha(&read_through_export(&env, &format!("{lun}@s1"))),
+        original
+    );
+}

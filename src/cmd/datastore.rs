@@ -207,20 +207,25 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let journal_size = args.journal_size.as_deref().map(parse_size).transpose()?;
-    let exists = Path::new(&args.lun).exists();
+    let exists =
+        Path::new(&args.lun).exists() || crate::lunspec::Spec::parse(&args.lun).session.is_some();
     let create_size = if exists {
         None
     } else {
         Some(parse_size(&args.size)?)
     };
-    let lun = lun::open(
-        &args.lun,
-        &lun::OpenOptions {
-            create_size,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{}: cannot open LUN", args.lun))?;
+    // An existing LUN may have snapshots (or be LUN@SESSION): formatting writes through the engine.
+    let lun = match create_size {
+        None => open_lun(&args.lun, false)?,
+        Some(_) => lun::open(
+            &args.lun,
+            &lun::OpenOptions {
+                create_size,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("{}: cannot open LUN", args.lun))?,
+    };
     let io_timeout = parse_duration(&args.io_timeout)?;
     let options = vmfs::FormatOptions {
         label: args.name.clone(),
