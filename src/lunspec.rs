@@ -26,6 +26,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use snapshot::Snapshots;
 
+use crate::cmd::snapshot::{InUse, Service};
+
 pub const STATE_DIR_ENV: &str = "VAPP_STATE_DIR";
 
 /// A LUN spec split into the source and the session it names, if any.
@@ -217,13 +219,20 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
             spec.session.unwrap_or_default()
         );
     };
-    let claim = match Claim::take(&spec, "open")? {
+    let mut claim = match Claim::take(&spec)? {
         Ok(claim) => claim,
         Err(holder) => bail!("{typed}: {}", holder.refusal(&spec.typed)),
     };
     let source = open_raw(&spec.source, false)?;
     let reach = source.reach();
-    let snaps = open_engine(&spec, source, &pool)?;
+    let snaps = open_engine(&spec, source.clone(), &pool)?;
+    // Snapshot commands on the LUN reach this process while it uses the LUN.
+    let listener = claim.listen()?;
+    let user = InUse {
+        who: format!("vapp {}", this_command()),
+        advice: "stop it first".into(),
+    };
+    Arc::new(Service::in_use(spec.clone(), source, snaps.clone(), user)).serve(listener);
     let inner: Arc<dyn Lun> = match &spec.session {
         None => snaps.source(),
         Some(name) => {
@@ -250,7 +259,7 @@ fn open_clone(typed: &str, entry: &crate::cmd::clone::CloneEntry) -> anyhow::Res
     let src = Spec::parse(&entry.source);
     let pool = existing_pool(&src)?
         .with_context(|| format!("{typed}: its source {}'s pool is gone", entry.source))?;
-    let claim = match Claim::take(&src, "open")? {
+    let claim = match Claim::take(&src)? {
         Ok(claim) => claim,
         Err(holder) => bail!(
             "{typed}: a clone of {}: {}",
@@ -314,12 +323,19 @@ pub fn open_engine(
     Ok(Arc::new(snaps))
 }
 
+/// This process's command line after `vapp`, for the claim record: what a refused user is
+/// told to stop.
+pub fn this_command() -> String {
+    let words: Vec<String> = std::env::args().skip(1).take(6).collect();
+    words.join(" ")
+}
+
 /// Who holds a LUN's claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRecord {
     pub source: String,
     pub pid: u32,
-    /// What the holder does: `export`, `rollback`, `open`.
+    /// The holder's command line after `vapp`.
     pub command: String,
     /// Where snapshot commands reach it, if it takes them.
     pub socket: Option<PathBuf>,
@@ -329,7 +345,7 @@ impl ClaimRecord {
     /// The error for a command that may not open the LUN while this process holds it.
     pub fn refusal(&self, lun: &str) -> String {
         format!(
-            "{lun} is in use by vapp {} (pid {}): only that process writes it while it has \
+            "{lun} is in use by `vapp {}` (pid {}): only that process writes it while it has \
              snapshots; stop it first",
             self.command, self.pid
         )
@@ -358,7 +374,7 @@ impl std::fmt::Debug for Claim {
 
 impl Claim {
     /// Claims `spec`'s source for this process, or returns the holder's record.
-    pub fn take(spec: &Spec, command: &str) -> anyhow::Result<Result<Claim, ClaimRecord>> {
+    pub fn take(spec: &Spec) -> anyhow::Result<Result<Claim, ClaimRecord>> {
         let dir = claims_dir();
         let lock_path = dir.join(format!("{}.lock", spec.key()));
         let socket_path = dir.join(format!("{}.sock", spec.key()));
@@ -407,7 +423,7 @@ impl Claim {
                 record: ClaimRecord {
                     source: spec.source.clone(),
                     pid: std::process::id(),
-                    command: command.to_string(),
+                    command: this_command(),
                     socket: None,
                 },
                 lock_path,
@@ -431,7 +447,7 @@ impl Claim {
     }
 
     /// Serves snapshot commands on this LUN's control socket from now on.
-    pub fn listen(&mut self, command: &str) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    pub fn listen(&mut self) -> anyhow::Result<std::os::unix::net::UnixListener> {
         match fs::remove_file(&self.socket_path) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -441,7 +457,6 @@ impl Claim {
         }
         let listener = std::os::unix::net::UnixListener::bind(&self.socket_path)
             .with_context(|| format!("binding {}", self.socket_path.display()))?;
-        self.record.command = command.to_string();
         self.record.socket = Some(self.socket_path.clone());
         self.publish()?;
         Ok(listener)

@@ -356,7 +356,14 @@ fn a_datastore_snapshotted_while_two_hosts_write_over_nbd_is_consistent() {
 #[test]
 fn formatting_a_lun_that_has_sessions_goes_through_the_engine() {
     let env = Env::new();
-    let lun = env.file("disk.img", 80 * MIB, 11);
+    // Patterned at the start only: vmfs format expects the rest of a LUN zeroed.
+    let lun = env.file("disk.img", MIB, 11);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lun)
+        .unwrap()
+        .set_len(80 * MIB)
+        .unwrap();
     let original = file_sha(&lun);
     env.ok(&["snapshot", "create", &lun, "s1", "--pool-size", "72M"]);
     env.ok(&[
@@ -376,5 +383,24 @@ fn formatting_a_lun_that_has_sessions_goes_through_the_engine() {
     assert_eq!(
         sha(&read_through_export(&env, &format!("{lun}@s1"))),
         original
+    );
+
+    // A process using the LUN through the engine (here exporting a file of the datastore)
+    // takes snapshot commands for it, and refuses a rollback under itself.
+    let local = env.file("payload.bin", 128 * 1024, 12);
+    env.ok(&["-d", &lun, "put", &local, "/f"]);
+    let user = env.export("/f", &["-d", &lun]);
+    env.ok(&["snapshot", "create", &lun, "s2"]);
+    let listing = env.list(&lun);
+    assert_eq!(listing["served_by"], user.child.id());
+    assert_eq!(listing["sessions"][1]["name"], "s2");
+    let err = env.fails(&["snapshot", "rollback", &lun, "s1"]);
+    assert!(err.contains("stop it first"), "{err}");
+    let err = env.fails(&["-d", &lun, "put", &local, "/g"]);
+    assert!(err.contains(&format!("pid {}", user.child.id())), "{err}");
+    user.stop();
+    assert!(
+        env.ok(&["-d", &format!("{lun}@s2"), "ls", "/"])
+            .contains('f')
     );
 }

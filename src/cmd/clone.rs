@@ -143,8 +143,8 @@ fn run_sync(snaps: &Snapshots, name: &str, what: &str) -> anyhow::Result<()> {
 }
 
 /// Claims `spec`'s source and opens its engine, making a default pool when it has none.
-fn claim_source(spec: &Spec, command: &str) -> anyhow::Result<(Claim, Arc<Snapshots>)> {
-    let claim = match Claim::take(spec, command)? {
+fn claim_source(spec: &Spec) -> anyhow::Result<(Claim, Arc<Snapshots>)> {
+    let claim = match Claim::take(spec)? {
         Ok(claim) => claim,
         Err(holder) => bail!(
             "{}: {} (clones of a served LUN are made with the server stopped, for now)",
@@ -163,7 +163,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     if src.session.is_some() {
         bail!("{}: clone a LUN, not a session", args.src);
     }
-    let (_claim, snaps) = claim_source(&src, "clone")?;
+    let (_claim, snaps) = claim_source(&src)?;
     let created = !std::path::Path::new(&args.dest).exists();
     let make = || -> anyhow::Result<String> {
         let dest_lun = lun::open(
@@ -227,7 +227,7 @@ fn on_clone(
         format!("{typed}: not a clone on this host (no vapp clone create made it)")
     })?;
     let src = Spec::parse(&entry.source);
-    let (_claim, snaps) = claim_source(&src, "clone")?;
+    let (_claim, snaps) = claim_source(&src)?;
     work(&snaps, &entry.name).with_context(|| format!("{typed}: clone of {}", entry.source))?;
     Ok(ExitCode::SUCCESS)
 }

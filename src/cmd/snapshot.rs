@@ -224,20 +224,16 @@ fn on_lun(typed: &str, request: Request, json: bool) -> anyhow::Result<ExitCode>
             spec.typed
         );
     }
-    let reply = match Claim::take(&spec, "snapshot")? {
-        Ok(claim) => {
-            let source = lunspec::open_raw(&spec.source, false)?;
-            let service = Service::open(spec.clone(), source, None)?;
-            let reply = service.handle(&request);
-            let rollback = matches!(request, Request::Rollback { .. }) && reply.ok;
-            drop(service);
+    let reply = match on_held_lun(&spec, &request)? {
+        Ok((claim, reply)) => {
+            // The engine is closed (the service dropped) before the runner opens it.
             drop(claim);
-            if rollback {
+            if matches!(request, Request::Rollback { .. }) && reply.ok {
                 spawn_resume(&spec)?;
             }
             reply
         }
-        Err(holder) => ask_holder(&spec, &holder, &request)?,
+        Err(reply) => reply,
     };
     if !reply.ok {
         bail!("{}", reply.message);
@@ -254,6 +250,37 @@ fn ask_holder(spec: &Spec, holder: &ClaimRecord, request: &Request) -> anyhow::R
     let Some(socket) = &holder.socket else {
         bail!("{}", holder.refusal(&spec.typed));
     };
+    ask(spec, holder, socket, request)
+}
+
+/// Runs `request` on `spec`, waiting a little for another snapshot command that holds the
+/// LUN for an instant: only a holder that serves no control socket is an error.
+fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, Reply), Reply>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Claim::take(spec)? {
+            Ok(claim) => {
+                let source = lunspec::open_raw(&spec.source, false)?;
+                let service = Service::open(spec.clone(), source, None)?;
+                return Ok(Ok((claim, service.handle(request))));
+            }
+            Err(holder) if holder.socket.is_some() => {
+                return Ok(Err(ask_holder(spec, &holder, request)?));
+            }
+            Err(holder) if std::time::Instant::now() > deadline => {
+                bail!("{}", holder.refusal(&spec.typed));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn ask(
+    spec: &Spec,
+    holder: &ClaimRecord,
+    socket: &std::path::Path,
+    request: &Request,
+) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("{}: {}", spec.typed, holder.refusal(&spec.typed)))?;
     stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
@@ -289,6 +316,17 @@ pub struct Service {
     engine: Mutex<Option<Arc<Snapshots>>>,
     /// The layer an export serves, switched onto the engine at the first session.
     switch: Option<Arc<SwitchLun>>,
+    /// Who uses the LUN in this process, and what to stop before a rollback.
+    user: Option<InUse>,
+}
+
+/// A LUN in use by the process that holds it: a rollback would change it under its user.
+#[derive(Debug, Clone)]
+pub struct InUse {
+    /// e.g. `vapp export`.
+    pub who: String,
+    /// e.g. `stop the export (disconnect its clients first)`.
+    pub advice: String,
 }
 
 impl Service {
@@ -307,7 +345,19 @@ impl Service {
             source,
             engine: Mutex::new(engine),
             switch,
+            user: None,
         })
+    }
+
+    /// The service of a process that opened the LUN through `snaps` and uses it.
+    pub fn in_use(spec: Spec, source: Arc<dyn Lun>, snaps: Arc<Snapshots>, user: InUse) -> Service {
+        Service {
+            spec,
+            source,
+            engine: Mutex::new(Some(snaps)),
+            switch: None,
+            user: Some(user),
+        }
     }
 
     pub fn engine(&self) -> Option<Arc<Snapshots>> {
@@ -358,12 +408,13 @@ impl Service {
                 Ok(done(format!("{lun}@{name}: deleted")))
             }
             Request::Rollback { name } => {
-                if self.switch.is_some() {
+                if let Some(user) = &self.user {
                     bail!(
-                        "{lun}: refusing to roll back a LUN that vapp export (pid {}) serves: \
-                         its clients would see their disk change under them; stop the export \
-                         (disconnect its clients first), then roll back",
-                        std::process::id()
+                        "{lun}: refusing to roll back a LUN in use by {} (pid {}): its data \
+                         would change under its users; {}, then roll back",
+                        user.who,
+                        std::process::id(),
+                        user.advice
                     );
                 }
                 let snaps = self.need_engine()?;
@@ -484,7 +535,7 @@ impl Service {
             pool_total_chunks: 0,
             sessions: Vec::new(),
             rollback: None,
-            served_by: self.switch.as_ref().map(|_| std::process::id()),
+            served_by: self.user.as_ref().map(|_| std::process::id()),
         };
         let Some(snaps) = self.engine() else {
             return Ok(listing);
@@ -636,14 +687,14 @@ fn spawn_resume(spec: &Spec) -> anyhow::Result<()> {
 
 fn resume(typed: &str) -> anyhow::Result<ExitCode> {
     let spec = Spec::parse(typed);
-    let mut claim = match Claim::take(&spec, "rollback")? {
+    let mut claim = match Claim::take(&spec)? {
         Ok(claim) => claim,
         // Someone else opened it meanwhile: opening the engine resumed the rollback there.
         Err(_) => return Ok(ExitCode::SUCCESS),
     };
     let source = lunspec::open_raw(&spec.source, false)?;
     let service = Arc::new(Service::open(spec.clone(), source, None)?);
-    let listener = claim.listen("snapshot rollback")?;
+    let listener = claim.listen()?;
     let snaps = service.engine();
     service.serve(listener);
     if let Some(snaps) = snaps {
@@ -668,7 +719,7 @@ pub fn export(
     if spec.session.is_some() || read_only || clone {
         return serve(lunspec::open(typed, !read_only)?);
     }
-    let mut claim = match Claim::take(&spec, "export")? {
+    let mut claim = match Claim::take(&spec)? {
         Ok(claim) => claim,
         Err(holder) => bail!("cannot export {typed}: {}", holder.refusal(&spec.typed)),
     };
@@ -681,9 +732,13 @@ pub fn export(
     let switch = Arc::new(SwitchLun::new(below));
     let service = Arc::new(Service {
         switch: Some(switch.clone()),
+        user: Some(InUse {
+            who: "vapp export".into(),
+            advice: "stop the export (disconnect its clients first)".into(),
+        }),
         ..service
     });
-    let listener = claim.listen("export")?;
+    let listener = claim.listen()?;
     service.serve(listener);
     let served = serve(switch);
     drop(claim);
@@ -740,7 +795,7 @@ fn group_snapshot(args: GroupSnapshotArgs) -> anyhow::Result<ExitCode> {
     let mut engines = Vec::new();
     for member in &group.members {
         let spec = Spec::parse(member);
-        let claim = match Claim::take(&spec, "snapshot group")? {
+        let claim = match Claim::take(&spec)? {
             Ok(claim) => claim,
             Err(holder) => bail!(
                 "group {}: member {}; a group snapshot of a LUN another process serves is not supported yet",
