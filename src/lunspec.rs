@@ -209,9 +209,22 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
         return open_clone(typed, &entry);
     }
     let pool = existing_pool(&spec)?;
-    if spec.session.is_none() && (pool.is_none() || !write) {
-        return open_raw(&spec.typed, !write);
+    if spec.session.is_none() && !write {
+        return open_raw(&spec.typed, true);
     }
+    if spec.session.is_none() && pool.is_none() {
+        let users = Users::shared(&spec)?;
+        // The pool may have been made while this waited: then the engine path applies.
+        if existing_pool(&spec)?.is_none() {
+            let inner = open_raw(&spec.typed, false)?;
+            return Ok(Arc::new(Claimed {
+                reach: inner.reach(),
+                inner,
+                _hold: Hold::Users { _users: users },
+            }));
+        }
+    }
+    let pool = existing_pool(&spec)?;
     let Some(pool) = pool else {
         bail!(
             "{typed}: {} has no snapshot pool, so no session {:?}",
@@ -249,8 +262,10 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
     Ok(Arc::new(Claimed {
         inner,
         reach,
-        _snaps: snaps,
-        _claim: claim,
+        _hold: Hold::Engine {
+            _snaps: snaps,
+            _claim: claim,
+        },
     }))
 }
 
@@ -276,8 +291,10 @@ fn open_clone(typed: &str, entry: &crate::cmd::clone::CloneEntry) -> anyhow::Res
     Ok(Arc::new(Claimed {
         inner,
         reach,
-        _snaps: snaps,
-        _claim: claim,
+        _hold: Hold::Engine {
+            _snaps: snaps,
+            _claim: claim,
+        },
     }))
 }
 
@@ -473,6 +490,104 @@ impl Drop for Claim {
     }
 }
 
+/// The processes that write a LUN without snapshots directly (a `flock` on
+/// `luns/<key>.users`): each holds it shared, and the first snapshot, which puts the
+/// engine under the LUN, needs it exclusive, so it is refused while another process could
+/// still write around the engine.
+#[derive(Debug)]
+pub struct Users {
+    lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        // The last user removes the file, still locked, so nobody locks a file going away.
+        if self.lock.relock(FlockArg::LockExclusiveNonblock).is_ok() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Users {
+    fn open(spec: &Spec, arg: FlockArg) -> anyhow::Result<Result<Users, Errno>> {
+        let dir = claims_dir();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating the runtime directory {}", dir.display()))?;
+        let path = dir.join(format!("{}.users", spec.key()));
+        // The last user unlinks the file: retry until the file locked is the one at the path.
+        for _ in 0..100 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let lock = match Flock::lock(file, arg) {
+                Ok(lock) => lock,
+                Err((_, e)) => return Ok(Err(e)),
+            };
+            let same = fs::metadata(&path)
+                .is_ok_and(|m| lock.metadata().is_ok_and(|l| l.ino() == m.ino()));
+            if same {
+                return Ok(Ok(Users { lock, path }));
+            }
+        }
+        bail!("{}: the users file keeps changing under us", path.display())
+    }
+
+    /// A share for a direct writer. The exclusive holders are brief (the last user leaving,
+    /// a first snapshot being taken), so this waits for them a little.
+    pub fn shared(spec: &Spec) -> anyhow::Result<Users> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Users::open(spec, FlockArg::LockSharedNonblock)? {
+                Ok(users) => return Ok(users),
+                Err(Errno::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(Errno::EWOULDBLOCK) => bail!(
+                    "{}: its first snapshot is being taken; open it again in a moment",
+                    spec.typed
+                ),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("{}: locking its users file", spec.typed));
+                }
+            }
+        }
+    }
+
+    /// Makes sure no other process writes the LUN directly; `own` is this process's share.
+    pub fn alone(spec: &Spec, own: Option<&Users>) -> anyhow::Result<Option<Users>> {
+        let refused = || {
+            anyhow::anyhow!(
+                "{}: another vapp process writes it directly (a mount, an export or a command \
+                 on it); its first snapshot puts the snapshot engine under it, so stop the \
+                 others first",
+                spec.typed
+            )
+        };
+        match own {
+            Some(users) => match users.lock.relock(FlockArg::LockExclusiveNonblock) {
+                Ok(()) => Ok(None),
+                Err(Errno::EWOULDBLOCK) => Err(refused()),
+                Err(e) => Err(e).with_context(|| format!("{}: locking its users file", spec.typed)),
+            },
+            None => match Users::open(spec, FlockArg::LockExclusiveNonblock)? {
+                Ok(users) => Ok(Some(users)),
+                Err(Errno::EWOULDBLOCK) => Err(refused()),
+                Err(e) => Err(e).with_context(|| format!("{}: locking its users file", spec.typed)),
+            },
+        }
+    }
+}
+
 fn read_record(mut file: File, spec: &Spec) -> Option<ClaimRecord> {
     let mut text = String::new();
     file.rewind().ok()?;
@@ -481,14 +596,25 @@ fn read_record(mut file: File, spec: &Spec) -> Option<ClaimRecord> {
     (record.source == spec.source).then_some(record)
 }
 
-/// A LUN opened through the engine, holding the engine and the claim as long as it lives.
+/// What a LUN opened here keeps for as long as it lives.
+#[derive(Debug)]
+enum Hold {
+    /// The engine it is written through, and the claim that makes this process its one writer.
+    Engine {
+        _snaps: Arc<Snapshots>,
+        _claim: Claim,
+    },
+    /// A direct writer's share of a LUN without snapshots.
+    Users { _users: Users },
+}
+
+/// A LUN opened for the command line, with what it holds.
 #[derive(Debug)]
 struct Claimed {
     inner: Arc<dyn Lun>,
     /// Where the source really is: the engine's view says nothing about it.
     reach: Reach,
-    _snaps: Arc<Snapshots>,
-    _claim: Claim,
+    _hold: Hold,
 }
 
 impl Lun for Claimed {

@@ -158,7 +158,13 @@ fn rollback_returns_the_source_to_the_session() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The background runner releases the LUN once done.
-    while env.path("run/luns").read_dir().unwrap().next().is_some() {
+    let held = || {
+        env.path("run/luns")
+            .read_dir()
+            .unwrap()
+            .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "lock"))
+    };
+    while held() {
         assert!(
             Instant::now() < deadline,
             "the rollback runner did not exit"
@@ -403,4 +409,25 @@ fn formatting_a_lun_that_has_sessions_goes_through_the_engine() {
         env.ok(&["-d", &format!("{lun}@s2"), "ls", "/"])
             .contains('f')
     );
+}
+
+#[test]
+fn the_first_snapshot_waits_until_no_other_process_writes_around_the_engine() {
+    let env = Env::new();
+    let lun = env.file("disk.img", SIZE, 13);
+    let first = env.export(&lun, &[]);
+    let second = env.export(&lun, &[]);
+    let err = env.fails(&["snapshot", "create", &lun, "s1"]);
+    assert!(
+        err.contains("another vapp process writes it directly"),
+        "{err}"
+    );
+    assert!(!env.path("disk.img.snap").exists(), "no pool was made");
+    second.stop();
+    env.ok(&["snapshot", "create", &lun, "s1"]);
+    // Now protected: a second server is refused, naming the first.
+    let socket = env.p("third.sock");
+    let err = env.fails(&["export", &lun, "--socket", &socket]);
+    assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
+    first.stop();
 }

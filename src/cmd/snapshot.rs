@@ -318,6 +318,8 @@ pub struct Service {
     switch: Option<Arc<SwitchLun>>,
     /// Who uses the LUN in this process, and what to stop before a rollback.
     user: Option<InUse>,
+    /// An export's share of a LUN it writes directly until its first snapshot.
+    users: Option<lunspec::Users>,
 }
 
 /// A LUN in use by the process that holds it: a rollback would change it under its user.
@@ -346,6 +348,7 @@ impl Service {
             engine: Mutex::new(engine),
             switch,
             user: None,
+            users: None,
         })
     }
 
@@ -357,6 +360,7 @@ impl Service {
             engine: Mutex::new(Some(snaps)),
             switch: None,
             user: Some(user),
+            users: None,
         }
     }
 
@@ -481,6 +485,7 @@ impl Service {
                 format!("{lun}: not a file, so its first session needs --pool POOL (a file, a block device or an nbd:// URL)")
             })?,
         };
+        let _alone = lunspec::Users::alone(&self.spec, self.users.as_ref())?;
         let created = match lun::LunSpec::parse(&location) {
             Ok(lun::LunSpec::Path(path)) if !path.exists() => Some(path),
             _ => None,
@@ -721,7 +726,16 @@ pub fn export(
     }
     let mut claim = match Claim::take(&spec)? {
         Ok(claim) => claim,
+        // Another process serves a LUN without snapshots: this one serves it too, as any
+        // direct writer, and the first snapshot waits until it is alone.
+        Err(_) if lunspec::existing_pool(&spec)?.is_none() => {
+            return serve(lunspec::open(typed, true)?);
+        }
         Err(holder) => bail!("cannot export {typed}: {}", holder.refusal(&spec.typed)),
+    };
+    let users = match lunspec::existing_pool(&spec)? {
+        None => Some(lunspec::Users::shared(&spec)?),
+        Some(_) => None,
     };
     let source = lunspec::open_raw(&spec.source, false)?;
     let service = Service::open(spec.clone(), source.clone(), None)?;
@@ -736,6 +750,7 @@ pub fn export(
             who: "vapp export".into(),
             advice: "stop the export (disconnect its clients first)".into(),
         }),
+        users,
         ..service
     });
     let listener = claim.listen()?;
