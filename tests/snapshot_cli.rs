@@ -221,7 +221,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[test]
-fn a_block_device_or_nbd_lun_needs_pool_at_its_first_session_and_the_registry_finds_it() {
+fn an_nbd_lun_needs_pool_at_its_first_session_and_the_registry_finds_it() {
     let env = Env::new();
     let lun = env.file("disk.img", SIZE, 7);
     let export = env.export(&lun, &[]);

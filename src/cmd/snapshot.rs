@@ -246,13 +246,6 @@ fn on_lun(typed: &str, request: Request, json: bool) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-fn ask_holder(spec: &Spec, holder: &ClaimRecord, request: &Request) -> anyhow::Result<Reply> {
-    let Some(socket) = &holder.socket else {
-        bail!("{}", holder.refusal(&spec.typed));
-    };
-    ask(spec, holder, socket, request)
-}
-
 /// Runs `request` on `spec`, waiting a little for another snapshot command that holds the
 /// LUN for an instant: only a holder that serves no control socket is an error.
 fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, Reply), Reply>> {
@@ -264,13 +257,13 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                 let service = Service::open(spec.clone(), source, None)?;
                 return Ok(Ok((claim, service.handle(request))));
             }
-            Err(holder) if holder.socket.is_some() => {
-                return Ok(Err(ask_holder(spec, &holder, request)?));
-            }
-            Err(holder) if std::time::Instant::now() > deadline => {
-                bail!("{}", holder.refusal(&spec.typed));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(holder) => match &holder.socket {
+                Some(socket) => return Ok(Err(ask(spec, &holder, socket, request)?)),
+                None if std::time::Instant::now() > deadline => {
+                    bail!("{}", holder.refusal(&spec.typed))
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            },
         }
     }
 }
