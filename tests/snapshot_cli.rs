@@ -431,3 +431,49 @@ fn the_first_snapshot_waits_until_no_other_process_writes_around_the_engine() {
     assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
     first.stop();
 }
+
+#[test]
+fn a_block_device_names_its_pool_once_and_this_hosts_registry_finds_it() {
+    if !lun::prereq::require(
+        lun::prereq::is_root() && lun::prereq::have_command("losetup"),
+        "root and losetup for a loop device",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let backing = env.file("backing.img", SIZE, 14);
+    let original = file_sha(&backing);
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", &backing])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup failed");
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+
+    let err = env.fails(&["snapshot", "create", &dev, "s1"]);
+    assert!(err.contains("--pool"), "{err}");
+    let pool = env.p("loop.snap");
+    env.ok(&["snapshot", "create", &dev, "s1", "--pool", &pool]);
+    assert_eq!(env.list(&dev)["pool"], pool);
+
+    let export = env.export(&dev, &[]);
+    let c = export.client();
+    c.write_at(&[0x77; 65536], 2 * MIB).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    export.stop();
+    assert_ne!(file_sha(&backing), original);
+    assert_eq!(
+        sha(&read_through_export(&env, &format!("{dev}@s1"))),
+        original
+    );
+}
