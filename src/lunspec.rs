@@ -88,6 +88,11 @@ fn canonical(spec: &str) -> String {
     }
 }
 
+fn key_hash(source: &str) -> String {
+    let key = key(source);
+    key[key.len().saturating_sub(16)..].to_string()
+}
+
 /// FNV-1a of the source name, with a readable tail so an operator can tell the files apart.
 pub fn key(source: &str) -> String {
     let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -232,9 +237,13 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
             spec.session.unwrap_or_default()
         );
     };
-    let mut claim = match Claim::take(&spec)? {
-        Ok(claim) => claim,
-        Err(holder) => bail!("{typed}: {}", holder.refusal(&spec.typed)),
+    let mut claim = match (Claim::take(&spec)?, &spec.session) {
+        (Ok(claim), _) => claim,
+        // The holder serves its sessions to other processes.
+        (Err(holder), Some(name)) if holder.socket.is_some() => {
+            return crate::cmd::snapshot::session_through(&spec, &holder, name, write);
+        }
+        (Err(holder), _) => bail!("{typed}: {}", holder.refusal(&spec.typed)),
     };
     let source = open_raw(&spec.source, false)?;
     let reach = source.reach();
@@ -369,6 +378,12 @@ impl ClaimRecord {
     }
 }
 
+/// Where the holder of `spec` serves its session `name` over NBD.
+pub fn session_socket(spec: &Spec, name: &str) -> PathBuf {
+    // Unix socket paths are short: the hash part of the key only.
+    claims_dir().join(format!("{}.{name}.nbd", key_hash(&spec.source)))
+}
+
 fn claims_dir() -> PathBuf {
     crate::cmd::vm::runtime::runtime_root().join("luns")
 }
@@ -480,11 +495,28 @@ impl Claim {
     }
 }
 
+impl Claim {
+    fn record_key_hash(&self) -> String {
+        key_hash(&self.record.source)
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         // Unlinked while still locked, so a newcomer never locks a file that is going away.
         if self.record.socket.is_some() {
             let _ = fs::remove_file(&self.socket_path);
+            // The sessions this process served to others.
+            let hash = self.record_key_hash();
+            if let Ok(entries) = fs::read_dir(claims_dir()) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with(&format!("{hash}.")) && name.ends_with(".nbd") {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
         }
         let _ = fs::remove_file(&self.lock_path);
     }

@@ -128,6 +128,11 @@ pub enum Request {
         name: String,
     },
     List,
+    /// Serve session `name` over NBD on a private socket, so another process can open
+    /// `LUN@NAME` while this one holds the LUN.
+    OpenSession {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +141,15 @@ pub struct Reply {
     pub message: String,
     pub ok: bool,
     pub listing: Option<Listing>,
+    /// For [`Request::OpenSession`]: the session's NBD socket and whether it takes writes.
+    #[serde(default)]
+    pub session: Option<SessionSocket>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSocket {
+    pub socket: std::path::PathBuf,
+    pub writable: bool,
 }
 
 /// `snapshot list --json`: these field names are stable.
@@ -268,6 +282,52 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
     }
 }
 
+/// Opens session `name` of `spec` through `holder`, the process that holds the LUN.
+pub fn session_through(
+    spec: &Spec,
+    holder: &ClaimRecord,
+    name: &str,
+    write: bool,
+) -> anyhow::Result<Arc<dyn Lun>> {
+    let typed = format!("{}@{name}", spec.typed);
+    let Some(socket) = &holder.socket else {
+        bail!("{typed}: {}", holder.refusal(&spec.typed));
+    };
+    let reply = ask(
+        spec,
+        holder,
+        socket,
+        &Request::OpenSession {
+            name: name.to_string(),
+        },
+    )?;
+    let served = match reply.session {
+        Some(served) if reply.ok => served,
+        _ => bail!("{}", reply.message),
+    };
+    if write && !served.writable {
+        bail!(
+            "{typed}: a read-only snapshot session; open it read-only, or take a session with \
+             --writable to write to it"
+        );
+    }
+    let lun = lun::NbdLun::connect(
+        lun::NbdTarget::Unix(served.socket),
+        "",
+        lun::NbdOptions {
+            read_only: !write,
+            ..Default::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "{typed}: cannot reach the session served by pid {}",
+            holder.pid
+        )
+    })?;
+    Ok(Arc::new(lun))
+}
+
 fn ask(
     spec: &Spec,
     holder: &ClaimRecord,
@@ -311,6 +371,8 @@ pub struct Service {
     switch: Option<Arc<SwitchLun>>,
     /// Who uses the LUN in this process, and what to stop before a rollback.
     user: Option<InUse>,
+    /// Sessions served to other processes, by name; they run until this process ends.
+    session_servers: Mutex<std::collections::HashMap<String, SessionSocket>>,
     /// An export's share of a LUN it writes directly until its first snapshot.
     users: Option<lunspec::Users>,
 }
@@ -341,6 +403,7 @@ impl Service {
             engine: Mutex::new(engine),
             switch,
             user: None,
+            session_servers: Mutex::default(),
             users: None,
         })
     }
@@ -353,6 +416,7 @@ impl Service {
             engine: Mutex::new(Some(snaps)),
             switch: None,
             user: Some(user),
+            session_servers: Mutex::default(),
             users: None,
         }
     }
@@ -371,6 +435,7 @@ impl Service {
                 message: format!("{e:#}"),
                 ok: false,
                 listing: None,
+                session: None,
             },
         }
     }
@@ -381,6 +446,7 @@ impl Service {
             message,
             ok: true,
             listing: None,
+            session: None,
         };
         match request {
             Request::Create {
@@ -426,8 +492,45 @@ impl Service {
                 message: String::new(),
                 ok: true,
                 listing: Some(self.listing()?),
+                session: None,
+            }),
+            Request::OpenSession { name } => Ok(Reply {
+                message: String::new(),
+                ok: true,
+                listing: None,
+                session: Some(self.serve_session(name)?),
             }),
         }
+    }
+
+    /// Serves session `name` on a Unix socket beside the LUN's control socket.
+    fn serve_session(&self, name: &str) -> anyhow::Result<SessionSocket> {
+        let mut servers = self
+            .session_servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(served) = servers.get(name) {
+            return Ok(served.clone());
+        }
+        let snaps = self.need_engine()?;
+        let typed = format!("{}@{name}", self.spec.typed);
+        let lun = lunspec::open_session(&snaps, &typed, name)?;
+        let writable = !lun.is_read_only();
+        let socket = lunspec::session_socket(&self.spec, name);
+        let config = lun::nbd::ExportConfig {
+            read_only: !writable,
+            ..Default::default()
+        };
+        let server = lun::NbdServer::bind(lun, config, &lun::nbd::ListenAddr::Unix(socket.clone()))
+            .with_context(|| format!("{typed}: cannot serve the session"))?;
+        std::thread::spawn(move || {
+            if let Err(e) = server.serve() {
+                tracing::warn!(session = %typed, error = %e, "serving a session stopped");
+            }
+        });
+        let served = SessionSocket { socket, writable };
+        servers.insert(name.to_string(), served.clone());
+        Ok(served)
     }
 
     fn need_engine(&self) -> anyhow::Result<Arc<Snapshots>> {
@@ -577,6 +680,7 @@ impl Service {
                         message: format!("{e:#}"),
                         ok: false,
                         listing: None,
+                        session: None,
                     },
                 };
                 let mut line = serde_json::to_vec(&reply).unwrap_or_default();
