@@ -203,8 +203,10 @@ pub fn open_raw(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn Lun>> {
 }
 
 /// Opens `typed` for a command: its source through the snapshot engine when it has a pool,
-/// or the session it names. With `write`, a LUN that has a pool is claimed for this
-/// process (refused, naming the holder, when another process serves it).
+/// or the session it names. Opening a LUN that has a pool for writing, or one of its
+/// sessions, claims it for this process, which then takes snapshot commands for it; when
+/// another process holds it, a session is served by that process and anything else is
+/// refused, naming it. Read-only opens of a source read it directly.
 pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
     let spec = Spec::parse(typed);
     if write
@@ -213,11 +215,10 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
     {
         return open_clone(typed, &entry);
     }
-    let pool = existing_pool(&spec)?;
     if spec.session.is_none() && !write {
         return open_raw(&spec.typed, true);
     }
-    if spec.session.is_none() && pool.is_none() {
+    if spec.session.is_none() && existing_pool(&spec)?.is_none() {
         let users = Users::shared(&spec)?;
         // The pool may have been made while this waited: then the engine path applies.
         if existing_pool(&spec)?.is_none() {
@@ -229,8 +230,7 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
             }));
         }
     }
-    let pool = existing_pool(&spec)?;
-    let Some(pool) = pool else {
+    let Some(pool) = existing_pool(&spec)? else {
         bail!(
             "{typed}: {} has no snapshot pool, so no session {:?}",
             spec.typed,

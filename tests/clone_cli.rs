@@ -91,3 +91,28 @@ fn fracture_then_sync_copies_only_the_changed_chunks_and_reverse_sync_restores_t
     );
     assert_eq!(file_sha(&dest), wanted);
 }
+
+#[test]
+fn a_clone_of_an_exported_lun_is_made_by_the_export_while_its_client_writes() {
+    let env = Env::new();
+    let src = env.file("src.img", SIZE, 3);
+    let export = env.export(&src, &[]);
+    let c = export.client();
+    c.write_at(&[0x66; 65536], 0).unwrap();
+    c.flush().unwrap();
+    let dest = env.p("dest.img");
+    env.ok(&["clone", "create", &src, &dest, "--synchronized"]);
+    // Mirrored from now on, through the same client connection.
+    c.write_at(&[0x77; 65536], 3 * MIB).unwrap();
+    c.flush().unwrap();
+    assert_eq!(sha(&std::fs::read(&dest).unwrap()), sha(&export.read_all()));
+    let s = status(&env, &dest);
+    assert_eq!(s["state"], "synchronized");
+    assert_eq!(s["logged_chunks"], 0);
+    env.ok(&["clone", "fracture", &dest]);
+    c.write_at(&[0x88; 65536], 5 * MIB).unwrap();
+    c.flush().unwrap();
+    assert_eq!(status(&env, &dest)["logged_chunks"], 1);
+    drop(c);
+    export.stop();
+}

@@ -4,10 +4,10 @@
 //! host's registry (`clones/<key>.toml` in the state directory) maps the clone LUN back to
 //! its source, so `clone sync DEST` finds the pool from DEST alone. Clones on files are
 //! re-attached whenever the source's engine is opened, so a synchronized clone follows
-//! every write made through vapp.
+//! every write made through vapp. Each operation runs where the source's engine is: here,
+//! or in the process that holds the source (an export), sent over its control socket.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -15,8 +15,8 @@ use lun::Lun;
 use serde::{Deserialize, Serialize};
 use snapshot::{CloneInfo, CloneState, Snapshots};
 
-use super::snapshot::{Service, progress};
-use crate::lunspec::{self, Claim, Spec};
+use super::snapshot::{Reply, Request, progress};
+use crate::lunspec::{self, Spec};
 use crate::outln;
 
 #[derive(Subcommand)]
@@ -31,6 +31,17 @@ pub enum CloneCommand {
     ReverseSync(DestArg),
     /// Show a clone's state and the chunks its next sync copies.
     Status(StatusArgs),
+}
+
+/// What to do with a clone, as it travels to the process holding its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneOp {
+    Create { synchronized: bool },
+    Fracture,
+    Sync,
+    ReverseSync,
+    Status,
 }
 
 #[derive(Args)]
@@ -75,43 +86,110 @@ pub fn lookup(dest: &Spec) -> anyhow::Result<Option<CloneEntry>> {
 }
 
 pub fn run(command: CloneCommand) -> anyhow::Result<ExitCode> {
-    match command {
-        CloneCommand::Create(args) => create(args),
-        CloneCommand::Fracture(args) => on_clone(&args.dest, |snaps, name| {
-            snaps.fracture(name)?;
-            outln!("{}: fractured", args.dest)
-        }),
-        CloneCommand::Sync(args) => on_clone(&args.dest, |snaps, name| {
-            snaps.sync(name)?;
-            run_sync(snaps, name, "sync")?;
-            outln!("{}: synchronized with its source", args.dest)
-        }),
-        CloneCommand::ReverseSync(args) => on_clone(&args.dest, |snaps, name| {
-            snaps.reverse_sync(name)?;
-            run_sync(snaps, name, "reverse sync")?;
-            outln!("{}: its source now equals it", args.dest)
-        }),
-        CloneCommand::Status(args) => on_clone(&args.dest, |snaps, name| {
-            let info = info(snaps, name)?;
-            if args.json {
-                let value = serde_json::json!({
-                    "clone": args.dest,
-                    "name": info.name,
-                    "lun": info.lun,
-                    "state": state_name(info.state),
-                    "logged_chunks": info.logged_chunks,
-                });
-                outln!("{}", serde_json::to_string_pretty(&value)?)
-            } else {
-                outln!(
-                    "{}: {}, {} chunks to copy at the next sync",
-                    args.dest,
-                    state_name(info.state),
-                    info.logged_chunks
-                )
+    let (src, dest, op, json) = match command {
+        CloneCommand::Create(args) => {
+            let src = Spec::parse(&args.src);
+            if src.session.is_some() {
+                bail!("{}: clone a LUN, not a session", args.src);
             }
-        }),
+            let op = CloneOp::Create {
+                synchronized: args.synchronized,
+            };
+            (src, args.dest, op, false)
+        }
+        CloneCommand::Fracture(args) => {
+            (source_of(&args.dest)?, args.dest, CloneOp::Fracture, false)
+        }
+        CloneCommand::Sync(args) => (source_of(&args.dest)?, args.dest, CloneOp::Sync, false),
+        CloneCommand::ReverseSync(args) => (
+            source_of(&args.dest)?,
+            args.dest,
+            CloneOp::ReverseSync,
+            false,
+        ),
+        CloneCommand::Status(args) => (
+            source_of(&args.dest)?,
+            args.dest,
+            CloneOp::Status,
+            args.json,
+        ),
+    };
+    let request = Request::Clone {
+        dest: absolute(&dest)?,
+        op,
+    };
+    let reply = super::snapshot::send(&src, &request)
+        .with_context(|| format!("{dest}: clone of {}", src.typed))?;
+    match (&reply.clone, json) {
+        (Some(status), true) => outln!("{}", serde_json::to_string_pretty(status)?)?,
+        _ => outln!("{}", reply.message)?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The source of the clone at `typed`, from this host's registry.
+fn source_of(typed: &str) -> anyhow::Result<Spec> {
+    let entry = lookup(&Spec::parse(typed))?.with_context(|| {
+        format!("{typed}: not a clone on this host (no vapp clone create made it)")
+    })?;
+    Ok(Spec::parse(&entry.source))
+}
+
+/// A path made absolute (the process holding the source has another working directory).
+fn absolute(typed: &str) -> anyhow::Result<String> {
+    match lun::LunSpec::parse(typed) {
+        Ok(lun::LunSpec::Path(path)) => Ok(std::path::absolute(&path)
+            .with_context(|| format!("{typed}: cannot make the path absolute"))?
+            .display()
+            .to_string()),
+        _ => Ok(typed.to_string()),
+    }
+}
+
+/// Runs `op` on the clone at `dest` of `src`, in the process that has `snaps` open.
+pub fn apply(src: &Spec, snaps: &Snapshots, dest: &str, op: CloneOp) -> anyhow::Result<Reply> {
+    let entry = || -> anyhow::Result<CloneEntry> {
+        lookup(&Spec::parse(dest))?.with_context(|| format!("{dest}: not a clone on this host"))
+    };
+    let message = match op {
+        CloneOp::Create { synchronized } => return create(src, snaps, dest, synchronized),
+        CloneOp::Status => {
+            let info = info(snaps, &entry()?.name)?;
+            let status = serde_json::json!({
+                "clone": dest,
+                "name": info.name,
+                "lun": info.lun,
+                "state": state_name(info.state),
+                "logged_chunks": info.logged_chunks,
+            });
+            let message = format!(
+                "{dest}: {}, {} chunks to copy at the next sync",
+                state_name(info.state),
+                info.logged_chunks
+            );
+            return Ok(Reply {
+                clone: Some(status),
+                ..Reply::done(message)
+            });
+        }
+        CloneOp::Fracture => {
+            snaps.fracture(&entry()?.name)?;
+            format!("{dest}: fractured")
+        }
+        CloneOp::Sync => {
+            let name = entry()?.name;
+            snaps.sync(&name)?;
+            run_sync(snaps, &name, "sync")?;
+            format!("{dest}: synchronized with its source")
+        }
+        CloneOp::ReverseSync => {
+            let name = entry()?.name;
+            snaps.reverse_sync(&name)?;
+            run_sync(snaps, &name, "reverse sync")?;
+            format!("{dest}: its source now equals it")
+        }
+    };
+    Ok(Reply::done(message))
 }
 
 pub fn state_name(state: CloneState) -> &'static str {
@@ -142,51 +220,31 @@ fn run_sync(snaps: &Snapshots, name: &str, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Claims `spec`'s source and opens its engine, making a default pool when it has none.
-fn claim_source(spec: &Spec) -> anyhow::Result<(Claim, Arc<Snapshots>)> {
-    let claim = match Claim::take(spec)? {
-        Ok(claim) => claim,
-        Err(holder) => bail!(
-            "{}: {} (clones of a served LUN are made with the server stopped, for now)",
-            spec.typed,
-            holder.refusal(&spec.typed)
-        ),
-    };
-    let source = lunspec::open_raw(&spec.source, false)?;
-    let service = Service::open(spec.clone(), source, None)?;
-    let snaps = service.ensure_pool()?;
-    Ok((claim, snaps))
-}
-
-fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
-    let src = Spec::parse(&args.src);
-    if src.session.is_some() {
-        bail!("{}: clone a LUN, not a session", args.src);
-    }
-    let (_claim, snaps) = claim_source(&src)?;
-    let created = !std::path::Path::new(&args.dest).exists();
+fn create(src: &Spec, snaps: &Snapshots, dest: &str, synchronized: bool) -> anyhow::Result<Reply> {
+    let created = !std::path::Path::new(dest).exists();
     let make = || -> anyhow::Result<String> {
         let dest_lun = lun::open(
-            &args.dest,
+            dest,
             &lun::OpenOptions {
                 create_size: created.then(|| snaps.source().size()),
                 ..Default::default()
             },
         )
-        .with_context(|| format!("{}: cannot open the clone LUN", args.dest))?;
-        let dest = Spec::parse(&args.dest);
-        if lookup(&dest)?.is_some() {
-            bail!("{}: already a clone", args.dest);
+        .with_context(|| format!("{dest}: cannot open the clone LUN"))?;
+        let dest_spec = Spec::parse(dest);
+        if lookup(&dest_spec)?.is_some() {
+            bail!("{dest}: already a clone");
         }
-        let name = format!("clone-{}", &dest.key()[dest.key().len() - 16..]);
+        let key = dest_spec.key();
+        let name = format!("clone-{}", &key[key.len().saturating_sub(16)..]);
         snaps
             .add_clone(&name, dest_lun)
-            .with_context(|| format!("{}: cannot make it a clone of {}", args.dest, args.src))?;
+            .with_context(|| format!("{dest}: cannot make it a clone of {}", src.typed))?;
         lunspec::write_toml(
-            &entry_path(&dest),
+            &entry_path(&dest_spec),
             &CloneEntry {
                 source: src.source.clone(),
-                dest: dest.source.clone(),
+                dest: dest_spec.source.clone(),
                 name: name.clone(),
             },
         )?;
@@ -196,38 +254,22 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         Ok(name) => name,
         Err(e) => {
             if created {
-                let _ = std::fs::remove_file(&args.dest);
+                let _ = std::fs::remove_file(dest);
             }
             return Err(e);
         }
     };
-    run_sync(&snaps, &name, "copying")?;
-    if !args.synchronized {
+    run_sync(snaps, &name, "copying")?;
+    if !synchronized {
         snaps.fracture(&name)?;
     }
-    outln!(
-        "{}: a {} clone of {}",
-        args.dest,
-        if args.synchronized {
+    Ok(Reply::done(format!(
+        "{dest}: a {} clone of {}",
+        if synchronized {
             "synchronized"
         } else {
             "fractured (point-in-time)"
         },
-        args.src
-    )?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn on_clone(
-    typed: &str,
-    work: impl FnOnce(&Snapshots, &str) -> anyhow::Result<()>,
-) -> anyhow::Result<ExitCode> {
-    let dest = Spec::parse(typed);
-    let entry = lookup(&dest)?.with_context(|| {
-        format!("{typed}: not a clone on this host (no vapp clone create made it)")
-    })?;
-    let src = Spec::parse(&entry.source);
-    let (_claim, snaps) = claim_source(&src)?;
-    work(&snaps, &entry.name).with_context(|| format!("{typed}: clone of {}", entry.source))?;
-    Ok(ExitCode::SUCCESS)
+        src.typed
+    )))
 }

@@ -112,7 +112,7 @@ pub struct GroupSnapshotArgs {
 
 /// A command on one LUN, as it travels to the process that holds it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
+#[serde(tag = "request", rename_all = "kebab-case")]
 pub enum Request {
     Create {
         name: String,
@@ -133,6 +133,11 @@ pub enum Request {
     OpenSession {
         name: String,
     },
+    /// An operation on the clone at `dest` (an absolute path or a URL) of this LUN.
+    Clone {
+        dest: String,
+        op: super::clone::CloneOp,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +149,21 @@ pub struct Reply {
     /// For [`Request::OpenSession`]: the session's NBD socket and whether it takes writes.
     #[serde(default)]
     pub session: Option<SessionSocket>,
+    /// For a clone's status: `clone status --json`.
+    #[serde(default)]
+    pub clone: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub fn done(message: String) -> Reply {
+        Reply {
+            message,
+            ok: true,
+            listing: None,
+            session: None,
+            clone: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,12 +258,24 @@ fn on_lun(typed: &str, request: Request, json: bool) -> anyhow::Result<ExitCode>
             spec.typed
         );
     }
-    let reply = match on_held_lun(&spec, &request)? {
+    let reply = send(&spec, &request)?;
+    match (&reply.listing, json) {
+        (Some(listing), true) => outln!("{}", serde_json::to_string_pretty(listing)?)?,
+        (Some(listing), false) => print_listing(listing)?,
+        (None, _) => outln!("{}", reply.message)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `request` on the source `spec`: here when the LUN is free, else by the process that
+/// holds it. A refusal is an error.
+pub fn send(spec: &Spec, request: &Request) -> anyhow::Result<Reply> {
+    let reply = match on_held_lun(spec, request)? {
         Ok((claim, reply)) => {
             // The engine is closed (the service dropped) before the runner opens it.
             drop(claim);
             if matches!(request, Request::Rollback { .. }) && reply.ok {
-                spawn_resume(&spec)?;
+                spawn_resume(spec)?;
             }
             reply
         }
@@ -252,12 +284,7 @@ fn on_lun(typed: &str, request: Request, json: bool) -> anyhow::Result<ExitCode>
     if !reply.ok {
         bail!("{}", reply.message);
     }
-    match (&reply.listing, json) {
-        (Some(listing), true) => outln!("{}", serde_json::to_string_pretty(listing)?)?,
-        (Some(listing), false) => print_listing(listing)?,
-        (None, _) => outln!("{}", reply.message)?,
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(reply)
 }
 
 /// Runs `request` on `spec`, waiting a little for another snapshot command that holds the
@@ -336,7 +363,9 @@ fn ask(
 ) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("{}: {}", spec.typed, holder.refusal(&spec.typed)))?;
-    stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+    // A clone's copy takes as long as the data takes: no limit.
+    let long = matches!(request, Request::Clone { .. });
+    stream.set_read_timeout((!long).then_some(CONTROL_TIMEOUT))?;
     stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
@@ -436,18 +465,14 @@ impl Service {
                 ok: false,
                 listing: None,
                 session: None,
+                clone: None,
             },
         }
     }
 
     fn execute(&self, request: &Request) -> anyhow::Result<Reply> {
         let lun = &self.spec.typed;
-        let done = |message: String| Reply {
-            message,
-            ok: true,
-            listing: None,
-            session: None,
-        };
+        let done = Reply::done;
         match request {
             Request::Create {
                 name,
@@ -489,17 +514,20 @@ impl Service {
                 )))
             }
             Request::List => Ok(Reply {
-                message: String::new(),
-                ok: true,
                 listing: Some(self.listing()?),
-                session: None,
+                ..done(String::new())
             }),
             Request::OpenSession { name } => Ok(Reply {
-                message: String::new(),
-                ok: true,
-                listing: None,
                 session: Some(self.serve_session(name)?),
+                ..done(String::new())
             }),
+            Request::Clone { dest, op } => {
+                let snaps = match op {
+                    super::clone::CloneOp::Create { .. } => self.ensure_pool()?,
+                    _ => self.need_engine()?,
+                };
+                super::clone::apply(&self.spec, &snaps, dest, *op)
+            }
         }
     }
 
@@ -681,6 +709,7 @@ impl Service {
                         ok: false,
                         listing: None,
                         session: None,
+                        clone: None,
                     },
                 };
                 let mut line = serde_json::to_vec(&reply).unwrap_or_default();
