@@ -5,8 +5,11 @@
 //! process at a time (the array's storage processor). That process holds the LUN's claim:
 //! an exclusive `flock` on `luns/<key>.lock` in the runtime directory (`$VAPP_RUNTIME_DIR`,
 //! `/run/vapp` for root), which holds a JSON [`ClaimRecord`] naming it, and it may serve
-//! `luns/<key>.sock`, where snapshot commands reach it. The kernel drops the lock when the
-//! holder dies, however it dies, so a lock file nobody holds is never a stale claim.
+//! `luns/<key>.sock`, where snapshot commands reach it and where other processes ask for a
+//! session, which it then serves over NBD (`luns/<hash>.<session>.nbd`). The kernel drops
+//! the lock when the holder dies, however it dies, so a lock file nobody holds is never a
+//! stale claim. Processes that write a LUN without snapshots directly share
+//! `luns/<key>.users`, which the first snapshot needs alone.
 //!
 //! Where a LUN's pool is: a pool named with `--pool` is recorded in this host's registry
 //! (`$VAPP_STATE_DIR`, default `/var/lib/vapp`, file `pools/<key>.toml`); a file LUN with no
