@@ -3,6 +3,7 @@
 
 mod cmd;
 mod console;
+mod lunspec;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -66,6 +67,12 @@ enum Command {
     /// Create, run, stop and list VMs that live on the datastore.
     #[command(subcommand)]
     Vm(cmd::vm::VmCommand),
+    /// Point-in-time sessions of a LUN (LUN@NAME reads one), rollback, consistency groups.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCommand),
+    /// Full copies of a LUN on another LUN: synchronized, fractured, resynchronized.
+    #[command(subcommand)]
+    Clone(cmd::clone::CloneCommand),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
         Command::Mount(args) => cmd::mount::mount(datastore, args),
         Command::Umount(args) => cmd::mount::umount(args),
         Command::Vm(command) => cmd::vm::run(datastore, command),
+        Command::Snapshot(command) => cmd::snapshot::run(datastore, command),
+        Command::Clone(command) => cmd::clone::run(command),
     };
     match outcome {
         Ok(code) => code,

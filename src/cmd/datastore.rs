@@ -164,10 +164,16 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(if millis { n / 1000.0 } else { n }))
 }
 
-/// Opens a datastore's LUN. An `nbd://` LUN is reconnected with the datastore's
-/// io_timeout as its request timeout: a request the transport kept longer could land
-/// after the other hosts have declared this one dead.
+/// Opens a datastore's LUN through [`crate::lunspec::open`]: `LUN@SESSION` and a LUN with
+/// snapshots go through the snapshot engine.
 pub fn open_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>> {
+    crate::lunspec::open(spec, !read_only)
+}
+
+/// Opens a LUN as it is, without the snapshot engine. An `nbd://` LUN is reconnected with
+/// the datastore's io_timeout as its request timeout: a request the transport kept longer
+/// could land after the other hosts have declared this one dead.
+pub fn open_raw_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::Lun>> {
     let options = lun::OpenOptions {
         read_only,
         ..Default::default()
@@ -239,20 +245,25 @@ fn format(args: FormatArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let journal_size = args.journal_size.as_deref().map(parse_size).transpose()?;
-    let exists = Path::new(&args.lun).exists();
+    let exists =
+        Path::new(&args.lun).exists() || crate::lunspec::Spec::parse(&args.lun).session.is_some();
     let create_size = if exists {
         None
     } else {
         Some(parse_size(&args.size)?)
     };
-    let lun = lun::open(
-        &args.lun,
-        &lun::OpenOptions {
-            create_size,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("{}: cannot open LUN", args.lun))?;
+    // An existing LUN may have snapshots (or be LUN@SESSION): formatting writes through the engine.
+    let lun = match create_size {
+        None => open_lun(&args.lun, false)?,
+        Some(_) => lun::open(
+            &args.lun,
+            &lun::OpenOptions {
+                create_size,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("{}: cannot open LUN", args.lun))?,
+    };
     let io_timeout = parse_duration(&args.io_timeout)?;
     let options = vmfs::FormatOptions {
         label: args.name.clone(),

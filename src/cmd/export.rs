@@ -67,16 +67,10 @@ pub fn run(datastore: Option<&str>, args: ExportArgs) -> anyhow::Result<ExitCode
         .context("cannot block SIGINT/SIGTERM for orderly shutdown")?;
     match datastore {
         Some(spec) => export_datastore_file(spec, &args, &addr, signals)?,
-        None => {
-            let options = lun::OpenOptions {
-                read_only: args.read_only,
-                ..Default::default()
-            };
-            let lun = lun::open(&args.lun, &options)
-                .with_context(|| format!("cannot open {}", args.lun))?;
+        None => super::snapshot::export(&args.lun, args.read_only, |lun| {
             let trim = file_trim_granularity(&args.lun, &*lun);
-            serve(lun, &args, &addr, signals, trim, None)?;
-        }
+            serve(lun, &args, &addr, signals, trim, None)
+        })?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,12 @@
 //! One module per command group; each parses its own arguments and returns an exit code.
 
+pub mod clone;
 pub mod datastore;
 pub mod export;
 pub mod files;
 pub mod host;
 pub mod mount;
+pub mod snapshot;
 pub mod vdisk_snapshot;
 pub mod vm;
 

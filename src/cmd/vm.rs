@@ -8,7 +8,7 @@
 //!   one running on another host through the lock on its `vm.toml`, which names the holder.
 
 mod run;
-mod runtime;
+pub(crate) mod runtime;
 mod spec;
 
 use std::ffi::OsStr;

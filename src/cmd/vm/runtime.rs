@@ -83,7 +83,7 @@ pub struct Reply {
     pub message: String,
 }
 
-fn runtime_root() -> PathBuf {
+pub fn runtime_root() -> PathBuf {
     if let Some(dir) = std::env::var_os(RUNTIME_DIR_ENV).filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
