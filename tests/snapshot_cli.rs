@@ -215,7 +215,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let err = env.fails(&["snapshot", "list", &format!("{lun}@s1")]);
     assert!(err.contains("not its session"), "{err}");
     let err = env.fails(&["-d", &lun, "snapshot", "list", &lun]);
-    assert!(err.contains("not available yet"), "{err}");
+    assert!(err.contains("not a vapp datastore"), "{err}");
     assert_eq!(hashes(), before);
     let fsck = env.ok(&["snapshot", "fsck", &pool]);
     assert!(fsck.contains("clean"), "{fsck}");

@@ -543,7 +543,7 @@ pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<E
     }
 }
 
-fn vdisk_snapshot(
+pub fn vdisk_snapshot(
     datastore: Option<&str>,
     command: VdiskSnapshotCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -564,40 +564,23 @@ fn vdisk_snapshot(
         }
         VdiskSnapshotCommand::List { path, json } => {
             let (sessions, usage) = snap::list(ds, &path)?;
+            // The same shape as a whole LUN's `snapshot list`; the pool is the hidden file
+            // beside the disk.
+            let (dir, file) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+            let listing = super::snapshot::Listing {
+                lun: path.clone(),
+                pool: (usage.total > 0).then(|| format!("{dir}/.{file}.snap")),
+                chunk_size: usage.chunk_size,
+                pool_used_chunks: usage.used,
+                pool_total_chunks: usage.total,
+                sessions: super::snapshot::session_entries(sessions),
+                rollback: None,
+                served_by: None,
+            };
             if json {
-                let sessions: Vec<_> = sessions
-                    .iter()
-                    .map(|s| {
-                        serde_json::json!({
-                            "name": s.name,
-                            "generation": s.generation,
-                            "created_unix": s.created_unix,
-                            "writable": s.writable,
-                            "valid": s.state == snapshot::SessionState::Valid,
-                            "chunks_in_pool": s.chunks_in_pool,
-                            "group": s.group,
-                        })
-                    })
-                    .collect();
-                let out = serde_json::json!({
-                    "sessions": sessions,
-                    "pool": {"chunk_size": usage.chunk_size, "used": usage.used, "total": usage.total},
-                });
-                crate::outln!("{out}")?;
+                crate::outln!("{}", serde_json::to_string_pretty(&listing)?)?;
             } else {
-                for s in &sessions {
-                    crate::outln!(
-                        "{}\t{}\t{}",
-                        s.name,
-                        if s.writable { "writable" } else { "read-only" },
-                        if s.state == snapshot::SessionState::Valid {
-                            "valid"
-                        } else {
-                            "invalid"
-                        }
-                    )?;
-                }
-                crate::outln!("pool: {} of {} chunks used", usage.used, usage.total)?;
+                super::snapshot::print_listing(&listing)?;
             }
         }
         VdiskSnapshotCommand::Delete { path, name } => {

@@ -205,11 +205,8 @@ pub struct RollbackEntry {
 }
 
 pub fn run(datastore: Option<&str>, command: SnapshotCommand) -> anyhow::Result<ExitCode> {
-    if datastore.is_some() {
-        bail!(
-            "snapshots of virtual disks inside a datastore (-d) are not available yet; \
-             for a whole LUN, run vapp snapshot without -d"
-        );
+    if let Some(ds) = datastore {
+        return on_virtual_disk(ds, command);
     }
     match command {
         SnapshotCommand::Create(args) => {
@@ -247,6 +244,45 @@ pub fn run(datastore: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
         SnapshotCommand::Fsck(args) => fsck(args),
         SnapshotCommand::Resume(args) => resume(&args.lun),
     }
+}
+
+/// `vapp -d DS snapshot ...`: the LUN is a virtual disk and its pool lives beside it in the
+/// datastore, so pool options and groups of whole LUNs do not apply.
+fn on_virtual_disk(ds: &str, command: SnapshotCommand) -> anyhow::Result<ExitCode> {
+    use super::files::VdiskSnapshotCommand as Vdisk;
+    let command = match command {
+        SnapshotCommand::Create(args) => {
+            if args.pool.is_some() || args.pool_size.is_some() || args.chunk.is_some() {
+                bail!(
+                    "{}: a virtual disk's pool is made inside its datastore; \
+                     --pool, --pool-size and --chunk are for whole LUNs",
+                    args.lun
+                );
+            }
+            Vdisk::Create {
+                path: args.lun,
+                name: args.name,
+                writable: args.writable,
+            }
+        }
+        SnapshotCommand::List(args) => Vdisk::List {
+            path: args.lun,
+            json: args.json,
+        },
+        SnapshotCommand::Delete(args) => Vdisk::Delete {
+            path: args.lun,
+            name: args.name,
+        },
+        SnapshotCommand::Rollback(args) => Vdisk::Rollback {
+            path: args.lun,
+            name: args.name,
+        },
+        SnapshotCommand::Group(_) | SnapshotCommand::Fsck(_) | SnapshotCommand::Resume(_) => bail!(
+            "with -d, snapshot takes create, list, delete and rollback of a virtual disk; \
+             for a VM's disks at one point use vapp -d DS vm snapshot"
+        ),
+    };
+    super::files::vdisk_snapshot(Some(ds), command)
 }
 
 /// Runs `request` on `typed`: here when the LUN is free, else by the process serving it.
@@ -673,22 +709,7 @@ impl Service {
         listing.chunk_size = usage.chunk_size;
         listing.pool_used_chunks = usage.used;
         listing.pool_total_chunks = usage.total;
-        listing.sessions = snaps
-            .list()
-            .into_iter()
-            .map(|s| SessionEntry {
-                name: s.name,
-                created_unix: s.created_unix,
-                state: match s.state {
-                    SessionState::Valid => "valid",
-                    SessionState::Invalid => "invalid",
-                }
-                .to_string(),
-                writable: s.writable,
-                chunks: s.chunks_in_pool,
-                group: s.group.map(|g| format!("{g:016x}")),
-            })
-            .collect();
+        listing.sessions = session_entries(snaps.list());
         listing.rollback = snaps.rollback_progress().map(|p| RollbackEntry {
             session: p.session,
             done_chunks: p.done,
@@ -735,7 +756,26 @@ pub fn default_pool_size(source: u64) -> u64 {
     source.div_ceil(5).div_ceil(MIB).max(4) * MIB
 }
 
-fn print_listing(l: &Listing) -> anyhow::Result<()> {
+/// Sessions as `snapshot list` shows them, for whole LUNs and virtual disks alike.
+pub fn session_entries(sessions: Vec<snapshot::SessionInfo>) -> Vec<SessionEntry> {
+    sessions
+        .into_iter()
+        .map(|s| SessionEntry {
+            name: s.name,
+            created_unix: s.created_unix,
+            state: match s.state {
+                SessionState::Valid => "valid",
+                SessionState::Invalid => "invalid",
+            }
+            .to_string(),
+            writable: s.writable,
+            chunks: s.chunks_in_pool,
+            group: s.group.map(|g| format!("{g:016x}")),
+        })
+        .collect()
+}
+
+pub fn print_listing(l: &Listing) -> anyhow::Result<()> {
     let Some(pool) = &l.pool else {
         return outln!("{}: no snapshot pool, no sessions", l.lun);
     };
