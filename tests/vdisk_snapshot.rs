@@ -342,3 +342,46 @@ fn writes_through_an_export_keep_the_snapshot_and_rollback_returns_to_it() {
     assert!(!ds.ok(&["ls", "/vms/a"]).contains(".snap"));
     ds.assert_clean();
 }
+
+/// The pool is reserved whole at the first snapshot, so a datastore that fills up afterwards
+/// never fails a write to the disk: when the pool's own slots run out the snapshot is
+/// invalidated, as an array does, and the disk keeps every byte written.
+#[test]
+fn a_full_datastore_never_fails_a_write_to_a_disk_with_snapshots() {
+    const MIB: u64 = 1 << 20;
+    let ds = export_support::Datastore::format("128M");
+    let size = 16 * MIB;
+    // Thick, so the disk's own blocks need nothing from the full datastore.
+    ds.vdisk(DISK, size, true);
+    ds.ok(&["vdisk", "snapshot", "create", DISK, "s1"]);
+    // Fill the datastore: `put` of a file larger than what is free fails, so fill in steps.
+    let filler = ds.path.with_file_name("filler.bin");
+    let mut n = 0;
+    loop {
+        std::fs::write(&filler, vec![9u8; 8 << 20]).unwrap();
+        let out = ds.vapp(&["put", filler.to_str().unwrap(), &format!("/fill{n}")]);
+        if !out.status.success() {
+            break;
+        }
+        n += 1;
+        assert!(n < 64, "the datastore never filled up");
+    }
+    let listen = ["--listen", "127.0.0.1:0"];
+    let export = ds.export(1, DISK, &listen).unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    // Every chunk of the disk is written once: more copies than a quarter-size pool holds.
+    let data = export_support::random_bytes(size as usize, 7);
+    for at in (0..size).step_by(MIB as usize) {
+        client
+            .write_at(&data[at as usize..(at + MIB) as usize], at)
+            .unwrap();
+    }
+    client.flush().unwrap();
+    drop(client);
+    export.stop();
+    export_support::assert_same(&ds.get(DISK), &data, "the disk written on a full datastore");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ds.ok(&["snapshot", "list", DISK, "--json"])).unwrap();
+    assert_eq!(listed["sessions"][0]["state"], "invalid", "{listed}");
+    ds.ok(&["vdisk", "snapshot", "delete", DISK, "s1"]);
+}

@@ -1,9 +1,12 @@
 //! Snapshots of virtual disks inside a datastore (`vapp -d DS snapshot ... PATH`,
 //! `PATH@NAME`, `vm snapshot`).
 //!
-//! A disk's sessions live in a pool that is itself a thin virtual disk beside it,
+//! A disk's sessions live in a pool that is itself a virtual disk beside it,
 //! `/vms/a/.disk0.vdisk.snap` ([`vmfs::snapshot_pool_path`]), whose data area holds a quarter
-//! of the disk's size ([`pool_size`]); being thin it costs only the chunks it holds. While a
+//! of the disk's size ([`pool_size`]). The pool is thick, reserved whole at the first
+//! snapshot as an array's reserved LUN pool is: a copy-on-first-write then never needs
+//! space from the datastore, so a full datastore cannot fail a guest's write; only the
+//! pool's own slots run out, and then the engine invalidates sessions and the write goes on. While a
 //! disk has sessions its inode is flagged as a snapshot source and the pool's as a pool:
 //! vmfs then refuses to open either for writing except through
 //! [`vmfs::Datastore::open_lun_through_engine`], and refuses to remove, rename or replace
@@ -118,7 +121,7 @@ pub fn attach(
         Err(e) => return Err(e).with_context(|| pool_path.clone()),
     }
     let made = ds
-        .create_vdisk(&pool_path, pool_size(attr.size), false, Creds::current())
+        .create_vdisk(&pool_path, pool_size(attr.size), true, Creds::current())
         .with_context(|| format!("{path}: creating its snapshot pool"))?;
     let formatted = (|| {
         ds.set_snapshot_role(made.ino, SnapshotRole::Pool)?;
