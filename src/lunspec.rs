@@ -683,6 +683,9 @@ impl Lun for Claimed {
     fn reach(&self) -> Reach {
         self.reach
     }
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        self.inner.identity()
+    }
     fn compare_and_write(
         &self,
         expected: &[u8],

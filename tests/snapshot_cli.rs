@@ -483,3 +483,54 @@ fn a_block_device_names_its_pool_once_and_this_hosts_registry_finds_it() {
         original
     );
 }
+
+/// A datastore formatted with the defaults on a local file locks by compare-and-write: with
+/// snapshots it is still mounted read-write (the engine does the test-and-set), and a
+/// writable snapshot of it is a copy of the datastore, refused read-write while the original
+/// is here until it is resignatured; then the two are written side by side.
+#[test]
+fn a_compare_and_write_datastore_with_snapshots_stays_writable_and_its_snapshot_is_a_copy() {
+    let env = Env::new();
+    let ds = env.p("ds.vmfs");
+    env.ok(&[
+        "datastore",
+        "format",
+        &ds,
+        "--name",
+        "cas",
+        "--size",
+        "256M",
+    ]);
+    let local = env.path("a.bin");
+    std::fs::write(&local, pattern(200_000, 3)).unwrap();
+    env.ok(&["-d", &ds, "put", path_str(&local), "/a.bin"]);
+    env.ok(&["snapshot", "create", &ds, "w1", "--writable"]);
+    env.ok(&["-d", &ds, "mkdir", "/after"]);
+    env.ok(&["-d", &ds, "rm", "/a.bin"]);
+
+    let session = format!("{ds}@w1");
+    let info = env.ok(&["datastore", "info", &session]);
+    assert!(info.contains("copy        yes"), "{info}");
+    let refused = env.fails(&["-d", &session, "mkdir", "/x"]);
+    assert!(refused.contains("is a copy"), "{refused}");
+    assert!(refused.contains("resignature"), "{refused}");
+    env.ok(&["datastore", "resignature", &session, "--name", "test-copy"]);
+    env.ok(&["-d", &session, "mkdir", "/x"]);
+
+    let listing = |spec: &str| env.ok(&["-d", spec, "ls", "/"]);
+    assert_eq!(
+        listing(&session).split_whitespace().collect::<Vec<_>>(),
+        ["a.bin", "x"]
+    );
+    assert_eq!(
+        listing(&ds).split_whitespace().collect::<Vec<_>>(),
+        ["after"]
+    );
+    let got = env.path("got.bin");
+    env.ok(&["-d", &session, "get", "/a.bin", path_str(&got)]);
+    assert_eq!(std::fs::read(&got).unwrap(), pattern(200_000, 3));
+    for spec in [&ds, &session] {
+        let fsck = env.ok(&["datastore", "fsck", spec]);
+        assert!(fsck.contains("clean"), "{spec}: {fsck}");
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
-use crate::{CasScope, CompareAndWrite, IoRequest, Lun, Reach, Result};
+use crate::{CasScope, CompareAndWrite, IoRequest, Lun, LunIdentity, Reach, Result};
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -107,6 +107,9 @@ impl Lun for SwitchLun {
     }
     fn reach(&self) -> Reach {
         self.current().reach()
+    }
+    fn identity(&self) -> Option<LunIdentity> {
+        self.current().identity()
     }
     fn compare_and_write(
         &self,

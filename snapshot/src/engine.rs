@@ -55,6 +55,10 @@ pub(crate) struct Engine {
     pub state: Mutex<State>,
     /// Held across a source write and its mirrored copies.
     pub mirror_order: Mutex<()>,
+    /// Held across a compare-and-write's read, compare and write: every user of the source
+    /// and its sessions goes through this engine (one writer process), so this makes the
+    /// test-and-set atomic among them, as an OFD lock does among a machine's processes.
+    pub compare_and_write: Mutex<()>,
     pub source_view_name: String,
 }
 

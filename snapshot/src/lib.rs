@@ -224,6 +224,7 @@ impl Snapshots {
             gate: RwLock::new(()),
             state: Mutex::new(state),
             mirror_order: Mutex::new(()),
+            compare_and_write: Mutex::new(()),
         });
         let snaps = Snapshots {
             engine,
@@ -553,6 +554,30 @@ impl Lun for SourceLun {
             .write_source(buf, offset)
             .map_err(|e| e.into_lun(self.name(), offset, buf.len() as u64))
     }
+    /// The engine is in the source's I/O path, not another volume: a datastore on the source
+    /// seen through it is the original, not a copy.
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        self.engine.source.identity()
+    }
+    fn reach(&self) -> lun::Reach {
+        self.engine.source.reach()
+    }
+    /// A datastore on the source locks through it (its lock records take compare-and-write):
+    /// see [`compare_and_write_through`].
+    fn supports_compare_and_write(&self) -> bool {
+        true
+    }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        lun::CasScope::ThisMachine
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> lun::Result<lun::CompareAndWrite> {
+        compare_and_write_through(self, &self.engine, expected, new, offset)
+    }
     /// Copies are durable in the pool before the source write they protect, so only the
     /// source, and the clones its writes are mirrored to, need flushing.
     fn flush(&self) -> lun::Result<()> {
@@ -575,6 +600,43 @@ pub struct SessionLun {
 impl Lun for SessionLun {
     fn name(&self) -> &str {
         &self.lun_name
+    }
+    fn supports_compare_and_write(&self) -> bool {
+        self.writable
+    }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        if self.writable {
+            lun::CasScope::ThisMachine
+        } else {
+            lun::CasScope::None
+        }
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> lun::Result<lun::CompareAndWrite> {
+        compare_and_write_through(self, &self.engine, expected, new, offset)
+    }
+    /// A session is another volume than its source, with an identity of its own, so a
+    /// datastore found on it is a copy of the one on the source (see `lun::LunIdentity`).
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        let pool = self.engine.pool.identity().map(|i| i.to_string());
+        let key = format!(
+            "{}\n{}",
+            pool.as_deref().unwrap_or(self.engine.pool.name()),
+            self.generation
+        );
+        Some(lun::LunIdentity::Device {
+            id: format!(
+                "vapp-snapshot.{:08x}.{}",
+                crc32c::crc32c(key.as_bytes()),
+                self.generation
+            ),
+            start: 0,
+            path: self.lun_name.clone(),
+        })
     }
     fn sector_size(&self) -> u32 {
         self.engine.source.sector_size()
@@ -606,4 +668,35 @@ impl Lun for SessionLun {
     fn is_read_only(&self) -> bool {
         !self.writable
     }
+}
+
+/// Compare-and-write on a view of the engine (the source or a writable session): read,
+/// compare and write under the engine's one compare-and-write lock. A source or session
+/// with snapshots is only ever written through its engine, in one process (the CLI's claim
+/// and the datastore's locks see to that), so no other writer can slip in between; the
+/// write itself takes the copy-on-first-write path as any other.
+fn compare_and_write_through(
+    view: &dyn Lun,
+    engine: &Engine,
+    expected: &[u8],
+    new: &[u8],
+    offset: u64,
+) -> lun::Result<lun::CompareAndWrite> {
+    if expected.len() != new.len() {
+        return Err(LunError::Misaligned {
+            lun: view.name().to_string(),
+            offset,
+            len: new.len() as u64,
+            sector_size: view.sector_size(),
+        });
+    }
+    check_request(view, offset, new.len() as u64)?;
+    let _atomic = lock(&engine.compare_and_write);
+    let mut current = vec![0u8; expected.len()];
+    view.read_at(&mut current, offset)?;
+    if current != expected {
+        return Ok(lun::CompareAndWrite::Miscompare(current));
+    }
+    view.write_at(new, offset)?;
+    Ok(lun::CompareAndWrite::Written)
 }

@@ -335,7 +335,15 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                 return Ok(Ok((claim, service.handle(request))));
             }
             Err(holder) => match &holder.socket {
-                Some(socket) => return Ok(Err(ask(spec, &holder, socket, request)?)),
+                Some(socket) => match ask(spec, &holder, socket, request) {
+                    Ok(reply) => return Ok(Err(reply)),
+                    // A holder that ends (a rollback's runner, done) closes its socket with
+                    // requests still queued, unread: ask again, whoever holds the LUN now.
+                    Err(e) if holder_went_away(&e) && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => return Err(e),
+                },
                 None if std::time::Instant::now() > deadline => {
                     bail!("{}", holder.refusal(&spec.typed))
                 }
@@ -405,9 +413,11 @@ fn ask(
     stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    (&stream).write_all(&line)?;
+    (&stream)
+        .write_all(&line)
+        .with_context(|| format!("asking vapp {} (pid {})", holder.command, holder.pid))?;
     let mut answer = String::new();
-    BufReader::new(&stream)
+    let read = BufReader::new(&stream)
         .read_line(&mut answer)
         .with_context(|| {
             format!(
@@ -415,6 +425,9 @@ fn ask(
                 holder.command, holder.pid
             )
         })?;
+    if read == 0 {
+        bail!("vapp {} (pid {}) {NO_ANSWER}", holder.command, holder.pid);
+    }
     serde_json::from_str(answer.trim()).with_context(|| {
         format!(
             "bad answer from vapp {} (pid {}): {answer:?}",
@@ -422,6 +435,28 @@ fn ask(
         )
     })
 }
+
+/// True when `e` says the holder's socket closed before answering: refused, reset, or an
+/// empty answer.
+fn holder_went_away(e: &anyhow::Error) -> bool {
+    if e.to_string().contains(NO_ANSWER) {
+        return true;
+    }
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        })
+    })
+}
+
+const NO_ANSWER: &str = "closed without answering";
 
 /// Long enough for a session on a busy LUN: the source is flushed first.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
