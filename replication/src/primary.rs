@@ -1,0 +1,208 @@
+//! The replicated write: the only code that touches the local LUN and the peer in one
+//! step. It reads top to bottom:
+//!
+//! 1. one writer at a time (write order is the order of this lock);
+//! 2. connected: the write's activity-log extent is made hot on disk, the write is sent
+//!    to the peer, written locally, and acknowledged only when both sides have it;
+//! 3. the peer fails: the link is down, the regions are dirty in the on-disk bitmap
+//!    before the write is acknowledged (policy `continue`) or the write fails (`block`);
+//! 4. not connected: `block` refuses without writing; otherwise the regions are dirty
+//!    on disk before the local write.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use lun::{Lun, LunError, check_request};
+use tracing::{info, warn};
+
+use crate::error::{ReplError, Result};
+use crate::meta::{FLAG_FRACTURED, MetaStore};
+use crate::peer::{Peer, expect_ok};
+use crate::wire::Message;
+use crate::{LinkPolicy, LinkState};
+
+/// A LUN whose writes reach the secondary: every writer of the replicated LUN goes
+/// through this wrapper.
+#[derive(Debug)]
+pub struct PrimaryLun {
+    pub(crate) name: String,
+    pub(crate) local: Arc<dyn Lun>,
+    pub(crate) policy: LinkPolicy,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub meta: MetaStore,
+    pub peer: Box<dyn Peer>,
+    pub link: LinkState,
+    pub last_error: Option<String>,
+    pub bytes_resynced: u64,
+}
+
+impl PrimaryLun {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The link is gone: start a new generation (the bitmap remembers the one the peer
+    /// has) and persist the regions that may differ before anything is acknowledged.
+    pub(crate) fn lose_link(
+        &self,
+        g: &mut Inner,
+        dirty: std::ops::Range<u64>,
+        why: &ReplError,
+    ) -> Result<()> {
+        g.meta.mark(dirty);
+        g.meta.persist_bitmap()?;
+        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            warn!(lun = %self.name, peer = g.peer.name(), error = %why, policy = ?self.policy, "replication link lost; tracking changed regions");
+            g.meta.header.gens.fork();
+            g.meta.write_header()?;
+            g.link = LinkState::Disconnected;
+        }
+        g.last_error = Some(why.to_string());
+        Ok(())
+    }
+
+    fn replicated_write(&self, g: &mut Inner, buf: &[u8], offset: u64) -> Result<()> {
+        let regions = g.meta.region_range(offset, buf.len() as u64);
+        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            let Inner { meta, peer, .. } = g;
+            let local = &self.local;
+            let hot = meta.activate(offset, buf.len() as u64, &mut || {
+                local.flush()?;
+                let r = peer.call(&Message::Flush)?;
+                expect_ok(&mut **peer, r)
+            });
+            let sent = hot.and_then(|()| {
+                peer.send(&Message::Write {
+                    offset,
+                    data: buf.to_vec(),
+                })
+            });
+            if let Err(e) = sent {
+                // The peer never got it: with `block` nothing is written anywhere.
+                self.lose_link(g, regions, &e)?;
+                return match self.policy {
+                    LinkPolicy::Continue => Ok(self.local.write_at(buf, offset)?),
+                    LinkPolicy::Block => Err(e),
+                };
+            }
+            // The local write overlaps the peer's; the write counts only when both land.
+            // The peer's answer is read even if the local write failed, so the link
+            // stays in step.
+            let written = self.local.write_at(buf, offset);
+            let acked = peer.recv().and_then(|r| expect_ok(&mut **peer, r));
+            if let Err(e) = acked {
+                self.lose_link(g, regions, &e)?;
+                if self.policy == LinkPolicy::Block {
+                    return Err(e);
+                }
+            }
+            return Ok(written?);
+        }
+        if self.policy == LinkPolicy::Block && g.meta.flags() & FLAG_FRACTURED == 0 {
+            return Err(ReplError::LinkDown {
+                peer: g.peer.name().to_string(),
+                reason: "policy block: writes fail until the link is back".into(),
+            });
+        }
+        g.meta.mark(regions);
+        g.meta.persist_bitmap()?;
+        self.local.write_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn replicated_flush(&self, g: &mut Inner) -> Result<()> {
+        self.local.flush()?;
+        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            let r = g.peer.call(&Message::Flush);
+            let r = r.and_then(|m| expect_ok(&mut *g.peer, m));
+            if let Err(e) = r {
+                // Every write since the last flush may be missing there: they are all
+                // in hot extents, so mark those.
+                let all = g.meta.region_range(0, 0);
+                self.lose_link(g, all, &e)?;
+                g.meta.recover_activity_log()?;
+                if self.policy == LinkPolicy::Block {
+                    return Err(e);
+                }
+            }
+        } else if self.policy == LinkPolicy::Block && g.meta.flags() & FLAG_FRACTURED == 0 {
+            return Err(ReplError::LinkDown {
+                peer: g.peer.name().to_string(),
+                reason: "policy block: flushes fail until the link is back".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops cleanly: everything is flushed on both sides, so the activity log empties
+    /// and a restart resyncs only what the bitmap holds.
+    pub fn close(&self) -> Result<()> {
+        let mut g = self.lock();
+        self.replicated_flush(&mut g)?;
+        g.meta.persist_bitmap()?;
+        g.meta.clear_activity_log()?;
+        info!(lun = %self.name, dirty_regions = g.meta.dirty_count(), "replication primary closed");
+        Ok(())
+    }
+}
+
+fn to_lun_error(name: &str, e: ReplError) -> LunError {
+    match e {
+        ReplError::Lun(e) => e,
+        other => LunError::Disconnected {
+            lun: name.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+impl Lun for PrimaryLun {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.local.sector_size()
+    }
+
+    fn size(&self) -> u64 {
+        self.local.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.local.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        check_request(self, offset, buf.len() as u64)?;
+        let mut g = self.lock();
+        self.replicated_write(&mut g, buf, offset)
+            .map_err(|e| to_lun_error(&self.name, e))
+    }
+
+    fn flush(&self) -> lun::Result<()> {
+        let mut g = self.lock();
+        self.replicated_flush(&mut g)
+            .map_err(|e| to_lun_error(&self.name, e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        check_request(self, offset, len)?;
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        self.local.identity()
+    }
+}

@@ -1,0 +1,209 @@
+//! The secondary: applies what the primary sends into the replica LUN and serves nothing
+//! else. Before a resync makes the replica inconsistent it takes a snapshot of it
+//! (`pre-resync`), so losing the primary mid-resync still leaves a point in time.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use lun::{Lun, check_request};
+use snapshot::Snapshots;
+use tracing::{info, warn};
+
+use crate::Geometry;
+use crate::error::Result;
+use crate::meta::{FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore};
+use crate::wire::{Message, SideInfo};
+
+/// The snapshot a secondary takes before a resync, deleted when the resync ends.
+pub const PRE_RESYNC_SNAPSHOT: &str = "pre-resync";
+
+#[derive(Debug)]
+pub struct Secondary {
+    name: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Where data lands: the snapshot engine's source view when snapshots are kept (so
+    /// the pre-resync snapshot is preserved), else the replica itself.
+    target: Arc<dyn Lun>,
+    snaps: Option<Snapshots>,
+    meta: MetaStore,
+    /// A primary said who it is on this connection; data is refused before that.
+    session: bool,
+}
+
+impl Secondary {
+    /// Makes `meta` the metadata of a new, empty replica `replica`: the first connect
+    /// copies every allocated region.
+    pub fn create(
+        replica: Arc<dyn Lun>,
+        meta: Arc<dyn Lun>,
+        snaps: Option<Snapshots>,
+        geometry: Geometry,
+    ) -> Result<Secondary> {
+        let header = Header {
+            seq: 0,
+            flags: 0,
+            lun_size: replica.size(),
+            region_size: geometry.region_size,
+            al_extent_size: geometry.al_extent_size,
+            al_capacity: geometry.al_capacity,
+            gens: Gens::default(),
+            peer_current: 0,
+            resync_total: 0,
+        };
+        let meta = MetaStore::format(meta, header)?;
+        Ok(Secondary::with(replica, meta, snaps))
+    }
+
+    pub fn open(
+        replica: Arc<dyn Lun>,
+        meta: Arc<dyn Lun>,
+        snaps: Option<Snapshots>,
+    ) -> Result<Secondary> {
+        let meta = MetaStore::open(meta)?;
+        Ok(Secondary::with(replica, meta, snaps))
+    }
+
+    fn with(replica: Arc<dyn Lun>, meta: MetaStore, snaps: Option<Snapshots>) -> Secondary {
+        let target: Arc<dyn Lun> = match &snaps {
+            Some(s) => s.source(),
+            None => replica.clone(),
+        };
+        Secondary {
+            name: replica.name().to_string(),
+            inner: Mutex::new(Inner {
+                target,
+                snaps,
+                meta,
+                session: false,
+            }),
+        }
+    }
+
+    pub fn gens(&self) -> Gens {
+        self.lock().meta.header.gens
+    }
+
+    /// True while a resync is being applied: the replica is not a point in time, and
+    /// the `pre-resync` snapshot holds the last one.
+    pub fn is_inconsistent(&self) -> bool {
+        self.lock().meta.flags() & FLAG_INCONSISTENT != 0
+    }
+
+    /// The replica's last complete point in time while a resync runs, if snapshots are
+    /// kept: what a promote of an inconsistent replica rolls back to.
+    pub fn pre_resync_snapshot(&self) -> Result<Option<Arc<dyn Lun>>> {
+        let g = self.lock();
+        let Some(s) = &g.snaps else {
+            return Ok(None);
+        };
+        if !s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT) {
+            return Ok(None);
+        }
+        Ok(Some(s.session(PRE_RESYNC_SNAPSHOT)?))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection carrying the primary went away.
+    pub fn disconnected(&self) {
+        self.lock().session = false;
+    }
+
+    /// Answers one message from the primary. Anything refused changes nothing.
+    pub fn handle(&self, msg: Message) -> Message {
+        let mut g = self.lock();
+        match self.apply(&mut g, msg) {
+            Ok(reply) => reply,
+            Err(e) => {
+                warn!(replica = %self.name, error = %e, "replication request refused");
+                Message::Error {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
+    fn apply(&self, g: &mut Inner, msg: Message) -> Result<Message> {
+        let refuse = |reason: String| crate::ReplError::WrongState {
+            lun: self.name.clone(),
+            reason,
+        };
+        match msg {
+            Message::Connect(p) => {
+                let h = &g.meta.header;
+                if h.flags & FLAG_PRIMARY != 0 {
+                    return Err(refuse(
+                        "this side is a primary; demote it before it can receive".into(),
+                    ));
+                }
+                if p.lun_size > g.target.size() {
+                    return Err(refuse(format!(
+                        "replica too small: {} bytes, the primary's LUN has {}",
+                        g.target.size(),
+                        p.lun_size
+                    )));
+                }
+                if p.region_size != h.region_size {
+                    return Err(refuse(format!(
+                        "region size {} differs from the primary's {}",
+                        h.region_size, p.region_size
+                    )));
+                }
+                g.session = true;
+                info!(replica = %self.name, primary_gen = p.gens.current, gen = h.gens.current, "primary connected");
+                Ok(Message::State(SideInfo {
+                    lun_size: g.target.size(),
+                    region_size: h.region_size,
+                    flags: h.flags,
+                    gens: h.gens,
+                }))
+            }
+            _ if !g.session => Err(refuse("no primary has connected on this link".into())),
+            Message::Write { offset, data } | Message::ResyncData { offset, data } => {
+                check_request(&*g.target, offset, data.len() as u64)?;
+                g.target.write_at(&data, offset)?;
+                Ok(Message::Ok)
+            }
+            Message::Flush => {
+                g.target.flush()?;
+                Ok(Message::Ok)
+            }
+            Message::ResyncBegin { regions } => {
+                if g.meta.flags() & FLAG_INCONSISTENT == 0 {
+                    if let Some(s) = &g.snaps {
+                        if s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT) {
+                            s.delete_session(PRE_RESYNC_SNAPSHOT)?;
+                        }
+                        s.create_session(PRE_RESYNC_SNAPSHOT, false)?;
+                    }
+                    g.meta.set_flag(FLAG_INCONSISTENT, true);
+                    g.meta.write_header()?;
+                }
+                info!(replica = %self.name, regions, "resync begins; replica inconsistent until it ends");
+                Ok(Message::Ok)
+            }
+            Message::ResyncEnd { gens } => {
+                g.target.flush()?;
+                g.meta.header.gens = Gens { bitmap: 0, ..gens };
+                g.meta.set_flag(FLAG_INCONSISTENT, false);
+                g.meta.write_header()?;
+                if let Some(s) = &g.snaps
+                    && s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT)
+                {
+                    s.delete_session(PRE_RESYNC_SNAPSHOT)?;
+                }
+                info!(replica = %self.name, gen = gens.current, "resync complete; replica consistent");
+                Ok(Message::Ok)
+            }
+            other => Err(refuse(format!(
+                "unexpected {} message from the primary",
+                other.kind()
+            ))),
+        }
+    }
+}
