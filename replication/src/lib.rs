@@ -22,9 +22,12 @@
 //! before anything else flows, and [`SecondaryServer`] on the other end. The wire
 //! format (`wire.rs`) is framed, versioned and checksummed with crc32c.
 //!
-//! Not yet here: asynchronous delta sets, promote/demote and split-brain resolution,
-//! online verify and consistency groups (the metadata already carries what they need:
-//! generation identifiers and the role flag).
+//! Roles change offline: [`Secondary::promote`] makes the replica a primary with a new
+//! generation, [`PrimaryLun::demote`] the old primary a secondary; on reconnect the old
+//! primary receives what changed at the new one plus its own writes the new one never
+//! got, which it loses (reported) only when the operator said so (`discard_local`).
+//!
+//! Not yet here: asynchronous delta sets, online verify and consistency groups.
 
 mod error;
 mod meta;
@@ -104,6 +107,8 @@ pub enum LinkState {
     Disconnected,
     /// Split on command; stays split across restarts until resumed.
     Fractured,
+    /// Demoted: no longer takes writes; reopen the LUN as a secondary.
+    Demoted,
 }
 
 /// How far a resync has come.
@@ -136,6 +141,8 @@ pub struct Status {
     pub bytes_waiting: u64,
     pub resync: ResyncProgress,
     pub bytes_resynced: u64,
+    /// Regions the peer had written that resyncs overwrote (failback, discard-local).
+    pub peer_regions_discarded: u64,
     pub last_error: Option<String>,
 }
 
@@ -223,6 +230,8 @@ impl PrimaryLun {
                 link,
                 last_error: None,
                 bytes_resynced: 0,
+                peer_discarded: 0,
+                unflushed: Default::default(),
             }),
         })
     }
@@ -243,6 +252,7 @@ impl PrimaryLun {
             bytes_waiting: dirty * g.meta.region_size(),
             resync: resync::progress(&g),
             bytes_resynced: g.bytes_resynced,
+            peer_regions_discarded: g.peer_discarded,
             last_error: g.last_error.clone(),
         }
     }

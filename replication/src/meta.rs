@@ -30,6 +30,9 @@ pub const FLAG_INCONSISTENT: u32 = 1 << 1;
 pub const FLAG_RESYNC: u32 = 1 << 2;
 /// The link was fractured on command and stays fractured across restarts until resumed.
 pub const FLAG_FRACTURED: u32 = 1 << 3;
+/// Secondary only: the operator chose this side to lose what it wrote that the primary
+/// never got (`--discard-local`); the next resync overwrites those regions.
+pub const FLAG_DISCARD: u32 = 1 << 4;
 
 /// Generation identifiers, as DRBD keeps them: the data's current generation, the
 /// generation the bitmap started tracking from (0 when in sync), and two older ones.
@@ -316,6 +319,31 @@ impl MetaStore {
             *w &= !(1 << (region % 64));
             self.dirty_pages.insert(region / 64 / WORDS_PER_PAGE);
         }
+    }
+
+    /// Every region in sync (a resync ended); [`MetaStore::persist_bitmap`] makes it durable.
+    pub fn clear_all(&mut self) {
+        for (i, w) in self.bits.iter_mut().enumerate() {
+            if *w != 0 {
+                *w = 0;
+                self.dirty_pages.insert(i as u64 / WORDS_PER_PAGE);
+            }
+        }
+    }
+
+    /// The peer's dirty regions join ours: what it wrote that we never got is copied
+    /// over from here too.
+    pub fn merge_words(&mut self, words: &[u64]) {
+        for (i, (w, o)) in self.bits.iter_mut().zip(words).enumerate() {
+            if *w | o != *w {
+                *w |= o;
+                self.dirty_pages.insert(i as u64 / WORDS_PER_PAGE);
+            }
+        }
+    }
+
+    pub fn words(&self) -> &[u64] {
+        &self.bits
     }
 
     pub fn dirty_count(&self) -> u64 {

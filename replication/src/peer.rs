@@ -74,7 +74,7 @@ impl LocalPeer {
             link: LinkSwitch::default(),
             replies: VecDeque::new(),
             bytes_sent: Arc::new(AtomicU64::new(0)),
-            connected: true,
+            connected: false,
         }
     }
 
@@ -104,6 +104,15 @@ impl LocalPeer {
         ReplError::LinkDown {
             peer: self.name().to_string(),
             reason: "link cut".into(),
+        }
+    }
+}
+
+impl Drop for LocalPeer {
+    /// The primary went away: its connection closes, as a socket's would.
+    fn drop(&mut self) {
+        if self.connected {
+            self.secondary.disconnected();
         }
     }
 }

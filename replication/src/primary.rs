@@ -9,13 +9,14 @@
 //! 4. not connected: `block` refuses without writing; otherwise the regions are dirty
 //!    on disk before the local write.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lun::{Lun, LunError, check_request};
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
-use crate::meta::{FLAG_FRACTURED, MetaStore};
+use crate::meta::{FLAG_DISCARD, FLAG_FRACTURED, FLAG_PRIMARY, FLAG_RESYNC, MetaStore};
 use crate::peer::{Peer, expect_ok};
 use crate::wire::Message;
 use crate::{LinkPolicy, LinkState};
@@ -37,6 +38,11 @@ pub(crate) struct Inner {
     pub link: LinkState,
     pub last_error: Option<String>,
     pub bytes_resynced: u64,
+    /// Regions the peer had written that resyncs overwrote (failback, discard-local).
+    pub peer_discarded: u64,
+    /// Regions written at both sides since the peer's last flush: a peer crash may lose
+    /// them, so a lost link marks them dirty. Within the hot extents, so bounded.
+    pub unflushed: BTreeSet<u64>,
 }
 
 impl PrimaryLun {
@@ -45,7 +51,9 @@ impl PrimaryLun {
     }
 
     /// The link is gone: start a new generation (the bitmap remembers the one the peer
-    /// has) and persist the regions that may differ before anything is acknowledged.
+    /// has) and persist the regions that may differ, the peer's unflushed ones included,
+    /// before anything is acknowledged. The activity log is then no longer needed: the
+    /// bitmap covers everything in flight.
     pub(crate) fn lose_link(
         &self,
         g: &mut Inner,
@@ -53,26 +61,51 @@ impl PrimaryLun {
         why: &ReplError,
     ) -> Result<()> {
         g.meta.mark(dirty);
+        for r in std::mem::take(&mut g.unflushed) {
+            g.meta.mark(r..r + 1);
+        }
         g.meta.persist_bitmap()?;
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             warn!(lun = %self.name, peer = g.peer.name(), error = %why, policy = ?self.policy, "replication link lost; tracking changed regions");
             g.meta.header.gens.fork();
             g.meta.write_header()?;
+            g.meta.clear_activity_log()?;
             g.link = LinkState::Disconnected;
         }
         g.last_error = Some(why.to_string());
         Ok(())
     }
 
+    /// Flushes the peer; what it had is durable there from now on.
+    pub(crate) fn flush_peer(g: &mut Inner) -> Result<()> {
+        let r = g.peer.call(&Message::Flush)?;
+        expect_ok(&mut *g.peer, r)?;
+        g.unflushed.clear();
+        Ok(())
+    }
+
     fn replicated_write(&self, g: &mut Inner, buf: &[u8], offset: u64) -> Result<()> {
+        if g.link == LinkState::Demoted {
+            return Err(LunError::ReadOnly {
+                lun: self.name.clone(),
+            }
+            .into());
+        }
         let regions = g.meta.region_range(offset, buf.len() as u64);
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
-            let Inner { meta, peer, .. } = g;
+            let Inner {
+                meta,
+                peer,
+                unflushed,
+                ..
+            } = g;
             let local = &self.local;
             let hot = meta.activate(offset, buf.len() as u64, &mut || {
                 local.flush()?;
                 let r = peer.call(&Message::Flush)?;
-                expect_ok(&mut **peer, r)
+                expect_ok(&mut **peer, r)?;
+                unflushed.clear();
+                Ok(())
             });
             let sent = hot.and_then(|()| {
                 peer.send(&Message::Write {
@@ -93,6 +126,7 @@ impl PrimaryLun {
             // stays in step.
             let written = self.local.write_at(buf, offset);
             let acked = peer.recv().and_then(|r| expect_ok(&mut **peer, r));
+            unflushed.extend(regions.clone());
             if let Err(e) = acked {
                 self.lose_link(g, regions, &e)?;
                 if self.policy == LinkPolicy::Block {
@@ -115,15 +149,12 @@ impl PrimaryLun {
 
     fn replicated_flush(&self, g: &mut Inner) -> Result<()> {
         self.local.flush()?;
+        if g.link == LinkState::Demoted {
+            return Ok(());
+        }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
-            let r = g.peer.call(&Message::Flush);
-            let r = r.and_then(|m| expect_ok(&mut *g.peer, m));
-            if let Err(e) = r {
-                // Every write since the last flush may be missing there: they are all
-                // in hot extents, so mark those.
-                let all = g.meta.region_range(0, 0);
-                self.lose_link(g, all, &e)?;
-                g.meta.recover_activity_log()?;
+            if let Err(e) = PrimaryLun::flush_peer(g) {
+                self.lose_link(g, 0..0, &e)?;
                 if self.policy == LinkPolicy::Block {
                     return Err(e);
                 }
@@ -137,10 +168,40 @@ impl PrimaryLun {
         Ok(())
     }
 
+    /// Turns this side into a secondary (to be opened with [`crate::Secondary::open`] on
+    /// the same LUNs once this is dropped); writes are refused from now on. What this side
+    /// wrote that the peer may lack stays in the bitmap: with `discard_local` the new
+    /// primary overwrites it at the next resync (failback), without it a peer that also
+    /// moved on refuses to resync (split brain) until [`crate::Secondary::discard_local`].
+    /// Refused while the link is up: fracture it first.
+    pub fn demote(&self, discard_local: bool) -> Result<()> {
+        let mut g = self.lock();
+        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            return Err(ReplError::WrongState {
+                lun: self.name.clone(),
+                reason: "the link is up; fracture it before demoting".into(),
+            });
+        }
+        self.local.flush()?;
+        // Writes in flight when the link went away may be here only.
+        g.meta.recover_activity_log()?;
+        g.meta
+            .set_flag(FLAG_PRIMARY | FLAG_RESYNC | FLAG_FRACTURED, false);
+        g.meta.set_flag(FLAG_DISCARD, discard_local);
+        g.meta.header.resync_total = 0;
+        g.meta.write_header()?;
+        g.link = LinkState::Demoted;
+        info!(lun = %self.name, discard_local, dirty_regions = g.meta.dirty_count(), "demoted to secondary");
+        Ok(())
+    }
+
     /// Stops cleanly: everything is flushed on both sides, so the activity log empties
     /// and a restart resyncs only what the bitmap holds.
     pub fn close(&self) -> Result<()> {
         let mut g = self.lock();
+        if g.link == LinkState::Demoted {
+            return Ok(());
+        }
         self.replicated_flush(&mut g)?;
         g.meta.persist_bitmap()?;
         g.meta.clear_activity_log()?;

@@ -8,7 +8,7 @@
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
-use crate::meta::{FLAG_FRACTURED, FLAG_INCONSISTENT, FLAG_PRIMARY, FLAG_RESYNC};
+use crate::meta::{FLAG_DISCARD, FLAG_FRACTURED, FLAG_INCONSISTENT, FLAG_PRIMARY, FLAG_RESYNC};
 use crate::peer::expect_ok;
 use crate::primary::{Inner, PrimaryLun};
 use crate::wire::{Message, SideInfo};
@@ -29,8 +29,15 @@ impl PrimaryLun {
                 reason: "the link is fractured; resume it first".into(),
             });
         }
-        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
-            return Ok(g.link);
+        match g.link {
+            LinkState::Connected | LinkState::Resyncing => return Ok(g.link),
+            LinkState::Demoted => {
+                return Err(ReplError::WrongState {
+                    lun: self.name.clone(),
+                    reason: "this side was demoted; open it as a secondary".into(),
+                });
+            }
+            LinkState::Disconnected | LinkState::Fractured => {}
         }
         g.peer.reconnect()?;
         let me = SideInfo {
@@ -38,6 +45,7 @@ impl PrimaryLun {
             region_size: g.meta.header.region_size,
             flags: g.meta.flags(),
             gens: g.meta.header.gens,
+            dirty_regions: g.meta.dirty_count(),
         };
         let reply = g.peer.call(&Message::Connect(me))?;
         let peer = match reply {
@@ -71,39 +79,62 @@ impl PrimaryLun {
                 reason: "the peer is a primary too".into(),
             });
         }
+        // Whether the peer's dirty regions (its own writes we never got, or regions an
+        // interrupted resync changed) must be copied over from here too.
+        let mut take_peer = peer.dirty_regions > 0;
         let resync = if p.current == 0 {
             // A new replica: everything is to copy.
             let all = g.meta.region_range(0, self.local.size());
             g.meta.mark(all);
+            take_peer = false;
             true
         } else if p.current == me.current {
-            // In sync but for what the activity log says may have been in flight.
-            g.meta.dirty_count() > 0 || peer.flags & FLAG_INCONSISTENT != 0
+            // In sync but for what the activity logs say may have been in flight.
+            g.meta.dirty_count() > 0 || take_peer || peer.flags & FLAG_INCONSISTENT != 0
         } else if me.bitmap != 0 && p.current == me.bitmap {
             // We moved on while apart, the peer did not: our bitmap is the difference.
             true
-        } else if p.bitmap != 0 && p.bitmap == me.bitmap {
-            return Err(ReplError::SplitBrain {
-                lun: self.name.clone(),
-                reason: format!(
-                    "both sides were written since generation {:016x}; pick the survivor (--discard-local on the other)",
-                    me.bitmap
-                ),
-            });
+        } else if me.bitmap != 0 && p.bitmap == me.bitmap {
+            // Both moved on from the same generation. Fine if the peer wrote nothing;
+            // otherwise it is split brain unless the peer was told to lose its writes.
+            if take_peer && peer.flags & FLAG_DISCARD == 0 {
+                return Err(ReplError::SplitBrain {
+                    lun: self.name.clone(),
+                    reason: format!(
+                        "both sides were written since generation {:016x} ({} regions here, {} at the peer); resync refused: choose the side that loses its writes (discard-local there)",
+                        me.bitmap,
+                        g.meta.dirty_count(),
+                        peer.dirty_regions
+                    ),
+                });
+            }
+            true
         } else if p.bitmap != 0 && p.bitmap == me.current {
             return Err(ReplError::WrongState {
                 lun: self.name.clone(),
-                reason: "the peer has newer data (it was promoted); demote this side".into(),
+                reason: "the peer has newer data (it was promoted since); demote this side".into(),
             });
         } else {
             return Err(ReplError::SplitBrain {
                 lun: self.name.clone(),
                 reason: format!(
-                    "no common generation (this side {:016x}, peer {:016x}); a full sync is needed",
+                    "no common generation (this side {:016x}, peer {:016x}); refusing to resync",
                     me.current, p.current
                 ),
             });
         };
+        if resync && take_peer {
+            let reply = g.peer.call(&Message::BitmapRequest)?;
+            let Message::Bitmap { words } = reply else {
+                return Err(ReplError::Protocol {
+                    peer: g.peer.name().to_string(),
+                    reason: format!("expected bitmap, got {}", reply.kind()),
+                });
+            };
+            g.meta.merge_words(&words);
+            g.peer_discarded += peer.dirty_regions;
+            warn!(lun = %self.name, regions = peer.dirty_regions, "regions written at the peer that this side never got are discarded there");
+        }
         if resync {
             if g.meta.flags() & FLAG_RESYNC == 0 {
                 g.meta.set_flag(FLAG_RESYNC, true);
@@ -147,8 +178,7 @@ impl PrimaryLun {
                 cursor = r + 1;
             }
             // A region is in sync only once durable there.
-            let reply = g.peer.call(&Message::Flush)?;
-            expect_ok(&mut *g.peer, reply)
+            PrimaryLun::flush_peer(&mut g)
         })();
         if let Err(e) = result {
             warn!(lun = %self.name, error = %e, "resync interrupted");
@@ -193,18 +223,15 @@ impl PrimaryLun {
     pub fn fracture(&self) -> Result<()> {
         let mut g = self.lock();
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
-            let r = g.peer.call(&Message::Flush);
-            let flushed = r.and_then(|m| expect_ok(&mut *g.peer, m));
+            if let Err(e) = PrimaryLun::flush_peer(&mut g) {
+                // lose_link below marks what the peer may not have made durable.
+                warn!(lun = %self.name, error = %e, "peer flush failed while fracturing");
+            }
             let why = ReplError::WrongState {
                 lun: self.name.clone(),
                 reason: "fractured on command".into(),
             };
             self.lose_link(&mut g, 0..0, &why)?;
-            if let Err(e) = flushed {
-                // The last writes may not be durable there: resync the hot extents.
-                warn!(lun = %self.name, error = %e, "peer flush failed while fracturing");
-                g.meta.recover_activity_log()?;
-            }
         }
         g.meta.set_flag(FLAG_FRACTURED, true);
         g.meta.write_header()?;

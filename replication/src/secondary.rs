@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::Geometry;
 use crate::error::Result;
-use crate::meta::{FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore};
+use crate::meta::{FLAG_DISCARD, FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore};
 use crate::wire::{Message, SideInfo};
 
 /// The snapshot a secondary takes before a resync, deleted when the resync ends.
@@ -63,6 +63,12 @@ impl Secondary {
         snaps: Option<Snapshots>,
     ) -> Result<Secondary> {
         let meta = MetaStore::open(meta)?;
+        if meta.flags() & FLAG_PRIMARY != 0 {
+            return Err(crate::ReplError::WrongState {
+                lun: replica.name().to_string(),
+                reason: format!("metadata {} is a primary's; demote it first", meta.name()),
+            });
+        }
         Ok(Secondary::with(replica, meta, snaps))
     }
 
@@ -107,6 +113,70 @@ impl Secondary {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes this side the primary, to be opened with [`crate::PrimaryLun::open`] on the
+    /// same LUNs once this `Secondary` is dropped. Refused while a primary is connected
+    /// unless `force`. A replica cut off mid-resync first returns to its `pre-resync`
+    /// snapshot (the regions that changes are kept dirty, so a failback copies them);
+    /// without one it is refused unless `force`. Starts a new generation, so the old
+    /// primary is told apart when it comes back.
+    pub fn promote(&self, force: bool) -> Result<()> {
+        let mut g = self.lock();
+        let lun = self.name.clone();
+        if g.meta.flags() & FLAG_PRIMARY != 0 {
+            return Ok(());
+        }
+        if g.session && !force {
+            return Err(crate::ReplError::WrongState {
+                lun,
+                reason:
+                    "a primary is connected and replicating; promote with force to take over anyway"
+                        .into(),
+            });
+        }
+        g.session = false;
+        if g.meta.flags() & FLAG_INCONSISTENT != 0 {
+            let has_snapshot = g
+                .snaps
+                .as_ref()
+                .is_some_and(|s| s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT));
+            match &g.snaps {
+                Some(s) if has_snapshot => {
+                    s.rollback(PRE_RESYNC_SNAPSHOT)?;
+                    s.wait_rollback()?;
+                    s.delete_session(PRE_RESYNC_SNAPSHOT)?;
+                    info!(replica = %lun, "inconsistent replica rolled back to its pre-resync snapshot");
+                }
+                _ if force => {
+                    warn!(replica = %lun, "promoting an inconsistent replica without a snapshot to return to");
+                }
+                _ => {
+                    return Err(crate::ReplError::WrongState {
+                        lun,
+                        reason: "the replica is mid-resync (inconsistent) and has no pre-resync snapshot; promote with force to use it as it is".into(),
+                    });
+                }
+            }
+        }
+        g.target.flush()?;
+        g.meta.persist_bitmap()?;
+        g.meta.header.gens.fork();
+        g.meta.set_flag(FLAG_INCONSISTENT | FLAG_DISCARD, false);
+        g.meta.set_flag(FLAG_PRIMARY, true);
+        g.meta.write_header()?;
+        info!(replica = %lun, gen = g.meta.header.gens.current, "promoted to primary");
+        Ok(())
+    }
+
+    /// Resolves a split brain in favour of the other side: what this side wrote that
+    /// the primary never got is overwritten by the next resync.
+    pub fn discard_local(&self) -> Result<()> {
+        let mut g = self.lock();
+        g.meta.set_flag(FLAG_DISCARD, true);
+        g.meta.write_header()?;
+        warn!(replica = %self.name, dirty_regions = g.meta.dirty_count(), "local changes will be discarded at the next resync");
+        Ok(())
     }
 
     /// The connection carrying the primary went away.
@@ -161,18 +231,32 @@ impl Secondary {
                     region_size: h.region_size,
                     flags: h.flags,
                     gens: h.gens,
+                    dirty_regions: g.meta.dirty_count(),
                 }))
             }
             _ if !g.session => Err(refuse("no primary has connected on this link".into())),
-            Message::Write { offset, data } | Message::ResyncData { offset, data } => {
+            Message::Write { offset, data } => {
                 check_request(&*g.target, offset, data.len() as u64)?;
+                g.target.write_at(&data, offset)?;
+                Ok(Message::Ok)
+            }
+            Message::ResyncData { offset, data } => {
+                check_request(&*g.target, offset, data.len() as u64)?;
+                // Remembered (durably at the next flush, before the primary forgets
+                // it), so a promote that rolls the replica back knows what changed.
+                let regions = g.meta.region_range(offset, data.len() as u64);
+                g.meta.mark(regions);
                 g.target.write_at(&data, offset)?;
                 Ok(Message::Ok)
             }
             Message::Flush => {
                 g.target.flush()?;
+                g.meta.persist_bitmap()?;
                 Ok(Message::Ok)
             }
+            Message::BitmapRequest => Ok(Message::Bitmap {
+                words: g.meta.words().to_vec(),
+            }),
             Message::ResyncBegin { regions } => {
                 if g.meta.flags() & FLAG_INCONSISTENT == 0 {
                     if let Some(s) = &g.snaps {
@@ -189,8 +273,10 @@ impl Secondary {
             }
             Message::ResyncEnd { gens } => {
                 g.target.flush()?;
+                g.meta.clear_all();
+                g.meta.persist_bitmap()?;
                 g.meta.header.gens = Gens { bitmap: 0, ..gens };
-                g.meta.set_flag(FLAG_INCONSISTENT, false);
+                g.meta.set_flag(FLAG_INCONSISTENT | FLAG_DISCARD, false);
                 g.meta.write_header()?;
                 if let Some(s) = &g.snaps
                     && s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT)

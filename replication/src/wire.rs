@@ -30,6 +30,8 @@ const T_FLUSH: u16 = 13;
 const T_RESYNC_BEGIN: u16 = 14;
 const T_RESYNC_DATA: u16 = 15;
 const T_RESYNC_END: u16 = 16;
+const T_BITMAP_REQUEST: u16 = 17;
+const T_BITMAP: u16 = 18;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -42,6 +44,9 @@ pub struct SideInfo {
     /// Metadata flags (FORMAT.md): role, inconsistent, resync, fractured.
     pub flags: u32,
     pub gens: Gens,
+    /// Regions this side's bitmap holds: on a secondary, what it may have that the
+    /// primary does not (writes of its own time as primary, an interrupted resync).
+    pub dirty_regions: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +84,11 @@ pub enum Message {
     ResyncEnd {
         gens: Gens,
     },
+    /// Asks the secondary for its dirty bitmap; the answer is [`Message::Bitmap`].
+    BitmapRequest,
+    Bitmap {
+        words: Vec<u64>,
+    },
     Ok,
     Error {
         reason: String,
@@ -99,6 +109,8 @@ impl Message {
             Message::ResyncBegin { .. } => "resync-begin",
             Message::ResyncData { .. } => "resync-data",
             Message::ResyncEnd { .. } => "resync-end",
+            Message::BitmapRequest => "bitmap-request",
+            Message::Bitmap { .. } => "bitmap",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
@@ -142,9 +154,10 @@ fn put_side(b: &mut Vec<u8>, s: &SideInfo) {
     b.extend_from_slice(&s.region_size.to_le_bytes());
     b.extend_from_slice(&s.flags.to_le_bytes());
     put_gens(b, &s.gens);
+    b.extend_from_slice(&s.dirty_regions.to_le_bytes());
 }
 
-const SIDE_LEN: usize = 48;
+const SIDE_LEN: usize = 56;
 
 fn get_side(b: &[u8]) -> SideInfo {
     SideInfo {
@@ -152,6 +165,7 @@ fn get_side(b: &[u8]) -> SideInfo {
         region_size: get32(b, 8),
         flags: get32(b, 12),
         gens: get_gens(b, 16),
+        dirty_regions: get64(b, 48),
     }
 }
 
@@ -199,6 +213,13 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
         Message::ResyncEnd { gens } => {
             put_gens(&mut p, gens);
             T_RESYNC_END
+        }
+        Message::BitmapRequest => T_BITMAP_REQUEST,
+        Message::Bitmap { words } => {
+            for w in words {
+                p.extend_from_slice(&w.to_le_bytes());
+            }
+            T_BITMAP
         }
         Message::Ok => T_OK,
         Message::Error { reason } => {
@@ -322,6 +343,21 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             need("resync-end", &p, 32, true)?;
             Message::ResyncEnd {
                 gens: get_gens(&p, 0),
+            }
+        }
+        T_BITMAP_REQUEST => {
+            need("bitmap-request", &p, 0, true)?;
+            Message::BitmapRequest
+        }
+        T_BITMAP => {
+            if p.len() % 8 != 0 {
+                return Err(WireError::Malformed {
+                    kind: "bitmap",
+                    reason: format!("{} bytes is not a whole number of words", p.len()),
+                });
+            }
+            Message::Bitmap {
+                words: p.chunks_exact(8).map(|w| get64(w, 0)).collect(),
             }
         }
         T_OK => {
@@ -471,6 +507,7 @@ mod tests {
                 bitmap: 6,
                 history: [5, 4],
             },
+            dirty_regions: 9,
         };
         for m in [
             Message::Hello { nonce: [1; 32] },
@@ -493,6 +530,10 @@ mod tests {
                 data: vec![8; 4096],
             },
             Message::ResyncEnd { gens: side.gens },
+            Message::BitmapRequest,
+            Message::Bitmap {
+                words: vec![1, u64::MAX, 0],
+            },
             Message::Ok,
             Message::Error {
                 reason: "no".into(),

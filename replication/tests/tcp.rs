@@ -197,6 +197,7 @@ fn a_truncated_frame_writes_nothing() {
         region_size: small_geometry().region_size,
         flags: 1,
         gens: Gens::default(),
+        dirty_regions: 0,
     };
     s.write_all(&wire::encode(1, &Message::Connect(side)))
         .expect("send");
@@ -227,6 +228,7 @@ fn a_corrupted_frame_is_disconnected_and_writes_nothing() {
         region_size: small_geometry().region_size,
         flags: 1,
         gens: Gens::default(),
+        dirty_regions: 0,
     };
     s.write_all(&wire::encode(1, &Message::Connect(side)))
         .expect("send");
