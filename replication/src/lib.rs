@@ -27,8 +27,15 @@
 //! primary receives what changed at the new one plus its own writes the new one never
 //! got, which it loses (reported) only when the operator said so (`discard_local`).
 //!
-//! Not yet here: asynchronous delta sets, online verify and consistency groups.
+//! Asynchronous mode (`delta.rs`): writes are acknowledged locally, their regions
+//! dirty on disk, and every period a delta set is cut with a snapshot session of the
+//! local LUN (so the set is write-order consistent) and shipped; the secondary takes a
+//! gold snapshot first and makes the set visible whole at its end, or rolls back to
+//! the gold copy when the link or the process dies mid-apply.
+//!
+//! Not yet here: online verify and consistency groups.
 
+mod delta;
 mod error;
 mod meta;
 mod peer;
@@ -44,11 +51,12 @@ use std::sync::{Arc, Mutex};
 use lun::Lun;
 use tracing::info;
 
+pub use delta::Cycle;
 pub use error::{ReplError, Result};
 pub use meta::{AL_MAX_EXTENTS, Gens};
 pub use peer::{LinkSwitch, LocalPeer, Peer};
 pub use primary::PrimaryLun;
-pub use secondary::{PRE_RESYNC_SNAPSHOT, Secondary};
+pub use secondary::{GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Secondary};
 pub use tcp::{SecondaryServer, TcpPeer};
 
 use meta::{FLAG_FRACTURED, FLAG_PRIMARY, Header, MetaStore};
@@ -84,6 +92,19 @@ impl Default for Geometry {
 pub fn metadata_size(lun_size: u64, geometry: Geometry) -> u64 {
     let regions = lun_size.div_ceil(u64::from(geometry.region_size));
     meta::BITMAP_OFFSET + regions.div_ceil(8).next_multiple_of(meta::BLOCK)
+}
+
+/// Default period between two asynchronous delta sets.
+pub const DEFAULT_DELTA_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How writes reach the secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Each write and flush is acknowledged once both sites have it.
+    Sync,
+    /// Writes are acknowledged locally and shipped in write-order-consistent delta sets
+    /// cut every `period`; the replica moves from one whole set to the next.
+    Async { period: std::time::Duration },
 }
 
 /// What a synchronous primary does when the link is lost.
@@ -143,6 +164,10 @@ pub struct Status {
     pub bytes_resynced: u64,
     /// Regions the peer had written that resyncs overwrote (failback, discard-local).
     pub peer_regions_discarded: u64,
+    pub mode: Mode,
+    /// Age of the replica's point in time: zero when it holds everything acknowledged
+    /// here, `None` before it ever held a complete point.
+    pub rpo: Option<std::time::Duration>,
     pub last_error: Option<String>,
 }
 
@@ -169,6 +194,8 @@ impl PrimaryLun {
             },
             peer_current: 0,
             resync_total: 0,
+            delta_id: 0,
+            delta_cut_ms: 0,
         };
         let mut m = MetaStore::format(meta, header)?;
         let all = m.region_range(0, local.size());
@@ -232,6 +259,12 @@ impl PrimaryLun {
                 bytes_resynced: 0,
                 peer_discarded: 0,
                 unflushed: Default::default(),
+                mode: Mode::Sync,
+                snaps: None,
+                interval: Default::default(),
+                pending: None,
+                next_delta: 1,
+                replica_point_ms: None,
             }),
         })
     }
@@ -253,6 +286,8 @@ impl PrimaryLun {
             resync: resync::progress(&g),
             bytes_resynced: g.bytes_resynced,
             peer_regions_discarded: g.peer_discarded,
+            mode: g.mode,
+            rpo: delta::rpo(&g, dirty),
             last_error: g.last_error.clone(),
         }
     }

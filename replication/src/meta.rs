@@ -33,6 +33,9 @@ pub const FLAG_FRACTURED: u32 = 1 << 3;
 /// Secondary only: the operator chose this side to lose what it wrote that the primary
 /// never got (`--discard-local`); the next resync overwrites those regions.
 pub const FLAG_DISCARD: u32 = 1 << 4;
+/// Secondary only: an asynchronous delta set is being applied; the `gold` snapshot holds
+/// the last complete one, and a cut link or a restart rolls back to it.
+pub const FLAG_APPLYING: u32 = 1 << 5;
 
 /// Generation identifiers, as DRBD keeps them: the data's current generation, the
 /// generation the bitmap started tracking from (0 when in sync), and two older ones.
@@ -76,6 +79,10 @@ pub struct Header {
     /// The peer's current generation last seen while connected.
     pub peer_current: u64,
     pub resync_total: u64,
+    /// Secondary: the last delta set applied whole, and when the primary cut it
+    /// (milliseconds since the Unix epoch): the replica's point in time.
+    pub delta_id: u64,
+    pub delta_cut_ms: u64,
 }
 
 impl Header {
@@ -102,7 +109,9 @@ impl Header {
         put64(&mut b, 64, self.gens.history[0]);
         put64(&mut b, 72, self.gens.history[1]);
         put64(&mut b, 80, self.peer_current);
+        put64(&mut b, 88, self.delta_id);
         put64(&mut b, 96, self.resync_total);
+        put64(&mut b, 104, self.delta_cut_ms);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         put32(&mut b, CRC_AT, crc);
         b
@@ -135,6 +144,8 @@ impl Header {
             },
             peer_current: get64(b, 80),
             resync_total: get64(b, 96),
+            delta_id: get64(b, 88),
+            delta_cut_ms: get64(b, 104),
         };
         check_geometry(h.region_size, h.al_extent_size, h.al_capacity)?;
         Ok(h)

@@ -19,7 +19,7 @@ use crate::error::{ReplError, Result};
 use crate::meta::{FLAG_DISCARD, FLAG_FRACTURED, FLAG_PRIMARY, FLAG_RESYNC, MetaStore};
 use crate::peer::{Peer, expect_ok};
 use crate::wire::Message;
-use crate::{LinkPolicy, LinkState};
+use crate::{LinkPolicy, LinkState, Mode};
 
 /// A LUN whose writes reach the secondary: every writer of the replicated LUN goes
 /// through this wrapper.
@@ -43,6 +43,16 @@ pub(crate) struct Inner {
     /// Regions written at both sides since the peer's last flush: a peer crash may lose
     /// them, so a lost link marks them dirty. Within the hot extents, so bounded.
     pub unflushed: BTreeSet<u64>,
+    pub mode: Mode,
+    /// Asynchronous mode: the snapshot engine of the local LUN, whose sessions freeze
+    /// each delta set at its cut.
+    pub snaps: Option<snapshot::Snapshots>,
+    /// Asynchronous mode: regions written since the last cut.
+    pub interval: BTreeSet<u64>,
+    pub pending: Option<crate::delta::Delta>,
+    pub next_delta: u64,
+    /// When the delta set the replica last applied was cut (ms since the epoch).
+    pub replica_point_ms: Option<u64>,
 }
 
 impl PrimaryLun {
@@ -92,6 +102,14 @@ impl PrimaryLun {
             .into());
         }
         let regions = g.meta.region_range(offset, buf.len() as u64);
+        if let Mode::Async { .. } = g.mode {
+            // Shipped later in a delta set; tracked durably until the replica has it.
+            g.meta.mark(regions.clone());
+            g.meta.persist_bitmap()?;
+            g.interval.extend(regions);
+            self.local.write_at(buf, offset)?;
+            return Ok(());
+        }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             let Inner {
                 meta,
@@ -149,7 +167,7 @@ impl PrimaryLun {
 
     fn replicated_flush(&self, g: &mut Inner) -> Result<()> {
         self.local.flush()?;
-        if g.link == LinkState::Demoted {
+        if g.link == LinkState::Demoted || matches!(g.mode, Mode::Async { .. }) {
             return Ok(());
         }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {

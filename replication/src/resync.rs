@@ -203,6 +203,9 @@ impl PrimaryLun {
             g.meta.header.resync_total = 0;
             g.meta.write_header()?;
             g.link = LinkState::Connected;
+            // Everything written so far is there now, at one point in time.
+            g.interval.clear();
+            g.replica_point_ms = Some(crate::delta::now_ms());
             info!(lun = %self.name, bytes = g.bytes_resynced, "resync complete; link in sync");
         }
         Ok(progress(&g))

@@ -10,11 +10,15 @@ use tracing::{info, warn};
 
 use crate::Geometry;
 use crate::error::Result;
-use crate::meta::{FLAG_DISCARD, FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore};
+use crate::meta::{
+    FLAG_APPLYING, FLAG_DISCARD, FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore,
+};
 use crate::wire::{Message, SideInfo};
 
 /// The snapshot a secondary takes before a resync, deleted when the resync ends.
 pub const PRE_RESYNC_SNAPSHOT: &str = "pre-resync";
+/// The gold copy: the replica's last complete delta set while the next is applied.
+pub const GOLD_SNAPSHOT: &str = "gold";
 
 #[derive(Debug)]
 pub struct Secondary {
@@ -31,6 +35,8 @@ struct Inner {
     meta: MetaStore,
     /// A primary said who it is on this connection; data is refused before that.
     session: bool,
+    /// When the primary cut the delta set being applied.
+    pending_cut_ms: u64,
 }
 
 impl Secondary {
@@ -52,6 +58,8 @@ impl Secondary {
             gens: Gens::default(),
             peer_current: 0,
             resync_total: 0,
+            delta_id: 0,
+            delta_cut_ms: 0,
         };
         let meta = MetaStore::format(meta, header)?;
         Ok(Secondary::with(replica, meta, snaps))
@@ -69,7 +77,37 @@ impl Secondary {
                 reason: format!("metadata {} is a primary's; demote it first", meta.name()),
             });
         }
-        Ok(Secondary::with(replica, meta, snaps))
+        let sec = Secondary::with(replica, meta, snaps);
+        {
+            let mut g = sec.lock();
+            sec.roll_back_partial_delta(&mut g)?;
+        }
+        Ok(sec)
+    }
+
+    /// A delta set cut short (link lost, crash) is undone: the replica returns to its
+    /// gold copy, the last set applied whole.
+    fn roll_back_partial_delta(&self, g: &mut Inner) -> Result<()> {
+        if g.meta.flags() & FLAG_APPLYING == 0 {
+            return Ok(());
+        }
+        if let Some(s) = &g.snaps
+            && has_session(s, GOLD_SNAPSHOT)
+        {
+            s.rollback(GOLD_SNAPSHOT)?;
+            s.wait_rollback()?;
+        }
+        g.meta.set_flag(FLAG_APPLYING, false);
+        g.meta.write_header()?;
+        warn!(replica = %self.name, delta = g.meta.header.delta_id, "partial delta set rolled back to the gold copy");
+        Ok(())
+    }
+
+    /// The last delta set applied whole and when the primary cut it (ms since the
+    /// epoch): the replica's point in time in asynchronous mode.
+    pub fn point_in_time(&self) -> (u64, u64) {
+        let g = self.lock();
+        (g.meta.header.delta_id, g.meta.header.delta_cut_ms)
     }
 
     fn with(replica: Arc<dyn Lun>, meta: MetaStore, snaps: Option<Snapshots>) -> Secondary {
@@ -84,6 +122,7 @@ impl Secondary {
                 snaps,
                 meta,
                 session: false,
+                pending_cut_ms: 0,
             }),
         }
     }
@@ -179,9 +218,14 @@ impl Secondary {
         Ok(())
     }
 
-    /// The connection carrying the primary went away.
+    /// The connection carrying the primary went away; a delta set it was sending is
+    /// rolled back.
     pub fn disconnected(&self) {
-        self.lock().session = false;
+        let mut g = self.lock();
+        g.session = false;
+        if let Err(e) = self.roll_back_partial_delta(&mut g) {
+            tracing::error!(replica = %self.name, error = %e, "cannot roll back a partial delta set; it will be retried at the next open");
+        }
     }
 
     /// Answers one message from the primary. Anything refused changes nothing.
@@ -254,6 +298,54 @@ impl Secondary {
                 g.meta.persist_bitmap()?;
                 Ok(Message::Ok)
             }
+            Message::DeltaBegin { id, cut_ms } => {
+                let Some(s) = &g.snaps else {
+                    return Err(refuse(
+                        "asynchronous replication needs a snapshot pool on the replica for its gold copy".into(),
+                    ));
+                };
+                if g.meta.flags() & (FLAG_INCONSISTENT | FLAG_APPLYING) != 0 {
+                    return Err(refuse(format!(
+                        "delta set {id} refused: the replica is mid-resync or mid-delta"
+                    )));
+                }
+                if has_session(s, GOLD_SNAPSHOT) {
+                    s.delete_session(GOLD_SNAPSHOT)?;
+                }
+                s.create_session(GOLD_SNAPSHOT, false)?;
+                g.meta.set_flag(FLAG_APPLYING, true);
+                g.meta.write_header()?;
+                g.pending_cut_ms = cut_ms;
+                tracing::debug!(replica = %self.name, delta = id, cut_ms, "delta set begins");
+                Ok(Message::Ok)
+            }
+            Message::DeltaData { offset, data } => {
+                if g.meta.flags() & FLAG_APPLYING == 0 {
+                    return Err(refuse("delta data outside a delta set".into()));
+                }
+                check_request(&*g.target, offset, data.len() as u64)?;
+                g.target.write_at(&data, offset)?;
+                Ok(Message::Ok)
+            }
+            Message::DeltaEnd { id, gens } => {
+                if g.meta.flags() & FLAG_APPLYING == 0 {
+                    return Err(refuse("delta end outside a delta set".into()));
+                }
+                g.target.flush()?;
+                g.meta.header.gens = Gens { bitmap: 0, ..gens };
+                g.meta.header.delta_id = id;
+                g.meta.header.delta_cut_ms = g.pending_cut_ms;
+                g.meta.set_flag(FLAG_APPLYING, false);
+                g.meta.write_header()?;
+                // The set is whole: from here the replica itself is the point in time.
+                if let Some(s) = &g.snaps
+                    && has_session(s, GOLD_SNAPSHOT)
+                {
+                    s.delete_session(GOLD_SNAPSHOT)?;
+                }
+                tracing::debug!(replica = %self.name, delta = id, "delta set applied");
+                Ok(Message::Ok)
+            }
             Message::BitmapRequest => Ok(Message::Bitmap {
                 words: g.meta.words().to_vec(),
             }),
@@ -292,4 +384,8 @@ impl Secondary {
             ))),
         }
     }
+}
+
+fn has_session(s: &Snapshots, name: &str) -> bool {
+    s.list().iter().any(|x| x.name == name)
 }

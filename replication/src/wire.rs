@@ -32,6 +32,9 @@ const T_RESYNC_DATA: u16 = 15;
 const T_RESYNC_END: u16 = 16;
 const T_BITMAP_REQUEST: u16 = 17;
 const T_BITMAP: u16 = 18;
+const T_DELTA_BEGIN: u16 = 30;
+const T_DELTA_DATA: u16 = 31;
+const T_DELTA_END: u16 = 32;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -84,6 +87,20 @@ pub enum Message {
     ResyncEnd {
         gens: Gens,
     },
+    /// An asynchronous delta set starts: the replica keeps a gold copy of its point in
+    /// time until [`Message::DeltaEnd`] makes the set visible whole.
+    DeltaBegin {
+        id: u64,
+        cut_ms: u64,
+    },
+    DeltaData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    DeltaEnd {
+        id: u64,
+        gens: Gens,
+    },
     /// Asks the secondary for its dirty bitmap; the answer is [`Message::Bitmap`].
     BitmapRequest,
     Bitmap {
@@ -109,6 +126,9 @@ impl Message {
             Message::ResyncBegin { .. } => "resync-begin",
             Message::ResyncData { .. } => "resync-data",
             Message::ResyncEnd { .. } => "resync-end",
+            Message::DeltaBegin { .. } => "delta-begin",
+            Message::DeltaData { .. } => "delta-data",
+            Message::DeltaEnd { .. } => "delta-end",
             Message::BitmapRequest => "bitmap-request",
             Message::Bitmap { .. } => "bitmap",
             Message::Ok => "ok",
@@ -213,6 +233,21 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
         Message::ResyncEnd { gens } => {
             put_gens(&mut p, gens);
             T_RESYNC_END
+        }
+        Message::DeltaBegin { id, cut_ms } => {
+            p.extend_from_slice(&id.to_le_bytes());
+            p.extend_from_slice(&cut_ms.to_le_bytes());
+            T_DELTA_BEGIN
+        }
+        Message::DeltaData { offset, data } => {
+            p.extend_from_slice(&offset.to_le_bytes());
+            p.extend_from_slice(data);
+            T_DELTA_DATA
+        }
+        Message::DeltaEnd { id, gens } => {
+            p.extend_from_slice(&id.to_le_bytes());
+            put_gens(&mut p, gens);
+            T_DELTA_END
         }
         Message::BitmapRequest => T_BITMAP_REQUEST,
         Message::Bitmap { words } => {
@@ -343,6 +378,28 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             need("resync-end", &p, 32, true)?;
             Message::ResyncEnd {
                 gens: get_gens(&p, 0),
+            }
+        }
+        T_DELTA_BEGIN => {
+            need("delta-begin", &p, 16, true)?;
+            Message::DeltaBegin {
+                id: get64(&p, 0),
+                cut_ms: get64(&p, 8),
+            }
+        }
+        T_DELTA_DATA => {
+            need("delta-data", &p, 8, false)?;
+            let offset = get64(&p, 0);
+            Message::DeltaData {
+                offset,
+                data: p.split_off(8),
+            }
+        }
+        T_DELTA_END => {
+            need("delta-end", &p, 40, true)?;
+            Message::DeltaEnd {
+                id: get64(&p, 0),
+                gens: get_gens(&p, 8),
             }
         }
         T_BITMAP_REQUEST => {
@@ -530,6 +587,15 @@ mod tests {
                 data: vec![8; 4096],
             },
             Message::ResyncEnd { gens: side.gens },
+            Message::DeltaBegin { id: 3, cut_ms: 99 },
+            Message::DeltaData {
+                offset: 512,
+                data: vec![1; 512],
+            },
+            Message::DeltaEnd {
+                id: 3,
+                gens: side.gens,
+            },
             Message::BitmapRequest,
             Message::Bitmap {
                 words: vec![1, u64::MAX, 0],
