@@ -33,7 +33,11 @@
 //! gold snapshot first and makes the set visible whole at its end, or rolls back to
 //! the gold copy when the link or the process dies mid-apply.
 //!
-//! Not yet here: online verify and consistency groups.
+//! Online verify (`verify.rs`) compares the crc32c of every region across the link and
+//! marks what differs for resync; a resync may also skip regions whose checksums
+//! already match (an initial sync onto a copy), and sends zero regions as holes.
+//!
+//! Not yet here: consistency groups.
 
 mod delta;
 mod error;
@@ -43,6 +47,7 @@ mod primary;
 mod resync;
 mod secondary;
 mod tcp;
+mod verify;
 pub mod wire;
 
 use std::path::Path;
@@ -58,6 +63,7 @@ pub use peer::{LinkSwitch, LocalPeer, Peer};
 pub use primary::PrimaryLun;
 pub use secondary::{GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Secondary};
 pub use tcp::{SecondaryServer, TcpPeer};
+pub use verify::VerifyProgress;
 
 use meta::{FLAG_FRACTURED, FLAG_PRIMARY, Header, MetaStore};
 use primary::Inner;
@@ -196,6 +202,8 @@ impl PrimaryLun {
             resync_total: 0,
             delta_id: 0,
             delta_cut_ms: 0,
+            verify_cursor: 0,
+            verify_diffs: 0,
         };
         let mut m = MetaStore::format(meta, header)?;
         let all = m.region_range(0, local.size());
@@ -265,6 +273,7 @@ impl PrimaryLun {
                 pending: None,
                 next_delta: 1,
                 replica_point_ms: None,
+                compare_before_copy: false,
             }),
         })
     }

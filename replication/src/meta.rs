@@ -36,6 +36,8 @@ pub const FLAG_DISCARD: u32 = 1 << 4;
 /// Secondary only: an asynchronous delta set is being applied; the `gold` snapshot holds
 /// the last complete one, and a cut link or a restart rolls back to it.
 pub const FLAG_APPLYING: u32 = 1 << 5;
+/// Primary only: an online verify is under way; `verify_cursor` says where it resumes.
+pub const FLAG_VERIFY: u32 = 1 << 6;
 
 /// Generation identifiers, as DRBD keeps them: the data's current generation, the
 /// generation the bitmap started tracking from (0 when in sync), and two older ones.
@@ -83,6 +85,10 @@ pub struct Header {
     /// (milliseconds since the Unix epoch): the replica's point in time.
     pub delta_id: u64,
     pub delta_cut_ms: u64,
+    /// Primary: the first region the running verify has not compared yet, and the
+    /// differences it found so far.
+    pub verify_cursor: u64,
+    pub verify_diffs: u64,
 }
 
 impl Header {
@@ -112,6 +118,8 @@ impl Header {
         put64(&mut b, 88, self.delta_id);
         put64(&mut b, 96, self.resync_total);
         put64(&mut b, 104, self.delta_cut_ms);
+        put64(&mut b, 112, self.verify_cursor);
+        put64(&mut b, 120, self.verify_diffs);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         put32(&mut b, CRC_AT, crc);
         b
@@ -146,6 +154,8 @@ impl Header {
             resync_total: get64(b, 96),
             delta_id: get64(b, 88),
             delta_cut_ms: get64(b, 104),
+            verify_cursor: get64(b, 112),
+            verify_diffs: get64(b, 120),
         };
         check_geometry(h.region_size, h.al_extent_size, h.al_capacity)?;
         Ok(h)
@@ -304,6 +314,12 @@ impl MetaStore {
             return offset / r..offset / r;
         }
         offset / r..(offset + len).div_ceil(r)
+    }
+
+    pub fn is_dirty(&self, region: u64) -> bool {
+        self.bits
+            .get((region / 64) as usize)
+            .is_some_and(|w| w & (1 << (region % 64)) != 0)
     }
 
     /// Marks regions dirty in memory; [`MetaStore::persist_bitmap`] makes it durable.

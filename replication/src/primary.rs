@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     pub next_delta: u64,
     /// When the delta set the replica last applied was cut (ms since the epoch).
     pub replica_point_ms: Option<u64>,
+    /// Resync asks for the peer's checksum of a region first and skips it if equal.
+    pub compare_before_copy: bool,
 }
 
 impl PrimaryLun {
@@ -184,6 +186,13 @@ impl PrimaryLun {
             });
         }
         Ok(())
+    }
+
+    /// Makes resyncs (the initial sync above all) compare each region's checksum with
+    /// the peer's before copying it, skipping those that already match: one round trip
+    /// per region, for a replica seeded from a copy.
+    pub fn set_compare_before_copy(&self, on: bool) {
+        self.lock().compare_before_copy = on;
     }
 
     /// Turns this side into a secondary (to be opened with [`crate::Secondary::open`] on

@@ -172,10 +172,27 @@ impl PrimaryLun {
                 let len = rs.min(self.local.size() - offset);
                 let mut data = vec![0u8; len as usize];
                 self.local.read_at(&mut data, offset)?;
-                let reply = g.peer.call(&Message::ResyncData { offset, data })?;
+                cursor = r + 1;
+                if g.compare_before_copy {
+                    let reply = g
+                        .peer
+                        .call(&Message::ChecksumRequest { first: r, count: 1 })?;
+                    if let Message::Checksums { crcs } = &reply
+                        && crcs.first() == Some(&crc32c::crc32c(&data))
+                    {
+                        sent.push((r, 0));
+                        continue;
+                    }
+                }
+                // A thin LUN's unallocated (zero) regions cross as holes.
+                let msg = if data.iter().all(|&b| b == 0) {
+                    Message::ResyncZero { offset, len }
+                } else {
+                    Message::ResyncData { offset, data }
+                };
+                let reply = g.peer.call(&msg)?;
                 expect_ok(&mut *g.peer, reply)?;
                 sent.push((r, len));
-                cursor = r + 1;
             }
             // A region is in sync only once durable there.
             PrimaryLun::flush_peer(&mut g)

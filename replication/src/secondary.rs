@@ -60,6 +60,8 @@ impl Secondary {
             resync_total: 0,
             delta_id: 0,
             delta_cut_ms: 0,
+            verify_cursor: 0,
+            verify_diffs: 0,
         };
         let meta = MetaStore::format(meta, header)?;
         Ok(Secondary::with(replica, meta, snaps))
@@ -345,6 +347,37 @@ impl Secondary {
                 }
                 tracing::debug!(replica = %self.name, delta = id, "delta set applied");
                 Ok(Message::Ok)
+            }
+            Message::ResyncZero { offset, len } => {
+                check_request(&*g.target, offset, len)?;
+                let regions = g.meta.region_range(offset, len);
+                g.meta.mark(regions);
+                g.target.write_zeroes(offset, len)?;
+                Ok(Message::Ok)
+            }
+            Message::ChecksumRequest { first, count } => {
+                if g.meta.flags() & FLAG_APPLYING != 0 {
+                    return Err(refuse(
+                        "checksums refused: a delta set is being applied".into(),
+                    ));
+                }
+                let rs = g.meta.region_size();
+                let size = g.target.size();
+                let mut crcs = Vec::with_capacity(count as usize);
+                for r in first..first.saturating_add(u64::from(count)) {
+                    let offset = r.saturating_mul(rs);
+                    if offset >= size {
+                        return Err(refuse(format!(
+                            "checksum of region {r} past the end of the replica"
+                        )));
+                    }
+                    crcs.push(crate::verify::region_crc(
+                        &*g.target,
+                        offset,
+                        rs.min(size - offset),
+                    )?);
+                }
+                Ok(Message::Checksums { crcs })
             }
             Message::BitmapRequest => Ok(Message::Bitmap {
                 words: g.meta.words().to_vec(),

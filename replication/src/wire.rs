@@ -35,6 +35,9 @@ const T_BITMAP: u16 = 18;
 const T_DELTA_BEGIN: u16 = 30;
 const T_DELTA_DATA: u16 = 31;
 const T_DELTA_END: u16 = 32;
+const T_CHECKSUM_REQUEST: u16 = 40;
+const T_CHECKSUMS: u16 = 41;
+const T_RESYNC_ZERO: u16 = 42;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -101,6 +104,20 @@ pub enum Message {
         id: u64,
         gens: Gens,
     },
+    /// Asks for the crc32c of `count` whole regions from `first`; the answer is
+    /// [`Message::Checksums`].
+    ChecksumRequest {
+        first: u64,
+        count: u32,
+    },
+    Checksums {
+        crcs: Vec<u32>,
+    },
+    /// A resync region that reads as zeroes: the replica zeroes (or deallocates) it.
+    ResyncZero {
+        offset: u64,
+        len: u64,
+    },
     /// Asks the secondary for its dirty bitmap; the answer is [`Message::Bitmap`].
     BitmapRequest,
     Bitmap {
@@ -129,6 +146,9 @@ impl Message {
             Message::DeltaBegin { .. } => "delta-begin",
             Message::DeltaData { .. } => "delta-data",
             Message::DeltaEnd { .. } => "delta-end",
+            Message::ChecksumRequest { .. } => "checksum-request",
+            Message::Checksums { .. } => "checksums",
+            Message::ResyncZero { .. } => "resync-zero",
             Message::BitmapRequest => "bitmap-request",
             Message::Bitmap { .. } => "bitmap",
             Message::Ok => "ok",
@@ -248,6 +268,22 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             p.extend_from_slice(&id.to_le_bytes());
             put_gens(&mut p, gens);
             T_DELTA_END
+        }
+        Message::ChecksumRequest { first, count } => {
+            p.extend_from_slice(&first.to_le_bytes());
+            p.extend_from_slice(&count.to_le_bytes());
+            T_CHECKSUM_REQUEST
+        }
+        Message::Checksums { crcs } => {
+            for c in crcs {
+                p.extend_from_slice(&c.to_le_bytes());
+            }
+            T_CHECKSUMS
+        }
+        Message::ResyncZero { offset, len } => {
+            p.extend_from_slice(&offset.to_le_bytes());
+            p.extend_from_slice(&len.to_le_bytes());
+            T_RESYNC_ZERO
         }
         Message::BitmapRequest => T_BITMAP_REQUEST,
         Message::Bitmap { words } => {
@@ -400,6 +436,31 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             Message::DeltaEnd {
                 id: get64(&p, 0),
                 gens: get_gens(&p, 8),
+            }
+        }
+        T_CHECKSUM_REQUEST => {
+            need("checksum-request", &p, 12, true)?;
+            Message::ChecksumRequest {
+                first: get64(&p, 0),
+                count: get32(&p, 8),
+            }
+        }
+        T_CHECKSUMS => {
+            if p.len() % 4 != 0 {
+                return Err(WireError::Malformed {
+                    kind: "checksums",
+                    reason: format!("{} bytes is not a whole number of checksums", p.len()),
+                });
+            }
+            Message::Checksums {
+                crcs: p.chunks_exact(4).map(|c| get32(c, 0)).collect(),
+            }
+        }
+        T_RESYNC_ZERO => {
+            need("resync-zero", &p, 16, true)?;
+            Message::ResyncZero {
+                offset: get64(&p, 0),
+                len: get64(&p, 8),
             }
         }
         T_BITMAP_REQUEST => {
@@ -595,6 +656,14 @@ mod tests {
             Message::DeltaEnd {
                 id: 3,
                 gens: side.gens,
+            },
+            Message::ChecksumRequest { first: 2, count: 5 },
+            Message::Checksums {
+                crcs: vec![1, 2, 3],
+            },
+            Message::ResyncZero {
+                offset: 65536,
+                len: 65536,
             },
             Message::BitmapRequest,
             Message::Bitmap {

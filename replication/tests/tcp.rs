@@ -294,6 +294,8 @@ fn the_bandwidth_limit_holds_a_resync_back() {
     let b = site_b(MIB);
     let dir = tempfile::tempdir().expect("tempdir");
     let local = file_lun(dir.path(), "a.img", MIB);
+    // Data, not zeroes: zero regions cross as holes.
+    fill(&*local, 0x77);
     let a = PrimaryLun::create(
         local,
         meta_lun(dir.path(), "a.meta", MIB),
