@@ -80,7 +80,17 @@ impl PrimaryLun {
     /// while the link is down, a resync runs, or the previous set is still on its way.
     pub fn cut_delta(&self) -> Result<Option<u64>> {
         let mut g = self.lock();
-        if g.link != LinkState::Connected || g.pending.is_some() {
+        self.cut_locked(&mut g)
+    }
+
+    /// Whether a cut can be taken now; the group cuts only when all its members can.
+    pub(crate) fn can_cut(g: &Inner) -> bool {
+        g.link == LinkState::Connected && g.pending.is_none()
+    }
+
+    /// The cut itself, with this member's writers held off by the caller's lock.
+    pub(crate) fn cut_locked(&self, g: &mut Inner) -> Result<Option<u64>> {
+        if !PrimaryLun::can_cut(g) {
             return Ok(None);
         }
         if g.interval.is_empty() {

@@ -37,10 +37,13 @@
 //! marks what differs for resync; a resync may also skip regions whose checksums
 //! already match (an initial sync onto a copy), and sends zero regions as holes.
 //!
-//! Not yet here: consistency groups.
+//! A [`ConsistencyGroup`] replicates several LUNs as one: a lost link on any member
+//! fractures all before another write is acknowledged, and delta sets are cut at one
+//! point across all (every member's writers held off at once).
 
 mod delta;
 mod error;
+mod group;
 mod meta;
 mod peer;
 mod primary;
@@ -58,6 +61,7 @@ use tracing::info;
 
 pub use delta::Cycle;
 pub use error::{ReplError, Result};
+pub use group::ConsistencyGroup;
 pub use meta::{AL_MAX_EXTENTS, Gens};
 pub use peer::{LinkSwitch, LocalPeer, Peer};
 pub use primary::PrimaryLun;
@@ -274,6 +278,7 @@ impl PrimaryLun {
                 next_delta: 1,
                 replica_point_ms: None,
                 compare_before_copy: false,
+                group: None,
             }),
         })
     }

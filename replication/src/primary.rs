@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     pub replica_point_ms: Option<u64>,
     /// Resync asks for the peer's checksum of a region first and skips it if equal.
     pub compare_before_copy: bool,
+    /// The consistency group this LUN replicates with, if any.
+    pub group: Option<Arc<crate::group::GroupLink>>,
 }
 
 impl PrimaryLun {
@@ -77,6 +79,9 @@ impl PrimaryLun {
             g.meta.mark(r..r + 1);
         }
         g.meta.persist_bitmap()?;
+        if let Some(link) = &g.group {
+            link.break_all();
+        }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             warn!(lun = %self.name, peer = g.peer.name(), error = %why, policy = ?self.policy, "replication link lost; tracking changed regions");
             g.meta.header.gens.fork();
@@ -111,6 +116,18 @@ impl PrimaryLun {
             g.interval.extend(regions);
             self.local.write_at(buf, offset)?;
             return Ok(());
+        }
+        if let Some(link) = g.group.clone()
+            && link.is_broken()
+            && matches!(g.link, LinkState::Connected | LinkState::Resyncing)
+        {
+            // Another member lost its link: this one stops shipping before it
+            // acknowledges anything more, so the replicas stay one point in time.
+            let why = ReplError::WrongState {
+                lun: self.name.clone(),
+                reason: format!("consistency group {} fractured", link.name()),
+            };
+            self.lose_link(g, 0..0, &why)?;
         }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             let Inner {

@@ -29,6 +29,17 @@ impl PrimaryLun {
                 reason: "the link is fractured; resume it first".into(),
             });
         }
+        if let Some(link) = &g.group
+            && link.is_broken()
+        {
+            return Err(ReplError::WrongState {
+                lun: self.name.clone(),
+                reason: format!(
+                    "consistency group {} is fractured; resume the group",
+                    link.name()
+                ),
+            });
+        }
         match g.link {
             LinkState::Connected | LinkState::Resyncing => return Ok(g.link),
             LinkState::Demoted => {
