@@ -22,6 +22,9 @@ use crate::primary::{Inner, PrimaryLun};
 use crate::wire::Message;
 use crate::{LinkState, Mode};
 
+/// Snapshot sessions of the local LUN that freeze delta sets are named this, then the id.
+pub const DELTA_SESSION_PREFIX: &str = "repl-delta-";
+
 /// One cut delta set on its way to the secondary.
 #[derive(Debug)]
 pub struct Delta {
@@ -68,10 +71,23 @@ impl PrimaryLun {
                 reason: "the delta-set period must be above zero".into(),
             });
         }
+        // A set cut before a restart is cut again: its regions are still dirty.
+        for stale in snaps
+            .list()
+            .iter()
+            .filter(|x| x.name.starts_with(DELTA_SESSION_PREFIX))
+        {
+            snaps.delete_session(&stale.name)?;
+        }
         {
             let mut g = self.lock();
             g.mode = Mode::Async { period };
             g.snaps = Some(snaps);
+            // Regions dirty from before (a restart) go out in the first set.
+            let dirty: Vec<u64> = (0..g.meta.regions())
+                .filter(|&r| g.meta.is_dirty(r))
+                .collect();
+            g.interval.extend(dirty);
         }
         Ok(self)
     }
@@ -106,7 +122,7 @@ impl PrimaryLun {
             });
         };
         let id = g.next_delta;
-        let session = format!("repl-delta-{id}");
+        let session = format!("{DELTA_SESSION_PREFIX}{id}");
         // The session flushes the local LUN and freezes this point: every write
         // acknowledged before, none after.
         snaps.create_session(&session, false)?;

@@ -323,3 +323,19 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_secret_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "\n").expect("write");
+        let e = read_secret(&path).expect_err("empty secret");
+        assert!(e.to_string().contains("secret"), "{e}");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        assert_eq!(read_secret(&path).expect("secret"), b"s3cret");
+    }
+}

@@ -310,4 +310,12 @@ impl Lun for PrimaryLun {
     fn identity(&self) -> Option<lun::LunIdentity> {
         self.local.identity()
     }
+
+    fn reach(&self) -> lun::Reach {
+        self.local.reach()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.local.is_read_only() || self.lock().link == LinkState::Demoted
+    }
 }

@@ -143,8 +143,10 @@ impl PrimaryLun {
                 });
             };
             g.meta.merge_words(&words);
-            g.peer_discarded += peer.dirty_regions;
-            warn!(lun = %self.name, regions = peer.dirty_regions, "regions written at the peer that this side never got are discarded there");
+            if peer.flags & FLAG_INCONSISTENT == 0 {
+                g.peer_discarded += peer.dirty_regions;
+                warn!(lun = %self.name, regions = peer.dirty_regions, "regions written at the peer that this side never got are discarded there");
+            }
         }
         if resync {
             if g.meta.flags() & FLAG_RESYNC == 0 {

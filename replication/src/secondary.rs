@@ -177,6 +177,7 @@ impl Secondary {
             });
         }
         g.session = false;
+        self.roll_back_partial_delta(&mut g)?;
         if g.meta.flags() & FLAG_INCONSISTENT != 0 {
             let has_snapshot = g
                 .snaps

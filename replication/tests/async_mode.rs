@@ -221,3 +221,35 @@ fn a_replica_without_a_snapshot_pool_refuses_delta_sets_and_stays_whole() {
     }
     assert_eq!(read_all(&*b_img), point);
 }
+
+#[test]
+fn an_async_primary_restarted_with_a_set_in_flight_ships_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = setup(dir.path(), true, Duration::from_secs(5));
+    connected(&s);
+    write_seq(&s.a, 0..6, 1);
+    s.a.cut_delta().expect("cut");
+    assert!(!s.a.ship_step(2).expect("part of the set"));
+    // The primary process dies with the set half-shipped; the secondary sees the
+    // connection go and rolls back to its gold copy.
+    let Async { a, b, link } = s;
+    std::mem::forget(a);
+    b.disconnected();
+    let a_img = open(dir.path(), "a.img");
+    let snaps = Snapshots::open(a_img.clone(), open(dir.path(), "a.snap")).expect("pool");
+    let a = PrimaryLun::open(
+        snaps.source(),
+        open(dir.path(), "a.meta"),
+        Box::new(LocalPeer::new(b.clone()).sharing(link, Default::default())),
+        LinkPolicy::Continue,
+    )
+    .expect("reopen")
+    .into_async(snaps, Duration::from_secs(5))
+    .expect("async again");
+    assert_eq!(a.status().bytes_waiting, 6 * REGION);
+    a.connect().expect("connect");
+    a.resync().expect("resync");
+    write_seq(&a, 10..12, 50);
+    a.replicate_now().expect("a new set after the restart");
+    assert_eq!(read_all(&*open(dir.path(), "b.img")), read_all(&a));
+}
