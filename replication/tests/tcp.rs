@@ -335,3 +335,49 @@ fn a_link_cut_on_the_wire_is_noticed_and_reconnect_resyncs_what_changed() {
     assert_eq!(a.status().bytes_resynced, 2 * MIB + 65536);
     assert_eq!(read_all(&*local), read_all(&*b.replica));
 }
+
+#[test]
+fn a_reconnect_backs_off_until_the_secondary_listens() {
+    init_tracing();
+    // Reserve a port, then free it: nothing listens there for a while.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replica = file_lun(dir.path(), "b.img", MIB);
+    let secondary = Arc::new(
+        Secondary::create(
+            replica.clone(),
+            meta_lun(dir.path(), "b.meta", MIB),
+            None,
+            small_geometry(),
+        )
+        .expect("secondary"),
+    );
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        let listener = TcpListener::bind(addr).expect("bind late");
+        SecondaryServer::start(listener, secondary, SECRET.to_vec()).expect("server")
+    });
+    let adir = tempfile::tempdir().expect("tempdir");
+    let local = file_lun(adir.path(), "a.img", MIB);
+    fill(&*local, 0x44);
+    let a = PrimaryLun::create(
+        local.clone(),
+        meta_lun(adir.path(), "a.meta", MIB),
+        Box::new(TcpPeer::new(addr, SECRET.to_vec()).with_retries(8, Duration::from_millis(50))),
+        small_geometry(),
+        LinkPolicy::Continue,
+    )
+    .expect("primary");
+    let t = Instant::now();
+    a.connect().expect("connect once the secondary listens");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "connected before anything listened"
+    );
+    a.resync().expect("sync");
+    let _server = late.join().expect("server thread");
+    assert_eq!(read_all(&*local), read_all(&*replica));
+}
