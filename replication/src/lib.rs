@@ -40,6 +40,11 @@
 //! A [`ConsistencyGroup`] replicates several LUNs as one: a lost link on any member
 //! fractures all before another write is acknowledged, and delta sets are cut at one
 //! point across all (every member's writers held off at once).
+//!
+//! Limits today: a primary carries one write at a time to its peer (its lock is the
+//! write order; the local write overlaps the peer's), the link is not encrypted (TLS
+//! is left out, see `FORMAT.md`), and a group's delta sets are applied member by
+//! member at the secondary.
 
 mod delta;
 mod error;

@@ -88,6 +88,10 @@ impl PrimaryLun {
             g.meta.write_header()?;
             g.meta.clear_activity_log()?;
             g.link = LinkState::Disconnected;
+            if g.mode == Mode::Sync {
+                // A synchronous replica held everything acknowledged until now.
+                g.replica_point_ms = Some(crate::delta::now_ms());
+            }
         }
         g.last_error = Some(why.to_string());
         Ok(())
