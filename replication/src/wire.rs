@@ -211,7 +211,8 @@ fn get_side(b: &[u8]) -> SideInfo {
 
 /// One frame: header then payload, the crc32c covering both (with the crc field zero).
 pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
-    let mut p = Vec::new();
+    // The payload goes straight after room for the header: one copy of the data.
+    let mut p = vec![0u8; HEADER_LEN];
     let ty = match msg {
         Message::Hello { nonce } => {
             p.extend_from_slice(nonce);
@@ -298,17 +299,15 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             T_ERROR
         }
     };
-    let mut f = Vec::with_capacity(HEADER_LEN + p.len());
-    f.extend_from_slice(&FRAME_MAGIC);
-    f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    f.extend_from_slice(&ty.to_le_bytes());
-    f.extend_from_slice(&seq.to_le_bytes());
-    f.extend_from_slice(&(p.len() as u32).to_le_bytes());
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(&p);
-    let crc = crc32c::crc32c(&f);
-    put32(&mut f, 20, crc);
-    f
+    let len = (p.len() - HEADER_LEN) as u32;
+    p[0..4].copy_from_slice(&FRAME_MAGIC);
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6..8].copy_from_slice(&ty.to_le_bytes());
+    p[8..16].copy_from_slice(&seq.to_le_bytes());
+    put32(&mut p, 16, len);
+    let crc = crc32c::crc32c(&p);
+    put32(&mut p, 20, crc);
+    p
 }
 
 /// Reads one frame, checking magic, version, length and checksum before decoding.
@@ -393,7 +392,8 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             };
             need(kind, &p, 8, false)?;
             let offset = get64(&p, 0);
-            let data = p.split_off(8);
+            p.drain(..8);
+            let data = p;
             if ty == T_WRITE {
                 Message::Write { offset, data }
             } else {
@@ -426,10 +426,8 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
         T_DELTA_DATA => {
             need("delta-data", &p, 8, false)?;
             let offset = get64(&p, 0);
-            Message::DeltaData {
-                offset,
-                data: p.split_off(8),
-            }
+            p.drain(..8);
+            Message::DeltaData { offset, data: p }
         }
         T_DELTA_END => {
             need("delta-end", &p, 40, true)?;
