@@ -1,7 +1,10 @@
 //! The replicated write: the only code that touches the local LUN and the peer in one
 //! step. It reads top to bottom:
 //!
-//! 1. one writer at a time (write order is the order of this lock);
+//! 1. one writer at a time (write order is the order of this lock); asynchronous mode
+//!    stops here: the regions are dirty on disk, the write is local, and a delta set
+//!    ships it later (`delta.rs`); a consistency group another member of which lost its
+//!    link stops shipping first;
 //! 2. connected: the write's activity-log extent is made hot on disk, the write is sent
 //!    to the peer, written locally, and acknowledged only when both sides have it;
 //! 3. the peer fails: the link is down, the regions are dirty in the on-disk bitmap
@@ -169,9 +172,21 @@ impl PrimaryLun {
             let acked = peer.recv().and_then(|r| expect_ok(&mut **peer, r));
             unflushed.extend(regions.clone());
             if let Err(e) = acked {
-                self.lose_link(g, regions, &e)?;
+                self.lose_link(g, regions.clone(), &e)?;
                 if self.policy == LinkPolicy::Block {
                     return Err(e);
+                }
+            }
+            if written.is_err() {
+                // The peer may hold what the local LUN failed to: a resync settles it.
+                g.meta.mark(regions);
+                if g.link == LinkState::Connected {
+                    if let Err(e) = self.begin_resync(g) {
+                        self.lose_link(g, 0..0, &e)?;
+                    }
+                    g.meta.write_header()?;
+                } else {
+                    g.meta.persist_bitmap()?;
                 }
             }
             return Ok(written?);

@@ -149,20 +149,27 @@ impl PrimaryLun {
             }
         }
         if resync {
-            if g.meta.flags() & FLAG_RESYNC == 0 {
-                g.meta.set_flag(FLAG_RESYNC, true);
-                g.meta.header.resync_total = g.meta.dirty_count();
-            }
-            g.meta.persist_bitmap()?;
-            let regions = g.meta.dirty_count();
-            let r = g.peer.call(&Message::ResyncBegin { regions })?;
-            expect_ok(&mut *g.peer, r)?;
-            info!(lun = %self.name, regions, "resync started");
-            g.link = LinkState::Resyncing;
+            self.begin_resync(g)?;
         } else {
             g.link = LinkState::Connected;
             info!(lun = %self.name, "replication link up, in sync");
         }
+        Ok(())
+    }
+
+    /// Starts copying the bitmap's regions to the connected peer, which protects its
+    /// point in time first (`pre-resync`). The header is the caller's to write.
+    pub(crate) fn begin_resync(&self, g: &mut Inner) -> Result<()> {
+        if g.meta.flags() & FLAG_RESYNC == 0 {
+            g.meta.set_flag(FLAG_RESYNC, true);
+            g.meta.header.resync_total = g.meta.dirty_count();
+        }
+        g.meta.persist_bitmap()?;
+        let regions = g.meta.dirty_count();
+        let r = g.peer.call(&Message::ResyncBegin { regions })?;
+        expect_ok(&mut *g.peer, r)?;
+        info!(lun = %self.name, regions, "resync started");
+        g.link = LinkState::Resyncing;
         Ok(())
     }
 

@@ -8,8 +8,7 @@ use lun::Lun;
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
-use crate::meta::{FLAG_RESYNC, FLAG_VERIFY};
-use crate::peer::expect_ok;
+use crate::meta::FLAG_VERIFY;
 use crate::primary::PrimaryLun;
 use crate::wire::Message;
 use crate::{LinkState, Mode};
@@ -120,12 +119,7 @@ impl PrimaryLun {
             let diffs = g.meta.header.verify_diffs;
             g.meta.set_flag(FLAG_VERIFY, false);
             if diffs > 0 && g.mode == Mode::Sync {
-                g.meta.set_flag(FLAG_RESYNC, true);
-                g.meta.header.resync_total = g.meta.dirty_count();
-                let regions = g.meta.dirty_count();
-                let reply = g.peer.call(&Message::ResyncBegin { regions })?;
-                expect_ok(&mut *g.peer, reply)?;
-                g.link = LinkState::Resyncing;
+                self.begin_resync(&mut g)?;
             }
             g.meta.write_header()?;
             info!(lun = %self.name, differences = diffs, "verify complete");

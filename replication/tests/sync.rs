@@ -367,3 +367,47 @@ fn the_secondary_keeps_its_point_in_time_in_a_snapshot_while_a_resync_runs() {
     assert_eq!(read_all(&*local), read_all(&*replica));
     assert!(secondary.pre_resync_snapshot().expect("list").is_none());
 }
+
+#[test]
+fn a_failed_local_write_is_marked_and_resynced_from_the_primary() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 2 * MIB;
+    let inner = file_lun(dir.path(), "a.img", size);
+    let fault = Arc::new(FaultLun::new(inner.clone()));
+    let replica = file_lun(dir.path(), "b.img", size);
+    let secondary = Arc::new(
+        Secondary::create(
+            replica.clone(),
+            meta_lun(dir.path(), "b.meta", size),
+            None,
+            small_geometry(),
+        )
+        .expect("secondary"),
+    );
+    let a = PrimaryLun::create(
+        fault.clone(),
+        meta_lun(dir.path(), "a.meta", size),
+        Box::new(LocalPeer::new(secondary)),
+        small_geometry(),
+        LinkPolicy::Continue,
+    )
+    .expect("primary");
+    a.connect().expect("connect");
+    a.resync().expect("sync");
+    fault.fail_writes(0..4096);
+    assert!(
+        a.write_at(&seq_block(1), 0).is_err(),
+        "the local failure is reported"
+    );
+    let st = a.status();
+    assert_eq!((st.link, st.dirty_regions), (LinkState::Resyncing, 1));
+    fault.clear_faults();
+    a.resync().expect("resync");
+    assert_eq!(a.link_state(), LinkState::Connected);
+    assert_eq!(
+        read_all(&*inner),
+        read_all(&*replica),
+        "the sides disagree after a failed local write"
+    );
+}
