@@ -1,0 +1,169 @@
+//! Consistency groups: several primaries replicated with one write order.
+//!
+//! Synchronous members share a link flag: the first member to lose its link sets it
+//! before acknowledging the write that found the loss, and every member checks it
+//! before shipping a write, so no member's replica gets a write that depends on one
+//! another member's replica will never have. Asynchronous members are cut together:
+//! the group holds every member's write lock (in a fixed order) while it takes each
+//! member's delta session, so all sets end at the same point of the write stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::{info, warn};
+
+use crate::error::{ReplError, Result};
+use crate::primary::PrimaryLun;
+use crate::{LinkState, Mode};
+
+/// The state members share: whether the group's replication is broken.
+#[derive(Debug)]
+pub struct GroupLink {
+    name: String,
+    broken: AtomicBool,
+}
+
+impl GroupLink {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+    pub fn break_all(&self) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            warn!(group = %self.name, "consistency group fractured: every member tracks its writes");
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ConsistencyGroup {
+    link: Arc<GroupLink>,
+    members: Vec<Arc<PrimaryLun>>,
+}
+
+impl ConsistencyGroup {
+    /// Groups `members`, all in the same mode and none in another group.
+    pub fn new(name: &str, members: Vec<Arc<PrimaryLun>>) -> Result<ConsistencyGroup> {
+        let bad = |reason: String| ReplError::BadConfig {
+            lun: format!("group {name}"),
+            reason,
+        };
+        if members.is_empty() {
+            return Err(bad("a consistency group needs members".into()));
+        }
+        let modes: Vec<Mode> = members.iter().map(|m| m.lock().mode).collect();
+        if modes
+            .iter()
+            .any(|m| std::mem::discriminant(m) != std::mem::discriminant(&modes[0]))
+        {
+            return Err(bad("members mix synchronous and asynchronous modes".into()));
+        }
+        for (i, m) in members.iter().enumerate() {
+            if members[..i].iter().any(|o| Arc::ptr_eq(o, m)) {
+                return Err(bad(format!("{} is listed twice", m.name)));
+            }
+            if m.lock().group.is_some() {
+                return Err(bad(format!("{} is already in a group", m.name)));
+            }
+        }
+        let link = Arc::new(GroupLink {
+            name: name.to_string(),
+            broken: AtomicBool::new(false),
+        });
+        for m in &members {
+            let mut g = m.lock();
+            if g.link != LinkState::Connected && g.link != LinkState::Resyncing {
+                // A member already apart: the group starts fractured.
+                link.broken.store(true, Ordering::SeqCst);
+            }
+            g.group = Some(link.clone());
+        }
+        Ok(ConsistencyGroup { link, members })
+    }
+
+    pub fn members(&self) -> &[Arc<PrimaryLun>] {
+        &self.members
+    }
+
+    pub fn is_fractured(&self) -> bool {
+        self.link.is_broken()
+    }
+
+    /// Brings every member's link up (after a fracture or a link loss); resyncs follow.
+    pub fn connect(&self) -> Result<()> {
+        self.link.broken.store(false, Ordering::SeqCst);
+        for m in &self.members {
+            if let Err(e) = m.connect() {
+                self.link.break_all();
+                return Err(e);
+            }
+        }
+        info!(group = %self.link.name, members = self.members.len(), "consistency group connected");
+        Ok(())
+    }
+
+    /// Runs every member's resync to its end.
+    pub fn resync(&self) -> Result<()> {
+        for m in &self.members {
+            m.resync()?;
+        }
+        Ok(())
+    }
+
+    /// Fractures every member.
+    pub fn fracture(&self) -> Result<()> {
+        self.link.break_all();
+        for m in &self.members {
+            m.fracture()?;
+        }
+        Ok(())
+    }
+
+    /// Ends a fracture of every member and brings the links up.
+    pub fn resume(&self) -> Result<()> {
+        self.link.broken.store(false, Ordering::SeqCst);
+        for m in &self.members {
+            if let Err(e) = m.resume() {
+                self.link.break_all();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts a delta set on every member at one point: all writers are held off while
+    /// the sessions are taken. Nothing is cut unless every member can be.
+    pub fn cut_delta(&self) -> Result<Vec<Option<u64>>> {
+        let mut order: Vec<&Arc<PrimaryLun>> = self.members.iter().collect();
+        order.sort_by_key(|m| Arc::as_ptr(m) as usize);
+        let mut guards: Vec<_> = order.iter().map(|m| m.lock()).collect();
+        if self.link.is_broken() || !guards.iter().all(|g| PrimaryLun::can_cut(g)) {
+            return Ok(vec![None; self.members.len()]);
+        }
+        let mut ids = Vec::with_capacity(order.len());
+        for (m, g) in order.iter().zip(guards.iter_mut()) {
+            ids.push((Arc::as_ptr(m) as usize, m.cut_locked(g)?));
+        }
+        drop(guards);
+        Ok(self
+            .members
+            .iter()
+            .map(|m| {
+                ids.iter()
+                    .find(|(p, _)| *p == Arc::as_ptr(m) as usize)
+                    .and_then(|(_, id)| *id)
+            })
+            .collect())
+    }
+
+    /// Cuts one set across the group and ships every member's.
+    pub fn replicate_now(&self) -> Result<()> {
+        self.cut_delta()?;
+        for m in &self.members {
+            while !m.ship_step(64)? {}
+        }
+        Ok(())
+    }
+}
