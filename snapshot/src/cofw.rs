@@ -4,9 +4,9 @@
 //!
 //! A source write, chunk by chunk: if a valid session still sees the chunk's current
 //! contents on the source (some session generation at or above the chunk's
-//! `preserved_to`), the old contents are read, written to a free pool slot and flushed,
-//! then the slot's table entry (chunk, generations `preserved_to..epoch`) is written and
-//! flushed; only then is the source written. One copy serves every session in that range,
+//! `preserved_to`), the old contents are read, then the slot's table entry (chunk,
+//! generations `preserved_to..epoch`, crc32c of the contents) and the contents are written
+//! to a free pool slot and flushed once; only then is the source written. One copy serves every session in that range,
 //! so the cost of a write does not depend on how many sessions there are, and a later write
 //! to the chunk in the same epoch goes straight to the source. With clones, the chunks are
 //! then logged in their fracture logs (durably) and the write mirrored to the clones that
@@ -141,17 +141,13 @@ impl Engine {
                 lo: lo_of(st, c),
                 hi,
                 kind: Kind::Shared,
+                // Sealed by store_copies.
+                data_crc: 0,
             })
             .collect();
-        self.store_copies(st, &data, &entries)?;
-        for e in &entries[1..] {
-            let slot = st
-                .chunks
-                .get(&e.chunk)
-                .and_then(|index| index.copies.iter().find(|(x, _)| x == e).map(|&(_, s)| s));
-            if let Some(slot) = slot {
-                st.speculative.insert(e.chunk, slot);
-            }
+        let slots = self.store_copies(st, &data, &entries)?;
+        for (e, &slot) in entries.iter().zip(&slots).skip(1) {
+            st.speculative.insert(e.chunk, slot);
         }
         Ok(())
     }
@@ -303,6 +299,7 @@ impl Engine {
                 lo: generation,
                 hi: generation + 1,
                 kind: Kind::Private,
+                data_crc: 0,
             };
             if self.store_copy(&mut st, &data, entry)?.is_none() {
                 return Err(SnapError::PoolFull {

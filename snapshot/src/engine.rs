@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use lun::Lun;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Result, SnapError};
 use crate::format::{
@@ -280,26 +280,56 @@ impl Engine {
         if st.free.is_empty() {
             return Ok(None);
         }
-        self.store_copies(st, data, &[entry])?;
-        Ok(st.chunks.get(&entry.chunk).and_then(|c| {
-            c.copies
-                .iter()
-                .find(|(e, _)| *e == entry)
-                .map(|&(_, slot)| slot)
-        }))
+        Ok(self.store_copies(st, data, &[entry])?.first().copied())
     }
 
     /// Puts chunk-sized pieces of `data` in free slots for `entries` (the caller checked
-    /// there are enough): all the data is durable before any entry that points at it, and
-    /// the entries before this returns. Two flushes however many chunks.
-    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<()> {
+    /// there are enough; all of one kind) and returns the slots, in order. Everything is
+    /// durable before this returns.
+    ///
+    /// Shared copies are written entries first, then data, and flushed once: each entry
+    /// carries its data's crc32c, so after a crash an entry whose data did not land is
+    /// discarded on open, and the source write it protects is only issued after the flush.
+    /// Private copies are changed in place later, so their data cannot be sealed in the
+    /// entry: it is flushed before the entry, as two flushes.
+    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<Vec<u64>> {
         let cs = st.chunk_size() as usize;
+        let sealed = entries.iter().all(|e| e.kind == Kind::Shared);
+        let entries: Vec<Entry> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Entry {
+                data_crc: if sealed {
+                    crc32c::crc32c(&data[i * cs..(i + 1) * cs])
+                } else {
+                    0
+                },
+                ..*e
+            })
+            .collect();
         let slots: Vec<u64> = (0..entries.len()).filter_map(|_| st.free.pop()).collect();
         let outcome = (|| {
             if slots.len() < entries.len() {
                 return Err(SnapError::PoolFull {
                     pool: self.pool_name().to_string(),
                 });
+            }
+            let write_entries = |st: &mut State| -> Result<()> {
+                for (&slot, e) in slots.iter().zip(&entries) {
+                    st.slots[slot as usize] = Some(*e);
+                }
+                let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
+                let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
+                sectors.dedup();
+                for sector in sectors {
+                    self.write_entry_sector(st, sector * per)?;
+                }
+                Ok(())
+            };
+            // Entries before data: the order makes no difference to a disk that reorders
+            // within a flush, and a cut between the two then tests the discard on open.
+            if sealed {
+                write_entries(st)?;
             }
             // Consecutive slots (the usual case: the free list hands them out in order)
             // take one write.
@@ -315,15 +345,9 @@ impl Engine {
                 )?;
                 i += n;
             }
-            self.pool.flush()?;
-            for (&slot, e) in slots.iter().zip(entries) {
-                st.slots[slot as usize] = Some(*e);
-            }
-            let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
-            let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
-            sectors.dedup();
-            for sector in sectors {
-                self.write_entry_sector(st, sector * per)?;
+            if !sealed {
+                self.pool.flush()?;
+                write_entries(st)?;
             }
             self.pool.flush()?;
             Ok(())
@@ -333,10 +357,10 @@ impl Engine {
         }
         match outcome {
             Ok(()) => {
-                for (&slot, e) in slots.iter().zip(entries) {
+                for (&slot, e) in slots.iter().zip(&entries) {
                     st.insert(slot, *e);
                 }
-                Ok(())
+                Ok(slots)
             }
             Err(e) => {
                 st.free.extend(slots.iter().rev());
@@ -390,9 +414,41 @@ impl Engine {
             ahead: None,
             speculative: HashMap::new(),
         };
+        // A crash can leave a shared copy's entry durable without its data; the source
+        // write it protected was never issued, so its sessions still see the source.
+        let mut buf = vec![0u8; layout.chunk_size as usize];
+        for slot in 0..st.slots.len() {
+            let Some(e) = st.slots[slot] else { continue };
+            if st.is_needed(&e) && !copy_landed(pool.as_ref(), &layout, slot as u64, &e, &mut buf)?
+            {
+                warn!(
+                    pool = name,
+                    slot,
+                    chunk = e.chunk,
+                    "discarding a copy cut short by a crash: its source write was never issued"
+                );
+                st.slots[slot] = None;
+            }
+        }
         st.rebuild();
         Ok(st)
     }
+}
+
+/// False when `slot`'s data is not what its entry `e` was written for: a shared copy whose
+/// data a crash kept from landing. `buf` is chunk-size scratch space.
+pub(crate) fn copy_landed(
+    pool: &dyn Lun,
+    layout: &Layout,
+    slot: u64,
+    e: &Entry,
+    buf: &mut [u8],
+) -> Result<bool> {
+    if e.kind == Kind::Private {
+        return Ok(true);
+    }
+    pool.read_at(buf, layout.slot_offset(slot))?;
+    Ok(e.holds(buf))
 }
 
 /// The newer valid header copy; the error names what is wrong with both when neither is.
