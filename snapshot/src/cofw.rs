@@ -15,6 +15,7 @@
 
 use std::sync::PoisonError;
 
+use lun::IoRequest;
 use tracing::warn;
 
 use crate::engine::{Engine, State, lock};
@@ -99,6 +100,89 @@ impl Engine {
                 self.fracture_on_error(&name, e)?;
             }
         }
+        Ok(())
+    }
+
+    /// A batch of independent source requests (an io_uring or NBD queue): the chunks its
+    /// writes reach for the first time are preserved together, sharing one pool flush, and
+    /// the batch then goes to the source as one submission. During a rollback, with
+    /// clones, or when the pool cannot hold every copy, it is run request by request.
+    pub fn submit_source(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&self.state);
+        let cs = st.chunk_size();
+        let mut written: Vec<u64> = batch
+            .iter()
+            .filter_map(|r| match r {
+                IoRequest::Write { buf, offset } if !buf.is_empty() => {
+                    Some(*offset / cs..=(*offset + buf.len() as u64 - 1) / cs)
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        written.sort_unstable();
+        written.dedup();
+        let needed: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|&c| st.needs_copy(c))
+            .collect();
+        let simple = st.header.rollback.is_none()
+            && st.header.clones.is_empty()
+            && needed.len() <= st.free.len();
+        if simple {
+            if !needed.is_empty() {
+                self.preserve_chunks(&mut st, &needed)?;
+            }
+            for c in &written {
+                st.speculative.remove(c);
+            }
+            drop(st);
+            self.source.submit(batch)?;
+            return Ok(());
+        }
+        drop(st);
+        // Each request takes the gate itself.
+        drop(gate);
+        for request in batch.iter_mut() {
+            match request {
+                IoRequest::Read { buf, offset } => self.read_source(buf, *offset)?,
+                IoRequest::Write { buf, offset } => self.write_source(buf, *offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Preserves `chunks` (sorted, each needing a copy, no more than the free slots) with
+    /// one pool flush; their old contents are read as one batch.
+    fn preserve_chunks(&self, st: &mut State, chunks: &[u64]) -> Result<()> {
+        let cs = st.chunk_size() as usize;
+        let hi = st.epoch();
+        let mut data = vec![0u8; chunks.len() * cs];
+        {
+            let mut reads: Vec<IoRequest<'_>> = data
+                .chunks_mut(cs)
+                .zip(chunks)
+                .map(|(buf, &c)| IoRequest::Read {
+                    buf: &mut buf[..st.chunk_len(c) as usize],
+                    offset: c * cs as u64,
+                })
+                .collect();
+            self.source.submit(&mut reads)?;
+        }
+        let entries: Vec<Entry> = chunks
+            .iter()
+            .map(|&c| Entry {
+                chunk: c,
+                lo: st.chunks.get(&c).map_or(0, |i| i.preserved_to),
+                hi,
+                kind: Kind::Shared,
+                // Sealed by store_copies.
+                data_crc: 0,
+            })
+            .collect();
+        self.store_copies(st, &data, &entries)?;
         Ok(())
     }
 

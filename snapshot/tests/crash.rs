@@ -50,13 +50,35 @@ fn workload(snaps: &Snapshots, machine: &Machine, expect: &mut Expect, small_poo
     let mut writable: Vec<String> = Vec::new();
     for step in 0..40 {
         match rng.random_range(0..10) {
-            0..6 => {
+            0..5 => {
                 let len = rng.random_range(1..=12u64) * S;
                 let offset = rng.random_range(0..(SOURCE - len) / S) * S;
                 let fill = rng.random::<u8>();
                 let data = vec![fill; len as usize];
                 source.write_at(&data, offset).unwrap();
                 current[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            }
+            5 => {
+                // A queue of writes submitted together, one in each quarter of the source
+                // so they never overlap: their copies share a pool flush.
+                let quarter = SOURCE / 4;
+                let mut writes = Vec::new();
+                for q in 0..4 {
+                    let len = rng.random_range(1..=12u64) * S;
+                    let offset = q * quarter + rng.random_range(0..(quarter - len) / S) * S;
+                    writes.push((offset, vec![rng.random::<u8>(); len as usize]));
+                }
+                let mut batch: Vec<lun::IoRequest<'_>> = writes
+                    .iter()
+                    .map(|(offset, buf)| lun::IoRequest::Write {
+                        buf,
+                        offset: *offset,
+                    })
+                    .collect();
+                source.submit(&mut batch).unwrap();
+                for (offset, data) in &writes {
+                    current[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                }
             }
             6..8 => {
                 let name = format!("s{step}");

@@ -331,6 +331,49 @@ fn a_first_write_to_a_scattered_chunk_costs_one_pool_flush() {
     assert!(snapshot::fsck(open(&f.pool).as_ref()).unwrap().is_clean());
 }
 
+/// A queue of 32 writes submitted together (io_uring at QD32) to chunks never written
+/// since the session: all their copies share one pool flush, the session reads its point in
+/// time and the source the new bytes.
+#[test]
+fn a_batch_of_first_writes_shares_one_pool_flush() {
+    let f = files(64 * C, 4 << 20);
+    let pool = Arc::new(CountFlushes {
+        inner: open(&f.pool),
+        flushes: Default::default(),
+    });
+    let snaps = Snapshots::create(
+        open(&f.source),
+        pool.clone(),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    let old = vec![1u8; (64 * C) as usize];
+    source.write_at(&old, 0).unwrap();
+    snaps.create_session("s", false).unwrap();
+    let data = vec![2u8; 512];
+    // Every other chunk, in a scattered order, one of them written twice.
+    let mut offsets: Vec<u64> = (0..31).map(|i| (i * 17 % 32) * 2 * C + 1024).collect();
+    offsets.push(offsets[3] + 512);
+    let mut batch: Vec<lun::IoRequest<'_>> = offsets
+        .iter()
+        .map(|&offset| lun::IoRequest::Write { buf: &data, offset })
+        .collect();
+    let before = pool.flushes.load(std::sync::atomic::Ordering::SeqCst);
+    source.submit(&mut batch).unwrap();
+    let flushes = pool.flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(flushes, 1, "pool flushes for a batch of 32 first writes");
+    assert!(read_all(snaps.session("s").unwrap().as_ref()) == old);
+    let mut now = old.clone();
+    for &o in &offsets {
+        now[o as usize..o as usize + 512].copy_from_slice(&data);
+    }
+    assert!(read_all(source.as_ref()) == now);
+    assert_eq!(snaps.usage().used, 31);
+    drop(snaps);
+    assert!(snapshot::fsck(open(&f.pool).as_ref()).unwrap().is_clean());
+}
+
 thread_local! {
     static SLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
