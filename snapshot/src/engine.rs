@@ -260,11 +260,17 @@ impl Engine {
 
     /// Writes the table sector holding `slot`'s entry as the in-memory table has it.
     pub fn write_entry_sector(&self, st: &State, slot: u64) -> Result<()> {
+        self.write_entry_sectors(st, slot, 1)
+    }
+
+    /// Writes `count` consecutive table sectors, the first holding `slot`'s entry, as one
+    /// write (each sector is still written whole, so each stays atomic).
+    fn write_entry_sectors(&self, st: &State, slot: u64, count: u64) -> Result<()> {
         let sector = u64::from(self.pool.sector_size());
         let per = sector / ENTRY as u64;
         let first = slot / per * per;
-        let mut buf = vec![0u8; sector as usize];
-        for i in 0..per {
+        let mut buf = vec![0u8; (count * sector) as usize];
+        for i in 0..per * count {
             let s = first + i;
             if let Some(e) = st.slots.get(s as usize) {
                 Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
@@ -320,9 +326,17 @@ impl Engine {
                 }
                 let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
                 let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
+                sectors.sort_unstable();
                 sectors.dedup();
-                for sector in sectors {
-                    self.write_entry_sector(st, sector * per)?;
+                // Runs of consecutive sectors take one write.
+                let mut i = 0;
+                while i < sectors.len() {
+                    let mut n = 1;
+                    while i + n < sectors.len() && sectors[i + n] == sectors[i] + n as u64 {
+                        n += 1;
+                    }
+                    self.write_entry_sectors(st, sectors[i] * per, n as u64)?;
+                    i += n;
                 }
                 Ok(())
             };
