@@ -180,6 +180,7 @@ impl Engine {
                 kind: Kind::Shared,
                 // Sealed by store_copies.
                 data_crc: 0,
+                seq: 0,
             })
             .collect();
         self.store_copies(st, &data, &entries)?;
@@ -227,6 +228,7 @@ impl Engine {
                 kind: Kind::Shared,
                 // Sealed by store_copies.
                 data_crc: 0,
+                seq: 0,
             })
             .collect();
         let slots = self.store_copies(st, &data, &entries)?;
@@ -384,6 +386,7 @@ impl Engine {
                 hi: generation + 1,
                 kind: Kind::Private,
                 data_crc: 0,
+                seq: 0,
             };
             if self.store_copy(&mut st, &data, entry)?.is_none() {
                 return Err(SnapError::PoolFull {

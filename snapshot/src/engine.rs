@@ -39,6 +39,14 @@ pub(crate) struct State {
     /// Chunks copied ahead of a sequential writer and not written since, with their slot:
     /// the first space to take back when the pool fills.
     pub speculative: HashMap<u64, u64>,
+    /// Sequence number the next batch of copies gets.
+    pub next_copy_seq: u64,
+    /// Every batch of copies up to this sequence number is durable; the next header
+    /// written records it.
+    pub verified_seq: u64,
+    /// A batch of copies failed: its entries may be on disk without their data, so the
+    /// watermark stays where it was until the pool is opened again and checks them.
+    pub copies_failed: bool,
     /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
     pub clone_bits: HashMap<u32, Vec<u8>>,
     /// Clone LUNs attached in this process, by clone name.
@@ -173,6 +181,23 @@ impl State {
         index.copies.push((e, slot));
     }
 
+    /// Writes `count` consecutive table sectors of `pool`, the first holding `slot`'s
+    /// entry, as this table has them, in one write (each sector still written whole, so
+    /// each stays atomic).
+    pub fn write_entry_sectors(&self, pool: &dyn Lun, slot: u64, count: u64) -> Result<()> {
+        let sector = u64::from(pool.sector_size());
+        let per = sector / ENTRY as u64;
+        let first = slot / per * per;
+        let mut buf = vec![0u8; (count * sector) as usize];
+        for i in 0..per * count {
+            if let Some(e) = self.slots.get((first + i) as usize) {
+                Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
+            }
+        }
+        pool.write_at(&buf, TABLE_OFFSET + first * ENTRY as u64)?;
+        Ok(())
+    }
+
     /// Length of `chunk` on the source (the last one may be short).
     pub fn chunk_len(&self, chunk: u64) -> u64 {
         let cs = self.chunk_size();
@@ -252,6 +277,7 @@ impl Engine {
     /// returns the new state survives a power cut, and a torn write leaves the other copy.
     pub fn persist_header(&self, st: &mut State, mut next: Header) -> Result<()> {
         next.seq = st.header.seq + 1;
+        next.verified_seq = st.verified_seq;
         self.pool.write_at(&next.encode(), next.offset())?;
         self.pool.flush()?;
         st.header = next;
@@ -263,22 +289,8 @@ impl Engine {
         self.write_entry_sectors(st, slot, 1)
     }
 
-    /// Writes `count` consecutive table sectors, the first holding `slot`'s entry, as one
-    /// write (each sector is still written whole, so each stays atomic).
     fn write_entry_sectors(&self, st: &State, slot: u64, count: u64) -> Result<()> {
-        let sector = u64::from(self.pool.sector_size());
-        let per = sector / ENTRY as u64;
-        let first = slot / per * per;
-        let mut buf = vec![0u8; (count * sector) as usize];
-        for i in 0..per * count {
-            let s = first + i;
-            if let Some(e) = st.slots.get(s as usize) {
-                Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
-            }
-        }
-        self.pool
-            .write_at(&buf, TABLE_OFFSET + first * ENTRY as u64)?;
-        Ok(())
+        st.write_entry_sectors(self.pool.as_ref(), slot, count)
     }
 
     /// Makes `chunk`'s slot hold `data` for `entry`; `None` when the pool is full.
@@ -310,9 +322,11 @@ impl Engine {
                 } else {
                     0
                 },
+                seq: st.next_copy_seq,
                 ..*e
             })
             .collect();
+        st.next_copy_seq += 1;
         let slots: Vec<u64> = (0..entries.len()).filter_map(|_| st.free.pop()).collect();
         let outcome = (|| {
             if slots.len() < entries.len() {
@@ -374,10 +388,14 @@ impl Engine {
                 for (&slot, e) in slots.iter().zip(&entries) {
                     st.insert(slot, *e);
                 }
+                if !st.copies_failed {
+                    st.verified_seq = st.next_copy_seq - 1;
+                }
                 Ok(slots)
             }
             Err(e) => {
                 st.free.extend(slots.iter().rev());
+                st.copies_failed = true;
                 Err(e)
             }
         }
@@ -415,6 +433,7 @@ impl Engine {
             pool.read_at(&mut bits, layout.clone_bitmap(c.slot))?;
             clone_bits.insert(c.slot, bits);
         }
+        let header_seq_floor = header.verified_seq + 1;
         let mut st = State {
             clone_bits,
             clone_luns: HashMap::new(),
@@ -427,13 +446,22 @@ impl Engine {
             rollback_cursor: 0,
             ahead: None,
             speculative: HashMap::new(),
+            next_copy_seq: header_seq_floor,
+            verified_seq: 0,
+            copies_failed: false,
         };
         // A crash can leave a shared copy's entry durable without its data; the source
         // write it protected was never issued, so its sessions still see the source.
+        // Copies the header vouches for are not read again.
+        let vouched = st.header.verified_seq;
         let mut buf = vec![0u8; layout.chunk_size as usize];
+        let mut cut_short = Vec::new();
         for slot in 0..st.slots.len() {
             let Some(e) = st.slots[slot] else { continue };
-            if st.is_needed(&e) && !copy_landed(pool.as_ref(), &layout, slot as u64, &e, &mut buf)?
+            st.next_copy_seq = st.next_copy_seq.max(e.seq + 1);
+            if e.seq > vouched
+                && st.is_needed(&e)
+                && !copy_landed(pool.as_ref(), &layout, slot as u64, &e, &mut buf)?
             {
                 warn!(
                     pool = name,
@@ -442,7 +470,19 @@ impl Engine {
                     "discarding a copy cut short by a crash: its source write was never issued"
                 );
                 st.slots[slot] = None;
+                cut_short.push(slot as u64);
             }
+        }
+        st.verified_seq = vouched;
+        if !pool.is_read_only() {
+            // Cleared before any header can vouch for their sequence numbers.
+            for &slot in &cut_short {
+                st.write_entry_sectors(pool.as_ref(), slot, 1)?;
+            }
+            if !cut_short.is_empty() {
+                pool.flush()?;
+            }
+            st.verified_seq = st.next_copy_seq - 1;
         }
         st.rebuild();
         Ok(st)

@@ -98,6 +98,9 @@ pub(crate) struct Header {
     pub rollback: Option<u64>,
     pub sessions: Vec<SessionRecord>,
     pub clones: Vec<CloneRecord>,
+    /// Every shared copy with a sequence number up to this one was durable, data and
+    /// entry, when this header was written: open checks only the copies after it.
+    pub verified_seq: u64,
 }
 
 /// Where a clone stands; the numbers are the on-disk state.
@@ -172,6 +175,7 @@ impl Header {
         put_u64(&mut b, 112, self.rollback.unwrap_or(0));
         put_u32(&mut b, 120, self.sessions.len() as u32);
         put_u32(&mut b, 124, self.clones.len() as u32);
+        put_u64(&mut b, 512, self.verified_seq);
         for (i, c) in self.clones.iter().enumerate() {
             let r = CLONE_RECORDS + i * CLONE_RECORD;
             put_u32(&mut b, r, c.state as u32);
@@ -300,6 +304,7 @@ impl Header {
             rollback: (get_u32(b, 104) != 0).then(|| get_u64(b, 112)),
             sessions,
             clones,
+            verified_seq: get_u64(b, 512),
         })
     }
 }
@@ -325,6 +330,9 @@ pub(crate) struct Entry {
     /// never completed (and the source write it protected never issued). 0 for private
     /// copies, whose data changes in place after the entry is written.
     pub data_crc: u32,
+    /// Sequence number of the batch of copies that wrote this entry (see
+    /// `Header::verified_seq`).
+    pub seq: u64,
 }
 
 impl Entry {
@@ -349,6 +357,7 @@ impl Entry {
             Kind::Private => 2,
         };
         put_u32(b, 28, e.data_crc);
+        put_u64(b, 32, e.seq);
         let crc = crc32c::crc32c(&b[..ENTRY_CRC]);
         put_u32(b, ENTRY_CRC, crc);
     }
@@ -373,6 +382,7 @@ impl Entry {
             hi: get_u64(b, 16),
             kind,
             data_crc: get_u32(b, 28),
+            seq: get_u64(b, 32),
         };
         if e.lo >= e.hi {
             return Err(format!("empty generation range {}..{}", e.lo, e.hi));

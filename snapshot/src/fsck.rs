@@ -34,7 +34,8 @@ impl FsckReport {
 
 /// Checks the pool header (magic, version, crc32c, layout), every slot-table entry
 /// (crc32c, kind, chunk inside the source), the data of every needed shared copy against
-/// its entry (a mismatch is a copy a crash cut short, counted, not a problem), and that no
+/// its entry (a mismatch is a copy a crash cut short, counted, unless the header vouches
+/// for it: then it is damage), and that no
 /// two copies claim the same chunk of the same session. A header that cannot be read at all is an error; everything else is
 /// listed in the report. Reads only.
 pub fn fsck(pool: &dyn Lun) -> Result<FsckReport> {
@@ -110,7 +111,14 @@ pub fn fsck(pool: &dyn Lun) -> Result<FsckReport> {
             continue;
         }
         if !copy_landed(pool, &layout, slot as u64, &entry, &mut buf)? {
-            report.unfinished_copies += 1;
+            if entry.seq <= header.verified_seq {
+                report.problems.push(format!(
+                    "slot {slot}: chunk {}'s copy does not match its checksum",
+                    entry.chunk
+                ));
+            } else {
+                report.unfinished_copies += 1;
+            }
             continue;
         }
         report.used_slots += 1;

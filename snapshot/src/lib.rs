@@ -200,6 +200,7 @@ impl Snapshots {
             rollback: None,
             sessions: Vec::new(),
             clones: Vec::new(),
+            verified_seq: 0,
         };
         // The other header copy is cleared too: a stale copy with a higher sequence
         // number would otherwise win on open.
