@@ -6,11 +6,12 @@
 //! contents on the source (some session generation at or above the chunk's
 //! `preserved_to`), the old contents are read, then the slot's table entry (chunk,
 //! generations `preserved_to..epoch`, crc32c of the contents) and the contents are written
-//! to a free pool slot and flushed once; only then is the source written. One copy serves every session in that range,
-//! so the cost of a write does not depend on how many sessions there are, and a later write
-//! to the chunk in the same epoch goes straight to the source. With clones, the chunks are
-//! then logged in their fracture logs (durably) and the write mirrored to the clones that
-//! follow the source. Because the pool is durable before the source write is issued, a
+//! to a free pool slot and flushed once; only then is the source written. A batch of
+//! requests (`submit`) shares that one flush among all the chunks it writes first. One
+//! copy serves every session in the entry's range, so the cost of a write does not depend
+//! on how many sessions there are, and a later write to the chunk in the same epoch goes
+//! straight to the source. With clones, the chunks are then logged in their fracture logs
+//! (durably) and the write mirrored to the clones that follow the source. Because the pool is durable before the source write is issued, a
 //! flush of the source only has to flush the source and those clones.
 
 use std::sync::PoisonError;
