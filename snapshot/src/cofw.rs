@@ -11,8 +11,9 @@
 //! copy serves every session in the entry's range, so the cost of a write does not depend
 //! on how many sessions there are, and a later write to the chunk in the same epoch goes
 //! straight to the source. With clones, the chunks are then logged in their fracture logs
-//! (durably) and the write mirrored to the clones that follow the source. Because the pool is durable before the source write is issued, a
-//! flush of the source only has to flush the source and those clones.
+//! (durably) and the write mirrored to the clones that follow the source. Because the pool
+//! is durable before the source write is issued, a flush of the source only has to flush
+//! the source and those clones.
 
 use std::sync::PoisonError;
 
