@@ -3,6 +3,9 @@
 //!
 //! - first write: `baseline` with no session; `cofw` right after a session is taken, so
 //!   every chunk is copied to the pool first.
+//! - random first write: 1024 writes of 4 KiB, one in each 64 KiB chunk in a random order,
+//!   submitted 32 at a time (an io_uring queue at depth 32), then a flush; `baseline` with
+//!   no session, `cofw` right after a session is taken.
 //! - rewrite: `baseline` with no session; `after_cofw` with a session whose chunks are all
 //!   copied already (writes go straight to the source).
 //! - sessions: the first write with 1 session open (`baseline`), 8 and 64.
@@ -19,7 +22,9 @@ use criterion::{
     BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
     measurement::WallTime,
 };
-use lun::{FileLun, Lun};
+use lun::{FileLun, IoRequest, Lun};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use snapshot::{PoolOptions, Snapshots};
 
 const MIB: u64 = 1 << 20;
@@ -83,6 +88,38 @@ fn first_write(snaps: &Snapshots, sessions: usize, iters: u64) -> Duration {
     total
 }
 
+const RAND_IO: usize = 4096;
+const QD: usize = 32;
+
+/// Times the random first-write pass after `sessions` fresh sessions are taken.
+fn random_first_write(snaps: &Snapshots, sessions: usize, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let source = snaps.source();
+    let mut offsets: Vec<u64> = (0..SIZE / IO as u64).map(|c| c * IO as u64).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for i in 0..iters {
+        offsets.shuffle(&mut rng);
+        let buf = vec![i as u8; RAND_IO];
+        for s in 0..sessions {
+            snaps.create_session(&format!("s{s}"), false).unwrap();
+        }
+        let t = Instant::now();
+        for queue in offsets.chunks(QD) {
+            let mut batch: Vec<IoRequest<'_>> = queue
+                .iter()
+                .map(|&offset| IoRequest::Write { buf: &buf, offset })
+                .collect();
+            source.submit(&mut batch).unwrap();
+        }
+        source.flush().unwrap();
+        total += t.elapsed();
+        for s in 0..sessions {
+            snaps.delete_session(&format!("s{s}")).unwrap();
+        }
+    }
+    total
+}
+
 fn writes(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let snaps = engine(dir.path(), "w");
@@ -91,6 +128,17 @@ fn writes(c: &mut Criterion) {
     configure(&mut group);
     group.bench_function("baseline", |b| b.iter_custom(|n| first_write(&snaps, 0, n)));
     group.bench_function("cofw", |b| b.iter_custom(|n| first_write(&snaps, 1, n)));
+    group.finish();
+
+    let mut group = c.benchmark_group("snapshot_first_write_rand4k_qd32");
+    configure(&mut group);
+    group.throughput(Throughput::Bytes((SIZE / IO as u64) * RAND_IO as u64));
+    group.bench_function("baseline", |b| {
+        b.iter_custom(|n| random_first_write(&snaps, 0, n))
+    });
+    group.bench_function("cofw", |b| {
+        b.iter_custom(|n| random_first_write(&snaps, 1, n))
+    });
     group.finish();
 
     let mut group = c.benchmark_group("snapshot_rewrite_64MiB");

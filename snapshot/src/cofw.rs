@@ -4,17 +4,20 @@
 //!
 //! A source write, chunk by chunk: if a valid session still sees the chunk's current
 //! contents on the source (some session generation at or above the chunk's
-//! `preserved_to`), the old contents are read, written to a free pool slot and flushed,
-//! then the slot's table entry (chunk, generations `preserved_to..epoch`) is written and
-//! flushed; only then is the source written. One copy serves every session in that range,
-//! so the cost of a write does not depend on how many sessions there are, and a later write
-//! to the chunk in the same epoch goes straight to the source. With clones, the chunks are
-//! then logged in their fracture logs (durably) and the write mirrored to the clones that
-//! follow the source. Because the pool is durable before the source write is issued, a
-//! flush of the source only has to flush the source and those clones.
+//! `preserved_to`), the old contents are read, then the slot's table entry (chunk,
+//! generations `preserved_to..epoch`, crc32c of the contents) and the contents are written
+//! to a free pool slot and flushed once; only then is the source written. A batch of
+//! requests (`submit`) shares that one flush among all the chunks it writes first. One
+//! copy serves every session in the entry's range, so the cost of a write does not depend
+//! on how many sessions there are, and a later write to the chunk in the same epoch goes
+//! straight to the source. With clones, the chunks are then logged in their fracture logs
+//! (durably) and the write mirrored to the clones that follow the source. Because the pool
+//! is durable before the source write is issued, a flush of the source only has to flush
+//! the source and those clones.
 
 use std::sync::PoisonError;
 
+use lun::IoRequest;
 use tracing::warn;
 
 use crate::engine::{Engine, State, lock};
@@ -102,6 +105,90 @@ impl Engine {
         Ok(())
     }
 
+    /// A batch of independent source requests (an io_uring or NBD queue): the chunks its
+    /// writes reach for the first time are preserved together, sharing one pool flush, and
+    /// the batch then goes to the source as one submission. During a rollback, with
+    /// clones, or when the pool cannot hold every copy, it is run request by request.
+    pub fn submit_source(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&self.state);
+        let cs = st.chunk_size();
+        let mut written: Vec<u64> = batch
+            .iter()
+            .filter_map(|r| match r {
+                IoRequest::Write { buf, offset } if !buf.is_empty() => {
+                    Some(*offset / cs..=(*offset + buf.len() as u64 - 1) / cs)
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        written.sort_unstable();
+        written.dedup();
+        let needed: Vec<u64> = written
+            .iter()
+            .copied()
+            .filter(|&c| st.needs_copy(c))
+            .collect();
+        let simple = st.header.rollback.is_none()
+            && st.header.clones.is_empty()
+            && needed.len() <= st.free.len();
+        if simple {
+            if !needed.is_empty() {
+                self.preserve_chunks(&mut st, &needed)?;
+            }
+            for c in &written {
+                st.speculative.remove(c);
+            }
+            drop(st);
+            self.source.submit(batch)?;
+            return Ok(());
+        }
+        drop(st);
+        // Each request takes the gate itself.
+        drop(gate);
+        for request in batch.iter_mut() {
+            match request {
+                IoRequest::Read { buf, offset } => self.read_source(buf, *offset)?,
+                IoRequest::Write { buf, offset } => self.write_source(buf, *offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Preserves `chunks` (sorted, each needing a copy, no more than the free slots) with
+    /// one pool flush; their old contents are read as one batch.
+    fn preserve_chunks(&self, st: &mut State, chunks: &[u64]) -> Result<()> {
+        let cs = st.chunk_size() as usize;
+        let hi = st.epoch();
+        let mut data = vec![0u8; chunks.len() * cs];
+        {
+            let mut reads: Vec<IoRequest<'_>> = data
+                .chunks_mut(cs)
+                .zip(chunks)
+                .map(|(buf, &c)| IoRequest::Read {
+                    buf: &mut buf[..st.chunk_len(c) as usize],
+                    offset: c * cs as u64,
+                })
+                .collect();
+            self.source.submit(&mut reads)?;
+        }
+        let entries: Vec<Entry> = chunks
+            .iter()
+            .map(|&c| Entry {
+                chunk: c,
+                lo: st.chunks.get(&c).map_or(0, |i| i.preserved_to),
+                hi,
+                kind: Kind::Shared,
+                // Sealed by store_copies.
+                data_crc: 0,
+                seq: 0,
+            })
+            .collect();
+        self.store_copies(st, &data, &entries)?;
+        Ok(())
+    }
+
     /// Copies `chunk`'s current source contents into the pool for every session that still
     /// sees them. When the pool has no free slot, those sessions cannot be kept whole: they
     /// are invalidated (durably, before the source changes) and the write goes on.
@@ -141,17 +228,14 @@ impl Engine {
                 lo: lo_of(st, c),
                 hi,
                 kind: Kind::Shared,
+                // Sealed by store_copies.
+                data_crc: 0,
+                seq: 0,
             })
             .collect();
-        self.store_copies(st, &data, &entries)?;
-        for e in &entries[1..] {
-            let slot = st
-                .chunks
-                .get(&e.chunk)
-                .and_then(|index| index.copies.iter().find(|(x, _)| x == e).map(|&(_, s)| s));
-            if let Some(slot) = slot {
-                st.speculative.insert(e.chunk, slot);
-            }
+        let slots = self.store_copies(st, &data, &entries)?;
+        for (e, &slot) in entries.iter().zip(&slots).skip(1) {
+            st.speculative.insert(e.chunk, slot);
         }
         Ok(())
     }
@@ -303,6 +387,8 @@ impl Engine {
                 lo: generation,
                 hi: generation + 1,
                 kind: Kind::Private,
+                data_crc: 0,
+                seq: 0,
             };
             if self.store_copy(&mut st, &data, entry)?.is_none() {
                 return Err(SnapError::PoolFull {

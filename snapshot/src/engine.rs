@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use lun::Lun;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Result, SnapError};
 use crate::format::{
@@ -39,6 +39,14 @@ pub(crate) struct State {
     /// Chunks copied ahead of a sequential writer and not written since, with their slot:
     /// the first space to take back when the pool fills.
     pub speculative: HashMap<u64, u64>,
+    /// Sequence number the next batch of copies gets.
+    pub next_copy_seq: u64,
+    /// Every batch of copies up to this sequence number is durable; the next header
+    /// written records it.
+    pub verified_seq: u64,
+    /// A batch of copies failed: its entries may be on disk without their data, so the
+    /// watermark stays where it was until the pool is opened again and checks them.
+    pub copies_failed: bool,
     /// Fracture logs by clone slot (mirrors the on-disk bitmaps).
     pub clone_bits: HashMap<u32, Vec<u8>>,
     /// Clone LUNs attached in this process, by clone name.
@@ -177,6 +185,23 @@ impl State {
         index.copies.push((e, slot));
     }
 
+    /// Writes `count` consecutive table sectors of `pool`, the first holding `slot`'s
+    /// entry, as this table has them, in one write (each sector still written whole, so
+    /// each stays atomic).
+    pub fn write_entry_sectors(&self, pool: &dyn Lun, slot: u64, count: u64) -> Result<()> {
+        let sector = u64::from(pool.sector_size());
+        let per = sector / ENTRY as u64;
+        let first = slot / per * per;
+        let mut buf = vec![0u8; (count * sector) as usize];
+        for i in 0..per * count {
+            if let Some(e) = self.slots.get((first + i) as usize) {
+                Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
+            }
+        }
+        pool.write_at(&buf, TABLE_OFFSET + first * ENTRY as u64)?;
+        Ok(())
+    }
+
     /// Length of `chunk` on the source (the last one may be short).
     pub fn chunk_len(&self, chunk: u64) -> u64 {
         let cs = self.chunk_size();
@@ -256,6 +281,7 @@ impl Engine {
     /// returns the new state survives a power cut, and a torn write leaves the other copy.
     pub fn persist_header(&self, st: &mut State, mut next: Header) -> Result<()> {
         next.seq = st.header.seq + 1;
+        next.verified_seq = st.verified_seq;
         self.pool.write_at(&next.encode(), next.offset())?;
         self.pool.flush()?;
         st.header = next;
@@ -264,19 +290,11 @@ impl Engine {
 
     /// Writes the table sector holding `slot`'s entry as the in-memory table has it.
     pub fn write_entry_sector(&self, st: &State, slot: u64) -> Result<()> {
-        let sector = u64::from(self.pool.sector_size());
-        let per = sector / ENTRY as u64;
-        let first = slot / per * per;
-        let mut buf = vec![0u8; sector as usize];
-        for i in 0..per {
-            let s = first + i;
-            if let Some(e) = st.slots.get(s as usize) {
-                Entry::encode(e.as_ref(), &mut buf[(i as usize) * ENTRY..]);
-            }
-        }
-        self.pool
-            .write_at(&buf, TABLE_OFFSET + first * ENTRY as u64)?;
-        Ok(())
+        self.write_entry_sectors(st, slot, 1)
+    }
+
+    fn write_entry_sectors(&self, st: &State, slot: u64, count: u64) -> Result<()> {
+        st.write_entry_sectors(self.pool.as_ref(), slot, count)
     }
 
     /// Makes `chunk`'s slot hold `data` for `entry`; `None` when the pool is full.
@@ -284,26 +302,66 @@ impl Engine {
         if st.free.is_empty() {
             return Ok(None);
         }
-        self.store_copies(st, data, &[entry])?;
-        Ok(st.chunks.get(&entry.chunk).and_then(|c| {
-            c.copies
-                .iter()
-                .find(|(e, _)| *e == entry)
-                .map(|&(_, slot)| slot)
-        }))
+        Ok(self.store_copies(st, data, &[entry])?.first().copied())
     }
 
     /// Puts chunk-sized pieces of `data` in free slots for `entries` (the caller checked
-    /// there are enough): all the data is durable before any entry that points at it, and
-    /// the entries before this returns. Two flushes however many chunks.
-    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<()> {
+    /// there are enough; all of one kind) and returns the slots, in order. Everything is
+    /// durable before this returns.
+    ///
+    /// Shared copies are written entries first, then data, and flushed once: each entry
+    /// carries its data's crc32c, so after a crash an entry whose data did not land is
+    /// discarded on open, and the source write it protects is only issued after the flush.
+    /// Private copies are changed in place later, so their data cannot be sealed in the
+    /// entry: it is flushed before the entry, as two flushes.
+    pub fn store_copies(&self, st: &mut State, data: &[u8], entries: &[Entry]) -> Result<Vec<u64>> {
         let cs = st.chunk_size() as usize;
+        let sealed = entries.iter().all(|e| e.kind == Kind::Shared);
+        let entries: Vec<Entry> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Entry {
+                data_crc: if sealed {
+                    crc32c::crc32c(&data[i * cs..(i + 1) * cs])
+                } else {
+                    0
+                },
+                seq: st.next_copy_seq,
+                ..*e
+            })
+            .collect();
+        st.next_copy_seq += 1;
         let slots: Vec<u64> = (0..entries.len()).filter_map(|_| st.free.pop()).collect();
         let outcome = (|| {
             if slots.len() < entries.len() {
                 return Err(SnapError::PoolFull {
                     pool: self.pool_name().to_string(),
                 });
+            }
+            let write_entries = |st: &mut State| -> Result<()> {
+                for (&slot, e) in slots.iter().zip(&entries) {
+                    st.slots[slot as usize] = Some(*e);
+                }
+                let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
+                let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
+                sectors.sort_unstable();
+                sectors.dedup();
+                // Runs of consecutive sectors take one write.
+                let mut i = 0;
+                while i < sectors.len() {
+                    let mut n = 1;
+                    while i + n < sectors.len() && sectors[i + n] == sectors[i] + n as u64 {
+                        n += 1;
+                    }
+                    self.write_entry_sectors(st, sectors[i] * per, n as u64)?;
+                    i += n;
+                }
+                Ok(())
+            };
+            // Entries before data: the order makes no difference to a disk that reorders
+            // within a flush, and a cut between the two then tests the discard on open.
+            if sealed {
+                write_entries(st)?;
             }
             // Consecutive slots (the usual case: the free list hands them out in order)
             // take one write.
@@ -319,15 +377,9 @@ impl Engine {
                 )?;
                 i += n;
             }
-            self.pool.flush()?;
-            for (&slot, e) in slots.iter().zip(entries) {
-                st.slots[slot as usize] = Some(*e);
-            }
-            let per = u64::from(self.pool.sector_size()) / ENTRY as u64;
-            let mut sectors: Vec<u64> = slots.iter().map(|s| s / per).collect();
-            sectors.dedup();
-            for sector in sectors {
-                self.write_entry_sector(st, sector * per)?;
+            if !sealed {
+                self.pool.flush()?;
+                write_entries(st)?;
             }
             self.pool.flush()?;
             Ok(())
@@ -337,13 +389,17 @@ impl Engine {
         }
         match outcome {
             Ok(()) => {
-                for (&slot, e) in slots.iter().zip(entries) {
+                for (&slot, e) in slots.iter().zip(&entries) {
                     st.insert(slot, *e);
                 }
-                Ok(())
+                if !st.copies_failed {
+                    st.verified_seq = st.next_copy_seq - 1;
+                }
+                Ok(slots)
             }
             Err(e) => {
                 st.free.extend(slots.iter().rev());
+                st.copies_failed = true;
                 Err(e)
             }
         }
@@ -381,6 +437,7 @@ impl Engine {
             pool.read_at(&mut bits, layout.clone_bitmap(c.slot))?;
             clone_bits.insert(c.slot, bits);
         }
+        let header_seq_floor = header.verified_seq + 1;
         let mut st = State {
             clone_bits,
             clone_luns: HashMap::new(),
@@ -393,10 +450,63 @@ impl Engine {
             rollback_cursor: 0,
             ahead: None,
             speculative: HashMap::new(),
+            next_copy_seq: header_seq_floor,
+            verified_seq: 0,
+            copies_failed: false,
         };
+        // A crash can leave a shared copy's entry durable without its data; the source
+        // write it protected was never issued, so its sessions still see the source.
+        // Copies the header vouches for are not read again.
+        let vouched = st.header.verified_seq;
+        let mut buf = vec![0u8; layout.chunk_size as usize];
+        let mut cut_short = Vec::new();
+        for slot in 0..st.slots.len() {
+            let Some(e) = st.slots[slot] else { continue };
+            st.next_copy_seq = st.next_copy_seq.max(e.seq + 1);
+            if e.seq > vouched
+                && st.is_needed(&e)
+                && !copy_landed(pool.as_ref(), &layout, slot as u64, &e, &mut buf)?
+            {
+                warn!(
+                    pool = name,
+                    slot,
+                    chunk = e.chunk,
+                    "discarding a copy cut short by a crash: its source write was never issued"
+                );
+                st.slots[slot] = None;
+                cut_short.push(slot as u64);
+            }
+        }
+        st.verified_seq = vouched;
+        if !pool.is_read_only() {
+            // Cleared before any header can vouch for their sequence numbers.
+            for &slot in &cut_short {
+                st.write_entry_sectors(pool.as_ref(), slot, 1)?;
+            }
+            if !cut_short.is_empty() {
+                pool.flush()?;
+            }
+            st.verified_seq = st.next_copy_seq - 1;
+        }
         st.rebuild();
         Ok(st)
     }
+}
+
+/// False when `slot`'s data is not what its entry `e` was written for: a shared copy whose
+/// data a crash kept from landing. `buf` is chunk-size scratch space.
+pub(crate) fn copy_landed(
+    pool: &dyn Lun,
+    layout: &Layout,
+    slot: u64,
+    e: &Entry,
+    buf: &mut [u8],
+) -> Result<bool> {
+    if e.kind == Kind::Private {
+        return Ok(true);
+    }
+    pool.read_at(buf, layout.slot_offset(slot))?;
+    Ok(e.holds(buf))
 }
 
 /// The newer valid header copy; the error names what is wrong with both when neither is.

@@ -4,7 +4,7 @@
 use crate::error::{Result, SnapError};
 
 pub(crate) const MAGIC: &[u8; 8] = b"VSNPPOOL";
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 /// Each header copy: 4 KiB of fixed fields, then the session records.
 pub(crate) const HEADER_SLOT: u64 = 32 * 1024;
 pub(crate) const HEADER_SEALED: usize = 4096 + MAX_SESSIONS * SESSION_RECORD;
@@ -13,7 +13,9 @@ pub(crate) const MAX_SESSIONS: usize = 256;
 pub(crate) const MAX_NAME: usize = 32;
 pub(crate) const MAX_SOURCE_NAME: usize = 256;
 pub(crate) const TABLE_OFFSET: u64 = 2 * HEADER_SLOT;
-pub(crate) const ENTRY: usize = 32;
+pub(crate) const ENTRY: usize = 64;
+/// Where an entry's own crc32c sits: it seals bytes `0..ENTRY_CRC`.
+const ENTRY_CRC: usize = 60;
 /// Metadata regions are aligned to this unit so any sector size up to 4 KiB works.
 pub(crate) const UNIT: u64 = 4096;
 
@@ -96,6 +98,9 @@ pub(crate) struct Header {
     pub rollback: Option<u64>,
     pub sessions: Vec<SessionRecord>,
     pub clones: Vec<CloneRecord>,
+    /// Every shared copy with a sequence number up to this one was durable, data and
+    /// entry, when this header was written: open checks only the copies after it.
+    pub verified_seq: u64,
 }
 
 /// Where a clone stands; the numbers are the on-disk state.
@@ -170,6 +175,7 @@ impl Header {
         put_u64(&mut b, 112, self.rollback.unwrap_or(0));
         put_u32(&mut b, 120, self.sessions.len() as u32);
         put_u32(&mut b, 124, self.clones.len() as u32);
+        put_u64(&mut b, 512, self.verified_seq);
         for (i, c) in self.clones.iter().enumerate() {
             let r = CLONE_RECORDS + i * CLONE_RECORD;
             put_u32(&mut b, r, c.state as u32);
@@ -298,6 +304,7 @@ impl Header {
             rollback: (get_u32(b, 104) != 0).then(|| get_u64(b, 112)),
             sessions,
             clones,
+            verified_seq: get_u64(b, 512),
         })
     }
 }
@@ -318,11 +325,25 @@ pub(crate) struct Entry {
     pub lo: u64,
     pub hi: u64,
     pub kind: Kind,
+    /// Shared copies only: crc32c of the slot's chunk-size data. The entry and its data
+    /// are made durable by one flush, so on open a copy whose data does not match was
+    /// never completed (and the source write it protected never issued). 0 for private
+    /// copies, whose data changes in place after the entry is written.
+    pub data_crc: u32,
+    /// Sequence number of the batch of copies that wrote this entry (see
+    /// `Header::verified_seq`).
+    pub seq: u64,
 }
 
 impl Entry {
     pub fn covers(&self, generation: u64) -> bool {
         self.lo <= generation && generation < self.hi
+    }
+
+    /// True when `data` (the slot's chunk-size contents) is what this entry was written
+    /// for; always true for a private copy.
+    pub fn holds(&self, data: &[u8]) -> bool {
+        self.kind == Kind::Private || crc32c::crc32c(data) == self.data_crc
     }
 
     pub fn encode(entry: Option<&Entry>, b: &mut [u8]) {
@@ -335,8 +356,10 @@ impl Entry {
             Kind::Shared => 1,
             Kind::Private => 2,
         };
-        let crc = crc32c::crc32c(&b[..28]);
-        put_u32(b, 28, crc);
+        put_u32(b, 28, e.data_crc);
+        put_u64(b, 32, e.seq);
+        let crc = crc32c::crc32c(&b[..ENTRY_CRC]);
+        put_u32(b, ENTRY_CRC, crc);
     }
 
     /// `Ok(None)` for a free entry (all zero).
@@ -345,7 +368,7 @@ impl Entry {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
         }
-        if get_u32(b, 28) != crc32c::crc32c(&b[..28]) {
+        if get_u32(b, ENTRY_CRC) != crc32c::crc32c(&b[..ENTRY_CRC]) {
             return Err("checksum mismatch".into());
         }
         let kind = match b[24] {
@@ -358,6 +381,8 @@ impl Entry {
             lo: get_u64(b, 8),
             hi: get_u64(b, 16),
             kind,
+            data_crc: get_u32(b, 28),
+            seq: get_u64(b, 32),
         };
         if e.lo >= e.hi {
             return Err(format!("empty generation range {}..{}", e.lo, e.hi));

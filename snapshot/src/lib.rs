@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lun::{Lun, LunError, check_request};
+use lun::{IoRequest, Lun, LunError, check_request};
 use tracing::{error, info};
 
 use engine::{Engine, State, check_name, lock, read_header};
@@ -200,6 +200,7 @@ impl Snapshots {
             rollback: None,
             sessions: Vec::new(),
             clones: Vec::new(),
+            verified_seq: 0,
         };
         // The other header copy is cleared too: a stale copy with a higher sequence
         // number would otherwise win on open.
@@ -577,6 +578,20 @@ impl Lun for SourceLun {
         offset: u64,
     ) -> lun::Result<lun::CompareAndWrite> {
         compare_and_write_through(self, &self.engine, expected, new, offset)
+    }
+    /// Copies for the whole batch share one pool flush, and the batch reaches the source
+    /// as one submission (io_uring callers keep their queue depth).
+    fn submit(&self, batch: &mut [IoRequest<'_>]) -> lun::Result<()> {
+        for request in batch.iter() {
+            let (offset, len) = match request {
+                IoRequest::Read { buf, offset } => (*offset, buf.len()),
+                IoRequest::Write { buf, offset } => (*offset, buf.len()),
+            };
+            check_request(self, offset, len as u64)?;
+        }
+        self.engine
+            .submit_source(batch)
+            .map_err(|e| e.into_lun(self.name(), 0, 0))
     }
     /// Copies are durable in the pool before the source write they protect, so only the
     /// source, and the clones its writes are mirrored to, need flushing.
