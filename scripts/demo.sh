@@ -5,7 +5,10 @@ set -euo pipefail
 vapp=$(realpath "${1:-target/release/vapp}")
 mkdir -p demo
 export VAPP_DATASTORE=demo/datastore.vmfs
-rm -f "$VAPP_DATASTORE"
+rm -f "$VAPP_DATASTORE" "$VAPP_DATASTORE.snap"
+rm -rf demo/state
+# Snapshot pools of block devices are found through a registry; keep the demo's to itself.
+export VAPP_STATE_DIR=$PWD/demo/state
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -38,9 +41,37 @@ step "a VM on the datastore: the test guest kernel (hv/guest), 2 vCPUs, a new 64
   --disk 64M --cmdline "mode=test"
 "$vapp" vm list
 
+step "snapshot the VM before it boots (all its disks at one point; its pool is inside the datastore)"
+"$vapp" vm snapshot /vms/testguest before-boot
+"$vapp" snapshot list /vms/testguest/disk0.vdisk
+
 step "boot it from the datastore: its serial console, then how it ended"
 status=0
 "$vapp" vm start /vms/testguest || status=$?
 echo "vm start exit status: $status"
 [ "$status" = 0 ] || { echo "demo: the guest reported a failure" >&2; exit 1; }
 "$vapp" ls -l /vms/testguest
+
+step "the guest wrote its disk; the snapshot still holds the disk as it was, and revert brings it back"
+disk_sha() { "$vapp" get "$1" - | sha256sum | cut -d' ' -f1; }
+before=$(disk_sha /vms/testguest/disk0.vdisk@before-boot)
+after=$(disk_sha /vms/testguest/disk0.vdisk)
+echo "disk0 now:         $after"
+echo "disk0@before-boot: $before"
+[ "$before" != "$after" ] || { echo "demo: the guest did not change its disk" >&2; exit 1; }
+"$vapp" vm revert /vms/testguest before-boot
+reverted=$(disk_sha /vms/testguest/disk0.vdisk)
+echo "disk0 reverted:    $reverted"
+[ "$reverted" = "$before" ] || { echo "demo: revert did not restore the disk" >&2; exit 1; }
+
+step "a snapshot of the whole datastore LUN is a copy: read-only as it is, its own datastore once resignatured"
+# Whole-LUN commands take the LUN itself, so without the VAPP_DATASTORE that names it for -d.
+lun_cmd() { env -u VAPP_DATASTORE "$vapp" "$@"; }
+lun_cmd snapshot create "$VAPP_DATASTORE" demo-point --writable
+"$vapp" datastore info "$VAPP_DATASTORE@demo-point" | grep -E '^(datastore|copy)'
+"$vapp" datastore resignature "$VAPP_DATASTORE@demo-point" --name demo-copy
+"$vapp" -d "$VAPP_DATASTORE@demo-point" mkdir /only-in-the-copy
+echo "copy:     $("$vapp" -d "$VAPP_DATASTORE@demo-point" ls / | tr '\n' ' ')"
+echo "original: $("$vapp" ls / | tr '\n' ' ')"
+"$vapp" datastore fsck "$VAPP_DATASTORE@demo-point"
+lun_cmd snapshot delete "$VAPP_DATASTORE" demo-point
