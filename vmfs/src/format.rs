@@ -120,6 +120,12 @@ pub fn format(lun: Arc<dyn Lun>, options: &FormatOptions) -> Result<FormatReport
     lun.write_at(&zero[..], sb.backup_offset())?;
     lun.flush()?;
 
+    // Everything but the file blocks' data must read as "free" whatever the LUN held before
+    // (a reused device, a file of other data, an older datastore): lock records, descriptors
+    // and journals count on zero for that. A hole punched in a file or BLKZEROOUT on a device
+    // makes this cheap; data blocks are left alone, since a block is written before it is
+    // ever read.
+    lun.write_zeroes(UNIT_U64, metadata_end(&sb) - UNIT_U64)?;
     zero_records(&*lun, sb.heartbeat_offset, sb.host_slots)?;
     for a in 0..sb.lease_areas {
         zero_records(
@@ -293,6 +299,25 @@ fn write_clusters(lun: &dyn Lun, sb: &Superblock, kind: ResourceKind) -> Result<
         c += n;
     }
     Ok(())
+}
+
+/// The end of every region but the file blocks' data: superblock, heartbeats, lease areas,
+/// journals, every resource cluster's lock and bitmap, and the descriptors, sub-blocks and
+/// pointer blocks themselves.
+fn metadata_end(sb: &Superblock) -> u64 {
+    ResourceKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let area = sb.area(kind);
+            let meta_end = area.lock_offset(area.clusters());
+            match kind {
+                ResourceKind::FileBlock => meta_end,
+                _ => meta_end.max(area.resource_offset(area.count)),
+            }
+        })
+        .max()
+        .unwrap_or(UNIT_U64)
+        .max(UNIT_U64)
 }
 
 /// The root directory: inode 1 (descriptor 0) in sub-block 0.
