@@ -368,16 +368,11 @@ fn a_datastore_snapshotted_while_two_hosts_write_over_nbd_is_consistent() {
 #[test]
 fn formatting_a_lun_that_has_sessions_goes_through_the_engine() {
     let env = Env::new();
-    // Patterned at the start only: vmfs format expects the rest of a LUN zeroed.
-    let lun = env.file("disk.img", MIB, 11);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&lun)
-        .unwrap()
-        .set_len(80 * MIB)
-        .unwrap();
+    // Patterned all through: format zeroes the metadata regions, and the session keeps
+    // every chunk it overwrites (the pool holds the whole LUN).
+    let lun = env.file("disk.img", 80 * MIB, 11);
     let original = file_sha(&lun);
-    env.ok(&["snapshot", "create", &lun, "s1", "--pool-size", "72M"]);
+    env.ok(&["snapshot", "create", &lun, "s1", "--pool-size", "100M"]);
     env.ok(&[
         "datastore",
         "format",
