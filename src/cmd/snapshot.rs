@@ -426,7 +426,11 @@ fn ask(
             )
         })?;
     if read == 0 {
-        bail!("vapp {} (pid {}) {NO_ANSWER}", holder.command, holder.pid);
+        return Err(HolderClosed {
+            command: holder.command.clone(),
+            pid: holder.pid,
+        }
+        .into());
     }
     serde_json::from_str(answer.trim()).with_context(|| {
         format!(
@@ -439,7 +443,7 @@ fn ask(
 /// True when `e` says the holder's socket closed before answering: refused, reset, or an
 /// empty answer.
 fn holder_went_away(e: &anyhow::Error) -> bool {
-    if e.to_string().contains(NO_ANSWER) {
+    if e.downcast_ref::<HolderClosed>().is_some() {
         return true;
     }
     e.chain().any(|cause| {
@@ -456,7 +460,24 @@ fn holder_went_away(e: &anyhow::Error) -> bool {
     })
 }
 
-const NO_ANSWER: &str = "closed without answering";
+/// The holder closed the control connection without a word: it was ending.
+#[derive(Debug)]
+struct HolderClosed {
+    command: String,
+    pid: u32,
+}
+
+impl std::fmt::Display for HolderClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vapp {} (pid {}) closed without answering",
+            self.command, self.pid
+        )
+    }
+}
+
+impl std::error::Error for HolderClosed {}
 
 /// Long enough for a session on a busy LUN: the source is flushed first.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
