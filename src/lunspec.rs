@@ -697,6 +697,9 @@ impl Lun for Claimed {
     fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
         self.inner.write_zeroes(offset, len)
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
+        self.inner.may_hold_data(offset, len)
+    }
     fn submit(&self, batch: &mut [IoRequest<'_>]) -> lun::Result<()> {
         self.inner.submit(batch)
     }

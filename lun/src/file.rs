@@ -672,4 +672,22 @@ impl Lun for FileLun {
             }
         }
     }
+
+    /// A sparse file's holes, told by SEEK_DATA; a block device cannot tell.
+    fn may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        check_request(self, offset, len)?;
+        if self.backing == Backing::BlockDevice || len == 0 {
+            return Ok(len != 0);
+        }
+        let Ok(start) = i64::try_from(offset) else {
+            return Ok(true);
+        };
+        match nix::unistd::lseek(&self.file, start, nix::unistd::Whence::SeekData) {
+            Ok(data) => Ok((data as u64) < offset + len),
+            // No data at or after `offset`.
+            Err(nix::errno::Errno::ENXIO) => Ok(false),
+            // A file system without SEEK_DATA support: assume data.
+            Err(_) => Ok(true),
+        }
+    }
 }

@@ -123,6 +123,15 @@ pub trait Lun: Send + Sync + fmt::Debug {
         write_zero_buffers(self, offset, len)
     }
 
+    /// False only when no byte of `offset..offset + len` is stored: the range is a hole
+    /// of a thin LUN and reads back as zeroes without touching the disk. A copy (an
+    /// initial sync, a clone) skips such ranges unread. Backends that cannot tell say
+    /// true, which is always safe.
+    fn may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
+
     /// Runs a batch of independent requests. Backends with a queue (io_uring, NBD) run
     /// them in parallel; the default runs them one after another. The first failure is
     /// returned; requests of a failed batch may or may not have been carried out.
@@ -255,6 +264,9 @@ impl<T: Lun + ?Sized> Lun for std::sync::Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).may_hold_data(offset, len)
     }
     fn submit(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
         (**self).submit(batch)

@@ -122,6 +122,9 @@ impl Lun for SwitchLun {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.current().write_zeroes(offset, len)
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        self.current().may_hold_data(offset, len)
+    }
     fn submit(&self, batch: &mut [IoRequest<'_>]) -> Result<()> {
         self.current().submit(batch)
     }

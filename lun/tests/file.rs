@@ -613,3 +613,37 @@ fn io_errors_name_the_lun_and_the_failing_range() {
         assert_eq!(err.errno(), libc::EIO, "{what}");
     }
 }
+
+#[test]
+fn a_sparse_file_tells_its_holes_from_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("thin");
+    let lun = FileLun::create(&path, 64 * MIB).unwrap();
+    lun.write_at(&pattern(MIB as usize, 5), 8 * MIB).unwrap();
+    lun.flush().unwrap();
+    assert!(
+        !lun.may_hold_data(0, 8 * MIB).unwrap(),
+        "a hole before the data"
+    );
+    assert!(
+        lun.may_hold_data(0, 8 * MIB + 4096).unwrap(),
+        "reaches the data"
+    );
+    assert!(
+        lun.may_hold_data(8 * MIB + MIB / 2, 4096).unwrap(),
+        "inside it"
+    );
+    assert!(
+        !lun.may_hold_data(9 * MIB, 55 * MIB).unwrap(),
+        "a hole to the end"
+    );
+    lun.write_zeroes(8 * MIB, MIB).unwrap();
+    assert!(
+        !lun.may_hold_data(0, 64 * MIB).unwrap(),
+        "zeroed: all holes again"
+    );
+    assert!(
+        lun.may_hold_data(0, 64 * MIB + 512).is_err(),
+        "past the end"
+    );
+}

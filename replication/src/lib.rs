@@ -35,7 +35,8 @@
 //!
 //! Online verify (`verify.rs`) compares the crc32c of every region across the link and
 //! marks what differs for resync; a resync may also skip regions whose checksums
-//! already match (an initial sync onto a copy), and sends zero regions as holes.
+//! already match (an initial sync onto a copy); the holes of a thin LUN cross unread,
+//! as holes, and a replica that is already a hole there is not written.
 //!
 //! A [`ConsistencyGroup`] replicates several LUNs as one: a lost link on any member
 //! fractures all before another write is acknowledged, and delta sets are cut at one

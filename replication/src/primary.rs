@@ -326,6 +326,10 @@ impl Lun for PrimaryLun {
         Ok(())
     }
 
+    fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
+        self.local.may_hold_data(offset, len)
+    }
+
     fn identity(&self) -> Option<lun::LunIdentity> {
         self.local.identity()
     }

@@ -16,6 +16,8 @@ use crate::{LinkState, ResyncProgress};
 
 /// Regions copied between two persists of the bitmap.
 const STEP_REGIONS: u64 = 64;
+/// Resync messages sent ahead of their answers: 1 MiB of 64 KiB regions.
+const RESYNC_WINDOW: usize = 16;
 
 impl PrimaryLun {
     /// Brings the link up: authenticates (the transport's job), compares generations and,
@@ -184,35 +186,61 @@ impl PrimaryLun {
         let mut sent = Vec::new();
         let mut cursor = 0;
         let result = (|| -> Result<()> {
+            // Regions stream to the peer with up to WINDOW answers outstanding, so a
+            // resync is not one round trip per region.
+            let mut in_flight = 0usize;
             while (sent.len() as u64) < max_regions.max(1) {
                 let Some(r) = g.meta.next_dirty(cursor) else {
                     break;
                 };
+                cursor = r + 1;
                 let offset = r * rs;
                 let len = rs.min(self.local.size() - offset);
-                let mut data = vec![0u8; len as usize];
-                self.local.read_at(&mut data, offset)?;
-                cursor = r + 1;
-                if g.compare_before_copy {
-                    let reply = g
-                        .peer
-                        .call(&Message::ChecksumRequest { first: r, count: 1 })?;
-                    if let Message::Checksums { crcs } = &reply
-                        && crcs.first() == Some(&crc32c::crc32c(&data))
-                    {
-                        sent.push((r, 0));
-                        continue;
-                    }
-                }
-                // A thin LUN's unallocated (zero) regions cross as holes.
-                let msg = if data.iter().all(|&b| b == 0) {
+                // A thin LUN's holes cross as holes, unread.
+                let msg = if !self.local.may_hold_data(offset, len)? {
                     Message::ResyncZero { offset, len }
                 } else {
-                    Message::ResyncData { offset, data }
+                    let mut data = vec![0u8; len as usize];
+                    self.local.read_at(&mut data, offset)?;
+                    if g.compare_before_copy {
+                        while in_flight > 0 {
+                            let reply = g.peer.recv()?;
+                            expect_ok(&mut *g.peer, reply)?;
+                            in_flight -= 1;
+                        }
+                        let reply = g
+                            .peer
+                            .call(&Message::ChecksumRequest { first: r, count: 1 })?;
+                        if let Message::Checksums { crcs } = &reply
+                            && crcs.first() == Some(&crc32c::crc32c(&data))
+                        {
+                            sent.push((r, 0));
+                            continue;
+                        }
+                    }
+                    if data.iter().all(|&b| b == 0) {
+                        Message::ResyncZero { offset, len }
+                    } else {
+                        Message::ResyncData { offset, data }
+                    }
                 };
-                let reply = g.peer.call(&msg)?;
+                let bytes = match &msg {
+                    Message::ResyncData { data, .. } => data.len() as u64,
+                    _ => 0,
+                };
+                g.peer.send(&msg)?;
+                in_flight += 1;
+                sent.push((r, bytes));
+                if in_flight >= RESYNC_WINDOW {
+                    let reply = g.peer.recv()?;
+                    expect_ok(&mut *g.peer, reply)?;
+                    in_flight -= 1;
+                }
+            }
+            while in_flight > 0 {
+                let reply = g.peer.recv()?;
                 expect_ok(&mut *g.peer, reply)?;
-                sent.push((r, len));
+                in_flight -= 1;
             }
             // A region is in sync only once durable there.
             PrimaryLun::flush_peer(&mut g)

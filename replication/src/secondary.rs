@@ -352,8 +352,11 @@ impl Secondary {
             Message::ResyncZero { offset, len } => {
                 check_request(&*g.target, offset, len)?;
                 let regions = g.meta.region_range(offset, len);
-                g.meta.mark(regions);
-                g.target.write_zeroes(offset, len)?;
+                // Already a hole: nothing to write (a new thin replica's initial sync).
+                if g.target.may_hold_data(offset, len)? {
+                    g.meta.mark(regions);
+                    g.target.write_zeroes(offset, len)?;
+                }
                 Ok(Message::Ok)
             }
             Message::ChecksumRequest { first, count } => {

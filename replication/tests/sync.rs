@@ -411,3 +411,72 @@ fn a_failed_local_write_is_marked_and_resynced_from_the_primary() {
         "the sides disagree after a failed local write"
     );
 }
+
+/// Counts the bytes read from a LUN, to show what a resync leaves unread.
+#[derive(Debug)]
+struct CountingReads {
+    inner: Arc<dyn Lun>,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl Lun for CountingReads {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.read.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.inner.flush()
+    }
+    fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
+        self.inner.may_hold_data(offset, len)
+    }
+}
+
+#[test]
+fn an_initial_sync_of_a_thin_lun_reads_and_sends_only_what_was_written() {
+    let p = pair(64 * MIB);
+    let data: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 + 1).collect();
+    p.local.write_at(&data, 5 * MIB).expect("write");
+    p.local.write_at(&data, 40 * MIB).expect("write");
+    let counting = Arc::new(CountingReads {
+        inner: p.local.clone(),
+        read: Default::default(),
+    });
+    let peer = LocalPeer::new(p.secondary.clone());
+    let bytes = peer.bytes_sent();
+    let meta = meta_lun(p.dir.path(), "a.meta", p.local.size());
+    let a = PrimaryLun::create(
+        counting.clone(),
+        meta,
+        Box::new(peer),
+        small_geometry(),
+        LinkPolicy::Continue,
+    )
+    .expect("primary");
+    a.connect().expect("connect");
+    a.resync().expect("initial sync");
+    assert_eq!(read_all(&*p.local), read_all(&*p.replica));
+    assert_eq!(
+        counting.read.load(Ordering::SeqCst),
+        2 * MIB,
+        "holes left unread"
+    );
+    assert_eq!(a.status().bytes_resynced, 2 * MIB);
+    let sent = bytes.load(Ordering::SeqCst);
+    assert!(
+        sent < 2 * MIB + MIB / 4,
+        "{sent} bytes on the wire for 2 MiB of data"
+    );
+}

@@ -401,6 +401,17 @@ impl Engine {
 
     /// A read of the source: during a rollback, chunks not yet copied back are read from
     /// the session being restored.
+    /// Whether the source view may hold data in the range: the source's own answer,
+    /// except while a rollback or reverse sync redirects reads elsewhere.
+    pub fn source_may_hold_data(&self, offset: u64, len: u64) -> Result<bool> {
+        let st = lock(&self.state);
+        if st.header.rollback.is_some() || st.reverse_syncing().is_some() {
+            return Ok(true);
+        }
+        drop(st);
+        Ok(self.source.may_hold_data(offset, len)?)
+    }
+
     pub fn read_source(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let st = lock(&self.state);
         if st.header.rollback.is_none() && st.reverse_syncing().is_none() {

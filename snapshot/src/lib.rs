@@ -555,6 +555,12 @@ impl Lun for SourceLun {
             .write_source(buf, offset)
             .map_err(|e| e.into_lun(self.name(), offset, buf.len() as u64))
     }
+    fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
+        check_request(self, offset, len)?;
+        self.engine
+            .source_may_hold_data(offset, len)
+            .map_err(|e| e.into_lun(self.name(), offset, len))
+    }
     /// The engine is in the source's I/O path, not another volume: a datastore on the source
     /// seen through it is the original, not a copy.
     fn identity(&self) -> Option<lun::LunIdentity> {
