@@ -342,6 +342,11 @@ fn the_secondary_keeps_its_point_in_time_in_a_snapshot_while_a_resync_runs() {
     .expect("primary");
     fill(&a, 0x11);
     a.connect().expect("connect");
+    a.resync_step(2).expect("two regions of the initial sync");
+    assert!(
+        secondary.pre_resync_snapshot().expect("list").is_none(),
+        "a new replica has no point in time to keep"
+    );
     a.resync().expect("initial sync");
     let point = read_all(&*replica);
     switch.cut();
