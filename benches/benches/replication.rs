@@ -11,9 +11,12 @@
 //!   writer): `baseline` to the local LUN, `sync` through a synchronous primary, `async`
 //!   through an asynchronous one whose delta-set cycle (period 1 s) runs meanwhile.
 //! - `repl_write_4KiB_qd1`: one writer, 4 KiB writes at random offsets in 32 MiB, each
-//!   acknowledged before the next: `baseline` local, `sync`.
+//!   acknowledged before the next: `baseline` local, `sync`; `link_floor` is a 4 KiB
+//!   request and an 8-byte answer over the same link to a bare echo server in B, what
+//!   the link costs without the engine.
 //! - `repl_write_4KiB_qd1_1ms_rtt`: the same through a proxy in this file that delays each
-//!   direction by 0.5 ms; `baseline` is the local write plus exactly 1 ms.
+//!   direction by 0.5 ms; `baseline` is the local write plus exactly 1 ms, `link_floor`
+//!   the echo through the same proxy (what the proxy adds beyond its 1 ms shows there).
 //! - `repl_resync_128MiB`: `baseline` is a full initial sync of a written 128 MiB LUN to a
 //!   new replica; `after_1pct_changed` fractures, writes 1 % of the regions, and times
 //!   resume + resync.
@@ -367,6 +370,52 @@ fn forward(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     });
 }
 
+/// A server in namespace B answering every 4 KiB it reads with 8 bytes, as the secondary
+/// answers a write: what the link alone costs.
+fn echo_server(ns_b: &str) -> SocketAddr {
+    let ns = ns_b.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let listener = TcpListener::bind((IP_B, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; SMALL_IO];
+                    while conn.read_exact(&mut buf).is_ok() {
+                        if conn.write_all(&[0u8; 8]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    })
+    .join()
+    .unwrap()
+}
+
+/// `n` round trips of a 4 KiB request and its 8-byte answer.
+fn round_trips(conn: &mut TcpStream, n: u64) -> Duration {
+    let request = vec![0x5a; SMALL_IO];
+    let mut answer = [0u8; 8];
+    let t = Instant::now();
+    for _ in 0..n {
+        conn.write_all(&request).unwrap();
+        conn.read_exact(&mut answer).unwrap();
+    }
+    t.elapsed()
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let conn = TcpStream::connect(addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    conn
+}
+
 fn small_write_latency(c: &mut Criterion, ns_b: &str) {
     let dir = dir_for(SMALL_SPAN);
     let d = dir.path();
@@ -381,6 +430,8 @@ fn small_write_latency(c: &mut Criterion, ns_b: &str) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Make every activity-log extent hot first.
     small_writes(&a, 4096, &mut rng);
+    let echo = echo_server(ns_b);
+    let mut direct = connect(echo);
 
     let mut group = c.benchmark_group("repl_write_4KiB_qd1");
     configure(&mut group, Duration::from_secs(2));
@@ -389,6 +440,9 @@ fn small_write_latency(c: &mut Criterion, ns_b: &str) {
         b.iter_custom(|n| small_writes(local.as_ref(), n, &mut rng))
     });
     group.bench_function("sync", |b| b.iter_custom(|n| small_writes(&a, n, &mut rng)));
+    group.bench_function("link_floor", |b| {
+        b.iter_custom(|n| round_trips(&mut direct, n))
+    });
     group.finish();
     drop(a);
 
@@ -408,6 +462,10 @@ fn small_write_latency(c: &mut Criterion, ns_b: &str) {
         b.iter_custom(|n| small_writes(local.as_ref(), n, &mut rng) + 2 * ONE_WAY_DELAY * n as u32)
     });
     group.bench_function("sync", |b| b.iter_custom(|n| small_writes(&a, n, &mut rng)));
+    let mut delayed = connect(delay_proxy(echo, ONE_WAY_DELAY));
+    group.bench_function("link_floor", |b| {
+        b.iter_custom(|n| round_trips(&mut delayed, n))
+    });
     group.finish();
 }
 
