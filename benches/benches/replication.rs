@@ -9,7 +9,8 @@
 //! - `repl_seq_write_1MiB_4writers`: 128 MiB of sequential 1 MiB writes then a flush, by
 //!   4 writer threads each writing its own 32 MiB stripe (the queue depth of a real
 //!   writer): `baseline` to the local LUN, `sync` through a synchronous primary, `async`
-//!   through an asynchronous one whose delta-set cycle (period 1 s) runs meanwhile.
+//!   through an asynchronous one whose delta-set cycle (period 1 s) runs meanwhile, measured
+//!   for 6 s so that several cycles fall in it.
 //! - `repl_write_4KiB_qd1`: one writer, 4 KiB writes at random offsets in 32 MiB, each
 //!   acknowledged before the next: `baseline` local, `sync`; `link_floor` is a 4 KiB
 //!   request and an 8-byte answer over the same link to a bare echo server in B, what
@@ -20,9 +21,10 @@
 //! - `repl_resync_128MiB`: `baseline` is a full initial sync of a written 128 MiB LUN to a
 //!   new replica; `after_1pct_changed` fractures, writes 1 % of the regions, and times
 //!   resume + resync.
-//! - `repl_crash_resync_256MiB`: a synchronous primary under 1,000 random 4 KiB writes
+//! - `repl_crash_resync_256MiB`: a synchronous primary under 500 random 4 KiB writes
 //!   over the whole LUN is dropped without `close` (a crash); timed: reopen, connect and
-//!   resync. The largest `bytes_resynced` of the run is a figure (goal ≤ 64 MiB).
+//!   resync. The largest `bytes_resynced` of the run is a figure (goal ≤ 64 MiB); the
+//!   replica must then equal the primary byte for byte.
 //! - `repl_initial_sync_thin_<N>GiB`: a thin LUN (1 GiB by default, `VAPP_BENCH_REPL_THIN_GIB`
 //!   for the 10 GiB, then on disk instead of /dev/shm) with a tenth written, every
 //!   tenth MiB: `baseline` copies it whole (1 MiB reads and writes, as cp without hole
@@ -63,13 +65,16 @@ const SMALL_IO: usize = 4096;
 const SMALL_SPAN: u64 = 32 * MIB;
 const RESYNC_SIZE: u64 = 128 * MIB;
 const CRASH_SIZE: u64 = 256 * MIB;
-const CRASH_WRITES: usize = 1000;
+const CRASH_WRITES: usize = 500;
 const ASYNC_PERIOD: Duration = Duration::from_secs(1);
 const ONE_WAY_DELAY: Duration = Duration::from_micros(500);
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>, measure: Duration) {
     group
         .sample_size(10)
+        // Ten samples need no 100,000 bootstrap resamples, which take seconds per
+        // function on a loaded machine.
+        .nresamples(10_000)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(measure);
@@ -99,6 +104,7 @@ struct Netns {
 
 impl Netns {
     fn new() -> Result<Netns, String> {
+        remove_stale_namespaces();
         let pid = std::process::id();
         let net = Netns {
             a: format!("vrb{pid}a"),
@@ -136,6 +142,27 @@ impl Drop for Netns {
     }
 }
 
+/// Namespaces an earlier run left behind when it was killed (its pid is gone).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let pid = name
+            .strip_prefix("vrb")
+            .and_then(|rest| rest.strip_suffix(['a', 'b']))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}
+
 fn enter(ns: &str) {
     let f = File::open(format!("/run/netns/{ns}")).unwrap();
     setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
@@ -164,11 +191,15 @@ impl Drop for InNamespace {
 
 fn dir_for(size: u64) -> tempfile::TempDir {
     // Big thin LUNs would fill memory once copied whole: those go to the disk.
-    if size <= 2 << 30 && Path::new("/dev/shm").is_dir() {
-        tempfile::tempdir_in("/dev/shm").unwrap()
+    let dir = if size <= 2 << 30 && Path::new("/dev/shm").is_dir() {
+        Path::new("/dev/shm")
     } else {
-        tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
-    }
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+    };
+    tempfile::Builder::new()
+        .prefix("vapp-replbench-")
+        .tempdir_in(dir)
+        .unwrap()
 }
 
 fn new_file(path: &Path, size: u64) -> Arc<dyn Lun> {
@@ -291,6 +322,9 @@ fn seq_writes(c: &mut Criterion, ns_b: &str) {
         b.iter_custom(|n| timed_passes(local.as_ref(), n))
     });
     group.bench_function("sync", |b| b.iter_custom(|n| timed_passes(&sync_a, n)));
+    // Long enough to span several delta-set cycles: a cycle's session makes writes copy
+    // first while its set ships, so a short run would measure the phase, not the mode.
+    group.measurement_time(Duration::from_secs(6));
     group.bench_function("async", |b| {
         b.iter_custom(|n| timed_passes(async_a.as_ref(), n))
     });
@@ -552,7 +586,8 @@ fn crash_resync(c: &mut Criterion, ns_b: &str) {
     let mut samples = 0u64;
 
     let mut group = c.benchmark_group("repl_crash_resync_256MiB");
-    configure(&mut group, Duration::from_secs(3));
+    // Each crash first runs its untimed write load: few samples.
+    configure(&mut group, Duration::from_secs(1));
     group.bench_function("after_crash", |b| {
         b.iter_custom(|n| {
             let mut total = Duration::ZERO;
@@ -586,6 +621,16 @@ fn crash_resync(c: &mut Criterion, ns_b: &str) {
         })
     });
     group.finish();
+    if samples == 0 {
+        // Filtered out on the command line: no figure, rather than a false zero.
+        return;
+    }
+    let primary = std::fs::read(&img).unwrap();
+    let replica = std::fs::read(d.join("b.img")).unwrap();
+    assert!(
+        primary == replica,
+        "the replica differs from the primary after the last crash's resync"
+    );
     println!(
         "repl_crash_resync_256MiB: at most {:.1} MiB resynced after a crash ({samples} crashes, goal ≤ 64 MiB)",
         most as f64 / MIB as f64
@@ -641,6 +686,9 @@ fn thin_initial_sync(c: &mut Criterion, ns_b: &str) {
         })
     });
     group.finish();
+    if resynced == 0 {
+        return;
+    }
     println!(
         "repl_initial_sync_thin_{gib}GiB: {:.0} MiB written, {:.0} MiB counted as resynced",
         (size / 10) as f64 / MIB as f64,
