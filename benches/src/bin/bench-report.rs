@@ -1,6 +1,8 @@
 //! Prints every criterion benchmark group as ratios against its `baseline`, measured in the same
 //! run: ratio = time(baseline) / time(variant), so above 1.0 means the variant is faster.
-//! Goals from benches/goals.toml are shown next to the figures they judge.
+//! Goals from benches/goals.toml are shown next to the figures they judge. Figures that are
+//! not times (`vapp_benches::write_figure`) follow, each with its upper bound from the
+//! goals' `max` table.
 //!
 //! Usage: bench-report [CRITERION_DIR] [GOALS_TOML]
 
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use vapp_benches::{FIGURE_SUFFIX, Figure};
 
 #[derive(Deserialize)]
 struct BenchmarkId {
@@ -45,18 +48,19 @@ fn main() -> Result<()> {
     let criterion_dir = args
         .next()
         .map(PathBuf::from)
-        .unwrap_or_else(default_criterion_dir);
+        .unwrap_or_else(vapp_benches::criterion_dir);
     let goals_path = args
         .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("goals.toml"));
-    let goals: BTreeMap<String, f64> = match fs::read_to_string(&goals_path) {
-        Ok(text) => toml::from_str(&text).with_context(|| format!("{}", goals_path.display()))?,
-        Err(_) => BTreeMap::new(),
+    let goals = match fs::read_to_string(&goals_path) {
+        Ok(text) => Goals::parse(&text).with_context(|| format!("{}", goals_path.display()))?,
+        Err(_) => Goals::default(),
     };
 
     let mut groups: BTreeMap<String, BTreeMap<String, Measurement>> = BTreeMap::new();
-    collect(&criterion_dir, &mut groups)
+    let mut figures = Vec::new();
+    collect(&criterion_dir, &mut groups, &mut figures)
         .with_context(|| format!("reading {}", criterion_dir.display()))?;
     if groups.is_empty() {
         anyhow::bail!("no criterion results under {}", criterion_dir.display());
@@ -74,6 +78,7 @@ fn main() -> Result<()> {
                 _ => "-".to_string(),
             };
             let goal = goals
+                .ratios
                 .get(&format!("{group}/{name}"))
                 .map(|g| format!("≥{g:.2}"))
                 .unwrap_or_default();
@@ -91,21 +96,95 @@ fn main() -> Result<()> {
             );
         }
     }
+    if !figures.is_empty() {
+        println!();
+        println!(
+            "{:<44} {:<18} {:>12} {:>9}",
+            "group", "figure", "value", "goal"
+        );
+    }
+    figures.sort_by(|a, b| (&a.group, &a.name).cmp(&(&b.group, &b.name)));
+    for f in &figures {
+        let goal = goals
+            .max
+            .get(&format!("{}/{}", f.group, f.name))
+            .map(|g| format!("≤{}", human_value(*g, &f.unit)))
+            .unwrap_or_default();
+        println!(
+            "{:<44} {:<18} {:>12} {:>9}",
+            f.group,
+            f.name,
+            human_value(f.value, &f.unit),
+            goal
+        );
+    }
     Ok(())
 }
 
-fn default_criterion_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("criterion")
+/// goals.toml: top-level keys are minimum ratios; the `max` table holds upper bounds of
+/// figures, in the figure's unit.
+#[derive(Default)]
+struct Goals {
+    ratios: BTreeMap<String, f64>,
+    max: BTreeMap<String, f64>,
+}
+
+impl Goals {
+    fn parse(text: &str) -> Result<Goals> {
+        let table: toml::Table = toml::from_str(text)?;
+        let mut goals = Goals::default();
+        for (key, value) in table {
+            match value {
+                toml::Value::Table(max) if key == "max" => {
+                    for (k, v) in max {
+                        goals.max.insert(k.clone(), number(&k, &v)?);
+                    }
+                }
+                v => {
+                    goals.ratios.insert(key.clone(), number(&key, &v)?);
+                }
+            }
+        }
+        Ok(goals)
+    }
+}
+
+fn number(key: &str, v: &toml::Value) -> Result<f64> {
+    match v {
+        toml::Value::Float(f) => Ok(*f),
+        toml::Value::Integer(i) => Ok(*i as f64),
+        other => anyhow::bail!("goal {key}: {other} is not a number"),
+    }
+}
+
+fn human_value(value: f64, unit: &str) -> String {
+    if unit == "bytes" {
+        format!("{:.1} MiB", value / (1 << 20) as f64)
+    } else {
+        format!("{value} {unit}")
+    }
 }
 
 /// Walks criterion's output: every `<...>/new/benchmark.json` is one measured function.
-fn collect(dir: &Path, groups: &mut BTreeMap<String, BTreeMap<String, Measurement>>) -> Result<()> {
+/// Every `<group>/<name>.figure.json` is one figure.
+fn collect(
+    dir: &Path,
+    groups: &mut BTreeMap<String, BTreeMap<String, Measurement>>,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         if !path.is_dir() {
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(FIGURE_SUFFIX))
+            {
+                figures.push(
+                    serde_json::from_str(&fs::read_to_string(&path)?)
+                        .with_context(|| format!("{}", path.display()))?,
+                );
+            }
             continue;
         }
         let id_file = path.join("new/benchmark.json");
@@ -122,7 +201,7 @@ fn collect(dir: &Path, groups: &mut BTreeMap<String, BTreeMap<String, Measuremen
                 },
             );
         } else {
-            collect(&path, groups)?;
+            collect(&path, groups, figures)?;
         }
     }
     Ok(())
