@@ -176,9 +176,13 @@ impl PrimaryLun {
     /// Copies up to `max_regions` dirty regions, then persists the bitmap. Writers wait
     /// only for the regions of one step.
     pub fn resync_step(&self, max_regions: u64) -> Result<ResyncProgress> {
-        let mut g = self.lock();
+        // A write in flight may not have landed locally: the copy would be stale.
+        let mut g = self.quiesce(self.lock());
         if g.link != LinkState::Resyncing {
             return Ok(progress(&g));
+        }
+        if g.resync_clock.is_none() {
+            g.resync_clock = Some((std::time::Instant::now(), g.bytes_resynced));
         }
         let rs = g.meta.region_size();
         let mut sent = Vec::new();
@@ -240,6 +244,7 @@ impl PrimaryLun {
             g.meta.header.resync_total = 0;
             g.meta.write_header()?;
             g.link = LinkState::Connected;
+            g.resync_clock = None;
             // Everything written so far is there now, at one point in time.
             g.interval.clear();
             g.replica_point_ms = Some(crate::delta::now_ms());
@@ -261,7 +266,7 @@ impl PrimaryLun {
     /// Splits the mirror on command: writes go on locally and are tracked, across
     /// restarts too, until [`PrimaryLun::resume`].
     pub fn fracture(&self) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.quiesce(self.lock());
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             if let Err(e) = PrimaryLun::flush_peer(&mut g) {
                 // lose_link below marks what the peer may not have made durable.

@@ -20,6 +20,32 @@ pub const PRE_RESYNC_SNAPSHOT: &str = "pre-resync";
 /// The gold copy: the replica's last complete delta set while the next is applied.
 pub const GOLD_SNAPSHOT: &str = "gold";
 
+/// Which side a replication metadata says this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The state of a secondary, as the CLI and the agent show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondaryStatus {
+    /// `Primary` once promoted (reopen it with [`crate::PrimaryLun::open`]).
+    pub role: Role,
+    pub gens: Gens,
+    /// A resync is being applied: the replica is not a point in time.
+    pub inconsistent: bool,
+    /// The last delta set applied whole (asynchronous mode; 0 before any).
+    pub delta_id: u64,
+    /// When the primary cut that set, ms since the Unix epoch (`None` before any).
+    pub point_in_time_ms: Option<u64>,
+    /// A primary has said who it is on the current connection.
+    pub connected: bool,
+    /// Regions this side may hold that the primary does not (its own writes while
+    /// promoted, an interrupted resync).
+    pub dirty_regions: u64,
+}
+
 #[derive(Debug)]
 pub struct Secondary {
     name: String,
@@ -131,6 +157,25 @@ impl Secondary {
 
     pub fn gens(&self) -> Gens {
         self.lock().meta.header.gens
+    }
+
+    /// Everything [`SecondaryStatus`] says, read at one instant.
+    pub fn status(&self) -> SecondaryStatus {
+        let g = self.lock();
+        let h = &g.meta.header;
+        SecondaryStatus {
+            role: if h.flags & FLAG_PRIMARY != 0 {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
+            gens: h.gens,
+            inconsistent: h.flags & FLAG_INCONSISTENT != 0,
+            delta_id: h.delta_id,
+            point_in_time_ms: (h.delta_cut_ms != 0).then_some(h.delta_cut_ms),
+            connected: g.session,
+            dirty_regions: g.meta.dirty_count(),
+        }
     }
 
     /// True while a resync is being applied: the replica is not a point in time, and
@@ -281,6 +326,7 @@ impl Secondary {
                     dirty_regions: g.meta.dirty_count(),
                 }))
             }
+            Message::Ping => Ok(Message::Pong),
             _ if !g.session => Err(refuse("no primary has connected on this link".into())),
             Message::Write { offset, data } => {
                 check_request(&*g.target, offset, data.len() as u64)?;

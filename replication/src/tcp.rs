@@ -3,29 +3,61 @@
 //! speaks another version or sends a bad frame is disconnected with one log line, and
 //! nothing it sent is applied.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
+use crate::peer::{Completions, Reply};
 use crate::secondary::Secondary;
 use crate::wire::{self, AuthError, Message, WireError};
 
-/// How long a peer may take to finish the handshake or answer a request.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer silent this long is taken for dead, by default: a connect, a handshake, a
+/// request's answer, and (thanks to keepalives) an idle link too.
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// The primary's end of a TCP link.
+/// The environment variable that overrides [`DEFAULT_LINK_TIMEOUT`], in milliseconds
+/// (tests shorten it; a long-haul link may lengthen it).
+pub const LINK_TIMEOUT_ENV: &str = "VAPP_REPL_TIMEOUT_MS";
+
+/// The link timeout in force: [`LINK_TIMEOUT_ENV`] if set to a positive number of
+/// milliseconds, else [`DEFAULT_LINK_TIMEOUT`]. Read once per process.
+pub fn link_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| match std::env::var(LINK_TIMEOUT_ENV) {
+        Err(_) => DEFAULT_LINK_TIMEOUT,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                warn!(variable = LINK_TIMEOUT_ENV, value = %v, default_ms = DEFAULT_LINK_TIMEOUT.as_millis() as u64, "not a positive number of milliseconds; using the default");
+                DEFAULT_LINK_TIMEOUT
+            }
+        },
+    })
+}
+
+/// A primary that has sent nothing for this long sends a ping: four chances to be
+/// heard before the other end's timeout.
+fn ping_interval(timeout: Duration) -> Duration {
+    (timeout / 4).max(Duration::from_millis(10))
+}
+
+/// The primary's end of a TCP link. Requests are pipelined: each frame carries a
+/// sequence number, a reader thread files the answers by it, so a writer waits for
+/// its own answer while others send. A keepalive thread pings an idle link; the
+/// reader takes a link that answered nothing for the link timeout for dead.
 #[derive(Debug)]
 pub struct TcpPeer {
     addr: SocketAddr,
     name: String,
     secret: Vec<u8>,
-    conn: Option<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
+    conn: Option<Conn>,
     seq: u64,
     /// Bytes per second, if limited.
     limit: Option<u64>,
@@ -34,6 +66,106 @@ pub struct TcpPeer {
     /// Attempts a reconnect makes, waiting twice as long after each failure.
     attempts: u32,
     first_backoff: Duration,
+    timeout: Duration,
+}
+
+/// One authenticated connection.
+#[derive(Debug)]
+struct Conn {
+    out: Arc<Outgoing>,
+    done: Arc<Completions>,
+    /// Sequence numbers sent by [`crate::Peer::send`] whose answers
+    /// [`crate::Peer::recv`] has yet to return, oldest first.
+    unanswered: VecDeque<u64>,
+}
+
+/// The sending half, shared with the keepalive thread.
+#[derive(Debug)]
+struct Outgoing {
+    wire: Mutex<(TcpStream, Instant)>,
+    stop: Mutex<bool>,
+    stopping: Condvar,
+}
+
+impl Outgoing {
+    fn wire(&self) -> std::sync::MutexGuard<'_, (TcpStream, Instant)> {
+        self.wire.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut w = self.wire();
+        w.0.write_all(frame)?;
+        w.1 = Instant::now();
+        Ok(())
+    }
+
+    fn close(&self) {
+        *self.stop.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.stopping.notify_all();
+        let _ = self.wire().0.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.out.close();
+        self.done.kill("connection closed".into());
+    }
+}
+
+/// Files every answer by its sequence number until the connection fails or stays
+/// silent for `timeout`.
+fn read_answers(stream: TcpStream, done: &Completions, out: &Outgoing, timeout: Duration) {
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let reason = loop {
+        match wire::read_frame(&mut r) {
+            Ok((_, Message::Pong)) => {}
+            Ok((seq, m)) => done.complete(seq, m),
+            Err(WireError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break format!(
+                    "no answer for {} ms; taking the link for dead",
+                    timeout.as_millis()
+                );
+            }
+            Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "connection closed by the peer".into();
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    done.kill(reason);
+    out.close();
+}
+
+/// Pings whenever nothing was sent for `interval`, until the connection closes.
+fn keep_alive(out: &Outgoing, done: &Completions, interval: Duration) {
+    let ping = wire::encode(0, &Message::Ping);
+    let mut stop = out.stop.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        stop = out
+            .stopping
+            .wait_timeout(stop, interval)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        if *stop || done.dead().is_some() {
+            return;
+        }
+        let mut w = out.wire();
+        if w.1.elapsed() < interval {
+            continue;
+        }
+        if let Err(e) = w.0.write_all(&ping) {
+            drop(w);
+            done.kill(format!("keepalive: {e}"));
+            return;
+        }
+        w.1 = Instant::now();
+    }
 }
 
 impl TcpPeer {
@@ -49,6 +181,7 @@ impl TcpPeer {
             window_bytes: 0,
             attempts: 1,
             first_backoff: Duration::from_millis(100),
+            timeout: link_timeout(),
         }
     }
 
@@ -66,10 +199,14 @@ impl TcpPeer {
         self
     }
 
+    /// Overrides [`link_timeout`] for this link.
+    pub fn with_link_timeout(mut self, timeout: Duration) -> TcpPeer {
+        self.timeout = timeout.max(Duration::from_millis(40));
+        self
+    }
+
     fn down(&mut self, reason: String) -> ReplError {
-        if let Some((_, w)) = self.conn.take() {
-            let _ = w.get_ref().shutdown(Shutdown::Both);
-        }
+        self.conn = None;
         ReplError::LinkDown {
             peer: self.name.clone(),
             reason,
@@ -77,12 +214,12 @@ impl TcpPeer {
     }
 
     fn connect_once(&mut self) -> Result<()> {
-        let stream = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT)
+        let stream = TcpStream::connect_timeout(&self.addr, self.timeout)
             .map_err(|e| self.down(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
         stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
             .map_err(|e| self.down(e.to_string()))?;
         let mut s = stream;
         match wire::client_handshake(&mut s, &self.secret) {
@@ -107,8 +244,36 @@ impl TcpPeer {
             }
         }
         let r = s.try_clone().map_err(|e| self.down(e.to_string()))?;
-        self.conn = Some((BufReader::new(r), BufWriter::new(s)));
-        info!(peer = %self.name, "replication link authenticated");
+        let out = Arc::new(Outgoing {
+            wire: Mutex::new((s, Instant::now())),
+            stop: Mutex::new(false),
+            stopping: Condvar::new(),
+        });
+        let done = Arc::new(Completions::default());
+        let timeout = self.timeout;
+        let spawned = {
+            let (out, done) = (out.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("repl-answers".into())
+                .spawn(move || read_answers(r, &done, &out, timeout))
+        }
+        .and_then(|_| {
+            let (out, done) = (out.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("repl-keepalive".into())
+                .spawn(move || keep_alive(&out, &done, ping_interval(timeout)))
+        });
+        let conn = Conn {
+            out,
+            done,
+            unanswered: VecDeque::new(),
+        };
+        if let Err(e) = spawned {
+            drop(conn);
+            return Err(self.down(format!("cannot start the link's threads: {e}")));
+        }
+        self.conn = Some(conn);
+        info!(peer = %self.name, timeout_ms = timeout.as_millis() as u64, "replication link authenticated");
         Ok(())
     }
 
@@ -127,6 +292,21 @@ impl TcpPeer {
             self.window_bytes = 0;
         }
     }
+
+    /// Puts one frame on the wire; its answer will be filed in what this returns.
+    fn put(&mut self, frame: &[u8]) -> Result<Arc<Completions>> {
+        self.throttle(frame.len() as u64);
+        let Some(conn) = self.conn.as_ref() else {
+            return Err(self.down("not connected".into()));
+        };
+        if let Some(reason) = conn.done.dead() {
+            return Err(self.down(reason));
+        }
+        if let Err(e) = conn.out.send(frame) {
+            return Err(self.down(e.to_string()));
+        }
+        Ok(conn.done.clone())
+    }
 }
 
 impl crate::Peer for TcpPeer {
@@ -136,29 +316,44 @@ impl crate::Peer for TcpPeer {
 
     fn send(&mut self, msg: &Message) -> Result<()> {
         self.seq += 1;
-        let frame = wire::encode(self.seq, msg);
-        self.throttle(frame.len() as u64);
-        let Some((_, w)) = self.conn.as_mut() else {
-            return Err(self.down("not connected".into()));
-        };
-        if let Err(e) = w.write_all(&frame).and_then(|()| w.flush()) {
-            return Err(self.down(e.to_string()));
+        let seq = self.seq;
+        self.put(&wire::encode(seq, msg))?;
+        if let Some(c) = self.conn.as_mut() {
+            c.unanswered.push_back(seq);
         }
         Ok(())
     }
 
     fn recv(&mut self) -> Result<Message> {
-        let Some((r, _)) = self.conn.as_mut() else {
+        let Some(conn) = self.conn.as_mut() else {
             return Err(self.down("not connected".into()));
         };
-        match wire::read_frame(r) {
-            Ok((_, m)) => Ok(m),
-            Err(WireError::Io(e)) => Err(self.down(e.to_string())),
-            Err(e) => {
-                warn!(peer = %self.name, error = %e, "bad frame from replication peer; disconnecting");
-                Err(self.down(e.to_string()))
-            }
-        }
+        let Some(seq) = conn.unanswered.pop_front() else {
+            return Err(ReplError::Protocol {
+                peer: self.name.clone(),
+                reason: "receive with no request outstanding".into(),
+            });
+        };
+        let answer = conn.done.wait(seq);
+        answer.map_err(|reason| self.down(reason))
+    }
+
+    fn submit(&mut self, msg: &Message) -> Result<Reply> {
+        self.seq += 1;
+        let seq = self.seq;
+        let done = self.put(&wire::encode(seq, msg))?;
+        Ok(Reply::waiting(done, seq, self.name.clone()))
+    }
+
+    fn submit_write(&mut self, offset: u64, data: &[u8]) -> Result<Reply> {
+        self.seq += 1;
+        let seq = self.seq;
+        let done = self.put(&wire::encode_write(seq, offset, data))?;
+        Ok(Reply::waiting(done, seq, self.name.clone()))
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.conn.as_ref().and_then(|c| c.done.dead())
     }
 
     fn reconnect(&mut self) -> Result<()> {
@@ -183,30 +378,46 @@ impl crate::Peer for TcpPeer {
 
 /// The secondary's listener: one primary at a time, each connection authenticated
 /// before any of its frames reach the [`Secondary`].
+/// A primary that sends nothing (not even a keepalive) for the link timeout is taken
+/// for dead and dropped, so a promote no longer sees it connected.
 #[derive(Debug)]
 pub struct SecondaryServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    primary: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl SecondaryServer {
+    /// Serves with the [`link_timeout`] in force.
     pub fn start(
         listener: TcpListener,
         secondary: Arc<Secondary>,
         secret: Vec<u8>,
     ) -> std::io::Result<SecondaryServer> {
+        SecondaryServer::start_with_timeout(listener, secondary, secret, link_timeout())
+    }
+
+    pub fn start_with_timeout(
+        listener: TcpListener,
+        secondary: Arc<Secondary>,
+        secret: Vec<u8>,
+        timeout: Duration,
+    ) -> std::io::Result<SecondaryServer> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        let primary = Arc::new(Mutex::new(None));
+        let serving = primary.clone();
         let thread = std::thread::Builder::new()
             .name("repl-secondary".into())
             .spawn(move || {
                 while !stopping.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((s, from)) => {
-                            serve(s, from, &secondary, &secret, &stopping);
+                            serve(s, from, &secondary, &secret, &stopping, &serving, timeout);
+                            *serving.lock().unwrap_or_else(PoisonError::into_inner) = None;
                             secondary.disconnected();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -223,11 +434,21 @@ impl SecondaryServer {
             addr,
             stop,
             thread: Some(thread),
+            primary,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the primary connected now (authenticated and alive), if any.
+    pub fn connected_primary(&self) -> Option<SocketAddr> {
+        *self.primary.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected_primary().is_some()
     }
 }
 
@@ -246,11 +467,13 @@ fn serve(
     secondary: &Secondary,
     secret: &[u8],
     stop: &AtomicBool,
+    primary: &Mutex<Option<SocketAddr>>,
+    timeout: Duration,
 ) {
     let setup = stream
         .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
-        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)));
+        .and_then(|()| stream.set_read_timeout(Some(timeout)))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)));
     if let Err(e) = setup {
         warn!(peer = %from, error = %e, "cannot set up replication connection");
         return;
@@ -282,6 +505,8 @@ fn serve(
     let Ok(r) = s.try_clone() else {
         return;
     };
+    *primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(from);
+    let mut heard = Instant::now();
     let mut reader = BufReader::new(r);
     let mut writer = BufWriter::new(s);
     // Between frames the read times out so a stop is noticed.
@@ -306,6 +531,10 @@ fn serve(
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
+                    if heard.elapsed() > timeout {
+                        warn!(peer = %from, timeout_ms = timeout.as_millis() as u64, "replication primary silent past the link timeout; dropping it");
+                        break;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -314,7 +543,7 @@ fn serve(
                 }
             }
         }
-        let _ = reader.get_ref().set_read_timeout(Some(IO_TIMEOUT));
+        let _ = reader.get_ref().set_read_timeout(Some(timeout));
         let frame = wire::read_frame(&mut reader);
         let _ = reader
             .get_ref()
@@ -333,7 +562,11 @@ fn serve(
                 break;
             }
         };
-        let reply = secondary.handle(msg);
+        heard = Instant::now();
+        let reply = match msg {
+            Message::Ping => Message::Pong,
+            msg => secondary.handle(msg),
+        };
         if writer
             .write_all(&wire::encode(seq, &reply))
             .and_then(|()| writer.flush())

@@ -38,6 +38,8 @@ const T_DELTA_END: u16 = 32;
 const T_CHECKSUM_REQUEST: u16 = 40;
 const T_CHECKSUMS: u16 = 41;
 const T_RESYNC_ZERO: u16 = 42;
+const T_PING: u16 = 50;
+const T_PONG: u16 = 51;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -123,6 +125,10 @@ pub enum Message {
     Bitmap {
         words: Vec<u64>,
     },
+    /// Keepalive: sent by the primary when it has sent nothing for a while, answered
+    /// at once with [`Message::Pong`], so an idle link is seen alive at both ends.
+    Ping,
+    Pong,
     Ok,
     Error {
         reason: String,
@@ -151,6 +157,8 @@ impl Message {
             Message::ResyncZero { .. } => "resync-zero",
             Message::BitmapRequest => "bitmap-request",
             Message::Bitmap { .. } => "bitmap",
+            Message::Ping => "ping",
+            Message::Pong => "pong",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
@@ -293,21 +301,39 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             }
             T_BITMAP
         }
+        Message::Ping => T_PING,
+        Message::Pong => T_PONG,
         Message::Ok => T_OK,
         Message::Error { reason } => {
             p.extend_from_slice(reason.as_bytes());
             T_ERROR
         }
     };
+    seal(&mut p, ty, seq);
+    p
+}
+
+/// A write frame straight from the caller's buffer: the data is copied once, into the
+/// frame, rather than into a [`Message`] first.
+pub fn encode_write(seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(HEADER_LEN + 8 + data.len());
+    p.resize(HEADER_LEN, 0);
+    p.extend_from_slice(&offset.to_le_bytes());
+    p.extend_from_slice(data);
+    seal(&mut p, T_WRITE, seq);
+    p
+}
+
+/// Fills in the header of a frame whose payload follows `HEADER_LEN` zero bytes.
+fn seal(p: &mut [u8], ty: u16, seq: u64) {
     let len = (p.len() - HEADER_LEN) as u32;
     p[0..4].copy_from_slice(&FRAME_MAGIC);
     p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     p[6..8].copy_from_slice(&ty.to_le_bytes());
     p[8..16].copy_from_slice(&seq.to_le_bytes());
-    put32(&mut p, 16, len);
-    let crc = crc32c::crc32c(&p);
-    put32(&mut p, 20, crc);
-    p
+    put32(p, 16, len);
+    let crc = crc32c::crc32c(p);
+    put32(p, 20, crc);
 }
 
 /// Reads one frame, checking magic, version, length and checksum before decoding.
@@ -475,6 +501,14 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             Message::Bitmap {
                 words: p.chunks_exact(8).map(|w| get64(w, 0)).collect(),
             }
+        }
+        T_PING => {
+            need("ping", &p, 0, true)?;
+            Message::Ping
+        }
+        T_PONG => {
+            need("pong", &p, 0, true)?;
+            Message::Pong
         }
         T_OK => {
             need("ok", &p, 0, true)?;
@@ -664,6 +698,8 @@ mod tests {
                 len: 65536,
             },
             Message::BitmapRequest,
+            Message::Ping,
+            Message::Pong,
             Message::Bitmap {
                 words: vec![1, u64::MAX, 0],
             },
@@ -676,6 +712,13 @@ mod tests {
             let (seq, back) = read_frame(&mut &f[..]).expect("decodes");
             assert_eq!((seq, &back), (42, &m));
         }
+    }
+
+    #[test]
+    fn a_write_frame_from_a_slice_is_the_write_message() {
+        let data = vec![0xa5; 3000];
+        let frame = encode_write(9, 8192, &data);
+        assert_eq!(frame, encode(9, &Message::Write { offset: 8192, data }));
     }
 
     #[test]
