@@ -2,8 +2,9 @@
 //! real TCP on 127.0.0.1: sequential 1 MiB writes from several writers at once (the queue
 //! depth an NBD client or virtio-blk gives) and 4 KiB writes one at a time.
 //!
-//! `cargo run --release -p replication --example repl_throughput [DIR] [QD] [MiB]`
-//! (DIR defaults to /dev/shm, QD to 8, MiB to 256).
+//! `cargo run --release -p replication --example repl_throughput [DIR] [QD] [MiB] [µs]`
+//! (DIR defaults to /dev/shm, QD to 8, MiB to 256; µs, 0 by default, adds that latency
+//! to every write and flush of both LUNs, as a device would, with `lun::fault`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use lun::fault::FaultLun;
 use lun::{FileLun, Lun};
 use replication::{
     Geometry, LinkPolicy, PrimaryLun, Secondary, SecondaryServer, TcpPeer, metadata_size,
@@ -24,6 +26,16 @@ fn file(dir: &Path, name: &str, size: u64) -> Arc<dyn Lun> {
     let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
     Arc::new(FileLun::create(&path, size).expect("create file LUN"))
+}
+
+fn device(dir: &Path, name: &str, size: u64, latency: Duration) -> Arc<dyn Lun> {
+    let lun = file(dir, name, size);
+    if latency.is_zero() {
+        return lun;
+    }
+    let slow = FaultLun::new(lun);
+    slow.set_latency(latency);
+    Arc::new(slow)
 }
 
 /// Sequential `block`-byte writes over the whole LUN by `qd` writers taking the next
@@ -69,17 +81,18 @@ fn main() {
     let base = PathBuf::from(args.get(1).map_or("/dev/shm", String::as_str));
     let qd: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let size = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(256u64) * MIB;
+    let latency = Duration::from_micros(args.get(4).and_then(|s| s.parse().ok()).unwrap_or(0));
     let dir = tempfile::tempdir_in(&base).expect("tempdir");
     let d = dir.path();
     let geometry = Geometry::default();
 
-    let local = file(d, "a.img", size);
+    let local = device(d, "a.img", size, latency);
     // Overwrites throughout, as the replicated runs do, so allocation is not measured.
     stream(&*local, MIB, qd, true);
     let local_bps = stream(&*local, MIB, qd, true);
     let local_lat = qd1(&*local, 2000);
 
-    let replica = file(d, "b.img", size);
+    let replica = device(d, "b.img", size, latency);
     let b_snaps = Snapshots::create(
         replica.clone(),
         file(d, "b.snap", 2 * size),
@@ -137,7 +150,11 @@ fn main() {
     let async_lat = qd1(&a, 2000);
 
     let mb = |bps: f64| bps / MIB as f64;
-    println!("dir {} qd {qd} size {} MiB", base.display(), size / MIB);
+    println!(
+        "dir {} qd {qd} size {} MiB device latency {latency:?}",
+        base.display(),
+        size / MIB
+    );
     println!(
         "local  1 MiB x{qd}: {:8.1} MiB/s   4 KiB QD1: {:?}",
         mb(local_bps),

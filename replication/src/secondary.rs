@@ -2,7 +2,7 @@
 //! else. Before a resync makes the replica inconsistent it takes a snapshot of it
 //! (`pre-resync`), so losing the primary mid-resync still leaves a point in time.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lun::{Lun, check_request};
 use snapshot::Snapshots;
@@ -50,6 +50,10 @@ pub struct SecondaryStatus {
 pub struct Secondary {
     name: String,
     inner: Mutex<Inner>,
+    /// Replicated writes are applied concurrently under its shared side (the primary
+    /// never has two overlapping ones in flight); everything else takes it whole, so it
+    /// sees every earlier write applied and none half done.
+    gate: RwLock<()>,
 }
 
 #[derive(Debug)]
@@ -145,6 +149,7 @@ impl Secondary {
         };
         Secondary {
             name: replica.name().to_string(),
+            gate: RwLock::new(()),
             inner: Mutex::new(Inner {
                 target,
                 snaps,
@@ -201,6 +206,33 @@ impl Secondary {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A replicated write, applied alongside others: the lock is held only to check
+    /// the session and find the target.
+    fn apply_write(&self, offset: u64, data: &[u8]) -> Result<Message> {
+        let _writing = self.shared();
+        let target = {
+            let g = self.lock();
+            if !g.session {
+                return Err(crate::ReplError::WrongState {
+                    lun: self.name.clone(),
+                    reason: "no primary has connected on this link".into(),
+                });
+            }
+            g.target.clone()
+        };
+        check_request(&*target, offset, data.len() as u64)?;
+        target.write_at(data, offset)?;
+        Ok(Message::Ok)
+    }
+
     /// Makes this side the primary, to be opened with [`crate::PrimaryLun::open`] on the
     /// same LUNs once this `Secondary` is dropped. Refused while a primary is connected
     /// unless `force`. A replica cut off mid-resync first returns to its `pre-resync`
@@ -208,6 +240,7 @@ impl Secondary {
     /// without one it is refused unless `force`. Starts a new generation, so the old
     /// primary is told apart when it comes back.
     pub fn promote(&self, force: bool) -> Result<()> {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         let lun = self.name.clone();
         if g.meta.flags() & FLAG_PRIMARY != 0 {
@@ -259,6 +292,7 @@ impl Secondary {
     /// Resolves a split brain in favour of the other side: what this side wrote that
     /// the primary never got is overwritten by the next resync.
     pub fn discard_local(&self) -> Result<()> {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         g.meta.set_flag(FLAG_DISCARD, true);
         g.meta.write_header()?;
@@ -269,6 +303,7 @@ impl Secondary {
     /// The connection carrying the primary went away; a delta set it was sending is
     /// rolled back.
     pub fn disconnected(&self) {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         g.session = false;
         if let Err(e) = self.roll_back_partial_delta(&mut g) {
@@ -278,8 +313,15 @@ impl Secondary {
 
     /// Answers one message from the primary. Anything refused changes nothing.
     pub fn handle(&self, msg: Message) -> Message {
-        let mut g = self.lock();
-        match self.apply(&mut g, msg) {
+        let answer = match msg {
+            Message::Write { offset, data } => self.apply_write(offset, &data),
+            msg => {
+                let _alone = self.exclusive();
+                let mut g = self.lock();
+                self.apply(&mut g, msg)
+            }
+        };
+        match answer {
             Ok(reply) => reply,
             Err(e) => {
                 warn!(replica = %self.name, error = %e, "replication request refused");
@@ -328,11 +370,6 @@ impl Secondary {
             }
             Message::Ping => Ok(Message::Pong),
             _ if !g.session => Err(refuse("no primary has connected on this link".into())),
-            Message::Write { offset, data } => {
-                check_request(&*g.target, offset, data.len() as u64)?;
-                g.target.write_at(&data, offset)?;
-                Ok(Message::Ok)
-            }
             Message::ResyncData { offset, data } => {
                 check_request(&*g.target, offset, data.len() as u64)?;
                 // Remembered (durably at the next flush, before the primary forgets

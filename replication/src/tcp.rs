@@ -506,15 +506,118 @@ fn serve(
         return;
     };
     *primary.lock().unwrap_or_else(PoisonError::into_inner) = Some(from);
-    let mut heard = Instant::now();
     let mut reader = BufReader::new(r);
-    let mut writer = BufWriter::new(s);
+    let out = Answers {
+        writer: Mutex::new(BufWriter::new(s)),
+        busy: Mutex::new(0),
+        idle: Condvar::new(),
+        broken: AtomicBool::new(false),
+    };
+    // Writes are applied by a pool, concurrently (the primary never has two
+    // overlapping ones in flight) and answered as each lands; any other request waits
+    // for every earlier write first, so it is handled in the order it was sent.
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<(u64, Message)>(APPLIERS);
+    let queue = Mutex::new(queue);
+    std::thread::scope(|scope| {
+        for _ in 0..APPLIERS {
+            scope.spawn(|| {
+                loop {
+                    let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let Ok((seq, msg)) = job else {
+                        return;
+                    };
+                    let reply = secondary.handle(msg);
+                    out.answer(seq, &reply);
+                    out.done_one();
+                }
+            });
+        }
+        read_requests(&mut reader, from, secondary, &out, &jobs, stop, timeout);
+        drop(jobs);
+    });
+    let _ = out
+        .writer
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_ref()
+        .shutdown(Shutdown::Both);
+}
+
+/// Threads applying one connection's writes at a secondary.
+const APPLIERS: usize = 8;
+
+/// The answering half of a secondary's connection, shared by its appliers.
+struct Answers {
+    writer: Mutex<BufWriter<TcpStream>>,
+    /// Writes handed to the appliers and not yet answered.
+    busy: Mutex<usize>,
+    idle: Condvar,
+    broken: AtomicBool,
+}
+
+impl Answers {
+    fn answer(&self, seq: u64, reply: &Message) {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.write_all(&wire::encode(seq, reply))
+            .and_then(|()| w.flush())
+            .is_err()
+        {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn done_one(&self) {
+        let mut b = self.busy();
+        *b = b.saturating_sub(1);
+        drop(b);
+        self.idle.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut b = self.busy();
+        while *b > 0 {
+            b = self.idle.wait(b).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Whether another frame has (at least partly) arrived.
+fn more_to_read(reader: &BufReader<TcpStream>) -> bool {
+    if !reader.buffer().is_empty() {
+        return true;
+    }
+    let s = reader.get_ref();
+    let mut b = [0u8; 1];
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let pending = !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    let _ = s.set_nonblocking(false);
+    pending
+}
+
+/// Reads the primary's frames until it hangs up, goes silent past `timeout`, sends a
+/// bad frame or the server stops; waits for every write handed out before returning.
+fn read_requests(
+    reader: &mut BufReader<TcpStream>,
+    from: SocketAddr,
+    secondary: &Secondary,
+    out: &Answers,
+    jobs: &std::sync::mpsc::SyncSender<(u64, Message)>,
+    stop: &AtomicBool,
+    timeout: Duration,
+) {
+    let mut heard = Instant::now();
     // Between frames the read times out so a stop is noticed.
     let _ = reader
         .get_ref()
         .set_read_timeout(Some(Duration::from_millis(200)));
     loop {
-        if stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) || out.broken.load(Ordering::SeqCst) {
             break;
         }
         if reader.buffer().is_empty() {
@@ -544,7 +647,7 @@ fn serve(
             }
         }
         let _ = reader.get_ref().set_read_timeout(Some(timeout));
-        let frame = wire::read_frame(&mut reader);
+        let frame = wire::read_frame(reader);
         let _ = reader
             .get_ref()
             .set_read_timeout(Some(Duration::from_millis(200)));
@@ -552,28 +655,39 @@ fn serve(
             Ok(f) => f,
             Err(e) => {
                 warn!(peer = %from, error = %e, "bad frame from replication primary; disconnecting, nothing applied");
-                let _ = writer.write_all(&wire::encode(
+                out.wait_idle();
+                out.answer(
                     0,
                     &Message::Error {
                         reason: e.to_string(),
                     },
-                ));
-                let _ = writer.flush();
+                );
                 break;
             }
         };
         heard = Instant::now();
-        let reply = match msg {
-            Message::Ping => Message::Pong,
-            msg => secondary.handle(msg),
-        };
-        if writer
-            .write_all(&wire::encode(seq, &reply))
-            .and_then(|()| writer.flush())
-            .is_err()
-        {
-            break;
+        match msg {
+            // Answered at once, even while writes are being applied.
+            Message::Ping => out.answer(seq, &Message::Pong),
+            // Alone and with nothing behind it (a queue depth of one), a write is
+            // applied here: handing it over would cost a thread switch of latency.
+            msg @ Message::Write { .. } if *out.busy() == 0 && !more_to_read(reader) => {
+                let reply = secondary.handle(msg);
+                out.answer(seq, &reply);
+            }
+            msg @ Message::Write { .. } => {
+                *out.busy() += 1;
+                if jobs.send((seq, msg)).is_err() {
+                    out.done_one();
+                    break;
+                }
+            }
+            msg => {
+                out.wait_idle();
+                let reply = secondary.handle(msg);
+                out.answer(seq, &reply);
+            }
         }
     }
-    let _ = writer.get_ref().shutdown(Shutdown::Both);
+    out.wait_idle();
 }
