@@ -41,10 +41,15 @@
 //! fractures all before another write is acknowledged, and delta sets are cut at one
 //! point across all (every member's writers held off at once).
 //!
-//! Limits today: a primary carries one write at a time to its peer (its lock is the
-//! write order; the local write overlaps the peer's), the link is not encrypted (TLS
-//! is left out, see `FORMAT.md`), and a group's delta sets are applied member by
-//! member at the secondary.
+//! Writes are pipelined (`primary.rs`): the primary's lock fixes the order in which
+//! writes are sent and is released while each one's local write and the peer's answer
+//! proceed, so an NBD client's or a guest's queue of writes is in flight at once; the
+//! secondary applies them concurrently. An idle link is kept alive by pings and a
+//! silent one is taken for dead after one link timeout ([`link_timeout`]).
+//!
+//! Limits today: asynchronous mode writes locally under the lock, one write at a
+//! time; the link is not encrypted (TLS is left out, see `FORMAT.md`), and a group's
+//! delta sets are applied member by member at the secondary.
 
 mod delta;
 mod error;

@@ -1,14 +1,18 @@
 //! The replicated write: the only code that touches the local LUN and the peer in one
 //! step. It reads top to bottom:
 //!
-//! 1. one writer at a time (write order is the order of this lock); asynchronous mode
-//!    stops here: the regions are dirty on disk, the write is local, and a delta set
-//!    ships it later (`delta.rs`); a consistency group another member of which lost its
-//!    link stops shipping first;
-//! 2. connected: the write's activity-log extent is made hot on disk, the write is sent
-//!    to the peer, written locally, and acknowledged only when both sides have it;
-//! 3. the peer fails: the link is down, the regions are dirty in the on-disk bitmap
-//!    before the write is acknowledged (policy `continue`) or the write fails (`block`);
+//! 1. a write overlapping one in flight waits for it (so both sites apply overlapping
+//!    writes in one order), as does one whose activity-log extent would evict while
+//!    writes are in flight; asynchronous mode stops here: the regions are dirty on
+//!    disk, the write is local, and a delta set ships it later (`delta.rs`); a
+//!    consistency group another member of which lost its link stops shipping first;
+//! 2. connected: the write's activity-log extent is made hot on disk and the write is
+//!    sent to the peer under the lock (the lock's order is the write order); the lock
+//!    is then released while the local write and the peer's answer proceed, and the
+//!    write is acknowledged only when both sides have it;
+//! 3. the peer fails: the link is down, the regions of this write and of every write
+//!    in flight are dirty in the on-disk bitmap before any is acknowledged (policy
+//!    `continue`) or the write fails (`block`);
 //! 4. not connected: `block` refuses without writing; otherwise the regions are dirty
 //!    on disk before the local write.
 
