@@ -47,8 +47,7 @@
 //! secondary applies them concurrently. An idle link is kept alive by pings and a
 //! silent one is taken for dead after one link timeout ([`link_timeout`]).
 //!
-//! Limits today: asynchronous mode writes locally under the lock, one write at a
-//! time; the link is not encrypted (TLS is left out, see `FORMAT.md`), and a group's
+//! Limits today: the link is not encrypted (TLS is left out, see `FORMAT.md`), and a group's
 //! delta sets are applied member by member at the secondary.
 
 mod delta;

@@ -4,7 +4,8 @@
 //! 1. a write overlapping one in flight waits for it (so both sites apply overlapping
 //!    writes in one order), as does one whose activity-log extent would evict while
 //!    writes are in flight; asynchronous mode stops here: the regions are dirty on
-//!    disk, the write is local, and a delta set ships it later (`delta.rs`); a
+//!    disk, the write is local (without the lock), and a delta set ships it later
+//!    (`delta.rs`, whose cut waits for the writes in flight); a
 //!    consistency group another member of which lost its link stops shipping first;
 //! 2. connected: the write's activity-log extent is made hot on disk and the write is
 //!    sent to the peer under the lock (the lock's order is the write order); the lock
@@ -193,12 +194,19 @@ impl PrimaryLun {
         let regions = g.meta.region_range(offset, len);
         if let Mode::Async { .. } = g.mode {
             // Shipped later in a delta set; tracked durably until the replica has it.
-            // Regions already dirty cost no metadata write.
+            // Regions already dirty cost no metadata write. The local write runs
+            // without the lock; a cut waits for it, so its set holds it whole.
             g.meta.mark(regions.clone());
             g.meta.persist_bitmap()?;
             g.interval.extend(regions);
-            self.local.write_at(buf, offset)?;
-            return Ok(());
+            let ticket = g.next_ticket;
+            g.next_ticket += 1;
+            g.inflight.insert(ticket, (offset, end));
+            drop(g);
+            let written = self.local.write_at(buf, offset);
+            self.lock().inflight.remove(&ticket);
+            self.settled.notify_all();
+            return Ok(written?);
         }
         if let Some(link) = g.group.clone()
             && link.is_broken()
