@@ -83,12 +83,22 @@ impl Reply {
     }
 }
 
-/// Answers of one connection by frame sequence number, filled by the thread reading
-/// the connection; once the connection dies every waiter learns why.
-#[derive(Debug, Default)]
+/// Where a connection's answers come from: the next frame, or why there is none (the
+/// connection is then unusable).
+pub(crate) trait AnswerSource: Send + std::fmt::Debug {
+    fn next(&mut self) -> std::result::Result<(u64, Message), String>;
+}
+
+/// Answers of one connection by frame sequence number. There is no reader thread: a
+/// waiter whose answer has not come reads the connection itself if nobody else is
+/// (filing whatever arrives for whoever waits for it), or sleeps until an answer is
+/// filed; so a lone writer reads its own answer with no thread switch. Once the
+/// connection dies every waiter learns why.
+#[derive(Debug)]
 pub(crate) struct Completions {
     state: Mutex<Done>,
     arrived: Condvar,
+    source: Mutex<Box<dyn AnswerSource>>,
 }
 
 #[derive(Debug, Default)]
@@ -98,13 +108,16 @@ struct Done {
 }
 
 impl Completions {
-    fn state(&self) -> std::sync::MutexGuard<'_, Done> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn new(source: Box<dyn AnswerSource>) -> Completions {
+        Completions {
+            state: Mutex::default(),
+            arrived: Condvar::new(),
+            source: Mutex::new(source),
+        }
     }
 
-    pub(crate) fn complete(&self, seq: u64, answer: Message) {
-        self.state().answers.insert(seq, answer);
-        self.arrived.notify_all();
+    fn state(&self) -> std::sync::MutexGuard<'_, Done> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The connection is gone; the first reason given is the one reported.
@@ -130,6 +143,28 @@ impl Completions {
             }
             if let Some(reason) = &s.dead {
                 return Err(reason.clone());
+            }
+            // Never blocks while holding the state: the reader takes the state after
+            // the source, so the two cannot wait on each other.
+            if let Ok(mut source) = self.source.try_lock() {
+                drop(s);
+                let got = source.next();
+                s = self.state();
+                match got {
+                    Ok((n, m)) => {
+                        s.answers.insert(n, m);
+                    }
+                    Err(reason) => {
+                        if s.dead.is_none() {
+                            s.dead = Some(reason);
+                        }
+                    }
+                }
+                // Released under the state lock, so a waiter that found the source
+                // busy is already asleep and hears this.
+                drop(source);
+                self.arrived.notify_all();
+                continue;
             }
             s = self.arrived.wait(s).unwrap_or_else(PoisonError::into_inner);
         }

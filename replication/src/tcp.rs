@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
-use crate::peer::{Completions, Reply};
+use crate::peer::{AnswerSource, Completions, Reply};
 use crate::secondary::Secondary;
 use crate::wire::{self, AuthError, Message, WireError};
 
@@ -49,16 +49,15 @@ fn ping_interval(timeout: Duration) -> Duration {
 }
 
 /// The primary's end of a TCP link. Requests are pipelined: each frame carries a
-/// sequence number, a reader thread files the answers by it, so a writer waits for
-/// its own answer while others send. A keepalive thread pings an idle link; the
-/// reader takes a link that answered nothing for the link timeout for dead.
+/// sequence number and answers are filed by it, so a writer waits for its own answer
+/// while others send. A keepalive thread pings an idle link; a link that answered
+/// nothing for the link timeout is taken for dead.
 #[derive(Debug)]
 pub struct TcpPeer {
     addr: SocketAddr,
     name: String,
     secret: Vec<u8>,
     conn: Option<Conn>,
-    seq: u64,
     /// Bytes per second, if limited.
     limit: Option<u64>,
     window_start: Instant,
@@ -83,6 +82,8 @@ struct Conn {
 #[derive(Debug)]
 struct Outgoing {
     wire: Mutex<(TcpStream, Instant)>,
+    /// The last sequence number given out, pings' included.
+    seq: AtomicU64,
     stop: Mutex<bool>,
     stopping: Condvar,
 }
@@ -90,6 +91,10 @@ struct Outgoing {
 impl Outgoing {
     fn wire(&self) -> std::sync::MutexGuard<'_, (TcpStream, Instant)> {
         self.wire.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
@@ -113,38 +118,43 @@ impl Drop for Conn {
     }
 }
 
-/// Files every answer by its sequence number until the connection fails or stays
-/// silent for `timeout`.
-fn read_answers(stream: TcpStream, done: &Completions, out: &Outgoing, timeout: Duration) {
-    let mut r = BufReader::with_capacity(256 << 10, stream);
-    let reason = loop {
-        match wire::read_frame(&mut r) {
-            Ok((_, Message::Pong)) => {}
-            Ok((seq, m)) => done.complete(seq, m),
+/// The receiving half: a frame, or why the connection is dead (it is then shut down,
+/// so the sending half fails too). Its socket's read timeout is the link timeout.
+#[derive(Debug)]
+struct Incoming {
+    r: BufReader<TcpStream>,
+    timeout: Duration,
+}
+
+impl AnswerSource for Incoming {
+    fn next(&mut self) -> std::result::Result<(u64, Message), String> {
+        let reason = match wire::read_frame(&mut self.r) {
+            Ok(frame) => return Ok(frame),
             Err(WireError::Io(e))
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                break format!(
+                format!(
                     "no answer for {} ms; taking the link for dead",
-                    timeout.as_millis()
-                );
+                    self.timeout.as_millis()
+                )
             }
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break "connection closed by the peer".into();
+                "connection closed by the peer".into()
             }
-            Err(e) => break e.to_string(),
-        }
-    };
-    done.kill(reason);
-    out.close();
+            Err(e) => e.to_string(),
+        };
+        let _ = self.r.get_ref().shutdown(Shutdown::Both);
+        Err(reason)
+    }
 }
 
-/// Pings whenever nothing was sent for `interval`, until the connection closes.
+/// Pings whenever nothing was sent for `interval` and waits for the answer (reading
+/// the connection if nobody else is), so a dead idle link is found within `interval`
+/// plus the link timeout; stops when the connection closes.
 fn keep_alive(out: &Outgoing, done: &Completions, interval: Duration) {
-    let ping = wire::encode(0, &Message::Ping);
     let mut stop = out.stop.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
         stop = out
@@ -155,16 +165,19 @@ fn keep_alive(out: &Outgoing, done: &Completions, interval: Duration) {
         if *stop || done.dead().is_some() {
             return;
         }
-        let mut w = out.wire();
-        if w.1.elapsed() < interval {
+        if out.wire().1.elapsed() < interval {
             continue;
         }
-        if let Err(e) = w.0.write_all(&ping) {
-            drop(w);
+        let seq = out.next_seq();
+        if let Err(e) = out.send(&wire::encode(seq, &Message::Ping)) {
             done.kill(format!("keepalive: {e}"));
             return;
         }
-        w.1 = Instant::now();
+        drop(stop);
+        if done.wait(seq).is_err() {
+            return;
+        }
+        stop = out.stop.lock().unwrap_or_else(PoisonError::into_inner);
     }
 }
 
@@ -175,7 +188,6 @@ impl TcpPeer {
             name: format!("tcp://{addr}"),
             secret,
             conn: None,
-            seq: 0,
             limit: None,
             window_start: Instant::now(),
             window_bytes: 0,
@@ -244,25 +256,23 @@ impl TcpPeer {
             }
         }
         let r = s.try_clone().map_err(|e| self.down(e.to_string()))?;
+        let timeout = self.timeout;
         let out = Arc::new(Outgoing {
             wire: Mutex::new((s, Instant::now())),
+            seq: AtomicU64::new(0),
             stop: Mutex::new(false),
             stopping: Condvar::new(),
         });
-        let done = Arc::new(Completions::default());
-        let timeout = self.timeout;
+        let done = Arc::new(Completions::new(Box::new(Incoming {
+            r: BufReader::with_capacity(64 << 10, r),
+            timeout,
+        })));
         let spawned = {
-            let (out, done) = (out.clone(), done.clone());
-            std::thread::Builder::new()
-                .name("repl-answers".into())
-                .spawn(move || read_answers(r, &done, &out, timeout))
-        }
-        .and_then(|_| {
             let (out, done) = (out.clone(), done.clone());
             std::thread::Builder::new()
                 .name("repl-keepalive".into())
                 .spawn(move || keep_alive(&out, &done, ping_interval(timeout)))
-        });
+        };
         let conn = Conn {
             out,
             done,
@@ -270,7 +280,7 @@ impl TcpPeer {
         };
         if let Err(e) = spawned {
             drop(conn);
-            return Err(self.down(format!("cannot start the link's threads: {e}")));
+            return Err(self.down(format!("cannot start the keepalive thread: {e}")));
         }
         self.conn = Some(conn);
         info!(peer = %self.name, timeout_ms = timeout.as_millis() as u64, "replication link authenticated");
@@ -291,6 +301,12 @@ impl TcpPeer {
             self.window_start = Instant::now();
             self.window_bytes = 0;
         }
+    }
+
+    /// A fresh sequence number (0, which no answer carries, when not connected: the
+    /// frame is then refused anyway).
+    fn next_seq(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.out.next_seq())
     }
 
     /// Puts one frame on the wire; its answer will be filed in what this returns.
@@ -315,8 +331,7 @@ impl crate::Peer for TcpPeer {
     }
 
     fn send(&mut self, msg: &Message) -> Result<()> {
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.next_seq();
         self.put(&wire::encode(seq, msg))?;
         if let Some(c) = self.conn.as_mut() {
             c.unanswered.push_back(seq);
@@ -339,15 +354,13 @@ impl crate::Peer for TcpPeer {
     }
 
     fn submit(&mut self, msg: &Message) -> Result<Reply> {
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.next_seq();
         let done = self.put(&wire::encode(seq, msg))?;
         Ok(Reply::waiting(done, seq, self.name.clone()))
     }
 
     fn submit_write(&mut self, offset: u64, data: &[u8]) -> Result<Reply> {
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.next_seq();
         let done = self.put(&wire::encode_write(seq, offset, data))?;
         Ok(Reply::waiting(done, seq, self.name.clone()))
     }
