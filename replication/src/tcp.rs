@@ -4,7 +4,7 @@
 //! nothing it sent is applied.
 
 use std::collections::VecDeque;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -98,8 +98,27 @@ impl Outgoing {
     }
 
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        self.send_parts(frame, &[])
+    }
+
+    /// One frame in two parts, written together without joining them in memory.
+    fn send_parts(&self, head: &[u8], data: &[u8]) -> std::io::Result<()> {
         let mut w = self.wire();
-        w.0.write_all(frame)?;
+        let (mut head, mut data) = (head, data);
+        while !head.is_empty() || !data.is_empty() {
+            let n = match w
+                .0
+                .write_vectored(&[IoSlice::new(head), IoSlice::new(data)])
+            {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let from_head = n.min(head.len());
+            head = &head[from_head..];
+            data = &data[n - from_head..];
+        }
         w.1 = Instant::now();
         Ok(())
     }
@@ -311,14 +330,18 @@ impl TcpPeer {
 
     /// Puts one frame on the wire; its answer will be filed in what this returns.
     fn put(&mut self, frame: &[u8]) -> Result<Arc<Completions>> {
-        self.throttle(frame.len() as u64);
+        self.put_parts(frame, &[])
+    }
+
+    fn put_parts(&mut self, head: &[u8], data: &[u8]) -> Result<Arc<Completions>> {
+        self.throttle((head.len() + data.len()) as u64);
         let Some(conn) = self.conn.as_ref() else {
             return Err(self.down("not connected".into()));
         };
         if let Some(reason) = conn.done.dead() {
             return Err(self.down(reason));
         }
-        if let Err(e) = conn.out.send(frame) {
+        if let Err(e) = conn.out.send_parts(head, data) {
             return Err(self.down(e.to_string()));
         }
         Ok(conn.done.clone())
@@ -361,7 +384,8 @@ impl crate::Peer for TcpPeer {
 
     fn submit_write(&mut self, offset: u64, data: &[u8]) -> Result<Reply> {
         let seq = self.next_seq();
-        let done = self.put(&wire::encode_write(seq, offset, data))?;
+        let head = wire::write_header(seq, offset, data);
+        let done = self.put_parts(&head, data)?;
         Ok(Reply::waiting(done, seq, self.name.clone()))
     }
 

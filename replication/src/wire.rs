@@ -313,17 +313,6 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
     p
 }
 
-/// A write frame straight from the caller's buffer: the data is copied once, into the
-/// frame, rather than into a [`Message`] first.
-pub fn encode_write(seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(HEADER_LEN + 8 + data.len());
-    p.resize(HEADER_LEN, 0);
-    p.extend_from_slice(&offset.to_le_bytes());
-    p.extend_from_slice(data);
-    seal(&mut p, T_WRITE, seq);
-    p
-}
-
 /// Fills in the header of a frame whose payload follows `HEADER_LEN` zero bytes.
 fn seal(p: &mut [u8], ty: u16, seq: u64) {
     let len = (p.len() - HEADER_LEN) as u32;
@@ -355,15 +344,49 @@ pub fn read_frame(r: &mut impl Read) -> Result<(u64, Message), WireError> {
         return Err(WireError::TooLarge(len));
     }
     let want = get32(&h, 20);
+    h[20..24].fill(0);
+    if matches!(ty, T_WRITE | T_RESYNC_DATA | T_DELTA_DATA) && len >= 8 {
+        // The data is read straight into its own buffer: no copy to strip the offset.
+        let mut at = [0u8; 8];
+        r.read_exact(&mut at)?;
+        let mut data = vec![0u8; len as usize - 8];
+        r.read_exact(&mut data)?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&h), &at), &data);
+        if crc != want {
+            return Err(WireError::Checksum(ty));
+        }
+        let offset = u64::from_le_bytes(at);
+        return Ok((
+            seq,
+            match ty {
+                T_WRITE => Message::Write { offset, data },
+                T_RESYNC_DATA => Message::ResyncData { offset, data },
+                _ => Message::DeltaData { offset, data },
+            },
+        ));
+    }
     let mut p = vec![0u8; len as usize];
     r.read_exact(&mut p)?;
-    h[20..24].fill(0);
-    let mut crc = crc32c::crc32c(&h);
-    crc = crc32c::crc32c_append(crc, &p);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &p);
     if crc != want {
         return Err(WireError::Checksum(ty));
     }
     Ok((seq, decode_payload(ty, p)?))
+}
+
+/// The header and offset of a write frame whose data follows separately (sent with a
+/// vectored write, so the data is never copied into a frame).
+pub fn write_header(seq: u64, offset: u64, data: &[u8]) -> [u8; HEADER_LEN + 8] {
+    let mut p = [0u8; HEADER_LEN + 8];
+    p[0..4].copy_from_slice(&FRAME_MAGIC);
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6..8].copy_from_slice(&T_WRITE.to_le_bytes());
+    p[8..16].copy_from_slice(&seq.to_le_bytes());
+    put32(&mut p, 16, (8 + data.len()) as u32);
+    p[HEADER_LEN..].copy_from_slice(&offset.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&p), data);
+    put32(&mut p, 20, crc);
+    p
 }
 
 fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
@@ -715,10 +738,36 @@ mod tests {
     }
 
     #[test]
-    fn a_write_frame_from_a_slice_is_the_write_message() {
-        let data = vec![0xa5; 3000];
-        let frame = encode_write(9, 8192, &data);
-        assert_eq!(frame, encode(9, &Message::Write { offset: 8192, data }));
+    fn a_write_header_and_its_data_are_the_write_frame() {
+        let data = vec![0x3c; 5000];
+        let mut frame = write_header(4, 512, &data).to_vec();
+        frame.extend_from_slice(&data);
+        assert_eq!(
+            frame,
+            encode(
+                4,
+                &Message::Write {
+                    offset: 512,
+                    data: data.clone()
+                }
+            )
+        );
+        let (seq, m) = read_frame(&mut &frame[..]).expect("decodes");
+        assert_eq!(
+            (seq, m),
+            (
+                4,
+                Message::Write {
+                    offset: 512,
+                    data: data.clone()
+                }
+            )
+        );
+        frame[HEADER_LEN + 8 + 100] ^= 1;
+        assert!(matches!(
+            read_frame(&mut &frame[..]),
+            Err(WireError::Checksum(_))
+        ));
     }
 
     #[test]
