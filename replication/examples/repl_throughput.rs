@@ -76,6 +76,13 @@ fn qd1(lun: &dyn Lun, n: u64) -> Duration {
     t.elapsed() / n as u32
 }
 
+const ROUNDS: usize = 5;
+
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let base = PathBuf::from(args.get(1).map_or("/dev/shm", String::as_str));
@@ -89,9 +96,6 @@ fn main() {
     let local = device(d, "a.img", size, latency);
     // Overwrites throughout, as the replicated runs do, so allocation is not measured.
     stream(&*local, MIB, qd, true);
-    let local_bps = stream(&*local, MIB, qd, true);
-    let local_lat = qd1(&*local, 2000);
-
     let replica = device(d, "b.img", size, latency);
     let b_snaps = Snapshots::create(
         replica.clone(),
@@ -124,8 +128,15 @@ fn main() {
     .expect("primary");
     a.connect().expect("connect");
     a.resync().expect("initial sync");
-    let sync_bps = stream(&a, MIB, qd, true);
-    let sync_lat = qd1(&a, 2000);
+    // The machine is shared: local and replicated runs alternate, medians reported.
+    let (mut local_bps, mut local_lat, mut sync_bps, mut sync_lat) =
+        (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        local_bps.push(stream(&*local, MIB, qd, true));
+        local_lat.push(qd1(&*local, 2000));
+        sync_bps.push(stream(&a, MIB, qd, true));
+        sync_lat.push(qd1(&a, 2000));
+    }
     a.close().expect("close");
     drop(a);
 
@@ -146,8 +157,20 @@ fn main() {
     .into_async(a_snaps, Duration::from_secs(3600))
     .expect("async");
     a.connect().expect("connect");
-    let async_bps = stream(&a, MIB, qd, true);
-    let async_lat = qd1(&a, 2000);
+    let (mut async_bps, mut async_lat, mut local2_bps) = (vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        local2_bps.push(stream(&*local, MIB, qd, true));
+        async_bps.push(stream(&a, MIB, qd, true));
+        async_lat.push(qd1(&a, 2000));
+    }
+    let (local_bps, local_lat, sync_bps, sync_lat) = (
+        median(local_bps),
+        median(local_lat),
+        median(sync_bps),
+        median(sync_lat),
+    );
+    let (async_bps, async_lat, local2_bps) =
+        (median(async_bps), median(async_lat), median(local2_bps));
 
     let mb = |bps: f64| bps / MIB as f64;
     println!(
@@ -169,7 +192,7 @@ fn main() {
     println!(
         "async  1 MiB x{qd}: {:8.1} MiB/s ({:.2}x)   4 KiB QD1: {:?}",
         mb(async_bps),
-        async_bps / local_bps,
+        async_bps / local2_bps,
         async_lat
     );
 }

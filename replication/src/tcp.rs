@@ -622,19 +622,23 @@ impl Answers {
     }
 }
 
-/// Whether another frame has (at least partly) arrived.
+/// Whether another frame has (at least partly) arrived. Peeks without blocking, and
+/// without making the socket non-blocking: the appliers write answers on it meanwhile.
 fn more_to_read(reader: &BufReader<TcpStream>) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
     if !reader.buffer().is_empty() {
         return true;
     }
-    let s = reader.get_ref();
     let mut b = [0u8; 1];
-    if s.set_nonblocking(true).is_err() {
-        return true;
-    }
-    let pending = !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-    let _ = s.set_nonblocking(false);
-    pending
+    !matches!(
+        recv(
+            reader.get_ref().as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Err(nix::errno::Errno::EAGAIN)
+    )
 }
 
 /// Reads the primary's frames until it hangs up, goes silent past `timeout`, sends a
