@@ -289,6 +289,78 @@ fn a_link_cut_with_writes_in_flight_loses_no_acknowledged_write() {
     assert_same(&s);
 }
 
+/// Policy block with writes in flight when the link is reset: a write that returned
+/// success is at the replica; one that failed may or may not be (its content is
+/// undefined, as after any failed write), and nothing after it is acknowledged.
+#[test]
+fn under_block_a_link_cut_acknowledges_only_writes_the_replica_has() {
+    const BLOCK: u64 = 4096;
+    const STRIPE: u64 = 256 * 1024;
+    let proxy = Proxy::new();
+    let s = sites(2 * MIB, LinkPolicy::Block, Some(&proxy));
+    let sent = AtomicU64::new(0);
+    // Per writer: the last acknowledged write number of each block of its stripe, and
+    // the write that failed (its first block, blocks and number).
+    type Outcome = (Vec<Option<u64>>, Option<(u64, u64, u64)>);
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8u64)
+            .map(|w| {
+                let (p, sent) = (&s.primary, &sent);
+                scope.spawn(move || {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(200 + w);
+                    let mut last = vec![None; (STRIPE / BLOCK) as usize];
+                    for n in 1..=400u64 {
+                        let blocks = rng.random_range(1..=8u64);
+                        let first = rng.random_range(0..=STRIPE / BLOCK - blocks);
+                        let mut data = vec![0u8; (blocks * BLOCK) as usize];
+                        for b in data.chunks_exact_mut(BLOCK as usize) {
+                            b[..8].copy_from_slice(&(w << 32 | n).to_le_bytes());
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if p.write_at(&data, w * STRIPE + first * BLOCK).is_err() {
+                            return (last, Some((first, blocks, n)));
+                        }
+                        for b in first..first + blocks {
+                            last[b as usize] = Some(n);
+                        }
+                    }
+                    (last, None)
+                })
+            })
+            .collect();
+        while sent.load(Ordering::Relaxed) < 200 {
+            std::thread::yield_now();
+        }
+        proxy.reset();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writer"))
+            .collect()
+    });
+    assert_eq!(s.primary.link_state(), LinkState::Disconnected);
+    assert!(
+        outcomes.iter().any(|(_, failed)| failed.is_some()),
+        "no write failed after the cut"
+    );
+    let replica = read_all(&*s.replica);
+    for (w, (last, failed)) in outcomes.iter().enumerate() {
+        for (b, acked) in last.iter().enumerate() {
+            let at = w as u64 * STRIPE + b as u64 * BLOCK;
+            let mut tag = [0u8; 8];
+            tag.copy_from_slice(&replica[at as usize..at as usize + 8]);
+            let got = u64::from_le_bytes(tag);
+            let want = acked.map_or(0, |n| (w as u64) << 32 | n);
+            let failed_here = failed
+                .filter(|(first, blocks, _)| (*first..first + blocks).contains(&(b as u64)))
+                .map(|(_, _, n)| (w as u64) << 32 | n);
+            assert!(
+                got == want || Some(got) == failed_here,
+                "writer {w} block {b}: the replica has write {got:#x}, the last acknowledged is {want:#x}"
+            );
+        }
+    }
+}
+
 #[test]
 fn an_idle_link_outlives_the_timeout() {
     let s = sites(MIB, LinkPolicy::Continue, None);
