@@ -67,8 +67,8 @@ pub(crate) struct Inner {
     pub compare_before_copy: bool,
     /// The consistency group this LUN replicates with, if any.
     pub group: Option<Arc<crate::group::GroupLink>>,
-    /// Synchronous writes sent to the peer and not yet completed, by ticket (the order
-    /// they were sent): their byte ranges.
+    /// Writes under way without the lock (sent to the peer, or written locally in
+    /// asynchronous mode), by ticket in the order they began: their byte ranges.
     pub inflight: BTreeMap<u64, (u64, u64)>,
     pub next_ticket: u64,
     /// Bumped each time the link is lost, so a write in flight learns it was.
@@ -171,20 +171,16 @@ impl PrimaryLun {
     fn replicated_write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         let end = offset + len;
-        let mut g = self.lock();
         // An overlapping write in flight goes first: both sides apply overlapping writes
         // in the order they were sent, and its local write may not have landed yet. An
         // activity-log eviction waits for every write in flight, whose extent it may drop.
-        loop {
+        let mut g = self.wait_until(self.lock(), |g| {
             let overlaps = g.inflight.values().any(|&(s, e)| s < end && offset < e);
             let evicts = !g.inflight.is_empty()
                 && matches!(g.link, LinkState::Connected | LinkState::Resyncing)
                 && g.meta.would_evict(offset, len);
-            if !overlaps && !evicts {
-                break;
-            }
-            g = self.settled.wait(g).unwrap_or_else(PoisonError::into_inner);
-        }
+            !overlaps && !evicts
+        });
         if g.link == LinkState::Demoted {
             return Err(LunError::ReadOnly {
                 lun: self.name.clone(),
