@@ -127,7 +127,9 @@ fn main() {
     )
     .expect("primary");
     a.connect().expect("connect");
+    let t = Instant::now();
     a.resync().expect("initial sync");
+    let initial_sync = size as f64 / t.elapsed().as_secs_f64();
     // The machine is shared: local and replicated runs alternate, medians reported.
     let (mut local_bps, mut local_lat, mut sync_bps, mut sync_lat) =
         (vec![], vec![], vec![], vec![]);
@@ -189,6 +191,7 @@ fn main() {
         sync_bps / local_bps,
         sync_lat
     );
+    println!("initial sync: {:8.1} MiB/s", mb(initial_sync));
     println!(
         "async  1 MiB x{qd}: {:8.1} MiB/s ({:.2}x)   4 KiB QD1: {:?}",
         mb(async_bps),

@@ -188,6 +188,9 @@ impl PrimaryLun {
         let mut sent = Vec::new();
         let mut cursor = 0;
         let result = (|| -> Result<()> {
+            // The step's regions are pipelined: each is sent without waiting for the
+            // answer to the one before, and the answers are checked at the end.
+            let mut answers = Vec::new();
             while (sent.len() as u64) < max_regions.max(1) {
                 let Some(r) = g.meta.next_dirty(cursor) else {
                     break;
@@ -214,9 +217,12 @@ impl PrimaryLun {
                 } else {
                     Message::ResyncData { offset, data }
                 };
-                let reply = g.peer.call(&msg)?;
-                expect_ok(&mut *g.peer, reply)?;
+                answers.push(g.peer.submit(&msg)?);
                 sent.push((r, len));
+            }
+            for answer in answers {
+                let reply = answer.wait()?;
+                expect_ok(&mut *g.peer, reply)?;
             }
             // A region is in sync only once durable there.
             PrimaryLun::flush_peer(&mut g)
