@@ -228,6 +228,36 @@ fn eight_writers_overlap_their_writes_at_both_sites() {
 }
 
 #[test]
+fn a_resync_step_reads_here_while_the_replica_writes_the_region_before() {
+    let s = sites(MIB, LinkPolicy::Continue, None);
+    s.primary.fracture().expect("fracture");
+    for r in 0..8u64 {
+        s.primary
+            .write_at(&[r as u8 + 1; 4096], r * 2 * REGION)
+            .expect("write");
+    }
+    s.primary.resume().expect("resume");
+    assert_eq!(s.primary.link_state(), LinkState::Resyncing);
+    // Reading a region here and writing it there take 50 ms each: one region after
+    // the other, eight take 800 ms.
+    let latency = Duration::from_millis(50);
+    s.local.set_latency(latency);
+    s.replica.set_latency(latency);
+    let t = Instant::now();
+    s.primary.resync().expect("resync");
+    let took = t.elapsed();
+    s.local.set_latency(Duration::ZERO);
+    s.replica.set_latency(Duration::ZERO);
+    assert_eq!(s.primary.link_state(), LinkState::Connected);
+    // Overlapped: eight reads beside eight writes, then the replica's flushes.
+    assert!(
+        took < latency * 14,
+        "resyncing eight regions took {took:?} with {latency:?} devices: one at a time"
+    );
+    assert_same(&s);
+}
+
+#[test]
 fn overlapping_writers_leave_both_sites_identical() {
     let s = sites(MIB, LinkPolicy::Continue, None);
     std::thread::scope(|scope| {
