@@ -238,9 +238,10 @@ fn a_resync_step_reads_here_while_the_replica_writes_the_region_before() {
     }
     s.primary.resume().expect("resume");
     assert_eq!(s.primary.link_state(), LinkState::Resyncing);
-    // Reading a region here and writing it there take 50 ms each: one region after
-    // the other, eight take 800 ms.
-    let latency = Duration::from_millis(50);
+    // Reading a region here and writing it there take 80 ms each: one region after
+    // the other, eight take 1.28 s, and the flushes 160 ms more (18 latencies);
+    // overlapped, about 11.
+    let latency = Duration::from_millis(80);
     s.local.set_latency(latency);
     s.replica.set_latency(latency);
     let t = Instant::now();
