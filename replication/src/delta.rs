@@ -95,7 +95,7 @@ impl PrimaryLun {
     /// Cuts a delta set of everything written since the previous cut. Nothing is cut
     /// while the link is down, a resync runs, or the previous set is still on its way.
     pub fn cut_delta(&self) -> Result<Option<u64>> {
-        let mut g = self.lock();
+        let mut g = self.quiesce(self.lock());
         self.cut_locked(&mut g)
     }
 
@@ -104,7 +104,8 @@ impl PrimaryLun {
         g.link == LinkState::Connected && g.pending.is_none()
     }
 
-    /// The cut itself, with this member's writers held off by the caller's lock.
+    /// The cut itself, with this member's writers held off by the caller's lock and
+    /// none in flight (see [`PrimaryLun::quiesce`]).
     pub(crate) fn cut_locked(&self, g: &mut Inner) -> Result<Option<u64>> {
         if !PrimaryLun::can_cut(g) {
             return Ok(None);

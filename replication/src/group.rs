@@ -138,7 +138,9 @@ impl ConsistencyGroup {
     pub fn cut_delta(&self) -> Result<Vec<Option<u64>>> {
         let mut order: Vec<&Arc<PrimaryLun>> = self.members.iter().collect();
         order.sort_by_key(|m| Arc::as_ptr(m) as usize);
-        let mut guards: Vec<_> = order.iter().map(|m| m.lock()).collect();
+        // Each member's writes in flight land before its session is taken; a member
+        // already held keeps its writers off while the next one drains.
+        let mut guards: Vec<_> = order.iter().map(|m| m.quiesce(m.lock())).collect();
         if self.link.is_broken() || !guards.iter().all(|g| PrimaryLun::can_cut(g)) {
             return Ok(vec![None; self.members.len()]);
         }

@@ -435,8 +435,8 @@ impl MetaStore {
                 self.al.push(e);
                 continue;
             }
-            // Writes are serialised by the primary, so the evicted extents have nothing
-            // in flight; `before_evict` makes what they had durable. Half the log goes
+            // The primary lets no write be in flight across an eviction (see
+            // `would_evict`); `before_evict` makes what the evicted extents had durable. Half the log goes
             // at once, so a streaming writer pays that flush once per half-log of
             // extents rather than once per extent.
             if self.al.len() >= self.header.al_capacity as usize {
@@ -451,6 +451,15 @@ impl MetaStore {
             self.write_al()?;
         }
         Ok(())
+    }
+
+    /// Whether making `offset..offset+len` hot would drop extents from the log.
+    pub fn would_evict(&self, offset: u64, len: u64) -> bool {
+        let ext = u64::from(self.header.al_extent_size);
+        let first = offset / ext;
+        let last = (offset + len.max(1) - 1) / ext;
+        let cold = (first..=last).filter(|e| !self.al.contains(e)).count();
+        cold > 0 && self.al.len() + cold > self.header.al_capacity as usize
     }
 
     /// After a crash: every region of every hot extent joins the bitmap (durably), then

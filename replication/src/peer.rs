@@ -3,9 +3,9 @@
 //! in-process [`Secondary`], so the engine is tested without sockets, through the same
 //! encoding.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::error::{ReplError, Result};
 use crate::secondary::Secondary;
@@ -23,18 +23,168 @@ pub trait Peer: Send + std::fmt::Debug {
         self.send(msg)?;
         self.recv()
     }
+
+    /// Sends `msg` and hands back its answer to wait for without this peer, so the
+    /// caller can let others send meanwhile (pipelined writes). An error here means
+    /// the message never left; one from [`Reply::wait`] that it may have arrived.
+    /// By default the answer is awaited here, as [`Peer::call`] does.
+    fn submit(&mut self, msg: &Message) -> Result<Reply> {
+        self.send(msg)?;
+        Ok(Reply::ready(self.recv()))
+    }
+
+    /// [`Peer::submit`] of a write, framed straight from the caller's buffer where the
+    /// transport can.
+    fn submit_write(&mut self, offset: u64, data: &[u8]) -> Result<Reply> {
+        self.submit(&Message::Write {
+            offset,
+            data: data.to_vec(),
+        })
+    }
+
+    /// Why the link is known to be gone without anything being sent (keepalive
+    /// answers missing, the connection closed), if it is.
+    fn broken(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The answer to a [`Peer::submit`], ready or on its way.
+#[derive(Debug)]
+pub struct Reply(ReplyState);
+
+#[derive(Debug)]
+enum ReplyState {
+    Ready(Result<Message>),
+    Waiting {
+        done: Arc<Completions>,
+        seq: u64,
+        peer: String,
+    },
+}
+
+impl Reply {
+    pub fn ready(answer: Result<Message>) -> Reply {
+        Reply(ReplyState::Ready(answer))
+    }
+
+    pub(crate) fn waiting(done: Arc<Completions>, seq: u64, peer: String) -> Reply {
+        Reply(ReplyState::Waiting { done, seq, peer })
+    }
+
+    /// Blocks until the answer arrives or the link is lost.
+    pub fn wait(self) -> Result<Message> {
+        match self.0 {
+            ReplyState::Ready(r) => r,
+            ReplyState::Waiting { done, seq, peer } => done
+                .wait(seq)
+                .map_err(|reason| ReplError::LinkDown { peer, reason }),
+        }
+    }
+}
+
+/// Where a connection's answers come from: the next frame, or why there is none (the
+/// connection is then unusable).
+pub(crate) trait AnswerSource: Send + std::fmt::Debug {
+    fn next(&mut self) -> std::result::Result<(u64, Message), String>;
+}
+
+/// Answers of one connection by frame sequence number. There is no reader thread: a
+/// waiter whose answer has not come reads the connection itself if nobody else is
+/// (filing whatever arrives for whoever waits for it), or sleeps until an answer is
+/// filed; so a lone writer reads its own answer with no thread switch. Once the
+/// connection dies every waiter learns why.
+#[derive(Debug)]
+pub(crate) struct Completions {
+    state: Mutex<Done>,
+    arrived: Condvar,
+    source: Mutex<Box<dyn AnswerSource>>,
+}
+
+#[derive(Debug, Default)]
+struct Done {
+    answers: HashMap<u64, Message>,
+    dead: Option<String>,
+}
+
+impl Completions {
+    pub(crate) fn new(source: Box<dyn AnswerSource>) -> Completions {
+        Completions {
+            state: Mutex::default(),
+            arrived: Condvar::new(),
+            source: Mutex::new(source),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Done> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection is gone; the first reason given is the one reported.
+    pub(crate) fn kill(&self, reason: String) {
+        let mut s = self.state();
+        if s.dead.is_none() {
+            s.dead = Some(reason);
+        }
+        drop(s);
+        self.arrived.notify_all();
+    }
+
+    pub(crate) fn dead(&self) -> Option<String> {
+        self.state().dead.clone()
+    }
+
+    /// An answer that arrived before the connection died is still delivered.
+    pub(crate) fn wait(&self, seq: u64) -> std::result::Result<Message, String> {
+        let mut s = self.state();
+        loop {
+            if let Some(m) = s.answers.remove(&seq) {
+                return Ok(m);
+            }
+            if let Some(reason) = &s.dead {
+                return Err(reason.clone());
+            }
+            // Never blocks while holding the state: the reader takes the state after
+            // the source, so the two cannot wait on each other.
+            if let Ok(mut source) = self.source.try_lock() {
+                drop(s);
+                let got = source.next();
+                s = self.state();
+                match got {
+                    Ok((n, m)) => {
+                        s.answers.insert(n, m);
+                    }
+                    Err(reason) => {
+                        if s.dead.is_none() {
+                            s.dead = Some(reason);
+                        }
+                    }
+                }
+                // Released under the state lock, so a waiter that found the source
+                // busy is already asleep and hears this.
+                drop(source);
+                self.arrived.notify_all();
+                continue;
+            }
+            s = self.arrived.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 /// Expects `Ok`; the peer's error frame becomes [`ReplError::Refused`].
 pub(crate) fn expect_ok(peer: &mut dyn Peer, reply: Message) -> Result<()> {
+    expect_ok_from(peer.name(), reply)
+}
+
+pub(crate) fn expect_ok_from(peer: &str, reply: Message) -> Result<()> {
     match reply {
         Message::Ok => Ok(()),
         Message::Error { reason } => Err(ReplError::Refused {
-            peer: peer.name().to_string(),
+            peer: peer.to_string(),
             reason,
         }),
         other => Err(ReplError::Protocol {
-            peer: peer.name().to_string(),
+            peer: peer.to_string(),
             reason: format!("expected ok, got {}", other.kind()),
         }),
     }

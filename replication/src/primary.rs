@@ -1,26 +1,31 @@
 //! The replicated write: the only code that touches the local LUN and the peer in one
 //! step. It reads top to bottom:
 //!
-//! 1. one writer at a time (write order is the order of this lock); asynchronous mode
-//!    stops here: the regions are dirty on disk, the write is local, and a delta set
-//!    ships it later (`delta.rs`); a consistency group another member of which lost its
-//!    link stops shipping first;
-//! 2. connected: the write's activity-log extent is made hot on disk, the write is sent
-//!    to the peer, written locally, and acknowledged only when both sides have it;
-//! 3. the peer fails: the link is down, the regions are dirty in the on-disk bitmap
-//!    before the write is acknowledged (policy `continue`) or the write fails (`block`);
+//! 1. a write overlapping one in flight waits for it (so both sites apply overlapping
+//!    writes in one order), as does one whose activity-log extent would evict while
+//!    writes are in flight; asynchronous mode stops here: the regions are dirty on
+//!    disk, the write is local (without the lock), and a delta set ships it later
+//!    (`delta.rs`, whose cut waits for the writes in flight); a
+//!    consistency group another member of which lost its link stops shipping first;
+//! 2. connected: the write's activity-log extent is made hot on disk and the write is
+//!    sent to the peer under the lock (the lock's order is the write order); the lock
+//!    is then released while the local write and the peer's answer proceed, and the
+//!    write is acknowledged only when both sides have it;
+//! 3. the peer fails: the link is down, the regions of this write and of every write
+//!    in flight are dirty in the on-disk bitmap before any is acknowledged (policy
+//!    `continue`) or the write fails (`block`);
 //! 4. not connected: `block` refuses without writing; otherwise the regions are dirty
 //!    on disk before the local write.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use lun::{Lun, LunError, check_request};
 use tracing::{info, warn};
 
 use crate::error::{ReplError, Result};
 use crate::meta::{FLAG_DISCARD, FLAG_FRACTURED, FLAG_PRIMARY, FLAG_RESYNC, MetaStore};
-use crate::peer::{Peer, expect_ok};
+use crate::peer::{Peer, expect_ok, expect_ok_from};
 use crate::wire::Message;
 use crate::{LinkPolicy, LinkState, Mode};
 
@@ -32,6 +37,8 @@ pub struct PrimaryLun {
     pub(crate) local: Arc<dyn Lun>,
     pub(crate) policy: LinkPolicy,
     pub(crate) inner: Mutex<Inner>,
+    /// Signalled whenever a write in flight completes.
+    pub(crate) settled: Condvar,
 }
 
 #[derive(Debug)]
@@ -60,6 +67,14 @@ pub(crate) struct Inner {
     pub compare_before_copy: bool,
     /// The consistency group this LUN replicates with, if any.
     pub group: Option<Arc<crate::group::GroupLink>>,
+    /// Writes under way without the lock (sent to the peer, or written locally in
+    /// asynchronous mode), by ticket in the order they began: their byte ranges.
+    pub inflight: BTreeMap<u64, (u64, u64)>,
+    pub next_ticket: u64,
+    /// Bumped each time the link is lost, so a write in flight learns it was.
+    pub link_epoch: u64,
+    /// When the running resync started copying and `bytes_resynced` then: its rate.
+    pub resync_clock: Option<(std::time::Instant, u64)>,
 }
 
 impl PrimaryLun {
@@ -81,6 +96,12 @@ impl PrimaryLun {
         for r in std::mem::take(&mut g.unflushed) {
             g.meta.mark(r..r + 1);
         }
+        // Writes in flight may be at one side only: dirty before any is acknowledged.
+        let inflight: Vec<_> = g.inflight.values().copied().collect();
+        for (start, end) in inflight {
+            let regions = g.meta.region_range(start, end - start);
+            g.meta.mark(regions);
+        }
         g.meta.persist_bitmap()?;
         if let Some(link) = &g.group {
             link.break_all();
@@ -91,6 +112,8 @@ impl PrimaryLun {
             g.meta.write_header()?;
             g.meta.clear_activity_log()?;
             g.link = LinkState::Disconnected;
+            g.link_epoch += 1;
+            g.resync_clock = None;
             if g.mode == Mode::Sync {
                 // A synchronous replica held everything acknowledged until now.
                 g.replica_point_ms = Some(crate::delta::now_ms());
@@ -108,21 +131,78 @@ impl PrimaryLun {
         Ok(())
     }
 
-    fn replicated_write(&self, g: &mut Inner, buf: &[u8], offset: u64) -> Result<()> {
+    /// Waits, letting others take the lock, until `ready` holds.
+    pub(crate) fn wait_until<'a>(
+        &self,
+        mut g: MutexGuard<'a, Inner>,
+        ready: impl Fn(&Inner) -> bool,
+    ) -> MutexGuard<'a, Inner> {
+        while !ready(&g) {
+            g = self.settled.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+        g
+    }
+
+    /// Waits until no write is in flight: for what reads the local LUN to copy or
+    /// compare it, or changes the link under the writers.
+    pub(crate) fn quiesce<'a>(&self, g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        self.wait_until(g, |g| g.inflight.is_empty())
+    }
+
+    /// Takes the link for lost if the transport already knows it is (an idle link
+    /// whose keepalives went unanswered), so the status says so and what the peer may
+    /// not have made durable is dirty on disk.
+    pub(crate) fn notice_broken_link(&self, g: &mut Inner) {
+        if !matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            return;
+        }
+        let Some(reason) = g.peer.broken() else {
+            return;
+        };
+        let why = ReplError::LinkDown {
+            peer: g.peer.name().to_string(),
+            reason,
+        };
+        if let Err(e) = self.lose_link(g, 0..0, &why) {
+            warn!(lun = %self.name, error = %e, "cannot record the lost link; the next write retries");
+        }
+    }
+
+    fn replicated_write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        let end = offset + len;
+        // An overlapping write in flight goes first: both sides apply overlapping writes
+        // in the order they were sent, and its local write may not have landed yet. An
+        // activity-log eviction waits for every write in flight, whose extent it may drop.
+        let mut g = self.wait_until(self.lock(), |g| {
+            let overlaps = g.inflight.values().any(|&(s, e)| s < end && offset < e);
+            let evicts = !g.inflight.is_empty()
+                && matches!(g.link, LinkState::Connected | LinkState::Resyncing)
+                && g.meta.would_evict(offset, len);
+            !overlaps && !evicts
+        });
         if g.link == LinkState::Demoted {
             return Err(LunError::ReadOnly {
                 lun: self.name.clone(),
             }
             .into());
         }
-        let regions = g.meta.region_range(offset, buf.len() as u64);
+        let regions = g.meta.region_range(offset, len);
         if let Mode::Async { .. } = g.mode {
             // Shipped later in a delta set; tracked durably until the replica has it.
+            // Regions already dirty cost no metadata write. The local write runs
+            // without the lock; a cut waits for it, so its set holds it whole.
             g.meta.mark(regions.clone());
             g.meta.persist_bitmap()?;
             g.interval.extend(regions);
-            self.local.write_at(buf, offset)?;
-            return Ok(());
+            let ticket = g.next_ticket;
+            g.next_ticket += 1;
+            g.inflight.insert(ticket, (offset, end));
+            drop(g);
+            let written = self.local.write_at(buf, offset);
+            self.lock().inflight.remove(&ticket);
+            self.settled.notify_all();
+            return Ok(written?);
         }
         if let Some(link) = g.group.clone()
             && link.is_broken()
@@ -134,7 +214,7 @@ impl PrimaryLun {
                 lun: self.name.clone(),
                 reason: format!("consistency group {} fractured", link.name()),
             };
-            self.lose_link(g, 0..0, &why)?;
+            self.lose_link(&mut g, 0..0, &why)?;
         }
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             let Inner {
@@ -142,47 +222,66 @@ impl PrimaryLun {
                 peer,
                 unflushed,
                 ..
-            } = g;
+            } = &mut *g;
             let local = &self.local;
-            let hot = meta.activate(offset, buf.len() as u64, &mut || {
+            let hot = meta.activate(offset, len, &mut || {
                 local.flush()?;
                 let r = peer.call(&Message::Flush)?;
                 expect_ok(&mut **peer, r)?;
                 unflushed.clear();
                 Ok(())
             });
-            let sent = hot.and_then(|()| {
-                peer.send(&Message::Write {
-                    offset,
-                    data: buf.to_vec(),
-                })
-            });
-            if let Err(e) = sent {
-                // The peer never got it: with `block` nothing is written anywhere.
-                self.lose_link(g, regions, &e)?;
-                return match self.policy {
-                    LinkPolicy::Continue => Ok(self.local.write_at(buf, offset)?),
-                    LinkPolicy::Block => Err(e),
-                };
-            }
+            let sent = hot.and_then(|()| peer.submit_write(offset, buf));
+            let reply = match sent {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // The peer never got it: with `block` nothing is written anywhere.
+                    self.lose_link(&mut g, regions, &e)?;
+                    return match self.policy {
+                        LinkPolicy::Continue => Ok(self.local.write_at(buf, offset)?),
+                        LinkPolicy::Block => Err(e),
+                    };
+                }
+            };
+            // The order is fixed: the lock goes while the local write and the peer's
+            // answer proceed, so the next writer's frame follows this one at once.
+            let ticket = g.next_ticket;
+            g.next_ticket += 1;
+            g.inflight.insert(ticket, (offset, end));
+            let epoch = g.link_epoch;
+            let peer_name = g.peer.name().to_string();
+            drop(g);
             // The local write overlaps the peer's; the write counts only when both land.
-            // The peer's answer is read even if the local write failed, so the link
-            // stays in step.
+            // The peer's answer is awaited even if the local write failed.
             let written = self.local.write_at(buf, offset);
-            let acked = peer.recv().and_then(|r| expect_ok(&mut **peer, r));
-            unflushed.extend(regions.clone());
-            if let Err(e) = acked {
-                self.lose_link(g, regions.clone(), &e)?;
+            let acked = reply.wait().and_then(|m| expect_ok_from(&peer_name, m));
+            let mut g = self.lock();
+            g.inflight.remove(&ticket);
+            self.settled.notify_all();
+            if g.link_epoch != epoch {
+                // The link went down while this write was in flight: losing it made this
+                // write's regions dirty on disk, so it may be acknowledged (`continue`)
+                // unless it failed at the peer under `block`.
+                if let Err(e) = acked
+                    && self.policy == LinkPolicy::Block
+                {
+                    return Err(e);
+                }
+            } else if let Err(e) = acked {
+                self.lose_link(&mut g, regions.clone(), &e)?;
                 if self.policy == LinkPolicy::Block {
                     return Err(e);
                 }
+            } else {
+                g.unflushed.extend(regions.clone());
             }
             if written.is_err() {
                 // The peer may hold what the local LUN failed to: a resync settles it.
                 g.meta.mark(regions);
                 if g.link == LinkState::Connected {
-                    if let Err(e) = self.begin_resync(g) {
-                        self.lose_link(g, 0..0, &e)?;
+                    g = self.quiesce(g);
+                    if let Err(e) = self.begin_resync(&mut g) {
+                        self.lose_link(&mut g, 0..0, &e)?;
                     }
                     g.meta.write_header()?;
                 } else {
@@ -238,7 +337,7 @@ impl PrimaryLun {
     /// moved on refuses to resync (split brain) until [`crate::Secondary::discard_local`].
     /// Refused while the link is up: fracture it first.
     pub fn demote(&self, discard_local: bool) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.quiesce(self.lock());
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             return Err(ReplError::WrongState {
                 lun: self.name.clone(),
@@ -261,7 +360,7 @@ impl PrimaryLun {
     /// Stops cleanly: everything is flushed on both sides, so the activity log empties
     /// and a restart resyncs only what the bitmap holds.
     pub fn close(&self) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.quiesce(self.lock());
         if g.link == LinkState::Demoted {
             return Ok(());
         }
@@ -302,13 +401,16 @@ impl Lun for PrimaryLun {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
         check_request(self, offset, buf.len() as u64)?;
-        let mut g = self.lock();
-        self.replicated_write(&mut g, buf, offset)
+        self.replicated_write(buf, offset)
             .map_err(|e| to_lun_error(&self.name, e))
     }
 
     fn flush(&self) -> lun::Result<()> {
-        let mut g = self.lock();
+        let g = self.lock();
+        // Every write begun before the flush is acknowledged at both sides first, so the
+        // flush covers it here as it does at the peer.
+        let before = g.next_ticket;
+        let mut g = self.wait_until(g, |g| g.inflight.keys().next().is_none_or(|&t| t >= before));
         self.replicated_flush(&mut g)
             .map_err(|e| to_lun_error(&self.name, e))
     }

@@ -16,8 +16,6 @@ use crate::{LinkState, ResyncProgress};
 
 /// Regions copied between two persists of the bitmap.
 const STEP_REGIONS: u64 = 64;
-/// Resync messages sent ahead of their answers: 1 MiB of 64 KiB regions.
-const RESYNC_WINDOW: usize = 16;
 
 impl PrimaryLun {
     /// Brings the link up: authenticates (the transport's job), compares generations and,
@@ -178,17 +176,21 @@ impl PrimaryLun {
     /// Copies up to `max_regions` dirty regions, then persists the bitmap. Writers wait
     /// only for the regions of one step.
     pub fn resync_step(&self, max_regions: u64) -> Result<ResyncProgress> {
-        let mut g = self.lock();
+        // A write in flight may not have landed locally: the copy would be stale.
+        let mut g = self.quiesce(self.lock());
         if g.link != LinkState::Resyncing {
             return Ok(progress(&g));
+        }
+        if g.resync_clock.is_none() {
+            g.resync_clock = Some((std::time::Instant::now(), g.bytes_resynced));
         }
         let rs = g.meta.region_size();
         let mut sent = Vec::new();
         let mut cursor = 0;
         let result = (|| -> Result<()> {
-            // Regions stream to the peer with up to WINDOW answers outstanding, so a
-            // resync is not one round trip per region.
-            let mut in_flight = 0usize;
+            // The step's regions are pipelined: each is sent without waiting for the
+            // answer to the one before, and the answers are checked at the end.
+            let mut answers = Vec::new();
             while (sent.len() as u64) < max_regions.max(1) {
                 let Some(r) = g.meta.next_dirty(cursor) else {
                     break;
@@ -203,11 +205,6 @@ impl PrimaryLun {
                     let mut data = vec![0u8; len as usize];
                     self.local.read_at(&mut data, offset)?;
                     if g.compare_before_copy {
-                        while in_flight > 0 {
-                            let reply = g.peer.recv()?;
-                            expect_ok(&mut *g.peer, reply)?;
-                            in_flight -= 1;
-                        }
                         let reply = g
                             .peer
                             .call(&Message::ChecksumRequest { first: r, count: 1 })?;
@@ -228,19 +225,12 @@ impl PrimaryLun {
                     Message::ResyncData { data, .. } => data.len() as u64,
                     _ => 0,
                 };
-                g.peer.send(&msg)?;
-                in_flight += 1;
+                answers.push(g.peer.submit(&msg)?);
                 sent.push((r, bytes));
-                if in_flight >= RESYNC_WINDOW {
-                    let reply = g.peer.recv()?;
-                    expect_ok(&mut *g.peer, reply)?;
-                    in_flight -= 1;
-                }
             }
-            while in_flight > 0 {
-                let reply = g.peer.recv()?;
+            for answer in answers {
+                let reply = answer.wait()?;
                 expect_ok(&mut *g.peer, reply)?;
-                in_flight -= 1;
             }
             // A region is in sync only once durable there.
             PrimaryLun::flush_peer(&mut g)
@@ -268,6 +258,7 @@ impl PrimaryLun {
             g.meta.header.resync_total = 0;
             g.meta.write_header()?;
             g.link = LinkState::Connected;
+            g.resync_clock = None;
             // Everything written so far is there now, at one point in time.
             g.interval.clear();
             g.replica_point_ms = Some(crate::delta::now_ms());
@@ -289,7 +280,7 @@ impl PrimaryLun {
     /// Splits the mirror on command: writes go on locally and are tracked, across
     /// restarts too, until [`PrimaryLun::resume`].
     pub fn fracture(&self) -> Result<()> {
-        let mut g = self.lock();
+        let mut g = self.quiesce(self.lock());
         if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
             if let Err(e) = PrimaryLun::flush_peer(&mut g) {
                 // lose_link below marks what the peer may not have made durable.

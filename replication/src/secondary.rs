@@ -2,7 +2,7 @@
 //! else. Before a resync makes the replica inconsistent it takes a snapshot of it
 //! (`pre-resync`), so losing the primary mid-resync still leaves a point in time.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use lun::{Lun, check_request};
 use snapshot::Snapshots;
@@ -20,10 +20,40 @@ pub const PRE_RESYNC_SNAPSHOT: &str = "pre-resync";
 /// The gold copy: the replica's last complete delta set while the next is applied.
 pub const GOLD_SNAPSHOT: &str = "gold";
 
+/// Which side a replication metadata says this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The state of a secondary, as the CLI and the agent show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondaryStatus {
+    /// `Primary` once promoted (reopen it with [`crate::PrimaryLun::open`]).
+    pub role: Role,
+    pub gens: Gens,
+    /// A resync is being applied: the replica is not a point in time.
+    pub inconsistent: bool,
+    /// The last delta set applied whole (asynchronous mode; 0 before any).
+    pub delta_id: u64,
+    /// When the primary cut that set, ms since the Unix epoch (`None` before any).
+    pub point_in_time_ms: Option<u64>,
+    /// A primary has said who it is on the current connection.
+    pub connected: bool,
+    /// Regions this side may hold that the primary does not (its own writes while
+    /// promoted, an interrupted resync).
+    pub dirty_regions: u64,
+}
+
 #[derive(Debug)]
 pub struct Secondary {
     name: String,
     inner: Mutex<Inner>,
+    /// Replicated writes are applied concurrently under its shared side (the primary
+    /// never has two overlapping ones in flight); everything else takes it whole, so it
+    /// sees every earlier write applied and none half done.
+    gate: RwLock<()>,
 }
 
 #[derive(Debug)]
@@ -119,6 +149,7 @@ impl Secondary {
         };
         Secondary {
             name: replica.name().to_string(),
+            gate: RwLock::new(()),
             inner: Mutex::new(Inner {
                 target,
                 snaps,
@@ -131,6 +162,25 @@ impl Secondary {
 
     pub fn gens(&self) -> Gens {
         self.lock().meta.header.gens
+    }
+
+    /// Everything [`SecondaryStatus`] says, read at one instant.
+    pub fn status(&self) -> SecondaryStatus {
+        let g = self.lock();
+        let h = &g.meta.header;
+        SecondaryStatus {
+            role: if h.flags & FLAG_PRIMARY != 0 {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
+            gens: h.gens,
+            inconsistent: h.flags & FLAG_INCONSISTENT != 0,
+            delta_id: h.delta_id,
+            point_in_time_ms: (h.delta_cut_ms != 0).then_some(h.delta_cut_ms),
+            connected: g.session,
+            dirty_regions: g.meta.dirty_count(),
+        }
     }
 
     /// True while a resync is being applied: the replica is not a point in time, and
@@ -156,6 +206,33 @@ impl Secondary {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A replicated write, applied alongside others: the lock is held only to check
+    /// the session and find the target.
+    fn apply_write(&self, offset: u64, data: &[u8]) -> Result<Message> {
+        let _writing = self.shared();
+        let target = {
+            let g = self.lock();
+            if !g.session {
+                return Err(crate::ReplError::WrongState {
+                    lun: self.name.clone(),
+                    reason: "no primary has connected on this link".into(),
+                });
+            }
+            g.target.clone()
+        };
+        check_request(&*target, offset, data.len() as u64)?;
+        target.write_at(data, offset)?;
+        Ok(Message::Ok)
+    }
+
     /// Makes this side the primary, to be opened with [`crate::PrimaryLun::open`] on the
     /// same LUNs once this `Secondary` is dropped. Refused while a primary is connected
     /// unless `force`. A replica cut off mid-resync first returns to its `pre-resync`
@@ -163,6 +240,7 @@ impl Secondary {
     /// without one it is refused unless `force`. Starts a new generation, so the old
     /// primary is told apart when it comes back.
     pub fn promote(&self, force: bool) -> Result<()> {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         let lun = self.name.clone();
         if g.meta.flags() & FLAG_PRIMARY != 0 {
@@ -214,6 +292,7 @@ impl Secondary {
     /// Resolves a split brain in favour of the other side: what this side wrote that
     /// the primary never got is overwritten by the next resync.
     pub fn discard_local(&self) -> Result<()> {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         g.meta.set_flag(FLAG_DISCARD, true);
         g.meta.write_header()?;
@@ -224,6 +303,7 @@ impl Secondary {
     /// The connection carrying the primary went away; a delta set it was sending is
     /// rolled back.
     pub fn disconnected(&self) {
+        let _alone = self.exclusive();
         let mut g = self.lock();
         g.session = false;
         if let Err(e) = self.roll_back_partial_delta(&mut g) {
@@ -233,8 +313,15 @@ impl Secondary {
 
     /// Answers one message from the primary. Anything refused changes nothing.
     pub fn handle(&self, msg: Message) -> Message {
-        let mut g = self.lock();
-        match self.apply(&mut g, msg) {
+        let answer = match msg {
+            Message::Write { offset, data } => self.apply_write(offset, &data),
+            msg => {
+                let _alone = self.exclusive();
+                let mut g = self.lock();
+                self.apply(&mut g, msg)
+            }
+        };
+        match answer {
             Ok(reply) => reply,
             Err(e) => {
                 warn!(replica = %self.name, error = %e, "replication request refused");
@@ -281,12 +368,8 @@ impl Secondary {
                     dirty_regions: g.meta.dirty_count(),
                 }))
             }
+            Message::Ping => Ok(Message::Pong),
             _ if !g.session => Err(refuse("no primary has connected on this link".into())),
-            Message::Write { offset, data } => {
-                check_request(&*g.target, offset, data.len() as u64)?;
-                g.target.write_at(&data, offset)?;
-                Ok(Message::Ok)
-            }
             Message::ResyncData { offset, data } => {
                 check_request(&*g.target, offset, data.len() as u64)?;
                 // Remembered (durably at the next flush, before the primary forgets

@@ -46,7 +46,8 @@ impl PrimaryLun {
     /// Compares up to `max_regions` more regions with the secondary, starting a verify
     /// if none runs. Needs a connected link.
     pub fn verify_step(&self, max_regions: u64) -> Result<VerifyProgress> {
-        let mut g = self.lock();
+        // A write in flight would show as a difference that is none.
+        let mut g = self.quiesce(self.lock());
         if g.link != LinkState::Connected {
             return Err(ReplError::WrongState {
                 lun: self.name.clone(),

@@ -38,6 +38,8 @@ const T_DELTA_END: u16 = 32;
 const T_CHECKSUM_REQUEST: u16 = 40;
 const T_CHECKSUMS: u16 = 41;
 const T_RESYNC_ZERO: u16 = 42;
+const T_PING: u16 = 50;
+const T_PONG: u16 = 51;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -123,6 +125,10 @@ pub enum Message {
     Bitmap {
         words: Vec<u64>,
     },
+    /// Keepalive: sent by the primary when it has sent nothing for a while, answered
+    /// at once with [`Message::Pong`], so an idle link is seen alive at both ends.
+    Ping,
+    Pong,
     Ok,
     Error {
         reason: String,
@@ -151,6 +157,8 @@ impl Message {
             Message::ResyncZero { .. } => "resync-zero",
             Message::BitmapRequest => "bitmap-request",
             Message::Bitmap { .. } => "bitmap",
+            Message::Ping => "ping",
+            Message::Pong => "pong",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
@@ -293,21 +301,28 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             }
             T_BITMAP
         }
+        Message::Ping => T_PING,
+        Message::Pong => T_PONG,
         Message::Ok => T_OK,
         Message::Error { reason } => {
             p.extend_from_slice(reason.as_bytes());
             T_ERROR
         }
     };
+    seal(&mut p, ty, seq);
+    p
+}
+
+/// Fills in the header of a frame whose payload follows `HEADER_LEN` zero bytes.
+fn seal(p: &mut [u8], ty: u16, seq: u64) {
     let len = (p.len() - HEADER_LEN) as u32;
     p[0..4].copy_from_slice(&FRAME_MAGIC);
     p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     p[6..8].copy_from_slice(&ty.to_le_bytes());
     p[8..16].copy_from_slice(&seq.to_le_bytes());
-    put32(&mut p, 16, len);
-    let crc = crc32c::crc32c(&p);
-    put32(&mut p, 20, crc);
-    p
+    put32(p, 16, len);
+    let crc = crc32c::crc32c(p);
+    put32(p, 20, crc);
 }
 
 /// Reads one frame, checking magic, version, length and checksum before decoding.
@@ -329,15 +344,49 @@ pub fn read_frame(r: &mut impl Read) -> Result<(u64, Message), WireError> {
         return Err(WireError::TooLarge(len));
     }
     let want = get32(&h, 20);
+    h[20..24].fill(0);
+    if matches!(ty, T_WRITE | T_RESYNC_DATA | T_DELTA_DATA) && len >= 8 {
+        // The data is read straight into its own buffer: no copy to strip the offset.
+        let mut at = [0u8; 8];
+        r.read_exact(&mut at)?;
+        let mut data = vec![0u8; len as usize - 8];
+        r.read_exact(&mut data)?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&h), &at), &data);
+        if crc != want {
+            return Err(WireError::Checksum(ty));
+        }
+        let offset = u64::from_le_bytes(at);
+        return Ok((
+            seq,
+            match ty {
+                T_WRITE => Message::Write { offset, data },
+                T_RESYNC_DATA => Message::ResyncData { offset, data },
+                _ => Message::DeltaData { offset, data },
+            },
+        ));
+    }
     let mut p = vec![0u8; len as usize];
     r.read_exact(&mut p)?;
-    h[20..24].fill(0);
-    let mut crc = crc32c::crc32c(&h);
-    crc = crc32c::crc32c_append(crc, &p);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &p);
     if crc != want {
         return Err(WireError::Checksum(ty));
     }
     Ok((seq, decode_payload(ty, p)?))
+}
+
+/// The header and offset of a write frame whose data follows separately (sent with a
+/// vectored write, so the data is never copied into a frame).
+pub fn write_header(seq: u64, offset: u64, data: &[u8]) -> [u8; HEADER_LEN + 8] {
+    let mut p = [0u8; HEADER_LEN + 8];
+    p[0..4].copy_from_slice(&FRAME_MAGIC);
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6..8].copy_from_slice(&T_WRITE.to_le_bytes());
+    p[8..16].copy_from_slice(&seq.to_le_bytes());
+    put32(&mut p, 16, (8 + data.len()) as u32);
+    p[HEADER_LEN..].copy_from_slice(&offset.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&p), data);
+    put32(&mut p, 20, crc);
+    p
 }
 
 fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
@@ -475,6 +524,14 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             Message::Bitmap {
                 words: p.chunks_exact(8).map(|w| get64(w, 0)).collect(),
             }
+        }
+        T_PING => {
+            need("ping", &p, 0, true)?;
+            Message::Ping
+        }
+        T_PONG => {
+            need("pong", &p, 0, true)?;
+            Message::Pong
         }
         T_OK => {
             need("ok", &p, 0, true)?;
@@ -664,6 +721,8 @@ mod tests {
                 len: 65536,
             },
             Message::BitmapRequest,
+            Message::Ping,
+            Message::Pong,
             Message::Bitmap {
                 words: vec![1, u64::MAX, 0],
             },
@@ -676,6 +735,39 @@ mod tests {
             let (seq, back) = read_frame(&mut &f[..]).expect("decodes");
             assert_eq!((seq, &back), (42, &m));
         }
+    }
+
+    #[test]
+    fn a_write_header_and_its_data_are_the_write_frame() {
+        let data = vec![0x3c; 5000];
+        let mut frame = write_header(4, 512, &data).to_vec();
+        frame.extend_from_slice(&data);
+        assert_eq!(
+            frame,
+            encode(
+                4,
+                &Message::Write {
+                    offset: 512,
+                    data: data.clone()
+                }
+            )
+        );
+        let (seq, m) = read_frame(&mut &frame[..]).expect("decodes");
+        assert_eq!(
+            (seq, m),
+            (
+                4,
+                Message::Write {
+                    offset: 512,
+                    data: data.clone()
+                }
+            )
+        );
+        frame[HEADER_LEN + 8 + 100] ^= 1;
+        assert!(matches!(
+            read_frame(&mut &frame[..]),
+            Err(WireError::Checksum(_))
+        ));
     }
 
     #[test]
