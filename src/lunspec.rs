@@ -403,6 +403,14 @@ impl ClaimRecord {
         if let Some(why) = &self.refuse {
             return why.clone();
         }
+        if self.writers.is_some() {
+            return format!(
+                "{lun} is written through its replication daemon `vapp {}` (pid {}), which \
+                 takes snapshot commands only in synchronous mode on a LUN that has a snapshot \
+                 pool",
+                self.command, self.pid
+            );
+        }
         format!(
             "{lun} is in use by `vapp {}` (pid {}): only that process writes it while it has \
              snapshots; stop it first",

@@ -181,11 +181,15 @@ impl Pair {
         assert_eq!(out.lines().count(), 1, "one line: {out}");
     }
 
-    /// Waits until the primary has nothing left to send.
+    /// Waits until the primary (a) has nothing left to send.
     fn in_sync(&self) -> serde_json::Value {
+        self.in_sync_from(&self.a, &self.lun_a)
+    }
+
+    fn in_sync_from(&self, site: &Site, lun: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let s = self.a.status(&self.lun_a);
+            let s = site.status(lun);
             if s["link"] == "connected" && s["out_of_sync_bytes"] == 0 {
                 return s;
             }
@@ -443,6 +447,10 @@ fn delete_stops_the_daemons_and_leaves_ordinary_luns() {
             !Path::new(&format!("{lun}.repl")).exists(),
             "metadata removed"
         );
+        assert!(
+            !Path::new(&format!("{lun}.snap")).exists(),
+            "the snapshot pool create made for the engine is removed"
+        );
         let all = site.ok(&["replica", "status", "--json"]);
         assert_eq!(all.trim(), "[]");
     }
@@ -452,4 +460,58 @@ fn delete_stops_the_daemons_and_leaves_ordinary_luns() {
     assert!(!same_bytes(&p.lun_a, &p.lun_b));
     // The listener is gone with the secondary's daemon: its port is free again.
     std::net::TcpListener::bind(Pair::addr(p.port_b)).unwrap();
+}
+
+#[test]
+fn demote_and_promote_swap_the_sites_and_writes_flow_the_other_way() {
+    let p = Pair::new();
+    p.create();
+    p.in_sync();
+    let err = p.b.fails(&["replica", "promote", &p.lun_b]);
+    assert!(err.contains("connected") && err.contains("force"), "{err}");
+    assert_eq!(p.b.status(&p.lun_b)["role"], "secondary");
+
+    p.a.ok(&["replica", "demote", &p.lun_a]);
+    p.b.ok(&["replica", "promote", &p.lun_b]);
+    assert_eq!(p.a.status(&p.lun_a)["role"], "secondary");
+    let b = p.in_sync_from(&p.b, &p.lun_b);
+    assert_eq!(b["role"], "primary");
+    let err =
+        p.a.fails(&["datastore", "format", "--name", "x", "--force", &p.lun_a]);
+    assert!(err.contains("replication secondary of"), "{err}");
+
+    // A writer of b (here an NBD export) now reaches a through b's daemon.
+    let socket = p.path("b-export.sock");
+    let mut export =
+        p.b.command()
+            .args(["export", &p.lun_b, "--socket", &socket])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("nbd"), "the export did not start: {line}");
+    let client = lun::NbdLun::connect(
+        lun::NbdTarget::Unix(socket.into()),
+        "",
+        lun::NbdOptions::default(),
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    lun::Lun::write_at(&client, &data, 5 << 20).unwrap();
+    lun::Lun::flush(&client).unwrap();
+    drop(client);
+    Command::new("kill")
+        .args(["-TERM", &export.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(export.wait().unwrap().success());
+    p.in_sync_from(&p.b, &p.lun_b);
+    let a = bytes(&p.lun_a);
+    assert_eq!(&a[5 << 20..6 << 20], &data[..], "b's write reached a");
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
 }
