@@ -338,51 +338,89 @@ fn the_secondary_refuses_every_other_writer_and_changes_nothing() {
 }
 
 #[test]
-fn a_secret_file_others_can_read_is_refused_and_nothing_is_created() {
+fn bad_input_to_create_is_refused_in_one_line_and_nothing_is_created() {
     let p = Pair::new();
     let before = bytes(&p.lun_a);
-    std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let args = |secret: &str| {
-        [
+    let run = |extra: &[&str], secret: &str| {
+        let mut args = vec![
             "replica",
             "create",
             &p.lun_a,
-            "--role",
-            "primary",
-            "--listen",
-            "127.0.0.1:7788",
-            "--peer",
-            "127.0.0.1:7789",
             "--secret-file",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .chain([secret.to_string()])
-        .collect::<Vec<String>>()
+            secret,
+            "--role",
+            "secondary",
+        ];
+        args.extend_from_slice(extra);
+        let err = p.a.fails(&args);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
     };
-    let run = |secret: &str| {
-        let a = args(secret);
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        p.a.fails(&refs)
-    };
-    let err = run(&p.secret);
+    let addrs = ["--listen", "127.0.0.1:1", "--peer", "127.0.0.1:2"];
+
+    std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run(&addrs, &p.secret);
     assert!(
-        err.contains(&p.secret) && err.contains("0644") && err.lines().count() == 1,
-        "one line naming the file and its mode: {err}"
+        err.contains(&p.secret) && err.contains("0644"),
+        "names the file and its mode: {err}"
     );
+    std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let empty = p.path("empty");
     std::fs::write(&empty, "\n").unwrap();
     std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = run(&empty);
+    let err = run(&addrs, &empty);
     assert!(err.contains("empty"), "{err}");
+
+    let err = run(
+        &["--listen", "127.0.0.1:1", "--peer", "no-such-host"],
+        &p.secret,
+    );
+    assert!(
+        err.contains("--peer") && err.contains("no-such-host"),
+        "{err}"
+    );
+    // An address this machine does not have: the daemon's own error, and nothing left.
+    let err = run(
+        &["--listen", "192.0.2.1:7788", "--peer", "127.0.0.1:2"],
+        &p.secret,
+    );
+    assert!(err.contains("cannot listen on 192.0.2.1:7788"), "{err}");
+    let small = p.path("small.meta");
+    std::fs::write(&small, [0u8; 4096]).unwrap();
+    let mut with_meta = addrs.to_vec();
+    with_meta.extend_from_slice(&["--meta", &small]);
+    let err = run(&with_meta, &p.secret);
+    assert!(
+        err.contains("small.meta") && err.contains("too small"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&small).unwrap(), [0u8; 4096]);
+
+    // The LUN held by another writer process.
+    let socket = p.path("a.sock");
+    let mut export =
+        p.a.command()
+            .args(["export", &p.lun_a, "--socket", &socket])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let err = run(&addrs, &p.secret);
+    let _ = export.kill();
+    let _ = export.wait();
+    assert!(err.contains("vapp export"), "names the writer: {err}");
 
     let nothing = |path: &Path| !path.exists() || std::fs::read_dir(path).unwrap().next().is_none();
     assert!(nothing(&p.a.registry()), "no registry entry");
-    assert!(
-        !Path::new(&format!("{}.repl", p.lun_a)).exists(),
-        "no metadata"
-    );
-    assert_eq!(bytes(&p.lun_a), before);
+    for leftover in ["a.img.repl", "a.img.snap"] {
+        assert!(!Path::new(&p.path(leftover)).exists(), "{leftover} left");
+    }
+    assert!(bytes(&p.lun_a) == before, "the LUN is unchanged");
     // An ordinary LUN still: a writer opens it directly.
     p.a.ok(&["datastore", "format", "--name", "plain", &p.lun_a]);
 }

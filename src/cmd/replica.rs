@@ -698,6 +698,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     };
     save(&spec, &cfg)?;
     undo.files.push(config_path(&spec));
+    undo.files.push(log_path(&spec));
     drop(claim);
     let pid = start_daemon(&spec)?;
     undo.armed = false;
