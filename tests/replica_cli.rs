@@ -614,3 +614,62 @@ fn a_group_runs_in_one_daemon_and_a_command_on_one_member_acts_on_all() {
     let s = p.in_sync_from(&p.a, &a2);
     assert_eq!(s["running"], true);
 }
+
+#[test]
+fn asynchronous_mode_ships_delta_sets_until_the_replica_equals_the_primary() {
+    let p = Pair::new();
+    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
+    p.b.ok(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "secondary",
+        "--listen",
+        &b,
+        "--peer",
+        &a,
+        "--secret-file",
+        &p.secret,
+        "--mode",
+        "async",
+    ]);
+    p.a.ok(&[
+        "replica",
+        "create",
+        &p.lun_a,
+        "--role",
+        "primary",
+        "--listen",
+        &a,
+        "--peer",
+        &b,
+        "--secret-file",
+        &p.secret,
+        "--mode",
+        "async",
+        "--period",
+        "200ms",
+    ]);
+    for lun in [&p.lun_a, &p.lun_b] {
+        assert!(
+            Path::new(&format!("{lun}.snap")).exists(),
+            "async mode makes a snapshot pool beside each file"
+        );
+    }
+    p.in_sync();
+    p.a.ok(&["datastore", "format", "--name", "async", &p.lun_a]);
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/shipped"]);
+    let s = p.in_sync();
+    assert_eq!(s["mode"], "async");
+    assert_eq!(s["period_ms"], 200);
+    assert!(s["rpo_ms"].as_u64().is_some(), "{s}");
+    let b = p.b.status(&p.lun_b);
+    assert!(
+        b["delta_id"].as_u64().unwrap() > 0,
+        "delta sets applied: {b}"
+    );
+    assert!(b["point_in_time_ms"].as_u64().is_some(), "{b}");
+    assert_eq!(b["inconsistent"], false);
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}

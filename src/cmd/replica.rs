@@ -293,7 +293,10 @@ impl StatusJson {
             .into(),
             out_of_sync_bytes: 0,
             rpo_ms: None,
-            resync: ResyncJson::default(),
+            resync: ResyncJson {
+                fraction: 1.0,
+                ..ResyncJson::default()
+            },
             bytes_resynced: 0,
             peer_regions_discarded: 0,
             last_error: Some("the daemon is not running; vapp replica resume starts it".into()),
@@ -715,7 +718,22 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     if let Some(member) = &running_group {
         stop_daemon(member)?;
     }
-    let pid = start_daemon(&spec)?;
+    let pid = match start_daemon(&spec) {
+        Ok(pid) => pid,
+        Err(e) => {
+            // The group goes on as it was.
+            drop(undo);
+            if let Some(member) = &running_group
+                && let Err(again) = start_daemon(member)
+            {
+                tracing::warn!(
+                    error = format!("{again:#}"),
+                    "cannot restart the group's daemon"
+                );
+            }
+            return Err(e);
+        }
+    };
     undo.armed = false;
     let what = match cfg.role {
         Role::Primary => format!("primary, replicating to {}", cfg.peer),
