@@ -431,7 +431,8 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     let p = Pair::new();
     p.create();
     p.a.ok(&["datastore", "format", "--name", "site-a", &p.lun_a]);
-    let pid = p.in_sync()["pid"].as_u64().unwrap();
+    let live = p.in_sync();
+    let pid = live["pid"].as_u64().unwrap();
     assert!(
         Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -446,6 +447,10 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     }
     let s = p.a.status(&p.lun_a);
     assert!(s["pid"].is_null(), "{s}");
+    assert_eq!(
+        s["generation"], live["generation"],
+        "a stopped daemon's status reads its metadata"
+    );
     // With the daemon gone, nothing writes the LUN around replication.
     let err = p.a.fails(&["-d", &p.lun_a, "mkdir", "/lost"]);
     assert!(

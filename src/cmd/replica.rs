@@ -983,7 +983,32 @@ fn status_of(cfg: &Config) -> StatusJson {
             status: Some(s),
             ..
         }) => s,
-        _ => StatusJson::offline(cfg),
+        _ => {
+            let mut s = StatusJson::offline(cfg);
+            // The metadata says how far apart the sites are, even with the daemon down.
+            let meta = lunspec::open_raw(&cfg.meta, true)
+                .and_then(|m| Ok(replication::offline_status(m)?));
+            if let Ok(m) = meta {
+                s.generation = GenerationJson {
+                    current: m.gens.current,
+                    bitmap: m.gens.bitmap,
+                    history: m.gens.history,
+                };
+                if m.primary {
+                    s.out_of_sync_bytes = m.bytes_waiting;
+                    if m.fractured {
+                        s.link = "fractured".into();
+                    }
+                } else {
+                    s.secondary = Some(SecondaryJson {
+                        inconsistent: m.inconsistent,
+                        point_in_time_ms: (m.delta_cut_ms > 0).then_some(m.delta_cut_ms),
+                        delta_id: m.delta_id,
+                    });
+                }
+            }
+            s
+        }
     }
 }
 
