@@ -325,6 +325,36 @@ impl Backoff {
     }
 }
 
+/// A peer that does not even take a TCP connection, found without the engine's lock: the
+/// engine connects holding it, so its connect timeout against a silent peer would stall
+/// every writer. Probed only after an attempt failed, as each probe is a connection the
+/// secondary sees and drops.
+fn unreachable(members: &[Arc<Member>]) -> Option<replication::ReplError> {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    for m in members {
+        if lock(&m.connect_error).is_none() {
+            continue;
+        }
+        let peer = lock(&m.cfg).peer.clone();
+        let addr = match replica::resolve(&peer, "--peer") {
+            Ok(addr) => addr,
+            Err(e) => {
+                return Some(replication::ReplError::LinkDown {
+                    peer,
+                    reason: format!("{e:#}"),
+                });
+            }
+        };
+        if let Err(e) = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            return Some(replication::ReplError::LinkDown {
+                peer: format!("tcp://{addr}"),
+                reason: format!("connect: {e}"),
+            });
+        }
+    }
+    None
+}
+
 fn record_connect(members: &[&Member], outcome: &replication::Result<()>) {
     for m in members {
         let mut last = lock(&m.connect_error);
@@ -374,9 +404,12 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
         let states: Vec<LinkState> = primaries.iter().map(|p| p.link_state()).collect();
         let fractured = states.contains(&LinkState::Fractured);
         if !fractured && states.contains(&LinkState::Disconnected) && backoff.due() {
-            let outcome = match &group {
-                Some(g) => g.connect(),
-                None => primaries[0].connect().map(drop),
+            let outcome = match unreachable(&d.members) {
+                Some(e) => Err(e),
+                None => match &group {
+                    Some(g) => g.connect(),
+                    None => primaries[0].connect().map(drop),
+                },
             };
             record_connect(&all, &outcome);
             match outcome {

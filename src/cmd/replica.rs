@@ -415,8 +415,10 @@ impl Routed {
 }
 
 impl Lun for Routed {
+    /// The LUN as the user named it, not the daemon's private socket: errors and
+    /// advice (`datastore resignature LUN`) name what the user can act on.
     fn name(&self) -> &str {
-        self.inner.name()
+        &self.spec.typed
     }
     fn sector_size(&self) -> u32 {
         self.inner.sector_size()

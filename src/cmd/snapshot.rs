@@ -345,7 +345,10 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                     Err(e) => return Err(e),
                 },
                 // A replication daemon that serves no snapshot commands will not start to.
-                None if holder.writers.is_some() || std::time::Instant::now() > deadline => {
+                None if holder.writers.is_some()
+                    || holder.refuse.is_some()
+                    || std::time::Instant::now() > deadline =>
+                {
                     bail!("{}", holder.refusal(&spec.typed))
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),
