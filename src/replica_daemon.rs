@@ -240,23 +240,29 @@ fn open_primary(m: &Member, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Resul
     };
     let mut service = None;
     let primary = match (cfg.mode, lunspec::existing_pool(spec)?) {
-        (ModeName::Sync, Some(pool)) => {
-            let snaps = lunspec::open_engine(spec, raw.clone(), &pool)?;
-            let primary = opened(snaps.source(), peer)?;
-            service = Some(crate::cmd::snapshot::Service::in_use(
-                spec.clone(),
-                raw.clone(),
-                snaps,
-                crate::cmd::snapshot::InUse {
-                    who: "vapp replica run".into(),
-                    advice: "a replicated LUN is rolled back by promoting its replica or \
+        (ModeName::Sync, _) => {
+            // Snapshot commands reach this daemon; the first one puts the engine under the
+            // replicated write, as under an export.
+            let snapshots = crate::cmd::snapshot::Service::open(spec.clone(), raw.clone(), None)?;
+            let below = match snapshots.engine() {
+                Some(snaps) => snaps.source(),
+                None => raw.clone(),
+            };
+            let switch = Arc::new(lun::SwitchLun::new(below));
+            let primary = opened(switch.clone(), peer)?;
+            service = Some(
+                snapshots.in_use_through(
+                    switch,
+                    crate::cmd::snapshot::InUse {
+                        who: "vapp replica run".into(),
+                        advice: "a replicated LUN is rolled back by promoting its replica or \
                              after vapp replica delete"
-                        .into(),
-                },
-            ));
+                            .into(),
+                    },
+                ),
+            );
             primary
         }
-        (ModeName::Sync, None) => opened(raw.clone(), peer)?,
         (ModeName::Async, Some(pool)) => {
             let pool_lun = lunspec::open_raw(&pool, false)?;
             let snaps = snapshot::Snapshots::open(raw.clone(), pool_lun)

@@ -546,6 +546,16 @@ impl Service {
         }
     }
 
+    /// This service in a process whose writers go through `switch`, onto which the first
+    /// session puts the engine (a replication daemon's primary, as an export).
+    pub fn in_use_through(self, switch: Arc<SwitchLun>, user: InUse) -> Service {
+        Service {
+            switch: Some(switch),
+            user: Some(user),
+            ..self
+        }
+    }
+
     pub fn engine(&self) -> Option<Arc<Snapshots>> {
         self.engine
             .lock()
@@ -850,7 +860,7 @@ pub fn print_listing(l: &Listing) -> anyhow::Result<()> {
         l.pool_total_chunks - l.pool_used_chunks,
     )?;
     if let Some(pid) = l.served_by {
-        outln!("served by vapp export (pid {pid})")?;
+        outln!("served by pid {pid}, which holds the LUN")?;
     }
     if let Some(r) = &l.rollback {
         outln!(
