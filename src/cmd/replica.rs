@@ -538,10 +538,8 @@ pub fn run(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
                 discard_local: a.discard_local,
             },
         ),
-        ReplicaCommand::Resolve(a) => {
-            debug_assert!(a.discard_local);
-            simple(&a.lun, Request::Resolve)
-        }
+        // clap requires --discard-local: the flag is the operator saying what is lost.
+        ReplicaCommand::Resolve(a) => simple(&a.lun, Request::Resolve),
         ReplicaCommand::Run(a) => crate::replica_daemon::run(&a.lun),
     }
 }
