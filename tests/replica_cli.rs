@@ -489,6 +489,25 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     assert_eq!(s["link"], "fractured");
     assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(!same_bytes(&p.lun_a, &p.lun_b));
+    // ...across a restart too: a daemon stopped by SIGTERM comes back still fractured.
+    let pid = s["pid"].as_u64().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.a.status(&p.lun_a)["running"] == true {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = p.a.status(&p.lun_a);
+    assert_eq!(s["link"], "fractured", "read from the metadata: {s}");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0, "{s}");
+    p.a.ok(&["replica", "resume", &p.lun_a]);
+    assert_eq!(p.a.status(&p.lun_a)["link"], "fractured");
     p.a.ok(&["replica", "resume", &p.lun_a]);
     p.in_sync();
     assert!(same_bytes(&p.lun_a, &p.lun_b));
