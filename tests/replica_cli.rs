@@ -755,6 +755,15 @@ fn a_fracture_lets_the_secondary_take_over_and_split_brain_waits_for_resolve() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(refused["link"], "disconnected", "{refused}");
+    // A refused primary does not stay connected (it retries now and then, briefly).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.a.status(&p.lun_a)["link"] != "waiting" {
+        assert!(
+            Instant::now() < deadline,
+            "a refused primary stays connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!same_bytes(&p.lun_a, &p.lun_b));
 
     // a gives up what only it wrote; b's data wins everywhere.
