@@ -682,7 +682,7 @@ fn a_group_runs_in_one_daemon_and_a_command_on_one_member_acts_on_all() {
 #[test]
 fn asynchronous_mode_ships_delta_sets_until_the_replica_equals_the_primary() {
     let p = Pair::new();
-    // Small LUNs: the first delta set after the initial sync ships every region again.
+    // Small LUNs keep the initial sync (and its pre-resync snapshot's copies) short.
     for lun in [&p.lun_a, &p.lun_b] {
         std::fs::File::options()
             .write(true)
