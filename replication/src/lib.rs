@@ -15,7 +15,8 @@
 //! identifiers (current, bitmap, history) say on reconnect who has the newer data and
 //! detect split brain, which is refused, never resolved silently. A resync
 //! (`resync.rs`) is a persisted state machine over the bitmap; the secondary takes a
-//! `pre-resync` snapshot of the replica before it becomes inconsistent.
+//! `pre-resync` snapshot of the replica before it becomes inconsistent (unless it never
+//! held data).
 //!
 //! The engine talks to the other site through the [`Peer`] trait: [`LocalPeer`] in
 //! process, [`TcpPeer`] over TCP with a shared-secret HMAC-SHA256 challenge-response
@@ -346,6 +347,32 @@ impl PrimaryLun {
             last_error: g.last_error.clone(),
         }
     }
+}
+
+/// What a link's metadata says while no process has it open (the status of a stopped
+/// daemon). Read only; the regions of a crashed primary's activity log are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineStatus {
+    pub primary: bool,
+    pub gens: Gens,
+    pub fractured: bool,
+    pub inconsistent: bool,
+    pub bytes_waiting: u64,
+    pub delta_id: u64,
+    pub delta_cut_ms: u64,
+}
+
+pub fn offline_status(meta: Arc<dyn Lun>) -> Result<OfflineStatus> {
+    let m = MetaStore::open(meta)?;
+    Ok(OfflineStatus {
+        primary: m.flags() & FLAG_PRIMARY != 0,
+        gens: m.header.gens,
+        fractured: m.flags() & FLAG_FRACTURED != 0,
+        inconsistent: m.flags() & meta::FLAG_INCONSISTENT != 0,
+        bytes_waiting: m.dirty_count() * m.region_size(),
+        delta_id: m.header.delta_id,
+        delta_cut_ms: m.header.delta_cut_ms,
+    })
 }
 
 /// Reads a shared secret from a file: its bytes less a trailing newline. Refuses an

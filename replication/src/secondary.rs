@@ -160,6 +160,11 @@ impl Secondary {
         }
     }
 
+    /// True while an authenticated primary is connected.
+    pub fn is_connected(&self) -> bool {
+        self.lock().session
+    }
+
     pub fn gens(&self) -> Gens {
         self.lock().meta.header.gens
     }
@@ -471,11 +476,11 @@ impl Secondary {
             }),
             Message::ResyncBegin { regions } => {
                 if g.meta.flags() & FLAG_INCONSISTENT == 0 {
-                    // A replica that never held a primary's point in time (generation
-                    // 0: the initial sync) has nothing to keep, and snapshotting it would
-                    // copy every region into the pool first.
-                    let held_a_point = g.meta.header.gens.current != 0;
-                    if let Some(s) = g.snaps.as_ref().filter(|_| held_a_point) {
+                    // A replica that never held a point in time (generation 0, the initial
+                    // sync) has nothing to protect: a snapshot would only copy every chunk.
+                    if let Some(s) = &g.snaps
+                        && g.meta.header.gens.current != 0
+                    {
                         if s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT) {
                             s.delete_session(PRE_RESYNC_SNAPSHOT)?;
                         }

@@ -344,7 +344,11 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                     }
                     Err(e) => return Err(e),
                 },
-                None if std::time::Instant::now() > deadline => {
+                // A replication daemon that serves no snapshot commands will not start to.
+                None if holder.writers.is_some()
+                    || holder.refuse.is_some()
+                    || std::time::Instant::now() > deadline =>
+                {
                     bail!("{}", holder.refusal(&spec.typed))
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),
@@ -539,6 +543,16 @@ impl Service {
             user: Some(user),
             session_servers: Mutex::default(),
             users: None,
+        }
+    }
+
+    /// This service in a process whose writers go through `switch`, onto which the first
+    /// session puts the engine (a replication daemon's primary, as an export).
+    pub fn in_use_through(self, switch: Arc<SwitchLun>, user: InUse) -> Service {
+        Service {
+            switch: Some(switch),
+            user: Some(user),
+            ..self
         }
     }
 
@@ -846,7 +860,7 @@ pub fn print_listing(l: &Listing) -> anyhow::Result<()> {
         l.pool_total_chunks - l.pool_used_chunks,
     )?;
     if let Some(pid) = l.served_by {
-        outln!("served by vapp export (pid {pid})")?;
+        outln!("served by pid {pid}, which holds the LUN")?;
     }
     if let Some(r) = &l.rollback {
         outln!(
@@ -947,10 +961,17 @@ pub fn export(
         return serve(lunspec::open(typed, !read_only)?);
     }
     let mut claim = match Claim::take(&spec)? {
-        Ok(claim) => claim,
+        Ok(claim) => {
+            super::replica::refuse_write_without_daemon(&spec)?;
+            claim
+        }
         // Another process serves a LUN without snapshots: this one serves it too, as any
         // direct writer, and the first snapshot waits until it is alone.
         Err(_) if lunspec::existing_pool(&spec)?.is_none() => {
+            return serve(lunspec::open(typed, true)?);
+        }
+        // A replicated LUN is served through its replication daemon (or refused by it).
+        Err(holder) if holder.writers.is_some() || holder.refuse.is_some() => {
             return serve(lunspec::open(typed, true)?);
         }
         Err(holder) => bail!("cannot export {typed}: {}", holder.refusal(&spec.typed)),
