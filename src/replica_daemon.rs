@@ -231,8 +231,11 @@ fn open_primary(m: &Member, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Resul
     let peer_addr = replica::resolve(&cfg.peer, "--peer")?;
     let raw = lunspec::open_raw(&spec.source, false)?;
     let meta = lunspec::open_raw(&cfg.meta, false)?;
-    let peer =
-        Box::new(TcpPeer::new(peer_addr, secret).with_retries(1, Duration::from_millis(100)));
+    let mut peer = TcpPeer::new(peer_addr, secret).with_retries(1, Duration::from_millis(100));
+    if let Some(limit) = cfg.bandwidth_limit {
+        peer = peer.with_bandwidth_limit(limit);
+    }
+    let peer = Box::new(peer);
     let policy = cfg.policy.engine();
     let opened = |local: Arc<dyn Lun>, peer| {
         PrimaryLun::open(local, meta.clone(), peer, policy)

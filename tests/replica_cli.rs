@@ -882,3 +882,71 @@ fn sites_with_different_secrets_never_replicate_and_say_why() {
     assert_eq!(p.b.status(&p.lun_b)["link"], "waiting");
     assert!(bytes(&p.lun_b) == before, "nothing reached the other site");
 }
+
+#[test]
+fn a_bandwidth_limit_paces_the_initial_sync() {
+    let p = Pair::new();
+    let data = random_file(&p.path("data.bin"), 2 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.lun_a)
+            .unwrap();
+        f.write_all_at(&data, 1 << 20).unwrap();
+    }
+    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
+    p.b.ok(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "secondary",
+        "--listen",
+        &b,
+        "--peer",
+        &a,
+        "--secret-file",
+        &p.secret,
+    ]);
+    let create_a = |limit: &str| {
+        p.a.vapp(&[
+            "replica",
+            "create",
+            &p.lun_a,
+            "--role",
+            "primary",
+            "--listen",
+            &a,
+            "--peer",
+            &b,
+            "--secret-file",
+            &p.secret,
+            "--bandwidth-limit",
+            limit,
+        ])
+    };
+    let refused = create_a("0");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--bandwidth-limit 0"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let started = Instant::now();
+    let out = create_a("1M");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = p.in_sync();
+    let took = started.elapsed();
+    assert_eq!(status["bandwidth_limit"], 1 << 20, "{status}");
+    // 2 MiB at 1 MiB/s: the first second's window lets a little through early.
+    assert!(
+        took >= Duration::from_millis(1200),
+        "2 MiB at 1 MiB/s took {took:?}"
+    );
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}

@@ -110,6 +110,10 @@ pub struct CreateArgs {
     /// The replication metadata (default for a file LUN: LUN.repl beside it).
     #[arg(long)]
     pub meta: Option<String>,
+    /// Caps what this side sends, in bytes per second (K, M, G suffixes): writes,
+    /// resyncs and delta sets share it.
+    #[arg(long)]
+    pub bandwidth_limit: Option<String>,
 }
 
 #[derive(Args)]
@@ -169,6 +173,9 @@ pub struct Config {
     /// sessions of the user's.
     #[serde(default)]
     pub made_pool: Option<String>,
+    /// Bytes per second this side sends at most, if limited.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
 }
 
 /// A request to a daemon, one JSON line.
@@ -237,6 +244,9 @@ pub struct StatusJson {
     pub peer: String,
     pub listen: String,
     pub policy: PolicyName,
+    /// Bytes per second this side sends at most, if limited.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
     pub group: Option<String>,
     pub link: String,
     pub out_of_sync_bytes: u64,
@@ -285,6 +295,7 @@ impl StatusJson {
             peer: cfg.peer.clone(),
             listen: cfg.listen.clone(),
             policy: cfg.policy,
+            bandwidth_limit: cfg.bandwidth_limit,
             group: cfg.group.clone(),
             link: match cfg.role {
                 Role::Primary => "disconnected",
@@ -602,6 +613,13 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     if period.is_zero() {
         bail!("--period {}: must be above zero", args.period);
     }
+    let bandwidth_limit = match &args.bandwidth_limit {
+        Some(text) => match super::datastore::parse_size(text)? {
+            0 => bail!("--bandwidth-limit {text}: must be above zero"),
+            n => Some(n),
+        },
+        None => None,
+    };
 
     // This process is the LUN's only user while the link is set up.
     let claim = match Claim::take(&spec)? {
@@ -719,6 +737,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         group: args.group.clone(),
         meta: meta_location,
         made_pool,
+        bandwidth_limit,
     };
     save(&spec, &cfg)?;
     undo.files.push(config_path(&spec));
