@@ -282,6 +282,7 @@ fn open_primary(m: &Member, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Resul
         ),
     };
     let primary = Arc::new(primary);
+    primary.set_compare_before_copy(cfg.skip_matching);
     // Writers reach the LUN only through the replicated write.
     let socket = lunspec::writers_socket(spec);
     let served: Arc<dyn Lun> = primary.clone();

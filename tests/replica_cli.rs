@@ -950,3 +950,48 @@ fn a_bandwidth_limit_paces_the_initial_sync() {
     );
     assert!(same_bytes(&p.lun_a, &p.lun_b));
 }
+
+#[test]
+fn skip_matching_seeds_a_replica_from_a_copy_without_sending_it_again() {
+    let p = Pair::new();
+    let data = random_file(&p.path("data.bin"), 2 << 20);
+    for lun in [&p.lun_a, &p.lun_b] {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(lun).unwrap();
+        f.write_all_at(&data, 3 << 20).unwrap();
+    }
+    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
+    p.b.ok(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "secondary",
+        "--listen",
+        &b,
+        "--peer",
+        &a,
+        "--secret-file",
+        &p.secret,
+    ]);
+    p.a.ok(&[
+        "replica",
+        "create",
+        &p.lun_a,
+        "--role",
+        "primary",
+        "--listen",
+        &a,
+        "--peer",
+        &b,
+        "--secret-file",
+        &p.secret,
+        "--skip-matching",
+    ]);
+    let status = p.in_sync();
+    assert_eq!(
+        status["bytes_resynced"], 0,
+        "the seeded copy matched: {status}"
+    );
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}

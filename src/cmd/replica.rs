@@ -114,6 +114,10 @@ pub struct CreateArgs {
     /// resyncs and delta sets share it.
     #[arg(long)]
     pub bandwidth_limit: Option<String>,
+    /// Resyncs (the initial sync above all) skip regions whose checksum already matches
+    /// the peer's: for a replica seeded from a copy. One round trip per region.
+    #[arg(long)]
+    pub skip_matching: bool,
 }
 
 #[derive(Args)]
@@ -176,6 +180,9 @@ pub struct Config {
     /// Bytes per second this side sends at most, if limited.
     #[serde(default)]
     pub bandwidth_limit: Option<u64>,
+    /// Resyncs skip regions whose checksum matches the peer's.
+    #[serde(default)]
+    pub skip_matching: bool,
 }
 
 /// A request to a daemon, one JSON line.
@@ -738,6 +745,7 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         meta: meta_location,
         made_pool,
         bandwidth_limit,
+        skip_matching: args.skip_matching,
     };
     save(&spec, &cfg)?;
     undo.files.push(config_path(&spec));
