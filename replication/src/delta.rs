@@ -197,11 +197,17 @@ impl PrimaryLun {
         let rs = g.meta.region_size();
         let size = self.local.size();
         let end = (d.sent + max_regions.max(1)).min(d.regions.len());
+        // Pipelined, as a resync step: writers wait for the step, not for a round trip
+        // per region.
+        let mut answers = Vec::with_capacity(end - d.sent);
         for &r in &d.regions[d.sent..end] {
             let offset = r * rs;
             let mut data = vec![0u8; rs.min(size - offset) as usize];
             view.read_at(&mut data, offset)?;
-            let reply = g.peer.call(&Message::DeltaData { offset, data })?;
+            answers.push(g.peer.submit(&Message::DeltaData { offset, data })?);
+        }
+        for answer in answers {
+            let reply = answer.wait()?;
             expect_ok(&mut *g.peer, reply)?;
         }
         d.sent = end;
