@@ -59,8 +59,6 @@ struct Member {
     side: Mutex<Option<Side>>,
     /// Why the last connection attempt failed; cleared when one succeeds.
     connect_error: Mutex<Option<String>>,
-    /// When the running resync began and how many regions it had then, for its ETA.
-    resync_clock: Mutex<Option<(Instant, u64)>>,
     /// Makes a writer's compare-and-write one step against the others'.
     compare_and_write: Mutex<()>,
 }
@@ -132,7 +130,6 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
                     cfg: Mutex::new(cfg.clone()),
                     side: Mutex::new(None),
                     connect_error: Mutex::new(None),
-                    resync_clock: Mutex::new(None),
                     compare_and_write: Mutex::new(()),
                 })
             })
@@ -427,13 +424,8 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
             }
             resyncing = true;
             match p.resync_step(RESYNC_STEP) {
-                Ok(r) if r.regions_left == 0 => {
-                    info!(lun = %m.spec.typed, "resync done");
-                    *lock(&m.resync_clock) = None;
-                }
-                Ok(r) => {
-                    lock(&m.resync_clock).get_or_insert((Instant::now(), r.regions_left));
-                }
+                Ok(r) if r.regions_left == 0 => info!(lun = %m.spec.typed, "resync done"),
+                Ok(_) => {}
                 Err(e) => {
                     warn!(lun = %m.spec.typed, error = %e, "resync step failed");
                     std::thread::sleep(Duration::from_millis(100));
@@ -839,12 +831,7 @@ fn status(m: &Member) -> StatusJson {
             s.out_of_sync_bytes = st.bytes_waiting;
             s.rpo_ms = st.rpo.map(|r| r.as_millis() as u64);
             let left = st.resync.regions_left;
-            let eta_s = lock(&m.resync_clock).and_then(|(since, first)| {
-                let done = first.saturating_sub(left);
-                (done > 0 && st.link == LinkState::Resyncing).then(|| {
-                    (since.elapsed().as_secs_f64() * left as f64 / done as f64).ceil() as u64
-                })
-            });
+            let eta_s = p.resync_eta().map(|d| d.as_secs_f64().ceil() as u64);
             s.resync = ResyncJson {
                 regions_total: st.resync.regions_total,
                 regions_left: left,

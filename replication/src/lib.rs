@@ -164,12 +164,6 @@ pub struct ResyncProgress {
 }
 
 impl ResyncProgress {
-    /// Time left at `bytes_per_sec` (see [`PrimaryLun::resync_rate`]).
-    pub fn eta(&self, bytes_per_sec: f64) -> Option<std::time::Duration> {
-        (bytes_per_sec > 0.0)
-            .then(|| std::time::Duration::from_secs_f64(self.bytes_left as f64 / bytes_per_sec))
-    }
-
     /// From 0.0 to 1.0.
     pub fn fraction(&self) -> f64 {
         if self.regions_total == 0 {
@@ -314,18 +308,18 @@ impl PrimaryLun {
         g.link
     }
 
-    /// Bytes per second the running resync copies, averaged since it started copying:
-    /// with [`ResyncProgress::bytes_left`], an ETA. `None` when no resync runs or it
-    /// has copied nothing yet.
-    pub fn resync_rate(&self) -> Option<f64> {
+    /// How long the running resync still needs at the pace it has kept since it started
+    /// copying, counted in regions (a thin LUN's holes cost little, but they count).
+    /// `None` when no resync runs or it has finished no region yet.
+    pub fn resync_eta(&self) -> Option<std::time::Duration> {
         let g = self.lock();
         if g.link != LinkState::Resyncing {
             return None;
         }
-        let (since, bytes) = g.resync_clock?;
-        let secs = since.elapsed().as_secs_f64();
-        let copied = g.bytes_resynced.saturating_sub(bytes);
-        (secs > 0.0 && copied > 0).then(|| copied as f64 / secs)
+        let (since, left_then) = g.resync_clock?;
+        let left = g.meta.dirty_count();
+        let done = left_then.saturating_sub(left);
+        (done > 0).then(|| since.elapsed().mul_f64(left as f64 / done as f64))
     }
 
     pub fn status(&self) -> Status {

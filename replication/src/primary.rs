@@ -73,7 +73,7 @@ pub(crate) struct Inner {
     pub next_ticket: u64,
     /// Bumped each time the link is lost, so a write in flight learns it was.
     pub link_epoch: u64,
-    /// When the running resync started copying and `bytes_resynced` then: its rate.
+    /// When the running resync started copying and the regions it had left then: its pace.
     pub resync_clock: Option<(std::time::Instant, u64)>,
 }
 

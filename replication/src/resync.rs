@@ -187,7 +187,7 @@ impl PrimaryLun {
             return Ok(progress(&g));
         }
         if g.resync_clock.is_none() {
-            g.resync_clock = Some((std::time::Instant::now(), g.bytes_resynced));
+            g.resync_clock = Some((std::time::Instant::now(), g.meta.dirty_count()));
         }
         let rs = g.meta.region_size();
         let mut sent = Vec::new();
