@@ -16,6 +16,8 @@ use crate::{LinkState, ResyncProgress};
 
 /// Regions copied between two persists of the bitmap.
 const STEP_REGIONS: u64 = 64;
+/// Dirty regions one hole message may cover: 256 MiB of 64 KiB regions.
+const HOLE_RUN: u64 = 4096;
 
 impl PrimaryLun {
     /// Brings the link up: authenticates (the transport's job), compares generations and,
@@ -196,17 +198,26 @@ impl PrimaryLun {
             // The step's regions are pipelined: each is sent without waiting for the
             // answer to the one before, and the answers are checked at the end.
             let mut answers = Vec::new();
-            while (sent.len() as u64) < max_regions.max(1) {
+            let size = self.local.size();
+            let mut steps = 0u64;
+            while steps < max_regions.max(1) {
                 let Some(r) = g.meta.next_dirty(cursor) else {
                     break;
                 };
+                steps += 1;
                 cursor = r + 1;
                 let offset = r * rs;
-                let len = rs.min(self.local.size() - offset);
-                // A thin LUN's holes cross as holes, unread.
-                let msg = if !self.local.may_hold_data(offset, len)? {
-                    Message::ResyncZero { offset, len }
-                } else {
+                let len = rs.min(size - offset);
+                // A thin LUN's holes cross as holes, unread, a run of dirty ones at once.
+                let hole = self.hole_run(&g.meta, r)?;
+                if hole > 0 {
+                    let len = (hole * rs).min(size - offset);
+                    answers.push(g.peer.submit(&Message::ResyncZero { offset, len })?);
+                    sent.extend((r..r + hole).map(|h| (h, 0)));
+                    cursor = r + hole;
+                    continue;
+                }
+                let msg = {
                     let mut data = vec![0u8; len as usize];
                     self.local.read_at(&mut data, offset)?;
                     if g.compare_before_copy {
@@ -270,6 +281,30 @@ impl PrimaryLun {
             info!(lun = %self.name, bytes = g.bytes_resynced, "resync complete; link in sync");
         }
         Ok(progress(&g))
+    }
+
+    /// How many dirty regions from `first` on are holes of a thin LUN, up to
+    /// [`HOLE_RUN`]: halving the span until the backend calls it a hole (0: `first` may
+    /// hold data).
+    fn hole_run(&self, meta: &crate::meta::MetaStore, first: u64) -> Result<u64> {
+        let rs = meta.region_size();
+        let size = self.local.size();
+        let mut end = first + 1;
+        while end < meta.regions() && end - first < HOLE_RUN && meta.is_dirty(end) {
+            end += 1;
+        }
+        let mut span = end - first;
+        loop {
+            let offset = first * rs;
+            let len = (span * rs).min(size - offset);
+            if !self.local.may_hold_data(offset, len)? {
+                return Ok(span);
+            }
+            if span == 1 {
+                return Ok(0);
+            }
+            span /= 2;
+        }
     }
 
     /// Runs the resync to its end.
