@@ -480,8 +480,9 @@ fn an_initial_sync_of_a_thin_lun_reads_and_sends_only_what_was_written() {
     );
     assert_eq!(a.status().bytes_resynced, 2 * MIB);
     let sent = bytes.load(Ordering::SeqCst);
+    // The 62 MiB of holes cross as a few runs, not a frame per region (40 KiB of them).
     assert!(
-        sent < 2 * MIB + MIB / 4,
+        sent < 2 * MIB + 8 * 1024,
         "{sent} bytes on the wire for 2 MiB of data"
     );
 }
