@@ -1,0 +1,600 @@
+//! Two-site replication as an operator runs it: site A and site B are network namespaces
+//! joined by one veth pair, each with its own vapp registry and runtime directory, and
+//! every step is a `vapp replica` command run inside its site. Writers reach site A's LUN
+//! through `vapp export`, so their writes go through the primary daemon; the replica is
+//! judged by what a user cares about: the bytes at site B, the status the CLI prints,
+//! fsck of a datastore on it.
+#![allow(clippy::unwrap_used)]
+
+mod replica_support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lun::Lun;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use replica_support::*;
+
+/// Two sites with a LUN of `size` at each, the same secret, B a secondary and A its
+/// primary (`extra` given to both creates), connected and in sync.
+struct Pair {
+    sites: Sites,
+    a: String,
+    b: String,
+}
+
+fn pair(size: u64, extra: &[&str]) -> Pair {
+    let sites = Sites::new();
+    let a = sites.a.lun("a.lun", size);
+    let b = sites.b.lun("b.lun", size);
+    sites.a.secret("secret", "replication secret of the pair");
+    sites.b.secret("secret", "replication secret of the pair");
+    sites.b.create(&b, "secondary", &sites.a, extra);
+    sites.a.create(&a, "primary", &sites.b, extra);
+    sites.a.wait_in_sync(&a, Duration::from_secs(60));
+    Pair { sites, a, b }
+}
+
+fn random_blocks(seed: u64, span: u64) -> impl FnMut(u64) -> u64 + Send + 'static {
+    let mut rng = StdRng::seed_from_u64(seed);
+    move |_| rng.random_range(0..span / BLOCK) * BLOCK
+}
+
+/// `replica promote` at B, with --force only when B still believes a primary is there.
+fn promote(site: &Site, lun: &str) {
+    let out = site.vapp(&["replica", "promote", lun]);
+    if !out.status.success() {
+        site.ok(&["replica", "promote", lun, "--force"]);
+    }
+    site.wait(lun, "a running primary", Duration::from_secs(30), |s| {
+        s["role"] == "primary" && s["running"] == true
+    });
+}
+
+fn bytes_resynced(site: &Site, lun: &str) -> u64 {
+    u(&site.status(lun)["bytes_resynced"])
+}
+
+#[test]
+fn sync_primary_killed_mid_write_loses_no_acknowledged_write() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &["--mode", "sync"]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(client, 1, Duration::ZERO, random_blocks(1, 16 * MIB));
+    writer.wait_acked(300, Duration::from_secs(60));
+
+    a.kill9_daemon(&p.a);
+    writer.wait_error(Duration::from_secs(60));
+    let (_, acked) = writer.stop();
+    assert!(acked.len() >= 300);
+
+    promote(b, &p.b);
+    let image = read_blocks(&p.b, acked.iter().map(|(_, off)| *off));
+    assert_acked_present(&image, &acked);
+}
+
+#[test]
+fn async_replica_is_always_a_write_order_consistent_point_in_time() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(16 * MIB, &["--mode", "async", "--period", "1s"]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    // Few offsets, so blocks are overwritten and an out-of-order replica shows.
+    let span = 2 * MIB;
+    let writer = SeqWriter::start(client, 1, Duration::from_millis(2), random_blocks(2, span));
+    writer.wait_acked(100, Duration::from_secs(30));
+    a.wait(&p.a, "showing an RPO", Duration::from_secs(20), |s| {
+        s["rpo_ms"].is_u64()
+    });
+
+    let mut last = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(2500));
+        // Fractured, the primary ships nothing and the secondary has rolled a set it
+        // was applying back to its gold copy: what B holds now is its point in time.
+        a.ok(&["replica", "fracture", &p.a]);
+        a.wait(&p.a, "fractured", Duration::from_secs(30), |s| {
+            s["link"] == "fractured"
+        });
+        b.wait(&p.b, "waiting", Duration::from_secs(30), |s| {
+            s["link"] == "waiting"
+        });
+        let image = read_blocks(&p.b, (0..span / BLOCK).map(|i| i * BLOCK));
+        let issued = writer.issued.lock().unwrap().clone();
+        let n = assert_write_order(&image, &issued);
+        assert!(n >= last, "the replica went back from write {last} to {n}");
+        last = n;
+        a.ok(&["replica", "resume", &p.a]);
+    }
+    let (issued, _) = writer.stop();
+    assert!(last > 0, "no delta set reached B");
+    assert!(
+        last < issued.len() as u64,
+        "async B held every write the moment it was sampled"
+    );
+}
+
+/// The link is cut while writes go on: the primary keeps writing (policy continue) and
+/// counts what B misses; once the link is back it copies only that.
+#[test]
+fn link_cut_continues_writing_and_resyncs_only_what_changed() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &["--on-link-loss", "continue"]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(
+        client,
+        1,
+        Duration::from_millis(3),
+        random_blocks(3, 16 * MIB),
+    );
+    writer.wait_acked(50, Duration::from_secs(30));
+    let resynced_before = bytes_resynced(a, &p.a);
+
+    let cut_at = writer.issued.lock().unwrap().len();
+    p.sites.cut();
+    let s1 = a.wait(&p.a, "disconnected", Duration::from_secs(40), |s| {
+        s["link"] == "disconnected"
+    });
+    let oos1 = u(&s1["out_of_sync_bytes"]);
+    writer.wait_acked(writer.acked_count() + 200, Duration::from_secs(30));
+    a.wait(&p.a, "further out of sync", Duration::from_secs(30), |s| {
+        u(&s["out_of_sync_bytes"]) > oos1
+    });
+    assert!(writer.error.lock().unwrap().is_none());
+    let (issued, _) = writer.stop();
+    let apart = &issued[cut_at..];
+
+    p.sites.restore();
+    let s = a.wait_in_sync(&p.a, Duration::from_secs(60));
+    let resynced = u(&s["bytes_resynced"]) - resynced_before;
+    let bound = 4 * regions_of(apart) * REGION + REGION;
+    assert!(
+        resynced > 0 && resynced <= bound,
+        "resync copied {resynced} bytes for {} regions written apart (bound {bound})",
+        regions_of(apart)
+    );
+    b.wait(&p.b, "connected", Duration::from_secs(10), |s| {
+        s["link"] == "connected"
+    });
+    assert_same_bytes(&p.a, &p.b);
+}
+
+/// With policy block a write is never acknowledged at one site only: writes fail while
+/// the link is down and succeed again once it is back.
+#[test]
+fn link_cut_with_policy_block_fails_writes_until_the_link_is_back() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(16 * MIB, &["--on-link-loss", "block"]);
+    let a = &p.sites.a;
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(
+        client.clone(),
+        1,
+        Duration::from_millis(3),
+        random_blocks(4, 8 * MIB),
+    );
+    writer.wait_acked(50, Duration::from_secs(30));
+
+    p.sites.cut();
+    writer.wait_error(Duration::from_secs(60));
+    let (_, acked) = writer.stop();
+    a.wait(&p.a, "disconnected", Duration::from_secs(30), |s| {
+        s["link"] == "disconnected"
+    });
+    assert!(
+        client.write_at(&seq_block(0, 1_000_000), 0).is_err(),
+        "a write was acknowledged while the link is down under policy block"
+    );
+
+    p.sites.restore();
+    a.wait_in_sync(&p.a, Duration::from_secs(60));
+    client
+        .write_at(&seq_block(BLOCK, 1_000_001), BLOCK)
+        .unwrap();
+    client.flush().unwrap();
+    let image = read_blocks(&p.b, acked.iter().map(|(_, off)| *off));
+    assert_acked_present(&image, &acked);
+    assert_same_bytes(&p.a, &p.b);
+}
+
+/// A primary killed under random writes over a LUN far larger than its activity log
+/// comes back with `replica resume` and copies at most the activity log, not the LUN.
+#[test]
+fn primary_crash_and_resume_resyncs_at_most_the_activity_log() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(512 * MIB, &[]);
+    let a = &p.sites.a;
+    let mut export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(client, 1, Duration::ZERO, random_blocks(5, 512 * MIB));
+    writer.wait_acked(500, Duration::from_secs(60));
+    a.kill9_daemon(&p.a);
+    writer.wait_error(Duration::from_secs(60));
+    let (_, acked) = writer.stop();
+    export.kill();
+
+    a.ok(&["replica", "resume", &p.a]);
+    let s = a.wait_in_sync(&p.a, Duration::from_secs(120));
+    let resynced = u(&s["bytes_resynced"]);
+    assert!(
+        resynced <= 64 * MIB,
+        "a restart after a crash copied {resynced} bytes, more than the 64 MiB activity log"
+    );
+    let image = read_blocks(&p.b, acked.iter().map(|(_, off)| *off));
+    assert_acked_present(&image, &acked);
+    assert_same_bytes(&p.a, &p.b);
+}
+
+/// Writes the blocks `offsets` through a fresh export of `lun` at `site`.
+fn write_through_export(
+    site: &Site,
+    lun: &str,
+    offsets: &[u64],
+    first_seq: u64,
+) -> Vec<(u64, u64)> {
+    let export = site.export(lun, &[]);
+    let c = export.client();
+    let mut done = Vec::new();
+    for (i, off) in offsets.iter().enumerate() {
+        let seq = first_seq + i as u64;
+        c.write_at(&seq_block(*off, seq), *off).unwrap();
+        done.push((seq, *off));
+    }
+    c.flush().unwrap();
+    done
+}
+
+#[test]
+fn split_brain_is_refused_until_one_side_discards_its_writes() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    a.ok(&["replica", "fracture", &p.a]);
+    a.wait(&p.a, "fractured", Duration::from_secs(30), |s| {
+        s["link"] == "fractured"
+    });
+    b.ok(&["replica", "promote", &p.b, "--force"]);
+    b.wait(&p.b, "a running primary", Duration::from_secs(30), |s| {
+        s["role"] == "primary" && s["running"] == true
+    });
+    // Both sides write while apart, in regions of their own and in one they share.
+    let at_a: Vec<u64> = (0..16).map(|i| i * 5 * REGION).chain([20 * MIB]).collect();
+    let at_b: Vec<u64> = (0..8)
+        .map(|i| 2 * MIB + i * 3 * REGION)
+        .chain([20 * MIB + BLOCK])
+        .collect();
+    let written_a = write_through_export(a, &p.a, &at_a, 1);
+    let written_b = write_through_export(b, &p.b, &at_b, 1000);
+
+    // B goes back to being a secondary with its own writes; A reconnecting must refuse.
+    b.ok(&["replica", "demote", &p.b]);
+    b.wait(&p.b, "a running secondary", Duration::from_secs(30), |s| {
+        s["role"] == "secondary" && s["running"] == true
+    });
+    let resynced_before = bytes_resynced(a, &p.a);
+    let b_before = file_sha(&p.b);
+    let _ = a.vapp(&["replica", "resume", &p.a]);
+    let s = a.wait(
+        &p.a,
+        "reporting split brain",
+        Duration::from_secs(40),
+        |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.to_lowercase().contains("split brain"))
+        },
+    );
+    assert_ne!(s["link"], "connected", "{s:#}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(file_sha(&p.b), b_before, "a refused reconnect wrote to B");
+
+    b.ok(&["replica", "resolve", &p.b, "--discard-local"]);
+    a.ok(&["replica", "resume", &p.a]);
+    let s = a.wait_in_sync(&p.a, Duration::from_secs(60));
+    assert_same_bytes(&p.a, &p.b);
+    let mut both = written_a.clone();
+    both.extend(&written_b);
+    let resynced = u(&s["bytes_resynced"]) - resynced_before;
+    let bound = 4 * regions_of(&both) * REGION + REGION;
+    assert!(
+        resynced <= bound,
+        "converging copied {resynced} bytes for {} regions written apart (bound {bound})",
+        regions_of(&both)
+    );
+    let image = read_blocks(&p.b, at_a.iter().copied());
+    assert_acked_present(&image, &written_a);
+}
+
+#[test]
+fn failback_sends_the_old_primary_only_what_changed_at_the_new_one() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let before: Vec<u64> = (0..64).map(|i| i * 97 * BLOCK).collect();
+    write_through_export(a, &p.a, &before, 1);
+    a.wait_in_sync(&p.a, Duration::from_secs(30));
+
+    a.ok(&["replica", "fracture", &p.a]);
+    a.wait(&p.a, "fractured", Duration::from_secs(30), |s| {
+        s["link"] == "fractured"
+    });
+    promote(b, &p.b);
+    let at_b: Vec<u64> = (0..40).map(|i| 20 * MIB + i * BLOCK * 7).collect();
+    let written_b = write_through_export(b, &p.b, &at_b, 500);
+
+    a.ok(&["replica", "demote", &p.a]);
+    a.wait(&p.a, "a running secondary", Duration::from_secs(30), |s| {
+        s["role"] == "secondary" && s["running"] == true
+    });
+    let s = b.wait_in_sync(&p.b, Duration::from_secs(60));
+    let resynced = u(&s["bytes_resynced"]);
+    let bound = 4 * regions_of(&written_b) * REGION + REGION;
+    assert!(
+        resynced > 0 && resynced <= bound,
+        "failback copied {resynced} bytes for {} regions changed at B (bound {bound})",
+        regions_of(&written_b)
+    );
+    assert_eq!(s["peer_regions_discarded"], 0, "{s:#}");
+    assert_same_bytes(&p.a, &p.b);
+}
+
+fn read_until_closed(mut s: TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn bad_peers_are_turned_away_and_change_nothing() {
+    if !prerequisites() {
+        return;
+    }
+    let sites = Sites::new();
+    let (a, b) = (&sites.a, &sites.b);
+    let lun_b = b.lun("b.lun", 16 * MIB);
+    fill_pattern(&lun_b, 1);
+    let lun_a = a.lun("a.lun", 16 * MIB);
+    fill_pattern(&lun_a, 2);
+    b.secret("secret", "the right secret");
+    a.secret("secret", "a wrong secret");
+    b.create(&lun_b, "secondary", a, &[]);
+    let b_sha = file_sha(&lun_b);
+    let b_pid = b.daemon_pid(&lun_b);
+
+    // A primary that does not know the secret is refused before it sends anything.
+    a.create(&lun_a, "primary", b, &[]);
+    let s = a.wait(
+        &lun_a,
+        "refused by its peer",
+        Duration::from_secs(30),
+        |s| s["last_error"].is_string(),
+    );
+    let err = s["last_error"].as_str().unwrap().to_lowercase();
+    assert!(err.contains("auth") || err.contains("secret"), "{s:#}");
+    assert_ne!(s["link"], "connected", "{s:#}");
+    assert_eq!(
+        file_sha(&lun_b),
+        b_sha,
+        "a peer with the wrong secret wrote to B"
+    );
+    a.ok(&["replica", "delete", &lun_a]);
+
+    // Garbage, then a frame header promising more payload than ever comes.
+    let target = b.addr(PORT);
+    let closed = Sites::in_site(a, move || {
+        let mut results = Vec::new();
+        let mut s = TcpStream::connect(&target).unwrap();
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let _ = s.write_all(&garbage);
+        results.push(read_until_closed(s));
+        let mut s = TcpStream::connect(&target).unwrap();
+        let mut frame = Vec::new();
+        frame.extend_from_slice(b"VRPL");
+        frame.extend_from_slice(&1u16.to_le_bytes());
+        frame.extend_from_slice(&12u16.to_le_bytes());
+        frame.extend_from_slice(&1u64.to_le_bytes());
+        frame.extend_from_slice(&(4096u32 + 16).to_le_bytes());
+        frame.extend_from_slice(&0u32.to_le_bytes());
+        frame.extend_from_slice(&[0xab; 100]);
+        let _ = s.write_all(&frame);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        results.push(read_until_closed(s));
+        results
+    });
+    assert_eq!(closed, [true, true], "B kept a bad peer's connection open");
+    let s = b.status(&lun_b);
+    assert_eq!(s["running"], true, "{s:#}");
+    assert_eq!(s["pid"], b_pid, "the secondary daemon restarted: {s:#}");
+    assert_eq!(s["link"], "waiting", "{s:#}");
+    assert_eq!(file_sha(&lun_b), b_sha, "a bad peer's bytes reached B");
+
+    // A replica smaller than the primary's LUN is refused with a clear error.
+    let small = b.lun("small.lun", 8 * MIB);
+    fill_pattern(&small, 3);
+    let small_sha = file_sha(&small);
+    b.ok(&[
+        "replica",
+        "create",
+        &small,
+        "--role",
+        "secondary",
+        "--secret-file",
+        &b.p("secret"),
+        "--listen",
+        &b.addr(PORT + 1),
+        "--peer",
+        &a.addr(PORT + 1),
+    ]);
+    a.secret("secret", "the right secret");
+    let big = a.lun("big.lun", 16 * MIB);
+    fill_pattern(&big, 4);
+    a.ok(&[
+        "replica",
+        "create",
+        &big,
+        "--role",
+        "primary",
+        "--secret-file",
+        &a.p("secret"),
+        "--listen",
+        &a.addr(PORT + 1),
+        "--peer",
+        &b.addr(PORT + 1),
+    ]);
+    let s = a.wait(&big, "refused as too large", Duration::from_secs(30), |s| {
+        s["last_error"].is_string()
+    });
+    let err = s["last_error"].as_str().unwrap().to_lowercase();
+    assert!(
+        err.contains("size") || err.contains("small") || err.contains("bytes"),
+        "the error does not say the replica is too small: {s:#}"
+    );
+    assert_ne!(s["link"], "connected", "{s:#}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        file_sha(&small),
+        small_sha,
+        "a too-small replica was written"
+    );
+}
+
+/// Runs `vapp -d URL put LOCAL PATH` as host `host` of the datastore.
+fn put(site: &Site, url: &str, host: &str, local: &str, path: &str) -> std::process::Child {
+    site.command()
+        .env("VAPP_HOST_NAME", host)
+        .env("VAPP_HOST_UUID", uuid_of(host))
+        .args(["-d", url, "put", local, path])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn uuid_of(host: &str) -> String {
+    let mut b = [0u8; 16];
+    for (i, c) in host.bytes().enumerate() {
+        b[i % 16] = b[i % 16].wrapping_mul(31).wrapping_add(c);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[test]
+fn datastore_written_by_two_hosts_survives_failover_fsck_clean() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(256 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    a.ok(&[
+        "datastore",
+        "format",
+        &p.a,
+        "--name",
+        "replicated",
+        "--block-size",
+        "64K",
+        "--io-timeout",
+        "1s",
+        "--force",
+    ]);
+    let export = a.export(&p.a, &[]);
+    let small: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let local = a.p("small.bin");
+    std::fs::write(&local, &small).unwrap();
+    let big = a.p("big.bin");
+    std::fs::write(&big, vec![0x5au8; 24 << 20]).unwrap();
+
+    // Two hosts put files at once; each put returns only once its file is in place.
+    for round in 0..3 {
+        let mut children: Vec<_> = ["h1", "h2"]
+            .iter()
+            .map(|h| put(a, &export.url, h, &local, &format!("/{h}-{round}")))
+            .collect();
+        for c in &mut children {
+            let out = c.wait().unwrap();
+            let mut err = String::new();
+            c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            assert!(out.success(), "put failed: {err}");
+        }
+    }
+    a.wait_in_sync(&p.a, Duration::from_secs(30));
+    // Both hosts are mid-way through large puts when site A dies.
+    let mut dying: Vec<_> = ["h1", "h2"]
+        .iter()
+        .map(|h| put(a, &export.url, h, &big, &format!("/{h}-big")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    a.kill9_daemon(&p.a);
+    for c in &mut dying {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(export);
+
+    promote(b, &p.b);
+    // Before recovery the dead hosts' unfinished work is pending, not damage.
+    let out = b.vapp(&["datastore", "fsck", &p.b]);
+    assert!(
+        out.status.success(),
+        "fsck of the promoted replica: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A copy gets its own signature; resignature replays every host's journal.
+    b.ok(&["datastore", "resignature", &p.b]);
+    let out = b.vapp(&["datastore", "fsck", &p.b]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "fsck after recovery: {text}");
+    assert!(
+        !text.contains("pending"),
+        "recovery left work pending: {text}"
+    );
+    for h in ["h1", "h2"] {
+        for round in 0..3 {
+            let got = b.p(&format!("got-{h}-{round}"));
+            b.ok(&["-d", &p.b, "get", &format!("/{h}-{round}"), &got]);
+            assert_eq!(std::fs::read(&got).unwrap(), small, "/{h}-{round} at B");
+        }
+    }
+    b.ok(&["-d", &p.b, "put", &local, "/written-at-b"]);
+    b.ok(&["datastore", "fsck", &p.b]);
+}
