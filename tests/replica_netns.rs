@@ -66,7 +66,7 @@ fn sync_primary_killed_mid_write_loses_no_acknowledged_write() {
     let (a, b) = (&p.sites.a, &p.sites.b);
     let export = a.export(&p.a, &[]);
     let client: Arc<dyn Lun> = Arc::new(export.client());
-    let writer = SeqWriter::start(client, 1, Duration::ZERO, random_blocks(1, 16 * MIB));
+    let writer = SeqWriter::start(client, 1, Duration::ZERO, 0, random_blocks(1, 16 * MIB));
     writer.wait_acked(300, Duration::from_secs(60));
 
     a.kill9_daemon(&p.a);
@@ -90,7 +90,13 @@ fn async_replica_is_always_a_write_order_consistent_point_in_time() {
     let client: Arc<dyn Lun> = Arc::new(export.client());
     // Few offsets, so blocks are overwritten and an out-of-order replica shows.
     let span = 2 * MIB;
-    let writer = SeqWriter::start(client, 1, Duration::from_millis(2), random_blocks(2, span));
+    let writer = SeqWriter::start(
+        client,
+        1,
+        Duration::from_millis(2),
+        0,
+        random_blocks(2, span),
+    );
     writer.wait_acked(100, Duration::from_secs(30));
     a.wait(&p.a, "showing an RPO", Duration::from_secs(20), |s| {
         s["rpo_ms"].is_u64()
@@ -99,15 +105,21 @@ fn async_replica_is_always_a_write_order_consistent_point_in_time() {
     let mut last = 0;
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(2500));
+        // The resync after a resume copies live regions (B is inconsistent meanwhile,
+        // its point in time the pre-resync snapshot): sample once delta sets flow again.
+        a.wait(&p.a, "connected", Duration::from_secs(30), |s| {
+            s["link"] == "connected"
+        });
         // Fractured, the primary ships nothing and the secondary has rolled a set it
         // was applying back to its gold copy: what B holds now is its point in time.
         a.ok(&["replica", "fracture", &p.a]);
         a.wait(&p.a, "fractured", Duration::from_secs(30), |s| {
             s["link"] == "fractured"
         });
-        b.wait(&p.b, "waiting", Duration::from_secs(30), |s| {
+        let sb = b.wait(&p.b, "waiting", Duration::from_secs(30), |s| {
             s["link"] == "waiting"
         });
+        assert_eq!(sb["inconsistent"], false, "{sb:#}");
         let image = read_blocks(&p.b, (0..span / BLOCK).map(|i| i * BLOCK));
         let issued = writer.issued.lock().unwrap().clone();
         let n = assert_write_order(&image, &issued);
@@ -138,12 +150,14 @@ fn link_cut_continues_writing_and_resyncs_only_what_changed() {
         client,
         1,
         Duration::from_millis(3),
+        16,
         random_blocks(3, 16 * MIB),
     );
     writer.wait_acked(50, Duration::from_secs(30));
     let resynced_before = bytes_resynced(a, &p.a);
 
-    let cut_at = writer.issued.lock().unwrap().len();
+    // What the last flush before the cut covered is durable at B; the rest may not be.
+    let cut_at = writer.flushed.load(std::sync::atomic::Ordering::SeqCst);
     p.sites.cut();
     let s1 = a.wait(&p.a, "disconnected", Duration::from_secs(40), |s| {
         s["link"] == "disconnected"
@@ -187,6 +201,7 @@ fn link_cut_with_policy_block_fails_writes_until_the_link_is_back() {
         client.clone(),
         1,
         Duration::from_millis(3),
+        16,
         random_blocks(4, 8 * MIB),
     );
     writer.wait_acked(50, Duration::from_secs(30));
@@ -224,7 +239,7 @@ fn primary_crash_and_resume_resyncs_at_most_the_activity_log() {
     let a = &p.sites.a;
     let mut export = a.export(&p.a, &[]);
     let client: Arc<dyn Lun> = Arc::new(export.client());
-    let writer = SeqWriter::start(client, 1, Duration::ZERO, random_blocks(5, 512 * MIB));
+    let writer = SeqWriter::start(client, 1, Duration::ZERO, 64, random_blocks(5, 512 * MIB));
     writer.wait_acked(500, Duration::from_secs(60));
     a.kill9_daemon(&p.a);
     writer.wait_error(Duration::from_secs(60));

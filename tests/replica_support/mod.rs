@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -511,11 +511,15 @@ pub type Writes = Vec<(u64, u64)>;
 
 /// A writer thread: one write at a time, each a [`seq_block`] at an offset chosen by
 /// `next`, seq counting from 1. `issued` holds every write sent, `acked` the ones the
-/// export acknowledged; it stops at the first error (kept in `error`).
+/// export acknowledged; it stops at the first error (kept in `error`). With `flush_every`
+/// above zero it flushes after that many writes, as a real workload does (a replica is
+/// durable only up to the last flush), and `flushed` counts the issued writes the last
+/// successful flush covered.
 pub struct SeqWriter {
     pub issued: Arc<Mutex<Vec<(u64, u64)>>>,
     pub acked: Arc<Mutex<Vec<(u64, u64)>>>,
     pub error: Arc<Mutex<Option<String>>>,
+    pub flushed: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
@@ -526,6 +530,7 @@ impl SeqWriter {
         lun: Arc<dyn Lun>,
         first_seq: u64,
         pace: Duration,
+        flush_every: u64,
         mut next: impl FnMut(u64) -> u64 + Send + 'static,
     ) -> SeqWriter {
         let issued = Arc::new(Mutex::new(Vec::new()));
@@ -533,6 +538,8 @@ impl SeqWriter {
         let error = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
+        let flushed = Arc::new(AtomicUsize::new(0));
+        let f = flushed.clone();
         let (i, a, e, s, p) = (
             issued.clone(),
             acked.clone(),
@@ -556,6 +563,14 @@ impl SeqWriter {
                         return;
                     }
                 }
+                if flush_every > 0 && seq % flush_every == 0 {
+                    let covered = i.lock().unwrap().len();
+                    if let Err(err) = lun.flush() {
+                        *e.lock().unwrap() = Some(format!("flush: {err}"));
+                        return;
+                    }
+                    f.store(covered, Ordering::SeqCst);
+                }
                 seq += 1;
                 if !pace.is_zero() {
                     std::thread::sleep(pace);
@@ -566,6 +581,7 @@ impl SeqWriter {
             issued,
             acked,
             error,
+            flushed,
             stop,
             paused,
             handle: Some(handle),
