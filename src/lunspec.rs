@@ -221,8 +221,25 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
     if spec.session.is_none() && !write {
         return open_raw(&spec.typed, true);
     }
+    // A replicated LUN is written through its replication daemon, never around it.
+    if spec.session.is_none()
+        && let Some(holder) = Claim::holder(&spec)?
+        && let Some(lun) = through_holder(typed, &holder, write)?
+    {
+        return Ok(lun);
+    }
+    if spec.session.is_none() {
+        crate::cmd::replica::refuse_write_without_daemon(&spec)?;
+    }
     if spec.session.is_none() && existing_pool(&spec)?.is_none() {
         let users = Users::shared(&spec)?;
+        // A replication daemon checks for direct writers after it claims the LUN, so
+        // one that claimed it while this waited is seen here.
+        if let Some(holder) = Claim::holder(&spec)?
+            && let Some(lun) = through_holder(typed, &holder, write)?
+        {
+            return Ok(lun);
+        }
         // The pool may have been made while this waited: then the engine path applies.
         if existing_pool(&spec)?.is_none() {
             let inner = open_raw(&spec.typed, false)?;
@@ -246,7 +263,10 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
         (Err(holder), Some(name)) if holder.socket.is_some() => {
             return crate::cmd::snapshot::session_through(&spec, &holder, name, write);
         }
-        (Err(holder), _) => bail!("{typed}: {}", holder.refusal(&spec.typed)),
+        (Err(holder), _) => match through_holder(typed, &holder, write)? {
+            Some(lun) => return Ok(lun),
+            None => bail!("{typed}: {}", holder.refusal(&spec.typed)),
+        },
     };
     let source = open_raw(&spec.source, false)?;
     let reach = source.reach();
@@ -368,17 +388,62 @@ pub struct ClaimRecord {
     pub command: String,
     /// Where snapshot commands reach it, if it takes them.
     pub socket: Option<PathBuf>,
+    /// A replication primary's daemon: where writers reach the LUN through it (NBD), so
+    /// nothing written bypasses replication.
+    #[serde(default)]
+    pub writers: Option<PathBuf>,
+    /// Why every writer is refused (a replication secondary: only its primary writes it).
+    #[serde(default)]
+    pub refuse: Option<String>,
 }
 
 impl ClaimRecord {
     /// The error for a command that may not open the LUN while this process holds it.
     pub fn refusal(&self, lun: &str) -> String {
+        if let Some(why) = &self.refuse {
+            return why.clone();
+        }
         format!(
             "{lun} is in use by `vapp {}` (pid {}): only that process writes it while it has \
              snapshots; stop it first",
             self.command, self.pid
         )
     }
+}
+
+/// Where a replication primary's daemon serves writers of `spec` over NBD.
+pub fn writers_socket(spec: &Spec) -> PathBuf {
+    claims_dir().join(format!("{}.writers.nbd", key_hash(&spec.source)))
+}
+
+/// A LUN opened through the process holding it, when that process serves writers (a
+/// replication primary); an error when it refuses them (a secondary); `None` otherwise.
+fn through_holder(
+    typed: &str,
+    holder: &ClaimRecord,
+    write: bool,
+) -> anyhow::Result<Option<Arc<dyn Lun>>> {
+    if let Some(why) = &holder.refuse {
+        bail!("{typed}: {why}");
+    }
+    let Some(socket) = &holder.writers else {
+        return Ok(None);
+    };
+    let lun = lun::NbdLun::connect(
+        lun::NbdTarget::Unix(socket.clone()),
+        "",
+        lun::NbdOptions {
+            read_only: !write,
+            ..Default::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "{typed}: cannot reach `vapp {}` (pid {}), which writes it for replication",
+            holder.command, holder.pid
+        )
+    })?;
+    Ok(Some(Arc::new(lun)))
 }
 
 /// Where the holder of `spec` serves its session `name` over NBD.
@@ -442,6 +507,8 @@ impl Claim {
                         pid: 0,
                         command: "(starting)".into(),
                         socket: None,
+                        writers: None,
+                        refuse: None,
                     })));
                 }
                 Err((_, errno)) => {
@@ -460,6 +527,8 @@ impl Claim {
                     pid: std::process::id(),
                     command: this_command(),
                     socket: None,
+                    writers: None,
+                    refuse: None,
                 },
                 lock_path,
                 socket_path,
@@ -479,6 +548,45 @@ impl Claim {
         self.lock.rewind()?;
         self.lock.write_all(&json)?;
         Ok(())
+    }
+
+    /// Who holds `spec`'s claim, if anyone does; takes nothing.
+    pub fn holder(spec: &Spec) -> anyhow::Result<Option<ClaimRecord>> {
+        let lock_path = claims_dir().join(format!("{}.lock", spec.key()));
+        let file = match File::open(&lock_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", lock_path.display())),
+        };
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            // Nobody holds it; the shared lock goes with the file.
+            Ok(_) => Ok(None),
+            Err((file, Errno::EWOULDBLOCK)) => {
+                Ok(Some(read_record(file, spec).unwrap_or(ClaimRecord {
+                    source: spec.source.clone(),
+                    pid: 0,
+                    command: "(starting)".into(),
+                    socket: None,
+                    writers: None,
+                    refuse: None,
+                })))
+            }
+            Err((_, errno)) => {
+                Err(errno).with_context(|| format!("locking {}", lock_path.display()))
+            }
+        }
+    }
+
+    /// Tells other processes that writers reach the LUN through `socket` (or no longer).
+    pub fn serve_writers(&mut self, socket: Option<PathBuf>) -> anyhow::Result<()> {
+        self.record.writers = socket;
+        self.publish()
+    }
+
+    /// Refuses every other writer with `why` (or no longer).
+    pub fn refuse_writers(&mut self, why: Option<String>) -> anyhow::Result<()> {
+        self.record.refuse = why;
+        self.publish()
     }
 
     /// Serves snapshot commands on this LUN's control socket from now on.
@@ -520,6 +628,9 @@ impl Drop for Claim {
                     }
                 }
             }
+        }
+        if let Some(writers) = &self.record.writers {
+            let _ = fs::remove_file(writers);
         }
         let _ = fs::remove_file(&self.lock_path);
     }

@@ -4,6 +4,7 @@
 mod cmd;
 mod console;
 mod lunspec;
+mod replica_daemon;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -73,6 +74,9 @@ enum Command {
     /// Full copies of a LUN on another LUN: synchronized, fractured, resynchronized.
     #[command(subcommand)]
     Clone(cmd::clone::CloneCommand),
+    /// Two-site replication of a LUN: create, status, fracture, resume, promote, demote.
+    #[command(subcommand)]
+    Replica(cmd::replica::ReplicaCommand),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         Command::Vm(command) => cmd::vm::run(datastore, command),
         Command::Snapshot(command) => cmd::snapshot::run(datastore, command),
         Command::Clone(command) => cmd::clone::run(command),
+        Command::Replica(command) => cmd::replica::run(command),
     };
     match outcome {
         Ok(code) => code,

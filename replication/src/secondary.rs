@@ -129,6 +129,11 @@ impl Secondary {
         }
     }
 
+    /// True while an authenticated primary is connected.
+    pub fn is_connected(&self) -> bool {
+        self.lock().session
+    }
+
     pub fn gens(&self) -> Gens {
         self.lock().meta.header.gens
     }

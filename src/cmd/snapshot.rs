@@ -947,10 +947,17 @@ pub fn export(
         return serve(lunspec::open(typed, !read_only)?);
     }
     let mut claim = match Claim::take(&spec)? {
-        Ok(claim) => claim,
+        Ok(claim) => {
+            super::replica::refuse_write_without_daemon(&spec)?;
+            claim
+        }
         // Another process serves a LUN without snapshots: this one serves it too, as any
         // direct writer, and the first snapshot waits until it is alone.
         Err(_) if lunspec::existing_pool(&spec)?.is_none() => {
+            return serve(lunspec::open(typed, true)?);
+        }
+        // A replicated LUN is served through its replication daemon (or refused by it).
+        Err(holder) if holder.writers.is_some() || holder.refuse.is_some() => {
             return serve(lunspec::open(typed, true)?);
         }
         Err(holder) => bail!("cannot export {typed}: {}", holder.refusal(&spec.typed)),
