@@ -11,7 +11,7 @@ mod replica_support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lun::Lun;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -191,7 +191,9 @@ fn link_cut_continues_writing_and_resyncs_only_what_changed() {
         s["link"] == "disconnected"
     });
     let oos1 = u(&s1["out_of_sync_bytes"]);
-    writer.wait_acked(writer.acked_count() + 200, Duration::from_secs(30));
+    // Writes go on while apart. How they went is judged after the resync, so that a
+    // stall does not hide what the resync does.
+    let (went_on, stall) = writes_for(&writer, 200, Duration::from_secs(30));
     a.wait(&p.a, "further out of sync", Duration::from_secs(30), |s| {
         u(&s["out_of_sync_bytes"]) > oos1
     });
@@ -212,6 +214,29 @@ fn link_cut_continues_writing_and_resyncs_only_what_changed() {
         s["link"] == "connected"
     });
     assert_same_bytes(&p.a, &p.b);
+    assert!(
+        went_on >= 200 && stall < Duration::from_secs(2),
+        "with the link down under policy continue only {went_on} writes were acknowledged \
+         in 30 s, one waiting {stall:?}"
+    );
+}
+
+/// Waits up to `limit` for `n` more acknowledged writes; returns how many came and the
+/// longest time without one.
+fn writes_for(writer: &SeqWriter, n: usize, limit: Duration) -> (usize, Duration) {
+    let start = Instant::now();
+    let first = writer.acked_count();
+    let (mut seen, mut since, mut stall) = (first, Instant::now(), Duration::ZERO);
+    while seen < first + n && start.elapsed() < limit && writer.error.lock().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = writer.acked_count();
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        }
+        stall = stall.max(since.elapsed());
+    }
+    (seen - first, stall)
 }
 
 /// With policy block a write is never acknowledged at one site only: writes fail while

@@ -596,17 +596,13 @@ impl SeqWriter {
     pub fn wait_acked(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.acked_count() < n {
+            let error = self.error.lock().unwrap().clone();
             assert!(
                 Instant::now() < deadline,
-                "only {} writes acknowledged within {timeout:?} (error: {:?})",
+                "only {} writes acknowledged within {timeout:?} (error: {error:?})",
                 self.acked_count(),
-                self.error.lock().unwrap()
             );
-            assert!(
-                self.error.lock().unwrap().is_none() || self.acked_count() >= n,
-                "writer failed: {:?}",
-                self.error.lock().unwrap()
-            );
+            assert!(error.is_none(), "writer failed: {error:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
