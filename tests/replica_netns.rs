@@ -302,6 +302,10 @@ fn primary_crash_and_resume_resyncs_at_most_the_activity_log() {
     a.ok(&["replica", "resume", &p.a]);
     let s = a.wait_in_sync(&p.a, Duration::from_secs(120));
     let resynced = u(&s["bytes_resynced"]);
+    eprintln!(
+        "restart after kill -9 under {} random writes: {resynced} bytes resynced",
+        acked.len()
+    );
     assert!(
         resynced <= 64 * MIB,
         "a restart after a crash copied {resynced} bytes, more than the 64 MiB activity log"
