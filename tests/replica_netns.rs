@@ -315,6 +315,28 @@ fn primary_crash_and_resume_resyncs_at_most_the_activity_log() {
     assert_same_bytes(&p.a, &p.b);
 }
 
+/// A fracture splits the link at both sites: the secondary no longer shows a primary
+/// connected, so an operator at B sees the split, and a promote needs no --force.
+#[test]
+fn fracture_splits_the_link_at_both_sites() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(4 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    b.wait(&p.b, "connected", Duration::from_secs(10), |s| {
+        s["link"] == "connected"
+    });
+    a.ok(&["replica", "fracture", &p.a]);
+    b.wait(
+        &p.b,
+        "waiting after the fracture",
+        Duration::from_secs(15),
+        |s| s["link"] == "waiting",
+    );
+    b.ok(&["replica", "promote", &p.b]);
+}
+
 /// Writes the blocks `offsets` through a fresh export of `lun` at `site`.
 fn write_through_export(
     site: &Site,
@@ -649,6 +671,12 @@ fn datastore_written_by_two_hosts_survives_failover_fsck_clean() {
         .map(|h| put(a, &export.url, h, &big, &format!("/{h}-big")))
         .collect();
     std::thread::sleep(Duration::from_millis(700));
+    for c in &mut dying {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "a large put ended before site A died: the crash would test nothing"
+        );
+    }
     a.kill9_daemon(&p.a);
     for c in &mut dying {
         let _ = c.kill();
@@ -659,6 +687,10 @@ fn datastore_written_by_two_hosts_survives_failover_fsck_clean() {
     promote(b, &p.b);
     // Before recovery the dead hosts' unfinished work is pending, not damage.
     let out = b.vapp(&["datastore", "fsck", &p.b]);
+    eprintln!(
+        "fsck of B after failover: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     assert!(
         out.status.success(),
         "fsck of the promoted replica: {}{}",
