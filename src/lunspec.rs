@@ -224,7 +224,7 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
     // A replicated LUN is written through its replication daemon, never around it.
     if spec.session.is_none()
         && let Some(holder) = Claim::holder(&spec)?
-        && let Some(lun) = through_holder(typed, &holder, write)?
+        && let Some(lun) = through_holder(&spec, &holder, write)?
     {
         return Ok(lun);
     }
@@ -236,7 +236,7 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
         // A replication daemon checks for direct writers after it claims the LUN, so
         // one that claimed it while this waited is seen here.
         if let Some(holder) = Claim::holder(&spec)?
-            && let Some(lun) = through_holder(typed, &holder, write)?
+            && let Some(lun) = through_holder(&spec, &holder, write)?
         {
             return Ok(lun);
         }
@@ -263,7 +263,7 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
         (Err(holder), Some(name)) if holder.socket.is_some() => {
             return crate::cmd::snapshot::session_through(&spec, &holder, name, write);
         }
-        (Err(holder), _) => match through_holder(typed, &holder, write)? {
+        (Err(holder), _) => match through_holder(&spec, &holder, write)? {
             Some(lun) => return Ok(lun),
             None => bail!("{typed}: {}", holder.refusal(&spec.typed)),
         },
@@ -419,10 +419,11 @@ pub fn writers_socket(spec: &Spec) -> PathBuf {
 /// A LUN opened through the process holding it, when that process serves writers (a
 /// replication primary); an error when it refuses them (a secondary); `None` otherwise.
 fn through_holder(
-    typed: &str,
+    spec: &Spec,
     holder: &ClaimRecord,
     write: bool,
 ) -> anyhow::Result<Option<Arc<dyn Lun>>> {
+    let typed = &spec.typed;
     if let Some(why) = &holder.refuse {
         bail!("{typed}: {why}");
     }
@@ -443,7 +444,7 @@ fn through_holder(
             holder.command, holder.pid
         )
     })?;
-    Ok(Some(Arc::new(lun)))
+    Ok(Some(Arc::new(crate::cmd::replica::Routed::new(spec, lun)?)))
 }
 
 /// Where the holder of `spec` serves its session `name` over NBD.

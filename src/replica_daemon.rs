@@ -56,6 +56,8 @@ struct Daemon {
     connect_error: Mutex<Option<String>>,
     /// When the running resync began and how many regions it had then, for its ETA.
     resync_clock: Mutex<Option<(Instant, u64)>>,
+    /// Makes a writer's compare-and-write one step against the others'.
+    compare_and_write: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
         exec: AtomicBool::new(false),
         connect_error: Mutex::new(None),
         resync_clock: Mutex::new(None),
+        compare_and_write: Mutex::new(()),
     });
     {
         let d = daemon.clone();
@@ -329,24 +332,28 @@ fn run_secondary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow:
     Ok(())
 }
 
+/// One thread per connection: a verify runs for minutes while status and the datastore
+/// locks' compare-and-write must still be answered.
 fn serve_control(d: &Arc<Daemon>, listener: UnixListener) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let reply = match read_request(&stream) {
-            Ok(request) => handle(d, &request).unwrap_or_else(|e| Reply {
-                ok: false,
-                message: format!("{e:#}"),
-                status: None,
-            }),
-            Err(e) => Reply {
-                ok: false,
-                message: format!("{e:#}"),
-                status: None,
-            },
-        };
-        let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-        line.push(b'\n');
-        let _ = (&stream).write_all(&line);
+        let d = d.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-request".into())
+            .spawn(move || {
+                let reply = match read_request(&stream) {
+                    Ok(request) => {
+                        handle(&d, &request).unwrap_or_else(|e| Reply::failed(format!("{e:#}")))
+                    }
+                    Err(e) => Reply::failed(format!("{e:#}")),
+                };
+                let mut line = serde_json::to_vec(&reply).unwrap_or_default();
+                line.push(b'\n');
+                let _ = (&stream).write_all(&line);
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot answer a control request");
+        }
     }
 }
 
@@ -354,7 +361,10 @@ fn read_request(stream: &UnixStream) -> anyhow::Result<Request> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(line.trim()).with_context(|| format!("bad control request {line:?}"))
+    serde_json::from_str(line.trim()).with_context(|| {
+        let shown: String = line.chars().take(120).collect();
+        format!("bad control request {shown:?}")
+    })
 }
 
 fn primary_of(d: &Daemon) -> anyhow::Result<Arc<PrimaryLun>> {
@@ -401,6 +411,11 @@ fn handle(d: &Daemon, request: &Request) -> anyhow::Result<Reply> {
             status: Some(status(d)),
             ..done(String::new())
         }),
+        Request::CompareAndWrite {
+            offset,
+            expected,
+            new,
+        } => compare_and_write(d, *offset, expected, new),
         Request::Stop => {
             d.stop.store(true, Ordering::SeqCst);
             Ok(done(format!("{typed}: replication daemon stopping")))
@@ -493,6 +508,37 @@ fn handle(d: &Daemon, request: &Request) -> anyhow::Result<Reply> {
             ),
         },
     }
+}
+
+/// Read, compare and write through the replicated write, one writer at a time: every
+/// writer of the LUN reaches it through this daemon, and the datastore's own locks keep
+/// plain writes off the sectors its lock records live in.
+fn compare_and_write(
+    d: &Daemon,
+    offset: u64,
+    expected: &[u8],
+    new: &[u8],
+) -> anyhow::Result<Reply> {
+    let p = primary_of(d)?;
+    if expected.len() != new.len() {
+        bail!(
+            "{}: compare-and-write of {} bytes against {} expected",
+            d.spec.typed,
+            new.len(),
+            expected.len()
+        );
+    }
+    let _one = lock(&d.compare_and_write);
+    let mut current = vec![0u8; expected.len()];
+    p.read_at(&mut current, offset)?;
+    if current != expected {
+        return Ok(Reply {
+            miscompare: Some(current),
+            ..Reply::done(String::new())
+        });
+    }
+    p.write_at(new, offset)?;
+    Ok(Reply::done(String::new()))
 }
 
 fn link_name(state: LinkState) -> &'static str {

@@ -175,10 +175,21 @@ pub enum Request {
     Fracture,
     Resume,
     Verify,
-    Promote { force: bool },
-    Demote { discard_local: bool },
+    Promote {
+        force: bool,
+    },
+    Demote {
+        discard_local: bool,
+    },
     Resolve,
     Stop,
+    /// A datastore's lock operation from a writer that reaches the LUN over NBD, which has
+    /// no compare-and-write.
+    CompareAndWrite {
+        offset: u64,
+        expected: Vec<u8>,
+        new: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +198,9 @@ pub struct Reply {
     pub message: String,
     #[serde(default)]
     pub status: Option<StatusJson>,
+    /// For [`Request::CompareAndWrite`]: `None` when written, else what the LUN holds.
+    #[serde(default)]
+    pub miscompare: Option<Vec<u8>>,
 }
 
 impl Reply {
@@ -195,6 +209,14 @@ impl Reply {
             ok: true,
             message,
             status: None,
+            miscompare: None,
+        }
+    }
+
+    pub fn failed(message: String) -> Reply {
+        Reply {
+            ok: false,
+            ..Reply::done(message)
         }
     }
 }
@@ -359,6 +381,98 @@ pub fn resolve(addr: &str, what: &str) -> anyhow::Result<SocketAddr> {
         .ok()
         .and_then(|mut a| a.next())
         .with_context(|| format!("{what} {addr:?}: not an address (HOST:PORT, e.g. 10.0.0.2:7788)"))
+}
+
+/// A replicated LUN as its other writers see it: its primary daemon's NBD export, with the
+/// reach and identity of the LUN itself (the daemon's writes land there, so a datastore on
+/// it is the original, not a copy) and compare-and-write done by the daemon.
+#[derive(Debug)]
+pub struct Routed {
+    inner: lun::NbdLun,
+    spec: Spec,
+    reach: lun::Reach,
+    identity: Option<lun::LunIdentity>,
+}
+
+impl Routed {
+    pub fn new(spec: &Spec, inner: lun::NbdLun) -> anyhow::Result<Routed> {
+        // Read-only: the daemon is the only writer.
+        let probe = lunspec::open_raw(&spec.source, true)?;
+        Ok(Routed {
+            inner,
+            spec: spec.clone(),
+            reach: probe.reach(),
+            identity: probe.identity(),
+        })
+    }
+}
+
+impl Lun for Routed {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn submit(&self, batch: &mut [lun::IoRequest<'_>]) -> lun::Result<()> {
+        self.inner.submit(batch)
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn reach(&self) -> lun::Reach {
+        self.reach
+    }
+    fn identity(&self) -> Option<lun::LunIdentity> {
+        self.identity.clone()
+    }
+    /// Every writer of the LUN goes through the daemon, whose lock makes the read, compare
+    /// and write one step: it excludes this machine's processes, as the snapshot engine's.
+    fn supports_compare_and_write(&self) -> bool {
+        !self.inner.is_read_only()
+    }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        lun::CasScope::ThisMachine
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> lun::Result<lun::CompareAndWrite> {
+        let request = Request::CompareAndWrite {
+            offset,
+            expected: expected.to_vec(),
+            new: new.to_vec(),
+        };
+        let failed = |reason: String| lun::LunError::Disconnected {
+            lun: self.name().to_string(),
+            reason,
+        };
+        let reply = ask(&self.spec, &request).map_err(|e| failed(format!("{e:#}")))?;
+        if !reply.ok {
+            return Err(failed(reply.message));
+        }
+        Ok(match reply.miscompare {
+            None => lun::CompareAndWrite::Written,
+            Some(current) => lun::CompareAndWrite::Miscompare(current),
+        })
+    }
 }
 
 /// Sends `request` to the daemon of `spec`; an error when none answers.
