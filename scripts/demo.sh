@@ -75,3 +75,31 @@ echo "copy:     $("$vapp" -d "$VAPP_DATASTORE@demo-point" ls / | tr '\n' ' ')"
 echo "original: $("$vapp" ls / | tr '\n' ' ')"
 "$vapp" datastore fsck "$VAPP_DATASTORE@demo-point"
 lun_cmd snapshot delete "$VAPP_DATASTORE" demo-point
+
+step "replication: two sites on this host over 127.0.0.1, a datastore written through the primary"
+# Each site has its own registry and runtime directory, as two machines would.
+site_a() { env -u VAPP_DATASTORE VAPP_STATE_DIR="$PWD/demo/site-a" VAPP_RUNTIME_DIR="$PWD/demo/run-a" "$vapp" "$@"; }
+site_b() { env -u VAPP_DATASTORE VAPP_STATE_DIR="$PWD/demo/site-b" VAPP_RUNTIME_DIR="$PWD/demo/run-b" "$vapp" "$@"; }
+# A demo stopped half-way left its daemons running: end them first.
+site_a replica delete demo/a.lun >/dev/null 2>&1 || true
+site_b replica delete demo/b.lun >/dev/null 2>&1 || true
+rm -rf demo/a.lun* demo/b.lun* demo/site-a demo/site-b demo/run-a demo/run-b
+truncate -s 128M demo/a.lun demo/b.lun
+head -c 32 /dev/urandom | base64 > demo/repl.secret
+chmod 600 demo/repl.secret
+site_b replica create demo/b.lun --role secondary --listen 127.0.0.1:17788 --peer 127.0.0.1:17789 \
+  --secret-file demo/repl.secret
+site_a replica create demo/a.lun --role primary --listen 127.0.0.1:17789 --peer 127.0.0.1:17788 \
+  --secret-file demo/repl.secret
+site_a datastore format demo/a.lun --name replicated | head -1
+site_a -d demo/a.lun put demo/payload.bin /payload.bin
+for _ in $(seq 100); do
+  [ "$(site_a replica status demo/a.lun --json | grep -c '"out_of_sync_bytes": 0')" = 1 ] && break
+  sleep 0.1
+done
+site_a replica status
+site_b replica status
+cmp demo/a.lun demo/b.lun && echo "the replica equals the primary, byte for byte"
+site_b -d demo/b.lun mkdir /not-here 2>&1 | sed 's/^/refused on the secondary: /' || true
+site_a replica delete demo/a.lun
+site_b replica delete demo/b.lun

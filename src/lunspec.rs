@@ -392,7 +392,8 @@ pub struct ClaimRecord {
     /// nothing written bypasses replication.
     #[serde(default)]
     pub writers: Option<PathBuf>,
-    /// Why every writer is refused (a replication secondary: only its primary writes it).
+    /// Why every writer is refused, after "LUN is" (a replication secondary: only its
+    /// primary writes it).
     #[serde(default)]
     pub refuse: Option<String>,
 }
@@ -401,7 +402,15 @@ impl ClaimRecord {
     /// The error for a command that may not open the LUN while this process holds it.
     pub fn refusal(&self, lun: &str) -> String {
         if let Some(why) = &self.refuse {
-            return why.clone();
+            return format!("{lun} is {why}");
+        }
+        if self.writers.is_some() {
+            return format!(
+                "{lun} is written through its replication daemon `vapp {}` (pid {}), which \
+                 takes snapshot commands only in synchronous mode on a LUN that has a snapshot \
+                 pool",
+                self.command, self.pid
+            );
         }
         format!(
             "{lun} is in use by `vapp {}` (pid {}): only that process writes it while it has \
@@ -424,8 +433,8 @@ fn through_holder(
     write: bool,
 ) -> anyhow::Result<Option<Arc<dyn Lun>>> {
     let typed = &spec.typed;
-    if let Some(why) = &holder.refuse {
-        bail!("{typed}: {why}");
+    if holder.refuse.is_some() {
+        bail!("{}", holder.refusal(typed));
     }
     let Some(socket) = &holder.writers else {
         return Ok(None);

@@ -317,7 +317,7 @@ fn run_secondary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow:
     let server = SecondaryServer::start(listener, secondary.clone(), secret)
         .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?;
     claim.refuse_writers(Some(format!(
-        "{typed} is a replication secondary of {}; promote it first",
+        "a replication secondary of {}; promote it first",
         cfg.peer
     )))?;
     *lock(&d.side) = Some(Side::Secondary(secondary.clone()));

@@ -165,6 +165,10 @@ pub struct Config {
     pub policy: PolicyName,
     pub group: Option<String>,
     pub meta: String,
+    /// The snapshot pool create made for the engine, which delete removes unless it holds
+    /// sessions of the user's.
+    #[serde(default)]
+    pub made_pool: Option<String>,
 }
 
 /// A request to a daemon, one JSON line.
@@ -633,10 +637,12 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     // Snapshots the engine needs: the secondary's pre-resync and gold copies, and the
     // delta sets of an asynchronous primary.
     let needs_pool = args.mode == ModeName::Async || args.role == Role::Secondary;
+    let mut made_pool = None;
     if needs_pool && lunspec::existing_pool(&spec)?.is_none() {
         if spec.is_file() {
             if let Some(location) = lunspec::pool_location(&spec)? {
-                undo.files.push(PathBuf::from(location));
+                undo.files.push(PathBuf::from(&location));
+                made_pool = Some(location);
             }
             super::snapshot::Service::open(spec.clone(), raw.clone(), None)?
                 .ensure_pool()
@@ -688,9 +694,11 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         policy: args.on_link_loss,
         group: args.group.clone(),
         meta: meta_location,
+        made_pool,
     };
     save(&spec, &cfg)?;
     undo.files.push(config_path(&spec));
+    undo.files.push(log_path(&spec));
     drop(claim);
     let pid = start_daemon(&spec)?;
     undo.armed = false;
@@ -839,11 +847,45 @@ fn delete(typed: &str) -> anyhow::Result<ExitCode> {
     {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
+    if let Some(pool) = &cfg.made_pool {
+        remove_pool_unless_used(&spec, pool);
+    }
     fs::remove_file(config_path(&spec))
         .with_context(|| format!("removing {}", config_path(&spec).display()))?;
     let _ = fs::remove_file(log_path(&spec));
     outln!("{typed}: replication deleted; it is an ordinary LUN again")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the pool create made when only replication's own sessions are in it.
+fn remove_pool_unless_used(spec: &Spec, pool: &str) {
+    let replication_only = (|| -> anyhow::Result<bool> {
+        let source = lunspec::open_raw(&spec.source, true)?;
+        let snaps = snapshot::Snapshots::open(source, lunspec::open_raw(pool, false)?)?;
+        Ok(snaps.list().iter().all(|s| {
+            s.name.starts_with("repl-delta-")
+                || s.name == replication::GOLD_SNAPSHOT
+                || s.name == replication::PRE_RESYNC_SNAPSHOT
+        }))
+    })();
+    match replication_only {
+        Ok(true) => {
+            if let Err(e) = fs::remove_file(pool) {
+                tracing::warn!(pool, error = %e, "cannot remove the snapshot pool replication made");
+            }
+        }
+        Ok(false) => {
+            tracing::info!(
+                pool,
+                "the snapshot pool replication made holds sessions; kept"
+            )
+        }
+        Err(e) => tracing::warn!(
+            pool,
+            error = format!("{e:#}"),
+            "cannot open the snapshot pool replication made; kept"
+        ),
+    }
 }
 
 /// Every replica in this host's registry.
@@ -939,7 +981,7 @@ fn table(all: &[StatusJson]) -> String {
         let rpo = s
             .rpo_ms
             .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
-        let resync = if s.resync.regions_left > 0 {
+        let resync = if s.link == "resyncing" {
             format!("{:.0}%", s.resync.fraction * 100.0)
         } else {
             "-".into()

@@ -344,7 +344,8 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                     }
                     Err(e) => return Err(e),
                 },
-                None if std::time::Instant::now() > deadline => {
+                // A replication daemon that serves no snapshot commands will not start to.
+                None if holder.writers.is_some() || std::time::Instant::now() > deadline => {
                     bail!("{}", holder.refusal(&spec.typed))
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),

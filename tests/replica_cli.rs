@@ -1,0 +1,555 @@
+//! `vapp replica` as a user runs it on one machine: two "sites" (each its own registry and
+//! runtime directory) replicating two files over 127.0.0.1, their daemons real detached
+//! processes, killed with -9 where a crash is the point.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The smallest datastore vapp formats fits.
+const LUN_SIZE: u64 = 128 << 20;
+
+/// One site: its own state and runtime directories in the test's directory.
+struct Site {
+    root: PathBuf,
+    name: &'static str,
+}
+
+impl Site {
+    fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vapp"));
+        c.env_remove("VAPP_DATASTORE")
+            .env_remove("VAPP_HOST_NAME")
+            .env_remove("VAPP_HOST_UUID")
+            .env(
+                "VAPP_STATE_DIR",
+                self.root.join(format!("state-{}", self.name)),
+            )
+            .env(
+                "VAPP_RUNTIME_DIR",
+                self.root.join(format!("run-{}", self.name)),
+            );
+        c
+    }
+
+    fn vapp(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vapp(args);
+        assert!(
+            out.status.success(),
+            "site {}: vapp {args:?} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.vapp(args);
+        assert!(
+            !out.status.success(),
+            "site {}: vapp {args:?} succeeded: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn status(&self, lun: &str) -> serde_json::Value {
+        let all: serde_json::Value =
+            serde_json::from_str(&self.ok(&["replica", "status", lun, "--json"])).unwrap();
+        assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+        all[0].clone()
+    }
+
+    fn registry(&self) -> PathBuf {
+        self.root
+            .join(format!("state-{}", self.name))
+            .join("replicas")
+    }
+}
+
+impl Drop for Site {
+    /// Daemons outlive their commands by design: stop this site's.
+    fn drop(&mut self) {
+        let Ok(out) = self
+            .command()
+            .args(["replica", "status", "--json"])
+            .output()
+        else {
+            return;
+        };
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for s in all.as_array().into_iter().flatten() {
+            if let Some(pid) = s["pid"].as_i64() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+    a: Site,
+    b: Site,
+    lun_a: String,
+    lun_b: String,
+    secret: String,
+    port_a: u16,
+    port_b: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Pair {
+    /// Two sparse files, a secret only its owner reads, nothing replicated yet.
+    fn new() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(LUN_SIZE)
+                .unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let (lun_a, lun_b) = (file("a.img"), file("b.img"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "correct horse battery staple\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let site = |name| Site {
+            root: dir.path().to_path_buf(),
+            name,
+        };
+        Pair {
+            a: site("a"),
+            b: site("b"),
+            lun_a,
+            lun_b,
+            secret: secret.to_str().unwrap().to_string(),
+            port_a: free_port(),
+            port_b: free_port(),
+            dir,
+        }
+    }
+
+    fn addr(port: u16) -> String {
+        format!("127.0.0.1:{port}")
+    }
+
+    /// `replica create` on both sites: b the secondary first, then a the primary.
+    fn create(&self) {
+        let (a, b) = (Pair::addr(self.port_a), Pair::addr(self.port_b));
+        let out = self.b.ok(&[
+            "replica",
+            "create",
+            &self.lun_b,
+            "--role",
+            "secondary",
+            "--listen",
+            &b,
+            "--peer",
+            &a,
+            "--secret-file",
+            &self.secret,
+        ]);
+        assert_eq!(out.lines().count(), 1, "one line: {out}");
+        let out = self.a.ok(&[
+            "replica",
+            "create",
+            &self.lun_a,
+            "--role",
+            "primary",
+            "--listen",
+            &a,
+            "--peer",
+            &b,
+            "--secret-file",
+            &self.secret,
+        ]);
+        assert_eq!(out.lines().count(), 1, "one line: {out}");
+    }
+
+    /// Waits until the primary (a) has nothing left to send.
+    fn in_sync(&self) -> serde_json::Value {
+        self.in_sync_from(&self.a, &self.lun_a)
+    }
+
+    fn in_sync_from(&self, site: &Site, lun: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = site.status(lun);
+            if s["link"] == "connected" && s["out_of_sync_bytes"] == 0 {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never in sync: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+}
+
+/// The whole LUN: a digest would cost seconds in a debug build.
+fn bytes(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+fn same_bytes(a: &str, b: &str) -> bool {
+    bytes(a) == bytes(b)
+}
+
+fn random_file(path: &str, len: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+#[test]
+fn a_datastore_written_through_the_primary_daemon_reaches_the_secondary_byte_for_byte() {
+    let p = Pair::new();
+    p.create();
+    // Every writer of a goes through its daemon: format, mkdir and put as a user types them.
+    p.a.ok(&["datastore", "format", "--name", "site-a", &p.lun_a]);
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/vm"]);
+    let src = p.path("disk.bin");
+    let data = random_file(&src, 3 << 20);
+    p.a.ok(&["-d", &p.lun_a, "put", &src, "/vm/disk.bin"]);
+
+    let a = p.in_sync();
+    // Through the daemon, the datastore keeps the compare-and-write locks of a local file.
+    let info = p.a.ok(&["datastore", "info", &p.lun_a]);
+    assert!(info.contains("compare-and-write"), "{info}");
+    assert!(
+        same_bytes(&p.lun_a, &p.lun_b),
+        "the replica holds every byte of the primary"
+    );
+    // The replica reads back (read-only opens are not refused) as a copy of the datastore.
+    let back = p.path("back.bin");
+    p.b.ok(&["-d", &p.lun_b, "get", "/vm/disk.bin", &back]);
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // status --json: the contract's fields.
+    let pid = a["pid"].as_u64().unwrap();
+    assert_eq!(a["lun"], p.lun_a);
+    assert_eq!(a["role"], "primary");
+    assert_eq!(a["running"], true);
+    assert!(pid > 0);
+    assert_eq!(a["mode"], "sync");
+    assert_eq!(a["period_ms"], 5000);
+    assert_eq!(a["peer"], Pair::addr(p.port_b));
+    assert_eq!(a["listen"], Pair::addr(p.port_a));
+    assert_eq!(a["policy"], "continue");
+    assert!(a["group"].is_null());
+    assert_eq!(
+        a["rpo_ms"], 0,
+        "a synchronous replica holds everything: {a}"
+    );
+    assert_eq!(a["resync"]["regions_left"], 0);
+    assert_eq!(a["resync"]["fraction"], 1.0);
+    assert!(
+        a["bytes_resynced"].as_u64().unwrap() > 0,
+        "the initial sync: {a}"
+    );
+    assert_eq!(a["peer_regions_discarded"], 0);
+    assert!(a["last_error"].is_null(), "{a}");
+    assert!(a["generation"]["current"].as_u64().unwrap() > 1);
+    assert_eq!(a["generation"]["history"].as_array().unwrap().len(), 2);
+    assert!(
+        a.get("inconsistent").is_none(),
+        "secondary-only fields: {a}"
+    );
+
+    let b = p.b.status(&p.lun_b);
+    assert_eq!(b["role"], "secondary");
+    assert_eq!(b["running"], true);
+    assert_eq!(b["link"], "connected");
+    assert_eq!(b["inconsistent"], false);
+    assert!(
+        b.get("delta_id").is_some() && b.get("point_in_time_ms").is_some(),
+        "{b}"
+    );
+    assert_eq!(
+        b["generation"]["current"], a["generation"]["current"],
+        "both sides are at one generation"
+    );
+    // The table names both.
+    let table = p.a.ok(&["replica", "status"]);
+    assert!(
+        table.contains(&p.lun_a) && table.contains("connected"),
+        "{table}"
+    );
+
+    // verify finds nothing to resync.
+    let out = p.a.ok(&["replica", "verify", &p.lun_a]);
+    assert!(out.contains(" 0 of "), "{out}");
+}
+
+#[test]
+fn the_secondary_refuses_every_other_writer_and_changes_nothing() {
+    let p = Pair::new();
+    p.create();
+    p.in_sync();
+    let before = bytes(&p.lun_b);
+    let err = p.b.fails(&[
+        "datastore",
+        "format",
+        "--name",
+        "rogue",
+        "--force",
+        &p.lun_b,
+    ]);
+    assert!(
+        err.contains("replication secondary of") && err.contains("promote it first"),
+        "{err}"
+    );
+    let err =
+        p.b.fails(&["export", &p.lun_b, "--socket", &p.path("b.sock")]);
+    assert!(err.contains("replication secondary of"), "{err}");
+    assert_eq!(bytes(&p.lun_b), before, "the replica is unchanged");
+    // Neither may a second replication of the same LUN start.
+    let err = p.b.fails(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "primary",
+        "--listen",
+        "127.0.0.1:1",
+        "--peer",
+        "127.0.0.1:2",
+        "--secret-file",
+        &p.secret,
+    ]);
+    assert!(err.contains("already replicated"), "{err}");
+}
+
+#[test]
+fn bad_input_to_create_is_refused_in_one_line_and_nothing_is_created() {
+    let p = Pair::new();
+    let before = bytes(&p.lun_a);
+    let run = |extra: &[&str], secret: &str| {
+        let mut args = vec![
+            "replica",
+            "create",
+            &p.lun_a,
+            "--secret-file",
+            secret,
+            "--role",
+            "secondary",
+        ];
+        args.extend_from_slice(extra);
+        let err = p.a.fails(&args);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
+    };
+    let addrs = ["--listen", "127.0.0.1:1", "--peer", "127.0.0.1:2"];
+
+    std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run(&addrs, &p.secret);
+    assert!(
+        err.contains(&p.secret) && err.contains("0644"),
+        "names the file and its mode: {err}"
+    );
+    std::fs::set_permissions(&p.secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let empty = p.path("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = run(&addrs, &empty);
+    assert!(err.contains("empty"), "{err}");
+
+    let err = run(
+        &["--listen", "127.0.0.1:1", "--peer", "no-such-host"],
+        &p.secret,
+    );
+    assert!(
+        err.contains("--peer") && err.contains("no-such-host"),
+        "{err}"
+    );
+    // An address this machine does not have: the daemon's own error, and nothing left.
+    let err = run(
+        &["--listen", "192.0.2.1:7788", "--peer", "127.0.0.1:2"],
+        &p.secret,
+    );
+    assert!(err.contains("cannot listen on 192.0.2.1:7788"), "{err}");
+    let small = p.path("small.meta");
+    std::fs::write(&small, [0u8; 4096]).unwrap();
+    let mut with_meta = addrs.to_vec();
+    with_meta.extend_from_slice(&["--meta", &small]);
+    let err = run(&with_meta, &p.secret);
+    assert!(
+        err.contains("small.meta") && err.contains("too small"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&small).unwrap(), [0u8; 4096]);
+
+    // The LUN held by another writer process.
+    let socket = p.path("a.sock");
+    let mut export =
+        p.a.command()
+            .args(["export", &p.lun_a, "--socket", &socket])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let err = run(&addrs, &p.secret);
+    let _ = export.kill();
+    let _ = export.wait();
+    assert!(err.contains("vapp export"), "names the writer: {err}");
+
+    let nothing = |path: &Path| !path.exists() || std::fs::read_dir(path).unwrap().next().is_none();
+    assert!(nothing(&p.a.registry()), "no registry entry");
+    for leftover in ["a.img.repl", "a.img.snap"] {
+        assert!(!Path::new(&p.path(leftover)).exists(), "{leftover} left");
+    }
+    assert!(bytes(&p.lun_a) == before, "the LUN is unchanged");
+    // An ordinary LUN still: a writer opens it directly.
+    p.a.ok(&["datastore", "format", "--name", "plain", &p.lun_a]);
+}
+
+#[test]
+fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
+    let p = Pair::new();
+    p.create();
+    p.a.ok(&["datastore", "format", "--name", "site-a", &p.lun_a]);
+    let pid = p.in_sync()["pid"].as_u64().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.a.status(&p.lun_a)["running"] == true {
+        assert!(Instant::now() < deadline, "the killed daemon still answers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = p.a.status(&p.lun_a);
+    assert!(s["pid"].is_null(), "{s}");
+    // With the daemon gone, nothing writes the LUN around replication.
+    let err = p.a.fails(&["-d", &p.lun_a, "mkdir", "/lost"]);
+    assert!(
+        err.contains("daemon is not running") && err.contains("vapp replica resume"),
+        "{err}"
+    );
+
+    p.a.ok(&["replica", "resume", &p.lun_a]);
+    let s = p.a.status(&p.lun_a);
+    assert_eq!(s["running"], true);
+    assert_ne!(s["pid"].as_u64().unwrap(), pid, "a new daemon");
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/after-restart"]);
+
+    // A fracture tracks writes, persisted, and resume resyncs them.
+    p.a.ok(&["replica", "fracture", &p.lun_a]);
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/while-fractured"]);
+    let s = p.a.status(&p.lun_a);
+    assert_eq!(s["link"], "fractured");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(!same_bytes(&p.lun_a, &p.lun_b));
+    p.a.ok(&["replica", "resume", &p.lun_a]);
+    p.in_sync();
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}
+
+#[test]
+fn delete_stops_the_daemons_and_leaves_ordinary_luns() {
+    let p = Pair::new();
+    p.create();
+    p.in_sync();
+    let out = p.a.ok(&["replica", "delete", &p.lun_a]);
+    assert!(out.contains("ordinary LUN"), "{out}");
+    p.b.ok(&["replica", "delete", &p.lun_b]);
+    for (site, lun) in [(&p.a, &p.lun_a), (&p.b, &p.lun_b)] {
+        let err = site.fails(&["replica", "status", lun]);
+        assert!(err.contains("not replicated"), "{err}");
+        assert!(
+            !Path::new(&format!("{lun}.repl")).exists(),
+            "metadata removed"
+        );
+        assert!(
+            !Path::new(&format!("{lun}.snap")).exists(),
+            "the snapshot pool create made for the engine is removed"
+        );
+        let all = site.ok(&["replica", "status", "--json"]);
+        assert_eq!(all.trim(), "[]");
+    }
+    // Writers open a directly again, and nothing reaches b.
+    p.a.ok(&["datastore", "format", "--name", "plain", &p.lun_a]);
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/local"]);
+    assert!(!same_bytes(&p.lun_a, &p.lun_b));
+    // The listener is gone with the secondary's daemon: its port is free again.
+    std::net::TcpListener::bind(Pair::addr(p.port_b)).unwrap();
+}
+
+#[test]
+fn demote_and_promote_swap_the_sites_and_writes_flow_the_other_way() {
+    let p = Pair::new();
+    p.create();
+    p.in_sync();
+    let err = p.b.fails(&["replica", "promote", &p.lun_b]);
+    assert!(err.contains("connected") && err.contains("force"), "{err}");
+    assert_eq!(p.b.status(&p.lun_b)["role"], "secondary");
+
+    p.a.ok(&["replica", "demote", &p.lun_a]);
+    p.b.ok(&["replica", "promote", &p.lun_b]);
+    assert_eq!(p.a.status(&p.lun_a)["role"], "secondary");
+    let b = p.in_sync_from(&p.b, &p.lun_b);
+    assert_eq!(b["role"], "primary");
+    let err =
+        p.a.fails(&["datastore", "format", "--name", "x", "--force", &p.lun_a]);
+    assert!(err.contains("replication secondary of"), "{err}");
+
+    // A writer of b (here an NBD export) now reaches a through b's daemon.
+    let socket = p.path("b-export.sock");
+    let mut export =
+        p.b.command()
+            .args(["export", &p.lun_b, "--socket", &socket])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("nbd"), "the export did not start: {line}");
+    let client = lun::NbdLun::connect(
+        lun::NbdTarget::Unix(socket.into()),
+        "",
+        lun::NbdOptions::default(),
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    lun::Lun::write_at(&client, &data, 5 << 20).unwrap();
+    lun::Lun::flush(&client).unwrap();
+    drop(client);
+    Command::new("kill")
+        .args(["-TERM", &export.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(export.wait().unwrap().success());
+    p.in_sync_from(&p.b, &p.lun_b);
+    let a = bytes(&p.lun_a);
+    assert_eq!(&a[5 << 20..6 << 20], &data[..], "b's write reached a");
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}
