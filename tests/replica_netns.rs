@@ -163,6 +163,83 @@ fn async_replica_is_always_a_write_order_consistent_point_in_time() {
     );
 }
 
+/// B dies while a delta set is being applied: restarted, it holds the point in time
+/// before that set (its gold copy), not part of it. A set written in descending offsets
+/// and applied in ascending ones would show as out of order if any of it stayed. The
+/// second set is larger than B's default snapshot pool.
+#[test]
+fn async_secondary_killed_mid_delta_set_returns_to_its_gold_copy() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(16 * MIB, &["--mode", "async", "--period", "1s"]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let c = export.client();
+    let mut issued = Vec::new();
+    let mut seq = 0;
+    // B is killed once region `watch` of the set landed: early in a set its pool holds,
+    // late in one it does not (the gold copy then needs more chunks than the pool has).
+    for (regions, watch) in [(48u64, 0u64), (160, 120)] {
+        let mut caught = false;
+        for attempt in 0..6u64 {
+            a.wait_in_sync(&p.a, Duration::from_secs(30));
+            let pid = b.daemon_pid(&p.b);
+            let block = (attempt % 16) * BLOCK;
+            for r in (0..regions).rev() {
+                seq += 1;
+                let off = r * REGION + block;
+                c.write_at(&seq_block(off, seq), off).unwrap();
+                issued.push((seq, off));
+            }
+            // Regions are applied in ascending order; kill B the moment `watch` lands.
+            let at = watch * REGION + block;
+            let want = seq - watch;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while read_blocks(&p.b, [at])[&at] != Some(want) {
+                assert!(Instant::now() < deadline, "the delta set never reached B");
+            }
+            kill9(pid);
+            let list: serde_json::Value =
+                serde_json::from_str(&b.ok(&["snapshot", "list", &p.b, "--json"])).unwrap();
+            caught = list["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["name"] == "gold");
+            // A stays away while B restarts, so what B holds is what it returned to.
+            a.ok(&["replica", "fracture", &p.a]);
+            b.ok(&["replica", "resume", &p.b]);
+            b.wait(&p.b, "running again", Duration::from_secs(30), |s| {
+                s["running"] == true
+            });
+            let image = read_blocks(&p.b, issued.iter().map(|(_, off)| *off));
+            let n = assert_write_order(&image, &issued);
+            eprintln!(
+                "set of {regions} regions, B killed {} it: B holds writes 1..={n} of {seq}; sessions {}",
+                if caught { "mid-way through" } else { "after" },
+                list["sessions"]
+            );
+            a.ok(&["replica", "resume", &p.a]);
+            if caught {
+                break;
+            }
+        }
+        assert!(
+            caught,
+            "B was never killed while applying a set of {regions} regions"
+        );
+    }
+    a.wait_in_sync(&p.a, Duration::from_secs(30));
+    drop(c);
+    drop(export);
+    b.wait(&p.b, "connected", Duration::from_secs(10), |s| {
+        s["link"] == "connected"
+    });
+    a.ok(&["replica", "fracture", &p.a]);
+    assert_same_bytes(&p.a, &p.b);
+}
+
 /// The link is cut while writes go on: the primary keeps writing (policy continue) and
 /// counts what B misses; once the link is back it copies only that.
 #[test]
