@@ -240,6 +240,55 @@ fn async_secondary_killed_mid_delta_set_returns_to_its_gold_copy() {
     assert_same_bytes(&p.a, &p.b);
 }
 
+/// The primary dies mid-way through a resync: B, inconsistent, is promoted back to the
+/// point in time it held before the resync began (its pre-resync snapshot), first with a
+/// resync its default snapshot pool holds, then with one it does not.
+#[test]
+fn primary_killed_mid_resync_leaves_b_promotable_at_its_last_point_in_time() {
+    if !prerequisites() {
+        return;
+    }
+    for (regions, watch) in [(48u64, 8u64), (160, 120)] {
+        let p = pair(16 * MIB, &[]);
+        let (a, b) = (&p.sites.a, &p.sites.b);
+        let before: Vec<u64> = (0..8).map(|i| i * 2 * MIB + BLOCK).collect();
+        let s0 = write_through_export(a, &p.a, &before, 1);
+        a.wait_in_sync(&p.a, Duration::from_secs(30));
+        a.ok(&["replica", "fracture", &p.a]);
+        let apart: Vec<u64> = (0..regions).map(|r| r * REGION).collect();
+        let written = write_through_export(a, &p.a, &apart, 100);
+        let pid = a.daemon_pid(&p.a);
+        a.ok(&["replica", "resume", &p.a]);
+        // Resyncs go in ascending region order: kill A once region `watch` reached B.
+        let at = watch * REGION;
+        let want = written[watch as usize].0;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while read_blocks(&p.b, [at])[&at] != Some(want) {
+            assert!(Instant::now() < deadline, "the resync never reached B");
+        }
+        kill9(pid);
+        let s = b.status(&p.b);
+        assert_eq!(
+            s["inconsistent"], true,
+            "the resync of {regions} regions ended before A died: {s:#}"
+        );
+        promote(b, &p.b);
+        let image = read_blocks(&p.b, before.iter().chain(&apart).copied());
+        assert_acked_present(&image, &s0);
+        let got: Vec<u64> = apart
+            .iter()
+            .filter(|o| image[o].is_some())
+            .copied()
+            .collect();
+        assert!(
+            got.is_empty(),
+            "after a promote B holds {} of the {regions} regions of the unfinished resync",
+            got.len()
+        );
+        eprintln!("a resync of {regions} regions cut short: B promoted at its pre-resync point");
+    }
+}
+
 /// The link is cut while writes go on: the primary keeps writing (policy continue) and
 /// counts what B misses; once the link is back it copies only that.
 #[test]
