@@ -114,6 +114,22 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
             })?;
     }
     {
+        // A registry entry removed under a running daemon (its state directory deleted)
+        // leaves it nothing to answer for.
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("registry".into())
+            .spawn(move || {
+                while !d.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if !replica::config_path(&d.spec).exists() {
+                        warn!(lun = %d.spec.typed, "registry entry gone; stopping");
+                        d.stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            })?;
+    }
+    {
         let d = daemon.clone();
         std::thread::Builder::new()
             .name("control".into())

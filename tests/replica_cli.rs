@@ -93,8 +93,8 @@ impl Drop for Site {
     }
 }
 
+/// Its sites drop (stopping their daemons) before the directory goes.
 struct Pair {
-    dir: tempfile::TempDir,
     a: Site,
     b: Site,
     lun_a: String,
@@ -102,6 +102,7 @@ struct Pair {
     secret: String,
     port_a: u16,
     port_b: u16,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
