@@ -872,4 +872,50 @@ fn datastore_written_by_two_hosts_survives_failover_fsck_clean() {
     }
     b.ok(&["-d", &p.b, "put", &local, "/written-at-b"]);
     b.ok(&["datastore", "fsck", &p.b]);
+
+    if !lun::prereq::require(lun::prereq::have_device("/dev/fuse"), "/dev/fuse") {
+        return;
+    }
+    let mountpoint = b.path("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mp = mountpoint.to_str().unwrap();
+    let out = b
+        .host_command()
+        .args(["-d", &p.b, "mount", mp])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount of the promoted replica: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _mounted = Unmount(mountpoint.clone());
+    assert_eq!(std::fs::read(mountpoint.join("h2-2")).unwrap(), small);
+    std::fs::write(mountpoint.join("through-fuse"), &small).unwrap();
+    let out = b.host_command().args(["umount", mp]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.ok(&["datastore", "fsck", &p.b]);
+    let got = b.p("got-through-fuse");
+    b.ok(&["-d", &p.b, "get", "/through-fuse", &got]);
+    assert_eq!(std::fs::read(&got).unwrap(), small);
+}
+
+/// Lazily unmounts a FUSE mount left behind by a failed test, before its site's
+/// processes are killed.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if table.contains(&format!(" {} ", self.0.display())) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
 }

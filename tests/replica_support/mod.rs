@@ -78,14 +78,26 @@ impl Site {
     /// `vapp` run inside this site's namespace with its own registry and runtime dir.
     pub fn command(&self) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_vapp")])
-            .env_remove("VAPP_DATASTORE")
+        c.args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_vapp")]);
+        self.site_env(&mut c);
+        c
+    }
+
+    /// `vapp` with this site's registry and runtime dir in the test's own namespaces:
+    /// for a FUSE mount, which `ip netns exec` would hide in a mount namespace of its own.
+    pub fn host_command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vapp"));
+        self.site_env(&mut c);
+        c
+    }
+
+    fn site_env(&self, c: &mut Command) {
+        c.env_remove("VAPP_DATASTORE")
             .env_remove("VAPP_KEEP_SIGNATURE")
             .env("VAPP_HOST_NAME", format!("site-{}", self.name))
             .env("VAPP_STATE_DIR", self.state())
             .env("VAPP_RUNTIME_DIR", self.path("run"))
             .stdin(Stdio::null());
-        c
     }
 
     pub fn vapp(&self, args: &[&str]) -> Output {
