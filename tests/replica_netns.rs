@@ -611,6 +611,55 @@ fn failback_sends_the_old_primary_only_what_changed_at_the_new_one() {
     assert_same_bytes(&p.a, &p.b);
 }
 
+/// Site A dies under writes; B takes over and is written; A comes back, is demoted and
+/// receives what changed at B (and its own hot extents, which may hold writes B never
+/// acknowledged), so both sites are equal again without a split brain.
+#[test]
+fn failback_after_the_primary_died_converges_without_split_brain() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(64 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(client, 1, Duration::ZERO, 0, random_blocks(6, 64 * MIB));
+    writer.wait_acked(200, Duration::from_secs(60));
+    a.kill9_daemon(&p.a);
+    writer.wait_error(Duration::from_secs(60));
+    writer.stop();
+    drop(export);
+
+    promote(b, &p.b);
+    let at_b: Vec<u64> = (0..40).map(|i| 20 * MIB + i * BLOCK * 7).collect();
+    let written_b = write_through_export(b, &p.b, &at_b, 1_000_000);
+
+    a.ok(&["replica", "resume", &p.a]);
+    a.ok(&["replica", "demote", &p.a]);
+    let s = b.wait(
+        &p.b,
+        "in sync with the old primary",
+        Duration::from_secs(60),
+        |s| {
+            (s["link"] == "connected" && s["out_of_sync_bytes"] == 0)
+                || s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("split brain"))
+        },
+    );
+    assert_eq!(
+        s["last_error"],
+        serde_json::Value::Null,
+        "failback refused: {s:#}"
+    );
+    let resynced = u(&s["bytes_resynced"]);
+    assert!(
+        resynced <= 64 * MIB + 4 * regions_of(&written_b) * REGION,
+        "failback copied {resynced} bytes"
+    );
+    assert_same_bytes(&p.a, &p.b);
+}
+
 fn read_until_closed(mut s: TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 4096];
