@@ -1,16 +1,19 @@
-//! `vapp replica run LUN`: the daemon of one replicated LUN, in the foreground.
+//! `vapp replica run LUN`: the daemon of a replicated LUN (or of every member of its
+//! consistency group), in the foreground.
 //!
-//! It holds the LUN's claim (see [`crate::lunspec`]) for as long as it runs, so nothing
-//! writes the LUN around it. As the primary it opens the LUN through the snapshot engine
-//! when the LUN has a pool, wraps it in a [`PrimaryLun`], and serves that over NBD on a
-//! private Unix socket named in the claim record: every other vapp writer of the LUN
-//! (`-d LUN put`, a mount, an export, a VM) reaches it there. It keeps the link up
-//! (reconnecting with backoff, resyncing in steps so writers interleave) or, in
-//! asynchronous mode, runs the engine's delta-set cycle. As the secondary it listens for
-//! its primary and refuses every other writer. A promote or demote changes the role in
-//! the registry and the daemon executes itself again, so the new role starts from a
-//! clean process with the same pid. SIGTERM or SIGINT close the link cleanly (both sides
-//! flushed) and exit 0.
+//! It holds each member LUN's claim (see [`crate::lunspec`]) for as long as it runs, so
+//! nothing writes a member around it. As the primary it opens each LUN through the
+//! snapshot engine when the LUN has a pool, wraps it in a [`PrimaryLun`], and serves that
+//! over NBD on a private Unix socket named in the claim record: every other vapp writer
+//! of the LUN (`-d LUN put`, a mount, an export, a VM) reaches it there. It keeps the link
+//! up (reconnecting with backoff, resyncing in steps so writers interleave) or, in
+//! asynchronous mode, cuts and ships delta sets every period. The members of a group run
+//! as one [`ConsistencyGroup`]: a lost link on one fractures all, delta sets are cut at
+//! one point across all, and a command on any member acts on the group. As the secondary
+//! it listens for its primary and refuses every other writer. A promote or demote changes
+//! the role in the registry and the daemon executes itself again, so the new role starts
+//! from a clean process with the same pid. SIGTERM or SIGINT close the links cleanly (both
+//! sides flushed) and exit 0.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -20,13 +23,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lun::Lun;
-use lun::nbd::{ExportConfig, ListenAddr, NbdServer};
+use lun::nbd::{ExportConfig, ListenAddr, NbdServer, ShutdownHandle};
 use nix::sys::signal::{SigSet, Signal};
-use replication::{LinkState, Mode, PrimaryLun, Secondary, SecondaryServer, TcpPeer};
+use replication::{
+    ConsistencyGroup, LinkState, Mode, PrimaryLun, Secondary, SecondaryServer, TcpPeer,
+};
 use tracing::{info, warn};
 
 use crate::cmd::replica::{
@@ -40,24 +46,32 @@ const RESYNC_STEP: u64 = 64;
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+#[derive(Clone)]
 enum Side {
     Primary(Arc<PrimaryLun>),
     Secondary(Arc<Secondary>),
 }
 
-struct Daemon {
+/// One replicated LUN of this daemon.
+struct Member {
     spec: Spec,
     cfg: Mutex<Config>,
     side: Mutex<Option<Side>>,
-    stop: AtomicBool,
-    /// Run again in the role the registry now names (after promote or demote).
-    exec: AtomicBool,
     /// Why the last connection attempt failed; cleared when one succeeds.
     connect_error: Mutex<Option<String>>,
     /// When the running resync began and how many regions it had then, for its ETA.
     resync_clock: Mutex<Option<(Instant, u64)>>,
     /// Makes a writer's compare-and-write one step against the others'.
     compare_and_write: Mutex<()>,
+}
+
+struct Daemon {
+    members: Vec<Arc<Member>>,
+    /// The consistency group of a primary with a `--group`.
+    group: Mutex<Option<Arc<ConsistencyGroup>>>,
+    stop: AtomicBool,
+    /// Run again in the role the registry now names (after promote or demote).
+    exec: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -68,6 +82,17 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
     let spec = Spec::parse(typed);
     let cfg =
         replica::load(&spec)?.with_context(|| format!("{typed}: not replicated on this host"))?;
+    let configs = match &cfg.group {
+        None => vec![(spec.clone(), cfg.clone())],
+        Some(group) => replica::group_members(group)?,
+    };
+    if let Some((odd, c)) = configs.iter().find(|(_, c)| c.role != cfg.role) {
+        bail!(
+            "{typed}: its group member {} is a {:?}; every member of a group has one role",
+            odd.typed,
+            c.role
+        );
+    }
     // Blocked before any thread starts, so only the waiting thread below takes them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -75,32 +100,46 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
     signals
         .thread_block()
         .context("cannot block SIGINT/SIGTERM for orderly shutdown")?;
-    let secret = replica::read_secret_file(&cfg.secret_file)?;
-    let mut claim = match Claim::take(&spec)? {
-        Ok(claim) => claim,
-        Err(holder) => bail!(
-            "{typed}: in use by `vapp {}` (pid {}); it cannot be replicated while another \
-             process writes it",
-            holder.command,
-            holder.pid
-        ),
-    };
-    drop(lunspec::Users::alone(&spec, None).map_err(|_| {
-        anyhow::anyhow!(
-            "{typed}: another vapp process writes it directly (a mount, an export or a \
-             command on it); stop it, then vapp replica resume {typed}"
-        )
-    })?);
-    let control = bind_control(&spec)?;
+    let mut claims = Vec::new();
+    let mut controls = Vec::new();
+    let mut secrets = Vec::new();
+    for (spec, cfg) in &configs {
+        let typed = &spec.typed;
+        secrets.push(replica::read_secret_file(&cfg.secret_file)?);
+        claims.push(match Claim::take(spec)? {
+            Ok(claim) => claim,
+            Err(holder) => bail!(
+                "{typed}: in use by `vapp {}` (pid {}); it cannot be replicated while another \
+                 process writes it",
+                holder.command,
+                holder.pid
+            ),
+        });
+        drop(lunspec::Users::alone(spec, None).map_err(|_| {
+            anyhow::anyhow!(
+                "{typed}: another vapp process writes it directly (a mount, an export or a \
+                 command on it); stop it, then vapp replica resume {typed}"
+            )
+        })?);
+        controls.push(bind_control(spec)?);
+    }
     let daemon = Arc::new(Daemon {
-        spec: spec.clone(),
-        cfg: Mutex::new(cfg.clone()),
-        side: Mutex::new(None),
+        members: configs
+            .iter()
+            .map(|(spec, cfg)| {
+                Arc::new(Member {
+                    spec: spec.clone(),
+                    cfg: Mutex::new(cfg.clone()),
+                    side: Mutex::new(None),
+                    connect_error: Mutex::new(None),
+                    resync_clock: Mutex::new(None),
+                    compare_and_write: Mutex::new(()),
+                })
+            })
+            .collect(),
+        group: Mutex::new(None),
         stop: AtomicBool::new(false),
         exec: AtomicBool::new(false),
-        connect_error: Mutex::new(None),
-        resync_clock: Mutex::new(None),
-        compare_and_write: Mutex::new(()),
     });
     {
         let d = daemon.clone();
@@ -108,7 +147,7 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
             .name("signals".into())
             .spawn(move || {
                 if let Ok(signal) = signals.wait() {
-                    info!(lun = %d.spec.typed, ?signal, "stopping the replication daemon");
+                    info!(?signal, "stopping the replication daemon");
                     d.stop.store(true, Ordering::SeqCst);
                 }
             })?;
@@ -122,30 +161,36 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
             .spawn(move || {
                 while !d.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_secs(1));
-                    if !replica::config_path(&d.spec).exists() {
-                        warn!(lun = %d.spec.typed, "registry entry gone; stopping");
+                    if let Some(m) = d
+                        .members
+                        .iter()
+                        .find(|m| !replica::config_path(&m.spec).exists())
+                    {
+                        warn!(lun = %m.spec.typed, "registry entry gone; stopping");
                         d.stop.store(true, Ordering::SeqCst);
                     }
                 }
             })?;
     }
-    {
-        let d = daemon.clone();
+    for (m, control) in daemon.members.iter().zip(controls) {
+        let (d, m) = (daemon.clone(), m.clone());
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve_control(&d, control))?;
+            .spawn(move || serve_control(&d, &m, control))?;
     }
     let ran = match cfg.role {
-        Role::Primary => run_primary(&daemon, &mut claim, secret),
-        Role::Secondary => run_secondary(&daemon, &mut claim, secret),
+        Role::Primary => run_primary(&daemon, &mut claims, secrets),
+        Role::Secondary => run_secondary(&daemon, &mut claims, secrets),
     };
-    let _ = fs::remove_file(replica::control_path(&spec));
-    drop(claim);
+    for m in &daemon.members {
+        let _ = fs::remove_file(replica::control_path(&m.spec));
+    }
+    drop(claims);
     ran?;
     if daemon.exec.load(Ordering::SeqCst) {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().context("cannot find the vapp executable")?;
-        info!(lun = %spec.typed, role = ?lock(&daemon.cfg).role, "restarting in the new role");
+        info!(lun = %spec.typed, "restarting in the new role");
         let e = std::process::Command::new(exe)
             .args(["replica", "run", &spec.source])
             .exec();
@@ -172,9 +217,16 @@ fn bind_control(spec: &Spec) -> anyhow::Result<UnixListener> {
     UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))
 }
 
-fn run_primary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Result<()> {
-    let cfg = lock(&d.cfg).clone();
-    let spec = &d.spec;
+/// A member's primary, served to its writers.
+struct Served {
+    primary: Arc<PrimaryLun>,
+    shutdown: ShutdownHandle,
+    serving: JoinHandle<Result<(), lun::nbd::ServeError>>,
+}
+
+fn open_primary(m: &Member, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Result<Served> {
+    let cfg = lock(&m.cfg).clone();
+    let spec = &m.spec;
     let typed = spec.typed.as_str();
     let peer_addr = replica::resolve(&cfg.peer, "--peer")?;
     let raw = lunspec::open_raw(&spec.source, false)?;
@@ -221,7 +273,6 @@ fn run_primary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow::R
         ),
     };
     let primary = Arc::new(primary);
-
     // Writers reach the LUN only through the replicated write.
     let socket = lunspec::writers_socket(spec);
     let served: Arc<dyn Lun> = primary.clone();
@@ -240,126 +291,230 @@ fn run_primary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow::R
         let listener = claim.listen()?;
         Arc::new(service).serve(listener);
     }
-    *lock(&d.side) = Some(Side::Primary(primary.clone()));
-    let cycle = match cfg.mode {
-        ModeName::Async => Some(primary.start_cycle()?),
-        ModeName::Sync => None,
-    };
+    *lock(&m.side) = Some(Side::Primary(primary.clone()));
     info!(lun = %typed, peer = %cfg.peer, mode = ?cfg.mode, "replication primary running");
+    Ok(Served {
+        primary,
+        shutdown,
+        serving,
+    })
+}
 
-    let mut backoff = Duration::from_millis(100);
-    let mut next_try = Instant::now();
+/// Connection attempts, spaced out while they fail.
+struct Backoff {
+    wait: Duration,
+    next: Instant,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            wait: Duration::from_millis(100),
+            next: Instant::now(),
+        }
+    }
+    fn due(&self) -> bool {
+        Instant::now() >= self.next
+    }
+    fn succeeded(&mut self) {
+        self.wait = Duration::from_millis(100);
+    }
+    fn failed(&mut self) {
+        self.next = Instant::now() + self.wait;
+        self.wait = (self.wait * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn record_connect(members: &[&Member], outcome: &replication::Result<()>) {
+    for m in members {
+        let mut last = lock(&m.connect_error);
+        match outcome {
+            Ok(()) => *last = None,
+            Err(e) => {
+                if last.as_deref() != Some(&e.to_string()) {
+                    let cfg = lock(&m.cfg);
+                    warn!(lun = %m.spec.typed, peer = %cfg.peer, error = %e, "cannot bring the replication link up; retrying");
+                }
+                *last = Some(e.to_string());
+            }
+        }
+    }
+}
+
+fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> anyhow::Result<()> {
+    let mut served = Vec::new();
+    for ((m, claim), secret) in d.members.iter().zip(claims.iter_mut()).zip(secrets) {
+        served.push(open_primary(m, claim, secret)?);
+    }
+    let primaries: Vec<Arc<PrimaryLun>> = served.iter().map(|s| s.primary.clone()).collect();
+    let first = lock(&d.members[0].cfg).clone();
+    let group = match &first.group {
+        Some(name) => Some(Arc::new(
+            ConsistencyGroup::new(name, primaries.clone())
+                .with_context(|| format!("consistency group {name}"))?,
+        )),
+        None => None,
+    };
+    *lock(&d.group) = group.clone();
+    // A LUN of its own runs the engine's delta-set cycle; a group cuts its sets here, at
+    // one point across its members.
+    let cycle = match (first.mode, &group) {
+        (ModeName::Async, None) => Some(primaries[0].start_cycle()?),
+        _ => None,
+    };
+    let period = Duration::from_millis(first.period_ms);
+    let mut next_cut = Instant::now() + period;
+    let mut backoff = Backoff::new();
+    let all: Vec<&Member> = d.members.iter().map(|m| &**m).collect();
     while !d.stop.load(Ordering::SeqCst) {
         if cycle.is_some() {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        match primary.link_state() {
-            LinkState::Disconnected if Instant::now() >= next_try => match primary.connect() {
-                Ok(state) => {
-                    info!(lun = %typed, peer = %cfg.peer, link = ?state, "replication link up");
-                    *lock(&d.connect_error) = None;
-                    backoff = Duration::from_millis(100);
+        let states: Vec<LinkState> = primaries.iter().map(|p| p.link_state()).collect();
+        let fractured = states.contains(&LinkState::Fractured);
+        if !fractured && states.contains(&LinkState::Disconnected) && backoff.due() {
+            let outcome = match &group {
+                Some(g) => g.connect(),
+                None => primaries[0].connect().map(drop),
+            };
+            record_connect(&all, &outcome);
+            match outcome {
+                Ok(()) => {
+                    info!(peer = %first.peer, "replication link up");
+                    backoff.succeeded();
                 }
-                Err(e) => {
-                    let mut last = lock(&d.connect_error);
-                    if last.as_deref() != Some(&e.to_string()) {
-                        warn!(lun = %typed, peer = %cfg.peer, error = %e, "cannot bring the replication link up; retrying");
-                    }
-                    *last = Some(e.to_string());
-                    next_try = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            },
-            LinkState::Resyncing => {
-                match primary.resync_step(RESYNC_STEP) {
-                    Ok(p) if p.regions_left == 0 => {
-                        info!(lun = %typed, "resync done");
-                        *lock(&d.resync_clock) = None;
-                    }
-                    Ok(p) => {
-                        lock(&d.resync_clock).get_or_insert((Instant::now(), p.regions_left));
-                    }
-                    Err(e) => {
-                        warn!(lun = %typed, error = %e, "resync step failed");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
+                Err(_) => backoff.failed(),
+            }
+        }
+        let mut resyncing = false;
+        for (m, p) in d.members.iter().zip(&primaries) {
+            if p.link_state() != LinkState::Resyncing {
                 continue;
             }
-            _ => {}
+            resyncing = true;
+            match p.resync_step(RESYNC_STEP) {
+                Ok(r) if r.regions_left == 0 => {
+                    info!(lun = %m.spec.typed, "resync done");
+                    *lock(&m.resync_clock) = None;
+                }
+                Ok(r) => {
+                    lock(&m.resync_clock).get_or_insert((Instant::now(), r.regions_left));
+                }
+                Err(e) => {
+                    warn!(lun = %m.spec.typed, error = %e, "resync step failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if let (ModeName::Async, Some(g)) = (first.mode, &group)
+            && !resyncing
+            && Instant::now() >= next_cut
+        {
+            next_cut = Instant::now() + period;
+            if primaries
+                .iter()
+                .all(|p| p.link_state() == LinkState::Connected)
+                && let Err(e) = g.replicate_now()
+            {
+                warn!(group = ?first.group, error = %e, "group delta set failed; retrying next period");
+            }
+        }
+        if !resyncing {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     drop(cycle);
-    shutdown.shutdown();
-    match serving.join() {
-        Ok(Err(e)) => warn!(lun = %typed, error = %e, "serving writers ended with an error"),
-        Err(_) => warn!(lun = %typed, "the writers' server panicked"),
-        Ok(Ok(())) => {}
+    for s in &served {
+        s.shutdown.shutdown();
     }
-    claim.serve_writers(None)?;
-    *lock(&d.side) = None;
-    primary
-        .close()
-        .with_context(|| format!("{typed}: closing the replication link"))?;
-    info!(lun = %typed, "replication primary stopped");
-    Ok(())
+    *lock(&d.group) = None;
+    let mut closed = Ok(());
+    for ((m, s), claim) in d.members.iter().zip(served).zip(claims.iter_mut()) {
+        match s.serving.join() {
+            Ok(Err(e)) => {
+                warn!(lun = %m.spec.typed, error = %e, "serving writers ended with an error")
+            }
+            Err(_) => warn!(lun = %m.spec.typed, "the writers' server panicked"),
+            Ok(Ok(())) => {}
+        }
+        claim.serve_writers(None)?;
+        *lock(&m.side) = None;
+        let r = s
+            .primary
+            .close()
+            .with_context(|| format!("{}: closing the replication link", m.spec.typed));
+        if closed.is_ok() {
+            closed = r;
+        }
+        info!(lun = %m.spec.typed, "replication primary stopped");
+    }
+    closed
 }
 
-fn run_secondary(d: &Arc<Daemon>, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Result<()> {
-    let cfg = lock(&d.cfg).clone();
-    let spec = &d.spec;
-    let typed = spec.typed.as_str();
-    let addr = replica::resolve(&cfg.listen, "--listen")?;
-    let raw = lunspec::open_raw(&spec.source, false)?;
-    let meta = lunspec::open_raw(&cfg.meta, false)?;
-    let snaps = match lunspec::existing_pool(spec)? {
-        Some(pool) => {
-            let pool_lun = lunspec::open_raw(&pool, false)?;
-            Some(
-                snapshot::Snapshots::open(raw.clone(), pool_lun)
-                    .with_context(|| format!("{typed}: cannot open its snapshot pool {pool}"))?,
-            )
-        }
-        None => None,
-    };
-    let secondary =
-        Arc::new(Secondary::open(raw, meta, snaps).with_context(|| {
+fn run_secondary(
+    d: &Arc<Daemon>,
+    claims: &mut [Claim],
+    secrets: Vec<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let mut servers = Vec::new();
+    for ((m, claim), secret) in d.members.iter().zip(claims.iter_mut()).zip(secrets) {
+        let cfg = lock(&m.cfg).clone();
+        let spec = &m.spec;
+        let typed = spec.typed.as_str();
+        let addr = replica::resolve(&cfg.listen, "--listen")?;
+        let raw = lunspec::open_raw(&spec.source, false)?;
+        let meta = lunspec::open_raw(&cfg.meta, false)?;
+        let snaps = match lunspec::existing_pool(spec)? {
+            Some(pool) => {
+                let pool_lun = lunspec::open_raw(&pool, false)?;
+                Some(
+                    snapshot::Snapshots::open(raw.clone(), pool_lun).with_context(|| {
+                        format!("{typed}: cannot open its snapshot pool {pool}")
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let secondary = Arc::new(Secondary::open(raw, meta, snaps).with_context(|| {
             format!("{typed}: cannot open its replication metadata {}", cfg.meta)
         })?);
-    let listener = TcpListener::bind(addr)
-        .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?;
-    let server = SecondaryServer::start(listener, secondary.clone(), secret)
-        .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?;
-    claim.refuse_writers(Some(format!(
-        "a replication secondary of {}; promote it first",
-        cfg.peer
-    )))?;
-    *lock(&d.side) = Some(Side::Secondary(secondary.clone()));
-    info!(lun = %typed, listen = %cfg.listen, "replication secondary waiting for its primary");
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?;
+        servers.push(
+            SecondaryServer::start(listener, secondary.clone(), secret)
+                .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?,
+        );
+        claim.refuse_writers(Some(format!(
+            "a replication secondary of {}; promote it first",
+            cfg.peer
+        )))?;
+        *lock(&m.side) = Some(Side::Secondary(secondary));
+        info!(lun = %typed, listen = %cfg.listen, "replication secondary waiting for its primary");
+    }
     while !d.stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    drop(server);
-    *lock(&d.side) = None;
-    drop(secondary);
-    info!(lun = %typed, "replication secondary stopped");
+    drop(servers);
+    for m in &d.members {
+        *lock(&m.side) = None;
+        info!(lun = %m.spec.typed, "replication secondary stopped");
+    }
     Ok(())
 }
 
 /// One thread per connection: a verify runs for minutes while status and the datastore
 /// locks' compare-and-write must still be answered.
-fn serve_control(d: &Arc<Daemon>, listener: UnixListener) {
+fn serve_control(d: &Arc<Daemon>, m: &Arc<Member>, listener: UnixListener) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let d = d.clone();
+        let (d, m) = (d.clone(), m.clone());
         let spawned = std::thread::Builder::new()
             .name("control-request".into())
             .spawn(move || {
                 let reply = match read_request(&stream) {
                     Ok(request) => {
-                        handle(&d, &request).unwrap_or_else(|e| Reply::failed(format!("{e:#}")))
+                        handle(&d, &m, &request).unwrap_or_else(|e| Reply::failed(format!("{e:#}")))
                     }
                     Err(e) => Reply::failed(format!("{e:#}")),
                 };
@@ -383,146 +538,210 @@ fn read_request(stream: &UnixStream) -> anyhow::Result<Request> {
     })
 }
 
-fn primary_of(d: &Daemon) -> anyhow::Result<Arc<PrimaryLun>> {
-    match &*lock(&d.side) {
-        Some(Side::Primary(p)) => Ok(p.clone()),
-        Some(Side::Secondary(_)) => bail!(
+fn side_of(m: &Member) -> anyhow::Result<Side> {
+    lock(&m.side).clone().with_context(|| {
+        format!(
+            "{}: the replication daemon is starting or stopping",
+            m.spec.typed
+        )
+    })
+}
+
+fn primary_of(m: &Member) -> anyhow::Result<Arc<PrimaryLun>> {
+    match side_of(m)? {
+        Side::Primary(p) => Ok(p),
+        Side::Secondary(_) => bail!(
             "{}: a replication secondary; run this on its primary ({})",
-            d.spec.typed,
-            lock(&d.cfg).peer
-        ),
-        None => bail!(
-            "{}: the replication daemon is starting or stopping",
-            d.spec.typed
+            m.spec.typed,
+            lock(&m.cfg).peer
         ),
     }
 }
 
-fn secondary_of(d: &Daemon) -> anyhow::Result<Option<Arc<Secondary>>> {
-    match &*lock(&d.side) {
-        Some(Side::Secondary(s)) => Ok(Some(s.clone())),
-        Some(Side::Primary(_)) => Ok(None),
-        None => bail!(
-            "{}: the replication daemon is starting or stopping",
-            d.spec.typed
-        ),
-    }
+/// What a command acts on: every member of the group (in registry order), or the LUN alone.
+fn sides(d: &Daemon) -> anyhow::Result<Vec<(Arc<Member>, Side)>> {
+    d.members
+        .iter()
+        .map(|m| Ok((m.clone(), side_of(m)?)))
+        .collect()
 }
 
-/// Records the new role and has the daemon run again in it.
+fn primaries(d: &Daemon) -> anyhow::Result<Vec<(Arc<Member>, Arc<PrimaryLun>)>> {
+    d.members
+        .iter()
+        .map(|m| Ok((m.clone(), primary_of(m)?)))
+        .collect()
+}
+
+/// Records the new role of every member and has the daemon run again in it.
 fn switch_role(d: &Daemon, role: Role) -> anyhow::Result<()> {
-    let mut cfg = lock(&d.cfg);
-    cfg.role = role;
-    replica::save(&d.spec, &cfg)?;
+    for m in &d.members {
+        let mut cfg = lock(&m.cfg);
+        cfg.role = role;
+        replica::save(&m.spec, &cfg)?;
+    }
     d.exec.store(true, Ordering::SeqCst);
     d.stop.store(true, Ordering::SeqCst);
     Ok(())
 }
 
-fn handle(d: &Daemon, request: &Request) -> anyhow::Result<Reply> {
-    let typed = d.spec.typed.as_str();
+/// How a message names what a command acted on: the LUN, or its group.
+fn subject(d: &Daemon, m: &Member) -> String {
+    match &lock(&m.cfg).group {
+        Some(g) if d.members.len() > 1 => format!("group {g} ({} LUNs)", d.members.len()),
+        Some(g) => format!("{} (group {g})", m.spec.typed),
+        None => m.spec.typed.clone(),
+    }
+}
+
+fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
+    let typed = m.spec.typed.as_str();
+    let what = subject(d, m);
     let done = Reply::done;
+    let group = lock(&d.group).clone();
     match request {
         Request::Status => Ok(Reply {
-            status: Some(status(d)),
+            status: Some(status(m)),
             ..done(String::new())
         }),
         Request::CompareAndWrite {
             offset,
             expected,
             new,
-        } => compare_and_write(d, *offset, expected, new),
+        } => compare_and_write(m, *offset, expected, new),
         Request::Stop => {
             d.stop.store(true, Ordering::SeqCst);
-            Ok(done(format!("{typed}: replication daemon stopping")))
+            Ok(done(format!("{what}: replication daemon stopping")))
         }
         Request::Fracture => {
-            primary_of(d)?
-                .fracture()
-                .with_context(|| format!("{typed}: cannot fracture"))?;
+            match &group {
+                Some(g) => g.fracture(),
+                None => primary_of(m)?.fracture(),
+            }
+            .with_context(|| format!("{what}: cannot fracture"))?;
             Ok(done(format!(
-                "{typed}: fractured; writes are tracked until vapp replica resume {typed}"
+                "{what}: fractured; writes are tracked until vapp replica resume {typed}"
             )))
         }
         Request::Resume => {
-            let Some(p) = primary_of(d).ok() else {
+            let Ok(p) = primary_of(m) else {
                 return Ok(done(format!(
-                    "{typed}: a secondary; it takes its primary when it connects"
+                    "{what}: a secondary; it takes its primary when it connects"
                 )));
             };
-            let state = if p.link_state() == LinkState::Fractured {
-                p.resume()
-            } else {
-                p.connect()
+            let fractured = primaries(d)?
+                .iter()
+                .any(|(_, p)| p.link_state() == LinkState::Fractured);
+            match (&group, fractured) {
+                (Some(g), true) => g.resume(),
+                (Some(g), false) => g.connect(),
+                (None, true) => p.resume().map(drop),
+                (None, false) => p.connect().map(drop),
             }
-            .with_context(|| format!("{typed}: cannot resume the link"))?;
-            Ok(done(format!("{typed}: link {}", link_name(state))))
+            .with_context(|| format!("{what}: cannot resume the link"))?;
+            *lock(&m.connect_error) = None;
+            Ok(done(format!("{what}: link {}", link_name(p.link_state()))))
         }
         Request::Verify => {
-            let p = primary_of(d)?;
-            if !matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
-                bail!(
-                    "{typed}: verify needs the link up; it is {}",
-                    link_name(p.link_state())
-                );
+            let (mut differ, mut total) = (0, 0);
+            for (m, p) in primaries(d)? {
+                if !matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
+                    bail!(
+                        "{}: verify needs the link up; it is {}",
+                        m.spec.typed,
+                        link_name(p.link_state())
+                    );
+                }
+                let progress = p
+                    .verify()
+                    .with_context(|| format!("{}: verify failed", m.spec.typed))?;
+                differ += progress.differences;
+                total += progress.regions_total;
             }
-            let progress = p
-                .verify()
-                .with_context(|| format!("{typed}: verify failed"))?;
             Ok(done(format!(
-                "{typed}: {} of {} regions differ{}",
-                progress.differences,
-                progress.regions_total,
-                if progress.differences > 0 {
+                "{what}: {differ} of {total} regions differ{}",
+                if differ > 0 {
                     "; marked for resync"
                 } else {
                     ""
                 }
             )))
         }
-        Request::Promote { force } => match secondary_of(d)? {
-            None => Ok(done(format!("{typed}: already the primary"))),
-            Some(s) => {
-                s.promote(*force)
-                    .with_context(|| format!("{typed}: cannot promote"))?;
-                switch_role(d, Role::Primary)?;
-                Ok(done(format!(
-                    "{typed}: promoted; now the primary, replicating to {}",
-                    lock(&d.cfg).peer
-                )))
+        Request::Promote { force } => {
+            let all = sides(d)?;
+            if all.iter().all(|(_, s)| matches!(s, Side::Primary(_))) {
+                return Ok(done(format!("{what}: already the primary")));
             }
-        },
-        Request::Demote { discard_local } => {
-            if secondary_of(d)?.is_some() {
-                return Ok(done(format!("{typed}: already a secondary")));
+            if !force
+                && let Some((m, _)) = all
+                    .iter()
+                    .find(|(_, s)| matches!(s, Side::Secondary(x) if x.is_connected()))
+            {
+                bail!(
+                    "{}: cannot promote: a primary is connected and replicating; promote \
+                     with --force to take over anyway",
+                    m.spec.typed
+                );
             }
-            let p = primary_of(d)?;
-            if matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
-                p.fracture()
-                    .with_context(|| format!("{typed}: cannot fracture before demoting"))?;
+            for (m, s) in &all {
+                if let Side::Secondary(x) = s {
+                    x.promote(*force)
+                        .with_context(|| format!("{}: cannot promote", m.spec.typed))?;
+                }
             }
-            p.demote(*discard_local)
-                .with_context(|| format!("{typed}: cannot demote"))?;
-            switch_role(d, Role::Secondary)?;
+            switch_role(d, Role::Primary)?;
             Ok(done(format!(
-                "{typed}: demoted; now a secondary, taking its primary on {}",
-                lock(&d.cfg).listen
+                "{what}: promoted; now the primary, replicating to {}",
+                lock(&m.cfg).peer
             )))
         }
-        Request::Resolve => match secondary_of(d)? {
-            Some(s) => {
-                s.discard_local()
-                    .with_context(|| format!("{typed}: cannot resolve"))?;
-                Ok(done(format!(
-                    "{typed}: what this side wrote that its primary never got is overwritten \
-                     at the next resync"
-                )))
+        Request::Demote { discard_local } => {
+            let all = sides(d)?;
+            if all.iter().all(|(_, s)| matches!(s, Side::Secondary(_))) {
+                return Ok(done(format!("{what}: already a secondary")));
             }
-            None => bail!(
-                "{typed}: a primary keeps what it wrote; to lose it, vapp replica demote \
-                 {typed} --discard-local"
-            ),
-        },
+            if let Some(g) = &group
+                && primaries(d)?.iter().any(|(_, p)| {
+                    matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing)
+                })
+            {
+                g.fracture()
+                    .with_context(|| format!("{what}: cannot fracture before demoting"))?;
+            }
+            for (m, p) in primaries(d)? {
+                if matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
+                    p.fracture().with_context(|| {
+                        format!("{}: cannot fracture before demoting", m.spec.typed)
+                    })?;
+                }
+                p.demote(*discard_local)
+                    .with_context(|| format!("{}: cannot demote", m.spec.typed))?;
+            }
+            switch_role(d, Role::Secondary)?;
+            Ok(done(format!(
+                "{what}: demoted; now a secondary, taking its primary on {}",
+                lock(&m.cfg).listen
+            )))
+        }
+        Request::Resolve => {
+            let all = sides(d)?;
+            if all.iter().any(|(_, s)| matches!(s, Side::Primary(_))) {
+                bail!(
+                    "{typed}: a primary keeps what it wrote; to lose it, vapp replica demote \
+                     {typed} --discard-local"
+                );
+            }
+            for (m, s) in &all {
+                if let Side::Secondary(x) = s {
+                    x.discard_local()
+                        .with_context(|| format!("{}: cannot resolve", m.spec.typed))?;
+                }
+            }
+            Ok(done(format!(
+                "{what}: what this side wrote that its primary never got is overwritten at \
+                 the next resync"
+            )))
+        }
     }
 }
 
@@ -530,21 +749,21 @@ fn handle(d: &Daemon, request: &Request) -> anyhow::Result<Reply> {
 /// writer of the LUN reaches it through this daemon, and the datastore's own locks keep
 /// plain writes off the sectors its lock records live in.
 fn compare_and_write(
-    d: &Daemon,
+    m: &Member,
     offset: u64,
     expected: &[u8],
     new: &[u8],
 ) -> anyhow::Result<Reply> {
-    let p = primary_of(d)?;
+    let p = primary_of(m)?;
     if expected.len() != new.len() {
         bail!(
             "{}: compare-and-write of {} bytes against {} expected",
-            d.spec.typed,
+            m.spec.typed,
             new.len(),
             expected.len()
         );
     }
-    let _one = lock(&d.compare_and_write);
+    let _one = lock(&m.compare_and_write);
     let mut current = vec![0u8; expected.len()];
     p.read_at(&mut current, offset)?;
     if current != expected {
@@ -567,17 +786,13 @@ fn link_name(state: LinkState) -> &'static str {
     }
 }
 
-fn status(d: &Daemon) -> StatusJson {
-    let cfg = lock(&d.cfg).clone();
+fn status(m: &Member) -> StatusJson {
+    let cfg = lock(&m.cfg).clone();
     let mut s = StatusJson::offline(&cfg);
     s.running = true;
     s.pid = Some(std::process::id());
     s.last_error = None;
-    let side = match &*lock(&d.side) {
-        Some(Side::Primary(p)) => Some(Side::Primary(p.clone())),
-        Some(Side::Secondary(x)) => Some(Side::Secondary(x.clone())),
-        None => None,
-    };
+    let side = lock(&m.side).clone();
     match side {
         Some(Side::Primary(p)) => {
             let st = p.status();
@@ -590,7 +805,7 @@ fn status(d: &Daemon) -> StatusJson {
             s.out_of_sync_bytes = st.bytes_waiting;
             s.rpo_ms = st.rpo.map(|r| r.as_millis() as u64);
             let left = st.resync.regions_left;
-            let eta_s = lock(&d.resync_clock).and_then(|(since, first)| {
+            let eta_s = lock(&m.resync_clock).and_then(|(since, first)| {
                 let done = first.saturating_sub(left);
                 (done > 0 && st.link == LinkState::Resyncing).then(|| {
                     (since.elapsed().as_secs_f64() * left as f64 / done as f64).ceil() as u64
@@ -606,7 +821,7 @@ fn status(d: &Daemon) -> StatusJson {
             s.peer_regions_discarded = st.peer_regions_discarded;
             s.last_error = match st.link {
                 LinkState::Connected | LinkState::Resyncing => None,
-                _ => lock(&d.connect_error).clone().or(st.last_error),
+                _ => lock(&m.connect_error).clone().or(st.last_error),
             };
             s.generation = GenerationJson {
                 current: st.gens.current,

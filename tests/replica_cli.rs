@@ -554,3 +554,122 @@ fn demote_and_promote_swap_the_sites_and_writes_flow_the_other_way() {
     assert_eq!(&a[5 << 20..6 << 20], &data[..], "b's write reached a");
     assert!(same_bytes(&p.lun_a, &p.lun_b));
 }
+
+#[test]
+fn a_group_runs_in_one_daemon_and_a_command_on_one_member_acts_on_all() {
+    let p = Pair::new();
+    let file = |name: &str| {
+        let path = p.path(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        path
+    };
+    let (a2, b2) = (file("a2.img"), file("b2.img"));
+    let (pa2, pb2) = (free_port(), free_port());
+    let create = |site: &Site, lun: &str, role: &str, listen: u16, peer: u16| {
+        site.ok(&[
+            "replica",
+            "create",
+            lun,
+            "--role",
+            role,
+            "--listen",
+            &Pair::addr(listen),
+            "--peer",
+            &Pair::addr(peer),
+            "--secret-file",
+            &p.secret,
+            "--group",
+            "db",
+        ]);
+    };
+    create(&p.b, &p.lun_b, "secondary", p.port_b, p.port_a);
+    create(&p.b, &b2, "secondary", pb2, pa2);
+    create(&p.a, &p.lun_a, "primary", p.port_a, p.port_b);
+    create(&p.a, &a2, "primary", pa2, pb2);
+    p.in_sync();
+    let s2 = p.in_sync_from(&p.a, &a2);
+    let s1 = p.a.status(&p.lun_a);
+    assert_eq!(s1["pid"], s2["pid"], "one daemon for the group");
+    assert_eq!(s1["group"], "db");
+    assert_eq!(p.b.status(&p.lun_b)["pid"], p.b.status(&b2)["pid"]);
+
+    // A fracture of one member fractures the group; both track their writes.
+    p.a.ok(&["replica", "fracture", &a2]);
+    for lun in [&p.lun_a, &a2] {
+        assert_eq!(p.a.status(lun)["link"], "fractured");
+    }
+    p.a.ok(&["datastore", "format", "--name", "grouped", &p.lun_a]);
+    assert!(p.a.status(&p.lun_a)["out_of_sync_bytes"].as_u64().unwrap() > 0);
+    p.a.ok(&["replica", "resume", &p.lun_a]);
+    p.in_sync();
+    p.in_sync_from(&p.a, &a2);
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+    assert!(same_bytes(&a2, &b2));
+
+    // A member deleted leaves the rest of the group replicating.
+    p.a.ok(&["replica", "delete", &p.lun_a]);
+    let s = p.in_sync_from(&p.a, &a2);
+    assert_eq!(s["running"], true);
+}
+
+#[test]
+fn asynchronous_mode_ships_delta_sets_until_the_replica_equals_the_primary() {
+    let p = Pair::new();
+    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
+    p.b.ok(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "secondary",
+        "--listen",
+        &b,
+        "--peer",
+        &a,
+        "--secret-file",
+        &p.secret,
+        "--mode",
+        "async",
+    ]);
+    p.a.ok(&[
+        "replica",
+        "create",
+        &p.lun_a,
+        "--role",
+        "primary",
+        "--listen",
+        &a,
+        "--peer",
+        &b,
+        "--secret-file",
+        &p.secret,
+        "--mode",
+        "async",
+        "--period",
+        "200ms",
+    ]);
+    for lun in [&p.lun_a, &p.lun_b] {
+        assert!(
+            Path::new(&format!("{lun}.snap")).exists(),
+            "async mode makes a snapshot pool beside each file"
+        );
+    }
+    p.in_sync();
+    p.a.ok(&["datastore", "format", "--name", "async", &p.lun_a]);
+    p.a.ok(&["-d", &p.lun_a, "mkdir", "/shipped"]);
+    let s = p.in_sync();
+    assert_eq!(s["mode"], "async");
+    assert_eq!(s["period_ms"], 200);
+    assert!(s["rpo_ms"].as_u64().is_some(), "{s}");
+    let b = p.b.status(&p.lun_b);
+    assert!(
+        b["delta_id"].as_u64().unwrap() > 0,
+        "delta sets applied: {b}"
+    );
+    assert!(b["point_in_time_ms"].as_u64().is_some(), "{b}");
+    assert_eq!(b["inconsistent"], false);
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}

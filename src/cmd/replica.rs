@@ -293,7 +293,10 @@ impl StatusJson {
             .into(),
             out_of_sync_bytes: 0,
             rpo_ms: None,
-            resync: ResyncJson::default(),
+            resync: ResyncJson {
+                fraction: 1.0,
+                ..ResyncJson::default()
+            },
             bytes_resynced: 0,
             peer_regions_discarded: 0,
             last_error: Some("the daemon is not running; vapp replica resume starts it".into()),
@@ -563,11 +566,22 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     if let Some(s) = &spec.session {
         bail!("{typed}: replicate the source LUN, not its snapshot session {s:?}");
     }
-    if args.group.is_some() {
-        bail!(
-            "{typed}: --group: consistency groups of replicas are not available from the \
-             command line yet; replicate each LUN on its own"
-        );
+    let mut running_group = None;
+    if let Some(group) = &args.group {
+        for (member, cfg) in group_members(group)? {
+            if cfg.role != args.role || cfg.mode != args.mode {
+                bail!(
+                    "{typed}: group {group} holds {} as a {:?} in {:?} mode; every member \
+                     of a group has one role and one mode",
+                    member.typed,
+                    cfg.role,
+                    cfg.mode
+                );
+            }
+            if running_group.is_none() && ask(&member, &Request::Status).is_ok() {
+                running_group = Some(member);
+            }
+        }
     }
     if let Some(cfg) = load(&spec)? {
         bail!(
@@ -700,7 +714,26 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     undo.files.push(config_path(&spec));
     undo.files.push(log_path(&spec));
     drop(claim);
-    let pid = start_daemon(&spec)?;
+    // A group runs in one daemon: the running one restarts with the new member.
+    if let Some(member) = &running_group {
+        stop_daemon(member)?;
+    }
+    let pid = match start_daemon(&spec) {
+        Ok(pid) => pid,
+        Err(e) => {
+            // The group goes on as it was.
+            drop(undo);
+            if let Some(member) = &running_group
+                && let Err(again) = start_daemon(member)
+            {
+                tracing::warn!(
+                    error = format!("{again:#}"),
+                    "cannot restart the group's daemon"
+                );
+            }
+            return Err(e);
+        }
+    };
     undo.armed = false;
     let what = match cfg.role {
         Role::Primary => format!("primary, replicating to {}", cfg.peer),
@@ -827,21 +860,47 @@ fn change_role(typed: &str, request: Request) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Stops the daemon serving `spec` (and its group) and waits until it let go of the LUN;
+/// true if one was running.
+fn stop_daemon(spec: &Spec) -> anyhow::Result<bool> {
+    let Some(pid) = ask(spec, &Request::Status)
+        .ok()
+        .and_then(|r| r.status)
+        .and_then(|s| s.pid)
+    else {
+        return Ok(false);
+    };
+    let reply = ask(spec, &Request::Stop)?;
+    if !reply.ok {
+        bail!("{}", reply.message);
+    }
+    // The claims go together when the daemon has closed every link, just before it exits
+    // (a zombie holds no lock).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Claim::holder(spec)?.is_some_and(|h| h.pid == pid) {
+        if Instant::now() > deadline {
+            bail!(
+                "{}: the replication daemon did not stop within 60 s",
+                spec.typed
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(true)
+}
+
+/// The members of `group` in this host's registry, in a stable order.
+pub fn group_members(group: &str) -> anyhow::Result<Vec<(Spec, Config)>> {
+    Ok(all_configs()?
+        .into_iter()
+        .filter(|c| c.group.as_deref() == Some(group))
+        .map(|c| (Spec::parse(&c.lun), c))
+        .collect())
+}
+
 fn delete(typed: &str) -> anyhow::Result<ExitCode> {
     let (spec, cfg) = configured(typed)?;
-    if let Ok(reply) = ask(&spec, &Request::Stop) {
-        if !reply.ok {
-            bail!("{}", reply.message);
-        }
-        // The claim goes when the daemon has closed everything (a zombie holds no lock).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Claim::holder(&spec)?.is_some_and(|h| h.writers.is_some() || h.refuse.is_some()) {
-            if Instant::now() > deadline {
-                bail!("{typed}: the replication daemon did not stop within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let was_running = stop_daemon(&spec)?;
     if let Ok(lun::LunSpec::Path(path)) = lun::LunSpec::parse(&cfg.meta)
         && fs::metadata(&path).is_ok_and(|m| m.is_file())
     {
@@ -853,6 +912,13 @@ fn delete(typed: &str) -> anyhow::Result<ExitCode> {
     fs::remove_file(config_path(&spec))
         .with_context(|| format!("removing {}", config_path(&spec).display()))?;
     let _ = fs::remove_file(log_path(&spec));
+    // The rest of its group goes on in a daemon of its own.
+    if let Some(group) = &cfg.group
+        && was_running
+        && let Some((rest, _)) = group_members(group)?.into_iter().next()
+    {
+        start_daemon(&rest)?;
+    }
     outln!("{typed}: replication deleted; it is an ordinary LUN again")?;
     Ok(ExitCode::SUCCESS)
 }
