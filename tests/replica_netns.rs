@@ -660,6 +660,106 @@ fn failback_after_the_primary_died_converges_without_split_brain() {
     assert_same_bytes(&p.a, &p.b);
 }
 
+/// Two LUNs in one consistency group, written by one application whose writes depend on
+/// each other (it alternates between them). Only the second LUN's link is lost; the group
+/// splits both before another write is acknowledged, so when site A then dies, B's two
+/// LUNs hold one point in time: no write to either without every earlier write to both.
+#[test]
+fn a_consistency_group_keeps_dependent_writes_in_order_across_its_luns() {
+    if !prerequisites() {
+        return;
+    }
+    const KEY: u64 = 1 << 40;
+    let sites = Sites::new();
+    let (a, b) = (&sites.a, &sites.b);
+    a.secret("secret", "group secret");
+    b.secret("secret", "group secret");
+    let luns_a = [a.lun("a1.lun", 8 * MIB), a.lun("a2.lun", 8 * MIB)];
+    let luns_b = [b.lun("b1.lun", 8 * MIB), b.lun("b2.lun", 8 * MIB)];
+    let group = ["--group", "db"];
+    for (i, port) in [PORT, PORT + 1].into_iter().enumerate() {
+        b.create_on(&luns_b[i], "secondary", a, port, &group);
+    }
+    for (i, port) in [PORT, PORT + 1].into_iter().enumerate() {
+        a.create_on(&luns_a[i], "primary", b, port, &group);
+    }
+    for lun in &luns_a {
+        a.wait_in_sync(lun, Duration::from_secs(60));
+    }
+    let exports = [a.export(&luns_a[0], &[]), a.export(&luns_a[1], &[])];
+    let clients = [exports[0].client(), exports[1].client()];
+    let issued = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (log, halt) = (issued.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut seq = 0u64;
+        while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+            seq += 1;
+            let m = (seq % 2) as usize;
+            let off = rng.random_range(0..(4 * MIB / BLOCK)) * BLOCK;
+            let key = m as u64 * KEY + off;
+            log.lock().unwrap().push((seq, key));
+            if clients[m].write_at(&seq_block(key, seq), off).is_err() {
+                return seq;
+            }
+        }
+        seq
+    });
+    let count = || issued.lock().unwrap().len();
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count() < n {
+            assert!(
+                !writer.is_finished(),
+                "the writer stopped after {} writes",
+                count()
+            );
+            assert!(Instant::now() < deadline, "only {} writes in 60 s", count());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(200);
+    sites.cut_port(PORT + 1);
+    let s = a.wait(&luns_a[1], "cut off", Duration::from_secs(30), |s| {
+        s["link"] != "connected"
+    });
+    wait_for(count() + 200);
+    let s1 = a.status(&luns_a[0]);
+    assert_ne!(
+        s1["link"], "connected",
+        "the second member lost its link ({}) and the first still replicates",
+        s["link"]
+    );
+    a.kill9_daemon(&luns_a[0]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    drop(exports);
+
+    promote(b, &luns_b[0]);
+    b.wait(
+        &luns_b[1],
+        "promoted with its group",
+        Duration::from_secs(30),
+        |s| s["role"] == "primary",
+    );
+    let issued = issued.lock().unwrap().clone();
+    let mut image = std::collections::BTreeMap::new();
+    let mut buf = vec![0u8; BLOCK as usize];
+    let files = [
+        std::fs::File::open(&luns_b[0]).unwrap(),
+        std::fs::File::open(&luns_b[1]).unwrap(),
+    ];
+    for (_, key) in &issued {
+        use std::os::unix::fs::FileExt;
+        let (m, off) = ((key / KEY) as usize, key % KEY);
+        files[m].read_exact_at(&mut buf, off).unwrap();
+        image.insert(*key, block_seq(&buf, *key));
+    }
+    let n = assert_write_order(&image, &issued);
+    assert!(n >= 200, "B holds only writes 1..={n}");
+}
+
 fn read_until_closed(mut s: TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 4096];

@@ -147,10 +147,22 @@ impl Site {
 
     /// `replica create LUN --role ROLE` towards `other`, with the same port both ways.
     pub fn create(&self, lun: &str, role: &str, other: &Site, extra: &[&str]) -> String {
+        self.create_on(lun, role, other, PORT, extra)
+    }
+
+    /// [`Site::create`] with `port` at both ends.
+    pub fn create_on(
+        &self,
+        lun: &str,
+        role: &str,
+        other: &Site,
+        port: u16,
+        extra: &[&str],
+    ) -> String {
         let mut args = vec!["replica", "create", lun, "--role", role, "--secret-file"];
         let secret = self.p("secret");
-        let listen = self.addr(PORT);
-        let peer = other.addr(PORT);
+        let listen = self.addr(port);
+        let peer = other.addr(port);
         args.extend([secret.as_str(), "--listen", &listen, "--peer", &peer]);
         args.extend(extra);
         self.ok(&args)
@@ -403,7 +415,29 @@ impl Sites {
         assert!(child.wait().unwrap().success(), "nft rule not added");
     }
 
-    /// Removes the rule of [`Sites::cut`].
+    /// Resets every connection to or from `port` at site B (nftables inside site A's
+    /// namespace): one link of several is lost, at once, the others stay up.
+    pub fn cut_port(&self, port: u16) {
+        let rules = format!(
+            "table inet vapp_cut {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {b} tcp sport {port} drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {b} tcp dport {port} reject with tcp reset; }}\n}}\n",
+            b = self.b.ip
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.a.ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft rule not added");
+    }
+
+    /// Removes the rule of [`Sites::cut`] or [`Sites::cut_port`].
     pub fn restore(&self) {
         sh(&[
             "ip", "netns", "exec", &self.a.ns, "nft", "delete", "table", "inet", "vapp_cut",
