@@ -407,8 +407,8 @@ impl ClaimRecord {
         if self.writers.is_some() {
             return format!(
                 "{lun} is written through its replication daemon `vapp {}` (pid {}), which \
-                 takes snapshot commands only in synchronous mode on a LUN that has a snapshot \
-                 pool",
+                 takes snapshot commands only in synchronous mode (in asynchronous mode its \
+                 delta sets own the snapshot engine)",
                 self.command, self.pid
             );
         }

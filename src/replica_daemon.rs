@@ -240,23 +240,29 @@ fn open_primary(m: &Member, claim: &mut Claim, secret: Vec<u8>) -> anyhow::Resul
     };
     let mut service = None;
     let primary = match (cfg.mode, lunspec::existing_pool(spec)?) {
-        (ModeName::Sync, Some(pool)) => {
-            let snaps = lunspec::open_engine(spec, raw.clone(), &pool)?;
-            let primary = opened(snaps.source(), peer)?;
-            service = Some(crate::cmd::snapshot::Service::in_use(
-                spec.clone(),
-                raw.clone(),
-                snaps,
-                crate::cmd::snapshot::InUse {
-                    who: "vapp replica run".into(),
-                    advice: "a replicated LUN is rolled back by promoting its replica or \
+        (ModeName::Sync, _) => {
+            // Snapshot commands reach this daemon; the first one puts the engine under the
+            // replicated write, as under an export.
+            let snapshots = crate::cmd::snapshot::Service::open(spec.clone(), raw.clone(), None)?;
+            let below = match snapshots.engine() {
+                Some(snaps) => snaps.source(),
+                None => raw.clone(),
+            };
+            let switch = Arc::new(lun::SwitchLun::new(below));
+            let primary = opened(switch.clone(), peer)?;
+            service = Some(
+                snapshots.in_use_through(
+                    switch,
+                    crate::cmd::snapshot::InUse {
+                        who: "vapp replica run".into(),
+                        advice: "a replicated LUN is rolled back by promoting its replica or \
                              after vapp replica delete"
-                        .into(),
-                },
-            ));
+                            .into(),
+                    },
+                ),
+            );
             primary
         }
-        (ModeName::Sync, None) => opened(raw.clone(), peer)?,
         (ModeName::Async, Some(pool)) => {
             let pool_lun = lunspec::open_raw(&pool, false)?;
             let snaps = snapshot::Snapshots::open(raw.clone(), pool_lun)
@@ -325,6 +331,36 @@ impl Backoff {
     }
 }
 
+/// A peer that does not even take a TCP connection, found without the engine's lock: the
+/// engine connects holding it, so its connect timeout against a silent peer would stall
+/// every writer. Probed only after an attempt failed, as each probe is a connection the
+/// secondary sees and drops.
+fn unreachable(members: &[Arc<Member>]) -> Option<replication::ReplError> {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+    for m in members {
+        if lock(&m.connect_error).is_none() {
+            continue;
+        }
+        let peer = lock(&m.cfg).peer.clone();
+        let addr = match replica::resolve(&peer, "--peer") {
+            Ok(addr) => addr,
+            Err(e) => {
+                return Some(replication::ReplError::LinkDown {
+                    peer,
+                    reason: format!("{e:#}"),
+                });
+            }
+        };
+        if let Err(e) = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+            return Some(replication::ReplError::LinkDown {
+                peer: format!("tcp://{addr}"),
+                reason: format!("connect: {e}"),
+            });
+        }
+    }
+    None
+}
+
 fn record_connect(members: &[&Member], outcome: &replication::Result<()>) {
     for m in members {
         let mut last = lock(&m.connect_error);
@@ -374,9 +410,12 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
         let states: Vec<LinkState> = primaries.iter().map(|p| p.link_state()).collect();
         let fractured = states.contains(&LinkState::Fractured);
         if !fractured && states.contains(&LinkState::Disconnected) && backoff.due() {
-            let outcome = match &group {
-                Some(g) => g.connect(),
-                None => primaries[0].connect().map(drop),
+            let outcome = match unreachable(&d.members) {
+                Some(e) => Err(e),
+                None => match &group {
+                    Some(g) => g.connect(),
+                    None => primaries[0].connect().map(drop),
+                },
             };
             record_connect(&all, &outcome);
             match outcome {

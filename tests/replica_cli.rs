@@ -297,6 +297,24 @@ fn a_datastore_written_through_the_primary_daemon_reaches_the_secondary_byte_for
     // verify finds nothing to resync.
     let out = p.a.ok(&["replica", "verify", &p.lun_a]);
     assert!(out.contains(" 0 of "), "{out}");
+
+    // Snapshot commands reach the daemon, which puts the engine under the replicated write.
+    p.a.ok(&["snapshot", "create", &p.lun_a, "before-rm"]);
+    p.a.ok(&["-d", &p.lun_a, "rm", "/vm/disk.bin"]);
+    let at = format!("{}@before-rm", p.lun_a);
+    let kept = p.path("kept.bin");
+    p.a.ok(&["-d", &at, "get", "/vm/disk.bin", &kept]);
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        data,
+        "the session kept the file"
+    );
+    p.in_sync();
+    assert!(
+        same_bytes(&p.lun_a, &p.lun_b),
+        "writes after the snapshot still replicate"
+    );
+    assert_eq!(p.a.status(&p.lun_a)["pid"], a["pid"], "the same daemon");
 }
 
 #[test]
@@ -431,7 +449,8 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     let p = Pair::new();
     p.create();
     p.a.ok(&["datastore", "format", "--name", "site-a", &p.lun_a]);
-    let pid = p.in_sync()["pid"].as_u64().unwrap();
+    let live = p.in_sync();
+    let pid = live["pid"].as_u64().unwrap();
     assert!(
         Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -446,6 +465,10 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     }
     let s = p.a.status(&p.lun_a);
     assert!(s["pid"].is_null(), "{s}");
+    assert_eq!(
+        s["generation"], live["generation"],
+        "a stopped daemon's status reads its metadata"
+    );
     // With the daemon gone, nothing writes the LUN around replication.
     let err = p.a.fails(&["-d", &p.lun_a, "mkdir", "/lost"]);
     assert!(

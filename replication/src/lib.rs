@@ -312,6 +312,32 @@ impl PrimaryLun {
     }
 }
 
+/// What a link's metadata says while no process has it open (the status of a stopped
+/// daemon). Read only; the regions of a crashed primary's activity log are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineStatus {
+    pub primary: bool,
+    pub gens: Gens,
+    pub fractured: bool,
+    pub inconsistent: bool,
+    pub bytes_waiting: u64,
+    pub delta_id: u64,
+    pub delta_cut_ms: u64,
+}
+
+pub fn offline_status(meta: Arc<dyn Lun>) -> Result<OfflineStatus> {
+    let m = MetaStore::open(meta)?;
+    Ok(OfflineStatus {
+        primary: m.flags() & FLAG_PRIMARY != 0,
+        gens: m.header.gens,
+        fractured: m.flags() & FLAG_FRACTURED != 0,
+        inconsistent: m.flags() & meta::FLAG_INCONSISTENT != 0,
+        bytes_waiting: m.dirty_count() * m.region_size(),
+        delta_id: m.header.delta_id,
+        delta_cut_ms: m.header.delta_cut_ms,
+    })
+}
+
 /// Reads a shared secret from a file: its bytes less a trailing newline. Refuses an
 /// empty secret, naming the file.
 pub fn read_secret(path: &Path) -> Result<Vec<u8>> {

@@ -415,8 +415,10 @@ impl Routed {
 }
 
 impl Lun for Routed {
+    /// The LUN as the user named it, not the daemon's private socket: errors and
+    /// advice (`datastore resignature LUN`) name what the user can act on.
     fn name(&self) -> &str {
-        self.inner.name()
+        &self.spec.typed
     }
     fn sector_size(&self) -> u32 {
         self.inner.sector_size()
@@ -536,10 +538,8 @@ pub fn run(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
                 discard_local: a.discard_local,
             },
         ),
-        ReplicaCommand::Resolve(a) => {
-            debug_assert!(a.discard_local);
-            simple(&a.lun, Request::Resolve)
-        }
+        // clap requires --discard-local: the flag is the operator saying what is lost.
+        ReplicaCommand::Resolve(a) => simple(&a.lun, Request::Resolve),
         ReplicaCommand::Run(a) => crate::replica_daemon::run(&a.lun),
     }
 }
@@ -983,7 +983,32 @@ fn status_of(cfg: &Config) -> StatusJson {
             status: Some(s),
             ..
         }) => s,
-        _ => StatusJson::offline(cfg),
+        _ => {
+            let mut s = StatusJson::offline(cfg);
+            // The metadata says how far apart the sites are, even with the daemon down.
+            let meta = lunspec::open_raw(&cfg.meta, true)
+                .and_then(|m| Ok(replication::offline_status(m)?));
+            if let Ok(m) = meta {
+                s.generation = GenerationJson {
+                    current: m.gens.current,
+                    bitmap: m.gens.bitmap,
+                    history: m.gens.history,
+                };
+                if m.primary {
+                    s.out_of_sync_bytes = m.bytes_waiting;
+                    if m.fractured {
+                        s.link = "fractured".into();
+                    }
+                } else {
+                    s.secondary = Some(SecondaryJson {
+                        inconsistent: m.inconsistent,
+                        point_in_time_ms: (m.delta_cut_ms > 0).then_some(m.delta_cut_ms),
+                        delta_id: m.delta_id,
+                    });
+                }
+            }
+            s
+        }
     }
 }
 

@@ -345,7 +345,10 @@ fn on_held_lun(spec: &Spec, request: &Request) -> anyhow::Result<Result<(Claim, 
                     Err(e) => return Err(e),
                 },
                 // A replication daemon that serves no snapshot commands will not start to.
-                None if holder.writers.is_some() || std::time::Instant::now() > deadline => {
+                None if holder.writers.is_some()
+                    || holder.refuse.is_some()
+                    || std::time::Instant::now() > deadline =>
+                {
                     bail!("{}", holder.refusal(&spec.typed))
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),
@@ -540,6 +543,16 @@ impl Service {
             user: Some(user),
             session_servers: Mutex::default(),
             users: None,
+        }
+    }
+
+    /// This service in a process whose writers go through `switch`, onto which the first
+    /// session puts the engine (a replication daemon's primary, as an export).
+    pub fn in_use_through(self, switch: Arc<SwitchLun>, user: InUse) -> Service {
+        Service {
+            switch: Some(switch),
+            user: Some(user),
+            ..self
         }
     }
 
@@ -847,7 +860,7 @@ pub fn print_listing(l: &Listing) -> anyhow::Result<()> {
         l.pool_total_chunks - l.pool_used_chunks,
     )?;
     if let Some(pid) = l.served_by {
-        outln!("served by vapp export (pid {pid})")?;
+        outln!("served by pid {pid}, which holds the LUN")?;
     }
     if let Some(r) = &l.rollback {
         outln!(
