@@ -143,6 +143,12 @@ fn async_replica_is_always_a_write_order_consistent_point_in_time() {
         // B's site dies. Its point in time is what a promote would give: the gold copy
         // when a delta set was being applied, the LUN itself otherwise.
         b.kill9_daemon(&p.b);
+        let sb = b.status(&p.b);
+        assert_eq!(sb["running"], false, "{sb:#}");
+        assert!(
+            sb["point_in_time_ms"].is_u64(),
+            "a stopped async secondary shows no point in time: {sb:#}"
+        );
         let (image, gold) = point_in_time(b, &p.b, span);
         let issued = writer.issued.lock().unwrap().clone();
         let n = assert_write_order(&image, &issued);
@@ -424,6 +430,12 @@ fn primary_crash_and_resume_resyncs_at_most_the_activity_log() {
     writer.wait_error(Duration::from_secs(60));
     let (_, acked) = writer.stop();
     export.kill();
+    let s = a.status(&p.a);
+    assert_eq!(
+        (&s["running"], &s["pid"]),
+        (&false.into(), &serde_json::Value::Null),
+        "{s:#}"
+    );
 
     a.ok(&["replica", "resume", &p.a]);
     let s = a.wait_in_sync(&p.a, Duration::from_secs(120));
