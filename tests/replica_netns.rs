@@ -506,6 +506,29 @@ fn verify_finds_regions_changed_at_b_and_resyncs_them() {
     assert!(out.contains("0 of 128 regions differ"), "{out}");
 }
 
+/// The initial copy of a thin LUN sends its holes as holes: the replica stays as thin as
+/// the original, as a 1 TiB thin LUN must not cost 1 TiB at the other site.
+#[test]
+fn a_thin_lun_stays_thin_at_the_replica() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(256 * MIB, &[]);
+    write_through_export(&p.sites.a, &p.a, &[0, 100 * MIB], 1);
+    p.sites.a.wait_in_sync(&p.a, Duration::from_secs(30));
+    let allocated = |path: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    };
+    assert!(
+        allocated(&p.b) <= allocated(&p.a) + 4 * MIB,
+        "a 256 MiB LUN with {} bytes allocated became {} bytes allocated at B",
+        allocated(&p.a),
+        allocated(&p.b)
+    );
+    assert_same_bytes(&p.a, &p.b);
+}
+
 /// Writes the blocks `offsets` through a fresh export of `lun` at `site`.
 fn write_through_export(
     site: &Site,
