@@ -489,7 +489,7 @@ impl Claim {
         let lock_path = dir.join(format!("{}.lock", spec.key()));
         let socket_path = dir.join(format!("{}.sock", spec.key()));
         // A holder unlinks its file on exit: retry until the file locked is the one at the path.
-        for _ in 0..100 {
+        for attempt in 0..100 {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -511,16 +511,25 @@ impl Claim {
             };
             let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => lock,
-                Err((file, Errno::EWOULDBLOCK)) => {
-                    return Ok(Err(read_record(file, spec).unwrap_or(ClaimRecord {
-                        source: spec.source.clone(),
-                        pid: 0,
-                        command: "(starting)".into(),
-                        socket: None,
-                        writers: None,
-                        refuse: None,
-                    })));
-                }
+                Err((file, Errno::EWOULDBLOCK)) => match read_record(file, spec) {
+                    Some(record) => return Ok(Err(record)),
+                    // A holder between its lock and its record, or another process
+                    // looking ([`Claim::holder`]) for an instant: look again.
+                    None if attempt < 99 => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
+                    None => {
+                        return Ok(Err(ClaimRecord {
+                            source: spec.source.clone(),
+                            pid: 0,
+                            command: "(starting)".into(),
+                            socket: None,
+                            writers: None,
+                            refuse: None,
+                        }));
+                    }
+                },
                 Err((_, errno)) => {
                     return Err(errno).with_context(|| format!("locking {}", lock_path.display()));
                 }

@@ -332,15 +332,12 @@ impl Backoff {
 }
 
 /// A peer that does not even take a TCP connection, found without the engine's lock: the
-/// engine connects holding it, so its connect timeout against a silent peer would stall
-/// every writer. Probed only after an attempt failed, as each probe is a connection the
-/// secondary sees and drops.
+/// engine connects holding it, so its connect timeout against a silent peer (a link cut
+/// by a firewall) would stall every writer. The secondary sees each probe as a connection
+/// closed before the handshake, one log line per reconnect.
 fn unreachable(members: &[Arc<Member>]) -> Option<replication::ReplError> {
     const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
     for m in members {
-        if lock(&m.connect_error).is_none() {
-            continue;
-        }
         let peer = lock(&m.cfg).peer.clone();
         let addr = match replica::resolve(&peer, "--peer") {
             Ok(addr) => addr,
