@@ -701,9 +701,21 @@ fn failback_after_the_primary_died_converges_without_split_brain() {
 /// LUNs hold one point in time: no write to either without every earlier write to both.
 #[test]
 fn a_consistency_group_keeps_dependent_writes_in_order_across_its_luns() {
-    if !prerequisites() {
-        return;
+    if prerequisites() {
+        group_keeps_dependent_writes_in_order(|sites| sites.cut_port(PORT + 1));
     }
+}
+
+/// As above, with the second link lost the way an MTU black hole loses it: connections
+/// still open (small packets pass) but no replication frame gets through.
+#[test]
+fn a_consistency_group_keeps_dependent_writes_in_order_through_an_mtu_black_hole() {
+    if prerequisites() {
+        group_keeps_dependent_writes_in_order(|sites| sites.cut_port_large(PORT + 1));
+    }
+}
+
+fn group_keeps_dependent_writes_in_order(cut: impl Fn(&Sites)) {
     const KEY: u64 = 1 << 40;
     let sites = Sites::new();
     let (a, b) = (&sites.a, &sites.b);
@@ -755,7 +767,7 @@ fn a_consistency_group_keeps_dependent_writes_in_order_across_its_luns() {
         }
     };
     wait_for(200);
-    sites.cut_port(PORT + 1);
+    cut(&sites);
     let s = a.wait(&luns_a[1], "cut off", Duration::from_secs(30), |s| {
         s["link"] != "connected"
     });

@@ -400,28 +400,30 @@ impl Sites {
             "table inet vapp_cut {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {b} drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {b} drop; }}\n}}\n",
             b = self.b.ip
         );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.a.ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "nft rule not added");
+        self.rules(&rules);
     }
 
-    /// Resets every connection to or from `port` at site B (nftables inside site A's
-    /// namespace): one link of several is lost, at once, the others stay up.
+    /// Cuts what goes to or comes from `port` at site B (nftables inside site A's
+    /// namespace; new connections are reset): one link of several is lost, the others
+    /// stay up.
     pub fn cut_port(&self, port: u16) {
         let rules = format!(
             "table inet vapp_cut {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {b} tcp sport {port} drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {b} tcp dport {port} reject with tcp reset; }}\n}}\n",
             b = self.b.ip
         );
+        self.rules(&rules);
+    }
+
+    /// Drops every packet of more than 100 bytes to or from `port` at site B: TCP
+    /// connections still open, nothing that carries data gets through.
+    pub fn cut_port_large(&self, port: u16) {
+        self.rules(&format!(
+            "table inet vapp_cut {{\n chain in {{ type filter hook input priority 0; policy accept; ip saddr {b} tcp sport {port} ip length > 100 drop; }}\n chain out {{ type filter hook output priority 0; policy accept; ip daddr {b} tcp dport {port} ip length > 100 drop; }}\n}}\n",
+            b = self.b.ip
+        ));
+    }
+
+    fn rules(&self, rules: &str) {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.a.ns, "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -434,7 +436,10 @@ impl Sites {
             .unwrap()
             .write_all(rules.as_bytes())
             .unwrap();
-        assert!(child.wait().unwrap().success(), "nft rule not added");
+        assert!(
+            child.wait().unwrap().success(),
+            "nft rules not added: {rules}"
+        );
     }
 
     /// Removes the rule of [`Sites::cut`] or [`Sites::cut_port`].
