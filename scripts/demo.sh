@@ -91,7 +91,7 @@ site_b replica create demo/b.lun --role secondary --listen 127.0.0.1:17788 --pee
   --secret-file demo/repl.secret
 site_a replica create demo/a.lun --role primary --listen 127.0.0.1:17789 --peer 127.0.0.1:17788 \
   --secret-file demo/repl.secret
-site_a datastore format demo/a.lun --name replicated | head -1
+site_a datastore format demo/a.lun --name replicated | sed -n 1p
 site_a -d demo/a.lun put demo/payload.bin /payload.bin
 for _ in $(seq 100); do
   [ "$(site_a replica status demo/a.lun --json | grep -c '"out_of_sync_bytes": 0')" = 1 ] && break

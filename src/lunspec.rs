@@ -11,6 +11,12 @@
 //! stale claim. Processes that write a LUN without snapshots directly share
 //! `luns/<key>.users`, which the first snapshot needs alone.
 //!
+//! A replicated LUN is held by its replication daemon (`vapp replica run`). A primary's
+//! names in its record the socket where it serves the LUN over NBD (`writers`), and every
+//! writer opens the LUN there, so no write bypasses replication; a secondary's names why
+//! writers are refused (`refuse`). While a replicated LUN's daemon is down, writers are
+//! refused: nothing would record what they change.
+//!
 //! Where a LUN's pool is: a pool named with `--pool` is recorded in this host's registry
 //! (`$VAPP_STATE_DIR`, default `/var/lib/vapp`, file `pools/<key>.toml`); a file LUN with no
 //! entry uses the file beside it ([`snapshot::pool_beside`]). Either way the pool's header

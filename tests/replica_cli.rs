@@ -213,6 +213,38 @@ fn same_bytes(a: &str, b: &str) -> bool {
     bytes(a) == bytes(b)
 }
 
+/// Writes `data` at `offset` of `lun` as another process would: through `vapp export`.
+fn write_through_export(p: &Pair, site: &Site, lun: &str, data: &[u8], offset: u64) {
+    let socket = p.path(&format!("export-{}.sock", free_port()));
+    let mut export = site
+        .command()
+        .args(["export", lun, "--socket", &socket])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("nbd"), "the export did not start: {line}");
+    let client = lun::NbdLun::connect(
+        lun::NbdTarget::Unix(socket.into()),
+        "",
+        lun::NbdOptions::default(),
+    )
+    .unwrap();
+    lun::Lun::write_at(&client, data, offset).unwrap();
+    lun::Lun::flush(&client).unwrap();
+    drop(client);
+    Command::new("kill")
+        .args(["-TERM", &export.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(export.wait().unwrap().success());
+}
+
 fn random_file(path: &str, len: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
     std::fs::write(path, &data).unwrap();
@@ -489,6 +521,25 @@ fn resume_restarts_a_killed_daemon_and_nothing_written_around_it_is_lost() {
     assert_eq!(s["link"], "fractured");
     assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(!same_bytes(&p.lun_a, &p.lun_b));
+    // ...across a restart too: a daemon stopped by SIGTERM comes back still fractured.
+    let pid = s["pid"].as_u64().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.a.status(&p.lun_a)["running"] == true {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = p.a.status(&p.lun_a);
+    assert_eq!(s["link"], "fractured", "read from the metadata: {s}");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0, "{s}");
+    p.a.ok(&["replica", "resume", &p.lun_a]);
+    assert_eq!(p.a.status(&p.lun_a)["link"], "fractured");
     p.a.ok(&["replica", "resume", &p.lun_a]);
     p.in_sync();
     assert!(same_bytes(&p.lun_a, &p.lun_b));
@@ -543,35 +594,8 @@ fn demote_and_promote_swap_the_sites_and_writes_flow_the_other_way() {
     assert!(err.contains("replication secondary of"), "{err}");
 
     // A writer of b (here an NBD export) now reaches a through b's daemon.
-    let socket = p.path("b-export.sock");
-    let mut export =
-        p.b.command()
-            .args(["export", &p.lun_b, "--socket", &socket])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.starts_with("nbd"), "the export did not start: {line}");
-    let client = lun::NbdLun::connect(
-        lun::NbdTarget::Unix(socket.into()),
-        "",
-        lun::NbdOptions::default(),
-    )
-    .unwrap();
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
-    lun::Lun::write_at(&client, &data, 5 << 20).unwrap();
-    lun::Lun::flush(&client).unwrap();
-    drop(client);
-    Command::new("kill")
-        .args(["-TERM", &export.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(export.wait().unwrap().success());
+    write_through_export(&p, &p.b, &p.lun_b, &data, 5 << 20);
     p.in_sync_from(&p.b, &p.lun_b);
     let a = bytes(&p.lun_a);
     assert_eq!(&a[5 << 20..6 << 20], &data[..], "b's write reached a");
@@ -694,5 +718,58 @@ fn asynchronous_mode_ships_delta_sets_until_the_replica_equals_the_primary() {
     );
     assert!(b["point_in_time_ms"].as_u64().is_some(), "{b}");
     assert_eq!(b["inconsistent"], false);
+    assert!(same_bytes(&p.lun_a, &p.lun_b));
+}
+
+#[test]
+fn a_fracture_lets_the_secondary_take_over_and_split_brain_waits_for_resolve() {
+    let p = Pair::new();
+    p.create();
+    p.in_sync();
+    p.a.ok(&["replica", "fracture", &p.lun_a]);
+    // The fracture drops the link: the secondary no longer has a primary.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.b.status(&p.lun_b)["link"] != "waiting" {
+        assert!(
+            Instant::now() < deadline,
+            "the secondary still sees its primary"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.b.ok(&["replica", "promote", &p.lun_b]);
+
+    // Both sides write: split brain.
+    write_through_export(&p, &p.a, &p.lun_a, &[0xAA; 65536], 2 << 20);
+    write_through_export(&p, &p.b, &p.lun_b, &[0xBB; 65536], 3 << 20);
+    p.a.ok(&["replica", "demote", &p.lun_a]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let s = p.b.status(&p.lun_b);
+        if s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("split brain"))
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "split brain never reported: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(refused["link"], "disconnected", "{refused}");
+    assert!(!same_bytes(&p.lun_a, &p.lun_b));
+
+    // a gives up what only it wrote; b's data wins everywhere.
+    let err =
+        p.b.fails(&["replica", "resolve", &p.lun_b, "--discard-local"]);
+    assert!(err.contains("demote"), "a primary is not resolved: {err}");
+    p.a.ok(&["replica", "resolve", &p.lun_a, "--discard-local"]);
+    let s = p.in_sync_from(&p.b, &p.lun_b);
+    assert!(s["peer_regions_discarded"].as_u64().unwrap() > 0, "{s}");
+    let a = bytes(&p.lun_a);
+    assert_eq!(&a[3 << 20..(3 << 20) + 65536], &[0xBB; 65536][..]);
+    assert_eq!(
+        &a[2 << 20..(2 << 20) + 65536],
+        &[0u8; 65536][..],
+        "a's own write is gone"
+    );
     assert!(same_bytes(&p.lun_a, &p.lun_b));
 }

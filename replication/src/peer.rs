@@ -19,6 +19,9 @@ pub trait Peer: Send + std::fmt::Debug {
     /// (Re)establishes the link, authenticating before anything else flows.
     fn reconnect(&mut self) -> Result<()>;
 
+    /// Drops the link on command (a fracture), so the other site sees its primary go.
+    fn close(&mut self) {}
+
     fn call(&mut self, msg: &Message) -> Result<Message> {
         self.send(msg)?;
         self.recv()

@@ -272,6 +272,7 @@ impl PrimaryLun {
                 reason: "fractured on command".into(),
             };
             self.lose_link(&mut g, 0..0, &why)?;
+            g.peer.close();
         }
         g.meta.set_flag(FLAG_FRACTURED, true);
         g.meta.write_header()?;

@@ -179,6 +179,10 @@ impl crate::Peer for TcpPeer {
         }
         Err(last.unwrap_or_else(|| self.down("no attempt made".into())))
     }
+
+    fn close(&mut self) {
+        let _ = self.down("closed on command".into());
+    }
 }
 
 /// The secondary's listener: one primary at a time, each connection authenticated
