@@ -371,6 +371,44 @@ fn writes_for(writer: &SeqWriter, n: usize, limit: Duration) -> (usize, Duration
     (seen - first, stall)
 }
 
+/// In asynchronous mode writes are acknowledged locally: a lost link makes the RPO grow,
+/// never a writer wait; once the link is back the replica catches up.
+#[test]
+fn async_writes_never_wait_for_a_lost_link_and_the_rpo_shows_the_lag() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(16 * MIB, &["--mode", "async", "--period", "1s"]);
+    let a = &p.sites.a;
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(
+        client,
+        1,
+        Duration::from_millis(3),
+        0,
+        random_blocks(8, 8 * MIB),
+    );
+    writer.wait_acked(100, Duration::from_secs(30));
+    p.sites.cut();
+    let (went_on, stall) = writes_for(&writer, 100_000, Duration::from_secs(15));
+    let s = a.status(&p.a);
+    let rpo = s["rpo_ms"].as_u64().unwrap_or(0);
+    let (issued, _) = writer.stop();
+    p.sites.restore();
+    a.wait_in_sync(&p.a, Duration::from_secs(60));
+    assert_same_bytes(&p.a, &p.b);
+    assert!(
+        rpo >= 5_000,
+        "15 s after the link was cut the RPO shows {rpo} ms: {s:#}"
+    );
+    assert!(
+        stall < Duration::from_secs(2),
+        "an asynchronous write waited {stall:?} for the lost link ({went_on} writes in 15 s, {} in all)",
+        issued.len()
+    );
+}
+
 /// With policy block a write is never acknowledged at one site only: writes fail while
 /// the link is down and succeed again once it is back.
 #[test]
