@@ -295,6 +295,42 @@ fn primary_killed_mid_resync_leaves_b_promotable_at_its_last_point_in_time() {
     }
 }
 
+/// The primary dies mid-way through a resync; restarted, it goes on from where it was,
+/// not from the start, and the sites end equal.
+#[test]
+fn a_resync_cut_short_by_a_primary_crash_resumes_where_it_was() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &[]);
+    let a = &p.sites.a;
+    a.ok(&["replica", "fracture", &p.a]);
+    let regions = 320u64;
+    let apart: Vec<u64> = (0..regions).map(|r| r * REGION).collect();
+    let written = write_through_export(a, &p.a, &apart, 100);
+    let pid = a.daemon_pid(&p.a);
+    a.ok(&["replica", "resume", &p.a]);
+    let watch = 240usize;
+    let at = apart[watch];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while read_blocks(&p.b, [at])[&at] != Some(written[watch].0) {
+        assert!(Instant::now() < deadline, "the resync never reached B");
+    }
+    kill9(pid);
+    a.ok(&["replica", "resume", &p.a]);
+    let s = a.wait_in_sync(&p.a, Duration::from_secs(60));
+    let resynced = u(&s["bytes_resynced"]);
+    eprintln!(
+        "a resync of {regions} regions killed after {watch}: {resynced} bytes copied after the restart"
+    );
+    assert!(
+        resynced < regions * REGION / 2,
+        "the restarted resync copied {resynced} bytes of {} ({regions} regions, {watch} done before the crash)",
+        regions * REGION
+    );
+    assert_same_bytes(&p.a, &p.b);
+}
+
 /// The link is cut while writes go on: the primary keeps writing (policy continue) and
 /// counts what B misses; once the link is back it copies only that.
 #[test]
