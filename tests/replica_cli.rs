@@ -755,6 +755,15 @@ fn a_fracture_lets_the_secondary_take_over_and_split_brain_waits_for_resolve() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(refused["link"], "disconnected", "{refused}");
+    // A refused primary does not stay connected (it retries now and then, briefly).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.a.status(&p.lun_a)["link"] != "waiting" {
+        assert!(
+            Instant::now() < deadline,
+            "a refused primary stays connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!same_bytes(&p.lun_a, &p.lun_b));
 
     // a gives up what only it wrote; b's data wins everywhere.
@@ -772,4 +781,57 @@ fn a_fracture_lets_the_secondary_take_over_and_split_brain_waits_for_resolve() {
         "a's own write is gone"
     );
     assert!(same_bytes(&p.lun_a, &p.lun_b));
+}
+
+#[test]
+fn sites_with_different_secrets_never_replicate_and_say_why() {
+    let p = Pair::new();
+    let other = p.path("other-secret");
+    std::fs::write(&other, "not the same secret\n").unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
+    p.b.ok(&[
+        "replica",
+        "create",
+        &p.lun_b,
+        "--role",
+        "secondary",
+        "--listen",
+        &b,
+        "--peer",
+        &a,
+        "--secret-file",
+        &other,
+    ]);
+    p.a.ok(&[
+        "replica",
+        "create",
+        &p.lun_a,
+        "--role",
+        "primary",
+        "--listen",
+        &a,
+        "--peer",
+        &b,
+        "--secret-file",
+        &p.secret,
+    ]);
+    let before = bytes(&p.lun_b);
+    p.a.ok(&["datastore", "format", "--name", "unshipped", &p.lun_a]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = p.a.status(&p.lun_a);
+        if s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authentication"))
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no authentication error: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["link"], "disconnected");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(p.b.status(&p.lun_b)["link"], "waiting");
+    assert!(bytes(&p.lun_b) == before, "nothing reached the other site");
 }

@@ -74,7 +74,12 @@ impl PrimaryLun {
                 });
             }
         };
-        self.decide(&mut g, &peer)?;
+        if let Err(e) = self.decide(&mut g, &peer) {
+            // Refused (split brain, a newer peer): the peer must not go on taking this
+            // side for its connected primary.
+            g.peer.close();
+            return Err(e);
+        }
         g.meta.header.peer_current = peer.gens.current;
         g.meta.write_header()?;
         Ok(g.link)
