@@ -331,6 +331,51 @@ fn a_resync_cut_short_by_a_primary_crash_resumes_where_it_was() {
     assert_same_bytes(&p.a, &p.b);
 }
 
+/// Site B's daemon dies under writes: the primary goes on (policy continue) without a
+/// writer waiting long, and once B is resumed it copies only what B missed.
+#[test]
+fn secondary_crash_under_writes_and_resume_resyncs_only_what_changed() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    let export = a.export(&p.a, &[]);
+    let client: Arc<dyn Lun> = Arc::new(export.client());
+    let writer = SeqWriter::start(
+        client,
+        1,
+        Duration::from_millis(2),
+        16,
+        random_blocks(9, 16 * MIB),
+    );
+    writer.wait_acked(100, Duration::from_secs(30));
+    let resynced_before = bytes_resynced(a, &p.a);
+    let cut_at = writer.flushed.load(std::sync::atomic::Ordering::SeqCst);
+    b.kill9_daemon(&p.b);
+    a.wait(&p.a, "disconnected", Duration::from_secs(30), |s| {
+        s["link"] == "disconnected"
+    });
+    let (went_on, stall) = writes_for(&writer, 300, Duration::from_secs(20));
+    let (issued, acked) = writer.stop();
+    b.ok(&["replica", "resume", &p.b]);
+    let s = a.wait_in_sync(&p.a, Duration::from_secs(60));
+    let resynced = u(&s["bytes_resynced"]) - resynced_before;
+    let bound = 4 * regions_of(&issued[cut_at..]) * REGION + REGION;
+    assert!(
+        resynced <= bound,
+        "B's return copied {resynced} bytes for {} regions written while it was down (bound {bound})",
+        regions_of(&issued[cut_at..])
+    );
+    let image = read_blocks(&p.b, acked.iter().map(|(_, off)| *off));
+    assert_acked_present(&image, &acked);
+    assert_same_bytes(&p.a, &p.b);
+    assert!(
+        went_on >= 300 && stall < Duration::from_secs(2),
+        "with B down only {went_on} writes were acknowledged in 20 s, one waiting {stall:?}"
+    );
+}
+
 /// The link is cut while writes go on: the primary keeps writing (policy continue) and
 /// counts what B misses; once the link is back it copies only that.
 #[test]
