@@ -389,21 +389,14 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
         None => None,
     };
     *lock(&d.group) = group.clone();
-    // A LUN of its own runs the engine's delta-set cycle; a group cuts its sets here, at
-    // one point across its members.
-    let cycle = match (first.mode, &group) {
-        (ModeName::Async, None) => Some(primaries[0].start_cycle()?),
-        _ => None,
-    };
+    // Asynchronous sets are cut here rather than by the engine's own cycle, which connects
+    // without first probing the peer (holding every writer up against a silent one), and a
+    // group's are cut at one point across its members.
     let period = Duration::from_millis(first.period_ms);
     let mut next_cut = Instant::now() + period;
     let mut backoff = Backoff::new();
     let all: Vec<&Member> = d.members.iter().map(|m| &**m).collect();
     while !d.stop.load(Ordering::SeqCst) {
-        if cycle.is_some() {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
         let states: Vec<LinkState> = primaries.iter().map(|p| p.link_state()).collect();
         let fractured = states.contains(&LinkState::Fractured);
         if !fractured && states.contains(&LinkState::Disconnected) && backoff.due() {
@@ -443,24 +436,25 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
                 }
             }
         }
-        if let (ModeName::Async, Some(g)) = (first.mode, &group)
-            && !resyncing
-            && Instant::now() >= next_cut
-        {
+        if first.mode == ModeName::Async && !resyncing && Instant::now() >= next_cut {
             next_cut = Instant::now() + period;
             if primaries
                 .iter()
                 .all(|p| p.link_state() == LinkState::Connected)
-                && let Err(e) = g.replicate_now()
             {
-                warn!(group = ?first.group, error = %e, "group delta set failed; retrying next period");
+                let shipped = match &group {
+                    Some(g) => g.replicate_now(),
+                    None => primaries[0].replicate_now().map(drop),
+                };
+                if let Err(e) = shipped {
+                    warn!(lun = %first.lun, group = ?first.group, error = %e, "delta set failed; retrying next period");
+                }
             }
         }
         if !resyncing {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    drop(cycle);
     for s in &served {
         s.shutdown.shutdown();
     }
