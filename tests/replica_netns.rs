@@ -254,8 +254,9 @@ fn primary_killed_mid_resync_leaves_b_promotable_at_its_last_point_in_time() {
     if !prerequisites() {
         return;
     }
-    for (regions, watch) in [(48u64, 8u64), (160, 120)] {
-        let p = pair(16 * MIB, &[]);
+    // A 64 MiB LUN gets a 13 MiB pool (about 200 chunks) beside its replica.
+    for (regions, watch) in [(160u64, 8u64), (600, 400)] {
+        let p = pair(64 * MIB, &[]);
         let (a, b) = (&p.sites.a, &p.sites.b);
         let before: Vec<u64> = (0..8).map(|i| i * 2 * MIB + BLOCK).collect();
         let s0 = write_through_export(a, &p.a, &before, 1);
