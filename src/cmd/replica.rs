@@ -654,12 +654,22 @@ fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let mut made_pool = None;
     if needs_pool && lunspec::existing_pool(&spec)?.is_none() {
         if spec.is_file() {
-            if let Some(location) = lunspec::pool_location(&spec)? {
-                undo.files.push(PathBuf::from(&location));
-                made_pool = Some(location);
-            }
-            super::snapshot::Service::open(spec.clone(), raw.clone(), None)?
-                .ensure_pool()
+            let location = snapshot::pool_beside(Path::new(&spec.source));
+            undo.files.push(location.clone());
+            made_pool = Some(location.display().to_string());
+            // Room for every chunk of the LUN plus the pool's own tables (a sparse file):
+            // a resync or a delta set may rewrite all of it while its snapshot is kept,
+            // and a full pool would give that snapshot up, the very copy that protects
+            // the replica meanwhile.
+            let pool = lun::open(
+                &location.display().to_string(),
+                &lun::OpenOptions {
+                    create_size: Some(raw.size() + raw.size() / 32 + (4 << 20)),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("{}: cannot make the pool", location.display()))?;
+            snapshot::Snapshots::create(raw.clone(), pool, snapshot::PoolOptions::default())
                 .with_context(|| format!("{typed}: cannot make its snapshot pool"))?;
         } else if args.mode == ModeName::Async {
             bail!(
