@@ -640,11 +640,36 @@ fn a_thin_lun_stays_thin_at_the_replica() {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(path).unwrap().blocks() * 512
     };
+    // What a site keeps for the LUN: the LUN, its replication metadata and, at B, the
+    // snapshot pool that protects the replica.
+    let site_total = |lun: &str| {
+        [
+            lun.to_string(),
+            format!("{lun}.repl"),
+            format!("{lun}.snap"),
+        ]
+        .iter()
+        .filter(|f| std::path::Path::new(f).exists())
+        .map(|f| allocated(f))
+        .sum::<u64>()
+    };
+    eprintln!(
+        "a 256 MiB thin LUN takes {} bytes at A and {} at B ({} in the LUN)",
+        site_total(&p.a),
+        site_total(&p.b),
+        allocated(&p.b)
+    );
     assert!(
         allocated(&p.b) <= allocated(&p.a) + 4 * MIB,
         "a 256 MiB LUN with {} bytes allocated became {} bytes allocated at B",
         allocated(&p.a),
         allocated(&p.b)
+    );
+    assert!(
+        site_total(&p.b) <= site_total(&p.a) + 8 * MIB,
+        "a 256 MiB thin LUN takes {} bytes at A and {} at B with its pool",
+        site_total(&p.a),
+        site_total(&p.b)
     );
     assert_same_bytes(&p.a, &p.b);
 }
