@@ -371,6 +371,14 @@ fn the_secondary_refuses_every_other_writer_and_changes_nothing() {
     let p = Pair::new();
     p.create();
     p.in_sync();
+    // The initial sync of a replica that never held data keeps no snapshot of it, so the
+    // pool beside it holds its tables only.
+    let pool = std::fs::metadata(format!("{}.snap", p.lun_b)).unwrap();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&pool) * 512 < 8 << 20,
+        "{} bytes of the pool used by the initial sync",
+        std::os::unix::fs::MetadataExt::blocks(&pool) * 512
+    );
     let before = bytes(&p.lun_b);
     let err = p.b.fails(&[
         "datastore",

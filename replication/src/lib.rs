@@ -15,7 +15,8 @@
 //! identifiers (current, bitmap, history) say on reconnect who has the newer data and
 //! detect split brain, which is refused, never resolved silently. A resync
 //! (`resync.rs`) is a persisted state machine over the bitmap; the secondary takes a
-//! `pre-resync` snapshot of the replica before it becomes inconsistent.
+//! `pre-resync` snapshot of the replica before it becomes inconsistent (unless it never
+//! held data).
 //!
 //! The engine talks to the other site through the [`Peer`] trait: [`LocalPeer`] in
 //! process, [`TcpPeer`] over TCP with a shared-secret HMAC-SHA256 challenge-response

@@ -390,7 +390,11 @@ impl Secondary {
             }),
             Message::ResyncBegin { regions } => {
                 if g.meta.flags() & FLAG_INCONSISTENT == 0 {
-                    if let Some(s) = &g.snaps {
+                    // A replica that never held a point in time (generation 0, the initial
+                    // sync) has nothing to protect: a snapshot would only copy every chunk.
+                    if let Some(s) = &g.snaps
+                        && g.meta.header.gens.current != 0
+                    {
                         if s.list().iter().any(|x| x.name == PRE_RESYNC_SNAPSHOT) {
                             s.delete_session(PRE_RESYNC_SNAPSHOT)?;
                         }
