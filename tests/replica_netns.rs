@@ -756,6 +756,44 @@ fn split_brain_is_refused_until_one_side_discards_its_writes() {
     assert_acked_present(&image, &written_a);
 }
 
+/// Split brain resolved the other way: the old primary is demoted losing what it wrote
+/// while apart; the new primary copies its own changes and those regions over, and says
+/// how many regions of the peer it overwrote.
+#[test]
+fn split_brain_resolved_by_demoting_the_old_primary_with_discard_local() {
+    if !prerequisites() {
+        return;
+    }
+    let p = pair(32 * MIB, &[]);
+    let (a, b) = (&p.sites.a, &p.sites.b);
+    a.ok(&["replica", "fracture", &p.a]);
+    b.ok(&["replica", "promote", &p.b, "--force"]);
+    b.wait(&p.b, "a running primary", Duration::from_secs(30), |s| {
+        s["role"] == "primary" && s["running"] == true
+    });
+    let at_a: Vec<u64> = (0..6).map(|i| i * 5 * REGION).collect();
+    let at_b: Vec<u64> = (0..4).map(|i| 8 * MIB + i * 3 * REGION).collect();
+    write_through_export(a, &p.a, &at_a, 1);
+    let written_b = write_through_export(b, &p.b, &at_b, 1000);
+
+    a.ok(&["replica", "demote", &p.a, "--discard-local"]);
+    let s = b.wait_in_sync(&p.b, Duration::from_secs(60));
+    assert_same_bytes(&p.a, &p.b);
+    let image = read_blocks(&p.a, at_a.iter().chain(&at_b).copied());
+    assert_acked_present(&image, &written_b);
+    assert!(
+        at_a.iter().all(|o| image[o].is_none()),
+        "A kept writes it was told to discard"
+    );
+    assert_eq!(
+        u(&s["peer_regions_discarded"]),
+        at_a.len() as u64,
+        "B does not say it overwrote A's regions: {s:#}"
+    );
+    let bound = 4 * (at_a.len() + at_b.len()) as u64 * REGION + REGION;
+    assert!(u(&s["bytes_resynced"]) <= bound, "{s:#}");
+}
+
 #[test]
 fn failback_sends_the_old_primary_only_what_changed_at_the_new_one() {
     if !prerequisites() {
