@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 use lun::Lun;
 use serde_json::Value;
 
-pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
 pub const BLOCK: u64 = 4096;
 /// The engine's default region (one dirty-bitmap bit).
-pub const REGION: u64 = 64 * KIB;
+pub const REGION: u64 = 64 << 10;
 pub const PORT: u16 = 7788;
 
 /// Root, `ip` and `nft` are needed; prints why the test is skipped otherwise.
@@ -572,7 +571,6 @@ pub struct SeqWriter {
     pub error: Arc<Mutex<Option<String>>>,
     pub flushed: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -588,23 +586,12 @@ impl SeqWriter {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let error = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
-        let paused = Arc::new(AtomicBool::new(false));
         let flushed = Arc::new(AtomicUsize::new(0));
         let f = flushed.clone();
-        let (i, a, e, s, p) = (
-            issued.clone(),
-            acked.clone(),
-            error.clone(),
-            stop.clone(),
-            paused.clone(),
-        );
+        let (i, a, e, s) = (issued.clone(), acked.clone(), error.clone(), stop.clone());
         let handle = std::thread::spawn(move || {
             let mut seq = first_seq;
             while !s.load(Ordering::SeqCst) {
-                if p.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
                 let offset = next(seq);
                 i.lock().unwrap().push((seq, offset));
                 match lun.write_at(&seq_block(offset, seq), offset) {
@@ -634,7 +621,6 @@ impl SeqWriter {
             error,
             flushed,
             stop,
-            paused,
             handle: Some(handle),
         }
     }
