@@ -100,6 +100,16 @@ impl PrimaryLun {
         // Whether the peer's dirty regions (its own writes we never got, or regions an
         // interrupted resync changed) must be copied over from here too.
         let mut take_peer = peer.dirty_regions > 0;
+        // Our own replica cut off mid-resync (not promoted since): its dirty regions are
+        // the ones that resync wrote there, kept for a rollback to its pre-resync
+        // snapshot. Ours still hold every region not yet durable there (a region leaves
+        // our bitmap only after the peer's flush), so the resync resumes where it was
+        // instead of copying again what it already had.
+        let ours_interrupted = peer.flags & FLAG_INCONSISTENT != 0
+            && (p.current == me.current || (me.bitmap != 0 && p.current == me.bitmap));
+        if ours_interrupted {
+            take_peer = false;
+        }
         let resync = if p.current == 0 {
             // A new replica: everything is to copy.
             let all = g.meta.region_range(0, self.local.size());

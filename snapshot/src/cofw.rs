@@ -105,6 +105,41 @@ impl Engine {
         Ok(())
     }
 
+    /// Zeroes a range of the source through the engine: chunks are preserved first as for
+    /// a write, then the source deallocates the range (a thin source stays thin). Clones
+    /// follow the source byte for byte, so with clones the zeroes are written as data.
+    pub fn write_zeroes_source(&self, offset: u64, len: u64) -> Result<()> {
+        if !lock(&self.state).header.clones.is_empty() {
+            const PIECE: u64 = 1 << 20;
+            let zeroes = vec![0u8; PIECE.min(len) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = PIECE.min(len - done) as usize;
+                self.write_source(&zeroes[..n], offset + done)?;
+                done += n as u64;
+            }
+            return Ok(());
+        }
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let cs = self.chunk_size();
+        for p in pieces(offset, len, cs) {
+            let mut st = lock(&self.state);
+            if st.header.rollback.is_some() {
+                self.restore_before_write(&mut st, p.chunk)?;
+            }
+            if st.needs_copy(p.chunk) {
+                self.preserve(&mut st, p.chunk)?;
+            }
+            st.speculative.remove(&p.chunk);
+        }
+        if !lock(&self.state).header.clones.is_empty() {
+            drop(_gate);
+            return self.write_zeroes_source(offset, len);
+        }
+        self.source.write_zeroes(offset, len)?;
+        Ok(())
+    }
+
     /// A batch of independent source requests (an io_uring or NBD queue): the chunks its
     /// writes reach for the first time are preserved together, sharing one pool flush, and
     /// the batch then goes to the source as one submission. During a rollback, with

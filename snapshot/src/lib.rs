@@ -555,6 +555,12 @@ impl Lun for SourceLun {
             .write_source(buf, offset)
             .map_err(|e| e.into_lun(self.name(), offset, buf.len() as u64))
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        check_request(self, offset, len)?;
+        self.engine
+            .write_zeroes_source(offset, len)
+            .map_err(|e| e.into_lun(self.name(), offset, len))
+    }
     fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
         check_request(self, offset, len)?;
         self.engine

@@ -609,3 +609,33 @@ fn copies_made_ahead_of_a_sequential_writer_are_taken_back_before_a_session_is_i
         vec![1u8; (64 * C) as usize]
     );
 }
+
+#[test]
+fn zeroing_the_source_keeps_the_sessions_point_and_leaves_the_source_thin() {
+    use std::os::unix::fs::MetadataExt;
+    let f = files(1024 * C, 4 << 20);
+    let snaps = Snapshots::create(
+        open(&f.source),
+        open(&f.pool),
+        PoolOptions { chunk_size: CHUNK },
+    )
+    .unwrap();
+    let source = snaps.source();
+    let data: Vec<u8> = (0..256 * C).map(|i| (i % 253) as u8 + 1).collect();
+    source.write_at(&data, 0).unwrap();
+    source.flush().unwrap();
+    snaps.create_session("before", false).unwrap();
+    source.write_zeroes(0, 256 * C).unwrap();
+    source.flush().unwrap();
+    let mut back = vec![1u8; 256 * C as usize];
+    source.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "the source reads zeroes");
+    let session = snaps.session("before").unwrap();
+    session.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, data, "the session keeps its point");
+    let allocated = std::fs::metadata(&f.source).unwrap().blocks() * 512;
+    assert!(
+        allocated < 64 * 1024,
+        "{allocated} bytes still allocated in the source"
+    );
+}
