@@ -171,7 +171,7 @@ struct AsyncGroup {
     group: ConsistencyGroup,
     members: Vec<Arc<PrimaryLun>>,
     links: Vec<LinkSwitch>,
-    _secondaries: SecondaryGroup,
+    secondaries: SecondaryGroup,
 }
 
 fn async_group(dir: &Path) -> AsyncGroup {
@@ -217,7 +217,7 @@ fn async_group(dir: &Path) -> AsyncGroup {
         group,
         members,
         links,
-        _secondaries: sgroup,
+        secondaries: sgroup,
     }
 }
 
@@ -286,7 +286,7 @@ fn copy_secondary(from: &Path, to: &Path) {
 }
 
 /// The replicas in `dir` after a restart of the secondary's daemon.
-fn reopen_secondaries(dir: &Path) -> SecondaryGroup {
+fn reopensecondaries(dir: &Path) -> SecondaryGroup {
     let members = (0..2)
         .map(|i| {
             let img = open(dir, &format!("b{i}.img"));
@@ -326,7 +326,7 @@ fn a_secondary_crash_between_two_members_delta_ends_restarts_both_at_the_previou
         copy_secondary(dir.path(), crashed.path());
         drop(g);
         copy_secondary(crashed.path(), dir.path());
-        let group = reopen_secondaries(dir.path());
+        let group = reopensecondaries(dir.path());
         let b = group.members();
         for (i, m) in b.iter().enumerate() {
             assert_eq!(m.status().delta_id, 1, "member {i}'s point in time");
@@ -370,4 +370,33 @@ fn a_group_delta_set_leaves_the_primarys_bitmap_only_once_the_secondary_commits_
     for m in &g.members {
         assert_eq!(m.status().dirty_regions, 0, "regions left after the commit");
     }
+}
+
+#[test]
+fn promoting_one_member_mid_set_promotes_the_whole_group_at_its_last_committed_set() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = async_group(dir.path());
+    dependent_write(&g.members, 1);
+    g.group.replicate_now().expect("set 1");
+    dependent_write(&g.members, 2);
+    g.group.cut_delta().expect("cut set 2");
+    while !g.members[0].ship_step(64).expect("ship member 0") {}
+    assert!(
+        !g.members[1]
+            .ship_step(1)
+            .expect("ship member 1's first region")
+    );
+    // The primary site is lost mid-set; the operator takes over with member 1 ...
+    let b = g.secondaries.members();
+    b[1].promote(true).expect("promote member 1");
+    // ... and member 0, promoted next, shows the same point in time.
+    b[0].promote(true).expect("promote member 0");
+    let (b0, b1) = (open(dir.path(), "b0.img"), open(dir.path(), "b1.img"));
+    assert_eq!(
+        (seq_in(&*b0, 0), seq_in(&*b1, 0), seq_in(&*b1, 65536)),
+        (1, 1, 1),
+        "the promoted replicas are not both at set 1"
+    );
+    assert_eq!((b[0].status().delta_id, b[1].status().delta_id), (1, 1));
 }
