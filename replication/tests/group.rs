@@ -12,7 +12,7 @@ use common::*;
 use lun::{FileLun, Lun};
 use replication::{
     ConsistencyGroup, LinkPolicy, LinkState, LinkSwitch, LocalPeer, PrimaryLun, Secondary,
-    SecondaryGroup,
+    SecondaryGroup, SecondaryServer, TcpPeer,
 };
 use snapshot::{PoolOptions, Snapshots};
 
@@ -399,4 +399,69 @@ fn promoting_one_member_mid_set_promotes_the_whole_group_at_its_last_committed_s
         "the promoted replicas are not both at set 1"
     );
     assert_eq!((b[0].status().delta_id, b[1].status().delta_id), (1, 1));
+}
+
+#[test]
+fn over_tcp_a_secondary_link_closed_between_two_members_delta_ends_undoes_the_set_on_both() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let secret = b"group secret".to_vec();
+    let mut secondaries = Vec::new();
+    let mut servers = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..2 {
+        let b_img = file_lun(dir, &format!("b{i}.img"), SIZE);
+        let pool = file_lun(dir, &format!("b{i}.snap"), 2 * SIZE);
+        let snaps = Snapshots::create(b_img.clone(), pool, PoolOptions::default()).expect("pool");
+        let b = Arc::new(
+            Secondary::create(
+                b_img,
+                meta_lun(dir, &format!("b{i}.meta"), SIZE),
+                Some(snaps),
+                small_geometry(),
+            )
+            .expect("secondary"),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        servers.push(SecondaryServer::start(listener, b.clone(), secret.clone()).expect("serve"));
+        secondaries.push(b);
+        let a_img = file_lun(dir, &format!("a{i}.img"), SIZE);
+        let pool = file_lun(dir, &format!("a{i}.snap"), 2 * SIZE);
+        let snaps = Snapshots::create(a_img, pool, PoolOptions::default()).expect("pool");
+        let a = PrimaryLun::create(
+            snaps.source(),
+            meta_lun(dir, &format!("a{i}.meta"), SIZE),
+            Box::new(TcpPeer::new(addr, secret.clone())),
+            small_geometry(),
+            LinkPolicy::Continue,
+        )
+        .expect("primary")
+        .into_async(snaps, Duration::from_secs(5))
+        .expect("async");
+        members.push(Arc::new(a));
+    }
+    let _sgroup = SecondaryGroup::new("db", secondaries).expect("secondary group");
+    let group = ConsistencyGroup::new("db", members.clone()).expect("group");
+    group.connect().expect("connect");
+    group.resync().expect("initial sync");
+    dependent_write(&members, 1);
+    group.replicate_now().expect("set 1");
+    dependent_write(&members, 2);
+    group.cut_delta().expect("cut set 2");
+    while !members[0].ship_step(64).expect("ship member 0") {}
+    // Member 1's secondary server goes (its connection closes) before its set ends.
+    drop(servers.pop());
+    let _ = members[1].ship_step(64);
+    let (b0, b1) = (open(dir, "b0.img"), open(dir, "b1.img"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seq_in(&*b0, 0) != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        (seq_in(&*b0, 0), seq_in(&*b1, 0), seq_in(&*b1, 65536)),
+        (1, 1, 1),
+        "the replicas are not both at set 1"
+    );
 }
