@@ -277,7 +277,12 @@ fn a_link_lost_between_two_members_delta_ends_leaves_both_replicas_at_the_previo
 
 /// Copies the secondary's files as they are now (a power cut), or back.
 fn copy_secondary(from: &Path, to: &Path) {
-    for i in 0..2 {
+    copy_member(from, to, 0);
+    copy_member(from, to, 1);
+}
+
+fn copy_member(from: &Path, to: &Path, i: usize) {
+    {
         for ext in ["img", "meta", "snap"] {
             let name = format!("b{i}.{ext}");
             std::fs::copy(from.join(&name), to.join(&name)).expect("copy");
@@ -286,7 +291,7 @@ fn copy_secondary(from: &Path, to: &Path) {
 }
 
 /// The replicas in `dir` after a restart of the secondary's daemon.
-fn reopensecondaries(dir: &Path) -> SecondaryGroup {
+fn reopen_secondaries(dir: &Path) -> SecondaryGroup {
     let members = (0..2)
         .map(|i| {
             let img = open(dir, &format!("b{i}.img"));
@@ -326,7 +331,7 @@ fn a_secondary_crash_between_two_members_delta_ends_restarts_both_at_the_previou
         copy_secondary(dir.path(), crashed.path());
         drop(g);
         copy_secondary(crashed.path(), dir.path());
-        let group = reopensecondaries(dir.path());
+        let group = reopen_secondaries(dir.path());
         let b = group.members();
         for (i, m) in b.iter().enumerate() {
             assert_eq!(m.status().delta_id, 1, "member {i}'s point in time");
@@ -463,5 +468,36 @@ fn over_tcp_a_secondary_link_closed_between_two_members_delta_ends_undoes_the_se
         (seq_in(&*b0, 0), seq_in(&*b1, 0), seq_in(&*b1, 65536)),
         (1, 1, 1),
         "the replicas are not both at set 1"
+    );
+}
+
+#[test]
+fn a_secondary_crash_mid_group_commit_restarts_both_at_the_new_set() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let g = async_group(dir.path());
+    dependent_write(&g.members, 1);
+    g.group.replicate_now().expect("set 1");
+    dependent_write(&g.members, 2);
+    g.group.cut_delta().expect("cut set 2");
+    for m in &g.members {
+        while !m.ship_step(64).expect("ship") {}
+    }
+    // The power goes after member 0's commit record is written and before member 1's.
+    copy_member(dir.path(), crashed.path(), 1);
+    g.group.replicate_now().expect("commit set 2");
+    copy_member(dir.path(), crashed.path(), 0);
+    drop(g);
+    copy_secondary(crashed.path(), dir.path());
+    let group = reopen_secondaries(dir.path());
+    for (i, m) in group.members().iter().enumerate() {
+        assert_eq!(m.status().delta_id, 2, "member {i}'s point in time");
+    }
+    let (b0, b1) = (open(dir.path(), "b0.img"), open(dir.path(), "b1.img"));
+    assert_eq!(
+        (seq_in(&*b0, 0), seq_in(&*b1, 0), seq_in(&*b1, 65536)),
+        (2, 2, 2),
+        "the restarted replicas are not both at set 2"
     );
 }
