@@ -4,9 +4,10 @@
 //! and none after) and moves the regions written since the previous cut into the delta
 //! set. Shipping reads those regions from the session, so writers go on meanwhile. The
 //! secondary applies a set between `delta-begin` (it takes its gold snapshot) and
-//! `delta-end` (the set is whole; the gold copy goes). A region leaves the primary's
-//! bitmap only when the set holding it is applied and the region was not written again
-//! since the cut, so a crash of either side loses no change.
+//! `delta-end` (the set is whole; the gold copy goes; for a consistency group's member
+//! the gold copy stays until `delta-commit`). A region leaves the primary's bitmap only
+//! when the set holding it is visible at the secondary and the region was not written
+//! again since the cut, so a crash of either side loses no change.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
