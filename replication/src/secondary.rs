@@ -365,6 +365,7 @@ impl Secondary {
 
     /// The connection carrying the primary went away; a delta set it was sending is
     /// rolled back.
+    ///
     /// A group's set that ended on other members can no longer be committed: they
     /// roll back too.
     pub fn disconnected(&self) {
@@ -701,9 +702,9 @@ impl GroupShared {
         (busy, all)
     }
 
-    /// Crash recovery: a set ended on a member is committed if any member took part in
-    /// its group commit (a crash came mid-commit), else rolled back; then every member
-    /// counts commits from the same number.
+    /// Crash recovery: a set ended on a member is committed if another member already
+    /// recorded that group commit (a crash came mid-commit), else rolled back; then
+    /// every member counts commits from the same number.
     fn resolve(&self) -> Result<()> {
         let (_busy, mut all) = self.lock_all();
         let committed = all
@@ -714,7 +715,9 @@ impl GroupShared {
         for (m, (_, g)) in self.members.iter().zip(all.iter_mut()) {
             m.roll_back_partial_delta(g)?;
             if g.meta.flags() & FLAG_ENDED != 0 {
-                if g.meta.header.ended_group_seq <= committed {
+                // Only the commit in progress can be finished: an older count is a set
+                // left from before this member joined (commits need every member).
+                if g.meta.header.ended_group_seq == committed {
                     m.commit_ended(g)?;
                     info!(group = %self.name, replica = %m.name, delta = g.meta.header.delta_id, "group delta set committed on recovery");
                 } else {
