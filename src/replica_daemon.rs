@@ -31,7 +31,8 @@ use lun::Lun;
 use lun::nbd::{ExportConfig, ListenAddr, NbdServer, ShutdownHandle};
 use nix::sys::signal::{SigSet, Signal};
 use replication::{
-    ConsistencyGroup, LinkState, Mode, PrimaryLun, Secondary, SecondaryServer, TcpPeer,
+    ConsistencyGroup, LinkState, Mode, PrimaryLun, Secondary, SecondaryGroup, SecondaryServer,
+    TcpPeer,
 };
 use tracing::{info, warn};
 
@@ -483,12 +484,11 @@ fn run_secondary(
     claims: &mut [Claim],
     secrets: Vec<Vec<u8>>,
 ) -> anyhow::Result<()> {
-    let mut servers = Vec::new();
-    for ((m, claim), secret) in d.members.iter().zip(claims.iter_mut()).zip(secrets) {
+    let mut secondaries = Vec::new();
+    for m in &d.members {
         let cfg = lock(&m.cfg).clone();
         let spec = &m.spec;
         let typed = spec.typed.as_str();
-        let addr = replica::resolve(&cfg.listen, "--listen")?;
         let raw = lunspec::open_raw(&spec.source, false)?;
         let meta = lunspec::open_raw(&cfg.meta, false)?;
         let snaps = match lunspec::existing_pool(spec)? {
@@ -502,9 +502,31 @@ fn run_secondary(
             }
             None => None,
         };
-        let secondary = Arc::new(Secondary::open(raw, meta, snaps).with_context(|| {
-            format!("{typed}: cannot open its replication metadata {}", cfg.meta)
-        })?);
+        secondaries.push(Arc::new(Secondary::open(raw, meta, snaps).with_context(
+            || format!("{typed}: cannot open its replication metadata {}", cfg.meta),
+        )?));
+    }
+    // Formed before any primary is heard, so a set a crash left committed on some
+    // members only is finished or undone first; kept while the members serve.
+    let first = lock(&d.members[0].cfg).clone();
+    let _group = match &first.group {
+        Some(name) => Some(
+            SecondaryGroup::new(name, secondaries.clone())
+                .with_context(|| format!("consistency group {name}"))?,
+        ),
+        None => None,
+    };
+    let mut servers = Vec::new();
+    for (((m, claim), secret), secondary) in d
+        .members
+        .iter()
+        .zip(claims.iter_mut())
+        .zip(secrets)
+        .zip(secondaries)
+    {
+        let cfg = lock(&m.cfg).clone();
+        let typed = m.spec.typed.as_str();
+        let addr = replica::resolve(&cfg.listen, "--listen")?;
         let listener = TcpListener::bind(addr)
             .with_context(|| format!("{typed}: cannot listen on {}", cfg.listen))?;
         servers.push(

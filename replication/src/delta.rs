@@ -4,9 +4,10 @@
 //! and none after) and moves the regions written since the previous cut into the delta
 //! set. Shipping reads those regions from the session, so writers go on meanwhile. The
 //! secondary applies a set between `delta-begin` (it takes its gold snapshot) and
-//! `delta-end` (the set is whole; the gold copy goes). A region leaves the primary's
-//! bitmap only when the set holding it is applied and the region was not written again
-//! since the cut, so a crash of either side loses no change.
+//! `delta-end` (the set is whole; the gold copy goes; for a consistency group's member
+//! the gold copy stays until `delta-commit`). A region leaves the primary's bitmap only
+//! when the set holding it is visible at the secondary and the region was not written
+//! again since the cut, so a crash of either side loses no change.
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -34,6 +35,8 @@ pub struct Delta {
     regions: Vec<u64>,
     sent: usize,
     begun: bool,
+    /// A group member's set ended at the secondary and waits for the group's commit.
+    ended: bool,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -96,7 +99,7 @@ impl PrimaryLun {
     /// while the link is down, a resync runs, or the previous set is still on its way.
     pub fn cut_delta(&self) -> Result<Option<u64>> {
         let mut g = self.quiesce(self.lock());
-        self.cut_locked(&mut g)
+        self.cut_locked(&mut g, false)
     }
 
     /// Whether a cut can be taken now; the group cuts only when all its members can.
@@ -105,12 +108,14 @@ impl PrimaryLun {
     }
 
     /// The cut itself, with this member's writers held off by the caller's lock and
-    /// none in flight (see [`PrimaryLun::quiesce`]).
-    pub(crate) fn cut_locked(&self, g: &mut Inner) -> Result<Option<u64>> {
+    /// none in flight (see [`PrimaryLun::quiesce`]). `even_empty` cuts a set with no
+    /// region: a group's set must reach every member, or the secondary could not tell
+    /// when it is whole.
+    pub(crate) fn cut_locked(&self, g: &mut Inner, even_empty: bool) -> Result<Option<u64>> {
         if !PrimaryLun::can_cut(g) {
             return Ok(None);
         }
-        if g.interval.is_empty() {
+        if g.interval.is_empty() && !even_empty {
             if g.meta.dirty_count() == 0 {
                 g.replica_point_ms = Some(now_ms());
             }
@@ -138,28 +143,33 @@ impl PrimaryLun {
             regions,
             sent: 0,
             begun: false,
+            ended: false,
         });
         Ok(Some(id))
     }
 
-    /// Ships up to `max_regions` of the pending delta set; true once none is pending.
+    /// Ships up to `max_regions` of the pending delta set; true once none is pending,
+    /// or, for a consistency group's member, once the set has ended at the secondary
+    /// and waits for the group's commit ([`PrimaryLun::commit_delta`]).
     /// Writers wait only for one step.
     pub fn ship_step(&self, max_regions: usize) -> Result<bool> {
         let mut g = self.lock();
         let Some(mut d) = g.pending.take() else {
             return Ok(true);
         };
-        match self.ship(&mut g, &mut d, max_regions) {
+        if d.ended {
+            g.pending = Some(d);
+            return Ok(true);
+        }
+        let grouped = g.group.is_some();
+        match self.ship(&mut g, &mut d, max_regions, grouped) {
+            Ok(true) if grouped => {
+                d.ended = true;
+                g.pending = Some(d);
+                Ok(true)
+            }
             Ok(true) => {
-                for r in &d.regions {
-                    if !g.interval.contains(r) {
-                        g.meta.clear(*r);
-                    }
-                }
-                g.meta.persist_bitmap()?;
-                g.replica_point_ms = Some(d.cut_ms);
-                drop_session(&g, &d.session);
-                debug!(lun = %self.name, delta = d.id, "delta set applied at the secondary");
+                self.delta_applied(&mut g, d)?;
                 Ok(true)
             }
             Ok(false) => {
@@ -176,7 +186,57 @@ impl PrimaryLun {
         }
     }
 
-    fn ship(&self, g: &mut Inner, d: &mut Delta, max_regions: usize) -> Result<bool> {
+    /// The set is visible at the secondary: its regions not written since the cut
+    /// leave the bitmap.
+    fn delta_applied(&self, g: &mut Inner, d: Delta) -> Result<()> {
+        for r in &d.regions {
+            if !g.interval.contains(r) {
+                g.meta.clear(*r);
+            }
+        }
+        g.meta.persist_bitmap()?;
+        g.replica_point_ms = Some(d.cut_ms);
+        drop_session(g, &d.session);
+        debug!(lun = %self.name, delta = d.id, "delta set applied at the secondary");
+        Ok(())
+    }
+
+    /// Tells the secondary that the group's set, ended on every member, is to be made
+    /// visible; once it answers, this member's regions of the set leave the bitmap.
+    /// Nothing is done unless this member's set has ended.
+    pub(crate) fn commit_delta(&self) -> Result<()> {
+        let mut g = self.lock();
+        let Some(d) = g.pending.take_if(|d| d.ended) else {
+            return Ok(());
+        };
+        let answer = g
+            .peer
+            .call(&Message::DeltaCommit { id: d.id })
+            .and_then(|r| expect_ok(&mut *g.peer, r));
+        match answer {
+            Ok(()) => self.delta_applied(&mut g, d),
+            Err(e) => {
+                // Committed there or not, the regions are still dirty here: the next
+                // connect resyncs them.
+                drop_session(&g, &d.session);
+                g.interval.clear();
+                self.lose_link(&mut g, 0..0, &e)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The group's set failed on another member: this member's set, ended or not, is
+    /// never committed. Its regions are still dirty and go out again in the next set.
+    pub(crate) fn abandon_delta(&self) {
+        let mut g = self.lock();
+        if let Some(d) = g.pending.take() {
+            drop_session(&g, &d.session);
+            g.interval.extend(d.regions);
+        }
+    }
+
+    fn ship(&self, g: &mut Inner, d: &mut Delta, max_regions: usize, group: bool) -> Result<bool> {
         if !d.begun {
             let r = g.peer.call(&Message::DeltaBegin {
                 id: d.id,
@@ -217,6 +277,7 @@ impl PrimaryLun {
         let reply = g.peer.call(&Message::DeltaEnd {
             id: d.id,
             gens: g.meta.header.gens,
+            group,
         })?;
         expect_ok(&mut *g.peer, reply)?;
         Ok(true)
@@ -279,6 +340,12 @@ impl PrimaryLun {
             LinkState::Connected => self.replicate_now().map(|_| ()),
             LinkState::Fractured | LinkState::Demoted => Ok(()),
         }
+    }
+}
+
+pub(crate) fn forget_pending(g: &mut Inner) {
+    if let Some(d) = g.pending.take() {
+        drop_session(g, &d.session);
     }
 }
 

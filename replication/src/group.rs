@@ -5,7 +5,9 @@
 //! before shipping a write, so no member's replica gets a write that depends on one
 //! another member's replica will never have. Asynchronous members are cut together:
 //! the group holds every member's write lock (in a fixed order) while it takes each
-//! member's delta session, so all sets end at the same point of the write stream.
+//! member's delta session, so all sets end at the same point of the write stream, and
+//! the secondary makes a set visible only once it has ended on every member
+//! (`delta-commit`, see [`crate::SecondaryGroup`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +95,7 @@ impl ConsistencyGroup {
 
     /// Brings every member's link up (after a fracture or a link loss); resyncs follow.
     pub fn connect(&self) -> Result<()> {
+        self.abandon_sets();
         self.link.broken.store(false, Ordering::SeqCst);
         for m in &self.members {
             if let Err(e) = m.connect() {
@@ -123,6 +126,7 @@ impl ConsistencyGroup {
 
     /// Ends a fracture of every member and brings the links up.
     pub fn resume(&self) -> Result<()> {
+        self.abandon_sets();
         self.link.broken.store(false, Ordering::SeqCst);
         for m in &self.members {
             if let Err(e) = m.resume() {
@@ -134,7 +138,9 @@ impl ConsistencyGroup {
     }
 
     /// Cuts a delta set on every member at one point: all writers are held off while
-    /// the sessions are taken. Nothing is cut unless every member can be.
+    /// the sessions are taken. Nothing is cut unless every member can be; when any
+    /// member has changes every member cuts, under one set id, so that the secondary
+    /// knows the group's set is whole once each member's has ended.
     pub fn cut_delta(&self) -> Result<Vec<Option<u64>>> {
         let mut order: Vec<&Arc<PrimaryLun>> = self.members.iter().collect();
         order.sort_by_key(|m| Arc::as_ptr(m) as usize);
@@ -144,9 +150,16 @@ impl ConsistencyGroup {
         if self.link.is_broken() || !guards.iter().all(|g| PrimaryLun::can_cut(g)) {
             return Ok(vec![None; self.members.len()]);
         }
+        let changed = guards.iter().any(|g| !g.interval.is_empty());
+        if changed {
+            let id = guards.iter().map(|g| g.next_delta).max().unwrap_or(1);
+            for g in guards.iter_mut() {
+                g.next_delta = id;
+            }
+        }
         let mut ids = Vec::with_capacity(order.len());
         for (m, g) in order.iter().zip(guards.iter_mut()) {
-            ids.push((Arc::as_ptr(m) as usize, m.cut_locked(g)?));
+            ids.push((Arc::as_ptr(m) as usize, m.cut_locked(g, changed)?));
         }
         drop(guards);
         Ok(self
@@ -160,12 +173,37 @@ impl ConsistencyGroup {
             .collect())
     }
 
-    /// Cuts one set across the group and ships every member's.
+    /// Cuts one set across the group, ships every member's, then commits the set at
+    /// the secondary, where it becomes visible on every member at once. A member's
+    /// regions leave its bitmap only once the commit is acknowledged; a set that fails
+    /// on any member is abandoned on all (the secondary rolls back what ended there).
     pub fn replicate_now(&self) -> Result<()> {
-        self.cut_delta()?;
-        for m in &self.members {
-            while !m.ship_step(64)? {}
+        if self.link.is_broken() {
+            self.abandon_sets();
+            return Ok(());
         }
-        Ok(())
+        self.cut_delta()?;
+        let shipped = (|| {
+            for m in &self.members {
+                while !m.ship_step(64)? {}
+            }
+            for m in &self.members {
+                m.commit_delta()?;
+            }
+            Ok(())
+        })();
+        if shipped.is_err() {
+            self.link.break_all();
+            self.abandon_sets();
+        }
+        shipped
+    }
+
+    /// A set that failed on one member was rolled back at the secondary on every
+    /// member; no member may go on to commit its part.
+    fn abandon_sets(&self) {
+        for m in &self.members {
+            m.abandon_delta();
+        }
     }
 }

@@ -41,7 +41,10 @@
 //!
 //! A [`ConsistencyGroup`] replicates several LUNs as one: a lost link on any member
 //! fractures all before another write is acknowledged, and delta sets are cut at one
-//! point across all (every member's writers held off at once).
+//! point across all (every member's writers held off at once). At the secondary a
+//! [`SecondaryGroup`] makes a group's set visible on every member or none: a member's
+//! ended set keeps its gold copy until the primary's `delta-commit`, and a lost link,
+//! a restart or a promote returns uncommitted members to their gold copies.
 //!
 //! Writes are pipelined (`primary.rs`): the primary's lock fixes the order in which
 //! writes are sent and is released while each one's local write and the peer's answer
@@ -51,8 +54,8 @@
 //! `examples/repl_throughput.rs` measures both modes against the bare local LUN over
 //! TCP on 127.0.0.1.
 //!
-//! Limits today: the link is not encrypted (TLS is left out, see `FORMAT.md`), and a group's
-//! delta sets are applied member by member at the secondary.
+//! Limits today: the link is not encrypted (TLS is left out, see `FORMAT.md`), and a
+//! group's members at the secondary must run in one process (one [`SecondaryGroup`]).
 
 mod delta;
 mod error;
@@ -78,7 +81,9 @@ pub use group::ConsistencyGroup;
 pub use meta::{AL_MAX_EXTENTS, Gens};
 pub use peer::{LinkSwitch, LocalPeer, Peer, Reply};
 pub use primary::PrimaryLun;
-pub use secondary::{GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Role, Secondary, SecondaryStatus};
+pub use secondary::{
+    GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Role, Secondary, SecondaryGroup, SecondaryStatus,
+};
 pub use tcp::{DEFAULT_LINK_TIMEOUT, LINK_TIMEOUT_ENV, SecondaryServer, TcpPeer, link_timeout};
 pub use verify::VerifyProgress;
 
@@ -221,6 +226,10 @@ impl PrimaryLun {
             delta_cut_ms: 0,
             verify_cursor: 0,
             verify_diffs: 0,
+            group_seq: 0,
+            ended_id: 0,
+            ended_cut_ms: 0,
+            ended_group_seq: 0,
         };
         let mut m = MetaStore::format(meta, header)?;
         let all = m.region_range(0, local.size());

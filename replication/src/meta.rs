@@ -38,6 +38,11 @@ pub const FLAG_DISCARD: u32 = 1 << 4;
 pub const FLAG_APPLYING: u32 = 1 << 5;
 /// Primary only: an online verify is under way; `verify_cursor` says where it resumes.
 pub const FLAG_VERIFY: u32 = 1 << 6;
+/// Secondary only, in a consistency group: a delta set (`ended_id`) is applied whole
+/// here but waits for the group's commit; the `gold` snapshot still holds the last
+/// committed one. Recovery commits it if any member of the group took part in commit
+/// `ended_group_seq`, else rolls it back.
+pub const FLAG_ENDED: u32 = 1 << 7;
 
 /// Generation identifiers, as DRBD keeps them: the data's current generation, the
 /// generation the bitmap started tracking from (0 when in sync), and two older ones.
@@ -89,6 +94,13 @@ pub struct Header {
     /// differences it found so far.
     pub verify_cursor: u64,
     pub verify_diffs: u64,
+    /// Secondary in a group: the last group commit this member took part in.
+    pub group_seq: u64,
+    /// Secondary with `FLAG_ENDED`: the set applied whole, when it was cut, and the group
+    /// commit that will make it visible.
+    pub ended_id: u64,
+    pub ended_cut_ms: u64,
+    pub ended_group_seq: u64,
 }
 
 impl Header {
@@ -120,6 +132,10 @@ impl Header {
         put64(&mut b, 104, self.delta_cut_ms);
         put64(&mut b, 112, self.verify_cursor);
         put64(&mut b, 120, self.verify_diffs);
+        put64(&mut b, 128, self.group_seq);
+        put64(&mut b, 136, self.ended_id);
+        put64(&mut b, 144, self.ended_cut_ms);
+        put64(&mut b, 152, self.ended_group_seq);
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         put32(&mut b, CRC_AT, crc);
         b
@@ -156,6 +172,10 @@ impl Header {
             delta_cut_ms: get64(b, 104),
             verify_cursor: get64(b, 112),
             verify_diffs: get64(b, 120),
+            group_seq: get64(b, 128),
+            ended_id: get64(b, 136),
+            ended_cut_ms: get64(b, 144),
+            ended_group_seq: get64(b, 152),
         };
         check_geometry(h.region_size, h.al_extent_size, h.al_capacity)?;
         Ok(h)

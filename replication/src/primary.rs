@@ -103,6 +103,9 @@ impl PrimaryLun {
             g.meta.mark(regions);
         }
         g.meta.persist_bitmap()?;
+        // A delta set on its way is rolled back at the secondary when the link goes;
+        // its regions are still dirty here, so the resync after reconnect carries them.
+        crate::delta::forget_pending(g);
         if let Some(link) = &g.group {
             link.break_all();
         }

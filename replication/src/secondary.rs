@@ -2,7 +2,9 @@
 //! else. Before a resync makes the replica inconsistent it takes a snapshot of it
 //! (`pre-resync`), so losing the primary mid-resync still leaves a point in time.
 
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 
 use lun::{Lun, check_request};
 use snapshot::Snapshots;
@@ -11,7 +13,8 @@ use tracing::{info, warn};
 use crate::Geometry;
 use crate::error::Result;
 use crate::meta::{
-    FLAG_APPLYING, FLAG_DISCARD, FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header, MetaStore,
+    FLAG_APPLYING, FLAG_DISCARD, FLAG_ENDED, FLAG_INCONSISTENT, FLAG_PRIMARY, Gens, Header,
+    MetaStore,
 };
 use crate::wire::{Message, SideInfo};
 
@@ -54,6 +57,8 @@ pub struct Secondary {
     /// never has two overlapping ones in flight); everything else takes it whole, so it
     /// sees every earlier write applied and none half done.
     gate: RwLock<()>,
+    /// The consistency group this replica's delta sets commit with, if any.
+    group: Mutex<Weak<GroupShared>>,
 }
 
 #[derive(Debug)]
@@ -92,6 +97,10 @@ impl Secondary {
             delta_cut_ms: 0,
             verify_cursor: 0,
             verify_diffs: 0,
+            group_seq: 0,
+            ended_id: 0,
+            ended_cut_ms: 0,
+            ended_group_seq: 0,
         };
         let meta = MetaStore::format(meta, header)?;
         Ok(Secondary::with(replica, meta, snaps))
@@ -115,6 +124,48 @@ impl Secondary {
             sec.roll_back_partial_delta(&mut g)?;
         }
         Ok(sec)
+    }
+
+    /// A group's set that ended here but was never committed is undone: the replica
+    /// returns to its gold copy, the group's last committed set.
+    fn roll_back_ended(&self, g: &mut Inner) -> Result<()> {
+        if g.meta.flags() & FLAG_ENDED == 0 {
+            return Ok(());
+        }
+        if let Some(s) = &g.snaps
+            && has_session(s, GOLD_SNAPSHOT)
+        {
+            s.rollback(GOLD_SNAPSHOT)?;
+            s.wait_rollback()?;
+        }
+        g.meta.set_flag(FLAG_ENDED, false);
+        g.meta.write_header()?;
+        warn!(replica = %self.name, delta = g.meta.header.ended_id, kept = g.meta.header.delta_id, "uncommitted group delta set rolled back to the gold copy");
+        Ok(())
+    }
+
+    /// Makes a group's set that ended here visible: the header records it (the commit
+    /// record), then the gold copy goes.
+    fn commit_ended(&self, g: &mut Inner) -> Result<()> {
+        if g.meta.flags() & FLAG_ENDED == 0 {
+            return Ok(());
+        }
+        let h = &mut g.meta.header;
+        h.delta_id = h.ended_id;
+        h.delta_cut_ms = h.ended_cut_ms;
+        h.group_seq = h.ended_group_seq;
+        g.meta.set_flag(FLAG_ENDED, false);
+        g.meta.write_header()?;
+        drop_gold(g)?;
+        tracing::debug!(replica = %self.name, delta = g.meta.header.delta_id, group_seq = g.meta.header.group_seq, "group delta set committed");
+        Ok(())
+    }
+
+    fn group(&self) -> Option<Arc<GroupShared>> {
+        self.group
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade()
     }
 
     /// A delta set cut short (link lost, crash) is undone: the replica returns to its
@@ -150,6 +201,7 @@ impl Secondary {
         Secondary {
             name: replica.name().to_string(),
             gate: RwLock::new(()),
+            group: Mutex::new(Weak::new()),
             inner: Mutex::new(Inner {
                 target,
                 snaps,
@@ -245,6 +297,11 @@ impl Secondary {
     /// without one it is refused unless `force`. Starts a new generation, so the old
     /// primary is told apart when it comes back.
     pub fn promote(&self, force: bool) -> Result<()> {
+        // A group member first brings the whole group to its last committed set, so
+        // the promoted replicas are one point in time.
+        if let Some(group) = self.group() {
+            group.resolve()?;
+        }
         let _alone = self.exclusive();
         let mut g = self.lock();
         let lun = self.name.clone();
@@ -261,6 +318,7 @@ impl Secondary {
         }
         g.session = false;
         self.roll_back_partial_delta(&mut g)?;
+        self.roll_back_ended(&mut g)?;
         if g.meta.flags() & FLAG_INCONSISTENT != 0 {
             let has_snapshot = g
                 .snaps
@@ -307,19 +365,81 @@ impl Secondary {
 
     /// The connection carrying the primary went away; a delta set it was sending is
     /// rolled back.
+    ///
+    /// A group's set that ended on other members can no longer be committed: they
+    /// roll back too.
     pub fn disconnected(&self) {
-        let _alone = self.exclusive();
-        let mut g = self.lock();
-        g.session = false;
-        if let Err(e) = self.roll_back_partial_delta(&mut g) {
-            tracing::error!(replica = %self.name, error = %e, "cannot roll back a partial delta set; it will be retried at the next open");
+        {
+            let _alone = self.exclusive();
+            let mut g = self.lock();
+            g.session = false;
+            if let Err(e) = self.roll_back_partial_delta(&mut g) {
+                tracing::error!(replica = %self.name, error = %e, "cannot roll back a partial delta set; it will be retried at the next open");
+            }
         }
+        match self.group() {
+            Some(group) => {
+                if let Err(e) = group.abort() {
+                    tracing::error!(group = %group.name, error = %e, "cannot roll back an uncommitted group delta set; it will be retried at the next open");
+                }
+            }
+            None => {
+                let _alone = self.exclusive();
+                let mut g = self.lock();
+                if let Err(e) = self.roll_back_ended(&mut g) {
+                    tracing::error!(replica = %self.name, error = %e, "cannot roll back an uncommitted delta set; it will be retried at the next open");
+                }
+            }
+        }
+    }
+
+    /// A set that ended here and was never committed is dead once a new set or a
+    /// resync starts: the group (or this replica alone) returns to its gold copy.
+    fn abort_ended(&self) -> Result<()> {
+        if self.lock().meta.flags() & FLAG_ENDED == 0 {
+            return Ok(());
+        }
+        match self.group() {
+            Some(group) => group.abort(),
+            None => {
+                let _alone = self.exclusive();
+                let mut g = self.lock();
+                self.roll_back_ended(&mut g)
+            }
+        }
+    }
+
+    /// The group's set `id` is to be made visible on every member.
+    fn commit(&self, id: u64) -> Result<Message> {
+        if !self.lock().session {
+            return Err(crate::ReplError::WrongState {
+                lun: self.name.clone(),
+                reason: "no primary has connected on this link".into(),
+            });
+        }
+        match self.group() {
+            Some(group) => group.commit(self, id)?,
+            None => {
+                let _alone = self.exclusive();
+                let mut g = self.lock();
+                commit_alone(self, &mut g, id)?;
+            }
+        }
+        Ok(Message::Ok)
     }
 
     /// Answers one message from the primary. Anything refused changes nothing.
     pub fn handle(&self, msg: Message) -> Message {
         let answer = match msg {
             Message::Write { offset, data } => self.apply_write(offset, &data),
+            Message::DeltaCommit { id } => self.commit(id),
+            msg @ (Message::DeltaBegin { .. } | Message::ResyncBegin { .. }) => {
+                self.abort_ended().and_then(|()| {
+                    let _alone = self.exclusive();
+                    let mut g = self.lock();
+                    self.apply(&mut g, msg)
+                })
+            }
             msg => {
                 let _alone = self.exclusive();
                 let mut g = self.lock();
@@ -395,7 +515,7 @@ impl Secondary {
                         "asynchronous replication needs a snapshot pool on the replica for its gold copy".into(),
                     ));
                 };
-                if g.meta.flags() & (FLAG_INCONSISTENT | FLAG_APPLYING) != 0 {
+                if g.meta.flags() & (FLAG_INCONSISTENT | FLAG_APPLYING | FLAG_ENDED) != 0 {
                     return Err(refuse(format!(
                         "delta set {id} refused: the replica is mid-resync or mid-delta"
                     )));
@@ -418,12 +538,25 @@ impl Secondary {
                 g.target.write_at(&data, offset)?;
                 Ok(Message::Ok)
             }
-            Message::DeltaEnd { id, gens } => {
+            Message::DeltaEnd { id, gens, group } => {
                 if g.meta.flags() & FLAG_APPLYING == 0 {
                     return Err(refuse("delta end outside a delta set".into()));
                 }
                 g.target.flush()?;
                 g.meta.header.gens = Gens { bitmap: 0, ..gens };
+                if group {
+                    // Whole here, but visible only with the group's commit: the gold
+                    // copy stays. One header write moves APPLYING to ENDED.
+                    let h = &mut g.meta.header;
+                    h.ended_id = id;
+                    h.ended_cut_ms = g.pending_cut_ms;
+                    h.ended_group_seq = h.group_seq + 1;
+                    g.meta.set_flag(FLAG_APPLYING, false);
+                    g.meta.set_flag(FLAG_ENDED, true);
+                    g.meta.write_header()?;
+                    tracing::debug!(replica = %self.name, delta = id, "group delta set ended; waiting for the group's commit");
+                    return Ok(Message::Ok);
+                }
                 g.meta.header.delta_id = id;
                 g.meta.header.delta_cut_ms = g.pending_cut_ms;
                 g.meta.set_flag(FLAG_APPLYING, false);
@@ -448,7 +581,7 @@ impl Secondary {
                 Ok(Message::Ok)
             }
             Message::ChecksumRequest { first, count } => {
-                if g.meta.flags() & FLAG_APPLYING != 0 {
+                if g.meta.flags() & (FLAG_APPLYING | FLAG_ENDED) != 0 {
                     return Err(refuse(
                         "checksums refused: a delta set is being applied".into(),
                     ));
@@ -517,4 +650,188 @@ impl Secondary {
 
 fn has_session(s: &Snapshots, name: &str) -> bool {
     s.list().iter().any(|x| x.name == name)
+}
+
+fn drop_gold(g: &Inner) -> Result<()> {
+    if let Some(s) = &g.snaps
+        && has_session(s, GOLD_SNAPSHOT)
+    {
+        s.delete_session(GOLD_SNAPSHOT)?;
+    }
+    Ok(())
+}
+
+/// A `delta-commit` for a replica outside any group: its own ended set, or one already
+/// committed (a repeated commit).
+fn commit_alone(m: &Secondary, g: &mut Inner, id: u64) -> Result<()> {
+    let h = &g.meta.header;
+    if g.meta.flags() & FLAG_ENDED != 0 && h.ended_id == id {
+        return m.commit_ended(g);
+    }
+    if g.meta.flags() & FLAG_ENDED == 0 && h.delta_id == id {
+        return Ok(());
+    }
+    Err(crate::ReplError::WrongState {
+        lun: m.name.clone(),
+        reason: format!("delta set {id} cannot be committed: it has not ended here"),
+    })
+}
+
+/// The members of a [`SecondaryGroup`], shared with each member so that a lost link
+/// or a commit on one reaches all.
+#[derive(Debug)]
+pub(crate) struct GroupShared {
+    name: String,
+    members: Vec<Arc<Secondary>>,
+    /// Held across every group-wide step; taken before any member's own locks.
+    busy: Mutex<()>,
+}
+
+type Locked<'a> = (RwLockWriteGuard<'a, ()>, MutexGuard<'a, Inner>);
+
+impl GroupShared {
+    /// Every member held whole, in the group's fixed order; none of them takes the
+    /// group's lock while holding its own, so this cannot deadlock.
+    fn lock_all(&self) -> (MutexGuard<'_, ()>, Vec<Locked<'_>>) {
+        let busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let all = self
+            .members
+            .iter()
+            .map(|m| (m.exclusive(), m.lock()))
+            .collect();
+        (busy, all)
+    }
+
+    /// Crash recovery: a set ended on a member is committed if another member already
+    /// recorded that group commit (a crash came mid-commit), else rolled back; then
+    /// every member counts commits from the same number.
+    fn resolve(&self) -> Result<()> {
+        let (_busy, mut all) = self.lock_all();
+        let committed = all
+            .iter()
+            .map(|(_, g)| g.meta.header.group_seq)
+            .max()
+            .unwrap_or(0);
+        for (m, (_, g)) in self.members.iter().zip(all.iter_mut()) {
+            m.roll_back_partial_delta(g)?;
+            if g.meta.flags() & FLAG_ENDED != 0 {
+                // Only the commit in progress can be finished: an older count is a set
+                // left from before this member joined (commits need every member).
+                if g.meta.header.ended_group_seq == committed {
+                    m.commit_ended(g)?;
+                    info!(group = %self.name, replica = %m.name, delta = g.meta.header.delta_id, "group delta set committed on recovery");
+                } else {
+                    m.roll_back_ended(g)?;
+                }
+            }
+            if g.meta.header.group_seq != committed {
+                g.meta.header.group_seq = committed;
+                g.meta.write_header()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A member's link is gone: a set ended on others will never be committed.
+    fn abort(&self) -> Result<()> {
+        let (_busy, mut all) = self.lock_all();
+        for (m, (_, g)) in self.members.iter().zip(all.iter_mut()) {
+            m.roll_back_ended(g)?;
+        }
+        Ok(())
+    }
+
+    /// Commits set `id` on every member, once it has ended on each: each member's
+    /// header records the commit, in the group's order, before any gold copy goes, so
+    /// recovery after a crash at any point finds the commit on one member and finishes
+    /// it on the rest. A repeated commit (through another member's link) is answered.
+    fn commit(&self, asker: &Secondary, id: u64) -> Result<()> {
+        let (_busy, mut all) = self.lock_all();
+        let ended = |g: &Inner| g.meta.flags() & FLAG_ENDED != 0 && g.meta.header.ended_id == id;
+        if let Some(m) = self
+            .members
+            .iter()
+            .zip(all.iter())
+            .find_map(|(m, (_, g))| (!ended(g)).then_some(m))
+        {
+            let asker_done = self
+                .members
+                .iter()
+                .zip(all.iter())
+                .find(|(x, _)| std::ptr::eq(&***x, asker))
+                .is_some_and(|(_, (_, g))| {
+                    g.meta.flags() & FLAG_ENDED == 0 && g.meta.header.delta_id == id
+                });
+            if asker_done && all.iter().all(|(_, g)| !ended(g)) {
+                return Ok(());
+            }
+            return Err(crate::ReplError::WrongState {
+                lun: asker.name.clone(),
+                reason: format!(
+                    "group {} set {id} cannot be committed: it has not ended on {}",
+                    self.name, m.name
+                ),
+            });
+        }
+        for (m, (_, g)) in self.members.iter().zip(all.iter_mut()) {
+            let h = &mut g.meta.header;
+            h.delta_id = h.ended_id;
+            h.delta_cut_ms = h.ended_cut_ms;
+            h.group_seq = h.ended_group_seq;
+            g.meta.set_flag(FLAG_ENDED, false);
+            g.meta.write_header()?;
+            tracing::debug!(group = %self.name, replica = %m.name, delta = id, "group delta set committed");
+        }
+        for (_, g) in &all {
+            drop_gold(g)?;
+        }
+        Ok(())
+    }
+}
+
+/// A consistency group at the secondary: the members' delta sets become visible
+/// together. A member's set that ends waits, with its gold copy, for `delta-commit`;
+/// the commit makes it visible on every member at once. A lost link, a new set, a
+/// promote or a restart returns members whose set was never committed to their gold
+/// copies, so the replicas are always one point in time of the primary's group.
+#[derive(Debug)]
+pub struct SecondaryGroup {
+    shared: Arc<GroupShared>,
+}
+
+impl SecondaryGroup {
+    /// Groups `members` (each opened on its own) and brings them to one point in time:
+    /// what a crash left half committed is finished or undone. Members keep the group
+    /// while this lives.
+    pub fn new(name: &str, members: Vec<Arc<Secondary>>) -> Result<SecondaryGroup> {
+        let bad = |reason: String| crate::ReplError::BadConfig {
+            lun: name.to_string(),
+            reason,
+        };
+        if members.is_empty() {
+            return Err(bad("a consistency group needs at least one member".into()));
+        }
+        for (i, m) in members.iter().enumerate() {
+            if members[..i].iter().any(|o| Arc::ptr_eq(o, m)) {
+                return Err(bad(format!("{} is listed twice", m.name)));
+            }
+            if m.group().is_some() {
+                return Err(bad(format!("{} is already in a group", m.name)));
+            }
+        }
+        let shared = Arc::new(GroupShared {
+            name: name.to_string(),
+            members,
+            busy: Mutex::new(()),
+        });
+        shared.resolve()?;
+        for m in &shared.members {
+            *m.group.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(&shared);
+        }
+        Ok(SecondaryGroup { shared })
+    }
+
+    pub fn members(&self) -> &[Arc<Secondary>] {
+        &self.shared.members
+    }
 }

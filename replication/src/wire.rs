@@ -35,6 +35,8 @@ const T_BITMAP: u16 = 18;
 const T_DELTA_BEGIN: u16 = 30;
 const T_DELTA_DATA: u16 = 31;
 const T_DELTA_END: u16 = 32;
+const T_DELTA_COMMIT: u16 = 33;
+const T_DELTA_END_GROUP: u16 = 34;
 const T_CHECKSUM_REQUEST: u16 = 40;
 const T_CHECKSUMS: u16 = 41;
 const T_RESYNC_ZERO: u16 = 42;
@@ -102,9 +104,17 @@ pub enum Message {
         offset: u64,
         data: Vec<u8>,
     },
+    /// The set is whole. With `group` (a consistency group's member; its own type on
+    /// the wire) the secondary keeps the gold copy until [`Message::DeltaCommit`].
     DeltaEnd {
         id: u64,
         gens: Gens,
+        group: bool,
+    },
+    /// A consistency group's set `id` has ended on every member: the secondary makes it
+    /// visible on all of them at once (sent to each member; the first one commits).
+    DeltaCommit {
+        id: u64,
     },
     /// Asks for the crc32c of `count` whole regions from `first`; the answer is
     /// [`Message::Checksums`].
@@ -152,6 +162,7 @@ impl Message {
             Message::DeltaBegin { .. } => "delta-begin",
             Message::DeltaData { .. } => "delta-data",
             Message::DeltaEnd { .. } => "delta-end",
+            Message::DeltaCommit { .. } => "delta-commit",
             Message::ChecksumRequest { .. } => "checksum-request",
             Message::Checksums { .. } => "checksums",
             Message::ResyncZero { .. } => "resync-zero",
@@ -273,10 +284,18 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
             p.extend_from_slice(data);
             T_DELTA_DATA
         }
-        Message::DeltaEnd { id, gens } => {
+        Message::DeltaEnd { id, gens, group } => {
             p.extend_from_slice(&id.to_le_bytes());
             put_gens(&mut p, gens);
-            T_DELTA_END
+            if *group {
+                T_DELTA_END_GROUP
+            } else {
+                T_DELTA_END
+            }
+        }
+        Message::DeltaCommit { id } => {
+            p.extend_from_slice(&id.to_le_bytes());
+            T_DELTA_COMMIT
         }
         Message::ChecksumRequest { first, count } => {
             p.extend_from_slice(&first.to_le_bytes());
@@ -478,12 +497,17 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             p.drain(..8);
             Message::DeltaData { offset, data: p }
         }
-        T_DELTA_END => {
+        T_DELTA_END | T_DELTA_END_GROUP => {
             need("delta-end", &p, 40, true)?;
             Message::DeltaEnd {
                 id: get64(&p, 0),
                 gens: get_gens(&p, 8),
+                group: ty == T_DELTA_END_GROUP,
             }
+        }
+        T_DELTA_COMMIT => {
+            need("delta-commit", &p, 8, true)?;
+            Message::DeltaCommit { id: get64(&p, 0) }
         }
         T_CHECKSUM_REQUEST => {
             need("checksum-request", &p, 12, true)?;
@@ -711,7 +735,14 @@ mod tests {
             Message::DeltaEnd {
                 id: 3,
                 gens: side.gens,
+                group: false,
             },
+            Message::DeltaEnd {
+                id: 4,
+                gens: side.gens,
+                group: true,
+            },
+            Message::DeltaCommit { id: 3 },
             Message::ChecksumRequest { first: 2, count: 5 },
             Message::Checksums {
                 crcs: vec![1, 2, 3],
