@@ -423,9 +423,13 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
             if p.link_state() != LinkState::Resyncing {
                 continue;
             }
-            resyncing = true;
             match p.resync_step(RESYNC_STEP) {
-                Ok(r) if r.regions_left == 0 => info!(lun = %m.spec.typed, "resync done"),
+                // A group member that copied everything waits for the others, idle.
+                Ok(r) if r.regions_left > 0 => resyncing = true,
+                Ok(_) if p.link_state() != LinkState::Resyncing => {
+                    info!(lun = %m.spec.typed, "resync done");
+                    resyncing = true;
+                }
                 Ok(_) => {}
                 Err(e) => {
                     warn!(lun = %m.spec.typed, error = %e, "resync step failed");

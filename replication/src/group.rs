@@ -10,7 +10,7 @@
 //! (`delta-commit`, see [`crate::SecondaryGroup`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tracing::{info, warn};
 
@@ -18,11 +18,13 @@ use crate::error::{ReplError, Result};
 use crate::primary::PrimaryLun;
 use crate::{LinkState, Mode};
 
-/// The state members share: whether the group's replication is broken.
+/// The state members share: whether the group's replication is broken, and how many
+/// members still have regions to copy in the group's running resync.
 #[derive(Debug)]
 pub struct GroupLink {
     name: String,
     broken: AtomicBool,
+    undrained: AtomicUsize,
 }
 
 impl GroupLink {
@@ -31,6 +33,16 @@ impl GroupLink {
     }
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
+    }
+    /// A member has copied everything in the group's resync; true once every member has,
+    /// when the members may end their resyncs and the replicas become consistent again.
+    pub(crate) fn drained(&self, newly: bool) -> bool {
+        if newly {
+            let _ = self
+                .undrained
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+        self.undrained.load(Ordering::SeqCst) == 0
     }
     pub fn break_all(&self) {
         if !self.broken.swap(true, Ordering::SeqCst) {
@@ -73,6 +85,7 @@ impl ConsistencyGroup {
         let link = Arc::new(GroupLink {
             name: name.to_string(),
             broken: AtomicBool::new(false),
+            undrained: AtomicUsize::new(0),
         });
         for m in &members {
             let mut g = m.lock();
@@ -94,8 +107,19 @@ impl ConsistencyGroup {
     }
 
     /// Brings every member's link up (after a fracture or a link loss); resyncs follow.
+    /// Every member resyncs, even one with nothing to copy, and none ends its resync
+    /// before all have copied everything: until then each replica is flagged
+    /// inconsistent and keeps its pre-resync snapshot, all taken before anything new was
+    /// shipped, so the group's replicas hold one point in time whenever the link fails
+    /// again, however partly the group was reconnected.
     pub fn connect(&self) -> Result<()> {
         self.abandon_sets();
+        for m in &self.members {
+            m.drop_link_for_group();
+        }
+        self.link
+            .undrained
+            .store(self.members.len(), Ordering::SeqCst);
         self.link.broken.store(false, Ordering::SeqCst);
         for m in &self.members {
             if let Err(e) = m.connect() {
@@ -108,11 +132,20 @@ impl ConsistencyGroup {
     }
 
     /// Runs every member's resync to its end.
+    /// Runs the members' resyncs together to their common end.
     pub fn resync(&self) -> Result<()> {
-        for m in &self.members {
-            m.resync()?;
+        loop {
+            let mut running = false;
+            for m in &self.members {
+                if m.link_state() == LinkState::Resyncing {
+                    running = true;
+                    m.resync_step(64)?;
+                }
+            }
+            if !running {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Fractures every member.
@@ -127,6 +160,12 @@ impl ConsistencyGroup {
     /// Ends a fracture of every member and brings the links up.
     pub fn resume(&self) -> Result<()> {
         self.abandon_sets();
+        for m in &self.members {
+            m.drop_link_for_group();
+        }
+        self.link
+            .undrained
+            .store(self.members.len(), Ordering::SeqCst);
         self.link.broken.store(false, Ordering::SeqCst);
         for m in &self.members {
             if let Err(e) = m.resume() {

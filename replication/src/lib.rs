@@ -305,6 +305,7 @@ impl PrimaryLun {
                 next_ticket: 0,
                 link_epoch: 0,
                 resync_clock: None,
+                group_drained: false,
             }),
             settled: Default::default(),
         })

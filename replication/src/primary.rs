@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub link_epoch: u64,
     /// When the running resync started copying and the regions it had left then: its pace.
     pub resync_clock: Option<(std::time::Instant, u64)>,
+    /// In a group's resync: this member has copied everything and waits for the others.
+    pub group_drained: bool,
 }
 
 impl PrimaryLun {

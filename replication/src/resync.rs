@@ -151,6 +151,8 @@ impl PrimaryLun {
                 ),
             });
         };
+        // A group member always resyncs on connect: see ConsistencyGroup::connect.
+        let resync = resync || g.group.is_some();
         if resync && take_peer {
             let reply = g.peer.call(&Message::BitmapRequest)?;
             let Message::Bitmap { words } = reply else {
@@ -182,6 +184,7 @@ impl PrimaryLun {
             g.meta.header.resync_total = g.meta.dirty_count();
         }
         g.meta.persist_bitmap()?;
+        g.group_drained = false;
         let regions = g.meta.dirty_count();
         let r = g.peer.call(&Message::ResyncBegin { regions })?;
         expect_ok(&mut *g.peer, r)?;
@@ -271,6 +274,23 @@ impl PrimaryLun {
             g.bytes_resynced += len;
         }
         g.meta.persist_bitmap()?;
+        if g.meta.next_dirty(0).is_none()
+            && let Some(link) = g.group.clone()
+        {
+            // A group's members end their resyncs together (ConsistencyGroup::connect).
+            if link.is_broken() {
+                let why = ReplError::WrongState {
+                    lun: self.name.clone(),
+                    reason: format!("consistency group {} fractured", link.name()),
+                };
+                self.lose_link(&mut g, 0..0, &why)?;
+                return Err(why);
+            }
+            let newly = !std::mem::replace(&mut g.group_drained, true);
+            if !link.drained(newly) {
+                return Ok(progress(&g));
+            }
+        }
         if g.meta.next_dirty(0).is_none() {
             let mut gens = g.meta.header.gens;
             gens.bitmap = 0;
@@ -318,12 +338,30 @@ impl PrimaryLun {
     }
 
     /// Runs the resync to its end.
+    /// Runs the resync to its end; a group member's stops when it has copied everything
+    /// and waits for the others ([`crate::ConsistencyGroup::resync`] runs them together).
     pub fn resync(&self) -> Result<ResyncProgress> {
         loop {
             let p = self.resync_step(STEP_REGIONS)?;
-            if self.link_state() != LinkState::Resyncing {
+            if self.link_state() != LinkState::Resyncing || p.regions_left == 0 {
                 return Ok(p);
             }
+        }
+    }
+
+    /// Before a group reconnects: a member still connected (a broken group is noticed
+    /// at a member's next write) is split now, so none ships a write before all resync.
+    pub(crate) fn drop_link_for_group(&self) {
+        let mut g = self.quiesce(self.lock());
+        if matches!(g.link, LinkState::Connected | LinkState::Resyncing) {
+            let why = ReplError::WrongState {
+                lun: self.name.clone(),
+                reason: "its consistency group reconnects".into(),
+            };
+            if let Err(e) = self.lose_link(&mut g, 0..0, &why) {
+                warn!(lun = %self.name, error = %e, "cannot record the group's reconnect");
+            }
+            g.peer.close();
         }
     }
 
