@@ -84,7 +84,8 @@ site_b() { env -u VAPP_DATASTORE VAPP_STATE_DIR="$PWD/demo/site-b" VAPP_RUNTIME_
 site_a replica delete demo/a.lun >/dev/null 2>&1 || true
 site_b replica delete demo/b.lun >/dev/null 2>&1 || true
 rm -rf demo/a.lun* demo/b.lun* demo/site-a demo/site-b demo/run-a demo/run-b
-truncate -s 128M demo/a.lun demo/b.lun
+truncate -s 256M demo/a.lun demo/b.lun
+head -c 16000000 demo/payload.bin > demo/repl-payload.bin
 head -c 32 /dev/urandom | base64 > demo/repl.secret
 chmod 600 demo/repl.secret
 site_b replica create demo/b.lun --role secondary --listen 127.0.0.1:17788 --peer 127.0.0.1:17789 \
@@ -92,13 +93,23 @@ site_b replica create demo/b.lun --role secondary --listen 127.0.0.1:17788 --pee
 site_a replica create demo/a.lun --role primary --listen 127.0.0.1:17789 --peer 127.0.0.1:17788 \
   --secret-file demo/repl.secret
 site_a datastore format demo/a.lun --name replicated | sed -n 1p
-site_a -d demo/a.lun put demo/payload.bin /payload.bin
+site_a -d demo/a.lun put demo/repl-payload.bin /payload.bin
 for _ in $(seq 100); do
   [ "$(site_a replica status demo/a.lun --json | grep -c '"out_of_sync_bytes": 0')" = 1 ] && break
   sleep 0.1
 done
 site_a replica status
 site_b replica status
+echo "fractured, a write at the primary is tracked; resume copies only what changed:"
+site_a replica fracture demo/a.lun
+site_a -d demo/a.lun mkdir /written-while-fractured
+site_a replica status demo/a.lun
+site_a replica resume demo/a.lun
+for _ in $(seq 100); do
+  [ "$(site_a replica status demo/a.lun --json | grep -c '"out_of_sync_bytes": 0')" = 1 ] && break
+  sleep 0.1
+done
+site_a replica status demo/a.lun --json | grep -E '"(link|bytes_resynced)"'
 cmp demo/a.lun demo/b.lun && echo "the replica equals the primary, byte for byte"
 site_b -d demo/b.lun mkdir /not-here 2>&1 | sed 's/^/refused on the secondary: /' || true
 site_a replica delete demo/a.lun
