@@ -129,17 +129,9 @@ impl Secondary {
     /// A group's set that ended here but was never committed is undone: the replica
     /// returns to its gold copy, the group's last committed set.
     fn roll_back_ended(&self, g: &mut Inner) -> Result<()> {
-        if g.meta.flags() & FLAG_ENDED == 0 {
+        if !back_to_gold(g, FLAG_ENDED)? {
             return Ok(());
         }
-        if let Some(s) = &g.snaps
-            && has_session(s, GOLD_SNAPSHOT)
-        {
-            s.rollback(GOLD_SNAPSHOT)?;
-            s.wait_rollback()?;
-        }
-        g.meta.set_flag(FLAG_ENDED, false);
-        g.meta.write_header()?;
         warn!(replica = %self.name, delta = g.meta.header.ended_id, kept = g.meta.header.delta_id, "uncommitted group delta set rolled back to the gold copy");
         Ok(())
     }
@@ -171,17 +163,9 @@ impl Secondary {
     /// A delta set cut short (link lost, crash) is undone: the replica returns to its
     /// gold copy, the last set applied whole.
     fn roll_back_partial_delta(&self, g: &mut Inner) -> Result<()> {
-        if g.meta.flags() & FLAG_APPLYING == 0 {
+        if !back_to_gold(g, FLAG_APPLYING)? {
             return Ok(());
         }
-        if let Some(s) = &g.snaps
-            && has_session(s, GOLD_SNAPSHOT)
-        {
-            s.rollback(GOLD_SNAPSHOT)?;
-            s.wait_rollback()?;
-        }
-        g.meta.set_flag(FLAG_APPLYING, false);
-        g.meta.write_header()?;
         warn!(replica = %self.name, delta = g.meta.header.delta_id, "partial delta set rolled back to the gold copy");
         Ok(())
     }
@@ -650,6 +634,23 @@ impl Secondary {
 
 fn has_session(s: &Snapshots, name: &str) -> bool {
     s.list().iter().any(|x| x.name == name)
+}
+
+/// While `flag` says a set is applied but not committed, the replica returns to its gold
+/// copy and the flag is cleared; false when there was nothing to undo.
+fn back_to_gold(g: &mut Inner, flag: u32) -> Result<bool> {
+    if g.meta.flags() & flag == 0 {
+        return Ok(false);
+    }
+    if let Some(s) = &g.snaps
+        && has_session(s, GOLD_SNAPSHOT)
+    {
+        s.rollback(GOLD_SNAPSHOT)?;
+        s.wait_rollback()?;
+    }
+    g.meta.set_flag(flag, false);
+    g.meta.write_header()?;
+    Ok(true)
 }
 
 fn drop_gold(g: &Inner) -> Result<()> {
