@@ -257,14 +257,7 @@ impl Agent {
     }
 
     fn event(&self, kind: &str, vm: Option<&str>, host: Option<&str>, detail: String) {
-        tracing::info!(kind, vm, host, %detail, "host agent event");
-        lock(&self.events).push(Event {
-            time_ns: now_ns(),
-            kind: kind.to_string(),
-            vm: vm.map(str::to_string),
-            host: host.map(str::to_string),
-            detail,
-        });
+        drop_event_raw(&self.events, kind, vm, host, detail);
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -778,7 +771,7 @@ fn drop_event(
     );
 }
 
-/// Records an event while the caller holds another lock of the agent's.
+/// Records an event (also while the caller holds another lock of the agent's) and logs it.
 fn drop_event_raw(
     events: &Mutex<Vec<Event>>,
     kind: &str,
@@ -786,7 +779,15 @@ fn drop_event_raw(
     host: Option<&str>,
     detail: String,
 ) {
-    tracing::info!(kind, vm, host, %detail, "host agent event");
+    // What an operator must look into is a warning: the default log level shows it.
+    if matches!(
+        kind,
+        "host-dead" | "vm-crashed" | "vm-failed" | "restart-lost"
+    ) {
+        tracing::warn!(kind, vm, host, %detail, "host agent event");
+    } else {
+        tracing::info!(kind, vm, host, %detail, "host agent event");
+    }
     lock(events).push(Event {
         time_ns: now_ns(),
         kind: kind.to_string(),
