@@ -1,14 +1,40 @@
-//! `vapp host ...`: what this host offers for running VMs.
+//! `vapp host ...`: what this host offers for running VMs, and its agent (the `host` crate):
+//! `host run` runs it in the foreground, `host events` asks it what it did.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 
 #[derive(Subcommand)]
 pub enum HostCommand {
     /// KVM API version, backend (hardware VMX/SVM or PVM), vCPU limits, host CPUs and memory.
     Info(InfoArgs),
+    /// Run this host's agent in the foreground until SIGTERM: it joins the datastore, runs
+    /// VMs started through it, restarts a dead host's protected VMs, and serves its API on
+    /// <runtime_dir>/agent.sock.
+    Run(RunArgs),
+    /// What the local agent did and why: hosts declared dead, VMs restarted, failures.
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The agent's configuration (TOML: name, datastores, runtime_dir).
+    #[arg(long, default_value = "/etc/vapp/host.toml")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -21,7 +47,71 @@ pub struct InfoArgs {
 pub fn run(command: HostCommand) -> anyhow::Result<ExitCode> {
     match command {
         HostCommand::Info(args) => info(args),
+        HostCommand::Run(args) => run_agent(args),
+        HostCommand::Events(args) => events(args),
     }
+}
+
+/// The local agent's socket: in the runtime directory (`VAPP_RUNTIME_DIR`), which is the
+/// agent's `runtime_dir`.
+pub fn agent_socket() -> PathBuf {
+    super::vm::runtime::runtime_root().join(host::SOCKET_NAME)
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread exists, so only the signal thread below takes these.
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        signals.add(signal);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
+    let config = host::Config::load(&args.config)?;
+    let lun = super::datastore::open_lun(&config.datastores[0], false)?;
+    let exe = std::env::current_exe().context("finding the vapp binary")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                tracing::info!(%signal, "stopping the host agent");
+            }
+            flag.store(true, Ordering::SeqCst);
+        })
+        .context("starting the signal thread")?;
+    let agent = Arc::new(host::Agent::new(config, exe, lun, stop)?);
+    agent.run()?;
+    match Arc::try_unwrap(agent) {
+        Ok(agent) => agent.close()?,
+        Err(_) => bail!("the host agent's API still had requests in flight at exit"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let socket = agent_socket();
+    let (status, body) = host::client::request(&socket, "GET", "/events", Duration::from_secs(10))?;
+    if status != 200 {
+        bail!("host agent at {}: {status} {body}", socket.display());
+    }
+    let events: Vec<host::Event> =
+        serde_json::from_value(body).context("the agent's events are not as expected")?;
+    if args.json {
+        crate::outln!("{}", serde_json::to_string_pretty(&events)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in events {
+        let secs = e.time_ns / 1_000_000_000;
+        let millis = e.time_ns % 1_000_000_000 / 1_000_000;
+        crate::outln!(
+            "{secs}.{millis:03} {:<14} {:<10} {:<20} {}",
+            e.kind,
+            e.host.as_deref().unwrap_or("-"),
+            e.vm.as_deref().unwrap_or("-"),
+            e.detail
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {

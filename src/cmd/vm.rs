@@ -80,6 +80,19 @@ pub struct CreateArgs {
     /// Display name (default: the folder's name).
     #[arg(long)]
     name: Option<String>,
+    /// Protect the VM: the host agents restart it, with this priority, when its host dies
+    /// or it crashes (`[ha]` in vm.toml).
+    #[arg(long, value_name = "PRIORITY", value_parser = parse_priority)]
+    ha: Option<host::Priority>,
+}
+
+fn parse_priority(text: &str) -> Result<host::Priority, String> {
+    match text {
+        "high" => Ok(host::Priority::High),
+        "medium" => Ok(host::Priority::Medium),
+        "low" => Ok(host::Priority::Low),
+        _ => Err(format!("{text:?}: high, medium or low")),
+    }
 }
 
 #[derive(Args)]
@@ -95,6 +108,10 @@ pub struct StartArgs {
     /// The KVM device.
     #[arg(long, env = "VAPP_KVM_DEVICE", default_value = "/dev/kvm")]
     kvm: PathBuf,
+    /// Run the VM in this process even when this host's agent runs (`vapp host run`);
+    /// without it, the agent runs the VM and this command returns once the VM runs.
+    #[arg(long)]
+    foreground: bool,
 }
 
 #[derive(Args)]
@@ -137,6 +154,10 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
         VmCommand::Start(args) => {
             let datastore = super::require_datastore(datastore)?;
             let folder = folder_path(&args.path)?;
+            let socket = super::host::agent_socket();
+            if !args.foreground && !args.console && args.console_log.is_none() && socket.exists() {
+                return start_through_agent(&socket, &folder);
+            }
             run::start(
                 datastore,
                 &folder,
@@ -158,6 +179,26 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Asks the local agent to run the VM; it answers once the VM's runner holds its lock.
+fn start_through_agent(socket: &std::path::Path, folder: &str) -> anyhow::Result<ExitCode> {
+    let (status, body) = host::client::request(
+        socket,
+        "POST",
+        &format!("/vms{folder}/start"),
+        Duration::from_secs(600),
+    )?;
+    if status != 200 {
+        let message = body["error"].as_str().unwrap_or("no reason given");
+        bail!("{message}");
+    }
+    crate::outln!(
+        "vm {folder}: running on host {} (pid {}), through the host agent",
+        body["host"].as_str().unwrap_or("?"),
+        body["pid"]
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The VM folder as an absolute datastore path without a trailing slash.
@@ -265,6 +306,10 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         initrd: initrd.as_ref().map(|_| spec::INITRD_FILE.to_string()),
         cmdline: args.cmdline,
         on_reset: args.on_reset,
+        ha: args.ha.map(|priority| host::Ha {
+            restart: true,
+            priority,
+        }),
         disks: new_disks
             .iter()
             .enumerate()

@@ -34,6 +34,9 @@ pub struct VmSpec {
     pub on_reset: OnReset,
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// High availability: restarted by the host agents when its host dies or it crashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<host::Ha>,
 }
 
 /// What a guest-initiated reset does (libvirt's `on_reboot`).
@@ -156,6 +159,7 @@ mod tests {
             initrd: Some(INITRD_FILE.into()),
             cmdline: DEFAULT_CMDLINE.into(),
             on_reset: OnReset::PowerOff,
+            ha: None,
             disks: vec![
                 DiskSpec {
                     path: "disk0.vdisk".into(),

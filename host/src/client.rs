@@ -1,0 +1,45 @@
+//! The CLI's side of the agent's API: one request per connection over the Unix socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Sends `method path` to the agent at `socket`; returns the status and the JSON body.
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value)> {
+    let what = || format!("host agent at {}", socket.display());
+    let mut stream = UnixStream::connect(socket).map_err(crate::io(what()))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(crate::io(what()))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(crate::io(what()))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(crate::io(what()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::Api(format!("{}: an answer without headers", what())))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| Error::Api(format!("{}: no status in {head:?}", what())))?;
+    let value = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body)
+            .map_err(|e| Error::Api(format!("{}: answer is not JSON: {e}", what())))?
+    };
+    Ok((status, value))
+}

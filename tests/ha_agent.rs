@@ -1,0 +1,579 @@
+//! `vapp host run`: host agents as real processes with separate host identities on one
+//! datastore file, running protected test-guest VMs. One agent and its VMs are killed with
+//! -9; a survivor restarts the protected ones within the dead-host time plus a boot, never
+//! two runners of one VM at a time, with the guest's disk a consistent prefix of its write
+//! sequence; an unprotected VM stays down; a VM that cannot boot is retried a bounded number
+//! of times. The API refuses malformed requests with 400 and other users by socket mode.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hv::test_guest::counter_prefix;
+
+const IO_TIMEOUT_MS: u64 = 250;
+/// The cluster's dead-host time at that I/O timeout (8x, vmfs::cluster::Timing).
+const DEAD_AFTER: Duration = Duration::from_millis(8 * IO_TIMEOUT_MS);
+/// Longest a test guest may take to boot: its kernel code is emulated on PVM hosts.
+const BOOT: Duration = Duration::from_secs(60);
+const SECTORS: u64 = 8;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    ds: String,
+    guest: PathBuf,
+}
+
+struct Agent {
+    name: String,
+    runtime: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Runners this agent started, should the test have failed with them alive.
+        for pid in runners(&self.runtime.to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn uuid_of(name: &str) -> String {
+    let n = name.bytes().last().unwrap();
+    format!("{n:02x}{n:02x}{n:02x}{n:02x}-0000-4000-8000-0000000000{n:02x}")
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        // Only the socket's own mode keeps other users out (see the API test).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ds = dir.path().join("ds.vmfs").to_str().unwrap().to_string();
+        let guest = dir.path().join("testguest.elf");
+        let cluster = Cluster { dir, ds, guest };
+        cluster.ok(
+            "esx-a",
+            &[
+                "datastore",
+                "format",
+                &cluster.ds,
+                "--name",
+                "ha",
+                "--size",
+                "1G",
+                "--io-timeout",
+                &format!("{IO_TIMEOUT_MS}ms"),
+            ],
+        );
+        cluster.ok(
+            "esx-a",
+            &["vm", "test-guest", cluster.guest.to_str().unwrap()],
+        );
+        cluster
+    }
+
+    fn runtime(&self, host: &str) -> PathBuf {
+        self.dir.path().join(format!("run-{host}"))
+    }
+
+    fn command(&self, host: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vapp"));
+        command
+            .arg("-d")
+            .arg(&self.ds)
+            .args(args)
+            .env_remove("VAPP_DATASTORE")
+            .env_remove("VAPP_KVM_DEVICE")
+            .env("VAPP_HOST_NAME", host)
+            .env("VAPP_HOST_UUID", uuid_of(host))
+            .env("VAPP_RUNTIME_DIR", self.runtime(host))
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, host: &str, args: &[&str]) -> Output {
+        self.command(host, args).output().unwrap()
+    }
+
+    fn ok(&self, host: &str, args: &[&str]) -> String {
+        let out = self.run(host, args);
+        assert!(
+            out.status.success(),
+            "vapp {args:?} as {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn create_vm(&self, path: &str, cmdline: &str, ha: Option<&str>) {
+        let mut args = vec![
+            "vm",
+            "create",
+            path,
+            "--kernel",
+            self.guest.to_str().unwrap(),
+            "--vcpus",
+            "1",
+            "--memory",
+            "64M",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            "1M",
+        ];
+        if let Some(priority) = ha {
+            args.extend(["--ha", priority]);
+        }
+        self.ok("esx-a", &args);
+    }
+
+    fn agent(&self, name: &str) -> Agent {
+        let runtime = self.runtime(name);
+        std::fs::create_dir_all(&runtime).unwrap();
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "name = {name:?}\ndatastores = [{:?}]\nruntime_dir = {:?}\n",
+                self.ds,
+                runtime.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = self
+            .command(name, &["--log", "info", "host", "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = runtime.join("agent.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "agent {name} never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent {
+            name: name.to_string(),
+            runtime,
+            child: Some(child),
+        }
+    }
+
+    /// `vm list --json`: each VM's state and host.
+    fn placements(&self) -> HashMap<String, (String, Option<String>)> {
+        let out = self.ok("esx-a", &["vm", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| {
+                (
+                    vm["path"].as_str().unwrap().to_string(),
+                    (
+                        vm["state"].as_str().unwrap().to_string(),
+                        vm["host"].as_str().map(str::to_string),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn events(&self, agent: &Agent) -> Vec<serde_json::Value> {
+        let out = self.ok(&agent.name, &["host", "events", "--json"]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    }
+
+    /// The first `SECTORS` sectors of a VM's disk, read through vmfs.
+    fn disk(&self, vm: &str) -> Vec<u8> {
+        let lun = lun::open(
+            &self.ds,
+            &lun::OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_only()).unwrap();
+        let ino = ds.resolve(&format!("{vm}/disk0.vdisk")).unwrap();
+        let mut buf = vec![0u8; SECTORS as usize * 512];
+        let n = ds.read(ino, 0, &mut buf).unwrap();
+        assert_eq!(n, buf.len());
+        buf
+    }
+}
+
+/// Pids of the VM runners (`vm start --foreground`) whose command line mentions `needle`.
+fn runners(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("vm start --foreground") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The process holds a KVM VM (an `anon_inode:kvm-vm` descriptor): it runs a guest.
+fn runs_a_guest(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| target.to_string_lossy() == "anon_inode:kvm-vm")
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn console(agent: &Agent, vm: &str) -> String {
+    let name = vm.trim_start_matches('/').replace('/', "_");
+    std::fs::read_to_string(agent.runtime.join("vms").join(format!("{name}.console")))
+        .unwrap_or_default()
+}
+
+fn kind_count(events: &[serde_json::Value], kind: &str, vm: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind && e["vm"] == vm)
+        .count()
+}
+
+/// Stops a runner as `vm stop --force` would: a second signal powers the guest off.
+fn power_off(pid: i32) {
+    for _ in 0..2 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop_agent(mut agent: Agent) {
+    let mut child = agent.child.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "agent {} exited {status}", agent.name);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent {} ignored SIGTERM",
+            agent.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_cannot_boot() {
+    if !lun::prereq::require(
+        lun::prereq::is_root(),
+        "root (VM runners, /proc of all users)",
+    ) || !lun::prereq::require(
+        lun::prereq::have_device("/dev/kvm"),
+        "/dev/kvm (read-write) for booting guests",
+    ) {
+        return;
+    }
+    let cluster = Cluster::new();
+    let counter = format!("mode=counter counter_sectors={SECTORS}");
+    cluster.create_vm("/vms/db", &counter, Some("high"));
+    cluster.create_vm("/vms/web", &counter, Some("low"));
+    cluster.create_vm("/vms/plain", &counter, None);
+    cluster.create_vm("/vms/broken", &counter, Some("medium"));
+
+    let a = cluster.agent("esx-a");
+    let b = cluster.agent("esx-b");
+    let c = cluster.agent("esx-c");
+    let vms = ["/vms/db", "/vms/web", "/vms/plain", "/vms/broken"];
+    for vm in vms {
+        // Through esx-a's agent: `vm start` returns once the VM runs there.
+        let out = cluster.ok("esx-a", &["vm", "start", vm]);
+        assert!(
+            out.contains(&format!("vm {vm}: running on host esx-a")),
+            "{out}"
+        );
+    }
+    for vm in vms {
+        wait_for(&format!("{vm} counting on esx-a"), BOOT, || {
+            console(&a, vm).contains("counter: 256")
+        });
+    }
+    let placed = cluster.placements();
+    for vm in vms {
+        assert_eq!(placed[vm], ("running".into(), Some("esx-a".into())), "{vm}");
+    }
+    // /vms/broken cannot boot anywhere else: its kernel is replaced while it runs.
+    cluster.ok("esx-a", &["rm", "/vms/broken/kernel"]);
+    let junk = cluster.dir.path().join("junk");
+    std::fs::write(&junk, vec![0x5a; 4096]).unwrap();
+    cluster.ok(
+        "esx-a",
+        &["put", junk.to_str().unwrap(), "/vms/broken/kernel"],
+    );
+
+    // Never two processes running one VM's guest (holding a KVM VM), sampled all along. A
+    // losing survivor's runner may wait for the VM's lock meanwhile: it runs no guest.
+    let watching = Arc::new(AtomicBool::new(true));
+    let worst = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (watching, worst) = (watching.clone(), worst.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::SeqCst) {
+                for vm in vms {
+                    let n = runners(&format!("--foreground {vm} "))
+                        .into_iter()
+                        .filter(|&pid| runs_a_guest(pid))
+                        .count();
+                    worst.fetch_max(n, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // esx-a dies: its agent and every VM runner it started, with -9.
+    let mut a = a;
+    let mut agent_a = a.child.take().unwrap();
+    let killed_at = Instant::now();
+    agent_a.kill().unwrap();
+    for pid in runners(&a.runtime.to_string_lossy()) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    agent_a.wait().unwrap();
+
+    let mut restarted = HashMap::new();
+    wait_for(
+        "db and web running on a survivor",
+        DEAD_AFTER * 4 + BOOT,
+        || {
+            let placed = cluster.placements();
+            for vm in ["/vms/db", "/vms/web"] {
+                if let (state, Some(host)) = &placed[vm] {
+                    if state == "running" && host != "esx-a" {
+                        restarted
+                            .entry(vm)
+                            .or_insert((host.clone(), killed_at.elapsed()));
+                    }
+                }
+            }
+            restarted.len() == 2
+        },
+    );
+    for (vm, (host, after)) in &restarted {
+        eprintln!(
+            "{vm} runs on {host} {:.2} s after esx-a was killed ({:.2}x the dead-host time)",
+            after.as_secs_f64(),
+            after.as_secs_f64() / DEAD_AFTER.as_secs_f64()
+        );
+    }
+    // The guests count again on their new hosts.
+    for (vm, (host, _)) in &restarted {
+        let agent = if host == "esx-b" { &b } else { &c };
+        wait_for(&format!("{vm} counting on {host}"), BOOT, || {
+            console(agent, vm).contains("counter: 256")
+        });
+    }
+
+    // The VM that cannot boot is tried a bounded number of times (3 per agent), then left.
+    wait_for("/vms/broken given up", DEAD_AFTER * 4 + BOOT, || {
+        [&b, &c]
+            .iter()
+            .any(|agent| kind_count(&cluster.events(agent), "vm-failed", "/vms/broken") > 0)
+    });
+    let attempts = || {
+        [&b, &c]
+            .iter()
+            .map(|agent| {
+                let events = cluster.events(agent);
+                kind_count(&events, "vm-crashed", "/vms/broken")
+                    + kind_count(&events, "vm-failed", "/vms/broken")
+            })
+            .sum::<usize>()
+    };
+    let settled = attempts();
+    std::thread::sleep(Duration::from_secs(10));
+    let later = attempts();
+    assert!(
+        later == settled || later <= 6,
+        "/vms/broken retried without end: {settled} then {later} attempts"
+    );
+    assert!(later <= 6, "{later} attempts for /vms/broken");
+    let placed = cluster.placements();
+    assert_eq!(placed["/vms/broken"].0, "stopped", "{placed:?}");
+    // An unprotected VM stays down.
+    assert_eq!(placed["/vms/plain"].0, "stopped", "{placed:?}");
+
+    watching.store(false, Ordering::SeqCst);
+    sampler.join().unwrap();
+    assert_eq!(
+        worst.load(Ordering::SeqCst),
+        1,
+        "two runners of one VM at once"
+    );
+
+    // Power the restarted guests off, and their disks hold one consistent counter sequence:
+    // one writer at a time, nothing torn.
+    for vm in ["/vms/db", "/vms/web"] {
+        for pid in runners(&format!("--foreground {vm} ")) {
+            power_off(pid);
+        }
+    }
+    wait_for(
+        "the restarted runners gone",
+        Duration::from_secs(30),
+        || runners("--foreground /vms/").is_empty(),
+    );
+    for vm in ["/vms/db", "/vms/web"] {
+        let writes =
+            counter_prefix(&[cluster.disk(vm)], SECTORS).unwrap_or_else(|e| panic!("{vm}: {e}"));
+        assert!(writes >= 256, "{vm}: {writes} writes");
+    }
+    let events = cluster.events(&b);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "host-dead" && e["host"] == "esx-a"),
+        "{events:?}"
+    );
+    stop_agent(b);
+    stop_agent(c);
+    let fsck = Command::new(env!("CARGO_BIN_EXE_vapp"))
+        .args(["datastore", "fsck", &cluster.ds])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// Sends raw bytes to the agent's socket; the status code and body of the answer.
+fn raw(socket: &Path, request: &[u8]) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.write_all(request).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn post(path: &str) -> Vec<u8> {
+    format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+#[test]
+fn the_api_refuses_malformed_requests_and_other_users() {
+    if !lun::prereq::require(
+        lun::prereq::is_root(),
+        "root (to try the socket as another user)",
+    ) {
+        return;
+    }
+    let cluster = Cluster::new();
+    let a = cluster.agent("esx-a");
+    let socket = a.runtime.join("agent.sock");
+    std::fs::set_permissions(&a.runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let (status, body) = raw(&socket, &post("/vms/start"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("expected /vms/<folder>/start"), "{body}");
+    let (status, body) = raw(&socket, &post("/vms/../etc/start"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a VM folder"), "{body}");
+    let (status, body) = raw(&socket, &post("/vms/vms/x/reboot-now"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown action"), "{body}");
+    let (status, body) = raw(
+        &socket,
+        b"GET /vms/vms/x/start HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = raw(&socket, &post("/vms/nowhere/start"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("/nowhere: no VM here"), "{body}");
+    let (status, _) = raw(&socket, b"this is not HTTP\r\n\r\n");
+    assert_eq!(status, 400);
+    // Nothing was started by any of it.
+    let (status, body) = raw(
+        &socket,
+        b"GET /vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((status, body.trim()), (200, "[]"));
+
+    // Another user cannot even connect.
+    let out = cluster
+        .command("esx-a", &["host", "events"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    stop_agent(a);
+}
