@@ -381,10 +381,16 @@ impl Agent {
                 Ok(pid)
             }
             Err(status) => {
+                // The runner's error is its last line; the log lines before it are in the file.
                 let message = tail(&stderr_path, offset);
+                let reason = message
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("no message");
                 Err(Error::Api(format!(
                     "vm {folder} did not start ({status}): {}",
-                    message.trim()
+                    reason.trim().trim_start_matches("vapp: ")
                 )))
             }
         }
