@@ -168,35 +168,37 @@ impl Pair {
 
     /// `replica create` on both sites: b the secondary first, then a the primary.
     fn create(&self) {
+        for (site, primary) in [(&self.b, false), (&self.a, true)] {
+            let out = site.ok(&refs(&self.create_args(primary, &[])));
+            assert_eq!(out.lines().count(), 1, "one line: {out}");
+        }
+    }
+
+    /// `replica create` of site a (`primary`) or b, with `extra` flags.
+    fn create_args(&self, primary: bool, extra: &[&str]) -> Vec<String> {
         let (a, b) = (Pair::addr(self.port_a), Pair::addr(self.port_b));
-        let out = self.b.ok(&[
+        let (lun, role, listen, peer) = if primary {
+            (&self.lun_a, "primary", a, b)
+        } else {
+            (&self.lun_b, "secondary", b, a)
+        };
+        let mut args: Vec<String> = [
             "replica",
             "create",
-            &self.lun_b,
+            lun,
             "--role",
-            "secondary",
+            role,
             "--listen",
-            &b,
+            &listen,
             "--peer",
-            &a,
+            &peer,
             "--secret-file",
             &self.secret,
-        ]);
-        assert_eq!(out.lines().count(), 1, "one line: {out}");
-        let out = self.a.ok(&[
-            "replica",
-            "create",
-            &self.lun_a,
-            "--role",
-            "primary",
-            "--listen",
-            &a,
-            "--peer",
-            &b,
-            "--secret-file",
-            &self.secret,
-        ]);
-        assert_eq!(out.lines().count(), 1, "one line: {out}");
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 
     /// Waits until the primary (a) has nothing left to send.
@@ -887,59 +889,15 @@ fn sites_with_different_secrets_never_replicate_and_say_why() {
 fn a_bandwidth_limit_paces_the_initial_sync() {
     let p = Pair::new();
     let data = random_file(&p.path("data.bin"), 2 << 20);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&p.lun_a)
-            .unwrap();
-        f.write_all_at(&data, 1 << 20).unwrap();
-    }
-    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
-    p.b.ok(&[
-        "replica",
-        "create",
-        &p.lun_b,
-        "--role",
-        "secondary",
-        "--listen",
-        &b,
-        "--peer",
-        &a,
-        "--secret-file",
-        &p.secret,
-    ]);
-    let create_a = |limit: &str| {
-        p.a.vapp(&[
-            "replica",
-            "create",
-            &p.lun_a,
-            "--role",
-            "primary",
-            "--listen",
-            &a,
-            "--peer",
-            &b,
-            "--secret-file",
-            &p.secret,
-            "--bandwidth-limit",
-            limit,
-        ])
-    };
-    let refused = create_a("0");
+    write_at(&p.lun_a, &data, 1 << 20);
+    p.b.ok(&refs(&p.create_args(false, &[])));
+    let refused =
+        p.a.vapp(&refs(&p.create_args(true, &["--bandwidth-limit", "0"])));
     assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--bandwidth-limit 0"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--bandwidth-limit 0"), "{err}");
     let started = Instant::now();
-    let out = create_a("1M");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    p.a.ok(&refs(&p.create_args(true, &["--bandwidth-limit", "1M"])));
     let status = p.in_sync();
     let took = started.elapsed();
     assert_eq!(status["bandwidth_limit"], 1 << 20, "{status}");
@@ -955,43 +913,25 @@ fn a_bandwidth_limit_paces_the_initial_sync() {
 fn skip_matching_seeds_a_replica_from_a_copy_without_sending_it_again() {
     let p = Pair::new();
     let data = random_file(&p.path("data.bin"), 2 << 20);
-    for lun in [&p.lun_a, &p.lun_b] {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(lun).unwrap();
-        f.write_all_at(&data, 3 << 20).unwrap();
-    }
-    let (a, b) = (Pair::addr(p.port_a), Pair::addr(p.port_b));
-    p.b.ok(&[
-        "replica",
-        "create",
-        &p.lun_b,
-        "--role",
-        "secondary",
-        "--listen",
-        &b,
-        "--peer",
-        &a,
-        "--secret-file",
-        &p.secret,
-    ]);
-    p.a.ok(&[
-        "replica",
-        "create",
-        &p.lun_a,
-        "--role",
-        "primary",
-        "--listen",
-        &a,
-        "--peer",
-        &b,
-        "--secret-file",
-        &p.secret,
-        "--skip-matching",
-    ]);
+    write_at(&p.lun_a, &data, 3 << 20);
+    write_at(&p.lun_b, &data, 3 << 20);
+    p.b.ok(&refs(&p.create_args(false, &[])));
+    p.a.ok(&refs(&p.create_args(true, &["--skip-matching"])));
     let status = p.in_sync();
     assert_eq!(
         status["bytes_resynced"], 0,
         "the seeded copy matched: {status}"
     );
     assert!(same_bytes(&p.lun_a, &p.lun_b));
+}
+
+/// Writes `data` into the file `lun` at `offset`, before any replication.
+fn write_at(lun: &str, data: &[u8], offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(lun).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
