@@ -113,6 +113,14 @@ impl ConsistencyGroup {
     /// shipped, so the group's replicas hold one point in time whenever the link fails
     /// again, however partly the group was reconnected.
     pub fn connect(&self) -> Result<()> {
+        self.rejoin(PrimaryLun::connect)?;
+        info!(group = %self.link.name, members = self.members.len(), "consistency group connected");
+        Ok(())
+    }
+
+    /// Splits every member still connected, arms the common end of the resyncs, and
+    /// brings each member back with `join`; the first failure breaks the group again.
+    fn rejoin(&self, join: impl Fn(&PrimaryLun) -> Result<LinkState>) -> Result<()> {
         self.abandon_sets();
         for m in &self.members {
             m.drop_link_for_group();
@@ -122,16 +130,14 @@ impl ConsistencyGroup {
             .store(self.members.len(), Ordering::SeqCst);
         self.link.broken.store(false, Ordering::SeqCst);
         for m in &self.members {
-            if let Err(e) = m.connect() {
+            if let Err(e) = join(m) {
                 self.link.break_all();
                 return Err(e);
             }
         }
-        info!(group = %self.link.name, members = self.members.len(), "consistency group connected");
         Ok(())
     }
 
-    /// Runs every member's resync to its end.
     /// Runs the members' resyncs together to their common end.
     pub fn resync(&self) -> Result<()> {
         loop {
@@ -139,7 +145,7 @@ impl ConsistencyGroup {
             for m in &self.members {
                 if m.link_state() == LinkState::Resyncing {
                     running = true;
-                    m.resync_step(64)?;
+                    m.resync_step(crate::resync::STEP_REGIONS)?;
                 }
             }
             if !running {
@@ -159,21 +165,7 @@ impl ConsistencyGroup {
 
     /// Ends a fracture of every member and brings the links up.
     pub fn resume(&self) -> Result<()> {
-        self.abandon_sets();
-        for m in &self.members {
-            m.drop_link_for_group();
-        }
-        self.link
-            .undrained
-            .store(self.members.len(), Ordering::SeqCst);
-        self.link.broken.store(false, Ordering::SeqCst);
-        for m in &self.members {
-            if let Err(e) = m.resume() {
-                self.link.break_all();
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.rejoin(PrimaryLun::resume)
     }
 
     /// Cuts a delta set on every member at one point: all writers are held off while

@@ -15,7 +15,7 @@ use crate::wire::{Message, SideInfo};
 use crate::{LinkState, ResyncProgress};
 
 /// Regions copied between two persists of the bitmap.
-const STEP_REGIONS: u64 = 64;
+pub(crate) const STEP_REGIONS: u64 = 64;
 /// Dirty regions one hole message may cover: 256 MiB of 64 KiB regions.
 const HOLE_RUN: u64 = 4096;
 

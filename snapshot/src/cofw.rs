@@ -68,16 +68,7 @@ impl Engine {
     pub fn write_source(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
         let cs = self.chunk_size();
-        for p in pieces(offset, buf.len() as u64, cs) {
-            let mut st = lock(&self.state);
-            if st.header.rollback.is_some() {
-                self.restore_before_write(&mut st, p.chunk)?;
-            }
-            if st.needs_copy(p.chunk) {
-                self.preserve(&mut st, p.chunk)?;
-            }
-            st.speculative.remove(&p.chunk);
-        }
+        self.prepare_to_write(offset, buf.len() as u64)?;
         // Clones: the chunks are logged before either side changes, then the write is
         // mirrored to every clone that follows the source.
         let mirrors = {
@@ -105,22 +96,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Zeroes a range of the source through the engine: chunks are preserved first as for
-    /// a write, then the source deallocates the range (a thin source stays thin). Clones
-    /// follow the source byte for byte, so with clones the zeroes are written as data.
-    pub fn write_zeroes_source(&self, offset: u64, len: u64) -> Result<()> {
-        if !lock(&self.state).header.clones.is_empty() {
-            const PIECE: u64 = 1 << 20;
-            let zeroes = vec![0u8; PIECE.min(len) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = PIECE.min(len - done) as usize;
-                self.write_source(&zeroes[..n], offset + done)?;
-                done += n as u64;
-            }
-            return Ok(());
-        }
-        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+    /// Makes the chunks of a source range ready to be overwritten: restored first during
+    /// a rollback, preserved for the sessions that still need them. The caller holds the
+    /// gate.
+    fn prepare_to_write(&self, offset: u64, len: u64) -> Result<()> {
         let cs = self.chunk_size();
         for p in pieces(offset, len, cs) {
             let mut st = lock(&self.state);
@@ -132,11 +111,29 @@ impl Engine {
             }
             st.speculative.remove(&p.chunk);
         }
-        if !lock(&self.state).header.clones.is_empty() {
-            drop(_gate);
-            return self.write_zeroes_source(offset, len);
+        Ok(())
+    }
+
+    /// Zeroes a range of the source through the engine: chunks are prepared as for a
+    /// write, then the source deallocates the range (a thin source stays thin). Clones
+    /// follow the source byte for byte, so with clones the zeroes are written as data.
+    pub fn write_zeroes_source(&self, offset: u64, len: u64) -> Result<()> {
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        if lock(&self.state).header.clones.is_empty() {
+            self.prepare_to_write(offset, len)?;
+            self.source.write_zeroes(offset, len)?;
+            return Ok(());
         }
-        self.source.write_zeroes(offset, len)?;
+        // Each write takes the gate itself.
+        drop(gate);
+        const PIECE: u64 = 1 << 20;
+        let zeroes = vec![0u8; PIECE.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = PIECE.min(len - done) as usize;
+            self.write_source(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
         Ok(())
     }
 
