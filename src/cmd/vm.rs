@@ -8,8 +8,8 @@
 //!   one running on another host through the lock on its `vm.toml`, which names the holder.
 
 mod run;
-pub(crate) mod runtime;
-mod spec;
+
+pub(crate) use host::vm::{runtime, spec};
 
 use std::ffi::OsStr;
 use std::io::Write;
@@ -525,7 +525,9 @@ fn stop(datastore: &str, args: StopArgs) -> anyhow::Result<ExitCode> {
     match asked {
         Ok(reply) if !reply.ok && !ended()? => bail!("vm {folder}: {}", reply.message),
         Err(error) if !ended()? => {
-            return Err(error.context(format!("vm {folder}: asking it to shut down")));
+            return Err(
+                anyhow::Error::new(error).context(format!("vm {folder}: asking it to shut down"))
+            );
         }
         _ => {}
     }

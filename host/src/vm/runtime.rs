@@ -18,10 +18,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+
+use super::{Context, Result, bail};
 
 pub const RUNTIME_DIR_ENV: &str = "VAPP_RUNTIME_DIR";
 /// Longest a control request may take; the VM process answers at once.
@@ -120,7 +121,7 @@ impl Registry {
     }
 
     /// Claims `record.vm` for this process, or returns who runs it here.
-    pub fn claim(&self, record: &Record) -> anyhow::Result<Result<Claim, Presence>> {
+    pub fn claim(&self, record: &Record) -> Result<Result<Claim, Presence>> {
         let lock_path = self.lock_path(&record.vm);
         // The previous holder unlinks the file on exit: retry until the file we locked is the
         // one at the path.
@@ -198,7 +199,7 @@ impl Registry {
     }
 
     /// Whether `vm` runs on this host, and the record of the process that runs it.
-    pub fn presence(&self, vm: &str) -> anyhow::Result<Presence> {
+    pub fn presence(&self, vm: &str) -> Result<Presence> {
         let lock_path = self.lock_path(vm);
         let file = match File::open(&lock_path) {
             Ok(file) => file,
@@ -229,7 +230,7 @@ fn read_record(mut file: File, vm: &str) -> Option<Record> {
 }
 
 impl Claim {
-    pub fn listen(&self) -> anyhow::Result<UnixListener> {
+    pub fn listen(&self) -> Result<UnixListener> {
         UnixListener::bind(&self.socket_path)
             .with_context(|| format!("binding the control socket {}", self.socket_path.display()))
     }
@@ -248,14 +249,14 @@ impl Drop for Claim {
 }
 
 /// Reads one request from a control connection.
-pub fn read_request(stream: &UnixStream) -> anyhow::Result<Request> {
+pub fn read_request(stream: &UnixStream) -> Result<Request> {
     stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(line.trim()).with_context(|| format!("bad control request {line:?}"))
 }
 
-pub fn write_reply(mut stream: &UnixStream, reply: &Reply) -> anyhow::Result<()> {
+pub fn write_reply(mut stream: &UnixStream, reply: &Reply) -> Result<()> {
     stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
     let mut line = serde_json::to_vec(reply)?;
     line.push(b'\n');
@@ -264,7 +265,7 @@ pub fn write_reply(mut stream: &UnixStream, reply: &Reply) -> anyhow::Result<()>
 }
 
 /// Sends `request` to the VM process serving `socket` and returns its answer.
-pub fn ask(socket: &Path, request: Request) -> anyhow::Result<Reply> {
+pub fn ask(socket: &Path, request: Request) -> Result<Reply> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;

@@ -36,7 +36,7 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// High availability: restarted by the host agents when its host dies or it crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ha: Option<host::Ha>,
+    pub ha: Option<crate::Ha>,
 }
 
 /// What a guest-initiated reset does (libvirt's `on_reboot`).
