@@ -7,6 +7,8 @@
 //!   once its runner holds the VM's lock. `POST /vms/<folder>/stop`: presses its power button
 //!   and answers once it is off.
 //! - `GET /events`: what the agent did and saw, oldest first.
+//! - `GET /datastores`, `POST /datastores/<uuid>/files`: the command line's file commands
+//!   ([`crate::files_api`]).
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed request), 404 (no such endpoint),
 //! 405 (wrong method) or 409 (the VM could not be started or stopped).
@@ -72,8 +74,11 @@ pub fn serve(agent: Arc<Agent>) -> Result<Serving> {
     })
 }
 
-fn handle(agent: &Agent, request: Request) {
-    let (status, body) = route(agent, request.method(), request.url());
+fn handle(agent: &Agent, mut request: Request) {
+    let (status, body) = match crate::files_api::route(agent, &mut request) {
+        Some(answer) => answer,
+        None => route(agent, request.method(), request.url()),
+    };
     let header = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
     let mut response = Response::from_string(body.to_string()).with_status_code(status);
     if let Ok(header) = header {

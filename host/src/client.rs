@@ -26,20 +26,25 @@ pub fn request(
     .map_err(crate::io(what()))?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(crate::io(what()))?;
-    let text = String::from_utf8_lossy(&raw);
+    parse_answer(&raw, &what())
+}
+
+/// The status and JSON body of a whole answer; `what` names the agent in errors.
+pub fn parse_answer(raw: &[u8], what: &str) -> Result<(u16, serde_json::Value)> {
+    let text = String::from_utf8_lossy(raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| Error::Api(format!("{}: an answer without headers", what())))?;
+        .ok_or_else(|| Error::Api(format!("{what}: an answer without headers")))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| Error::Api(format!("{}: no status in {head:?}", what())))?;
+        .ok_or_else(|| Error::Api(format!("{what}: no status in {head:?}")))?;
     let value = if body.trim().is_empty() {
         serde_json::Value::Null
     } else {
         serde_json::from_str(body)
-            .map_err(|e| Error::Api(format!("{}: answer is not JSON: {e}", what())))?
+            .map_err(|e| Error::Api(format!("{what}: answer is not JSON: {e}")))?
     };
     Ok((status, value))
 }

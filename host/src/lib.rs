@@ -15,6 +15,8 @@
 
 pub mod api;
 pub mod client;
+pub mod files;
+pub mod files_api;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use vmfs::{Access, Creds, Datastore, Kind};
+use host::files::{Done, FileOp, FileRequest, PutSource};
+use host::files_api::AgentDatastore;
+use vmfs::{Access, Datastore, Kind};
 
 use super::datastore::parse_size;
 
@@ -189,36 +191,67 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn mkdir(datastore: Option<&str>, args: MkdirArgs) -> anyhow::Result<ExitCode> {
-    let ds = open(datastore, false)?;
-    if args.parents {
-        ds.mkdir_all(&args.path, 0o755, Creds::current())?;
-    } else {
-        ds.mkdir_path(&args.path, 0o755, Creds::current())?;
-    }
-    close(ds)
+    apply(
+        datastore,
+        FileOp::Mkdir {
+            path: args.path,
+            parents: args.parents,
+        },
+        None,
+        &mut |_| {},
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn rm(datastore: Option<&str>, args: RmArgs) -> anyhow::Result<ExitCode> {
-    let ds = open(datastore, false)?;
-    ds.remove_path(&args.path, args.recursive)?;
-    close(ds)
+    apply(
+        datastore,
+        FileOp::Rm {
+            path: args.path,
+            recursive: args.recursive,
+        },
+        None,
+        &mut |_| {},
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn mv(datastore: Option<&str>, args: MvArgs) -> anyhow::Result<ExitCode> {
+    apply(
+        datastore,
+        FileOp::Mv {
+            src: args.src,
+            dst: args.dst,
+        },
+        None,
+        &mut |_| {},
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a mutating file command through the local host agent when it has joined the
+/// datastore (no heartbeat slot of our own to take), else as a short-lived host.
+fn apply(
+    datastore: Option<&str>,
+    op: FileOp,
+    input: Option<&mut dyn Read>,
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<Done> {
+    let spec = super::require_datastore(datastore)?;
+    let request = FileRequest::current(op);
+    // A snapshot session is a LUN of its own, whatever UUID it carries.
+    if crate::lunspec::Spec::parse(spec).session.is_none()
+        && let Some(agent) = AgentDatastore::find(&super::host::agent_socket(), spec)
+    {
+        tracing::debug!(socket = %agent.socket().display(), "through the host agent");
+        return agent
+            .apply(&request, input, progress)?
+            .map_err(anyhow::Error::msg);
+    }
     let ds = open(datastore, false)?;
-    // Like mv(1): into an existing directory keeps the name.
-    let dst = match ds.stat_path(&args.dst) {
-        Ok(a) if a.kind == Kind::Dir => {
-            format!(
-                "{}/{}",
-                args.dst.trim_end_matches('/'),
-                last_component(&args.src)
-            )
-        }
-        _ => args.dst.clone(),
-    };
-    ds.rename_path(&args.src, &dst)?;
-    close(ds)
+    let done = host::files::apply(&ds, &request, input, progress)?;
+    close(ds)?;
+    Ok(done)
 }
 
 pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode> {
@@ -342,64 +375,49 @@ fn is_stdio(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 
-/// A path inside the datastore: into `dst` when it is a directory (or ends in '/').
-fn target_path(ds: &Datastore, dst: &str, local: &Path) -> anyhow::Result<String> {
-    let into_dir = dst.ends_with('/') || ds.stat_path(dst).is_ok_and(|a| a.kind == Kind::Dir);
-    if !into_dir {
-        return Ok(dst.to_string());
-    }
-    if is_stdio(local) {
-        bail!(
-            "{dst}: is a directory; standard input has no name to copy it under, so give the file's path"
-        );
-    }
-    let name = local
-        .file_name()
-        .with_context(|| format!("{}: has no file name", local.display()))?;
-    Ok(format!(
-        "{}/{}",
-        dst.trim_end_matches('/'),
-        name.to_string_lossy()
-    ))
-}
-
 pub fn put(datastore: Option<&str>, args: PutArgs) -> anyhow::Result<ExitCode> {
-    let (mut input, len): (Box<dyn Read>, Option<u64>) = if is_stdio(&args.local_file) {
-        (Box::new(std::io::stdin().lock()), None)
-    } else {
-        let file = File::open(&args.local_file)
-            .with_context(|| format!("{}: cannot open", args.local_file.display()))?;
-        // A pipe or a device has no length up front: it is read to its end.
-        let len = file
-            .metadata()
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len());
-        (Box::new(file), len)
-    };
-    let ds = open(datastore, false)?;
-    let path = target_path(&ds, &args.path, &args.local_file)?;
+    let (mut input, len, from): (Box<dyn Read>, Option<u64>, PutSource) =
+        if is_stdio(&args.local_file) {
+            (Box::new(std::io::stdin().lock()), None, PutSource::Stdin)
+        } else {
+            let file = File::open(&args.local_file)
+                .with_context(|| format!("{}: cannot open", args.local_file.display()))?;
+            // A pipe or a device has no length up front: it is read to its end.
+            let len = file
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            let from = PutSource::File {
+                shown: args.local_file.display().to_string(),
+                name: args
+                    .local_file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned()),
+            };
+            (Box::new(file), len, from)
+        };
     let bar = progress_bar(len);
-    let options = vmfs::PutOptions {
-        new: vmfs::NewFile {
-            mode: 0o644,
-            creds: Creds::current(),
-            thick: args.thick,
-            vdisk: false,
-        },
-        overwrite: true,
-        expected_size: len,
-    };
     let mut progress = |done: u64| {
         if let Some(b) = &bar {
             b.set_position(done);
         }
     };
-    ds.put(&mut input, &path, &options, &mut progress)?;
+    apply(
+        datastore,
+        FileOp::Put {
+            path: args.path,
+            from,
+            thick: args.thick,
+            size: len,
+        },
+        Some(&mut input),
+        &mut progress,
+    )?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    close(ds)
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where `get` writes: a regular file keeps the copy's holes and is sized and synced at
@@ -477,7 +495,8 @@ pub fn get(datastore: Option<&str>, args: GetArgs) -> anyhow::Result<ExitCode> {
     let handle = ds.open_path(&args.path, Access::ReadOnly)?;
     let size = handle.size()?;
     let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
-        args.local_file.join(last_component(&args.path))
+        args.local_file
+            .join(host::files::last_component(&args.path))
     } else {
         args.local_file.clone()
     };
@@ -513,7 +532,7 @@ fn get_session(datastore: Option<&str>, args: &GetArgs) -> anyhow::Result<ExitCo
         bail!("{}: not a snapshot path", args.path);
     };
     let local = if !is_stdio(&args.local_file) && args.local_file.is_dir() {
-        args.local_file.join(last_component(disk))
+        args.local_file.join(host::files::last_component(disk))
     } else {
         args.local_file.clone()
     };
@@ -528,16 +547,30 @@ pub fn vdisk(datastore: Option<&str>, command: VdiskCommand) -> anyhow::Result<E
     match command {
         VdiskCommand::Create(args) => {
             let size = parse_size(&args.size)?;
-            let ds = open(datastore, false)?;
-            let attr = ds.create_vdisk(&args.path, size, args.thick, Creds::current())?;
+            let done = apply(
+                datastore,
+                FileOp::VdiskCreate {
+                    path: args.path.clone(),
+                    size,
+                    thick: args.thick,
+                },
+                None,
+                &mut |_| {},
+            )?;
+            let Done::VdiskCreate { size, allocated } = done else {
+                bail!(
+                    "{}: the virtual disk was created, but its size was not reported",
+                    args.path
+                );
+            };
             crate::outln!(
                 "created {} virtual disk {} of {} bytes ({} allocated)",
                 if args.thick { "thick" } else { "thin" },
                 args.path,
-                attr.size,
-                attr.allocated
+                size,
+                allocated
             )?;
-            close(ds)
+            Ok(ExitCode::SUCCESS)
         }
         VdiskCommand::Snapshot(command) => vdisk_snapshot(datastore, command),
     }
@@ -593,14 +626,6 @@ pub fn vdisk_snapshot(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The last component of a datastore path, as mv(1) and cp(1) name a copy in a directory.
-fn last_component(path: &str) -> &str {
-    path.trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
 }
 
 /// (major, minor) of a character or block device node.

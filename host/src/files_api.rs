@@ -1,0 +1,313 @@
+//! The file commands through the agent: a command line on this host uses the agent's
+//! heartbeat slot instead of taking one of its own, which over NBD costs two lease periods
+//! per command (VMware's hostd serves its CLI the same way).
+//!
+//! - `GET /datastores`: the datastores this agent joined, as `[{"uuid", "label", "lun"}]`.
+//! - `POST /datastores/<uuid>/files`: runs one [`FileRequest`] there. The body is chunked;
+//!   its first line is the request as JSON and, for `put`, the bytes to copy follow it. The
+//!   answer is 200 and the [`Done`] as JSON, or 409 and `{"error": LINE}` with the line the
+//!   command line prints for the same failure, 404 for a datastore the agent has not joined,
+//!   400 for a malformed request.
+//!
+//! The command line asks only when the datastore it was given has a UUID the agent joined
+//! and is not a copy (see [`AgentDatastore::find`]); otherwise it runs the command itself.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tiny_http::Method;
+use vmfs::Datastore;
+
+use crate::files::{self, Done, FileOp, FileRequest};
+use crate::{Agent, Error, Result};
+
+/// The longest first line of a request body: a JSON request with two paths.
+const MAX_REQUEST_LINE: u64 = 64 << 10;
+const CHUNK: usize = 1 << 20;
+/// How long the command line waits for the agent to say which datastores it joined; a
+/// longer silence means it is stuck, and the command runs by itself instead.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A row of `GET /datastores`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub uuid: String,
+    pub label: String,
+    /// The LUN as the agent's configuration names it.
+    pub lun: String,
+}
+
+/// The datastores this agent is a host of.
+fn joined(agent: &Agent) -> Vec<(Joined, &Datastore)> {
+    let sb = agent.ds.superblock();
+    vec![(
+        Joined {
+            uuid: sb.uuid.to_string(),
+            label: sb.label.clone(),
+            lun: agent.config.datastores[0].clone(),
+        },
+        &agent.ds,
+    )]
+}
+
+/// Destination paths a `put` copies into now, per datastore: vmfs names the temporary file
+/// after the host, so two copies into one path through one host must take turns.
+static PUTTING: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
+static PUT_DONE: Condvar = Condvar::new();
+
+struct PutTurn(String, String);
+
+impl PutTurn {
+    fn take(uuid: &str, path: &str) -> PutTurn {
+        let key = (uuid.to_string(), path.to_string());
+        let mut busy = PUTTING.lock().unwrap_or_else(PoisonError::into_inner);
+        while busy.as_ref().is_some_and(|set| set.contains(&key)) {
+            busy = PUT_DONE.wait(busy).unwrap_or_else(PoisonError::into_inner);
+        }
+        busy.get_or_insert_with(HashSet::new).insert(key.clone());
+        PutTurn(key.0, key.1)
+    }
+}
+
+impl Drop for PutTurn {
+    fn drop(&mut self) {
+        let mut busy = PUTTING.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(set) = busy.as_mut() {
+            set.remove(&(std::mem::take(&mut self.0), std::mem::take(&mut self.1)));
+        }
+        PUT_DONE.notify_all();
+    }
+}
+
+fn error(status: u16, message: String) -> (u16, serde_json::Value) {
+    (status, serde_json::json!({ "error": message }))
+}
+
+/// Answers the requests this module serves; `None` leaves `request` to the other routes.
+pub(crate) fn route(
+    agent: &Agent,
+    request: &mut tiny_http::Request,
+) -> Option<(u16, serde_json::Value)> {
+    let url = request.url().to_string();
+    let path = url.split('?').next().unwrap_or(&url);
+    let method = request.method().clone();
+    if path == "/datastores" {
+        if method != Method::Get {
+            return Some(error(405, format!("{method} {path}: only GET")));
+        }
+        let rows: Vec<Joined> = joined(agent).into_iter().map(|(j, _)| j).collect();
+        return Some((200, serde_json::json!(rows)));
+    }
+    let rest = path.strip_prefix("/datastores/")?;
+    let Some(uuid) = rest.strip_suffix("/files") else {
+        return Some(error(404, format!("{method} {path}: no such endpoint")));
+    };
+    if method != Method::Post {
+        return Some(error(405, format!("{method} {path}: only POST")));
+    }
+    let Some((_, ds)) = joined(agent).into_iter().find(|(j, _)| j.uuid == uuid) else {
+        return Some(error(
+            404,
+            format!("datastore {uuid}: this host agent has not joined it"),
+        ));
+    };
+    let mut body = BufReader::with_capacity(CHUNK, request.as_reader());
+    let mut line = Vec::new();
+    if let Err(e) = (&mut body)
+        .take(MAX_REQUEST_LINE)
+        .read_until(b'\n', &mut line)
+    {
+        return Some(error(
+            400,
+            format!("{method} {path}: reading the request: {e}"),
+        ));
+    }
+    let file_request: FileRequest = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(error(
+                400,
+                format!("{method} {path}: the first line is not a file request: {e}"),
+            ));
+        }
+    };
+    let _turn = match &file_request.op {
+        FileOp::Put { path, .. } => Some(PutTurn::take(uuid, path)),
+        _ => None,
+    };
+    let input: Option<&mut dyn Read> = match file_request.op {
+        FileOp::Put { .. } => Some(&mut body),
+        _ => None,
+    };
+    let outcome = files::apply(ds, &file_request, input, &mut |_| {});
+    Some(match outcome {
+        Ok(done) => {
+            tracing::info!(datastore = uuid, request = ?file_request.op, "file command done for the command line");
+            (200, serde_json::json!(done))
+        }
+        Err(e) => {
+            let line = files::error_line(&e);
+            tracing::info!(datastore = uuid, request = ?file_request.op, error = %line, "file command refused");
+            error(409, line)
+        }
+    })
+}
+
+/// A datastore the local agent joined, as the command line reaches it.
+pub struct AgentDatastore {
+    socket: PathBuf,
+    uuid: String,
+}
+
+impl AgentDatastore {
+    /// The agent at `socket`, if it answers and has joined the datastore on the LUN `spec`:
+    /// the same UUID, and not a copy of it (a snapshot or replica keeps its original's UUID
+    /// until resignatured, and must not be written through the original's host). `None`
+    /// whenever the command should run by itself, whatever the reason; the reason is logged.
+    pub fn find(socket: &Path, spec: &str) -> Option<AgentDatastore> {
+        if !socket.exists() {
+            return None;
+        }
+        if vmfs::OpenOptions::read_write().keep_signature {
+            tracing::debug!("--keep-signature: not through the host agent");
+            return None;
+        }
+        let rows = match crate::client::request(socket, "GET", "/datastores", ASK_TIMEOUT) {
+            Ok((200, body)) => serde_json::from_value::<Vec<Joined>>(body),
+            Ok((status, body)) => {
+                tracing::debug!(status, %body, "the host agent serves no datastore list");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no host agent answers");
+                return None;
+            }
+        };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "the host agent's datastore list is not as expected");
+                return None;
+            }
+        };
+        let options = lun::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let lun = lun::open(spec, &options).ok()?;
+        let (sb, _) = vmfs::read_superblock(&*lun).ok()?;
+        let uuid = sb.uuid.to_string();
+        if !rows.iter().any(|row| row.uuid == uuid) {
+            tracing::debug!(%uuid, "the host agent has not joined this datastore");
+            return None;
+        }
+        let copy = sb
+            .lun_identity
+            .as_ref()
+            .zip(lun.identity())
+            .is_some_and(|(recorded, found)| recorded.same_lun(&found) == Some(false));
+        if copy {
+            tracing::debug!(%uuid, "a copy of the agent's datastore: not through the agent");
+            return None;
+        }
+        Some(AgentDatastore {
+            socket: socket.to_path_buf(),
+            uuid,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Runs `request` on the agent. The outer error is the agent unreachable or answering
+    /// nonsense; the inner one is the command's own failure, as the line to print.
+    pub fn apply(
+        &self,
+        request: &FileRequest,
+        input: Option<&mut dyn Read>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Result<Done, String>> {
+        let what = || format!("host agent at {}", self.socket.display());
+        let stream = UnixStream::connect(&self.socket).map_err(crate::io(what()))?;
+        // The answer is read while the body is still being sent: a request the agent refuses
+        // at once (a directory as the target of standard input) is answered before the copy.
+        let reader = stream.try_clone().map_err(crate::io(what()))?;
+        let answer = std::thread::Builder::new()
+            .name("agent-answer".into())
+            .spawn(move || {
+                let mut raw = Vec::new();
+                (&reader).read_to_end(&mut raw).map(|_| raw)
+            })
+            .map_err(crate::io("starting the agent answer thread"))?;
+        let sent = send(&stream, &self.uuid, request, input, progress);
+        // Our side is done either way; the agent's answer ends with its side closing.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let raw = answer
+            .join()
+            .map_err(|_| Error::Api(format!("{}: the answer thread panicked", what())))?
+            .map_err(crate::io(what()))?;
+        if raw.is_empty() {
+            // No answer at all: whatever broke the sending is the story.
+            sent.map_err(crate::io(what()))?;
+            return Err(Error::Api(format!("{}: closed without an answer", what())));
+        }
+        let (status, body) = crate::client::parse_answer(&raw, &what())?;
+        match status {
+            200 => serde_json::from_value(body)
+                .map(Ok)
+                .map_err(|e| Error::Api(format!("{}: unexpected answer: {e}", what()))),
+            409 => Ok(Err(body
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("the host agent refused the command")
+                .to_string())),
+            _ => Err(Error::Api(format!("{}: {status} {body}", what()))),
+        }
+    }
+}
+
+/// Sends the request line and, for `put`, the input, as one chunked body.
+fn send(
+    mut stream: &UnixStream,
+    uuid: &str,
+    request: &FileRequest,
+    input: Option<&mut dyn Read>,
+    progress: &mut dyn FnMut(u64),
+) -> std::io::Result<()> {
+    write!(
+        stream,
+        "POST /datastores/{uuid}/files HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    chunk(stream, &line)?;
+    if let Some(input) = input {
+        let mut buf = vec![0u8; CHUNK];
+        let mut done = 0u64;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            chunk(stream, &buf[..n])?;
+            done += n as u64;
+            progress(done);
+        }
+    }
+    stream.write_all(b"0\r\n\r\n")?;
+    stream.flush()
+}
+
+fn chunk(mut stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
+    write!(stream, "{:x}\r\n", bytes.len())?;
+    stream.write_all(bytes)?;
+    stream.write_all(b"\r\n")
+}
