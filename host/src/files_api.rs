@@ -16,9 +16,10 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use lun::Lun;
 use serde::{Deserialize, Serialize};
 use tiny_http::Method;
 use vmfs::Datastore;
@@ -195,11 +196,7 @@ impl AgentDatastore {
                 return None;
             }
         };
-        let options = lun::OpenOptions {
-            read_only: true,
-            ..Default::default()
-        };
-        let lun = lun::open(spec, &options).ok()?;
+        let lun = open_for_superblock(spec)?;
         let (sb, _) = vmfs::read_superblock(&*lun).ok()?;
         let uuid = sb.uuid.to_string();
         if !rows.iter().any(|row| row.uuid == uuid) {
@@ -268,6 +265,36 @@ impl AgentDatastore {
                 .unwrap_or("the host agent refused the command")
                 .to_string())),
             _ => Err(Error::Api(format!("{}: {status} {body}", what()))),
+        }
+    }
+}
+
+/// The LUN `spec`, read-only and, over NBD, on one connection: only its superblock is read,
+/// and a server limits its connections (qemu-nbd's `--shared`).
+fn open_for_superblock(spec: &str) -> Option<Arc<dyn Lun>> {
+    let (target, export) = match lun::LunSpec::parse(spec).ok()? {
+        lun::LunSpec::Path(_) => {
+            let options = lun::OpenOptions {
+                read_only: true,
+                ..Default::default()
+            };
+            return lun::open(spec, &options).ok();
+        }
+        lun::LunSpec::NbdTcp { host, port, export } => (lun::NbdTarget::Tcp { host, port }, export),
+        lun::LunSpec::NbdUnix { socket, export } => (lun::NbdTarget::Unix(socket), export),
+    };
+    let options = lun::NbdOptions {
+        read_only: true,
+        connections: 1,
+        connect_timeout: ASK_TIMEOUT,
+        io_timeout: ASK_TIMEOUT,
+        ..Default::default()
+    };
+    match lun::NbdLun::connect(target, &export, options) {
+        Ok(nbd) => Some(Arc::new(nbd)),
+        Err(e) => {
+            tracing::debug!(lun = spec, error = %e, "cannot read the datastore's UUID");
+            None
         }
     }
 }
