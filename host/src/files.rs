@@ -104,9 +104,10 @@ pub enum FileError {
 }
 
 /// Runs `request` on `ds`. `input` is what `put` copies; `progress` hears how many bytes of it
-/// have been copied so far. When it returns, the change is durable and every host sees it,
+/// have been copied so far. When it returns, the change is durable and every host reads it,
 /// as when a command that mounted the datastore itself has ended: a long-lived host (the
-/// agent) would otherwise keep it in its journal until its next periodic commit.
+/// agent) would otherwise keep it in memory until its next periodic commit. The locks it took
+/// stay held until then, so a burst of commands in one directory takes them once.
 pub fn apply(
     ds: &Datastore,
     request: &FileRequest,
@@ -114,7 +115,7 @@ pub fn apply(
     progress: &mut dyn FnMut(u64),
 ) -> Result<Done, FileError> {
     let done = run(ds, request, input, progress)?;
-    ds.sync()?;
+    ds.commit()?;
     Ok(done)
 }
 

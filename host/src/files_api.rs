@@ -222,51 +222,71 @@ impl AgentDatastore {
         &self.socket
     }
 
-    /// Runs `request` on the agent. The outer error is the agent unreachable or answering
-    /// nonsense; the inner one is the command's own failure, as the line to print.
+    /// Runs `request` on the agent. `None`: the agent went away since [`Self::find`] and
+    /// nothing was sent, so the command may run by itself. The outer error is the agent
+    /// failing mid-request or answering nonsense; the inner one is the command's own failure,
+    /// as the line to print.
     pub fn apply(
         &self,
         request: &FileRequest,
         input: Option<&mut dyn Read>,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<Result<Done, String>> {
+    ) -> Result<Option<Result<Done, String>>> {
         let what = || format!("host agent at {}", self.socket.display());
-        let stream = UnixStream::connect(&self.socket).map_err(crate::io(what()))?;
+        let stream = match UnixStream::connect(&self.socket) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "the host agent went away");
+                return Ok(None);
+            }
+        };
         // The answer is read while the body is still being sent: a request the agent refuses
         // at once (a directory as the target of standard input) is answered before the copy.
-        let reader = stream.try_clone().map_err(crate::io(what()))?;
+        let reader = stream.try_clone().map_err(api_io(what()))?;
         let answer = std::thread::Builder::new()
             .name("agent-answer".into())
             .spawn(move || {
                 let mut raw = Vec::new();
-                (&reader).read_to_end(&mut raw).map(|_| raw)
+                match (&reader).read_to_end(&mut raw) {
+                    Ok(_) => Ok(raw),
+                    // An agent that answers before reading the whole body closes on unread
+                    // bytes, which resets the connection after its answer: keep the answer.
+                    Err(_) if !raw.is_empty() => Ok(raw),
+                    Err(e) => Err(e),
+                }
             })
-            .map_err(crate::io("starting the agent answer thread"))?;
+            .map_err(api_io("starting the agent answer thread".to_string()))?;
         let sent = send(&stream, &self.uuid, request, input, progress);
         // Our side is done either way; the agent's answer ends with its side closing.
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let raw = answer
             .join()
             .map_err(|_| Error::Api(format!("{}: the answer thread panicked", what())))?
-            .map_err(crate::io(what()))?;
+            .map_err(api_io(what()))?;
         if raw.is_empty() {
             // No answer at all: whatever broke the sending is the story.
-            sent.map_err(crate::io(what()))?;
+            sent.map_err(api_io(what()))?;
             return Err(Error::Api(format!("{}: closed without an answer", what())));
         }
         let (status, body) = crate::client::parse_answer(&raw, &what())?;
         match status {
             200 => serde_json::from_value(body)
-                .map(Ok)
+                .map(|done| Some(Ok(done)))
                 .map_err(|e| Error::Api(format!("{}: unexpected answer: {e}", what()))),
-            409 => Ok(Err(body
+            409 => Ok(Some(Err(body
                 .get("error")
                 .and_then(|e| e.as_str())
                 .unwrap_or("the host agent refused the command")
-                .to_string())),
+                .to_string()))),
             _ => Err(Error::Api(format!("{}: {status} {body}", what()))),
         }
     }
+}
+
+/// An I/O failure talking to the agent, as one message: `Error::Io` keeps its cause as a
+/// source too, which the command line would print twice.
+fn api_io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Api(format!("{what}: {e}"))
 }
 
 /// The LUN `spec`, read-only and, over NBD, on one connection: only its superblock is read,

@@ -244,12 +244,29 @@ fn apply(
         && let Some(agent) = AgentDatastore::find(&super::host::agent_socket(), spec)
     {
         tracing::debug!(socket = %agent.socket().display(), "through the host agent");
-        return agent
-            .apply(&request, input, progress)?
-            .map_err(anyhow::Error::msg);
+        let mut input = input;
+        // Nothing of the input is read unless the agent was reached.
+        let lent: Option<&mut dyn Read> = match input.as_mut() {
+            Some(r) => Some(&mut **r),
+            None => None,
+        };
+        return match agent.apply(&request, lent, progress)? {
+            Some(outcome) => outcome.map_err(anyhow::Error::msg),
+            None => by_itself(datastore, &request, input, progress),
+        };
     }
+    by_itself(datastore, &request, input, progress)
+}
+
+/// Runs a file command as a short-lived host of the datastore.
+fn by_itself(
+    datastore: Option<&str>,
+    request: &FileRequest,
+    input: Option<&mut dyn Read>,
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<Done> {
     let ds = open(datastore, false)?;
-    let done = host::files::apply(&ds, &request, input, progress)?;
+    let done = host::files::apply(&ds, request, input, progress)?;
     close(ds)?;
     Ok(done)
 }

@@ -717,6 +717,20 @@ impl Datastore {
         Ok(())
     }
 
+    /// Commits metadata (journal, then in place) without a commit point: the change is
+    /// durable and every host reads it, while the locks taken for it stay held until the
+    /// periodic commit point, so a long-lived host's next operation on the same objects
+    /// (the agent serving command lines) need not take them again.
+    pub fn commit(&self) -> Result<()> {
+        let mut s = self.lock();
+        if !s.st.writable() {
+            return Ok(());
+        }
+        s.st.check_writable()?;
+        s.st.commit()?;
+        Ok(())
+    }
+
     /// Makes a file's data and metadata durable.
     pub fn fsync(&self, ino: u64) -> Result<()> {
         self.getattr(ino)?;
