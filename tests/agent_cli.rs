@@ -210,6 +210,15 @@ fn script(setup: &Setup, runtime: &Path, root: &str, local: &Path, data: &[u8]) 
             vec!["put".into(), "-".into(), format!("{root}/")],
             Some(data),
         ),
+        // The input cannot be read: the error names the read's own cause.
+        (
+            vec![
+                "put".into(),
+                setup.dir.path().to_str().unwrap().into(),
+                format!("{root}/a-directory"),
+            ],
+            None,
+        ),
         (
             vec!["mv".into(), format!("{root}/data.bin"), sub.clone()],
             None,
@@ -287,7 +296,12 @@ fn file_commands_through_the_agent_do_what_direct_ones_do_without_a_slot_of_thei
         "{}",
         through[5]
     );
-    assert!(through[9].contains("Some(1)") && through[9].contains("not empty"));
+    assert!(
+        through[6].contains("read failed: Is a directory (os error 21)"),
+        "{}",
+        through[6]
+    );
+    assert!(through[10].contains("Some(1)") && through[10].contains("not empty"));
 
     // The bytes read back (by either way) are the bytes put.
     for root in ["/via-agent", "/direct"] {
@@ -351,4 +365,37 @@ fn a_datastore_the_agent_has_not_joined_is_worked_on_directly() {
         "the command should have mounted the datastore itself"
     );
     assert!(!ok(&agent, &["-d", &setup.ds, "ls", "/"]).contains('x'));
+}
+
+#[test]
+fn a_put_through_the_agent_whose_command_is_killed_leaves_no_file() {
+    let Some(setup) = Setup::new() else { return };
+    let agent = setup.agent_runtime();
+    let mut put = Command::new(env!("CARGO_BIN_EXE_vapp"))
+        .args(["-d", &setup.ds, "put", "-", "/cut.bin"])
+        .env_remove("VAPP_DATASTORE")
+        .env("VAPP_HOST_NAME", CLI_HOST)
+        .env("VAPP_RUNTIME_DIR", &agent)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = put.stdin.take().unwrap();
+    input.write_all(&vec![7u8; 1 << 20]).unwrap();
+    // The agent is copying once its temporary file exists.
+    wait_for(
+        "the temporary file of the copy",
+        Duration::from_secs(30),
+        || ok(&agent, &["-d", &setup.ds, "ls", "/"]).contains(".cut.bin.vapp-put."),
+    );
+    put.kill().unwrap();
+    put.wait().unwrap();
+    drop(input);
+    wait_for("the temporary file removed", Duration::from_secs(5), || {
+        ok(&agent, &["-d", &setup.ds, "ls", "/"]).is_empty()
+    });
+    assert!(
+        !slot_holders(&agent, &setup.ds).contains(&CLI_HOST.to_string()),
+        "the put should have run in the agent"
+    );
 }

@@ -114,8 +114,12 @@ pub fn apply(
     input: Option<&mut dyn Read>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Done, FileError> {
-    let done = run(ds, request, input, progress)?;
-    ds.commit()?;
+    let outcome = run(ds, request, input, progress);
+    // A failed command may have changed something too (a failed put removes its temporary
+    // file): that is made visible as well.
+    let committed = ds.commit();
+    let done = outcome?;
+    committed?;
     Ok(done)
 }
 

@@ -4,7 +4,8 @@
 //!
 //! - `GET /datastores`: the datastores this agent joined, as `[{"uuid", "label", "lun"}]`.
 //! - `POST /datastores/<uuid>/files`: runs one [`FileRequest`] there. The body is chunked;
-//!   its first line is the request as JSON and, for `put`, the bytes to copy follow it. The
+//!   its first line is the request as JSON and, for `put`, the bytes to copy follow it in
+//!   frames that also carry an error reading them and an end mark. The
 //!   answer is 200 and the [`Done`] as JSON, or 409 and `{"error": LINE}` with the line the
 //!   command line prints for the same failure, 404 for a datastore the agent has not joined,
 //!   400 for a malformed request.
@@ -141,8 +142,9 @@ pub(crate) fn route(
         FileOp::Put { path, .. } => Some(PutTurn::take(uuid, path)),
         _ => None,
     };
+    let mut framed = Framed::new(&mut body);
     let input: Option<&mut dyn Read> = match file_request.op {
-        FileOp::Put { .. } => Some(&mut body),
+        FileOp::Put { .. } => Some(&mut framed),
         _ => None,
     };
     let outcome = files::apply(ds, &file_request, input, &mut |_| {});
@@ -338,19 +340,126 @@ fn send(
         let mut buf = vec![0u8; CHUNK];
         let mut done = 0u64;
         loop {
-            let n = match input.read(&mut buf) {
+            let n = match input.read(&mut buf[FRAME_HEADER..]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // The agent's copy fails with this very error, as a direct one would.
+                    let message = e.to_string();
+                    let mut frame = vec![FRAME_ERROR];
+                    frame.extend_from_slice(&e.raw_os_error().unwrap_or(-1).to_be_bytes());
+                    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(message.as_bytes());
+                    chunk(stream, &frame)?;
+                    break;
+                }
             };
-            chunk(stream, &buf[..n])?;
+            buf[0] = FRAME_DATA;
+            buf[1..FRAME_HEADER].copy_from_slice(&(n as u32).to_be_bytes());
+            chunk(stream, &buf[..FRAME_HEADER + n])?;
             done += n as u64;
             progress(done);
         }
+        chunk(stream, &[FRAME_END])?;
     }
     stream.write_all(b"0\r\n\r\n")?;
     stream.flush()
+}
+
+/// `put`'s input after the request line: frames of a kind byte, then for data a big-endian
+/// u32 length and the bytes; for an error reading the input, an i32 errno (-1: none) and a
+/// u32-length message; and an end mark. A copy is committed only after the end mark, so a
+/// command line killed mid-copy leaves no partial file.
+const FRAME_DATA: u8 = b'D';
+const FRAME_ERROR: u8 = b'E';
+const FRAME_END: u8 = b'Z';
+const FRAME_HEADER: usize = 5;
+const MAX_ERROR_MESSAGE: u32 = 4096;
+
+/// The input of a `put`, read out of its frames.
+struct Framed<R> {
+    inner: R,
+    /// Bytes left in the current data frame.
+    left: usize,
+    ended: bool,
+}
+
+impl<R: Read> Framed<R> {
+    fn new(inner: R) -> Framed<R> {
+        Framed {
+            inner,
+            left: 0,
+            ended: false,
+        }
+    }
+
+    fn cut_short() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the command line's input ended before its end mark",
+        )
+    }
+
+    fn read_u32(&mut self) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.inner
+            .read_exact(&mut b)
+            .map_err(|_| Self::cut_short())?;
+        Ok(u32::from_be_bytes(b))
+    }
+}
+
+impl<R: Read> Read for Framed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.left > 0 {
+                let want = self.left.min(buf.len());
+                let n = self.inner.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(Self::cut_short());
+                }
+                self.left -= n;
+                return Ok(n);
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            let mut kind = [0u8; 1];
+            self.inner
+                .read_exact(&mut kind)
+                .map_err(|_| Self::cut_short())?;
+            match kind[0] {
+                FRAME_DATA => self.left = self.read_u32()? as usize,
+                FRAME_END => {
+                    self.ended = true;
+                    return Ok(0);
+                }
+                FRAME_ERROR => {
+                    let errno = self.read_u32()? as i32;
+                    let len = self.read_u32()?.min(MAX_ERROR_MESSAGE);
+                    let mut message = vec![0u8; len as usize];
+                    self.inner
+                        .read_exact(&mut message)
+                        .map_err(|_| Self::cut_short())?;
+                    return Err(if errno >= 0 {
+                        std::io::Error::from_raw_os_error(errno)
+                    } else {
+                        std::io::Error::other(String::from_utf8_lossy(&message).into_owned())
+                    });
+                }
+                other => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("put input: unknown frame kind {other:#04x}"),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn chunk(mut stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
