@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tiny_http::Method;
 use vmfs::Datastore;
 
-use crate::files::{self, Done, FileOp, FileRequest};
+use crate::files::{self, Done, FileOp, FileRequest, PutSource};
 use crate::{Agent, Error, Result};
 
 /// The longest first line of a request body: a JSON request with two paths.
@@ -57,22 +57,35 @@ fn joined(agent: &Agent) -> Vec<(Joined, &Datastore)> {
     )]
 }
 
-/// Destination paths a `put` copies into now, per datastore: vmfs names the temporary file
-/// after the host, so two copies into one path through one host must take turns.
+/// File names `put`s copy to now, per datastore: vmfs names the temporary file after the
+/// host and the file, so two copies to one name in one directory through one host must
+/// take turns. Keyed by name, not path, since which directory a copy lands in is known only
+/// once it runs; copies of one name into two directories then wait for each other needlessly.
 static PUTTING: Mutex<Option<HashSet<(String, String)>>> = Mutex::new(None);
 static PUT_DONE: Condvar = Condvar::new();
 
-struct PutTurn(String, String);
+struct PutTurn(Vec<(String, String)>);
 
 impl PutTurn {
-    fn take(uuid: &str, path: &str) -> PutTurn {
-        let key = (uuid.to_string(), path.to_string());
+    /// Waits until no other copy may land on the name `op` may land on, and claims it.
+    fn take(uuid: &str, path: &str, from: &PutSource) -> PutTurn {
+        let mut keys = vec![(uuid.to_string(), files::last_component(path).to_string())];
+        if let PutSource::File {
+            name: Some(name), ..
+        } = from
+        {
+            keys.push((uuid.to_string(), name.clone()));
+        }
         let mut busy = PUTTING.lock().unwrap_or_else(PoisonError::into_inner);
-        while busy.as_ref().is_some_and(|set| set.contains(&key)) {
+        while busy
+            .as_ref()
+            .is_some_and(|set| keys.iter().any(|k| set.contains(k)))
+        {
             busy = PUT_DONE.wait(busy).unwrap_or_else(PoisonError::into_inner);
         }
-        busy.get_or_insert_with(HashSet::new).insert(key.clone());
-        PutTurn(key.0, key.1)
+        busy.get_or_insert_with(HashSet::new)
+            .extend(keys.iter().cloned());
+        PutTurn(keys)
     }
 }
 
@@ -80,7 +93,9 @@ impl Drop for PutTurn {
     fn drop(&mut self) {
         let mut busy = PUTTING.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(set) = busy.as_mut() {
-            set.remove(&(std::mem::take(&mut self.0), std::mem::take(&mut self.1)));
+            for key in &self.0 {
+                set.remove(key);
+            }
         }
         PUT_DONE.notify_all();
     }
@@ -139,7 +154,7 @@ pub(crate) fn route(
         }
     };
     let _turn = match &file_request.op {
-        FileOp::Put { path, .. } => Some(PutTurn::take(uuid, path)),
+        FileOp::Put { path, from, .. } => Some(PutTurn::take(uuid, path, from)),
         _ => None,
     };
     let mut framed = Framed::new(&mut body);
