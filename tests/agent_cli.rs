@@ -399,3 +399,31 @@ fn a_put_through_the_agent_whose_command_is_killed_leaves_no_file() {
         "the put should have run in the agent"
     );
 }
+
+#[test]
+fn concurrent_puts_of_one_file_name_through_the_agent_all_succeed() {
+    let Some(setup) = Setup::new() else { return };
+    let agent = setup.agent_runtime();
+    ok(&agent, &["-d", &setup.ds, "mkdir", "/in"]);
+    let local = setup.dir.path().join("same.bin");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    let local = local.to_str().unwrap();
+    // Into the directory and by full path: both land on /in/same.bin.
+    let outputs: Vec<Output> = std::thread::scope(|scope| {
+        let runs: Vec<_> = ["/in/", "/in/same.bin", "/in/", "/in/same.bin"]
+            .into_iter()
+            .map(|to| scope.spawn(|| vapp(&agent, &["-d", &setup.ds, "put", local, to], None)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for out in outputs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(ok(&agent, &["-d", &setup.ds, "ls", "/in"]), "same.bin\n");
+    assert_eq!(get(&agent, &setup.ds, "/in/same.bin"), data);
+}
