@@ -144,13 +144,18 @@ impl Cluster {
     }
 
     fn agent(&self, name: &str) -> Agent {
+        self.agent_with(name, "", &[])
+    }
+
+    /// An agent whose host.toml ends with `extra`, run with `env` set.
+    fn agent_with(&self, name: &str, extra: &str, env: &[(&str, &Path)]) -> Agent {
         let runtime = self.runtime(name);
         std::fs::create_dir_all(&runtime).unwrap();
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "name = {name:?}\ndatastores = [{:?}]\nruntime_dir = {:?}\n",
+                "name = {name:?}\ndatastores = [{:?}]\nruntime_dir = {:?}\n{extra}",
                 self.ds,
                 runtime.to_str().unwrap()
             ),
@@ -160,6 +165,7 @@ impl Cluster {
         let child = self
             .command(name, &["--log", "info", "host", "run", "--config"])
             .arg(&config)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -323,6 +329,9 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     cluster.create_vm("/vms/web", &counter, Some("low"));
     cluster.create_vm("/vms/plain", &counter, None);
     cluster.create_vm("/vms/broken", &counter, Some("medium"));
+    // web follows plain, which is not protected and so never restarts: web waits 2 s for it,
+    // then restarts all the same, saying so.
+    cluster.set_ha("/vms/web", "after = [\"/vms/plain\"]\nafter_timeout = 2");
 
     let a = cluster.agent("esx-a");
     let b = cluster.agent("esx-b");
@@ -358,16 +367,33 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     // losing survivor's runner may wait for the VM's lock meanwhile: it runs no guest.
     let watching = Arc::new(AtomicBool::new(true));
     let worst = Arc::new(AtomicUsize::new(0));
+    let twice = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = {
-        let (watching, worst) = (watching.clone(), worst.clone());
+        let (watching, worst, twice) = (watching.clone(), worst.clone(), twice.clone());
         std::thread::spawn(move || {
             while watching.load(Ordering::SeqCst) {
                 for vm in vms {
-                    let n = runners(&format!("--foreground {vm} "))
+                    let pids: Vec<i32> = runners(&format!("--foreground {vm} "))
                         .into_iter()
                         .filter(|&pid| runs_a_guest(pid))
-                        .count();
-                    worst.fetch_max(n, Ordering::SeqCst);
+                        .collect();
+                    if pids.len() > 1 {
+                        let who: Vec<String> = pids
+                            .iter()
+                            .map(|pid| {
+                                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                                    .unwrap_or_default();
+                                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                                    .unwrap_or_default();
+                                format!(
+                                    "{stat} {}",
+                                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                                )
+                            })
+                            .collect();
+                        twice.lock().unwrap().push((vm, who));
+                    }
+                    worst.fetch_max(pids.len(), Ordering::SeqCst);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -455,7 +481,8 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     assert_eq!(
         worst.load(Ordering::SeqCst),
         1,
-        "two runners of one VM at once"
+        "two runners of one VM at once: {:?}",
+        twice.lock().unwrap()
     );
 
     // Power the restarted guests off, and their disks hold one consistent counter sequence:
@@ -475,19 +502,26 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
             counter_prefix(&[cluster.disk(vm)], SECTORS).unwrap_or_else(|e| panic!("{vm}: {e}"));
         assert!(writes >= 256, "{vm}: {writes} writes");
     }
-    // A survivor says why it restarted the VMs: it declared esx-a dead, or (a crashed
-    // process of this same machine is recovered at once by the next host that opens the
-    // datastore, a VM's runner included) it found esx-a's locks already stale and says the
-    // VM's host died. And an agent that restarted both VMs did so high priority first.
+    // A survivor says why it restarted the VMs: it declared esx-a dead, by its heartbeat or
+    // (a crashed process of this same machine is recovered at once by the next host that
+    // opens the datastore, a VM's runner included) by finding its locks already stale. And
+    // an agent that restarted both VMs did so high priority first; web said it went ahead
+    // without plain.
     let survivors = [cluster.events(&b), cluster.events(&c)];
     assert!(
-        survivors.iter().flatten().any(|e| {
-            (e["kind"] == "host-dead" && e["host"] == "esx-a")
-                || (e["kind"] == "vm-restarted"
-                    && e["detail"]
-                        .as_str()
-                        .is_some_and(|d| d.starts_with("its host died")))
-        }),
+        survivors
+            .iter()
+            .flatten()
+            .any(|e| e["kind"] == "host-dead" && e["host"] == "esx-a"),
+        "{survivors:?}"
+    );
+    assert!(
+        survivors
+            .iter()
+            .flatten()
+            .any(|e| e["kind"] == "order-timeout"
+                && e["vm"] == "/vms/web"
+                && e["detail"].as_str().unwrap().contains("/vms/plain")),
         "{survivors:?}"
     );
     for events in &survivors {
@@ -594,4 +628,209 @@ fn the_api_refuses_malformed_requests_and_other_users() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Permission denied"), "{stderr}");
     stop_agent(a);
+}
+
+fn have_kvm_and_root() -> bool {
+    lun::prereq::require(
+        lun::prereq::is_root(),
+        "root (VM runners, /proc of all users)",
+    ) && lun::prereq::require(
+        lun::prereq::have_device("/dev/kvm"),
+        "/dev/kvm (read-write) for booting guests",
+    )
+}
+
+/// Kills `agent` and every VM runner it started with -9, as a host dies.
+fn kill_host(agent: &mut Agent) -> Instant {
+    let mut child = agent.child.take().unwrap();
+    let killed_at = Instant::now();
+    child.kill().unwrap();
+    for pid in runners(&agent.runtime.to_string_lossy()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    child.wait().unwrap();
+    killed_at
+}
+
+impl Cluster {
+    /// Appends `lines` to the `[ha]` table of a VM's vm.toml (its last table).
+    fn set_ha(&self, vm: &str, lines: &str) {
+        let path = format!("{vm}/vm.toml");
+        let text = self.ok("esx-a", &["cat", &path]);
+        let ha = text.find("[ha]").expect("a protected VM");
+        assert!(!text[ha + 4..].contains("\n["), "[ha] is not last: {text}");
+        let local = self.dir.path().join("vm.toml");
+        std::fs::write(&local, format!("{}\n{lines}\n", text.trim_end())).unwrap();
+        self.ok("esx-a", &["rm", &path]);
+        self.ok("esx-a", &["put", local.to_str().unwrap(), &path]);
+    }
+
+    /// Starts each VM through `agent` and waits until its guest counts.
+    fn start_counting(&self, agent: &Agent, vms: &[&str]) {
+        for vm in vms {
+            let out = self.ok(&agent.name, &["vm", "start", vm]);
+            assert!(
+                out.contains(&format!("vm {vm}: running on host {}", agent.name)),
+                "{out}"
+            );
+        }
+        for vm in vms {
+            wait_for(&format!("{vm} counting on {}", agent.name), BOOT, || {
+                console(agent, vm).contains("counter: 256")
+            });
+        }
+    }
+
+    /// Waits until each VM runs on a host other than `dead`; where each landed.
+    fn wait_restarted(&self, dead: &str, vms: &[&str]) -> HashMap<String, String> {
+        let mut landed = HashMap::new();
+        wait_for(
+            &format!("{vms:?} running again after {dead} died"),
+            DEAD_AFTER * 4 + BOOT,
+            || {
+                let placed = self.placements();
+                for vm in vms {
+                    if let (state, Some(host)) = &placed[*vm] {
+                        if state == "running" && host != dead {
+                            landed.insert(vm.to_string(), host.clone());
+                        }
+                    }
+                }
+                landed.len() == vms.len()
+            },
+        );
+        landed
+    }
+}
+
+#[test]
+fn a_dead_hosts_vms_land_on_the_host_with_most_free_capacity_and_spread_when_it_fills() {
+    if !have_kvm_and_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let counter = format!("mode=counter counter_sectors={SECTORS}");
+    // 64 MiB and one vCPU each; restarted in this order (priority).
+    let vms = ["/vms/one", "/vms/two", "/vms/three"];
+    for (vm, priority) in vms.iter().zip(["high", "medium", "low"]) {
+        cluster.create_vm(vm, &counter, Some(priority));
+    }
+    let mut a = cluster.agent_with("esx-a", "memory_mib = 4096\ncpus = 8\n", &[]);
+    // esx-b offers the most: the first two go there, after which it has less free than
+    // esx-c (64 MiB against 96 MiB), so the third goes to esx-c.
+    let b = cluster.agent_with("esx-b", "memory_mib = 192\ncpus = 8\n", &[]);
+    let c = cluster.agent_with("esx-c", "memory_mib = 96\ncpus = 8\n", &[]);
+    cluster.start_counting(&a, &vms);
+
+    kill_host(&mut a);
+    let landed = cluster.wait_restarted("esx-a", &vms);
+    let events = [cluster.events(&b), cluster.events(&c)];
+    let on = |host: &str| {
+        let mut vms: Vec<&str> = landed
+            .iter()
+            .filter(|(_, h)| *h == host)
+            .map(|(vm, _)| vm.as_str())
+            .collect();
+        vms.sort_unstable();
+        vms
+    };
+    // Placed by priority when the survivors see all three orphaned at once; a VM seen
+    // later than the others is placed after them whatever its priority.
+    assert_eq!(
+        (on("esx-b").len(), on("esx-c").len()),
+        (2, 1),
+        "{landed:?} {events:?}"
+    );
+    // Each was started once, by the host chosen for it: no survivor raced another for it.
+    for vm in vms {
+        let starts: usize = events
+            .iter()
+            .map(|e| kind_count(e, "vm-restarted", vm))
+            .sum();
+        let lost: usize = events
+            .iter()
+            .map(|e| kind_count(e, "restart-lost", vm))
+            .sum();
+        assert_eq!((starts, lost), (1, 0), "{vm}: {events:?}");
+    }
+    for vm in vms {
+        let agent = if landed[vm] == "esx-b" { &b } else { &c };
+        wait_for(&format!("{vm} counting on {}", agent.name), BOOT, || {
+            console(agent, vm).contains("counter: 256")
+        });
+    }
+    stop_agent(b);
+    stop_agent(c);
+}
+
+#[test]
+fn a_vm_restarts_only_once_the_vm_it_follows_runs_even_on_another_host() {
+    if !have_kvm_and_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let counter = format!("mode=counter counter_sectors={SECTORS}");
+    // The order comes from `after` alone: web's priority would put it first.
+    cluster.create_vm("/vms/db", &counter, Some("low"));
+    cluster.create_vm("/vms/web", &counter, Some("high"));
+    cluster.set_ha("/vms/web", "after = [\"/vms/db\"]");
+    let mut a = cluster.agent_with("esx-a", "memory_mib = 4096\n", &[]);
+    // db goes to esx-b (most free); then esx-c has more free than esx-b, so web goes there.
+    let b = cluster.agent_with("esx-b", "memory_mib = 192\n", &[]);
+    let c = cluster.agent_with("esx-c", "memory_mib = 160\n", &[]);
+    cluster.start_counting(&a, &["/vms/db", "/vms/web"]);
+
+    // When a survivor's runner of each VM first exists.
+    let survivors = [b.runtime.clone(), c.runtime.clone()];
+    let watching = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let watching = watching.clone();
+        std::thread::spawn(move || {
+            let mut first: HashMap<&str, Instant> = HashMap::new();
+            while watching.load(Ordering::SeqCst) {
+                for vm in ["/vms/db", "/vms/web"] {
+                    let there = survivors.iter().any(|runtime| {
+                        !runners(&format!(
+                            "--foreground {vm} --console-log {}",
+                            runtime.display()
+                        ))
+                        .is_empty()
+                    });
+                    if there {
+                        first.entry(vm).or_insert_with(Instant::now);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            first
+        })
+    };
+    kill_host(&mut a);
+    let landed = cluster.wait_restarted("esx-a", &["/vms/db", "/vms/web"]);
+    watching.store(false, Ordering::SeqCst);
+    let first = sampler.join().unwrap();
+    let events = [cluster.events(&b), cluster.events(&c)];
+    assert!(
+        first["/vms/db"] < first["/vms/web"],
+        "web's runner started before db's: {events:?}"
+    );
+    assert_eq!(
+        (landed["/vms/db"].as_str(), landed["/vms/web"].as_str()),
+        ("esx-b", "esx-c"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().flatten().any(|e| e["kind"] == "vm-waiting"
+            && e["vm"] == "/vms/web"
+            && e["detail"].as_str().unwrap().contains("/vms/db")),
+        "{events:?}"
+    );
+    wait_for("web counting on esx-c", BOOT, || {
+        console(&c, "/vms/web").contains("counter: 256")
+    });
+    stop_agent(b);
+    stop_agent(c);
 }

@@ -139,7 +139,15 @@ fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) 
                             serde_json::json!({ "vm": folder, "pid": pid, "host": agent.config().name }),
                         )
                     }
-                    Err(e) => error(409, e.to_string()),
+                    Err(e) => {
+                        agent.event(
+                            "vm-start-failed",
+                            Some(&folder),
+                            Some(&agent.config().name),
+                            e.to_string(),
+                        );
+                        error(409, e.to_string())
+                    }
                 },
                 "stop" => match agent.stop_vm(&folder, Duration::from_secs(60)) {
                     Ok(()) => (200, serde_json::json!({ "vm": folder, "state": "stopped" })),

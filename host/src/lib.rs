@@ -4,13 +4,18 @@
 //! - runs the VMs placed on it, each as its own `vapp vm start --foreground` child process
 //!   (Firecracker's one process per VM), restarting a protected VM that crashes, with
 //!   back-off, until it has failed [`Config::max_restarts`] times in a row;
+//! - publishes what it has free (memory and vCPUs offered, minus what its VMs take) in its
+//!   own record on the datastore, `/.vapp/hosts/<name>` ([`HostRecord`]);
 //! - watches the heartbeats of the datastore's other hosts, and restarts the protected VMs
 //!   (`[ha] restart = true` in vm.toml) of a host that is dead by the cluster rules, by
-//!   priority. Which VMs a dead host ran needs no record of its own: a VM's runner holds the
-//!   exclusive lock on its `vm.toml`, so a protected VM whose lock names a dead holder (or a
-//!   holder already recovered, whose lock is stale) ran there and did not stop cleanly. Two
-//!   survivors racing for one VM both start it; the lock lets one run and the other's child
-//!   fails at once with "already running", and that agent moves on;
+//!   priority and `[ha] after` order. Which VMs a dead host ran needs no record of its own: a
+//!   VM's runner holds the exclusive lock on its `vm.toml`, so a protected VM whose lock names
+//!   a dead holder (or a holder already recovered, whose lock is stale) ran there and did not
+//!   stop cleanly. Every survivor ranks the live agents' records the same way ([`place`]):
+//!   the one chosen starts the VM at once, the others only if it still does not run after a
+//!   grace period (the chosen host may die too, or fail to start it). When two start it
+//!   anyway, the lock lets one run and the other's child fails at once with "already
+//!   running", and that agent moves on;
 //! - serves an HTTP + JSON API on a Unix socket of mode 0600 ([`api`]).
 
 pub mod api;
@@ -38,6 +43,14 @@ const MAX_VM_FILE: u64 = 1 << 20;
 const MAX_DEPTH: usize = 8;
 /// What the child prints when another host already runs the VM (see `vm start`).
 const ALREADY_RUNNING: &str = "is already running";
+/// Where each agent publishes its [`HostRecord`], one file per host name.
+pub const RECORD_DIR: &str = "/.vapp/hosts";
+/// A record is written whole at offset 0 of its file; a reader that catches it half
+/// written (it spans sectors) fails to decode it and reads again.
+const RECORD_BYTES: usize = 4096;
+const RECORD_VERSION: u32 = 1;
+/// How long a VM waits for the VMs it restarts after, unless its `[ha] after_timeout` says.
+const DEFAULT_AFTER_TIMEOUT: u64 = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,6 +95,12 @@ pub struct Config {
     /// A protected VM whose runner fails this many times in a row is marked failed.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// Memory this host offers to VMs, in MiB (default: all of it, from /proc/meminfo).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// vCPUs this host offers to VMs (default: its CPUs).
+    #[serde(default)]
+    pub cpus: Option<u32>,
 }
 
 fn default_vm_dirs() -> Vec<String> {
@@ -121,10 +140,105 @@ impl Config {
     pub fn socket(&self) -> PathBuf {
         self.runtime_dir.join(SOCKET_NAME)
     }
+
+    /// What this host offers to VMs: host.toml's figures, or the machine's.
+    pub fn offered(&self) -> Need {
+        Need {
+            memory_mib: self.memory_mib.unwrap_or_else(machine_memory_mib),
+            cpus: self.cpus.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            }),
+        }
+    }
+}
+
+fn machine_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// What a VM takes from the host that runs it (vm.toml's `memory_mib` and `vcpus`), or
+/// what a host has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
+/// An agent's record on the datastore, `/.vapp/hosts/<name>`: JSON padded with spaces to
+/// 4096 bytes, written only by the agent that holds the file open (its exclusive lock), read
+/// by every agent without a lock. It counts only while `slot` and `generation`
+/// name a host whose heartbeat is live: a dead agent's record stays behind and is ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub version: u32,
+    pub host: String,
+    /// The agent's heartbeat slot and incarnation on this datastore.
+    pub slot: u32,
+    pub generation: u64,
+    /// What the host offers to VMs.
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// What is left once the VMs it runs or is starting take theirs.
+    pub free_memory_mib: u64,
+    pub free_cpus: u32,
+    pub vms: u32,
+    /// VM folders it is starting: counted in its free figures already, and not to be placed
+    /// again while their runners wait for the VMs' locks.
+    #[serde(default)]
+    pub starting: Vec<String>,
+}
+
+impl HostRecord {
+    fn free(&self) -> Need {
+        Need {
+            memory_mib: self.free_memory_mib,
+            cpus: self.free_cpus,
+        }
+    }
+}
+
+/// Which live agent starts each VM, in the order given: the one with the most free memory
+/// (then vCPUs, then the smallest name) among those the VM fits on, or the one with the most
+/// free memory when it fits nowhere; what the VM takes is then counted against it, so VMs
+/// spread once the first host fills up. Every survivor computes the same answer from the
+/// same records.
+pub fn place(hosts: &[HostRecord], vms: &[Need]) -> Vec<Option<String>> {
+    let mut free: Vec<(String, Need)> = hosts.iter().map(|h| (h.host.clone(), h.free())).collect();
+    let rank = |(name, free): &(String, Need)| {
+        (free.memory_mib, free.cpus, std::cmp::Reverse(name.clone()))
+    };
+    vms.iter()
+        .map(|need| {
+            let fits = free
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, f))| f.memory_mib >= need.memory_mib && f.cpus >= need.cpus)
+                .max_by_key(|(_, h)| rank(h))
+                .map(|(i, _)| i);
+            let best = fits.or_else(|| {
+                free.iter()
+                    .enumerate()
+                    .max_by_key(|(_, h)| rank(h))
+                    .map(|(i, _)| i)
+            })?;
+            let (name, f) = &mut free[best];
+            f.memory_mib = f.memory_mib.saturating_sub(need.memory_mib);
+            f.cpus = f.cpus.saturating_sub(need.cpus);
+            Some(name.clone())
+        })
+        .collect()
 }
 
 /// `[ha]` in vm.toml.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ha {
     /// Restart the VM on a surviving host when its host dies, and here when it crashes.
@@ -132,6 +246,13 @@ pub struct Ha {
     pub restart: bool,
     #[serde(default)]
     pub priority: Priority,
+    /// VM folders that must run somewhere before this one is restarted after a host failure
+    /// (a database before its web tier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Seconds to wait for `after` before restarting anyway (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_timeout: Option<u64>,
 }
 
 /// Restart order after a host failure: high before medium before low.
@@ -144,10 +265,14 @@ pub enum Priority {
     Low,
 }
 
-/// Only the `[ha]` table of a vm.toml; the rest is `vm start`'s business.
+/// Only what the agent needs of a vm.toml; the rest is `vm start`'s business.
 #[derive(Deserialize)]
 struct HaOnly {
     ha: Option<Ha>,
+    #[serde(default)]
+    vcpus: u32,
+    #[serde(default)]
+    memory_mib: u64,
 }
 
 /// One thing the agent did or saw, for `vapp host events` and the log.
@@ -155,9 +280,10 @@ struct HaOnly {
 pub struct Event {
     /// Wall clock, nanoseconds since the Unix epoch.
     pub time_ns: i64,
-    /// `host-dead`, `vm-started`, `vm-restarted`, `vm-exited`, `vm-crashed`, `vm-failed`,
-    /// `vm-stopped`, `restart-lost` (another host took the VM first), `agent-started`,
-    /// `agent-stopped`.
+    /// `host-dead`, `vm-started`, `vm-start-failed`, `vm-restarted`, `vm-exited`,
+    /// `vm-crashed`, `vm-failed`, `vm-stopped`, `vm-waiting` (for the VMs of its `[ha] after`),
+    /// `order-timeout` (restarted without them), `restart-lost` (another host took the VM
+    /// first), `lock-lost`, `agent-started`, `agent-stopped`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
@@ -187,6 +313,9 @@ pub struct VmReport {
     pub pid: Option<u32>,
     /// Failed starts in a row.
     pub failures: u32,
+    /// The UUID of the datastore the VM is on.
+    #[serde(default)]
+    pub datastore: String,
 }
 
 struct Vm {
@@ -197,6 +326,9 @@ struct Vm {
     next_try: Option<Instant>,
     /// A stop was asked for: the child's exit is not a crash.
     stopping: bool,
+    need: Need,
+    /// A `lock-lost` event was recorded for this runner.
+    lock_lost: bool,
 }
 
 /// A host seen in the heartbeat region, by slot and incarnation.
@@ -215,6 +347,19 @@ pub struct Agent {
     seen: Mutex<HashMap<(u32, u64), Seen>>,
     events: Mutex<Vec<Event>>,
     stop: Arc<AtomicBool>,
+    /// This agent's record file, held open (locked) for its lifetime, and what it last wrote.
+    record: Mutex<Option<(vmfs::FileHandle, Option<HostRecord>)>>,
+    /// VMs being started here: their share is counted before their runner holds the lock.
+    starting: Mutex<HashMap<String, Need>>,
+    /// When a dead host's VM was first seen waiting: for its `after` VMs, or for the host
+    /// chosen to start it.
+    waiting: Mutex<HashMap<String, Instant>>,
+    deferred: Mutex<HashMap<String, Instant>>,
+    /// When each orphaned VM config lock was first seen, to place a dead host's VMs together.
+    orphans: Mutex<HashMap<u64, Instant>>,
+    /// The host that last held each VM config's lock, by inode, to name a host found already
+    /// recovered.
+    holders: Mutex<HashMap<u64, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,7 +385,8 @@ impl Agent {
         options.host_name = config.name.clone();
         let ds = Datastore::open(lun.clone(), &options)
             .map_err(vmfs_err(format!("datastore {}", config.datastores[0])))?;
-        Ok(Agent {
+        let record = open_record(&ds, &config.name)?;
+        let agent = Agent {
             config,
             exe,
             lun,
@@ -249,7 +395,109 @@ impl Agent {
             seen: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
             stop,
-        })
+            record: Mutex::new(Some((record, None))),
+            starting: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
+        };
+        agent.publish()?;
+        Ok(agent)
+    }
+
+    /// This agent's record as it stands: what it offers, minus what its VMs take.
+    fn current_record(&self) -> HostRecord {
+        let offered = self.config.offered();
+        let mut used = Need::default();
+        let mut count = 0u32;
+        let mut add = |need: &Need| {
+            used.memory_mib = used.memory_mib.saturating_add(need.memory_mib);
+            used.cpus = used.cpus.saturating_add(need.cpus);
+            count += 1;
+        };
+        for vm in lock(&self.vms).values().filter(|vm| vm.child.is_some()) {
+            add(&vm.need);
+        }
+        let mut starting = Vec::new();
+        for (folder, need) in lock(&self.starting).iter() {
+            add(need);
+            starting.push(folder.clone());
+        }
+        starting.sort();
+        let host = self.ds.host();
+        HostRecord {
+            version: RECORD_VERSION,
+            host: self.config.name.clone(),
+            slot: host.as_ref().map_or(0, |h| h.slot),
+            generation: host.as_ref().map_or(0, |h| h.generation),
+            memory_mib: offered.memory_mib,
+            cpus: offered.cpus,
+            free_memory_mib: offered.memory_mib.saturating_sub(used.memory_mib),
+            free_cpus: offered.cpus.saturating_sub(used.cpus),
+            vms: count,
+            starting,
+        }
+    }
+
+    /// Writes this agent's record when what it says changed.
+    fn publish(&self) -> Result<()> {
+        let record = self.current_record();
+        let mut guard = lock(&self.record);
+        let Some((file, last)) = guard.as_mut() else {
+            return Ok(());
+        };
+        if last.as_ref() == Some(&record) {
+            return Ok(());
+        }
+        let path = record_path(&self.config.name);
+        let mut written = record.clone();
+        let mut bytes = loop {
+            let bytes = serde_json::to_vec(&written)
+                .map_err(|e| Error::Api(format!("{path}: cannot encode: {e}")))?;
+            if bytes.len() < RECORD_BYTES {
+                break bytes;
+            }
+            // Too many VMs starting at once to list: the free figures still count them.
+            if written.starting.pop().is_none() {
+                return Err(Error::Config(format!(
+                    "{path}: host name {:?} makes the record longer than {RECORD_BYTES} bytes",
+                    self.config.name
+                )));
+            }
+        };
+        bytes.resize(RECORD_BYTES - 1, b' ');
+        bytes.push(b'\n');
+        file.write_at(&bytes, 0).map_err(vmfs_err(&path))?;
+        file.sync().map_err(vmfs_err(&path))?;
+        tracing::debug!(
+            free_memory_mib = record.free_memory_mib,
+            free_cpus = record.free_cpus,
+            "host record published"
+        );
+        *last = Some(record);
+        Ok(())
+    }
+
+    fn publish_or_warn(&self) {
+        if let Err(e) = self.publish() {
+            tracing::warn!(error = %e, "publishing this host's free capacity failed");
+        }
+    }
+
+    /// Another agent's record, if it has one that decodes.
+    fn read_record(&self, name: &str) -> Option<HostRecord> {
+        let path = record_path(name);
+        let ino = self.ds.resolve(&path).ok()?;
+        for _ in 0..3 {
+            let mut bytes = vec![0u8; RECORD_BYTES];
+            let n = self.ds.read(ino, 0, &mut bytes).ok()?;
+            bytes.truncate(n);
+            if let Ok(record) = serde_json::from_slice::<HostRecord>(bytes.trim_ascii_end()) {
+                return (record.version == RECORD_VERSION && record.host == name).then_some(record);
+            }
+        }
+        None
     }
 
     pub fn config(&self) -> &Config {
@@ -272,6 +520,7 @@ impl Agent {
             .display()
             .to_string()))?;
         let server = api::serve(self.clone())?;
+        notify_systemd(sd_notify::NotifyState::Ready);
         self.event(
             "agent-started",
             None,
@@ -292,6 +541,7 @@ impl Agent {
             Some(&self.config.name),
             "stopping the VMs this host runs".to_string(),
         );
+        notify_systemd(sd_notify::NotifyState::Stopping);
         let running: Vec<String> = lock(&self.vms)
             .iter()
             .filter(|(_, vm)| vm.child.is_some())
@@ -309,6 +559,8 @@ impl Agent {
 
     /// Leaves the datastore cleanly (after [`Agent::run`]).
     pub fn close(self) -> Result<()> {
+        // The record's handle holds a lock of this host: released before the host leaves.
+        drop(lock(&self.record).take());
         self.ds
             .close()
             .map_err(vmfs_err(format!("closing {}", self.config.datastores[0])))
@@ -341,7 +593,16 @@ impl Agent {
                 )));
             }
         }
-        let ha = self.read_ha(folder)?;
+        let (ha, need) = self.read_vm(folder)?;
+        lock(&self.starting).insert(folder.to_string(), need);
+        self.publish_or_warn();
+        let started = self.spawn_runner(folder, &ha, need);
+        lock(&self.starting).remove(folder);
+        self.publish_or_warn();
+        started
+    }
+
+    fn spawn_runner(&self, folder: &str, ha: &Ha, need: Need) -> Result<u32> {
         let stderr_path = self.log_path(folder, "log");
         let stderr = OpenOptions::new()
             .create(true)
@@ -359,6 +620,8 @@ impl Agent {
             .arg(self.log_path(folder, "console"))
             .env("VAPP_HOST_NAME", &self.config.name)
             .env("VAPP_RUNTIME_DIR", &self.config.runtime_dir)
+            // Readiness is the agent's to report, not its VMs'.
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -376,6 +639,8 @@ impl Agent {
                         failures: 0,
                         next_try: None,
                         stopping: false,
+                        need,
+                        lock_lost: false,
                     },
                 );
                 Ok(pid)
@@ -490,6 +755,7 @@ impl Agent {
                 host: self.config.name.clone(),
                 pid: vm.child.as_ref().map(Child::id),
                 failures: vm.failures,
+                datastore: self.ds.superblock().uuid.to_string(),
             })
             .collect()
     }
@@ -498,6 +764,7 @@ impl Agent {
     /// (1 s, 2 s, 4 s, ...) until it has failed `max_restarts` times in a row.
     fn reap(&self) {
         let mut retry = Vec::new();
+        let mut exited = false;
         {
             let mut vms = lock(&self.vms);
             for (path, vm) in vms.iter_mut() {
@@ -506,6 +773,7 @@ impl Agent {
                         continue;
                     };
                     vm.child = None;
+                    exited = true;
                     // 0: powered off; 3: powered off with a status; 4: stopped (vm start).
                     let clean = vm.stopping || matches!(status.code(), Some(0 | 3 | 4));
                     if clean {
@@ -535,6 +803,9 @@ impl Agent {
                     retry.push(path.clone());
                 }
             }
+        }
+        if exited {
+            self.publish_or_warn();
         }
         for path in retry {
             self.restart(&path, "restarted after a crash");
@@ -576,6 +847,8 @@ impl Agent {
                     failures,
                     next_try: None,
                     stopping: false,
+                    need: Need::default(),
+                    lock_lost: false,
                 });
                 vm.failures = failures + 1;
                 if vm.failures >= self.config.max_restarts {
@@ -604,22 +877,26 @@ impl Agent {
         }
     }
 
-    /// Follows the other hosts' heartbeats and restarts the protected VMs of dead ones.
+    /// Follows the other hosts' heartbeats and restarts the protected VMs of dead ones, each
+    /// on the live agent [`place`] chooses.
     fn watch_cluster(&self) -> Result<()> {
         let survey = vmfs::cluster::survey::survey(self.lun.clone(), Duration::ZERO)
             .map_err(vmfs_err("reading heartbeats"))?;
         let dead_after = self.ds.timing().dead_after();
         let now = Instant::now();
-        let me = self.ds.host_slot();
+        let me = self.ds.host();
         // Inodes locked open exclusively by a dead host, or by one already recovered.
         let mut orphaned: HashSet<u64> = HashSet::new();
-        let mut alive_holds: HashSet<u64> = HashSet::new();
+        // Inodes locked open exclusively by a live host: its name and pid.
+        let mut held: HashMap<u64, (String, u32)> = HashMap::new();
+        // Live hosts by name, slot and incarnation: the agents among them have a record.
+        let mut live: Vec<(String, u32, u64)> = Vec::new();
         {
             let mut seen = lock(&self.seen);
             for host in &survey.hosts {
-                if Some(host.slot) == me {
-                    continue;
-                }
+                let mine = me
+                    .as_ref()
+                    .is_some_and(|m| m.slot == host.slot && m.generation == host.generation);
                 let entry = seen.entry((host.slot, host.generation)).or_insert(Seen {
                     counter: host.counter,
                     moved: now,
@@ -629,7 +906,7 @@ impl Agent {
                     entry.counter = host.counter;
                     entry.moved = now;
                 }
-                let dead = host.state == "recovering" || now - entry.moved >= dead_after;
+                let dead = !mine && (host.state == "recovering" || now - entry.moved >= dead_after);
                 if dead && !entry.declared_dead {
                     entry.declared_dead = true;
                     drop_event_raw(
@@ -645,6 +922,9 @@ impl Agent {
                         ),
                     );
                 }
+                if !dead {
+                    live.push((host.host_name.clone(), host.slot, host.generation));
+                }
                 for l in &host.locks {
                     if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true) =
                         (l.target, l.mode, l.open)
@@ -652,51 +932,252 @@ impl Agent {
                         if dead {
                             orphaned.insert(ino);
                         } else {
-                            alive_holds.insert(ino);
+                            held.insert(ino, (host.host_name.clone(), host.pid));
                         }
                     }
                 }
             }
         }
-        for l in &survey.stale_locks {
-            if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true) =
-                (l.target, l.mode, l.open)
-            {
-                orphaned.insert(ino);
+        {
+            let mut holders = lock(&self.holders);
+            let mut recovered: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for l in &survey.stale_locks {
+                if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true) =
+                    (l.target, l.mode, l.open)
+                {
+                    orphaned.insert(ino);
+                    // Its host died and was recovered between two looks (a same-machine host
+                    // is recovered at once by the next to join): dead all the same.
+                    if let Some(host) = holders.remove(&ino) {
+                        recovered.entry(host).or_default().push(l.object.clone());
+                    }
+                }
+            }
+            for (host, objects) in recovered {
+                drop_event_raw(
+                    &self.events,
+                    "host-dead",
+                    None,
+                    Some(&host),
+                    format!(
+                        "found already recovered: its locks on {} are stale",
+                        objects.join(", ")
+                    ),
+                );
+            }
+            for (ino, (host, _)) in &held {
+                holders.insert(*ino, host.clone());
             }
         }
-        if orphaned.is_empty() {
+        let folders = self.find_vms()?;
+        let inos: HashMap<&str, u64> = folders
+            .iter()
+            .filter_map(|f| {
+                self.ds
+                    .resolve(&format!("{f}/{VM_FILE}"))
+                    .ok()
+                    .map(|ino| (f.as_str(), ino))
+            })
+            .collect();
+        self.check_locks(&inos, &held, &orphaned);
+        if !self.settled(&inos, &orphaned, now) {
             return Ok(());
         }
         let mut candidates = Vec::new();
-        for folder in self.find_vms()? {
-            let Ok(ino) = self.ds.resolve(&format!("{folder}/{VM_FILE}")) else {
+        for folder in &folders {
+            let Some(&ino) = inos.get(folder.as_str()) else {
                 continue;
             };
-            if !orphaned.contains(&ino) || alive_holds.contains(&ino) {
+            if !orphaned.contains(&ino) || held.contains_key(&ino) {
                 continue;
             }
-            let skip = lock(&self.vms)
-                .get(&folder)
-                .is_some_and(|vm| vm.child.is_some() || vm.state == VmState::Failed);
-            if skip {
+            // A VM this agent runs, retries after a crash, or gave up on is its own business.
+            if lock(&self.vms).get(folder).is_some_and(|vm| {
+                vm.child.is_some() || matches!(vm.state, VmState::Failed | VmState::Restarting)
+            }) {
                 continue;
             }
-            match self.read_ha(&folder) {
-                Ok(ha) if ha.restart => candidates.push((ha.priority, folder)),
+            match self.read_vm(folder) {
+                Ok((ha, need)) if ha.restart => candidates.push((ha, need, folder.clone())),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(vm = %folder, error = %e, "cannot read vm.toml"),
             }
         }
-        candidates.sort();
-        for (priority, folder) in candidates {
+        candidates.sort_by(|a, b| (a.0.priority, &a.2).cmp(&(b.0.priority, &b.2)));
+        let ready = self.in_order(candidates, &inos, &held, now);
+        if ready.is_empty() {
+            lock(&self.deferred).clear();
+            return Ok(());
+        }
+        live.sort();
+        live.dedup();
+        let mut agents: Vec<HostRecord> = live
+            .iter()
+            .filter(|(name, ..)| *name != self.config.name)
+            .filter_map(|(name, slot, generation)| {
+                self.read_record(name)
+                    .filter(|r| r.slot == *slot && r.generation == *generation)
+            })
+            .collect();
+        agents.push(self.current_record());
+        agents.sort_by(|a, b| a.host.cmp(&b.host));
+        agents.dedup_by(|a, b| a.host == b.host);
+        // A VM an agent is starting is placed already: its runner waits for the lock.
+        let ready: Vec<(Need, String)> = ready
+            .into_iter()
+            .filter(|(_, f)| !agents.iter().any(|a| a.starting.contains(f)))
+            .collect();
+        let names: HashSet<&str> = ready.iter().map(|(_, f)| f.as_str()).collect();
+        lock(&self.deferred).retain(|f, _| names.contains(f.as_str()));
+        let needs: Vec<Need> = ready.iter().map(|(need, _)| *need).collect();
+        let grace = self.grace();
+        for ((_, folder), host) in ready.iter().zip(place(&agents, &needs)) {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            tracing::info!(vm = %folder, ?priority, "restarting a dead host's protected VM");
-            self.restart(&folder, "its host died");
+            let host = host.unwrap_or_else(|| self.config.name.clone());
+            if host == self.config.name {
+                tracing::info!(vm = %folder, "restarting a dead host's protected VM here");
+                self.restart(
+                    folder,
+                    "its host died; placed here, on the live host with the most free capacity",
+                );
+                continue;
+            }
+            let since = *lock(&self.deferred).entry(folder.clone()).or_insert(now);
+            if now - since >= grace {
+                self.restart(
+                    folder,
+                    &format!(
+                        "its host died; {host}, where it was placed, did not start it within {} s",
+                        grace.as_secs()
+                    ),
+                );
+            }
         }
         Ok(())
+    }
+
+    /// A dead host's VMs are seen orphaned one by one (each runner is a host of its own and
+    /// stops heartbeating a little apart, or is recovered a little apart): they are placed
+    /// once no new one has shown up for a heartbeat period and a half, so priorities and
+    /// capacity are weighed over all of them, or at the latest after four times that.
+    fn settled(&self, inos: &HashMap<&str, u64>, orphaned: &HashSet<u64>, now: Instant) -> bool {
+        let mut orphans = lock(&self.orphans);
+        let configs: HashSet<u64> = inos.values().copied().collect();
+        orphans.retain(|ino, _| orphaned.contains(ino));
+        for ino in orphaned.iter().filter(|ino| configs.contains(ino)) {
+            orphans.entry(*ino).or_insert(now);
+        }
+        let settle = self.ds.timing().renew_interval() * 3 / 2;
+        let newest = orphans.values().max().copied();
+        let oldest = orphans.values().min().copied();
+        match (newest, oldest) {
+            (Some(newest), Some(oldest)) => now - newest >= settle || now - oldest >= settle * 4,
+            _ => true,
+        }
+    }
+
+    /// How long an agent leaves a dead host's VM to the agent chosen for it before starting it
+    /// itself: longer than a start takes, so only a chosen host that failed is overtaken.
+    fn grace(&self) -> Duration {
+        self.ds.timing().dead_after() * 2 + Duration::from_secs(10)
+    }
+
+    /// The candidates whose `[ha] after` VMs run somewhere, or waited for them too long (with
+    /// an event each way), keeping the order given.
+    fn in_order(
+        &self,
+        candidates: Vec<(Ha, Need, String)>,
+        inos: &HashMap<&str, u64>,
+        held: &HashMap<u64, (String, u32)>,
+        now: Instant,
+    ) -> Vec<(Need, String)> {
+        let mut waiting = lock(&self.waiting);
+        let names: HashSet<&str> = candidates.iter().map(|(.., f)| f.as_str()).collect();
+        waiting.retain(|f, _| names.contains(f.as_str()));
+        let mut ready = Vec::new();
+        for (ha, need, folder) in candidates {
+            let missing: Vec<&str> = ha
+                .after
+                .iter()
+                .map(|d| d.trim_end_matches('/'))
+                .filter(|d| !inos.get(d).is_some_and(|ino| held.contains_key(ino)))
+                .collect();
+            if missing.is_empty() {
+                ready.push((need, folder));
+                continue;
+            }
+            let timeout = Duration::from_secs(ha.after_timeout.unwrap_or(DEFAULT_AFTER_TIMEOUT));
+            match waiting.get(&folder) {
+                None => {
+                    waiting.insert(folder.clone(), now);
+                    self.event(
+                        "vm-waiting",
+                        Some(&folder),
+                        Some(&self.config.name),
+                        format!(
+                            "its host died; restarts once {} run (at most {} s)",
+                            missing.join(", "),
+                            timeout.as_secs()
+                        ),
+                    );
+                }
+                Some(&since) if now - since >= timeout => {
+                    self.event(
+                        "order-timeout",
+                        Some(&folder),
+                        Some(&self.config.name),
+                        format!(
+                            "restarting without {}, not running after {} s",
+                            missing.join(", "),
+                            timeout.as_secs()
+                        ),
+                    );
+                    // Once: from now on it is ready like any other.
+                    waiting.insert(folder.clone(), now - timeout - Duration::from_secs(1));
+                    ready.push((need, folder));
+                }
+                Some(_) => {}
+            }
+        }
+        ready
+    }
+
+    /// Records `lock-lost` for a VM this agent runs whose config lock its runner no longer
+    /// holds (its slot fenced, or another host has it).
+    fn check_locks(
+        &self,
+        inos: &HashMap<&str, u64>,
+        held: &HashMap<u64, (String, u32)>,
+        orphaned: &HashSet<u64>,
+    ) {
+        let mut vms = lock(&self.vms);
+        for (folder, vm) in vms.iter_mut() {
+            let (Some(child), Some(ino)) = (&vm.child, inos.get(folder.as_str())) else {
+                continue;
+            };
+            if vm.lock_lost {
+                continue;
+            }
+            let holder = match held.get(ino) {
+                Some((host, pid)) if *host == self.config.name && *pid == child.id() => continue,
+                Some((host, pid)) => format!("host {host} (pid {pid}) holds it"),
+                None if orphaned.contains(ino) => {
+                    "its runner's host slot stopped heartbeating".to_string()
+                }
+                // Between two records of one survey: look again next time.
+                None => continue,
+            };
+            vm.lock_lost = true;
+            drop_event_raw(
+                &self.events,
+                "lock-lost",
+                Some(folder),
+                Some(&self.config.name),
+                format!("runner pid {}: {holder}", child.id()),
+            );
+        }
     }
 
     fn find_vms(&self) -> Result<Vec<String>> {
@@ -735,8 +1216,9 @@ impl Agent {
         Ok(())
     }
 
-    /// The `[ha]` table of `folder`'s vm.toml, read without its lock (a running VM holds it).
-    pub fn read_ha(&self, folder: &str) -> Result<Ha> {
+    /// The `[ha]` table of `folder`'s vm.toml and what the VM takes, read without its lock
+    /// (a running VM holds it).
+    pub fn read_vm(&self, folder: &str) -> Result<(Ha, Need)> {
         let path = format!("{folder}/{VM_FILE}");
         let attr = self
             .ds
@@ -757,8 +1239,49 @@ impl Agent {
             String::from_utf8(bytes).map_err(|_| Error::Api(format!("{path}: not UTF-8")))?;
         let parsed: HaOnly =
             toml::from_str(&text).map_err(|e| Error::Api(format!("{path}: {}", e.message())))?;
-        Ok(parsed.ha.unwrap_or_default())
+        Ok((
+            parsed.ha.unwrap_or_default(),
+            Need {
+                memory_mib: parsed.memory_mib,
+                cpus: parsed.vcpus,
+            },
+        ))
     }
+}
+
+/// Tells systemd (`$NOTIFY_SOCKET`, when set) how the agent stands.
+fn notify_systemd(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "notifying systemd failed");
+    }
+}
+
+fn record_path(name: &str) -> String {
+    format!("{RECORD_DIR}/{name}")
+}
+
+/// Opens (creating it the first time) this host's record, exclusively: a second live agent
+/// of the same name is refused here rather than overwriting the first one's record.
+fn open_record(ds: &Datastore, name: &str) -> Result<vmfs::FileHandle> {
+    let path = record_path(name);
+    if name.contains('/') || name.starts_with('.') {
+        return Err(Error::Config(format!(
+            "host name {name:?}: must not contain '/' or start with '.'"
+        )));
+    }
+    ds.mkdir_all(RECORD_DIR, 0o755, vmfs::Creds::default())
+        .map_err(vmfs_err(RECORD_DIR))?;
+    match ds.create_path(&path, &vmfs::NewFile::default()) {
+        Ok(_) | Err(vmfs::Error::Exists { .. }) => {}
+        Err(e) => return Err(vmfs_err(&path)(e)),
+    }
+    ds.open_path(&path, vmfs::Access::Exclusive)
+        .map_err(|e| match e {
+            vmfs::Error::Busy { .. } => Error::Config(format!(
+                "{path}: another agent named {name:?} runs on this datastore ({e}); host names must be unique"
+            )),
+            e => vmfs_err(&path)(e),
+        })
 }
 
 fn drop_event(
@@ -815,4 +1338,46 @@ fn tail(path: &Path, offset: u64) -> String {
         let _ = file.read_to_string(&mut text);
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, memory_mib: u64, cpus: u32) -> HostRecord {
+        HostRecord {
+            version: RECORD_VERSION,
+            host: name.to_string(),
+            slot: 0,
+            generation: 0,
+            memory_mib,
+            cpus,
+            free_memory_mib: memory_mib,
+            free_cpus: cpus,
+            vms: 0,
+            starting: Vec::new(),
+        }
+    }
+
+    fn need(memory_mib: u64, cpus: u32) -> Need {
+        Need { memory_mib, cpus }
+    }
+
+    #[test]
+    fn place_fills_the_host_with_most_free_then_spreads() {
+        let hosts = [host("b", 192, 8), host("c", 96, 8)];
+        let placed = place(&hosts, &[need(64, 1), need(64, 1), need(64, 1)]);
+        let names: Vec<_> = placed.iter().map(|h| h.as_deref()).collect();
+        assert_eq!(names, [Some("b"), Some("b"), Some("c")]);
+    }
+
+    #[test]
+    fn place_skips_a_host_the_vm_does_not_fit_on_and_breaks_ties_by_name() {
+        let hosts = [host("b", 4096, 1), host("c", 512, 4), host("a", 512, 4)];
+        let placed = place(&hosts, &[need(256, 2), need(8192, 1)]);
+        // 2 vCPUs do not fit on b; a and c tie, a's name is first. 8 GiB fits nowhere: b has
+        // the most memory.
+        assert_eq!(placed, [Some("a".to_string()), Some("b".to_string())]);
+        assert!(place(&[], &[need(1, 1)]) == [None]);
+    }
 }

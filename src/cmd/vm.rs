@@ -309,6 +309,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         ha: args.ha.map(|priority| host::Ha {
             restart: true,
             priority,
+            ..Default::default()
         }),
         disks: new_disks
             .iter()
@@ -741,12 +742,15 @@ struct Listed {
     vcpus: Option<u32>,
     memory_bytes: Option<u64>,
     disks: Vec<ListedDisk>,
-    /// `stopped`, `running` or `invalid`.
+    /// `stopped`, `running`, `failed` (the local agent gave up restarting it) or `invalid`.
     state: &'static str,
     host: Option<String>,
     pid: Option<u32>,
     /// Why the VM is `invalid`.
     error: Option<String>,
+    /// For `failed`: its failed starts in a row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failures: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -776,10 +780,11 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
     } else {
         lock_holders(&ds)?
     };
-    let listed = folders
+    let mut listed = folders
         .iter()
         .map(|folder| describe_vm(&ds, &registry, &mut holders, folder))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    mark_failed(&ds, &mut listed);
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &listed)?;
@@ -799,6 +804,10 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
                 vm.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
             ),
             ("invalid", _, Some(error)) => format!("invalid: {error}"),
+            ("failed", _, _) => format!(
+                "failed after {} tries (vapp host events)",
+                vm.failures.unwrap_or(0)
+            ),
             (state, _, _) => state.to_string(),
         };
         writeln!(
@@ -814,6 +823,33 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
         .map_err(crate::cmd::stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A VM that does not run and that this host's agent gave up restarting is `failed`. No
+/// agent answering (none runs here) leaves the list as the datastore shows it.
+fn mark_failed(ds: &Datastore, listed: &mut [Listed]) {
+    let socket = crate::cmd::host::agent_socket();
+    let Ok((200, body)) =
+        host::client::request(&socket, "GET", "/vms", std::time::Duration::from_secs(5))
+    else {
+        return;
+    };
+    let Ok(reports) = serde_json::from_value::<Vec<host::VmReport>>(body) else {
+        return;
+    };
+    let uuid = ds.superblock().uuid.to_string();
+    for report in reports
+        .iter()
+        .filter(|r| r.state == "failed" && r.datastore == uuid)
+    {
+        if let Some(vm) = listed
+            .iter_mut()
+            .find(|vm| vm.path == report.path && vm.state == "stopped")
+        {
+            vm.state = "failed";
+            vm.failures = Some(report.failures);
+        }
+    }
 }
 
 /// Folders at or below `dir` holding a vm.toml (not looking inside a VM folder).
@@ -874,6 +910,7 @@ fn describe_vm(
         host,
         pid,
         error: None,
+        failures: None,
     };
     let spec = read_spec(ds, folder);
     match spec {
