@@ -463,6 +463,21 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
             })
             .sum::<usize>()
     };
+    // The survivor that gave up shows it in `vm list`, with its tries.
+    let gave_up = [&b, &c]
+        .into_iter()
+        .find(|agent| kind_count(&cluster.events(agent), "vm-failed", "/vms/broken") > 0)
+        .unwrap();
+    let out = cluster.ok(&gave_up.name, &["vm", "list", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let broken = list.iter().find(|vm| vm["path"] == "/vms/broken").unwrap();
+    assert_eq!(
+        (&broken["state"], &broken["failures"]),
+        (&"failed".into(), &3.into()),
+        "{out}"
+    );
+    let text = cluster.ok(&gave_up.name, &["vm", "list"]);
+    assert!(text.contains("failed after 3 tries"), "{text}");
     let settled = attempts();
     std::thread::sleep(Duration::from_secs(10));
     let later = attempts();
@@ -833,4 +848,68 @@ fn a_vm_restarts_only_once_the_vm_it_follows_runs_even_on_another_host() {
     });
     stop_agent(b);
     stop_agent(c);
+}
+
+#[test]
+fn host_run_tells_systemd_it_is_ready_and_stopping_and_events_follow_streams_new_ones() {
+    if !lun::prereq::require(lun::prereq::is_root(), "root (as the other agent tests)") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let notify = cluster.dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let a = cluster.agent_with("esx-a", "", &[("NOTIFY_SOCKET", &notify)]);
+    let mut message = [0u8; 256];
+    let n = systemd.recv(&mut message).unwrap();
+    assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "READY=1");
+    // Ready means the API answers.
+    let socket = a.runtime.join("agent.sock");
+    let (status, _) = raw(
+        &socket,
+        b"GET /vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+
+    let mut follow = cluster
+        .command("esx-a", &["host", "events", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, printed) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = printed
+            .recv_timeout(Duration::from_secs(20))
+            .expect("host events --follow printed nothing new");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next()["kind"], "agent-started");
+    // Something happens after it started following: it prints it.
+    let (status, _) = raw(&socket, &post("/vms/nowhere/start"));
+    assert_eq!(status, 409);
+    let event = next();
+    assert_eq!(
+        (&event["kind"], &event["vm"]),
+        (&"vm-start-failed".into(), &"/nowhere".into()),
+        "{event}"
+    );
+    assert!(follow.try_wait().unwrap().is_none(), "--follow ended");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    stop_agent(a);
+    let n = systemd.recv(&mut message).unwrap();
+    assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "STOPPING=1");
 }
