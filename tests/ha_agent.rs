@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -93,10 +93,14 @@ impl Cluster {
     }
 
     fn command(&self, host: &str, args: &[&str]) -> Command {
+        self.command_on(&self.ds, host, args)
+    }
+
+    fn command_on(&self, ds: &str, host: &str, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vapp"));
         command
             .arg("-d")
-            .arg(&self.ds)
+            .arg(ds)
             .args(args)
             .env_remove("VAPP_DATASTORE")
             .env_remove("VAPP_KVM_DEVICE")
@@ -107,12 +111,12 @@ impl Cluster {
         command
     }
 
-    fn run(&self, host: &str, args: &[&str]) -> Output {
-        self.command(host, args).output().unwrap()
+    fn ok(&self, host: &str, args: &[&str]) -> String {
+        self.ok_on(&self.ds, host, args)
     }
 
-    fn ok(&self, host: &str, args: &[&str]) -> String {
-        let out = self.run(host, args);
+    fn ok_on(&self, ds: &str, host: &str, args: &[&str]) -> String {
+        let out = self.command_on(ds, host, args).output().unwrap();
         assert!(
             out.status.success(),
             "vapp {args:?} as {host}: {}",
@@ -122,6 +126,10 @@ impl Cluster {
     }
 
     fn create_vm(&self, path: &str, cmdline: &str, ha: Option<&str>) {
+        self.create_vm_on(&self.ds, path, cmdline, ha);
+    }
+
+    fn create_vm_on(&self, ds: &str, path: &str, cmdline: &str, ha: Option<&str>) {
         let mut args = vec![
             "vm",
             "create",
@@ -140,7 +148,7 @@ impl Cluster {
         if let Some(priority) = ha {
             args.extend(["--ha", priority]);
         }
-        self.ok("esx-a", &args);
+        self.ok_on(ds, "esx-a", &args);
     }
 
     fn agent(&self, name: &str) -> Agent {
@@ -149,14 +157,23 @@ impl Cluster {
 
     /// An agent whose host.toml ends with `extra`, run with `env` set.
     fn agent_with(&self, name: &str, extra: &str, env: &[(&str, &Path)]) -> Agent {
+        self.agent_on(name, &[&self.ds], extra, env)
+    }
+
+    fn agent_on(
+        &self,
+        name: &str,
+        datastores: &[&str],
+        extra: &str,
+        env: &[(&str, &Path)],
+    ) -> Agent {
         let runtime = self.runtime(name);
         std::fs::create_dir_all(&runtime).unwrap();
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "name = {name:?}\ndatastores = [{:?}]\nruntime_dir = {:?}\n{extra}",
-                self.ds,
+                "name = {name:?}\ndatastores = {datastores:?}\nruntime_dir = {:?}\n{extra}",
                 runtime.to_str().unwrap()
             ),
         )
@@ -368,12 +385,14 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     let watching = Arc::new(AtomicBool::new(true));
     let worst = Arc::new(AtomicUsize::new(0));
     let twice = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // This cluster's runners only: other tests run VMs of the same names meanwhile.
+    let ds = cluster.ds.clone();
     let sampler = {
         let (watching, worst, twice) = (watching.clone(), worst.clone(), twice.clone());
         std::thread::spawn(move || {
             while watching.load(Ordering::SeqCst) {
                 for vm in vms {
-                    let pids: Vec<i32> = runners(&format!("--foreground {vm} "))
+                    let pids: Vec<i32> = runners(&format!("{ds} vm start --foreground {vm} "))
                         .into_iter()
                         .filter(|&pid| runs_a_guest(pid))
                         .collect();
@@ -503,14 +522,14 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     // Power the restarted guests off, and their disks hold one consistent counter sequence:
     // one writer at a time, nothing torn.
     for vm in ["/vms/db", "/vms/web"] {
-        for pid in runners(&format!("--foreground {vm} ")) {
+        for pid in runners(&format!("{} vm start --foreground {vm} ", cluster.ds)) {
             power_off(pid);
         }
     }
     wait_for(
         "the restarted runners gone",
         Duration::from_secs(30),
-        || runners("--foreground /vms/").is_empty(),
+        || runners(&format!("{} vm start --foreground /vms/", cluster.ds)).is_empty(),
     );
     for vm in ["/vms/db", "/vms/web"] {
         let writes =
@@ -912,4 +931,86 @@ fn host_run_tells_systemd_it_is_ready_and_stopping_and_events_follow_streams_new
     stop_agent(a);
     let n = systemd.recv(&mut message).unwrap();
     assert_eq!(String::from_utf8_lossy(&message[..n]).trim(), "STOPPING=1");
+}
+
+#[test]
+fn one_agent_hosts_two_datastores_and_restarts_the_vms_of_both() {
+    if !have_kvm_and_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let ds2 = cluster.dir.path().join("ds2.vmfs");
+    let ds2 = ds2.to_str().unwrap();
+    cluster.ok_on(
+        ds2,
+        "esx-a",
+        &[
+            "datastore",
+            "format",
+            ds2,
+            "--name",
+            "ha2",
+            "--size",
+            "1G",
+            "--io-timeout",
+            &format!("{IO_TIMEOUT_MS}ms"),
+        ],
+    );
+    let counter = format!("mode=counter counter_sectors={SECTORS}");
+    // The same folder on both: two VMs all the same.
+    cluster.create_vm("/vms/db", &counter, Some("high"));
+    cluster.create_vm_on(ds2, "/vms/db", &counter, Some("high"));
+    let both = [cluster.ds.as_str(), ds2];
+    let mut a = cluster.agent_on("esx-a", &both, "", &[]);
+    let b = cluster.agent_on("esx-b", &both, "", &[]);
+    for ds in both {
+        let out = cluster.ok_on(ds, "esx-a", &["vm", "start", "/vms/db"]);
+        assert!(
+            out.contains("vm /vms/db: running on host esx-a")
+                && out.contains(&format!("datastore {ds} (")),
+            "{out}"
+        );
+    }
+    // The API says which datastore each runs from.
+    let (status, body) = raw(
+        &a.runtime.join("agent.sock"),
+        b"GET /vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let vms: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let mut on: Vec<&str> = vms
+        .iter()
+        .map(|vm| vm["datastore_path"].as_str().unwrap())
+        .collect();
+    on.sort_unstable();
+    assert_eq!(on, both, "{body}");
+    let consoles = ["vms_db.console", "ds2-vms_db.console"];
+    for name in consoles {
+        wait_for(&format!("{name} counting on esx-a"), BOOT, || {
+            std::fs::read_to_string(a.runtime.join("vms").join(name))
+                .is_ok_and(|c| c.contains("counter: 256"))
+        });
+    }
+
+    kill_host(&mut a);
+    for ds in both {
+        wait_for(
+            &format!("/vms/db of {ds} running on esx-b"),
+            DEAD_AFTER * 4 + BOOT,
+            || {
+                let out = cluster.ok_on(ds, "esx-b", &["vm", "list", "--json"]);
+                let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+                list.iter().any(|vm| {
+                    vm["path"] == "/vms/db" && vm["state"] == "running" && vm["host"] == "esx-b"
+                })
+            },
+        );
+    }
+    for name in consoles {
+        wait_for(&format!("{name} counting on esx-b"), BOOT, || {
+            std::fs::read_to_string(b.runtime.join("vms").join(name))
+                .is_ok_and(|c| c.contains("counter: 256"))
+        });
+    }
+    stop_agent(b);
 }

@@ -85,7 +85,8 @@ fn vmfs_err(what: impl Into<String>) -> impl FnOnce(vmfs::Error) -> Error {
 pub struct Config {
     /// This host's name on the datastore (what `vapp datastore hosts` and `vm list` show).
     pub name: String,
-    /// The datastores this host joins; this version runs VMs from exactly one.
+    /// The datastores this host joins (LUN paths or nbd:// URLs): a host slot, VMs and
+    /// heartbeats followed on each.
     pub datastores: Vec<String>,
     /// Where the API socket, the VMs' console logs and their runners' messages live.
     pub runtime_dir: PathBuf,
@@ -123,10 +124,9 @@ impl Config {
         if config.name.is_empty() {
             return Err(Error::Config(format!("{origin}: `name` is empty")));
         }
-        if config.datastores.len() != 1 {
+        if config.datastores.is_empty() {
             return Err(Error::Config(format!(
-                "{origin}: `datastores` lists {} datastores; this version of the agent joins exactly one",
-                config.datastores.len()
+                "{origin}: `datastores` is empty: name at least one"
             )));
         }
         if config.max_restarts == 0 {
@@ -316,6 +316,9 @@ pub struct VmReport {
     /// The UUID of the datastore the VM is on.
     #[serde(default)]
     pub datastore: String,
+    /// That datastore as the agent's host.toml names it.
+    #[serde(default)]
+    pub datastore_path: String,
 }
 
 struct Vm {
@@ -338,19 +341,19 @@ struct Seen {
     declared_dead: bool,
 }
 
-pub struct Agent {
-    config: Config,
-    exe: PathBuf,
+/// A VM by the index of its datastore in [`Config::datastores`] and its folder there.
+type VmKey = (usize, String);
+
+/// One datastore the agent is a host of, and what it follows there.
+struct Store {
+    /// As host.toml names it.
+    given: String,
+    uuid: String,
     lun: Arc<dyn Lun>,
     ds: Datastore,
-    vms: Mutex<BTreeMap<String, Vm>>,
     seen: Mutex<HashMap<(u32, u64), Seen>>,
-    events: Mutex<Vec<Event>>,
-    stop: Arc<AtomicBool>,
     /// This agent's record file, held open (locked) for its lifetime, and what it last wrote.
     record: Mutex<Option<(vmfs::FileHandle, Option<HostRecord>)>>,
-    /// VMs being started here: their share is counted before their runner holds the lock.
-    starting: Mutex<HashMap<String, Need>>,
     /// When a dead host's VM was first seen waiting: for its `after` VMs, or for the host
     /// chosen to start it.
     waiting: Mutex<HashMap<String, Instant>>,
@@ -360,6 +363,34 @@ pub struct Agent {
     /// The host that last held each VM config's lock, by inode, to name a host found already
     /// recovered.
     holders: Mutex<HashMap<u64, String>>,
+}
+
+impl Store {
+    /// `datastore` is a UUID, or the path host.toml gives (the same file by another path
+    /// counts too).
+    fn is(&self, datastore: &str) -> bool {
+        if datastore == self.given || datastore.eq_ignore_ascii_case(&self.uuid) {
+            return true;
+        }
+        match (
+            std::fs::canonicalize(datastore),
+            std::fs::canonicalize(&self.given),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+pub struct Agent {
+    config: Config,
+    exe: PathBuf,
+    stores: Vec<Store>,
+    vms: Mutex<BTreeMap<VmKey, Vm>>,
+    events: Mutex<Vec<Event>>,
+    stop: Arc<AtomicBool>,
+    /// VMs being started here: their share is counted before their runner holds the lock.
+    starting: Mutex<HashMap<VmKey, Need>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -373,41 +404,101 @@ pub fn now_ns() -> i64 {
 }
 
 impl Agent {
-    /// Joins the datastore on `lun` as host `config.name`. `exe` is the vapp binary that runs
-    /// each VM (`vm start --foreground`).
+    /// Joins each datastore of `config.datastores`, opened as `luns` (in that order), as host
+    /// `config.name`. `exe` is the vapp binary that runs each VM (`vm start --foreground`).
     pub fn new(
         config: Config,
         exe: PathBuf,
-        lun: Arc<dyn Lun>,
+        luns: Vec<Arc<dyn Lun>>,
         stop: Arc<AtomicBool>,
     ) -> Result<Agent> {
         let mut options = vmfs::OpenOptions::read_write();
         options.host_name = config.name.clone();
-        let ds = Datastore::open(lun.clone(), &options)
-            .map_err(vmfs_err(format!("datastore {}", config.datastores[0])))?;
-        let record = open_record(&ds, &config.name)?;
+        let mut stores: Vec<Store> = Vec::new();
+        for (given, lun) in config.datastores.iter().zip(luns) {
+            let ds = Datastore::open(lun.clone(), &options)
+                .map_err(vmfs_err(format!("datastore {given}")))?;
+            let uuid = ds.superblock().uuid.to_string();
+            if let Some(other) = stores.iter().find(|s| s.uuid == uuid) {
+                return Err(Error::Config(format!(
+                    "datastore {given} is datastore {} again (UUID {uuid})",
+                    other.given
+                )));
+            }
+            let record = open_record(&ds, &config.name)?;
+            stores.push(Store {
+                given: given.clone(),
+                uuid,
+                lun,
+                ds,
+                seen: Mutex::new(HashMap::new()),
+                record: Mutex::new(Some((record, None))),
+                waiting: Mutex::new(HashMap::new()),
+                deferred: Mutex::new(HashMap::new()),
+                orphans: Mutex::new(HashMap::new()),
+                holders: Mutex::new(HashMap::new()),
+            });
+        }
         let agent = Agent {
             config,
             exe,
-            lun,
-            ds,
+            stores,
             vms: Mutex::new(BTreeMap::new()),
-            seen: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
             stop,
-            record: Mutex::new(Some((record, None))),
             starting: Mutex::new(HashMap::new()),
-            waiting: Mutex::new(HashMap::new()),
-            deferred: Mutex::new(HashMap::new()),
-            orphans: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
         };
         agent.publish()?;
         Ok(agent)
     }
 
-    /// This agent's record as it stands: what it offers, minus what its VMs take.
-    fn current_record(&self) -> HostRecord {
+    /// The datastore a request names (UUID or path), or the only one the VM folder is on.
+    pub fn store_for(&self, folder: &str, datastore: Option<&str>) -> Result<usize> {
+        if let Some(datastore) = datastore {
+            return self
+                .stores
+                .iter()
+                .position(|s| s.is(datastore))
+                .ok_or_else(|| {
+                    Error::Api(format!(
+                        "datastore {datastore}: host {} is not a host of it (it has {})",
+                        self.config.name,
+                        self.config.datastores.join(", ")
+                    ))
+                });
+        }
+        if self.stores.len() == 1 {
+            return Ok(0);
+        }
+        let config = format!("{folder}/{VM_FILE}");
+        let on: Vec<usize> = (0..self.stores.len())
+            .filter(|&i| self.stores[i].ds.stat_path(&config).is_ok())
+            .collect();
+        match on.as_slice() {
+            [i] => Ok(*i),
+            [] => Err(Error::Api(format!(
+                "{folder}: no VM here (no {config} on {})",
+                self.config.datastores.join(", ")
+            ))),
+            _ => Err(Error::Api(format!(
+                "{folder}: a VM of that folder is on several datastores ({}): name one",
+                on.iter()
+                    .map(|&i| self.stores[i].given.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The datastore `store` as host.toml names it, and its UUID.
+    pub fn datastore(&self, store: usize) -> (&str, &str) {
+        let s = &self.stores[store];
+        (&s.given, &s.uuid)
+    }
+
+    /// This agent's record on datastore `store` as it stands: what it offers, minus what its
+    /// VMs on every datastore take.
+    fn current_record(&self, store: usize) -> HostRecord {
         let offered = self.config.offered();
         let mut used = Need::default();
         let mut count = 0u32;
@@ -420,12 +511,14 @@ impl Agent {
             add(&vm.need);
         }
         let mut starting = Vec::new();
-        for (folder, need) in lock(&self.starting).iter() {
+        for ((on, folder), need) in lock(&self.starting).iter() {
             add(need);
-            starting.push(folder.clone());
+            if *on == store {
+                starting.push(folder.clone());
+            }
         }
         starting.sort();
-        let host = self.ds.host();
+        let host = self.stores[store].ds.host();
         HostRecord {
             version: RECORD_VERSION,
             host: self.config.name.clone(),
@@ -440,10 +533,17 @@ impl Agent {
         }
     }
 
-    /// Writes this agent's record when what it says changed.
+    /// Writes this agent's record on each datastore when what it says changed.
     fn publish(&self) -> Result<()> {
-        let record = self.current_record();
-        let mut guard = lock(&self.record);
+        for store in 0..self.stores.len() {
+            self.publish_on(store)?;
+        }
+        Ok(())
+    }
+
+    fn publish_on(&self, store: usize) -> Result<()> {
+        let record = self.current_record(store);
+        let mut guard = lock(&self.stores[store].record);
         let Some((file, last)) = guard.as_mut() else {
             return Ok(());
         };
@@ -486,12 +586,13 @@ impl Agent {
     }
 
     /// Another agent's record, if it has one that decodes.
-    fn read_record(&self, name: &str) -> Option<HostRecord> {
+    fn read_record(&self, store: usize, name: &str) -> Option<HostRecord> {
+        let ds = &self.stores[store].ds;
         let path = record_path(name);
-        let ino = self.ds.resolve(&path).ok()?;
+        let ino = ds.resolve(&path).ok()?;
         for _ in 0..3 {
             let mut bytes = vec![0u8; RECORD_BYTES];
-            let n = self.ds.read(ino, 0, &mut bytes).ok()?;
+            let n = ds.read(ino, 0, &mut bytes).ok()?;
             bytes.truncate(n);
             if let Ok(record) = serde_json::from_slice::<HostRecord>(bytes.trim_ascii_end()) {
                 return (record.version == RECORD_VERSION && record.host == name).then_some(record);
@@ -527,11 +628,19 @@ impl Agent {
             Some(&self.config.name),
             format!("serving {}", self.config.socket().display()),
         );
-        let tick = (self.ds.timing().io_timeout / 2).max(Duration::from_millis(50));
+        let tick = self
+            .stores
+            .iter()
+            .map(|s| s.ds.timing().io_timeout / 2)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(50));
         while !self.stop.load(Ordering::SeqCst) {
             self.reap();
-            if let Err(e) = self.watch_cluster() {
-                tracing::warn!(error = %e, "reading the datastore's heartbeats and locks failed");
+            for store in 0..self.stores.len() {
+                if let Err(e) = self.watch_cluster(store) {
+                    tracing::warn!(datastore = %self.stores[store].given, error = %e, "reading the datastore's heartbeats and locks failed");
+                }
             }
             std::thread::sleep(tick);
         }
@@ -542,13 +651,13 @@ impl Agent {
             "stopping the VMs this host runs".to_string(),
         );
         notify_systemd(sd_notify::NotifyState::Stopping);
-        let running: Vec<String> = lock(&self.vms)
+        let running: Vec<VmKey> = lock(&self.vms)
             .iter()
             .filter(|(_, vm)| vm.child.is_some())
-            .map(|(path, _)| path.clone())
+            .map(|(key, _)| key.clone())
             .collect();
-        for path in running {
-            if let Err(e) = self.stop_vm(&path, Duration::from_secs(10)) {
+        for (store, path) in running {
+            if let Err(e) = self.stop_vm(store, &path, Duration::from_secs(10)) {
                 tracing::warn!(vm = %path, error = %e, "stopping a VM failed");
             }
         }
@@ -559,18 +668,37 @@ impl Agent {
 
     /// Leaves the datastore cleanly (after [`Agent::run`]).
     pub fn close(self) -> Result<()> {
-        // The record's handle holds a lock of this host: released before the host leaves.
-        drop(lock(&self.record).take());
-        self.ds
-            .close()
-            .map_err(vmfs_err(format!("closing {}", self.config.datastores[0])))
+        let mut first = Ok(());
+        for store in self.stores {
+            // The record's handle holds a lock of this host: released before the host leaves.
+            drop(lock(&store.record).take());
+            let closed = store
+                .ds
+                .close()
+                .map_err(vmfs_err(format!("closing {}", store.given)));
+            if first.is_ok() {
+                first = closed;
+            }
+        }
+        first
     }
 
-    fn log_path(&self, folder: &str, ext: &str) -> PathBuf {
-        let name: String = folder
-            .trim_start_matches('/')
+    /// Where a VM's console and runner messages go: by folder, and for a datastore after the
+    /// first also by its place in host.toml.
+    fn log_path(&self, store: usize, folder: &str, ext: &str) -> PathBuf {
+        let prefix = if store == 0 {
+            String::new()
+        } else {
+            format!("ds{}-", store + 1)
+        };
+        let name: String = prefix
             .chars()
-            .map(|c| if c == '/' { '_' } else { c })
+            .chain(
+                folder
+                    .trim_start_matches('/')
+                    .chars()
+                    .map(|c| if c == '/' { '_' } else { c }),
+            )
             .collect();
         self.config
             .runtime_dir
@@ -578,13 +706,15 @@ impl Agent {
             .join(format!("{name}.{ext}"))
     }
 
-    /// Starts the VM at `folder` here and waits until its runner holds its lock.
-    pub fn start_vm(&self, folder: &str) -> Result<u32> {
+    /// Starts the VM at `folder` of datastore `store` here and waits until its runner holds
+    /// its lock.
+    pub fn start_vm(&self, store: usize, folder: &str) -> Result<u32> {
+        let key: VmKey = (store, folder.to_string());
         {
             let vms = lock(&self.vms);
             if let Some(Vm {
                 child: Some(child), ..
-            }) = vms.get(folder)
+            }) = vms.get(&key)
             {
                 return Err(Error::Api(format!(
                     "vm {folder} is already running on host {} (pid {})",
@@ -593,17 +723,18 @@ impl Agent {
                 )));
             }
         }
-        let (ha, need) = self.read_vm(folder)?;
-        lock(&self.starting).insert(folder.to_string(), need);
+        let (ha, need) = self.read_vm(store, folder)?;
+        lock(&self.starting).insert(key.clone(), need);
         self.publish_or_warn();
-        let started = self.spawn_runner(folder, &ha, need);
-        lock(&self.starting).remove(folder);
+        let started = self.spawn_runner(&key, &ha, need);
+        lock(&self.starting).remove(&key);
         self.publish_or_warn();
         started
     }
 
-    fn spawn_runner(&self, folder: &str, ha: &Ha, need: Need) -> Result<u32> {
-        let stderr_path = self.log_path(folder, "log");
+    fn spawn_runner(&self, key: &VmKey, ha: &Ha, need: Need) -> Result<u32> {
+        let (store, folder) = (key.0, key.1.as_str());
+        let stderr_path = self.log_path(store, folder, "log");
         let stderr = OpenOptions::new()
             .create(true)
             .append(true)
@@ -615,9 +746,9 @@ impl Agent {
             .len();
         let mut child = Command::new(&self.exe)
             .arg("-d")
-            .arg(&self.config.datastores[0])
+            .arg(&self.stores[store].given)
             .args(["vm", "start", "--foreground", folder, "--console-log"])
-            .arg(self.log_path(folder, "console"))
+            .arg(self.log_path(store, folder, "console"))
             .env("VAPP_HOST_NAME", &self.config.name)
             .env("VAPP_RUNTIME_DIR", &self.config.runtime_dir)
             // Readiness is the agent's to report, not its VMs'.
@@ -628,10 +759,10 @@ impl Agent {
             .spawn()
             .map_err(io(format!("running {}", self.exe.display())))?;
         let pid = child.id();
-        match self.wait_running(folder, &mut child) {
+        match self.wait_running(store, folder, &mut child) {
             Ok(()) => {
                 lock(&self.vms).insert(
-                    folder.to_string(),
+                    key.clone(),
                     Vm {
                         child: Some(child),
                         state: VmState::Running,
@@ -662,17 +793,18 @@ impl Agent {
     }
 
     /// Waits until `child` holds the VM's lock (it then runs the guest), or exits.
-    fn wait_running(&self, folder: &str, child: &mut Child) -> Result<(), String> {
+    fn wait_running(&self, store: usize, folder: &str, child: &mut Child) -> Result<(), String> {
+        let Store { ds, lun, .. } = &self.stores[store];
         let config = format!("{folder}/{VM_FILE}");
-        let deadline = Instant::now() + self.ds.timing().lock_wait() * 2 + Duration::from_secs(30);
+        let deadline = Instant::now() + ds.timing().lock_wait() * 2 + Duration::from_secs(30);
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Err(status.to_string()),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            if let Ok(ino) = self.ds.resolve(&config) {
-                let held = vmfs::cluster::survey::survey(self.lun.clone(), Duration::ZERO)
+            if let Ok(ino) = ds.resolve(&config) {
+                let held = vmfs::cluster::survey::survey(lun.clone(), Duration::ZERO)
                     .map(|s| {
                         s.hosts.iter().any(|h| {
                             h.pid == child.id()
@@ -700,10 +832,11 @@ impl Agent {
 
     /// Asks the VM's runner to stop (SIGTERM presses the power button), then kills it once
     /// `grace` has passed.
-    pub fn stop_vm(&self, folder: &str, grace: Duration) -> Result<()> {
+    pub fn stop_vm(&self, store: usize, folder: &str, grace: Duration) -> Result<()> {
+        let key: VmKey = (store, folder.to_string());
         let pid = {
             let mut vms = lock(&self.vms);
-            let Some(vm) = vms.get_mut(folder) else {
+            let Some(vm) = vms.get_mut(&key) else {
                 return Err(Error::Api(format!(
                     "vm {folder} is not running on host {}",
                     self.config.name
@@ -727,7 +860,7 @@ impl Agent {
         loop {
             self.reap();
             let gone = lock(&self.vms)
-                .get(folder)
+                .get(&key)
                 .is_none_or(|vm| vm.child.is_none());
             if gone {
                 return Ok(());
@@ -746,7 +879,7 @@ impl Agent {
     pub fn report(&self) -> Vec<VmReport> {
         lock(&self.vms)
             .iter()
-            .map(|(path, vm)| VmReport {
+            .map(|((store, path), vm)| VmReport {
                 path: path.clone(),
                 state: serde_json::to_value(vm.state)
                     .ok()
@@ -755,7 +888,8 @@ impl Agent {
                 host: self.config.name.clone(),
                 pid: vm.child.as_ref().map(Child::id),
                 failures: vm.failures,
-                datastore: self.ds.superblock().uuid.to_string(),
+                datastore: self.stores[*store].uuid.clone(),
+                datastore_path: self.stores[*store].given.clone(),
             })
             .collect()
     }
@@ -767,7 +901,8 @@ impl Agent {
         let mut exited = false;
         {
             let mut vms = lock(&self.vms);
-            for (path, vm) in vms.iter_mut() {
+            for (key, vm) in vms.iter_mut() {
+                let path = key.1.as_str();
                 if let Some(child) = &mut vm.child {
                     let Ok(Some(status)) = child.try_wait() else {
                         continue;
@@ -800,24 +935,25 @@ impl Agent {
                     && vm.next_try.is_some_and(|t| Instant::now() >= t)
                 {
                     vm.next_try = None;
-                    retry.push(path.clone());
+                    retry.push(key.clone());
                 }
             }
         }
         if exited {
             self.publish_or_warn();
         }
-        for path in retry {
-            self.restart(&path, "restarted after a crash");
+        for key in retry {
+            self.restart(&key, "restarted after a crash");
         }
     }
 
     /// Starts `folder` again, keeping its failure count; a failure to start counts too.
-    fn restart(&self, folder: &str, why: &str) -> bool {
-        let failures = lock(&self.vms).get(folder).map_or(0, |vm| vm.failures);
-        match self.start_vm(folder) {
+    fn restart(&self, key: &VmKey, why: &str) -> bool {
+        let folder = key.1.as_str();
+        let failures = lock(&self.vms).get(key).map_or(0, |vm| vm.failures);
+        match self.start_vm(key.0, folder) {
             Ok(pid) => {
-                if let Some(vm) = lock(&self.vms).get_mut(folder) {
+                if let Some(vm) = lock(&self.vms).get_mut(key) {
                     vm.failures = failures;
                 }
                 self.event(
@@ -829,7 +965,7 @@ impl Agent {
                 true
             }
             Err(e) if e.to_string().contains(ALREADY_RUNNING) => {
-                lock(&self.vms).remove(folder);
+                lock(&self.vms).remove(key);
                 self.event(
                     "restart-lost",
                     Some(folder),
@@ -840,7 +976,7 @@ impl Agent {
             }
             Err(e) => {
                 let mut vms = lock(&self.vms);
-                let vm = vms.entry(folder.to_string()).or_insert(Vm {
+                let vm = vms.entry(key.clone()).or_insert(Vm {
                     child: None,
                     state: VmState::Restarting,
                     protected: true,
@@ -879,12 +1015,13 @@ impl Agent {
 
     /// Follows the other hosts' heartbeats and restarts the protected VMs of dead ones, each
     /// on the live agent [`place`] chooses.
-    fn watch_cluster(&self) -> Result<()> {
-        let survey = vmfs::cluster::survey::survey(self.lun.clone(), Duration::ZERO)
+    fn watch_cluster(&self, store: usize) -> Result<()> {
+        let st = &self.stores[store];
+        let survey = vmfs::cluster::survey::survey(st.lun.clone(), Duration::ZERO)
             .map_err(vmfs_err("reading heartbeats"))?;
-        let dead_after = self.ds.timing().dead_after();
+        let dead_after = st.ds.timing().dead_after();
         let now = Instant::now();
-        let me = self.ds.host();
+        let me = st.ds.host();
         // Inodes locked open exclusively by a dead host, or by one already recovered.
         let mut orphaned: HashSet<u64> = HashSet::new();
         // Inodes locked open exclusively by a live host: its name and pid.
@@ -892,7 +1029,7 @@ impl Agent {
         // Live hosts by name, slot and incarnation: the agents among them have a record.
         let mut live: Vec<(String, u32, u64)> = Vec::new();
         {
-            let mut seen = lock(&self.seen);
+            let mut seen = lock(&st.seen);
             for host in &survey.hosts {
                 let mine = me
                     .as_ref()
@@ -939,7 +1076,7 @@ impl Agent {
             }
         }
         {
-            let mut holders = lock(&self.holders);
+            let mut holders = lock(&st.holders);
             let mut recovered: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for l in &survey.stale_locks {
                 if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true) =
@@ -969,18 +1106,18 @@ impl Agent {
                 holders.insert(*ino, host.clone());
             }
         }
-        let folders = self.find_vms()?;
+        let folders = self.find_vms(store)?;
         let inos: HashMap<&str, u64> = folders
             .iter()
             .filter_map(|f| {
-                self.ds
+                st.ds
                     .resolve(&format!("{f}/{VM_FILE}"))
                     .ok()
                     .map(|ino| (f.as_str(), ino))
             })
             .collect();
-        self.check_locks(&inos, &held, &orphaned);
-        if !self.settled(&inos, &orphaned, now) {
+        self.check_locks(store, &inos, &held, &orphaned);
+        if !self.settled(store, &inos, &orphaned, now) {
             return Ok(());
         }
         let mut candidates = Vec::new();
@@ -992,21 +1129,24 @@ impl Agent {
                 continue;
             }
             // A VM this agent runs, retries after a crash, or gave up on is its own business.
-            if lock(&self.vms).get(folder).is_some_and(|vm| {
-                vm.child.is_some() || matches!(vm.state, VmState::Failed | VmState::Restarting)
-            }) {
+            if lock(&self.vms)
+                .get(&(store, folder.clone()))
+                .is_some_and(|vm| {
+                    vm.child.is_some() || matches!(vm.state, VmState::Failed | VmState::Restarting)
+                })
+            {
                 continue;
             }
-            match self.read_vm(folder) {
+            match self.read_vm(store, folder) {
                 Ok((ha, need)) if ha.restart => candidates.push((ha, need, folder.clone())),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(vm = %folder, error = %e, "cannot read vm.toml"),
             }
         }
         candidates.sort_by(|a, b| (a.0.priority, &a.2).cmp(&(b.0.priority, &b.2)));
-        let ready = self.in_order(candidates, &inos, &held, now);
+        let ready = self.in_order(store, candidates, &inos, &held, now);
         if ready.is_empty() {
-            lock(&self.deferred).clear();
+            lock(&st.deferred).clear();
             return Ok(());
         }
         live.sort();
@@ -1015,11 +1155,11 @@ impl Agent {
             .iter()
             .filter(|(name, ..)| *name != self.config.name)
             .filter_map(|(name, slot, generation)| {
-                self.read_record(name)
+                self.read_record(store, name)
                     .filter(|r| r.slot == *slot && r.generation == *generation)
             })
             .collect();
-        agents.push(self.current_record());
+        agents.push(self.current_record(store));
         agents.sort_by(|a, b| a.host.cmp(&b.host));
         agents.dedup_by(|a, b| a.host == b.host);
         // A VM an agent is starting is placed already: its runner waits for the lock.
@@ -1028,9 +1168,9 @@ impl Agent {
             .filter(|(_, f)| !agents.iter().any(|a| a.starting.contains(f)))
             .collect();
         let names: HashSet<&str> = ready.iter().map(|(_, f)| f.as_str()).collect();
-        lock(&self.deferred).retain(|f, _| names.contains(f.as_str()));
+        lock(&st.deferred).retain(|f, _| names.contains(f.as_str()));
         let needs: Vec<Need> = ready.iter().map(|(need, _)| *need).collect();
-        let grace = self.grace();
+        let grace = self.grace(store);
         for ((_, folder), host) in ready.iter().zip(place(&agents, &needs)) {
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -1039,15 +1179,15 @@ impl Agent {
             if host == self.config.name {
                 tracing::info!(vm = %folder, "restarting a dead host's protected VM here");
                 self.restart(
-                    folder,
+                    &(store, folder.clone()),
                     "its host died; placed here, on the live host with the most free capacity",
                 );
                 continue;
             }
-            let since = *lock(&self.deferred).entry(folder.clone()).or_insert(now);
+            let since = *lock(&st.deferred).entry(folder.clone()).or_insert(now);
             if now - since >= grace {
                 self.restart(
-                    folder,
+                    &(store, folder.clone()),
                     &format!(
                         "its host died; {host}, where it was placed, did not start it within {} s",
                         grace.as_secs()
@@ -1062,14 +1202,21 @@ impl Agent {
     /// stops heartbeating a little apart, or is recovered a little apart): they are placed
     /// once no new one has shown up for a heartbeat period and a half, so priorities and
     /// capacity are weighed over all of them, or at the latest after four times that.
-    fn settled(&self, inos: &HashMap<&str, u64>, orphaned: &HashSet<u64>, now: Instant) -> bool {
-        let mut orphans = lock(&self.orphans);
+    fn settled(
+        &self,
+        store: usize,
+        inos: &HashMap<&str, u64>,
+        orphaned: &HashSet<u64>,
+        now: Instant,
+    ) -> bool {
+        let st = &self.stores[store];
+        let mut orphans = lock(&st.orphans);
         let configs: HashSet<u64> = inos.values().copied().collect();
         orphans.retain(|ino, _| orphaned.contains(ino));
         for ino in orphaned.iter().filter(|ino| configs.contains(ino)) {
             orphans.entry(*ino).or_insert(now);
         }
-        let settle = self.ds.timing().renew_interval() * 3 / 2;
+        let settle = st.ds.timing().renew_interval() * 3 / 2;
         let newest = orphans.values().max().copied();
         let oldest = orphans.values().min().copied();
         match (newest, oldest) {
@@ -1080,20 +1227,21 @@ impl Agent {
 
     /// How long an agent leaves a dead host's VM to the agent chosen for it before starting it
     /// itself: longer than a start takes, so only a chosen host that failed is overtaken.
-    fn grace(&self) -> Duration {
-        self.ds.timing().dead_after() * 2 + Duration::from_secs(10)
+    fn grace(&self, store: usize) -> Duration {
+        self.stores[store].ds.timing().dead_after() * 2 + Duration::from_secs(10)
     }
 
     /// The candidates whose `[ha] after` VMs run somewhere, or waited for them too long (with
     /// an event each way), keeping the order given.
     fn in_order(
         &self,
+        store: usize,
         candidates: Vec<(Ha, Need, String)>,
         inos: &HashMap<&str, u64>,
         held: &HashMap<u64, (String, u32)>,
         now: Instant,
     ) -> Vec<(Need, String)> {
-        let mut waiting = lock(&self.waiting);
+        let mut waiting = lock(&self.stores[store].waiting);
         let names: HashSet<&str> = candidates.iter().map(|(.., f)| f.as_str()).collect();
         waiting.retain(|f, _| names.contains(f.as_str()));
         let mut ready = Vec::new();
@@ -1148,12 +1296,16 @@ impl Agent {
     /// holds (its slot fenced, or another host has it).
     fn check_locks(
         &self,
+        store: usize,
         inos: &HashMap<&str, u64>,
         held: &HashMap<u64, (String, u32)>,
         orphaned: &HashSet<u64>,
     ) {
         let mut vms = lock(&self.vms);
-        for (folder, vm) in vms.iter_mut() {
+        for ((on, folder), vm) in vms.iter_mut() {
+            if *on != store {
+                continue;
+            }
             let (Some(child), Some(ino)) = (&vm.child, inos.get(folder.as_str())) else {
                 continue;
             };
@@ -1180,11 +1332,11 @@ impl Agent {
         }
     }
 
-    fn find_vms(&self) -> Result<Vec<String>> {
+    fn find_vms(&self, store: usize) -> Result<Vec<String>> {
         let mut found = Vec::new();
         for dir in &self.config.vm_dirs {
             let dir = dir.trim_end_matches('/');
-            match self.find_in(dir, 0, &mut found) {
+            match self.find_in(&self.stores[store].ds, dir, 0, &mut found) {
                 Ok(()) | Err(vmfs::Error::NotFound { .. }) => {}
                 Err(e) => return Err(vmfs_err(format!("listing {dir}"))(e)),
             }
@@ -1192,8 +1344,14 @@ impl Agent {
         Ok(found)
     }
 
-    fn find_in(&self, dir: &str, depth: usize, found: &mut Vec<String>) -> vmfs::Result<()> {
-        let entries = self.ds.list(if dir.is_empty() { "/" } else { dir })?;
+    fn find_in(
+        &self,
+        ds: &Datastore,
+        dir: &str,
+        depth: usize,
+        found: &mut Vec<String>,
+    ) -> vmfs::Result<()> {
+        let entries = ds.list(if dir.is_empty() { "/" } else { dir })?;
         if entries
             .iter()
             .any(|(n, a)| n == OsStr::new(VM_FILE) && a.kind == Kind::File)
@@ -1207,6 +1365,7 @@ impl Agent {
         for (name, attr) in entries {
             if attr.kind == Kind::Dir {
                 self.find_in(
+                    ds,
                     &format!("{dir}/{}", name.to_string_lossy()),
                     depth + 1,
                     found,
@@ -1218,10 +1377,10 @@ impl Agent {
 
     /// The `[ha]` table of `folder`'s vm.toml and what the VM takes, read without its lock
     /// (a running VM holds it).
-    pub fn read_vm(&self, folder: &str) -> Result<(Ha, Need)> {
+    pub fn read_vm(&self, store: usize, folder: &str) -> Result<(Ha, Need)> {
+        let ds = &self.stores[store].ds;
         let path = format!("{folder}/{VM_FILE}");
-        let attr = self
-            .ds
+        let attr = ds
             .stat_path(&path)
             .map_err(|e| Error::Api(format!("{folder}: no VM here ({path}: {e})")))?;
         if attr.size > MAX_VM_FILE {
@@ -1230,10 +1389,7 @@ impl Agent {
             )));
         }
         let mut bytes = vec![0u8; usize::try_from(attr.size).unwrap_or(0)];
-        let n = self
-            .ds
-            .read(attr.ino, 0, &mut bytes)
-            .map_err(vmfs_err(&path))?;
+        let n = ds.read(attr.ino, 0, &mut bytes).map_err(vmfs_err(&path))?;
         bytes.truncate(n);
         let text =
             String::from_utf8(bytes).map_err(|_| Error::Api(format!("{path}: not UTF-8")))?;

@@ -69,7 +69,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let config = host::Config::load(&args.config)?;
-    let lun = super::datastore::open_lun(&config.datastores[0], false)?;
+    let luns = config
+        .datastores
+        .iter()
+        .map(|d| super::datastore::open_lun(d, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let exe = std::env::current_exe().context("finding the vapp binary")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -82,7 +86,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
             flag.store(true, Ordering::SeqCst);
         })
         .context("starting the signal thread")?;
-    let agent = Arc::new(host::Agent::new(config, exe, lun, stop)?);
+    let agent = Arc::new(host::Agent::new(config, exe, luns, stop)?);
     agent.run()?;
     match Arc::try_unwrap(agent) {
         Ok(agent) => agent.close()?,

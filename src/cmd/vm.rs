@@ -156,7 +156,7 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
             let folder = folder_path(&args.path)?;
             let socket = super::host::agent_socket();
             if !args.foreground && !args.console && args.console_log.is_none() && socket.exists() {
-                return start_through_agent(&socket, &folder);
+                return start_through_agent(&socket, datastore, &folder);
             }
             run::start(
                 datastore,
@@ -182,11 +182,15 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
 }
 
 /// Asks the local agent to run the VM; it answers once the VM's runner holds its lock.
-fn start_through_agent(socket: &std::path::Path, folder: &str) -> anyhow::Result<ExitCode> {
+fn start_through_agent(
+    socket: &std::path::Path,
+    datastore: &str,
+    folder: &str,
+) -> anyhow::Result<ExitCode> {
     let (status, body) = host::client::request(
         socket,
         "POST",
-        &format!("/vms{folder}/start"),
+        &host::client::vm_path(folder, "start", datastore),
         Duration::from_secs(600),
     )?;
     if status != 200 {
@@ -194,9 +198,11 @@ fn start_through_agent(socket: &std::path::Path, folder: &str) -> anyhow::Result
         bail!("{message}");
     }
     crate::outln!(
-        "vm {folder}: running on host {} (pid {}), through the host agent",
+        "vm {folder}: running on host {} (pid {}), datastore {} ({}), through the host agent",
         body["host"].as_str().unwrap_or("?"),
-        body["pid"]
+        body["pid"],
+        body["datastore"].as_str().unwrap_or("?"),
+        body["datastore_uuid"].as_str().unwrap_or("?"),
     )?;
     Ok(ExitCode::SUCCESS)
 }
