@@ -1028,6 +1028,9 @@ impl Agent {
         let mut held: HashMap<u64, (String, u32)> = HashMap::new();
         // Live hosts by name, slot and incarnation: the agents among them have a record.
         let mut live: Vec<(String, u32, u64)> = Vec::new();
+        // Names of dead hosts, and the locks of hosts not dead yet that missed two renewals.
+        let mut dead_names: HashSet<String> = HashSet::new();
+        let mut silent: Vec<(String, u64)> = Vec::new();
         {
             let mut seen = lock(&st.seen);
             for host in &survey.hosts {
@@ -1059,8 +1062,19 @@ impl Agent {
                         ),
                     );
                 }
-                if !dead {
+                if dead {
+                    dead_names.insert(host.host_name.clone());
+                } else {
                     live.push((host.host_name.clone(), host.slot, host.generation));
+                }
+                let quiet =
+                    !mine && !dead && now - entry.moved >= st.ds.timing().renew_interval() * 2;
+                for l in &host.locks {
+                    if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true, true) =
+                        (l.target, l.mode, l.open, quiet)
+                    {
+                        silent.push((host.host_name.clone(), ino));
+                    }
                 }
                 for l in &host.locks {
                     if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true) =
@@ -1086,6 +1100,7 @@ impl Agent {
                     // Its host died and was recovered between two looks (a same-machine host
                     // is recovered at once by the next to join): dead all the same.
                     if let Some(host) = holders.remove(&ino) {
+                        dead_names.insert(host.clone());
                         recovered.entry(host).or_default().push(l.object.clone());
                     }
                 }
@@ -1117,7 +1132,11 @@ impl Agent {
             })
             .collect();
         self.check_locks(store, &inos, &held, &orphaned);
-        if !self.settled(store, &inos, &orphaned, now) {
+        let configs: HashSet<u64> = inos.values().copied().collect();
+        let coming = silent
+            .iter()
+            .any(|(name, ino)| dead_names.contains(name) && configs.contains(ino));
+        if !self.settled(store, &configs, &orphaned, coming, now) {
             return Ok(());
         }
         let mut candidates = Vec::new();
@@ -1198,31 +1217,31 @@ impl Agent {
         Ok(())
     }
 
-    /// A dead host's VMs are seen orphaned one by one (each runner is a host of its own and
-    /// stops heartbeating a little apart, or is recovered a little apart): they are placed
-    /// once no new one has shown up for a heartbeat period and a half, so priorities and
-    /// capacity are weighed over all of them, or at the latest after four times that.
+    /// A dead host's VMs are seen orphaned one by one: each runner is a host of its own and
+    /// stops heartbeating a little apart from the others. While a host of a dead host's name
+    /// that holds a VM's lock has missed two renewals (`coming`: it is about to be declared
+    /// dead too), placing waits for it, so priorities and capacity are weighed over all of
+    /// them; at most 6 heartbeat periods after the first was seen.
     fn settled(
         &self,
         store: usize,
-        inos: &HashMap<&str, u64>,
+        configs: &HashSet<u64>,
         orphaned: &HashSet<u64>,
+        coming: bool,
         now: Instant,
     ) -> bool {
         let st = &self.stores[store];
         let mut orphans = lock(&st.orphans);
-        let configs: HashSet<u64> = inos.values().copied().collect();
         orphans.retain(|ino, _| orphaned.contains(ino));
         for ino in orphaned.iter().filter(|ino| configs.contains(ino)) {
             orphans.entry(*ino).or_insert(now);
         }
-        let settle = st.ds.timing().renew_interval() * 3 / 2;
-        let newest = orphans.values().max().copied();
-        let oldest = orphans.values().min().copied();
-        match (newest, oldest) {
-            (Some(newest), Some(oldest)) => now - newest >= settle || now - oldest >= settle * 4,
-            _ => true,
-        }
+        let longest = st.ds.timing().renew_interval() * 6;
+        !coming
+            || orphans
+                .values()
+                .min()
+                .is_none_or(|&oldest| now - oldest >= longest)
     }
 
     /// How long an agent leaves a dead host's VM to the agent chosen for it before starting it
