@@ -1014,3 +1014,46 @@ fn one_agent_hosts_two_datastores_and_restarts_the_vms_of_both() {
     }
     stop_agent(b);
 }
+
+#[test]
+fn an_agent_kills_its_runner_that_lost_the_vms_lock_and_a_survivor_runs_the_vm() {
+    if !have_kvm_and_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    let counter = format!("mode=counter counter_sectors={SECTORS}");
+    cluster.create_vm("/vms/db", &counter, Some("high"));
+    // esx-b has more room, so the placement goes there rather than back to esx-a.
+    let a = cluster.agent_with("esx-a", "memory_mib = 128\n", &[]);
+    let b = cluster.agent_with("esx-b", "memory_mib = 1024\n", &[]);
+    cluster.start_counting(&a, &["/vms/db"]);
+    let runner = runners(&format!(
+        "{} vm start --foreground /vms/db --console-log {}",
+        cluster.ds,
+        a.runtime.display()
+    ));
+    assert_eq!(runner.len(), 1);
+    // The runner hangs: its heartbeat stops, so the cluster declares its slot dead and its
+    // lock may be broken, while esx-a's agent lives on.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner[0]),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    wait_for(
+        "esx-a saying db's lock is lost",
+        DEAD_AFTER * 4 + BOOT,
+        || kind_count(&cluster.events(&a), "lock-lost", "/vms/db") == 1,
+    );
+    wait_for("the hung runner killed", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{}/stat", runner[0]))
+            .map_or(true, |stat| stat.contains(") Z "))
+    });
+    let landed = cluster.wait_restarted("esx-a", &["/vms/db"]);
+    assert_eq!(landed["/vms/db"], "esx-b");
+    wait_for("db counting on esx-b", BOOT, || {
+        console(&b, "/vms/db").contains("counter: 256")
+    });
+    stop_agent(b);
+    stop_agent(a);
+}

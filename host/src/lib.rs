@@ -1312,7 +1312,7 @@ impl Agent {
     }
 
     /// Records `lock-lost` for a VM this agent runs whose config lock its runner no longer
-    /// holds (its slot fenced, or another host has it).
+    /// holds (its slot declared dead, or another host has it), and kills that runner.
     fn check_locks(
         &self,
         store: usize,
@@ -1325,7 +1325,7 @@ impl Agent {
             if *on != store {
                 continue;
             }
-            let (Some(child), Some(ino)) = (&vm.child, inos.get(folder.as_str())) else {
+            let (Some(child), Some(ino)) = (&mut vm.child, inos.get(folder.as_str())) else {
                 continue;
             };
             if vm.lock_lost {
@@ -1346,8 +1346,11 @@ impl Agent {
                 "lock-lost",
                 Some(folder),
                 Some(&self.config.name),
-                format!("runner pid {}: {holder}", child.id()),
+                format!("runner pid {}: {holder}; killing it", child.id()),
             );
+            // Another host may run the VM now or soon: a runner without the lock must not
+            // touch the guest's disks again. Its exit is then a crash like any other.
+            let _ = child.kill();
         }
     }
 
