@@ -255,6 +255,22 @@ pub struct Ha {
     pub after_timeout: Option<u64>,
 }
 
+impl Ha {
+    /// What every `[ha]` table obeys: `after` names other VM folders by absolute path.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(bad) = self
+            .after
+            .iter()
+            .find(|f| !f.starts_with('/') || f.trim_end_matches('/').is_empty())
+        {
+            return Err(format!(
+                "[ha] after: {bad:?} is not a VM folder (an absolute datastore path, e.g. /vms/db)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Restart order after a host failure: high before medium before low.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1417,8 +1433,10 @@ impl Agent {
             String::from_utf8(bytes).map_err(|_| Error::Api(format!("{path}: not UTF-8")))?;
         let parsed: HaOnly =
             toml::from_str(&text).map_err(|e| Error::Api(format!("{path}: {}", e.message())))?;
+        let ha = parsed.ha.unwrap_or_default();
+        ha.check().map_err(|e| Error::Api(format!("{path}: {e}")))?;
         Ok((
-            parsed.ha.unwrap_or_default(),
+            ha,
             Need {
                 memory_mib: parsed.memory_mib,
                 cpus: parsed.vcpus,
@@ -1539,6 +1557,19 @@ mod tests {
 
     fn need(memory_mib: u64, cpus: u32) -> Need {
         Need { memory_mib, cpus }
+    }
+
+    #[test]
+    fn ha_after_names_vm_folders_by_absolute_path() {
+        let parse = |text: &str| toml::from_str::<HaOnly>(text).unwrap().ha.unwrap();
+        assert!(
+            parse("[ha]\nrestart = true\nafter = [\"/vms/db\"]\n")
+                .check()
+                .is_ok()
+        );
+        let e = parse("[ha]\nafter = [\"db\"]\n").check().unwrap_err();
+        assert!(e.contains("\"db\" is not a VM folder"), "{e}");
+        assert!(parse("[ha]\nafter = [\"/\"]\n").check().is_err());
     }
 
     #[test]
