@@ -779,6 +779,22 @@ fn a_dead_hosts_vms_land_on_the_host_with_most_free_capacity_and_spread_when_it_
         "{landed:?} {events:?}"
     );
     // Each was started once, by the host chosen for it: no survivor raced another for it.
+    // (A survivor records its restart once the runner holds the lock `vm list` shows.)
+    wait_for(
+        "the survivors' restart events",
+        Duration::from_secs(10),
+        || {
+            let events = [cluster.events(&b), cluster.events(&c)];
+            vms.iter().all(|vm| {
+                events
+                    .iter()
+                    .map(|e| kind_count(e, "vm-restarted", vm))
+                    .sum::<usize>()
+                    >= 1
+            })
+        },
+    );
+    let events = [cluster.events(&b), cluster.events(&c)];
     for vm in vms {
         let starts: usize = events
             .iter()
@@ -1005,6 +1021,14 @@ fn one_agent_hosts_two_datastores_and_restarts_the_vms_of_both() {
                 })
             },
         );
+    }
+    // Its events say which datastore's /vms/db each restart was.
+    for ds in both {
+        wait_for(&format!("esx-b's event for /vms/db of {ds}"), BOOT, || {
+            cluster.events(&b).iter().any(|e| {
+                e["kind"] == "vm-restarted" && e["vm"] == "/vms/db" && e["datastore"] == ds
+            })
+        });
     }
     for name in consoles {
         wait_for(&format!("{name} counting on esx-b"), BOOT, || {

@@ -164,12 +164,7 @@ fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) 
             match action {
                 "start" => match agent.start_vm(store, &folder) {
                     Ok(pid) => {
-                        agent.event(
-                            "vm-started",
-                            Some(&folder),
-                            Some(&agent.config().name),
-                            format!("pid {pid}"),
-                        );
+                        agent.vm_event(store, "vm-started", &folder, format!("pid {pid}"));
                         (
                             200,
                             serde_json::json!({
@@ -182,12 +177,7 @@ fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) 
                         )
                     }
                     Err(e) => {
-                        agent.event(
-                            "vm-start-failed",
-                            Some(&folder),
-                            Some(&agent.config().name),
-                            e.to_string(),
-                        );
+                        agent.vm_event(store, "vm-start-failed", &folder, e.to_string());
                         error(409, e.to_string())
                     }
                 },

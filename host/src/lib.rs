@@ -303,6 +303,9 @@ pub struct Event {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    /// The datastore of the VM or host, as host.toml names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     pub detail: String,
@@ -622,7 +625,19 @@ impl Agent {
     }
 
     fn event(&self, kind: &str, vm: Option<&str>, host: Option<&str>, detail: String) {
-        drop_event_raw(&self.events, kind, vm, host, detail);
+        drop_event_raw(&self.events, kind, vm, None, host, detail);
+    }
+
+    /// Records an event of the VM at `folder` of datastore `store`, run or seen by this host.
+    pub(crate) fn vm_event(&self, store: usize, kind: &str, folder: &str, detail: String) {
+        drop_event_raw(
+            &self.events,
+            kind,
+            Some(folder),
+            Some(&self.stores[store].given),
+            Some(&self.config.name),
+            detail,
+        );
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -919,6 +934,7 @@ impl Agent {
             let mut vms = lock(&self.vms);
             for (key, vm) in vms.iter_mut() {
                 let path = key.1.as_str();
+                let given = self.stores[key.0].given.as_str();
                 if let Some(child) = &mut vm.child {
                     let Ok(Some(status)) = child.try_wait() else {
                         continue;
@@ -929,22 +945,50 @@ impl Agent {
                     let clean = vm.stopping || matches!(status.code(), Some(0 | 3 | 4));
                     if clean {
                         vm.state = VmState::Stopped;
-                        drop_event(&self.events, "vm-stopped", path, &self.config.name, status);
+                        drop_event(
+                            &self.events,
+                            "vm-stopped",
+                            path,
+                            given,
+                            &self.config.name,
+                            status,
+                        );
                     } else if vm.protected {
                         vm.failures += 1;
                         if vm.failures >= self.config.max_restarts {
                             vm.state = VmState::Failed;
-                            drop_event(&self.events, "vm-failed", path, &self.config.name, status);
+                            drop_event(
+                                &self.events,
+                                "vm-failed",
+                                path,
+                                given,
+                                &self.config.name,
+                                status,
+                            );
                         } else {
                             vm.state = VmState::Restarting;
                             vm.next_try = Some(
                                 Instant::now() + Duration::from_secs(1 << (vm.failures - 1).min(6)),
                             );
-                            drop_event(&self.events, "vm-crashed", path, &self.config.name, status);
+                            drop_event(
+                                &self.events,
+                                "vm-crashed",
+                                path,
+                                given,
+                                &self.config.name,
+                                status,
+                            );
                         }
                     } else {
                         vm.state = VmState::Stopped;
-                        drop_event(&self.events, "vm-exited", path, &self.config.name, status);
+                        drop_event(
+                            &self.events,
+                            "vm-exited",
+                            path,
+                            given,
+                            &self.config.name,
+                            status,
+                        );
                     }
                 }
                 if vm.state == VmState::Restarting
@@ -972,20 +1016,15 @@ impl Agent {
                 if let Some(vm) = lock(&self.vms).get_mut(key) {
                     vm.failures = failures;
                 }
-                self.event(
-                    "vm-restarted",
-                    Some(folder),
-                    Some(&self.config.name),
-                    format!("{why} (pid {pid})"),
-                );
+                self.vm_event(key.0, "vm-restarted", folder, format!("{why} (pid {pid})"));
                 true
             }
             Err(e) if e.to_string().contains(ALREADY_RUNNING) => {
                 lock(&self.vms).remove(key);
-                self.event(
+                self.vm_event(
+                    key.0,
                     "restart-lost",
-                    Some(folder),
-                    Some(&self.config.name),
+                    folder,
                     format!("another host runs it: {e}"),
                 );
                 false
@@ -1006,23 +1045,13 @@ impl Agent {
                 if vm.failures >= self.config.max_restarts {
                     vm.state = VmState::Failed;
                     drop(vms);
-                    self.event(
-                        "vm-failed",
-                        Some(folder),
-                        Some(&self.config.name),
-                        e.to_string(),
-                    );
+                    self.vm_event(key.0, "vm-failed", folder, e.to_string());
                 } else {
                     vm.state = VmState::Restarting;
                     vm.next_try =
                         Some(Instant::now() + Duration::from_secs(1 << (vm.failures - 1).min(6)));
                     drop(vms);
-                    self.event(
-                        "vm-crashed",
-                        Some(folder),
-                        Some(&self.config.name),
-                        e.to_string(),
-                    );
+                    self.vm_event(key.0, "vm-crashed", folder, e.to_string());
                 }
                 false
             }
@@ -1069,6 +1098,7 @@ impl Agent {
                         &self.events,
                         "host-dead",
                         None,
+                        Some(&st.given),
                         Some(&host.host_name),
                         format!(
                             "slot {} (pid {}): no heartbeat for {} ms",
@@ -1126,6 +1156,7 @@ impl Agent {
                     &self.events,
                     "host-dead",
                     None,
+                    Some(&st.given),
                     Some(&host),
                     format!(
                         "found already recovered: its locks on {} are stale",
@@ -1295,10 +1326,10 @@ impl Agent {
             match waiting.get(&folder) {
                 None => {
                     waiting.insert(folder.clone(), now);
-                    self.event(
+                    self.vm_event(
+                        store,
                         "vm-waiting",
-                        Some(&folder),
-                        Some(&self.config.name),
+                        &folder,
                         format!(
                             "its host died; restarts once {} run (at most {} s)",
                             missing.join(", "),
@@ -1307,10 +1338,10 @@ impl Agent {
                     );
                 }
                 Some(&since) if now - since >= timeout => {
-                    self.event(
+                    self.vm_event(
+                        store,
                         "order-timeout",
-                        Some(&folder),
-                        Some(&self.config.name),
+                        &folder,
                         format!(
                             "restarting without {}, not running after {} s",
                             missing.join(", "),
@@ -1361,6 +1392,7 @@ impl Agent {
                 &self.events,
                 "lock-lost",
                 Some(folder),
+                Some(&self.stores[store].given),
                 Some(&self.config.name),
                 format!("runner pid {}: {holder}; killing it", child.id()),
             );
@@ -1484,6 +1516,7 @@ fn drop_event(
     events: &Mutex<Vec<Event>>,
     kind: &str,
     vm: &str,
+    datastore: &str,
     host: &str,
     status: std::process::ExitStatus,
 ) {
@@ -1491,6 +1524,7 @@ fn drop_event(
         events,
         kind,
         Some(vm),
+        Some(datastore),
         Some(host),
         format!("runner {status}"),
     );
@@ -1501,6 +1535,7 @@ fn drop_event_raw(
     events: &Mutex<Vec<Event>>,
     kind: &str,
     vm: Option<&str>,
+    datastore: Option<&str>,
     host: Option<&str>,
     detail: String,
 ) {
@@ -1509,14 +1544,15 @@ fn drop_event_raw(
         kind,
         "host-dead" | "vm-crashed" | "vm-failed" | "restart-lost"
     ) {
-        tracing::warn!(kind, vm, host, %detail, "host agent event");
+        tracing::warn!(kind, vm, datastore, host, %detail, "host agent event");
     } else {
-        tracing::info!(kind, vm, host, %detail, "host agent event");
+        tracing::info!(kind, vm, datastore, host, %detail, "host agent event");
     }
     lock(events).push(Event {
         time_ns: now_ns(),
         kind: kind.to_string(),
         vm: vm.map(str::to_string),
+        datastore: datastore.map(str::to_string),
         host: host.map(str::to_string),
         detail,
     });
