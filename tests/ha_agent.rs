@@ -661,6 +661,30 @@ fn the_api_refuses_malformed_requests_and_other_users() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Permission denied"), "{stderr}");
+
+    // A second agent of the same name on the datastore is refused, naming the first.
+    let again = cluster.dir.path().join("esx-a-again.toml");
+    std::fs::write(
+        &again,
+        format!(
+            "name = \"esx-a\"\ndatastores = [{:?}]\nruntime_dir = {:?}\n",
+            cluster.ds,
+            cluster.dir.path().join("run-again").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = cluster
+        .command("esx-a", &["host", "run", "--config"])
+        .arg(&again)
+        .env("VAPP_HOST_UUID", uuid_of("esx-z"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another agent named \"esx-a\" runs on this datastore"),
+        "{stderr}"
+    );
     stop_agent(a);
 }
 

@@ -1506,7 +1506,7 @@ fn open_record(ds: &Datastore, name: &str) -> Result<vmfs::FileHandle> {
     ds.open_path(&path, vmfs::Access::Exclusive)
         .map_err(|e| match e {
             vmfs::Error::Busy { .. } => Error::Config(format!(
-                "{path}: another agent named {name:?} runs on this datastore ({e}); host names must be unique"
+                "another agent named {name:?} runs on this datastore ({e}); host names must be unique"
             )),
             e => vmfs_err(&path)(e),
         })
