@@ -3,9 +3,11 @@
 //! Firecracker's sockets do.
 //!
 //! - `GET /vms`: the VMs this agent runs or ran, with state, host and pid.
-//! - `POST /vms/<folder>/start`: runs the VM at datastore folder `/<folder>` here, and answers
-//!   once its runner holds the VM's lock. `POST /vms/<folder>/stop`: presses its power button
-//!   and answers once it is off.
+//! - `POST /vms/<folder>/start[?datastore=D]`: runs the VM at datastore folder `/<folder>`
+//!   here, and answers once its runner holds the VM's lock. `POST /vms/<folder>/stop`:
+//!   presses its power button and answers once it is off. `D` (percent-encoded) is the
+//!   datastore's UUID or the path host.toml gives; without it, the only datastore of the
+//!   agent's that holds the folder.
 //! - `GET /events`: what the agent did and saw, oldest first.
 //! - `GET /datastores`, `POST /datastores/<uuid>/files`: the command line's file commands
 //!   ([`crate::files_api`]).
@@ -93,6 +95,25 @@ fn error(status: u16, message: String) -> (u16, serde_json::Value) {
     (status, serde_json::json!({ "error": message }))
 }
 
+/// The `datastore=` parameter of a query (percent-encoded), if there is one.
+fn datastore_param(url: &str) -> Result<Option<String>, String> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(None);
+    };
+    let mut datastore = None;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "datastore" {
+            return Err(format!("unknown parameter {key:?} (datastore)"));
+        }
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| format!("datastore={value}: not UTF-8"))?;
+        datastore = Some(value.into_owned());
+    }
+    Ok(datastore)
+}
+
 fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) {
     let path = url.split('?').next().unwrap_or(url);
     match path {
@@ -130,30 +151,48 @@ fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) 
             if *method != Method::Post {
                 return error(405, format!("{method} {path}: only POST"));
             }
+            if !matches!(action, "start" | "stop") {
+                return error(
+                    400,
+                    format!("{method} {path}: unknown action {action:?} (start or stop)"),
+                );
+            }
+            let datastore = match datastore_param(url) {
+                Ok(d) => d,
+                Err(e) => return error(400, format!("{method} {url}: {e}")),
+            };
+            let store = match agent.store_for(&folder, datastore.as_deref()) {
+                Ok(store) => store,
+                Err(e) => return error(409, e.to_string()),
+            };
+            let (given, uuid) = agent.datastore(store);
             match action {
-                "start" => match agent.start_vm(&folder) {
+                "start" => match agent.start_vm(store, &folder) {
                     Ok(pid) => {
-                        agent.event(
-                            "vm-started",
-                            Some(&folder),
-                            Some(&agent.config().name),
-                            format!("pid {pid}"),
-                        );
+                        agent.vm_event(store, "vm-started", &folder, format!("pid {pid}"));
                         (
                             200,
-                            serde_json::json!({ "vm": folder, "pid": pid, "host": agent.config().name }),
+                            serde_json::json!({
+                                "vm": folder,
+                                "pid": pid,
+                                "host": agent.config().name,
+                                "datastore": given,
+                                "datastore_uuid": uuid,
+                            }),
                         )
                     }
+                    Err(e) => {
+                        agent.vm_event(store, "vm-start-failed", &folder, e.to_string());
+                        error(409, e.to_string())
+                    }
+                },
+                _ => match agent.stop_vm(store, &folder, Duration::from_secs(60)) {
+                    Ok(()) => (
+                        200,
+                        serde_json::json!({ "vm": folder, "state": "stopped", "datastore": given, "datastore_uuid": uuid }),
+                    ),
                     Err(e) => error(409, e.to_string()),
                 },
-                "stop" => match agent.stop_vm(&folder, Duration::from_secs(60)) {
-                    Ok(()) => (200, serde_json::json!({ "vm": folder, "state": "stopped" })),
-                    Err(e) => error(409, e.to_string()),
-                },
-                other => error(
-                    400,
-                    format!("{method} {path}: unknown action {other:?} (start or stop)"),
-                ),
             }
         }
     }

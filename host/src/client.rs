@@ -48,3 +48,11 @@ pub fn parse_answer(raw: &[u8], what: &str) -> Result<(u16, serde_json::Value)> 
     };
     Ok((status, value))
 }
+
+/// The API path that runs `action` (`start`, `stop`) on the VM at `folder` of `datastore`
+/// (a UUID or the path the agent was given).
+pub fn vm_path(folder: &str, action: &str, datastore: &str) -> String {
+    let datastore =
+        percent_encoding::utf8_percent_encode(datastore, percent_encoding::NON_ALPHANUMERIC);
+    format!("/vms{folder}/{action}?datastore={datastore}")
+}

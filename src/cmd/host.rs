@@ -32,9 +32,12 @@ pub struct RunArgs {
 
 #[derive(Args)]
 pub struct EventsArgs {
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (with --follow: one event per line).
     #[arg(long)]
     json: bool,
+    /// Keep printing new events as they happen, until interrupted.
+    #[arg(long)]
+    follow: bool,
 }
 
 #[derive(Args)]
@@ -66,7 +69,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).context("blocking signals")?;
     let config = host::Config::load(&args.config)?;
-    let lun = super::datastore::open_lun(&config.datastores[0], false)?;
+    let luns = config
+        .datastores
+        .iter()
+        .map(|d| super::datastore::open_lun(d, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let exe = std::env::current_exe().context("finding the vapp binary")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -79,7 +86,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
             flag.store(true, Ordering::SeqCst);
         })
         .context("starting the signal thread")?;
-    let agent = Arc::new(host::Agent::new(config, exe, lun, stop)?);
+    let agent = Arc::new(host::Agent::new(config, exe, luns, stop)?);
     agent.run()?;
     match Arc::try_unwrap(agent) {
         Ok(agent) => agent.close()?,
@@ -88,18 +95,48 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let socket = agent_socket();
-    let (status, body) = host::client::request(&socket, "GET", "/events", Duration::from_secs(10))?;
+fn fetch_events(socket: &std::path::Path) -> anyhow::Result<Vec<host::Event>> {
+    let (status, body) = host::client::request(socket, "GET", "/events", Duration::from_secs(10))?;
     if status != 200 {
         bail!("host agent at {}: {status} {body}", socket.display());
     }
-    let events: Vec<host::Event> =
-        serde_json::from_value(body).context("the agent's events are not as expected")?;
-    if args.json {
-        crate::outln!("{}", serde_json::to_string_pretty(&events)?)?;
+    serde_json::from_value(body).context("the agent's events are not as expected")
+}
+
+fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let socket = agent_socket();
+    let events = fetch_events(&socket)?;
+    if !args.follow {
+        if args.json {
+            crate::outln!("{}", serde_json::to_string_pretty(&events)?)?;
+        } else {
+            print_events(&events)?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
+    // The agent keeps every event in order, so what is new is what lies past the last count.
+    let mut printed = 0;
+    let mut events = events;
+    loop {
+        if events.len() < printed {
+            // Another agent answers on the socket now: its events are all new.
+            printed = 0;
+        }
+        let new = &events[printed..];
+        if args.json {
+            for e in new {
+                crate::outln!("{}", serde_json::to_string(e)?)?;
+            }
+        } else {
+            print_events(new)?;
+        }
+        printed = events.len();
+        std::thread::sleep(Duration::from_millis(200));
+        events = fetch_events(&socket)?;
+    }
+}
+
+fn print_events(events: &[host::Event]) -> anyhow::Result<()> {
     for e in events {
         let secs = e.time_ns / 1_000_000_000;
         let millis = e.time_ns % 1_000_000_000 / 1_000_000;
@@ -111,7 +148,7 @@ fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
             e.detail
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {

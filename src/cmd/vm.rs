@@ -156,7 +156,7 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
             let folder = folder_path(&args.path)?;
             let socket = super::host::agent_socket();
             if !args.foreground && !args.console && args.console_log.is_none() && socket.exists() {
-                return start_through_agent(&socket, &folder);
+                return start_through_agent(&socket, datastore, &folder);
             }
             run::start(
                 datastore,
@@ -182,11 +182,15 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
 }
 
 /// Asks the local agent to run the VM; it answers once the VM's runner holds its lock.
-fn start_through_agent(socket: &std::path::Path, folder: &str) -> anyhow::Result<ExitCode> {
+fn start_through_agent(
+    socket: &std::path::Path,
+    datastore: &str,
+    folder: &str,
+) -> anyhow::Result<ExitCode> {
     let (status, body) = host::client::request(
         socket,
         "POST",
-        &format!("/vms{folder}/start"),
+        &host::client::vm_path(folder, "start", datastore),
         Duration::from_secs(600),
     )?;
     if status != 200 {
@@ -194,9 +198,11 @@ fn start_through_agent(socket: &std::path::Path, folder: &str) -> anyhow::Result
         bail!("{message}");
     }
     crate::outln!(
-        "vm {folder}: running on host {} (pid {}), through the host agent",
+        "vm {folder}: running on host {} (pid {}), datastore {} ({}), through the host agent",
         body["host"].as_str().unwrap_or("?"),
-        body["pid"]
+        body["pid"],
+        body["datastore"].as_str().unwrap_or("?"),
+        body["datastore_uuid"].as_str().unwrap_or("?"),
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -309,6 +315,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         ha: args.ha.map(|priority| host::Ha {
             restart: true,
             priority,
+            ..Default::default()
         }),
         disks: new_disks
             .iter()
@@ -743,12 +750,15 @@ struct Listed {
     vcpus: Option<u32>,
     memory_bytes: Option<u64>,
     disks: Vec<ListedDisk>,
-    /// `stopped`, `running` or `invalid`.
+    /// `stopped`, `running`, `failed` (the local agent gave up restarting it) or `invalid`.
     state: &'static str,
     host: Option<String>,
     pid: Option<u32>,
     /// Why the VM is `invalid`.
     error: Option<String>,
+    /// For `failed`: its failed starts in a row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failures: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -778,10 +788,11 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
     } else {
         lock_holders(&ds)?
     };
-    let listed = folders
+    let mut listed = folders
         .iter()
         .map(|folder| describe_vm(&ds, &registry, &mut holders, folder))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    mark_failed(&ds, &mut listed);
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &listed)?;
@@ -801,6 +812,10 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
                 vm.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
             ),
             ("invalid", _, Some(error)) => format!("invalid: {error}"),
+            ("failed", _, _) => format!(
+                "failed after {} tries (vapp host events)",
+                vm.failures.unwrap_or(0)
+            ),
             (state, _, _) => state.to_string(),
         };
         writeln!(
@@ -816,6 +831,33 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
         .map_err(crate::cmd::stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A VM that does not run and that this host's agent gave up restarting is `failed`. No
+/// agent answering (none runs here) leaves the list as the datastore shows it.
+fn mark_failed(ds: &Datastore, listed: &mut [Listed]) {
+    let socket = crate::cmd::host::agent_socket();
+    let Ok((200, body)) =
+        host::client::request(&socket, "GET", "/vms", std::time::Duration::from_secs(5))
+    else {
+        return;
+    };
+    let Ok(reports) = serde_json::from_value::<Vec<host::VmReport>>(body) else {
+        return;
+    };
+    let uuid = ds.superblock().uuid.to_string();
+    for report in reports
+        .iter()
+        .filter(|r| r.state == "failed" && r.datastore == uuid)
+    {
+        if let Some(vm) = listed
+            .iter_mut()
+            .find(|vm| vm.path == report.path && vm.state == "stopped")
+        {
+            vm.state = "failed";
+            vm.failures = Some(report.failures);
+        }
+    }
 }
 
 /// Folders at or below `dir` holding a vm.toml (not looking inside a VM folder).
@@ -876,6 +918,7 @@ fn describe_vm(
         host,
         pid,
         error: None,
+        failures: None,
     };
     let spec = read_spec(ds, folder);
     match spec {
