@@ -46,15 +46,20 @@ pub struct Joined {
 
 /// The datastores this agent is a host of.
 fn joined(agent: &Agent) -> Vec<(Joined, &Datastore)> {
-    let sb = agent.ds.superblock();
-    vec![(
-        Joined {
-            uuid: sb.uuid.to_string(),
-            label: sb.label.clone(),
-            lun: agent.config.datastores[0].clone(),
-        },
-        &agent.ds,
-    )]
+    agent
+        .stores
+        .iter()
+        .map(|store| {
+            (
+                Joined {
+                    uuid: store.uuid.clone(),
+                    label: store.ds.superblock().label.clone(),
+                    lun: store.given.clone(),
+                },
+                &store.ds,
+            )
+        })
+        .collect()
 }
 
 /// File names `put`s copy to now, per datastore: vmfs names the temporary file after the

@@ -128,7 +128,7 @@ impl VmSpec {
         if let Some(i) = self.disks.iter().position(|d| d.path.trim().is_empty()) {
             return Err(format!("disk {i} has an empty `path`"));
         }
-        self.ha.as_ref().map_or(Ok(()), host::Ha::check)
+        self.ha.as_ref().map_or(Ok(()), crate::Ha::check)
     }
 
     pub fn memory_bytes(&self) -> u64 {
