@@ -1,0 +1,135 @@
+//! virtio-net on taps: two test guests on one bridge ping each other, and a transmit rate
+//! limit holds, measured on the host side of the tap.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{GUEST_TIMEOUT, guest_config, kvm_available};
+use hv::net::{MacAddr, RateLimit, Tap, add_interface, create_bridge, delete_bridge};
+use hv::{ConsoleBuffer, Nic, Vm, VmHandle};
+
+fn net_available() -> bool {
+    kvm_available()
+        && lun::prereq::require(
+            lun::prereq::is_root() && lun::prereq::have_device("/dev/net/tun"),
+            "root and /dev/net/tun for taps and bridges",
+        )
+}
+
+/// A bridge removed when the test ends, whatever happens.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn new(tag: &str) -> TestBridge {
+        let name = format!("vt{tag}{}", std::process::id() % 100_000);
+        let _ = delete_bridge(&name);
+        create_bridge(&name).unwrap();
+        TestBridge(name)
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = delete_bridge(&self.0);
+    }
+}
+
+fn tap_name(tag: &str) -> String {
+    format!("vt{tag}{}", std::process::id() % 100_000)
+}
+
+fn start(name: &str, tap: Tap, mac: MacAddr, cmdline: &str) -> (VmHandle, ConsoleBuffer) {
+    let (mut config, console) = guest_config(name, 1, cmdline);
+    config.nics.push(Nic::new(tap, mac));
+    (Vm::create(config).unwrap().start().unwrap(), console)
+}
+
+#[test]
+fn two_guests_on_one_bridge_ping_each_other() {
+    if !net_available() {
+        return;
+    }
+    let bridge = TestBridge::new("b");
+    let mut vms = Vec::new();
+    for (i, (me, peer)) in [("10.99.0.1", "10.99.0.2"), ("10.99.0.2", "10.99.0.1")]
+        .into_iter()
+        .enumerate()
+    {
+        let tap = Tap::create(&tap_name(&format!("p{i}"))).unwrap();
+        add_interface(&bridge.0, tap.name()).unwrap();
+        let mac = MacAddr([0x52, 0x54, 0x00, 0x99, 0x00, i as u8 + 1]);
+        let cmdline = format!("mode=test net_ip={me} net_ping={peer} net_count=5");
+        vms.push((start(&format!("ping{i}"), tap, mac, &cmdline), peer, mac));
+    }
+    for ((vm, console), peer, mac) in &vms {
+        let done = format!("net: ping {peer}: 5 sent, 5 received");
+        let ok = console.wait_for(&done, GUEST_TIMEOUT);
+        let out = console.contents();
+        assert!(
+            ok,
+            "{} did not get its 5 replies; console:\n{out}",
+            vm.name()
+        );
+        assert!(out.contains(&format!("mac {mac}")), "{out}");
+        for seq in 1..=5 {
+            assert!(
+                out.contains(&format!("net: reply from {peer} seq={seq}")),
+                "{out}"
+            );
+        }
+    }
+}
+
+fn tap_rx_bytes(tap: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/rx_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_transmit_bandwidth_limit_holds_within_ten_percent() {
+    if !net_available() {
+        return;
+    }
+    let limit = 4u64 << 20;
+    let name = tap_name("rl");
+    let tap = Tap::create(&name).unwrap();
+    let mut nic = Nic::new(tap, MacAddr([0x52, 0x54, 0x00, 0x99, 0x01, 0x01]));
+    nic.tx.bytes = Some(RateLimit::per_second(limit));
+    // 3 s of traffic at the limit in 1514-byte frames.
+    let frames = 3 * limit / 1514;
+    let (mut config, console) = guest_config(
+        "ratelimit",
+        1,
+        &format!("mode=test net_ip=10.99.1.1 net_burst={frames} net_frame=1514"),
+    );
+    config.nics.push(nic);
+    let vm = Vm::create(config).unwrap().start().unwrap();
+    assert!(
+        console.wait_for("net: burst start", GUEST_TIMEOUT),
+        "{}",
+        console.contents()
+    );
+    // Measure past the bucket's initial burst, over a window well inside the transfer.
+    std::thread::sleep(Duration::from_millis(500));
+    let (t0, b0) = (Instant::now(), tap_rx_bytes(&name));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (t1, b1) = (Instant::now(), tap_rx_bytes(&name));
+    let rate = (b1 - b0) as f64 / (t1 - t0).as_secs_f64();
+    assert!(
+        console.wait_for("net: burst of", GUEST_TIMEOUT),
+        "{}",
+        console.contents()
+    );
+    vm.stop();
+    let ratio = rate / limit as f64;
+    eprintln!("transmit limit {limit} B/s, measured {rate:.0} B/s");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "measured {rate:.0} B/s against a limit of {limit} B/s ({ratio:.3})"
+    );
+}
