@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod client;
+pub mod network;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;

@@ -1050,7 +1050,8 @@ static void __attribute__((noreturn)) write_counter(unsigned ndisks)
 /* ---- virtio-net: a polled NIC that answers ARP and ICMP echo, pings a peer and sends bursts
  * of frames for measurement. Configured by net_ip=A.B.C.D (its address), net_ping=A.B.C.D
  * (peer to ping), net_count=N (echo requests, default 4), net_burst=N (frames to send to the
- * peer, or broadcast without one) and net_frame=B (bytes per burst frame, default 1514).
+ * peer, or broadcast without one), net_frame=B (bytes per burst frame, default 1514) and
+ * net_arp=N (ARP requests before the peer is unreachable, ~0.4 s apart, default 40).
  * The first virtio-net device found among the virtio_mmio.device= entries is used; after its
  * work the guest keeps answering until the VM is stopped. ---- */
 
@@ -1064,7 +1065,6 @@ static void __attribute__((noreturn)) write_counter(unsigned ndisks)
 #define ETHERTYPE_ARP 0x0806
 #define ETHERTYPE_BURST 0x88b5 /* IEEE local experimental: burst frames */
 #define NET_WAIT_TSC (1ULL << 30) /* ~0.3-0.5 s: how long one ping or ARP request waits */
-#define NET_ARP_TRIES 40
 
 struct net_queue {
     struct virtq_desc desc[NET_QSIZE] __attribute__((aligned(16)));
@@ -1086,12 +1086,12 @@ static struct {
     int present;
     u8 mac[6], peer_mac[6];
     int peer_known;
-    u32 ip, peer_ip, count, burst, frame;
+    u32 ip, peer_ip, count, burst, frame, arp_tries;
     u32 replies, last_seq;
     struct net_queue rx, tx;
     u8 rxbuf[NET_QSIZE][NET_BUF] __attribute__((aligned(64)));
     u8 txbuf[NET_QSIZE][NET_BUF] __attribute__((aligned(64)));
-} net = {.count = 4, .frame = 1514};
+} net = {.count = 4, .frame = 1514, .arp_tries = 40};
 
 static u32 net_parse_ip(const char **sp)
 {
@@ -1118,6 +1118,8 @@ static void net_parse_cmdline(const char *s)
             net.burst = parse_num(&v);
         else if (starts_with(s, "net_frame=", &v))
             net.frame = parse_num(&v);
+        else if (starts_with(s, "net_arp=", &v))
+            net.arp_tries = parse_num(&v);
         while (*s && *s != ' ')
             s++;
         while (*s == ' ')
@@ -1404,7 +1406,7 @@ static void net_print_ip(const char *prefix, u32 ip, const char *suffix)
 
 static int net_resolve_peer(void)
 {
-    for (unsigned i = 0; i < NET_ARP_TRIES && !net.peer_known; i++) {
+    for (unsigned i = 0; i < net.arp_tries && !net.peer_known; i++) {
         arp_send(1, 0, net.peer_ip);
         net_poll_until((volatile u32 *)&net.peer_known, 1);
     }

@@ -23,7 +23,7 @@ pub const IFNAME_MAX: usize = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("{what} {name}: {source}{hint}", hint = permission_hint(source))]
+    #[error("{what} {name}{hint}", hint = permission_hint(source))]
     Os {
         what: &'static str,
         name: String,
@@ -38,7 +38,7 @@ pub enum NetError {
 
 fn permission_hint(error: &io::Error) -> &'static str {
     match error.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => " (needs CAP_NET_ADMIN: run as root)",
+        Some(libc::EPERM) | Some(libc::EACCES) => " (this needs CAP_NET_ADMIN: run vapp as root)",
         _ => "",
     }
 }
