@@ -95,7 +95,8 @@ fn a_transmit_bandwidth_limit_holds_within_ten_percent() {
     if !net_available() {
         return;
     }
-    let limit = 4u64 << 20;
+    // Low enough that a guest starved by a loaded host still offers more than the limit.
+    let limit = 1u64 << 20;
     let name = tap_name("rl");
     let tap = Tap::create(&name).unwrap();
     let mut nic = Nic::new(tap, MacAddr([0x52, 0x54, 0x00, 0x99, 0x01, 0x01]));
