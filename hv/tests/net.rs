@@ -1,5 +1,5 @@
-//! virtio-net on taps: two test guests on one bridge ping each other, and a transmit rate
-//! limit holds, measured on the host side of the tap.
+//! virtio-net on taps: two test guests on one bridge ping each other, and transmit and
+//! receive rate limits hold, measured on the host side of the tap and by the receiving guest.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -129,6 +129,65 @@ fn a_transmit_bandwidth_limit_holds_within_ten_percent() {
     vm.stop();
     let ratio = rate / limit as f64;
     eprintln!("transmit limit {limit} B/s, measured {rate:.0} B/s");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "measured {rate:.0} B/s against a limit of {limit} B/s ({ratio:.3})"
+    );
+}
+
+#[test]
+fn a_receive_bandwidth_limit_holds_within_ten_percent() {
+    if !net_available() {
+        return;
+    }
+    let limit = 1u64 << 20;
+    let bridge = TestBridge::new("r");
+    let tap = Tap::create(&tap_name("rx")).unwrap();
+    add_interface(&bridge.0, tap.name()).unwrap();
+    let sender = Tap::create(&tap_name("rs")).unwrap();
+    add_interface(&bridge.0, sender.name()).unwrap();
+    let mac = MacAddr([0x52, 0x54, 0x00, 0x99, 0x02, 0x01]);
+    let mut nic = Nic::new(tap, mac);
+    nic.rx.bytes = Some(RateLimit::per_second(limit));
+    let (mut config, console) = guest_config("rxlimit", 1, "mode=test net_ip=10.99.2.1");
+    config.nics.push(nic);
+    let vm = Vm::create(config).unwrap().start().unwrap();
+    assert!(
+        console.wait_for("net: serving", GUEST_TIMEOUT),
+        "{}",
+        console.contents()
+    );
+    // Offer about four times the limit, paced, for as long as the test measures.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut frame = vec![0u8; 1514];
+            frame[..6].copy_from_slice(&mac.0);
+            frame[6..12].copy_from_slice(&[0x52, 0x54, 0x00, 0x99, 0x02, 0x02]);
+            frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..4 {
+                    let _ = sender.write_frame(&frame);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let timed = |n: u32| {
+        let ok = console.wait_for(&format!("net: received {n} burst frames"), GUEST_TIMEOUT);
+        assert!(ok, "{}", console.contents());
+        Instant::now()
+    };
+    // Past the bucket's initial burst, then 1536 frames.
+    let t0 = timed(512);
+    let t1 = timed(2048);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    vm.stop();
+    let rate = 1536.0 * 1514.0 / (t1 - t0).as_secs_f64();
+    eprintln!("receive limit {limit} B/s, measured {rate:.0} B/s");
+    let ratio = rate / limit as f64;
     assert!(
         (0.9..=1.1).contains(&ratio),
         "measured {rate:.0} B/s against a limit of {limit} B/s ({ratio:.3})"
