@@ -370,3 +370,38 @@ pub(crate) fn run_backend(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::RateLimit;
+
+    #[test]
+    fn a_frame_passes_only_when_both_buckets_allow_it_and_is_paid_once() {
+        let mut limiter = Limiter::new(&NicLimits {
+            bytes: Some(RateLimit {
+                rate: 10_000,
+                burst: 3_000,
+            }),
+            packets: Some(RateLimit { rate: 10, burst: 2 }),
+        });
+        let now = Instant::now();
+        assert!(limiter.admit(1_000, now).is_ok());
+        assert!(limiter.admit(1_000, now).is_ok());
+        // Bytes remain, packets do not: refused until a packet token is back (100 ms), and
+        // the refused frame took no bytes.
+        let until = limiter.admit(1_000, now).unwrap_err();
+        assert!(
+            until >= now + Duration::from_millis(99),
+            "{:?}",
+            until - now
+        );
+        let later = now + Duration::from_millis(100);
+        assert!(limiter.admit(1_000, later).is_ok());
+        // 100 ms on, a packet token is back but the bytes bucket holds 2,000 (3,000 − 3,000
+        // taken + 2,000 refilled): 2,500 must wait, 2,000 may go.
+        let again = later + Duration::from_millis(100);
+        assert!(limiter.admit(2_500, again).is_err());
+        assert!(limiter.admit(2_000, again).is_ok());
+    }
+}
