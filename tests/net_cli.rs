@@ -326,3 +326,33 @@ fn bad_network_input_is_refused_before_the_guest_starts() {
     assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("vapp-testguest"));
 }
+
+#[test]
+fn a_nic_added_by_hand_gets_its_mac_at_the_first_start_and_keeps_it() {
+    if !net_available() {
+        return;
+    }
+    let (fx, id) = fixture();
+    let net = format!("hand{id}");
+    let _cleanup = Networks {
+        fx: &fx,
+        names: vec![net.clone()],
+    };
+    fx.ok(&["host", "network", "create", &net]);
+    create_vm_on(&fx, "/vms/h", "mode=test net_ip=10.95.0.1", &[]);
+    let toml = fx.ok(&["cat", "/vms/h/vm.toml"]);
+    let local = fx.dir.path().join("h.toml");
+    std::fs::write(&local, format!("{toml}\n[[net]]\nnetwork = \"{net}\"\n")).unwrap();
+    fx.ok(&["rm", "/vms/h/vm.toml"]);
+    fx.ok(&["put", local.to_str().unwrap(), "/vms/h/vm.toml"]);
+
+    let first = fx.start("/vms/h", &[]);
+    first.expect_console("net: serving");
+    drop(first);
+    let mac = mac_of(&fx, "/vms/h");
+    assert!(mac.starts_with("52:54:00:"), "{mac}");
+    let again = fx.start("/vms/h", &[]);
+    again.expect_console(&format!("mac {mac}, ip 10.95.0.1"));
+    drop(again);
+    assert_eq!(mac_of(&fx, "/vms/h"), mac);
+}
