@@ -46,7 +46,7 @@ impl Drop for Networks<'_> {
     }
 }
 
-fn create_vm_on(fx: &Fixture, path: &str, cmdline: &str, networks: &[&str]) {
+fn create_vm_on(fx: &Fixture, path: &str, cmdline: &str, networks: &[&str]) -> String {
     let guest = fx.guest.to_str().unwrap();
     let mut args = vec![
         "vm",
@@ -64,7 +64,7 @@ fn create_vm_on(fx: &Fixture, path: &str, cmdline: &str, networks: &[&str]) {
     for network in networks {
         args.extend(["--net", network]);
     }
-    fx.ok(&args);
+    fx.ok(&args)
 }
 
 /// The MAC vm.toml of `path` holds for its first NIC.
@@ -113,6 +113,15 @@ fn two_vms_on_one_network_ping_each_other_and_keep_their_macs_across_a_restart()
     );
     let (mac_a, mac_b) = (mac_of(&fx, "/vms/a"), mac_of(&fx, "/vms/b"));
     assert_ne!(mac_a, mac_b);
+    let created = create_vm_on(&fx, "/vms/c", "mode=test", &[&net, &net]);
+    assert!(
+        created.contains(&format!("  net 0: network {net}, MAC 52:54:00:")),
+        "{created}"
+    );
+    assert!(
+        created.contains(&format!("  net 1: network {net}, MAC 52:54:00:")),
+        "{created}"
+    );
 
     let a = fx.start("/vms/a", &[]);
     let b = fx.start("/vms/b", &[]);

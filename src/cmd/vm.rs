@@ -395,6 +395,13 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default(),
         spec.disks.len()
     )?;
+    for (i, net) in spec.nets.iter().enumerate() {
+        crate::outln!(
+            "  net {i}: network {}, MAC {}",
+            net.network,
+            net.mac.as_deref().unwrap_or("-")
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
