@@ -1054,7 +1054,7 @@ static void __attribute__((noreturn)) write_counter(unsigned ndisks)
  * net_arp=N (ARP requests before the peer is unreachable, ~0.4 s apart, default 40). Burst
  * frames it receives are counted on the console every 256.
  * The first virtio-net device found among the virtio_mmio.device= entries is used; after its
- * work the guest keeps answering until the VM is stopped. ---- */
+ * work the guest keeps answering until the VM is stopped or its power button pressed. ---- */
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_NET_F_MAC (1u << 5)
@@ -1472,9 +1472,20 @@ static void __attribute__((noreturn)) net_main(void)
     if (net.burst)
         net_send_burst();
     kprintf("vapp-testguest: net: serving\n");
-    for (;;)
+    /* Polls the GED's event register about every NET_WAIT_TSC / 4 cycles (each read is a VM
+     * exit), so the power button still shuts the guest down. */
+    u64 last = rdtsc();
+    for (;;) {
         if (!net_poll())
             cpu_relax();
+        if (!platform.ged_register || rdtsc() - last < NET_WAIT_TSC / 4)
+            continue;
+        last = rdtsc();
+        if (mmio_read32(platform.ged_register) & GED_POWER_BUTTON) {
+            kprintf("vapp-testguest: power button pressed, shutting down\n");
+            power_off(0);
+        }
+    }
 }
 
 /* ---- the boot CPU ---- */
