@@ -22,6 +22,7 @@ pub mod api;
 pub mod client;
 pub mod files;
 pub mod files_api;
+pub mod network;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

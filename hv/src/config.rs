@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use lun::Lun;
 
+use crate::net::{MacAddr, RateLimit, Tap};
+
 /// The description of one VM, checked by [`crate::Vm::create`] before any guest code runs.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -23,6 +25,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// virtio-blk devices, in order: the first is /dev/vda in a Linux guest.
     pub disks: Vec<Disk>,
+    /// virtio-net devices, in order after the disks: the first is eth0 in a Linux guest.
+    pub nics: Vec<Nic>,
     /// Where the guest's serial port (COM1) goes.
     pub console: Console,
 }
@@ -38,6 +42,7 @@ impl VmConfig {
             initrd: None,
             cmdline: String::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
             console: Console::Null,
         }
     }
@@ -65,6 +70,37 @@ impl Disk {
             read_only: true,
         }
     }
+}
+
+/// A virtio-net device on a tap the caller created (and attached to whatever switch it
+/// wants): the VM owns the tap from here, so the interface goes when the VM does.
+#[derive(Debug)]
+pub struct Nic {
+    pub tap: Tap,
+    pub mac: MacAddr,
+    /// Limits on what the guest receives.
+    pub rx: NicLimits,
+    /// Limits on what the guest sends.
+    pub tx: NicLimits,
+}
+
+impl Nic {
+    pub fn new(tap: Tap, mac: MacAddr) -> Nic {
+        Nic {
+            tap,
+            mac,
+            rx: NicLimits::default(),
+            tx: NicLimits::default(),
+        }
+    }
+}
+
+/// The token buckets of one direction of a NIC; None is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicLimits {
+    /// Bytes of Ethernet frames per second.
+    pub bytes: Option<RateLimit>,
+    pub packets: Option<RateLimit>,
 }
 
 /// The sink of the guest's serial console.

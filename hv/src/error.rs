@@ -74,6 +74,14 @@ pub enum HvError {
         reason: String,
     },
 
+    #[error("vm {vm}: nic {index} ({tap}): {reason}")]
+    BadNic {
+        vm: String,
+        index: usize,
+        tap: String,
+        reason: String,
+    },
+
     #[error("vm {vm}: guest memory: {reason}")]
     GuestMemory { vm: String, reason: String },
 

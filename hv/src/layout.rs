@@ -49,7 +49,9 @@ pub const GED_GSI: u32 = 3;
 pub const COM1_GSI: u32 = 4;
 pub const VIRTIO_GSI_BASE: u32 = 5;
 pub const IOAPIC_PINS: u32 = 24;
-pub const MAX_DISKS: usize = (IOAPIC_PINS - VIRTIO_GSI_BASE) as usize;
+pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_GSI_BASE) as usize;
+/// Disks and NICs share the virtio-mmio slots: at most this many of either.
+pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES;
 
 /// I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;

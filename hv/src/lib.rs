@@ -3,7 +3,7 @@
 //! Built on the rust-vmm crates (kvm-ioctls, vm-memory, linux-loader, vm-superio,
 //! virtio-queue, acpi_tables), the way Firecracker and Cloud Hypervisor are: one thread per
 //! vCPU, Linux bzImage or PVH ELF boot, ACPI (MADT, FADT, DSDT) for CPUs, power and devices,
-//! an 8250 console and virtio-blk over virtio-mmio.
+//! an 8250 console, virtio-blk and virtio-net (on a tap) over virtio-mmio.
 //!
 //! ```no_run
 //! # fn demo(kernel: Vec<u8>, disk: std::sync::Arc<dyn lun::Lun>) -> Result<(), hv::HvError> {
@@ -27,16 +27,17 @@ mod error;
 mod exit;
 mod host;
 mod layout;
+pub mod net;
 pub mod test_guest;
 mod unpack;
 mod vcpu;
 mod vm;
 
 pub use boot::check_kernel;
-pub use config::{Console, ConsoleBuffer, Disk, VmConfig};
+pub use config::{Console, ConsoleBuffer, Disk, Nic, NicLimits, VmConfig};
 pub use cpu::Registers;
 pub use error::{HvError, Result};
 pub use exit::VmExit;
 pub use host::{Backend, HostInfo, total_memory};
-pub use layout::{MAX_DISKS, MIN_MEMORY};
+pub use layout::{MAX_DISKS, MAX_VIRTIO_DEVICES, MIN_MEMORY};
 pub use vm::{EXIT_STATUS_PORT, Hypervisor, Vm, VmHandle};

@@ -17,21 +17,23 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::acpi::{self, MmioDevice};
 use crate::boot;
-use crate::config::{Disk, VmConfig};
+use crate::config::{Disk, Nic, VmConfig};
 use crate::cpu::{self, BootEntry};
 use crate::devices::ged::Ged;
 use crate::devices::legacy::{AcpiRegisters, ExitStatusPort, I8042, SerialPort};
 use crate::devices::virtio_blk::Block;
 use crate::devices::virtio_mmio::MmioTransport;
+use crate::devices::virtio_net::{Net, run_backend};
 use crate::devices::{Bus, BusDevice};
 use crate::error::{HvError, Result};
 use crate::exit::{ExitLatch, VmExit};
 use crate::host::{self, HostInfo};
 use crate::layout::{
     ACPI_SLEEP_CONTROL_PORT, BOOT_GDT, COM1_GSI, COM1_PORT, GED_ADDR, GED_GSI, GED_SIZE,
-    I8042_DATA_PORT, KVM_TSS_ADDR, MAX_DISKS, MIN_MEMORY, VIRTIO_MMIO_SIZE, ram_regions,
-    virtio_mmio_device,
+    I8042_DATA_PORT, KVM_TSS_ADDR, MAX_DISKS, MAX_VIRTIO_DEVICES, MIN_MEMORY, VIRTIO_MMIO_SIZE,
+    ram_regions, virtio_mmio_device,
 };
+use crate::net::Tap;
 use crate::vcpu::{Vcpu, install_kick_handler};
 
 /// The exit-status port (QEMU's isa-debug-exit port): see [`VmExit::PowerOff`].
@@ -141,6 +143,13 @@ fn validate(config: &VmConfig, host: &HostInfo) -> Result<()> {
             config.disks.len()
         )));
     }
+    if config.disks.len() + config.nics.len() > MAX_VIRTIO_DEVICES {
+        return Err(invalid(format!(
+            "{} disks and {} NICs, at most {MAX_VIRTIO_DEVICES} devices in all are supported",
+            config.disks.len(),
+            config.nics.len()
+        )));
+    }
     for (index, disk) in config.disks.iter().enumerate() {
         let lun = &disk.lun;
         let bad = |reason: String| HvError::BadDisk {
@@ -162,6 +171,16 @@ fn validate(config: &VmConfig, host: &HostInfo) -> Result<()> {
             )));
         }
     }
+    for (index, nic) in config.nics.iter().enumerate() {
+        if let Some(other) = config.nics[..index].iter().position(|n| n.mac == nic.mac) {
+            return Err(HvError::BadNic {
+                vm: vm.to_string(),
+                index,
+                tap: nic.tap.name().to_string(),
+                reason: format!("MAC {} is also nic {other}'s", nic.mac),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -174,6 +193,21 @@ pub struct Vm {
     serial: Arc<Mutex<SerialPort>>,
     ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitLatch>,
+    nic_backends: Vec<NicBackend>,
+}
+
+/// What a NIC's backend thread needs.
+struct NicBackend {
+    name: String,
+    transport: Arc<Mutex<MmioTransport<Net>>>,
+    tap: Arc<Tap>,
+    kick: EventFd,
+}
+
+/// A running NIC backend thread and how to end it.
+struct NicThread {
+    stop: EventFd,
+    thread: JoinHandle<()>,
 }
 
 impl Vm {
@@ -190,7 +224,10 @@ impl Vm {
         let mut builder = Builder::new(hv, &config.name, config.memory_bytes)?;
         let Platform { serial, ged } = builder.add_platform_devices(config.console)?;
         let mut cmdline = config.cmdline.trim().to_string();
-        let mmio_devices = builder.add_disks(config.disks, &mut cmdline)?;
+        let mut mmio_devices = builder.add_disks(config.disks, &mut cmdline)?;
+        let nic_backends = builder.add_nics(config.nics, mmio_devices.len(), &mut cmdline)?;
+        mmio_devices.extend(nic_backends.iter().map(|b| b.1));
+        let nic_backends: Vec<NicBackend> = nic_backends.into_iter().map(|b| b.0).collect();
         let entry = builder.load_guest(
             config.vcpus,
             &mmio_devices,
@@ -208,6 +245,7 @@ impl Vm {
             serial,
             ged,
             exit,
+            nic_backends,
         })
     }
 
@@ -226,8 +264,29 @@ impl Vm {
             serial: self.serial,
             ged: self.ged,
             mem: self.mem,
+            nic_threads: Vec::new(),
             _vm_fd: self.vm_fd,
         };
+        for backend in self.nic_backends {
+            let NicBackend {
+                name,
+                transport,
+                tap,
+                kick,
+            } = backend;
+            let io = |source| HvError::Io {
+                vm: vm.clone(),
+                what: format!("starting the backend of {name}"),
+                source,
+            };
+            let stop = EventFd::new(EFD_NONBLOCK).map_err(io)?;
+            let stop_clone = stop.try_clone().map_err(io)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-rx"))
+                .spawn(move || run_backend(transport, tap, kick, stop_clone))
+                .map_err(io)?;
+            handle.nic_threads.push(NicThread { stop, thread });
+        }
         for vcpu in self.vcpus {
             let id = vcpu.id;
             let exit = handle.exit.clone();
@@ -417,6 +476,67 @@ impl<'h> Builder<'h> {
         Ok(devices)
     }
 
+    /// A virtio-net device per NIC in the slots after the `first` used ones, each also named
+    /// on `cmdline`.
+    fn add_nics(
+        &mut self,
+        nics: Vec<Nic>,
+        first: usize,
+        cmdline: &mut String,
+    ) -> Result<Vec<(NicBackend, MmioDevice)>> {
+        let vm = self.name.clone();
+        let mut backends = Vec::new();
+        for (index, nic) in nics.into_iter().enumerate() {
+            let (base, gsi) = virtio_mmio_device(first + index);
+            let name = format!("nic{index}");
+            let tap_name = nic.tap.name().to_string();
+            let io = |source| HvError::Io {
+                vm: vm.clone(),
+                what: format!("eventfd of {name}"),
+                source,
+            };
+            let kick = EventFd::new(EFD_NONBLOCK).map_err(io)?;
+            let tap = Arc::new(nic.tap);
+            let net = Net::new(
+                &vm,
+                &name,
+                tap.clone(),
+                nic.mac,
+                &nic.rx,
+                &nic.tx,
+                kick.try_clone().map_err(io)?,
+            );
+            let transport = MmioTransport::new(&vm, &name, net, self.mem.clone(), self.irq(gsi)?)
+                .map_err(|e| HvError::BadNic {
+                vm: vm.clone(),
+                index,
+                tap: tap_name.clone(),
+                reason: format!("virtqueue: {e}"),
+            })?;
+            let transport = Arc::new(Mutex::new(transport));
+            self.mmio.insert(
+                base,
+                VIRTIO_MMIO_SIZE,
+                transport.clone() as Arc<Mutex<dyn BusDevice>>,
+            );
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            info!(vm, nic = index, tap = %tap_name, mac = %nic.mac, base, gsi, "virtio-net attached");
+            backends.push((
+                NicBackend {
+                    name,
+                    transport,
+                    tap,
+                    kick,
+                },
+                MmioDevice { base, gsi },
+            ));
+        }
+        Ok(backends)
+    }
+
     /// ACPI tables, boot GDT, kernel, initrd and boot information; returns the entry.
     fn load_guest(
         &self,
@@ -531,6 +651,7 @@ pub struct VmHandle {
     serial: Arc<Mutex<SerialPort>>,
     ged: Arc<Mutex<Ged>>,
     mem: Arc<GuestMemoryMmap>,
+    nic_threads: Vec<NicThread>,
     // Last: the VM must outlive its vCPUs and memory slots.
     _vm_fd: VmFd,
 }
@@ -620,12 +741,19 @@ impl VmHandle {
             // Each vCPU thread ends once the exit latch is set; a panic was already reported.
             let _ = thread.join();
         }
+        for nic in self.nic_threads.drain(..) {
+            if let Err(error) = nic.stop.write(1) {
+                warn!(vm = %self.name, %error, "cannot stop a NIC backend");
+                continue;
+            }
+            let _ = nic.thread.join();
+        }
     }
 }
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || !self.nic_threads.is_empty() {
             self.stop();
             self.join();
         }

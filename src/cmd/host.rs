@@ -21,6 +21,9 @@ pub enum HostCommand {
     Run(RunArgs),
     /// What the local agent did and why: hosts declared dead, VMs restarted, failures.
     Events(EventsArgs),
+    /// This host's networks (Linux bridges it owns) that VMs name in vm.toml.
+    #[command(subcommand)]
+    Network(super::network::NetworkCommand),
 }
 
 #[derive(Args)]
@@ -52,6 +55,7 @@ pub fn run(command: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::Info(args) => info(args),
         HostCommand::Run(args) => run_agent(args),
         HostCommand::Events(args) => events(args),
+        HostCommand::Network(command) => super::network::run(command),
     }
 }
 

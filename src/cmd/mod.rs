@@ -6,6 +6,7 @@ pub mod export;
 pub mod files;
 pub mod host;
 pub mod mount;
+pub mod network;
 pub mod replica;
 pub mod snapshot;
 pub mod vdisk_snapshot;

@@ -7,6 +7,7 @@
 //! - `stop` and `list` find a VM running here through this host's registry ([`runtime`]), and
 //!   one running on another host through the lock on its `vm.toml`, which names the holder.
 
+mod net;
 mod run;
 
 pub(crate) use host::vm::{runtime, spec};
@@ -74,6 +75,10 @@ pub struct CreateArgs {
     /// disks; the first is /dev/vda.
     #[arg(long = "disk", value_name = "SIZE|PATH")]
     disks: Vec<String>,
+    /// A NIC on network NAME (`vapp host network create`), with a MAC generated now and kept
+    /// in vm.toml. Repeat for more NICs; the first is eth0.
+    #[arg(long = "net", value_name = "NETWORK")]
+    nets: Vec<String>,
     /// What a guest reset does.
     #[arg(long, value_enum, default_value_t = OnReset::Reboot)]
     on_reset: OnReset,
@@ -312,6 +317,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         initrd: initrd.as_ref().map(|_| spec::INITRD_FILE.to_string()),
         cmdline: args.cmdline,
         on_reset: args.on_reset,
+        nets: spec::new_nets(&args.nets),
         ha: args.ha.map(|priority| host::Ha {
             restart: true,
             priority,
@@ -396,6 +402,13 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default(),
         spec.disks.len()
     )?;
+    for (i, net) in spec.nets.iter().enumerate() {
+        crate::outln!(
+            "  net {i}: network {}, MAC {}",
+            net.network,
+            net.mac.as_deref().unwrap_or("-")
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

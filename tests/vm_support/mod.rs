@@ -33,6 +33,8 @@ pub struct Fixture {
     pub ds: String,
     pub guest: PathBuf,
     pub here: Host,
+    /// More environment for every command, e.g. `VAPP_STATE_DIR`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Fixture {
@@ -54,6 +56,7 @@ impl Fixture {
             dir,
             ds,
             here,
+            env: Vec::new(),
         };
         fixture.ok(&[
             "datastore",
@@ -88,6 +91,7 @@ impl Fixture {
             .env("VAPP_HOST_NAME", &host.name)
             .env("VAPP_HOST_UUID", &host.uuid)
             .env("VAPP_RUNTIME_DIR", &host.runtime)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         command
     }

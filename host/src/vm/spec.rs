@@ -34,6 +34,9 @@ pub struct VmSpec {
     pub on_reset: OnReset,
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// NICs, after the disks: eth0 is the first.
+    #[serde(default, rename = "net", skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetSpec>,
     /// High availability: restarted by the host agents when its host dies or it crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<crate::Ha>,
@@ -57,6 +60,67 @@ pub struct DiskSpec {
     /// Opened read-only shared: the guest sees a read-only device and other VMs may share it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+}
+
+/// A virtio-net NIC on one of the networks of the host that runs the VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    /// The network's name (`vapp host network create`), the same on every host.
+    pub network: String,
+    /// Written once (at `vm create`, or at the first start of a NIC added by hand) and kept,
+    /// so the guest keeps its address whatever host runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Token-bucket limits, Firecracker's: what the guest sends (tx) and receives (rx), in
+    /// bytes of Ethernet frames and in frames per second; the bucket holds 100 ms worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_bytes_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_packets_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_bytes_per_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_packets_per_sec: Option<u64>,
+}
+
+/// NICs on `networks`, each with a fresh MAC no other NIC of the VM has.
+pub fn new_nets(networks: &[String]) -> Vec<NetSpec> {
+    let mut nets: Vec<NetSpec> = Vec::new();
+    for network in networks {
+        let mut mac = hv::net::MacAddr::random().to_string();
+        while nets.iter().any(|n| n.mac.as_deref() == Some(mac.as_str())) {
+            mac = hv::net::MacAddr::random().to_string();
+        }
+        nets.push(NetSpec {
+            network: network.clone(),
+            mac: Some(mac),
+            ..NetSpec::default()
+        });
+    }
+    nets
+}
+
+impl NetSpec {
+    /// The MAC, parsed (`check` has refused a bad one).
+    pub fn mac(&self) -> Option<hv::net::MacAddr> {
+        self.mac.as_deref().and_then(|m| m.parse().ok())
+    }
+
+    fn limits(bytes: Option<u64>, packets: Option<u64>) -> hv::NicLimits {
+        hv::NicLimits {
+            bytes: bytes.map(hv::net::RateLimit::per_second),
+            packets: packets.map(hv::net::RateLimit::per_second),
+        }
+    }
+
+    pub fn tx_limits(&self) -> hv::NicLimits {
+        Self::limits(self.tx_bytes_per_sec, self.tx_packets_per_sec)
+    }
+
+    pub fn rx_limits(&self) -> hv::NicLimits {
+        Self::limits(self.rx_bytes_per_sec, self.rx_packets_per_sec)
+    }
 }
 
 /// Only the version, read before anything else so a newer file gets a clear refusal.
@@ -128,6 +192,39 @@ impl VmSpec {
         if let Some(i) = self.disks.iter().position(|d| d.path.trim().is_empty()) {
             return Err(format!("disk {i} has an empty `path`"));
         }
+        if self.disks.len() + self.nets.len() > hv::MAX_VIRTIO_DEVICES {
+            return Err(format!(
+                "{} disks and {} NICs: a VM has at most {} in all",
+                self.disks.len(),
+                self.nets.len(),
+                hv::MAX_VIRTIO_DEVICES
+            ));
+        }
+        let mut macs = Vec::new();
+        for (i, net) in self.nets.iter().enumerate() {
+            if net.network.trim().is_empty() {
+                return Err(format!("net {i} has an empty `network`"));
+            }
+            if let Some(text) = &net.mac {
+                let mac: hv::net::MacAddr = text.parse().map_err(|e| format!("net {i}: {e}"))?;
+                if macs.contains(&mac) {
+                    return Err(format!("net {i}: MAC {mac} is also another NIC's"));
+                }
+                macs.push(mac);
+            }
+            for (field, value) in [
+                ("tx_bytes_per_sec", net.tx_bytes_per_sec),
+                ("tx_packets_per_sec", net.tx_packets_per_sec),
+                ("rx_bytes_per_sec", net.rx_bytes_per_sec),
+                ("rx_packets_per_sec", net.rx_packets_per_sec),
+            ] {
+                if value == Some(0) {
+                    return Err(format!(
+                        "net {i}: `{field}` is 0 (leave it out for no limit)"
+                    ));
+                }
+            }
+        }
         self.ha.as_ref().map_or(Ok(()), crate::Ha::check)
     }
 
@@ -170,6 +267,12 @@ mod tests {
                     read_only: true,
                 },
             ],
+            nets: vec![NetSpec {
+                network: "prod".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                tx_bytes_per_sec: Some(10_000_000),
+                ..NetSpec::default()
+            }],
         }
     }
 
@@ -177,6 +280,7 @@ mod tests {
     fn round_trips_through_toml() {
         let text = sample().render().unwrap();
         assert!(text.contains("[[disk]]"), "{text}");
+        assert!(text.contains("[[net]]\nnetwork = \"prod\""), "{text}");
         assert!(text.contains("on_reset = \"power-off\""), "{text}");
         assert_eq!(VmSpec::parse("/vms/web1", &text).unwrap(), sample());
     }
@@ -202,6 +306,14 @@ mod tests {
             (base.replace("version = 1\n", ""), "no `version`"),
             (base.replace("vcpus = 2", "vcpus = 2\ncpus = 2"), "cpus"),
             (base.replace("vcpus = 2", "vcpus = \"two\""), "vcpus"),
+            (
+                base.replace("52:54:00:12:34:56", "01:00:5e:00:00:01"),
+                "net 0: MAC address \"01:00:5e:00:00:01\" is invalid",
+            ),
+            (
+                base.replace("tx_bytes_per_sec = 10000000", "tx_bytes_per_sec = 0"),
+                "`tx_bytes_per_sec` is 0",
+            ),
         ];
         for (text, needle) in cases {
             let err = VmSpec::parse("/vms/web1", &text).unwrap_err();

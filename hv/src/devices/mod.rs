@@ -7,6 +7,7 @@ pub(crate) mod ged;
 pub(crate) mod legacy;
 pub(crate) mod virtio_blk;
 pub(crate) mod virtio_mmio;
+pub(crate) mod virtio_net;
 
 use std::sync::{Arc, Mutex, PoisonError};
 

@@ -154,6 +154,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Runs `work` on the device and its queues outside a guest access (a backend's data
+    /// arrived, a rate limit expired), raising the vring interrupt when it says so. None
+    /// until the driver is ready.
+    pub fn device_event<R>(
+        &mut self,
+        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap) -> (bool, R),
+    ) -> Option<R> {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            || self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        {
+            return None;
+        }
+        let mem = self.mem.clone();
+        let (interrupt, result) = work(&mut self.device, &mut self.queues, mem.as_ref());
+        if interrupt {
+            self.interrupt(VIRTIO_MMIO_INT_VRING);
+        }
+        Some(result)
+    }
+
     fn write_queue_register(&mut self, register: u32, value: u32) {
         let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else {
             return;

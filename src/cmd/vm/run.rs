@@ -113,7 +113,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     let loaded = load(&ds, folder)?;
     let console = ConsoleSink::new(&options)?;
     let first = hypervisor
-        .create_vm(vm_config(&loaded, &console))
+        .create_vm(vm_config(folder, &loaded, &console)?)
         .with_context(|| format!("vm {folder}"))?;
     let listener = claim.listen()?;
 
@@ -189,7 +189,8 @@ fn load(ds: &Datastore, folder: &str) -> anyhow::Result<Loaded> {
     };
     let text = read_all(&identity, &config_path, spec::MAX_BYTES)?;
     let text = String::from_utf8(text).with_context(|| format!("{config_path}: not UTF-8"))?;
-    let spec = VmSpec::parse(folder, &text).map_err(anyhow::Error::msg)?;
+    let mut spec = VmSpec::parse(folder, &text).map_err(anyhow::Error::msg)?;
+    super::net::assign_macs(folder, &mut spec, &identity, &config_path)?;
     let limit = spec.memory_bytes();
     let kernel = read_file(ds, &spec::path_in(folder, &spec.kernel), "kernel", limit)?;
     let initrd = spec
@@ -287,7 +288,7 @@ fn open_disks(
     Ok((disks, writable))
 }
 
-fn vm_config(loaded: &Loaded, console: &ConsoleSink) -> hv::VmConfig {
+fn vm_config(folder: &str, loaded: &Loaded, console: &ConsoleSink) -> anyhow::Result<hv::VmConfig> {
     let spec = &loaded.spec;
     let mut config = hv::VmConfig::new(spec.name.clone(), loaded.kernel.clone());
     config.vcpus = spec.vcpus;
@@ -295,8 +296,9 @@ fn vm_config(loaded: &Loaded, console: &ConsoleSink) -> hv::VmConfig {
     config.initrd = loaded.initrd.clone();
     config.cmdline = spec.cmdline.clone();
     config.disks = loaded.disks.clone();
+    config.nics = super::net::attach_nics(folder, spec)?;
     config.console = hv::Console::Writer(Box::new(console.clone()));
-    config
+    Ok(config)
 }
 
 /// One `vm start`: boots, reboots on a guest reset, and answers signals, `vm stop` and
@@ -355,7 +357,7 @@ impl Run<'_> {
             info!(vm = %self.folder, "the guest reset: booting it again");
             vm = self
                 .hypervisor
-                .create_vm(vm_config(&self.loaded, &self.console))
+                .create_vm(vm_config(&self.folder, &self.loaded, &self.console)?)
                 .with_context(|| format!("vm {}: rebooting", self.folder))?;
         }
     }
