@@ -496,10 +496,30 @@ pub struct Service {
     switch: Option<Arc<SwitchLun>>,
     /// Who uses the LUN in this process, and what to stop before a rollback.
     user: Option<InUse>,
-    /// Sessions served to other processes, by name; they run until this process ends.
-    session_servers: Mutex<std::collections::HashMap<String, SessionSocket>>,
+    /// Sessions served to other processes, by name; each runs until the session is
+    /// deleted or this process ends.
+    session_servers: Mutex<std::collections::HashMap<String, ServedSession>>,
     /// An export's share of a LUN it writes directly until its first snapshot.
     users: Option<lunspec::Users>,
+}
+
+/// A session served over NBD to other processes.
+struct ServedSession {
+    socket: SessionSocket,
+    shutdown: lun::nbd::ShutdownHandle,
+    serving: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServedSession {
+    /// Ends its clients' connections and removes its socket: nothing of a deleted
+    /// session stays reachable.
+    fn stop(mut self) {
+        self.shutdown.shutdown();
+        if let Some(t) = self.serving.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket.socket);
+    }
 }
 
 /// A LUN in use by the process that holds it: a rollback would change it under its user.
@@ -596,6 +616,14 @@ impl Service {
             }
             Request::Delete { name } => {
                 let snaps = self.need_engine()?;
+                let served = self
+                    .session_servers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(name);
+                if let Some(served) = served {
+                    served.stop();
+                }
                 snaps
                     .delete_session(name)
                     .with_context(|| format!("{lun}: cannot delete session {name:?}"))?;
@@ -644,7 +672,7 @@ impl Service {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(served) = servers.get(name) {
-            return Ok(served.clone());
+            return Ok(served.socket.clone());
         }
         let snaps = self.need_engine()?;
         let typed = format!("{}@{name}", self.spec.typed);
@@ -657,13 +685,21 @@ impl Service {
         };
         let server = lun::NbdServer::bind(lun, config, &lun::nbd::ListenAddr::Unix(socket.clone()))
             .with_context(|| format!("{typed}: cannot serve the session"))?;
-        std::thread::spawn(move || {
+        let shutdown = server.shutdown_handle();
+        let serving = std::thread::spawn(move || {
             if let Err(e) = server.serve() {
                 tracing::warn!(session = %typed, error = %e, "serving a session stopped");
             }
         });
         let served = SessionSocket { socket, writable };
-        servers.insert(name.to_string(), served.clone());
+        servers.insert(
+            name.to_string(),
+            ServedSession {
+                socket: served.clone(),
+                shutdown,
+                serving: Some(serving),
+            },
+        );
         Ok(served)
     }
 
