@@ -61,6 +61,9 @@ pub struct PointRecord {
 pub struct DrillRecord {
     pub plan: String,
     pub drill: String,
+    /// `test` (a drill on copies), `failover-planned` or `failover-unplanned`.
+    #[serde(default = "test_kind")]
+    pub kind: String,
     /// ms since the Unix epoch.
     pub started_unix_ms: u64,
     /// Taking the copies at one point.
@@ -124,7 +127,7 @@ impl DrillRecord {
         let _ = write!(
             h,
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <title>DR drill {drill} of plan {plan}: {verdict}</title>\n<style>\
+             <title>DR {kind} {drill} of plan {plan}: {verdict}</title>\n<style>\
              body{{font-family:sans-serif;margin:2em;color:#1f2328}}\
              table{{border-collapse:collapse;margin:1em 0}}\
              td,th{{border:1px solid #d0d7de;padding:4px 10px;text-align:left}}\
@@ -132,10 +135,11 @@ impl DrillRecord {
              .lane{{position:relative;height:18px;background:#f6f8fa;width:600px}}\
              .bar{{position:absolute;height:18px}}.boot{{background:#54aeff}}\
              .fail{{background:#ff8182}}.prep{{background:#d4a72c}}\
-             </style></head><body>\n<h1>DR drill <code>{drill}</code> of plan <code>{plan}</code>: \
+             </style></head><body>\n<h1>DR {kind} <code>{drill}</code> of plan <code>{plan}</code>: \
              <span style=\"color:{colour}\">{verdict}</span></h1>\n<p>Started {started} \
              (Unix ms {ms}).</p>\n",
             drill = esc(&self.drill),
+            kind = esc(&self.kind),
             plan = esc(&self.plan),
             started = self.started_unix_ms / 1000,
             ms = self.started_unix_ms,
@@ -254,6 +258,10 @@ impl DrillRecord {
     }
 }
 
+fn test_kind() -> String {
+    "test".into()
+}
+
 /// Milliseconds as seconds with a millisecond, e.g. `1.234 s`.
 pub fn secs(ms: u64) -> String {
     format!("{}.{:03} s", ms / 1000, ms % 1000)
@@ -274,6 +282,7 @@ mod tests {
         DrillRecord {
             plan: "p".into(),
             drill: "d1".into(),
+            kind: "test".into(),
             started_unix_ms: 1,
             snapshot_ms: 20,
             open_ms: 300,

@@ -31,8 +31,25 @@ pub enum DrCommand {
     Test(TestArgs),
     /// Stop a drill's VMs and delete its copies; checks that nothing of it remains.
     Cleanup(PlanArg),
-    /// The plan's drills, oldest first.
+    /// The plan's drills and failovers, oldest first.
     History(HistoryArgs),
+    /// Real recovery at this site: promote the replicas and start the plan's VMs on them.
+    Failover(FailoverArgs),
+}
+
+#[derive(Args)]
+pub struct FailoverArgs {
+    pub plan: PathBuf,
+    /// The protected site was shut down in order: its VMs stopped and its replicas
+    /// demoted there (`vapp replica demote`), so nothing is lost; refused while a primary
+    /// still replicates to this site.
+    #[arg(long)]
+    pub planned: bool,
+    /// Write the failover's report as an HTML page.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -76,6 +93,7 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
         DrCommand::Test(a) => test(&a),
         DrCommand::Cleanup(a) => cleanup(&a.plan),
         DrCommand::History(a) => history(&a),
+        DrCommand::Failover(a) => failover(&a),
     }
 }
 
@@ -106,10 +124,16 @@ fn load_checked(path: &Path) -> anyhow::Result<(Plan, Site)> {
 /// The checks that need this site: every replica is a running, consistent secondary,
 /// every datastore is on one of them, every VM is on its datastore's replica.
 fn check_site(plan: &Plan) -> anyhow::Result<Site> {
+    check_site_for(plan, false)
+}
+
+/// [`check_site`]; for a failover a replica already promoted (a failover run again) and
+/// one mid-resync (promote returns it to its last point) are accepted.
+fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
     let p = &plan.name;
     let mut replicas = Vec::new();
     for r in &plan.replicas {
-        replicas.push(check_replica(p, r)?);
+        replicas.push(check_replica(p, r, failover)?);
     }
     let site = Site { replicas };
     for d in &plan.datastores {
@@ -155,7 +179,7 @@ fn check_site(plan: &Plan) -> anyhow::Result<Site> {
     Ok(site)
 }
 
-fn check_replica(p: &str, r: &ReplicaRef) -> anyhow::Result<Replica> {
+fn check_replica(p: &str, r: &ReplicaRef, failover: bool) -> anyhow::Result<Replica> {
     let members: Vec<(Spec, replica::Config)> = match (&r.lun, &r.group) {
         (Some(lun), _) => {
             let spec = Spec::parse(lun);
@@ -179,7 +203,7 @@ fn check_replica(p: &str, r: &ReplicaRef) -> anyhow::Result<Replica> {
     let what = r.describe();
     for (spec, cfg) in &members {
         let lun = &spec.typed;
-        if cfg.role != Role::Secondary {
+        if cfg.role != Role::Secondary && !failover {
             bail!(
                 "plan {p}: replica {lun}: a replication primary on this host; a plan runs at the DR site, on the secondary"
             );
@@ -200,7 +224,7 @@ fn check_replica(p: &str, r: &ReplicaRef) -> anyhow::Result<Replica> {
         let status = reply
             .status
             .with_context(|| format!("plan {p}: replica {lun}: its daemon sent no status"))?;
-        if status.secondary.as_ref().is_some_and(|s| s.inconsistent) {
+        if !failover && status.secondary.as_ref().is_some_and(|s| s.inconsistent) {
             bail!(
                 "plan {p}: replica {lun}: not consistent (a resync is in progress); wait until `vapp replica status` shows it done"
             );
@@ -317,6 +341,7 @@ fn test(a: &TestArgs) -> anyhow::Result<ExitCode> {
     let mut record = DrillRecord {
         plan: plan.name.clone(),
         drill: drill.clone(),
+        kind: "test".into(),
         started_unix_ms,
         snapshot_ms: 0,
         open_ms: 0,
@@ -443,6 +468,24 @@ fn drill_steps(
         record.copies.push((copy, label));
     }
     record.open_ms = elapsed_ms(started) - record.snapshot_ms;
+    let on_disk = |d: &dr::plan::DatastoreEntry| format!("{}@{session}", d.lun);
+    start_by_priority(plan, &on_disk, false, started, record, &mut |vm| {
+        active.vms.push(vm);
+        save_json(&active_file, active)
+    })
+}
+
+/// Starts the plan's VMs by priority group from the datastores `on_disk` names, each as
+/// its own `vm start` process that outlives this command, and verifies each group before
+/// the next starts.
+fn start_by_priority(
+    plan: &Plan,
+    on_disk: &dyn Fn(&dr::plan::DatastoreEntry) -> String,
+    keep_signature: bool,
+    started: Instant,
+    record: &mut DrillRecord,
+    spawned: &mut dyn FnMut(ActiveVm) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let logs = plan_dir(plan).join("drills").join(&record.drill);
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     for group in plan.start_order() {
@@ -451,7 +494,7 @@ fn drill_steps(
             let d = plan
                 .datastore(&vm.datastore)
                 .context("a checked plan names its datastores")?;
-            let copy = format!("{}@{session}", d.lun);
+            let lun = on_disk(d);
             let file = vm.path.trim_matches('/').replace('/', "_");
             let console = logs.join(format!("{file}.console"));
             let log = logs.join(format!("{file}.log"));
@@ -472,7 +515,7 @@ fn drill_steps(
                 .and_then(|stderr| {
                     let mut c = vapp(&[
                         "-d",
-                        &copy,
+                        &lun,
                         "vm",
                         "start",
                         &vm.path,
@@ -480,19 +523,21 @@ fn drill_steps(
                         "--console-log",
                         &console_arg,
                     ])?;
-                    // Its own process group: the drill's VMs outlive this command (until
-                    // `dr cleanup`) and a Ctrl-C of it does not reach them.
+                    if keep_signature {
+                        c.env(vmfs::KEEP_SIGNATURE_ENV, "1");
+                    }
+                    // Its own process group: the VMs outlive this command and a Ctrl-C
+                    // of it does not reach them.
                     c.stdout(Stdio::null()).stderr(stderr).process_group(0);
                     c.spawn().context("cannot run vapp vm start")
                 });
             match child {
                 Ok(child) => {
-                    active.vms.push(ActiveVm {
-                        datastore: copy.clone(),
+                    spawned(ActiveVm {
+                        datastore: lun.clone(),
                         path: vm.path.clone(),
                         pid: child.id(),
-                    });
-                    save_json(&active_file, active)?;
+                    })?;
                     running.push((vm, child, console, log, result));
                 }
                 Err(e) => {
@@ -755,4 +800,146 @@ fn history(a: &HistoryArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
+    let plan = Plan::load(&a.plan)?;
+    let site = check_site_for(&plan, true)?;
+    if let Some(active) = load_json::<Active>(&active_path(&plan))? {
+        bail!(
+            "plan {}: drill {} is still set up; vapp dr cleanup {} first",
+            plan.name,
+            active.drill,
+            a.plan.display()
+        );
+    }
+    let p = &plan.name;
+    // Every replica is checked before any is promoted: a planned failover half done
+    // would leave the sites split.
+    for r in &site.replicas {
+        let status = replica::ask(&r.ask, &Request::Status)?
+            .status
+            .with_context(|| format!("plan {p}: replica {}: its daemon sent no status", r.what))?;
+        if a.planned && status.role == Role::Secondary && status.link == "connected" {
+            bail!(
+                "plan {p}: replica {}: its primary {} still replicates to it; for a planned failover stop the VMs there and run vapp replica demote on its LUN there first (or fail over unplanned)",
+                r.what,
+                status.peer
+            );
+        }
+    }
+    let started = Instant::now();
+    let started_unix_ms = now_ms();
+    let kind = if a.planned {
+        "failover-planned"
+    } else {
+        "failover-unplanned"
+    };
+    let mut record = DrillRecord {
+        plan: plan.name.clone(),
+        drill: format!("{kind}-{started_unix_ms}"),
+        kind: kind.into(),
+        started_unix_ms,
+        snapshot_ms: 0,
+        open_ms: 0,
+        points: Vec::new(),
+        rpo_ms: None,
+        rpo_target_s: plan.rpo_target_s,
+        rto_ms: None,
+        rto_target_s: plan.rto_target_s,
+        copies: Vec::new(),
+        vms: Vec::new(),
+        failures: Vec::new(),
+        passed: false,
+    };
+    let ran = (|| -> anyhow::Result<()> {
+        for r in &site.replicas {
+            let before = replica::ask(&r.ask, &Request::Status)?.status;
+            promote(r, !a.planned)?;
+            let now = now_ms();
+            // Synchronous: every acknowledged write is here. Asynchronous: the last delta
+            // set applied whole.
+            let point = before
+                .as_ref()
+                .and_then(|s| s.secondary.as_ref())
+                .and_then(|x| x.point_in_time_ms)
+                .filter(|_| {
+                    before
+                        .as_ref()
+                        .is_some_and(|s| s.mode == replica::ModeName::Async)
+                })
+                .unwrap_or(now);
+            record.points.push(PointRecord {
+                replica: r.what.clone(),
+                luns: r.luns.iter().map(|l| l.typed.clone()).collect(),
+                mode: before
+                    .as_ref()
+                    .map_or("sync".into(), |s| format!("{:?}", s.mode).to_lowercase()),
+                point_unix_ms: point,
+                rpo_ms: now.saturating_sub(point),
+                session: String::new(),
+            });
+        }
+        record.rpo_ms = record.points.iter().map(|p| p.rpo_ms).max();
+        record.snapshot_ms = elapsed_ms(started);
+        let on_lun = |d: &dr::plan::DatastoreEntry| d.lun.clone();
+        // The replicas carry the protected datastores' signatures: they now stand in for
+        // the originals, which are gone from this site's view.
+        start_by_priority(&plan, &on_lun, true, started, &mut record, &mut |_| Ok(()))
+    })();
+    if let Err(e) = ran {
+        record.failures.push(format!("{e:#}"));
+    }
+    record.conclude();
+    save_json(
+        &plan_dir(&plan)
+            .join("drills")
+            .join(format!("{}.json", record.drill)),
+        &record,
+    )?;
+    if let Some(path) = &a.report {
+        std::fs::write(path, record.html())
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    }
+    if a.json {
+        outln!("{}", serde_json::to_string_pretty(&record)?)?;
+    } else {
+        print_summary(&record)?;
+    }
+    Ok(if record.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Promotes a replica (a group: all its members) and waits for its daemon to run as the
+/// primary. `force` takes over from a primary this side still believes connected (the
+/// protected site is gone but its link has not timed out yet).
+fn promote(r: &Replica, force: bool) -> anyhow::Result<()> {
+    let is_primary = |spec: &Spec| {
+        replica::ask(spec, &Request::Status)
+            .ok()
+            .and_then(|reply| reply.status)
+            .is_some_and(|s| s.role == Role::Primary && s.running)
+    };
+    if r.luns.iter().all(is_primary) {
+        return Ok(());
+    }
+    let reply = replica::ask(&r.ask, &Request::Promote { force })?;
+    if !reply.ok {
+        bail!("replica {}: cannot promote: {}", r.what, reply.message);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !r.luns.iter().all(is_primary) {
+        if Instant::now() > deadline {
+            bail!(
+                "replica {}: its daemon did not come back as the primary within 30 s",
+                r.what
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!(replica = %r.what, "promoted");
+    Ok(())
 }
