@@ -81,6 +81,23 @@ fn unplanned_failover_after_site_a_dies_keeps_every_acknowledged_write() {
     );
     let history = p.sites.b.ok(&["dr", "history", &plan]);
     assert!(history.contains("failover-unplanned"), "{history}");
+
+    // Site A comes back: it rejoins as a secondary, discarding what it wrote that B never
+    // got, and B copies back only what changed since the failover.
+    let (sa, sb) = (&p.sites.a, &p.sites.b);
+    let err = sb.fails(&["dr", "reprotect", &plan, "--timeout", "1"]);
+    assert!(err.contains("has not rejoined"), "{err}");
+    p.sites.restore();
+    sa.ok(&["replica", "resume", &p.a]);
+    sa.ok(&["replica", "demote", &p.a, "--discard-local"]);
+    let out = sb.ok(&["dr", "reprotect", &plan, "--timeout", "60"]);
+    assert!(out.contains("replicates to"), "{out}");
+    eprintln!("{out}");
+    let resynced = u(&sb.status(&p.b)["bytes_resynced"]);
+    assert!(
+        resynced < 16 * MIB,
+        "reprotect copied {resynced} bytes of a 256 MiB LUN"
+    );
 }
 
 #[test]
@@ -115,7 +132,9 @@ fn planned_failover_reprotects_incrementally_and_fails_back() {
     );
 
     // Reprotect: B now replicates to A, copying only what changed, not the LUN.
-    let s = sb.wait_in_sync(&p.b, Duration::from_secs(60));
+    let out = sb.ok(&["dr", "reprotect", &plan_b, "--timeout", "60"]);
+    eprintln!("{out}");
+    let s = sb.status(&p.b);
     let resynced = u(&s["bytes_resynced"]);
     assert!(
         resynced < 16 * MIB,

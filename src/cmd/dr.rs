@@ -35,6 +35,17 @@ pub enum DrCommand {
     History(HistoryArgs),
     /// Real recovery at this site: promote the replicas and start the plan's VMs on them.
     Failover(FailoverArgs),
+    /// After a failover: wait until this site replicates back to the old protected site
+    /// (only what changed is copied) and report it; failover run there brings VMs home.
+    Reprotect(ReprotectArgs),
+}
+
+#[derive(Args)]
+pub struct ReprotectArgs {
+    pub plan: PathBuf,
+    /// How long to wait for the other site to rejoin and catch up, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
 }
 
 #[derive(Args)]
@@ -94,6 +105,7 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
         DrCommand::Cleanup(a) => cleanup(&a.plan),
         DrCommand::History(a) => history(&a),
         DrCommand::Failover(a) => failover(&a),
+        DrCommand::Reprotect(a) => reprotect(&a),
     }
 }
 
@@ -942,4 +954,65 @@ fn promote(r: &Replica, force: bool) -> anyhow::Result<()> {
     }
     tracing::info!(replica = %r.what, "promoted");
     Ok(())
+}
+
+/// The replication engine turns round by itself once the old primary is a secondary (it
+/// was demoted before a planned failover, or `vapp replica demote LUN --discard-local`
+/// there after an unplanned one): the promoted side copies only the regions either side
+/// wrote since they parted. This waits for that and says what it copied.
+fn reprotect(a: &ReprotectArgs) -> anyhow::Result<ExitCode> {
+    let plan = Plan::load(&a.plan)?;
+    let site = check_site_for(&plan, true)?;
+    let p = &plan.name;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    for r in &site.replicas {
+        for lun in &r.luns {
+            let typed = &lun.typed;
+            loop {
+                let s = replica::ask(lun, &Request::Status)?
+                    .status
+                    .with_context(|| format!("plan {p}: {typed}: its daemon sent no status"))?;
+                if s.role != Role::Primary {
+                    bail!(
+                        "plan {p}: replica {typed}: still a secondary here; vapp dr failover {} first",
+                        a.plan.display()
+                    );
+                }
+                if s.link == "connected" && s.out_of_sync_bytes == 0 {
+                    outln!(
+                        "plan {p}: {typed} replicates to {} again: {} copied back ({} regions were out of sync of {} bytes), {} discarded there",
+                        s.peer,
+                        human(s.bytes_resynced),
+                        s.resync.regions_total,
+                        lun_size(typed),
+                        s.peer_regions_discarded
+                    )?;
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "plan {p}: replica {typed}: {} has not rejoined as a secondary within {} s (link {}); at that site run vapp replica demote on its LUN (with --discard-local after an unplanned failover: its writes since are discarded)",
+                        s.peer,
+                        a.timeout,
+                        s.link
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lun_size(typed: &str) -> u64 {
+    lunspec::open_raw(typed, true).map_or(0, |l| l.size())
+}
+
+fn human(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes >= MIB {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
