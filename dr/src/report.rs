@@ -136,13 +136,11 @@ impl DrillRecord {
              .bar{{position:absolute;height:18px}}.boot{{background:#54aeff}}\
              .fail{{background:#ff8182}}.prep{{background:#d4a72c}}\
              </style></head><body>\n<h1>DR {kind} <code>{drill}</code> of plan <code>{plan}</code>: \
-             <span style=\"color:{colour}\">{verdict}</span></h1>\n<p>Started {started} \
-             (Unix ms {ms}).</p>\n",
+             <span style=\"color:{colour}\">{verdict}</span></h1>\n<p>Started {started}.</p>\n",
             drill = esc(&self.drill),
             kind = esc(&self.kind),
             plan = esc(&self.plan),
-            started = self.started_unix_ms / 1000,
-            ms = self.started_unix_ms,
+            started = utc(self.started_unix_ms),
         );
         h.push_str("<h2>Targets</h2>\n<table><tr><th></th><th>measured</th><th>target</th><th></th></tr>\n");
         for (what, got, target) in [
@@ -174,10 +172,10 @@ impl DrillRecord {
         for p in &self.points {
             let _ = writeln!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td>Unix ms {}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&format!("{} ({})", p.replica, p.luns.join(", "))),
                 esc(&p.mode),
-                p.point_unix_ms,
+                utc(p.point_unix_ms),
                 secs(p.rpo_ms),
                 esc(&p.session)
             );
@@ -267,6 +265,30 @@ pub fn secs(ms: u64) -> String {
     format!("{}.{:03} s", ms / 1000, ms % 1000)
 }
 
+/// ms since the Unix epoch as `2026-12-04 11:27:41.123 UTC` (the proleptic Gregorian
+/// calendar, from Howard Hinnant's days-to-civil algorithm).
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -306,6 +328,13 @@ mod tests {
             failures: vec![],
             passed: false,
         }
+    }
+
+    #[test]
+    fn times_are_shown_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(utc(1_796_383_661_233), "2026-12-04 11:27:41.233 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
     }
 
     #[test]

@@ -176,8 +176,23 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
         let Some(d) = plan.datastore(name) else {
             continue;
         };
-        let ds = super::datastore::open_datastore(&d.lun, &vmfs::OpenOptions::read_only())
-            .with_context(|| format!("plan {p}: datastore {name} on replica {}", d.lun))?;
+        // Replication writes the replica while this reads it: a metadata unit caught
+        // mid-write fails its checksum, and is read whole a moment later.
+        let mut tries = 0;
+        let ds = loop {
+            match super::datastore::open_datastore(&d.lun, &vmfs::OpenOptions::read_only()) {
+                Ok(ds) => break ds,
+                Err(_) if tries < 3 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("plan {p}: datastore {name} on replica {}", d.lun)
+                    });
+                }
+            }
+        };
         for vm in vms {
             let config = format!("{}/vm.toml", vm.trim_end_matches('/'));
             if ds.stat_path(&config).is_err() {
