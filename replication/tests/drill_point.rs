@@ -70,7 +70,7 @@ fn a_drill_point_is_a_prefix_of_the_primarys_writes_and_its_copy_never_reaches_t
         })
     };
     std::thread::sleep(Duration::from_millis(50));
-    let point = take_point(&[b.clone()], "drill", Duration::from_secs(5)).expect("point");
+    let point = take_point(std::slice::from_ref(&b), "drill", Duration::from_secs(5)).expect("point");
     assert!(point.connected);
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::SeqCst);
@@ -93,7 +93,7 @@ fn a_drill_point_is_a_prefix_of_the_primarys_writes_and_its_copy_never_reaches_t
     let replica = engine.source();
     assert_eq!(first_byte(&*replica, 0), first_byte(&*a, 0));
 
-    let again = take_point(&[b.clone()], "drill", Duration::from_secs(1));
+    let again = take_point(std::slice::from_ref(&b), "drill", Duration::from_secs(1));
     assert!(
         again.is_err_and(|e| e.to_string().contains("already has a session")),
         "a second session of one name is refused"
