@@ -70,7 +70,8 @@ fn a_drill_point_is_a_prefix_of_the_primarys_writes_and_its_copy_never_reaches_t
         })
     };
     std::thread::sleep(Duration::from_millis(50));
-    let point = take_point(std::slice::from_ref(&b), "drill", Duration::from_secs(5)).expect("point");
+    let point =
+        take_point(std::slice::from_ref(&b), "drill", Duration::from_secs(5)).expect("point");
     assert!(point.connected);
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::SeqCst);

@@ -251,6 +251,11 @@ fn check_replica(p: &str, r: &ReplicaRef, failover: bool) -> anyhow::Result<Repl
         let status = reply
             .status
             .with_context(|| format!("plan {p}: replica {lun}: its daemon sent no status"))?;
+        if !failover && lunspec::existing_pool(spec)?.is_none() {
+            bail!(
+                "plan {p}: replica {lun}: has no snapshot pool, so a drill cannot copy it; make one with vapp snapshot create {lun} NAME --pool POOL before vapp replica create"
+            );
+        }
         if !failover && status.secondary.as_ref().is_some_and(|s| s.inconsistent) {
             bail!(
                 "plan {p}: replica {lun}: not consistent (a resync is in progress); wait until `vapp replica status` shows it done"
