@@ -813,9 +813,6 @@ fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
     }
 }
 
-/// Read, compare and write through the replicated write, one writer at a time: every
-/// writer of the LUN reaches it through this daemon, and the datastore's own locks keep
-/// plain writes off the sectors its lock records live in.
 /// The longest a drill waits for a delta set being applied to become whole.
 const DRILL_POINT_WAIT: Duration = Duration::from_secs(30);
 
@@ -855,6 +852,9 @@ fn drill_point(d: &Daemon, name: &str) -> anyhow::Result<Reply> {
     })
 }
 
+/// Read, compare and write through the replicated write, one writer at a time: every
+/// writer of the LUN reaches it through this daemon, and the datastore's own locks keep
+/// plain writes off the sectors its lock records live in.
 fn compare_and_write(
     m: &Member,
     offset: u64,

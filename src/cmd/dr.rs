@@ -487,16 +487,8 @@ fn drill_steps(
         // The session was taken by this drill and is served only to it: no host can
         // have it mounted, so its frozen heartbeats are not watched.
         let lun = lunspec::open(&copy, true)?;
-        vmfs::resignature_frozen(lun.clone(), Some(&label))
+        vmfs::resignature_frozen(lun, Some(&label))
             .with_context(|| format!("datastore {}: cannot resignature its copy {copy}", d.name))?;
-        // The copy is reached over NBD (from the replication daemon), which has no
-        // compare-and-write; nobody holds a slot of it yet, so its locks can change.
-        vmfs::set_lock_protocol(lun, vmfs::LockProtocol::DiskPaxos).with_context(|| {
-            format!(
-                "datastore {}: cannot switch its copy {copy} to Disk Paxos locks",
-                d.name
-            )
-        })?;
         record.copies.push((copy, label));
     }
     record.open_ms = elapsed_ms(started) - record.snapshot_ms;
