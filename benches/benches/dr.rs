@@ -263,7 +263,7 @@ fn pair(bin: &Path, guest: &Path, vms: usize) -> Pair {
 fn local(bin: &Path, guest: &Path, dir: &Path, tag: &str, vms: usize) -> (Site, String) {
     let site = Site {
         bin: bin.to_path_buf(),
-        dir: dir.join(format!("local-{tag}-{vms}")),
+        dir: dir.join(format!("l{tag}{vms}")),
         name: "local",
     };
     std::fs::create_dir_all(&site.dir).unwrap();
@@ -344,7 +344,7 @@ fn start_direct(site: &Site, ds: &str, vms: usize) -> Duration {
 
 fn drill(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
     for vms in [1usize, 4] {
-        let (local_site, ds) = local(bin, guest, dir, "drill", vms);
+        let (local_site, ds) = local(bin, guest, dir, "d", vms);
         let p = pair(bin, guest, vms);
         let plan = p.b.p("plan.toml");
         let mut last = serde_json::Value::Null;
@@ -399,7 +399,7 @@ fn drill(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
 }
 
 fn failover(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
-    let (local_site, ds) = local(bin, guest, dir, "failover", 1);
+    let (local_site, ds) = local(bin, guest, dir, "f", 1);
     let mut group = c.benchmark_group("dr_failover_1vm");
     configure(&mut group);
     group.bench_function("baseline", |b| {
