@@ -159,3 +159,35 @@ verify.ready = true
     assert!(sb.ok(&["dr", "history", &plan]).contains("no drills yet"));
     assert!(!sb.path("state/dr/prod/active.json").exists());
 }
+
+#[test]
+fn a_replica_mid_resync_is_refused_as_not_consistent() {
+    if !prerequisites() {
+        return;
+    }
+    let sites = Sites::new();
+    let (sa, sb) = (&sites.a, &sites.b);
+    let a = sa.lun("a.lun", 64 * MIB);
+    let b = sb.lun("b.lun", 64 * MIB);
+    // Every region holds data, and the link carries 1 MiB/s: the initial sync (during
+    // which B is inconsistent) takes about a minute.
+    fill_pattern(&a, 7);
+    sa.secret("secret", "dr test secret");
+    sb.secret("secret", "dr test secret");
+    let slow = ["--mode", "sync", "--bandwidth-limit", "1M"];
+    sb.create(&b, "secondary", sa, &slow);
+    sa.create(&a, "primary", sb, &slow);
+    sb.wait(&b, "inconsistent", Duration::from_secs(30), |s| {
+        s["inconsistent"] == true
+    });
+    let plan = write_plan_at(sb, &b, "");
+    let err = sb.fails(&["dr", "validate", &plan]);
+    assert!(
+        err.contains("not consistent (a resync is in progress)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let err = sb.fails(&["dr", "test", &plan]);
+    assert!(err.contains("not consistent"), "{err}");
+    assert!(!sb.path("state/dr/prod/active.json").exists());
+}
