@@ -19,20 +19,29 @@ const SIZE: u64 = 4 * MIB;
 const REGIONS: u64 = SIZE / REGION;
 
 fn pair(dir: &Path, snaps: bool) -> (Arc<PrimaryLun>, Arc<Secondary>) {
+    named_pair(dir, "", snaps)
+}
+
+fn named_pair(dir: &Path, tag: &str, snaps: bool) -> (Arc<PrimaryLun>, Arc<Secondary>) {
     init_tracing();
-    let a_img = file_lun(dir, "a.img", SIZE);
-    let b_img = file_lun(dir, "b.img", SIZE);
+    let a_img = file_lun(dir, &format!("a{tag}.img"), SIZE);
+    let b_img = file_lun(dir, &format!("b{tag}.img"), SIZE);
     let pool = snaps.then(|| {
-        let pool = file_lun(dir, "b.img.snap", 2 * SIZE);
+        let pool = file_lun(dir, &format!("b{tag}.img.snap"), 2 * SIZE);
         Snapshots::create(b_img.clone(), pool, PoolOptions::default()).expect("pool")
     });
     let b = Arc::new(
-        Secondary::create(b_img, meta_lun(dir, "b.meta", SIZE), pool, small_geometry())
-            .expect("secondary"),
+        Secondary::create(
+            b_img,
+            meta_lun(dir, &format!("b{tag}.meta"), SIZE),
+            pool,
+            small_geometry(),
+        )
+        .expect("secondary"),
     );
     let a = PrimaryLun::create(
         a_img,
-        meta_lun(dir, "a.meta", SIZE),
+        meta_lun(dir, &format!("a{tag}.meta"), SIZE),
         Box::new(LocalPeer::new(b.clone())),
         small_geometry(),
         LinkPolicy::Continue,
@@ -107,4 +116,55 @@ fn a_replica_without_a_pool_has_no_drill_point() {
     let (_a, b) = pair(dir.path(), false);
     let err = take_point(&[b], "drill", Duration::from_secs(1)).expect_err("no pool");
     assert!(err.to_string().contains("keeps no snapshot pool"), "{err}");
+}
+
+fn newest(lun: &dyn Lun) -> u64 {
+    let mut b = vec![0u8; 4096];
+    (0..REGIONS)
+        .map(|r| {
+            lun.read_at(&mut b, r * REGION).expect("read");
+            u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_drill_point_across_members_is_one_point_of_their_common_write_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a0, b0) = named_pair(dir.path(), "0", true);
+    let (a1, b1) = named_pair(dir.path(), "1", true);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Write k goes to member 0, then to member 1, each acknowledged before the next.
+    let writer = {
+        let (a0, a1, stop) = (a0.clone(), a1.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                k += 1;
+                let mut block = vec![0u8; 4096];
+                block[..8].copy_from_slice(&k.to_le_bytes());
+                let at = (k % REGIONS) * REGION;
+                a0.write_at(&block, at).expect("member 0");
+                a1.write_at(&block, at).expect("member 1");
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    take_point(&[b0.clone(), b1.clone()], "drill", Duration::from_secs(5)).expect("point");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    let copy = |b: &Secondary| {
+        b.engine()
+            .expect("engine")
+            .session("drill")
+            .expect("session on every member")
+    };
+    let (n0, n1) = (newest(&*copy(&b0)), newest(&*copy(&b1)));
+    assert!(n1 > 0, "the copies hold writes");
+    assert!(
+        n0 == n1 || n0 == n1 + 1,
+        "member 0 holds write {n0}, member 1 write {n1}: no single point of the write order"
+    );
 }
