@@ -112,5 +112,23 @@ done
 site_a replica status demo/a.lun --json | grep -E '"(link|bytes_resynced)"'
 cmp demo/a.lun demo/b.lun && echo "the replica equals the primary, byte for byte"
 site_b -d demo/b.lun mkdir /not-here 2>&1 | sed 's/^/refused on the secondary: /' || true
+
+step "DR drill: site B starts the replicated VM from a copy of the replica while replication runs"
+site_a vm test-guest demo/dr-guest.elf
+site_a -d demo/a.lun vm create /vms/app --kernel demo/dr-guest.elf --vcpus 1 --memory 64M \
+  --cmdline mode=wait | sed -n 1p
+printf '%s\n' 'name = "demo"' 'rpo_target_s = 60' 'rto_target_s = 120' \
+  '[[replica]]' 'lun = "demo/b.lun"' '[[datastore]]' 'name = "replicated"' 'lun = "demo/b.lun"' \
+  '[[vm]]' 'path = "/vms/app"' 'datastore = "replicated"' 'verify.ready = true' > demo/dr-plan.toml
+site_b dr validate demo/dr-plan.toml
+site_b dr test demo/dr-plan.toml --report demo/dr-report.html
+site_b dr cleanup demo/dr-plan.toml
+site_b dr history demo/dr-plan.toml
+for _ in $(seq 100); do
+  [ "$(site_a replica status demo/a.lun --json | grep -c '"out_of_sync_bytes": 0')" = 1 ] && break
+  sleep 0.1
+done
+cmp demo/a.lun demo/b.lun && echo "the drill never wrote the replica: it still equals the primary"
+echo "the drill's report: demo/dr-report.html"
 site_a replica delete demo/a.lun
 site_b replica delete demo/b.lun

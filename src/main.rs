@@ -77,6 +77,9 @@ enum Command {
     /// Two-site replication of a LUN: create, status, fracture, resume, promote, demote.
     #[command(subcommand)]
     Replica(cmd::replica::ReplicaCommand),
+    /// Disaster recovery plans: validate, drill (test, cleanup, history).
+    #[command(subcommand)]
+    Dr(cmd::dr::DrCommand),
 }
 
 fn main() -> ExitCode {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Snapshot(command) => cmd::snapshot::run(datastore, command),
         Command::Clone(command) => cmd::clone::run(command),
         Command::Replica(command) => cmd::replica::run(command),
+        Command::Dr(command) => cmd::dr::run(command),
     };
     match outcome {
         Ok(code) => code,

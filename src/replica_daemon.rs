@@ -541,6 +541,21 @@ fn run_secondary(
             "a replication secondary of {}; promote it first",
             cfg.peer
         )))?;
+        // A drill's sessions (`LUN@NAME`) are served to other processes from here, and
+        // `vapp snapshot list|delete` reach the engine here.
+        if let Some(engine) = secondary.engine() {
+            let raw = lunspec::open_raw(&m.spec.source, true)?;
+            let service = crate::cmd::snapshot::Service::in_use(
+                m.spec.clone(),
+                raw,
+                engine,
+                crate::cmd::snapshot::InUse {
+                    who: "vapp replica run".into(),
+                    advice: "a replica changes only through its primary".into(),
+                },
+            );
+            Arc::new(service).serve(claim.listen()?);
+        }
         *lock(&m.side) = Some(Side::Secondary(secondary));
         info!(lun = %typed, listen = %cfg.listen, "replication secondary waiting for its primary");
     }
@@ -661,6 +676,7 @@ fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
             expected,
             new,
         } => compare_and_write(m, *offset, expected, new),
+        Request::DrillPoint { name } => drill_point(d, name),
         Request::Stop => {
             d.stop.store(true, Ordering::SeqCst);
             Ok(done(format!("{what}: replication daemon stopping")))
@@ -795,6 +811,45 @@ fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
             )))
         }
     }
+}
+
+/// The longest a drill waits for a delta set being applied to become whole.
+const DRILL_POINT_WAIT: Duration = Duration::from_secs(30);
+
+fn drill_point(d: &Daemon, name: &str) -> anyhow::Result<Reply> {
+    let mut secondaries = Vec::new();
+    for (m, side) in sides(d)? {
+        match side {
+            Side::Secondary(x) => secondaries.push(x),
+            Side::Primary(_) => bail!(
+                "{}: a replication primary; a drill takes its point at the secondary",
+                m.spec.typed
+            ),
+        }
+    }
+    let point = replication::take_point(&secondaries, name, DRILL_POINT_WAIT)?;
+    let taken_ms = replication::now_ms();
+    let mode = lock(&d.members[0].cfg).mode;
+    // Synchronous: a connected replica holds every acknowledged write; one cut off holds
+    // them up to the last thing its primary sent. Asynchronous: the last set applied whole.
+    let point_ms = match mode {
+        ModeName::Sync if point.connected => taken_ms,
+        ModeName::Async if point.delta_cut_ms > 0 => point.delta_cut_ms,
+        _ => point.last_heard_ms,
+    };
+    let luns: Vec<String> = d.members.iter().map(|m| m.spec.typed.clone()).collect();
+    info!(session = %name, luns = ?luns, point_ms, delta_id = point.delta_id, "drill point taken");
+    Ok(Reply {
+        point: Some(replica::PointJson {
+            mode,
+            point_ms,
+            taken_ms,
+            connected: point.connected,
+            delta_id: point.delta_id,
+            luns,
+        }),
+        ..Reply::done(format!("session {name} taken"))
+    })
 }
 
 /// Read, compare and write through the replicated write, one writer at a time: every

@@ -82,7 +82,8 @@ pub use meta::{AL_MAX_EXTENTS, Gens};
 pub use peer::{LinkSwitch, LocalPeer, Peer, Reply};
 pub use primary::PrimaryLun;
 pub use secondary::{
-    GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Role, Secondary, SecondaryGroup, SecondaryStatus,
+    DrillPoint, GOLD_SNAPSHOT, PRE_RESYNC_SNAPSHOT, Role, Secondary, SecondaryGroup,
+    SecondaryStatus, now_ms, take_point,
 };
 pub use tcp::{DEFAULT_LINK_TIMEOUT, LINK_TIMEOUT_ENV, SecondaryServer, TcpPeer, link_timeout};
 pub use verify::VerifyProgress;

@@ -2,6 +2,7 @@
 //! else. Before a resync makes the replica inconsistent it takes a snapshot of it
 //! (`pre-resync`), so losing the primary mid-resync still leaves a point in time.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
 };
@@ -59,6 +60,9 @@ pub struct Secondary {
     gate: RwLock<()>,
     /// The consistency group this replica's delta sets commit with, if any.
     group: Mutex<Weak<GroupShared>>,
+    /// When the primary last sent anything, ms since the Unix epoch: how current a
+    /// synchronous replica whose link is down is.
+    last_heard_ms: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -66,7 +70,7 @@ struct Inner {
     /// Where data lands: the snapshot engine's source view when snapshots are kept (so
     /// the pre-resync snapshot is preserved), else the replica itself.
     target: Arc<dyn Lun>,
-    snaps: Option<Snapshots>,
+    snaps: Option<Arc<Snapshots>>,
     meta: MetaStore,
     /// A primary said who it is on this connection; data is refused before that.
     session: bool,
@@ -186,9 +190,10 @@ impl Secondary {
             name: replica.name().to_string(),
             gate: RwLock::new(()),
             group: Mutex::new(Weak::new()),
+            last_heard_ms: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 target,
-                snaps,
+                snaps: snaps.map(Arc::new),
                 meta,
                 session: false,
                 pending_cut_ms: 0,
@@ -241,6 +246,12 @@ impl Secondary {
             return Ok(None);
         }
         Ok(Some(s.session(PRE_RESYNC_SNAPSHOT)?))
+    }
+
+    /// The snapshot engine over the replica, when snapshots are kept: the sessions a
+    /// drill opens are served from it.
+    pub fn engine(&self) -> Option<Arc<Snapshots>> {
+        self.lock().snaps.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -414,6 +425,7 @@ impl Secondary {
 
     /// Answers one message from the primary. Anything refused changes nothing.
     pub fn handle(&self, msg: Message) -> Message {
+        self.last_heard_ms.store(now_ms(), Ordering::Relaxed);
         let answer = match msg {
             Message::Write { offset, data } => self.apply_write(offset, &data),
             Message::DeltaCommit { id } => self.commit(id),
@@ -834,5 +846,109 @@ impl SecondaryGroup {
 
     pub fn members(&self) -> &[Arc<Secondary>] {
         &self.shared.members
+    }
+}
+
+/// Where [`take_point`] took its sessions: one point of the replicas' write sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrillPoint {
+    /// When the primary cut the last delta set applied whole (asynchronous mode), ms
+    /// since the Unix epoch; 0 before any.
+    pub delta_cut_ms: u64,
+    /// The last delta set applied whole.
+    pub delta_id: u64,
+    /// A primary was connected: in synchronous mode the point holds every write it
+    /// acknowledged.
+    pub connected: bool,
+    /// When the primary last sent anything, ms since the Unix epoch (0: never, since
+    /// this process started).
+    pub last_heard_ms: u64,
+}
+
+/// Now, in ms since the Unix epoch (the unit of every point in time here).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Takes a writable snapshot session `name` of every replica in `members` at one point
+/// of the primary's write sequence, while replication goes on: every member is held
+/// whole between two applied writes, and never while a delta set is half applied or
+/// waits for its group commit (it waits up to `wait` for that boundary). Refused, with
+/// nothing taken, on a replica that is mid-resync, promoted, or keeps no snapshots.
+pub fn take_point(
+    members: &[Arc<Secondary>],
+    name: &str,
+    wait: std::time::Duration,
+) -> Result<DrillPoint> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // Held in the members' order, as a group's commit holds them.
+        let all: Vec<Locked<'_>> = members.iter().map(|m| (m.exclusive(), m.lock())).collect();
+        for (m, (_, g)) in members.iter().zip(&all) {
+            let refuse = |reason: &str| crate::ReplError::WrongState {
+                lun: m.name.clone(),
+                reason: reason.to_string(),
+            };
+            let flags = g.meta.flags();
+            if flags & FLAG_PRIMARY != 0 {
+                return Err(refuse("promoted: no longer a replica"));
+            }
+            if flags & FLAG_INCONSISTENT != 0 {
+                return Err(refuse(
+                    "resync in progress (inconsistent): no consistent point to take",
+                ));
+            }
+            let Some(s) = &g.snaps else {
+                return Err(refuse("keeps no snapshot pool, so no session can be taken"));
+            };
+            if has_session(s, name) {
+                return Err(refuse(&format!("already has a session {name:?}")));
+            }
+        }
+        let mid_set = all
+            .iter()
+            .any(|(_, g)| g.meta.flags() & (FLAG_APPLYING | FLAG_ENDED) != 0);
+        if mid_set {
+            if std::time::Instant::now() >= deadline {
+                return Err(crate::ReplError::WrongState {
+                    lun: members[0].name.clone(),
+                    reason: format!("no delta-set boundary within {wait:?}"),
+                });
+            }
+            drop(all);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
+        }
+        let mut taken: Vec<&Arc<Snapshots>> = Vec::new();
+        for (m, (_, g)) in members.iter().zip(&all) {
+            let Some(s) = &g.snaps else { continue };
+            let took = g
+                .target
+                .flush()
+                .map_err(crate::ReplError::from)
+                .and_then(|()| Ok(s.create_session(name, true).map(drop)?));
+            if let Err(e) = took {
+                // All or none: a point on some members only is no point.
+                for t in taken {
+                    let _ = t.delete_session(name);
+                }
+                warn!(replica = %m.name, error = %e, "drill snapshot refused");
+                return Err(e);
+            }
+            taken.push(s);
+        }
+        let h = &all[0].1.meta.header;
+        return Ok(DrillPoint {
+            delta_cut_ms: h.delta_cut_ms,
+            delta_id: h.delta_id,
+            connected: all.iter().all(|(_, g)| g.session),
+            last_heard_ms: members
+                .iter()
+                .map(|m| m.last_heard_ms.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(0),
+        });
     }
 }

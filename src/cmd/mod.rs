@@ -2,6 +2,7 @@
 
 pub mod clone;
 pub mod datastore;
+pub mod dr;
 pub mod export;
 pub mod files;
 pub mod host;

@@ -208,6 +208,26 @@ pub enum Request {
         expected: Vec<u8>,
         new: Vec<u8>,
     },
+    /// A secondary: take writable session `name` of every member at one point of the
+    /// primary's write sequence (a DR drill's copy), replication going on.
+    DrillPoint {
+        name: String,
+    },
+}
+
+/// Where a [`Request::DrillPoint`] was taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PointJson {
+    pub mode: ModeName,
+    /// When the point's data was current at the primary, ms since the Unix epoch.
+    pub point_ms: u64,
+    /// When the sessions were taken, ms since the Unix epoch.
+    pub taken_ms: u64,
+    /// A primary was connected (synchronous: every acknowledged write is in the point).
+    pub connected: bool,
+    pub delta_id: u64,
+    /// The LUNs the sessions were taken on (a group: every member).
+    pub luns: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +239,9 @@ pub struct Reply {
     /// For [`Request::CompareAndWrite`]: `None` when written, else what the LUN holds.
     #[serde(default)]
     pub miscompare: Option<Vec<u8>>,
+    /// For [`Request::DrillPoint`].
+    #[serde(default)]
+    pub point: Option<PointJson>,
 }
 
 impl Reply {
@@ -228,6 +251,7 @@ impl Reply {
             message,
             status: None,
             miscompare: None,
+            point: None,
         }
     }
 

@@ -133,6 +133,15 @@ pub enum Request {
     OpenSession {
         name: String,
     },
+    /// Compare-and-write on served session `name`, for a datastore on it whose other
+    /// users reach it over NBD (which has none): the read, compare and write are one step
+    /// in this process.
+    SessionCompareAndWrite {
+        name: String,
+        offset: u64,
+        expected: Vec<u8>,
+        new: Vec<u8>,
+    },
     /// An operation on the clone at `dest` (an absolute path or a URL) of this LUN.
     Clone {
         dest: String,
@@ -152,6 +161,9 @@ pub struct Reply {
     /// For a clone's status: `clone status --json`.
     #[serde(default)]
     pub clone: Option<serde_json::Value>,
+    /// For [`Request::SessionCompareAndWrite`]: `None` when written, else what is there.
+    #[serde(default)]
+    pub miscompare: Option<Vec<u8>>,
 }
 
 impl Reply {
@@ -162,6 +174,7 @@ impl Reply {
             listing: None,
             session: None,
             clone: None,
+            miscompare: None,
         }
     }
 }
@@ -400,7 +413,97 @@ pub fn session_through(
             holder.pid
         )
     })?;
-    Ok(Arc::new(lun))
+    // Reached like the LUN itself: the holder's writes land on this machine's LUN.
+    let reach = lunspec::open_raw(&spec.source, true)?.reach();
+    Ok(Arc::new(HeldSession {
+        inner: lun,
+        typed,
+        session: name.to_string(),
+        spec: spec.clone(),
+        holder: holder.clone(),
+        control: socket.clone(),
+        reach,
+    }))
+}
+
+/// A session served by the process holding its LUN, with compare-and-write done by that
+/// process (NBD has none), so a datastore on it keeps its compare-and-write locks.
+#[derive(Debug)]
+struct HeldSession {
+    inner: lun::NbdLun,
+    typed: String,
+    session: String,
+    spec: Spec,
+    holder: ClaimRecord,
+    control: std::path::PathBuf,
+    reach: lun::Reach,
+}
+
+impl Lun for HeldSession {
+    fn name(&self) -> &str {
+        &self.typed
+    }
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> lun::Result<()> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn submit(&self, batch: &mut [lun::IoRequest<'_>]) -> lun::Result<()> {
+        self.inner.submit(batch)
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn reach(&self) -> lun::Reach {
+        self.reach
+    }
+    /// Every user of the session reaches it through its holder, whose lock makes the
+    /// read, compare and write one step for this machine's processes.
+    fn supports_compare_and_write(&self) -> bool {
+        !self.inner.is_read_only()
+    }
+    fn compare_and_write_scope(&self) -> lun::CasScope {
+        lun::CasScope::ThisMachine
+    }
+    fn compare_and_write(
+        &self,
+        expected: &[u8],
+        new: &[u8],
+        offset: u64,
+    ) -> lun::Result<lun::CompareAndWrite> {
+        let request = Request::SessionCompareAndWrite {
+            name: self.session.clone(),
+            offset,
+            expected: expected.to_vec(),
+            new: new.to_vec(),
+        };
+        let failed = |reason: String| lun::LunError::Disconnected {
+            lun: self.typed.clone(),
+            reason,
+        };
+        let reply = ask(&self.spec, &self.holder, &self.control, &request)
+            .map_err(|e| failed(format!("{e:#}")))?;
+        if !reply.ok {
+            return Err(failed(reply.message));
+        }
+        Ok(match reply.miscompare {
+            None => lun::CompareAndWrite::Written,
+            Some(current) => lun::CompareAndWrite::Miscompare(current),
+        })
+    }
 }
 
 fn ask(
@@ -496,10 +599,31 @@ pub struct Service {
     switch: Option<Arc<SwitchLun>>,
     /// Who uses the LUN in this process, and what to stop before a rollback.
     user: Option<InUse>,
-    /// Sessions served to other processes, by name; they run until this process ends.
-    session_servers: Mutex<std::collections::HashMap<String, SessionSocket>>,
+    /// Sessions served to other processes, by name; each runs until the session is
+    /// deleted or this process ends.
+    session_servers: Mutex<std::collections::HashMap<String, ServedSession>>,
     /// An export's share of a LUN it writes directly until its first snapshot.
     users: Option<lunspec::Users>,
+}
+
+/// A session served over NBD to other processes.
+struct ServedSession {
+    socket: SessionSocket,
+    lun: Arc<dyn Lun>,
+    shutdown: lun::nbd::ShutdownHandle,
+    serving: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServedSession {
+    /// Ends its clients' connections and removes its socket: nothing of a deleted
+    /// session stays reachable.
+    fn stop(mut self) {
+        self.shutdown.shutdown();
+        if let Some(t) = self.serving.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket.socket);
+    }
 }
 
 /// A LUN in use by the process that holds it: a rollback would change it under its user.
@@ -572,6 +696,7 @@ impl Service {
                 listing: None,
                 session: None,
                 clone: None,
+                miscompare: None,
             },
         }
     }
@@ -596,6 +721,14 @@ impl Service {
             }
             Request::Delete { name } => {
                 let snaps = self.need_engine()?;
+                let served = self
+                    .session_servers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(name);
+                if let Some(served) = served {
+                    served.stop();
+                }
                 snaps
                     .delete_session(name)
                     .with_context(|| format!("{lun}: cannot delete session {name:?}"))?;
@@ -627,6 +760,12 @@ impl Service {
                 session: Some(self.serve_session(name)?),
                 ..done(String::new())
             }),
+            Request::SessionCompareAndWrite {
+                name,
+                offset,
+                expected,
+                new,
+            } => self.session_compare_and_write(name, *offset, expected, new),
             Request::Clone { dest, op } => {
                 let snaps = match op {
                     super::clone::CloneOp::Create { .. } => self.ensure_pool()?,
@@ -644,12 +783,13 @@ impl Service {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(served) = servers.get(name) {
-            return Ok(served.clone());
+            return Ok(served.socket.clone());
         }
         let snaps = self.need_engine()?;
         let typed = format!("{}@{name}", self.spec.typed);
-        let lun = lunspec::open_session(&snaps, &typed, name)?;
+        let lun: Arc<dyn Lun> = lunspec::open_session(&snaps, &typed, name)?;
         let writable = !lun.is_read_only();
+        let served_lun = lun.clone();
         let socket = lunspec::session_socket(&self.spec, name);
         let config = lun::nbd::ExportConfig {
             read_only: !writable,
@@ -657,14 +797,60 @@ impl Service {
         };
         let server = lun::NbdServer::bind(lun, config, &lun::nbd::ListenAddr::Unix(socket.clone()))
             .with_context(|| format!("{typed}: cannot serve the session"))?;
-        std::thread::spawn(move || {
+        let shutdown = server.shutdown_handle();
+        let serving = std::thread::spawn(move || {
             if let Err(e) = server.serve() {
                 tracing::warn!(session = %typed, error = %e, "serving a session stopped");
             }
         });
         let served = SessionSocket { socket, writable };
-        servers.insert(name.to_string(), served.clone());
+        servers.insert(
+            name.to_string(),
+            ServedSession {
+                socket: served.clone(),
+                lun: served_lun,
+                shutdown,
+                serving: Some(serving),
+            },
+        );
         Ok(served)
+    }
+
+    fn session_compare_and_write(
+        &self,
+        name: &str,
+        offset: u64,
+        expected: &[u8],
+        new: &[u8],
+    ) -> anyhow::Result<Reply> {
+        let typed = format!("{}@{name}", self.spec.typed);
+        if expected.len() != new.len() {
+            bail!(
+                "{typed}: compare-and-write of {} bytes against {} expected",
+                new.len(),
+                expected.len()
+            );
+        }
+        // Held across the read and the write: every compare-and-write of the session's
+        // users comes here.
+        let servers = self
+            .session_servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let lun = servers
+            .get(name)
+            .map(|s| s.lun.clone())
+            .with_context(|| format!("{typed}: not served by this process"))?;
+        let mut current = vec![0u8; expected.len()];
+        lun.read_at(&mut current, offset)?;
+        if current != expected {
+            return Ok(Reply {
+                miscompare: Some(current),
+                ..Reply::done(String::new())
+            });
+        }
+        lun.write_at(new, offset)?;
+        Ok(Reply::done(String::new()))
     }
 
     fn need_engine(&self) -> anyhow::Result<Arc<Snapshots>> {
@@ -801,6 +987,7 @@ impl Service {
                         listing: None,
                         session: None,
                         clone: None,
+                        miscompare: None,
                     },
                 };
                 let mut line = serde_json::to_vec(&reply).unwrap_or_default();

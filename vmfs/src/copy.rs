@@ -163,6 +163,23 @@ pub struct ResignatureReport {
 /// resignature leaves the old signature or the new one (fsck then reports the backup as
 /// different and `--repair` rewrites it from the primary).
 pub fn resignature(lun: Arc<dyn Lun>, label: Option<&str>) -> Result<ResignatureReport> {
+    resignature_copy(lun, label, false)
+}
+
+/// [`resignature`] of a point-in-time copy that no host can have mounted: a snapshot
+/// session taken a moment ago and reachable only by the caller (a DR drill's copy of a
+/// replica). Its slots are the protected site's hosts at that point, frozen: none is
+/// watched (a copy's heartbeats never move, so watching would only cost the dead-host
+/// timeout), and a process of this machine named in one holds the original, not the copy.
+pub fn resignature_frozen(lun: Arc<dyn Lun>, label: Option<&str>) -> Result<ResignatureReport> {
+    resignature_copy(lun, label, true)
+}
+
+fn resignature_copy(
+    lun: Arc<dyn Lun>,
+    label: Option<&str>,
+    frozen: bool,
+) -> Result<ResignatureReport> {
     let name = lun.name().to_string();
     if lun.is_read_only() {
         return Err(Error::ReadOnly { lun: name });
@@ -196,7 +213,9 @@ pub fn resignature(lun: Arc<dyn Lun>, label: Option<&str>) -> Result<Resignature
             });
         }
     }
-    refuse_live_hosts(&*lun, &sb)?;
+    if !frozen {
+        refuse_live_hosts(&*lun, &sb)?;
+    }
 
     let new_uuid = Uuid::new_v4();
     let region = crate::cluster::survey::read_region(&*lun, &sb)?;

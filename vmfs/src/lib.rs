@@ -44,7 +44,7 @@ mod state;
 mod store;
 
 pub use cluster::{LockMode, LockProtocol, LockSafety, Timing, lock_safety};
-pub use copy::{CopyStatus, ResignatureReport, resignature};
+pub use copy::{CopyStatus, ResignatureReport, resignature, resignature_frozen};
 pub use datastore::{
     Attr, Creds, Datastore, DirEntry, HOST_NAME_ENV, HOST_UUID_ENV, HostSlotInfo, Info,
     KEEP_SIGNATURE_ENV, NewFile, OpenOptions, ResourceInfo, SetAttr, SnapshotRole, StatFs,
