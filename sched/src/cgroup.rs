@@ -23,6 +23,8 @@ pub struct Cgroup {
     version: CgroupVersion,
     /// v1: one directory per controller (cpu, cpuset, memory); v2: one directory.
     dirs: Vec<(&'static str, PathBuf)>,
+    /// Created by this process, so removed when it ends.
+    owned: bool,
 }
 
 impl Cgroup {
@@ -76,7 +78,30 @@ impl Cgroup {
             }
         }
         debug!(vm, ?version, "cgroup ready");
-        Ok(Some(Cgroup { version, dirs }))
+        Ok(Some(Cgroup {
+            version,
+            dirs,
+            owned: true,
+        }))
+    }
+
+    /// Another process's VM cgroup, to read its use; None if it has none.
+    pub fn open(root: &Path, vm: &str) -> Option<Cgroup> {
+        let version = Cgroup::detect(root)?;
+        let name = sanitize(vm);
+        let dirs: Vec<_> = match version {
+            CgroupVersion::V2 => vec![("unified", root.join("vapp").join(&name))],
+            CgroupVersion::V1 => ["cpu", "cpuset", "memory"]
+                .into_iter()
+                .map(|c| (c, root.join(c).join("vapp").join(&name)))
+                .collect(),
+        };
+        let dirs: Vec<_> = dirs.into_iter().filter(|(_, d)| d.is_dir()).collect();
+        (!dirs.is_empty()).then_some(Cgroup {
+            version,
+            dirs,
+            owned: false,
+        })
     }
 
     pub fn version(&self) -> CgroupVersion {
@@ -216,7 +241,7 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // The threads have exited by now; an empty group can be removed, a busy one stays.
-        for (_, dir) in &self.dirs {
+        for (_, dir) in self.dirs.iter().filter(|_| self.owned) {
             let _ = std::fs::remove_dir(dir);
         }
     }

@@ -16,6 +16,7 @@ mod admission;
 mod cgroup;
 mod disk;
 mod error;
+mod power;
 mod resources;
 mod topology;
 
@@ -23,5 +24,6 @@ pub use admission::{Admitted, HostCapacity, Ledger, LedgerEntry};
 pub use cgroup::{Cgroup, CgroupVersion};
 pub use disk::{DiskClock, DiskTicket, SlotUse};
 pub use error::{Result, SchedError};
-pub use resources::{CpuAmount, Resources, Setting, Shares};
+pub use power::{CGROUP_ROOT, PowerOn, host_memory, ksm_pages, vcpu_threads};
+pub use resources::{Amount, Checked, CpuAmount, Level, Rate, Resources, Setting, Shares};
 pub use topology::{Cpu, Topology};

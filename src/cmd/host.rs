@@ -21,6 +21,8 @@ pub enum HostCommand {
     Run(RunArgs),
     /// What the local agent did and why: hosts declared dead, VMs restarted, failures.
     Events(EventsArgs),
+    /// Per running VM: its shares, reservations and limits, its entitlement and what it uses.
+    Resources(super::resources::ResourcesArgs),
 }
 
 #[derive(Args)]
@@ -49,6 +51,7 @@ pub fn run(command: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::Info(args) => info(args),
         HostCommand::Run(args) => run_agent(args),
         HostCommand::Events(args) => events(args),
+        HostCommand::Resources(args) => super::resources::run(args),
     }
 }
 
@@ -117,6 +120,7 @@ fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let hv = hv::Hypervisor::open().context("cannot inspect KVM")?;
     let info = hv.host_info();
+    let topology = sched::Topology::read().context("cannot read the CPU topology")?;
     if args.json {
         let value = serde_json::json!({
             "kvm": {
@@ -136,6 +140,13 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 "cpus": info.host_cpus,
                 "memory_bytes": info.host_memory_bytes,
                 "memory_available_bytes": info.host_memory_available_bytes,
+            },
+            "topology": {
+                "packages": topology.packages(),
+                "cores": topology.cores(),
+                "threads": topology.threads(),
+                "core_mhz": topology.core_mhz,
+                "cpus": topology.cpus,
             },
         });
         crate::outln!("{}", serde_json::to_string_pretty(&value)?)?;
@@ -159,6 +170,17 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             info.recommended_vcpus
         )?;
         crate::outln!("Host CPUs:    {}", info.host_cpus)?;
+        crate::outln!(
+            "Topology:     {} package(s), {} core(s), {} thread(s){}",
+            topology.packages(),
+            topology.cores(),
+            topology.threads(),
+            if topology.core_mhz > 0 {
+                format!(", {} MHz", topology.core_mhz)
+            } else {
+                String::new()
+            }
+        )?;
         crate::outln!(
             "Host memory:  {} total, {} available",
             gib(info.host_memory_bytes),

@@ -7,6 +7,7 @@ pub mod files;
 pub mod host;
 pub mod mount;
 pub mod replica;
+pub mod resources;
 pub mod snapshot;
 pub mod vdisk_snapshot;
 pub mod vm;

@@ -310,6 +310,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
             restart: true,
             priority,
         }),
+        resources: sched::Resources::default(),
         disks: new_disks
             .iter()
             .enumerate()

@@ -37,6 +37,13 @@ pub struct VmSpec {
     /// High availability: restarted by the host agents when its host dies or it crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<host::Ha>,
+    /// Shares, reservations and limits (`[resources]`, see "Resource management" in README.md).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resources: sched::Resources,
+}
+
+fn is_default(r: &sched::Resources) -> bool {
+    *r == sched::Resources::default()
 }
 
 /// What a guest-initiated reset does (libvirt's `on_reboot`).
@@ -128,6 +135,9 @@ impl VmSpec {
         if let Some(i) = self.disks.iter().position(|d| d.path.trim().is_empty()) {
             return Err(format!("disk {i} has an empty `path`"));
         }
+        self.resources
+            .check(self.vcpus, self.memory_bytes())
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -160,6 +170,7 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             on_reset: OnReset::PowerOff,
             ha: None,
+            resources: sched::Resources::default(),
             disks: vec![
                 DiskSpec {
                     path: "disk0.vdisk".into(),
@@ -202,6 +213,18 @@ mod tests {
             (base.replace("version = 1\n", ""), "no `version`"),
             (base.replace("vcpus = 2", "vcpus = 2\ncpus = 2"), "cpus"),
             (base.replace("vcpus = 2", "vcpus = \"two\""), "vcpus"),
+            (
+                format!("{base}[resources.cpu]\nlimit = \"250%\"\n"),
+                "[resources] cpu.limit 250% is more than the VM's 2 vCPU(s)",
+            ),
+            (
+                format!("{base}[resources.memory]\nreservation = \"1GiB\"\n"),
+                "memory.reservation",
+            ),
+            (
+                format!("{base}[resources.disk]\nshares = \"max\"\n"),
+                "shares",
+            ),
         ];
         for (text, needle) in cases {
             let err = VmSpec::parse("/vms/web1", &text).unwrap_err();
