@@ -58,7 +58,7 @@ impl Cgroup {
                 }
                 vec![("unified", parent.join(&name))]
             }
-            CgroupVersion::V1 => ["cpu", "cpuset", "memory"]
+            CgroupVersion::V1 => ["cpu", "cpuacct", "cpuset", "memory"]
                 .into_iter()
                 .filter(|c| root.join(c).is_dir())
                 .map(|c| (c, root.join(c).join("vapp").join(&name)))
@@ -91,7 +91,7 @@ impl Cgroup {
         let name = sanitize(vm);
         let dirs: Vec<_> = match version {
             CgroupVersion::V2 => vec![("unified", root.join("vapp").join(&name))],
-            CgroupVersion::V1 => ["cpu", "cpuset", "memory"]
+            CgroupVersion::V1 => ["cpu", "cpuacct", "cpuset", "memory"]
                 .into_iter()
                 .map(|c| (c, root.join(c).join("vapp").join(&name)))
                 .collect(),
@@ -194,14 +194,8 @@ impl Cgroup {
     pub fn cpu_usage_ns(&self) -> Option<u64> {
         match self.version {
             CgroupVersion::V1 => {
-                let dir = self.dir("cpu")?;
-                let acct = dir
-                    .parent()?
-                    .parent()?
-                    .parent()?
-                    .join("cpuacct/vapp")
-                    .join(dir.file_name()?);
-                std::fs::read_to_string(acct.join("cpuacct.usage"))
+                let dir = self.dir("cpuacct")?;
+                std::fs::read_to_string(dir.join("cpuacct.usage"))
                     .ok()?
                     .trim()
                     .parse()

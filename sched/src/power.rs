@@ -66,7 +66,9 @@ impl PowerOn {
         };
         let capacity = HostCapacity::new(topology.threads(), host_memory()?);
         let admitted = ledger.admit(capacity, entry)?;
-        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), vm) {
+        // The pid keeps two hosts' runtime directories (tests, nested setups) apart.
+        let group = format!("{vm}-{}", std::process::id());
+        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), &group) {
             Ok(cgroup) => cgroup,
             Err(error) if !wants_cgroup(&checked) => {
                 warn!(vm, %error, "no cgroup for the VM: it runs with the host's defaults");

@@ -74,7 +74,12 @@ fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
     let entries = sched::Ledger::new(runtime).running()?;
     let cgroups: Vec<_> = entries
         .iter()
-        .map(|e| sched::Cgroup::open(Path::new(sched::CGROUP_ROOT), &e.vm))
+        .map(|e| {
+            sched::Cgroup::open(
+                Path::new(sched::CGROUP_ROOT),
+                &format!("{}-{}", e.vm, e.pid),
+            )
+        })
         .collect();
     let cpu = |cg: &Option<sched::Cgroup>| cg.as_ref().and_then(|c| c.cpu_usage_ns());
     let before_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
