@@ -6,8 +6,6 @@
 
 mod vm_support;
 
-use std::time::Duration;
-
 use vm_support::{Fixture, kvm_available};
 
 /// Root, for cgroups, pinning and locking memory.

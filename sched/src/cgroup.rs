@@ -67,6 +67,7 @@ impl Cgroup {
         for (controller, dir) in &dirs {
             if let Some(parent) = dir.parent() {
                 mkdir(parent)?;
+                remove_stale(parent);
                 if *controller == "cpuset" {
                     // A v1 cpuset with empty cpus or mems refuses tasks: inherit the root's.
                     inherit(root.join("cpuset"), parent)?;
@@ -251,6 +252,26 @@ fn sanitize(vm: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Groups `<vm>-<pid>` of VM processes that died without removing theirs (killed with -9).
+fn remove_stale(parent: &Path) {
+    let Ok(list) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for item in list.flatten() {
+        let name = item.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(item.path());
+        }
+    }
 }
 
 fn mkdir(dir: &Path) -> Result<()> {

@@ -38,6 +38,8 @@ const HEADER_WORDS: usize = 8;
 const FILE_BYTES: usize = (HEADER_WORDS + SLOTS * WORDS) * 8;
 /// A VM that issued no I/O for this long is idle: others stop waiting for it.
 pub const ACTIVE_NS: u64 = 20_000_000;
+/// How far behind its limit a VM may fall and still catch up, as a token bucket's burst.
+pub const LIMIT_BURST_NS: u64 = 20_000_000;
 /// Virtual time one I/O costs a VM of one share.
 const TAG_UNIT: u64 = 1 << 40;
 
@@ -221,19 +223,19 @@ impl DiskClock {
             t = now();
         }
         if let Some(period) = 1_000_000_000u64.checked_div(limit_iops) {
-            // Oversleeping one period is forgiven so the average rate is the limit; an idle
-            // VM banks no more than that.
+            // A VM descheduled for a moment may catch up (so the average over a second is the
+            // limit), but an idle one banks no more than LIMIT_BURST_NS of I/O.
             let l = self
                 .mine(L_NEXT)
                 .load(Ordering::Relaxed)
-                .max(t.saturating_sub(period));
+                .max(t.saturating_sub(period.max(LIMIT_BURST_NS)));
             self.mine(L_NEXT).store(l + period, Ordering::Relaxed);
         }
         if let Some(cost) = bytes.saturating_mul(1_000_000_000).checked_div(limit_bps) {
             let l = self
                 .mine(LB_NEXT)
                 .load(Ordering::Relaxed)
-                .max(t.saturating_sub(cost));
+                .max(t.saturating_sub(cost.max(LIMIT_BURST_NS)));
             self.mine(LB_NEXT).store(l + cost, Ordering::Relaxed);
         }
         self.mine(IOS).fetch_add(1, Ordering::Relaxed);

@@ -121,7 +121,20 @@ impl PowerOn {
     /// Once the VM's vCPU threads run: moves them into the cgroup, pins them, backs the
     /// memory reservation and marks guest memory mergeable for KSM.
     pub fn attach(&self, guest_memory: &[(usize, usize)]) -> Result<()> {
-        let tids = vcpu_threads()?;
+        let expected = self.admitted.entry().vcpus as usize;
+        // A new thread names itself once it runs: give the vCPU threads a moment to.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut tids = vcpu_threads()?;
+        while tids.len() < expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            tids = vcpu_threads()?;
+        }
+        if tids.len() < expected {
+            return Err(SchedError::Config(format!(
+                "found {} of the VM's {expected} vCPU threads to place",
+                tids.len()
+            )));
+        }
         let cpus = &self.admitted.entry().cpus;
         for (i, tid) in tids.iter().enumerate() {
             if let Some(cg) = &self.cgroup {
