@@ -120,16 +120,28 @@ impl PowerOn {
 
     /// Once the VM's vCPU threads run: moves them into the cgroup, pins them, backs the
     /// memory reservation and marks guest memory mergeable for KSM.
-    pub fn attach(&self, guest_memory: &[(usize, usize)]) -> Result<()> {
+    /// `ended` says whether the guest has already stopped (its vCPU threads may be gone).
+    pub fn attach(&self, guest_memory: &[(usize, usize)], ended: &dyn Fn() -> bool) -> Result<()> {
+        match self.place(guest_memory, ended) {
+            // A guest that powered off or reset at once took its vCPU threads with it.
+            Err(_) if ended() => Ok(()),
+            other => other,
+        }
+    }
+
+    fn place(&self, guest_memory: &[(usize, usize)], ended: &dyn Fn() -> bool) -> Result<()> {
         let expected = self.admitted.entry().vcpus as usize;
         // A new thread names itself once it runs: give the vCPU threads a moment to.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut tids = vcpu_threads()?;
         while tids.len() < expected && std::time::Instant::now() < deadline {
+            if ended() {
+                return Ok(());
+            }
             std::thread::sleep(std::time::Duration::from_millis(1));
             tids = vcpu_threads()?;
         }
-        if tids.len() < expected {
+        if tids.len() < expected && !ended() {
             return Err(SchedError::Config(format!(
                 "found {} of the VM's {expected} vCPU threads to place",
                 tids.len()

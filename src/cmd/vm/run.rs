@@ -353,7 +353,9 @@ impl Run<'_> {
                 std::process::id()
             );
             let handle = Arc::new(vm.start().with_context(|| format!("vm {}", self.folder))?);
-            if let Err(error) = self.power.attach(&handle.guest_memory_host_ranges()) {
+            if let Err(error) = self.power.attach(&handle.guest_memory_host_ranges(), &|| {
+                handle.exit().is_some()
+            }) {
                 handle.stop();
                 return Err(anyhow::Error::new(error).context(format!("vm {}", self.folder)));
             }
