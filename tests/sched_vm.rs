@@ -312,3 +312,74 @@ fn smp_vcpus_land_on_distinct_cores_and_the_memory_reservation_is_resident() {
     let used = field(&vms, "/vms/smp", "memory_used_bytes") as u64;
     assert!(used <= 96 << 20, "{used} bytes used over a 96 MiB limit");
 }
+
+/// KSM's knobs, put back as they were when the test ends.
+struct Ksm(Vec<(&'static str, String)>);
+
+impl Ksm {
+    fn start() -> Ksm {
+        let dir = std::path::Path::new("/sys/kernel/mm/ksm");
+        let saved = ["run", "pages_to_scan", "sleep_millisecs"]
+            .into_iter()
+            .map(|k| (k, std::fs::read_to_string(dir.join(k)).unwrap()))
+            .collect();
+        // Fast scanning, so a few seconds cover two small guests.
+        std::fs::write(dir.join("pages_to_scan"), "4000").unwrap();
+        std::fs::write(dir.join("sleep_millisecs"), "10").unwrap();
+        std::fs::write(dir.join("run"), "1").unwrap();
+        Ksm(saved)
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        for (k, v) in &self.0 {
+            let _ = std::fs::write(format!("/sys/kernel/mm/ksm/{k}"), v.trim());
+        }
+    }
+}
+
+#[test]
+fn two_vms_from_one_image_share_pages_through_ksm() {
+    if !root_and_kvm()
+        || !lun::prereq::require(
+            std::path::Path::new("/sys/kernel/mm/ksm/run").exists()
+                && std::path::Path::new("/proc/self/ksm_merging_pages").exists(),
+            "KSM with per-process counters (Linux 6.1+)",
+        )
+    {
+        return;
+    }
+    let fx = Fixture::new();
+    // The reservation faults the memory in: KSM merges only pages that exist.
+    let memory = "[resources.memory]\nreservation = \"32MiB\"\n";
+    create(&fx, "/vms/twin-a", 1, "mode=wait", memory);
+    create(&fx, "/vms/twin-b", 1, "mode=wait", memory);
+    let _ksm = Ksm::start();
+    let a = fx.start("/vms/twin-a", &[]);
+    let b = fx.start("/vms/twin-b", &[]);
+    a.expect_console("waiting to be stopped");
+    b.expect_console("waiting to be stopped");
+    let guest_pages = 64.0 * 256.0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let vms = resources(&fx, 0.5);
+        let (pa, pb) = (
+            field(&vms, "/vms/twin-a", "ksm_merged_pages"),
+            field(&vms, "/vms/twin-b", "ksm_merged_pages"),
+        );
+        // At least the 32 MiB each reserved (8192 pages) is identical between the two.
+        if pa >= 8192.0 && pb >= 8192.0 {
+            eprintln!(
+                "KSM: {:.0} % and {:.0} % of the two guests' 64 MiB merged",
+                pa * 100.0 / guest_pages,
+                pb * 100.0 / guest_pages
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 30 s KSM merged {pa} and {pb} pages of the twins"
+        );
+    }
+}
