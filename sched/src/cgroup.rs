@@ -215,18 +215,31 @@ impl Cgroup {
         }
     }
 
-    /// Moves thread `tid` (v1) or the whole process of `tid` (v2) into the group.
+    /// Moves this whole process into the memory group (v1) or the group (v2). Memory is
+    /// charged per process, not per thread, and only from the move on: call it before guest
+    /// memory is faulted in.
+    pub fn add_process(&self) -> Result<()> {
+        let pid = std::process::id().to_string();
+        match self.version {
+            CgroupVersion::V1 => match self.dir("memory") {
+                Some(dir) => write(&dir.join("cgroup.procs"), &pid),
+                None => Ok(()),
+            },
+            CgroupVersion::V2 => match self.dir("unified") {
+                Some(dir) => write(&dir.join("cgroup.procs"), &pid),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Moves thread `tid` into the v1 cpu, cpuacct and cpuset groups, so only the vCPUs are
+    /// weighed, limited and placed; under v2 the process is already in (see `add_process`).
     pub fn add_thread(&self, tid: i32) -> Result<()> {
-        for (controller, dir) in &self.dirs {
-            let file = match self.version {
-                CgroupVersion::V1 => dir.join("tasks"),
-                CgroupVersion::V2 => dir.join("cgroup.procs"),
-            };
-            let id = match self.version {
-                CgroupVersion::V1 => tid,
-                CgroupVersion::V2 => std::process::id() as i32,
-            };
-            write(&file, &id.to_string())?;
+        if self.version == CgroupVersion::V2 {
+            return Ok(());
+        }
+        for (controller, dir) in self.dirs.iter().filter(|(c, _)| *c != "memory") {
+            write(&dir.join("tasks"), &tid.to_string())?;
             debug!(controller, tid, "thread moved into the VM's cgroup");
         }
         Ok(())

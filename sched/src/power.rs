@@ -86,6 +86,7 @@ impl PowerOn {
             cg.set_cpu_shares(e.cpu_shares)?;
             cg.set_cpu_limit(e.cpu_limit_permille)?;
             cg.set_memory_limit(e.memory_limit_bytes)?;
+            cg.add_process()?;
             if !e.cpus.is_empty() {
                 cg.set_cpus(&e.cpus)?;
             }
