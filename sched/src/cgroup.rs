@@ -1,6 +1,7 @@
-//! One VM's cgroup: `vapp/<vm>` under each controller the host mounts. cgroup v1 (one
-//! hierarchy per controller, as these hosts have) puts single threads in it, so only the
-//! vCPU threads are charged; v2 moves the whole VM process.
+//! One VM's cgroup: `vapp/<vm>-<pid>` under each controller the host mounts. Under cgroup v1
+//! (one hierarchy per controller, as these hosts have) only the vCPU threads join `cpu`,
+//! `cpuacct` and `cpuset`, so the VMM's own threads are not weighed against the guest; the
+//! whole process joins `memory`, which charges per process. v2 moves the whole process.
 
 use std::path::{Path, PathBuf};
 
@@ -248,7 +249,20 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // The threads have exited by now; an empty group can be removed, a busy one stays.
+        // The vCPU threads have exited by now; the process leaves its memory group for the
+        // root so the groups are empty and can go.
+        if self.owned {
+            for (controller, dir) in &self.dirs {
+                if matches!(*controller, "memory" | "unified") {
+                    if let Some(root) = dir.parent().and_then(Path::parent) {
+                        let _ = std::fs::write(
+                            root.join("cgroup.procs"),
+                            std::process::id().to_string(),
+                        );
+                    }
+                }
+            }
+        }
         for (_, dir) in self.dirs.iter().filter(|_| self.owned) {
             let _ = std::fs::remove_dir(dir);
         }
