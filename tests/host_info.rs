@@ -97,3 +97,44 @@ fn text_names_the_backend_and_its_limits() {
         "{text}"
     );
 }
+
+/// Distinct values of a topology file over the online CPUs, read here independently of vapp.
+fn distinct_topology(file: &str) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    for cpu in 0..online_cpus() {
+        let path = format!("/sys/devices/system/cpu/cpu{cpu}/topology/{file}");
+        seen.insert(std::fs::read_to_string(path).unwrap().trim().to_string());
+    }
+    seen.len()
+}
+
+#[test]
+fn the_cpu_topology_counts_packages_cores_and_threads() {
+    if !kvm_available() {
+        return;
+    }
+    let out = vapp(&["host", "info", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &info["topology"];
+    let (packages, cores, threads) = (
+        distinct_topology("physical_package_id") as u64,
+        distinct_topology("core_cpus_list") as u64,
+        online_cpus(),
+    );
+    assert_eq!(t["packages"].as_u64(), Some(packages), "{t}");
+    assert_eq!(t["cores"].as_u64(), Some(cores), "{t}");
+    assert_eq!(t["threads"].as_u64(), Some(threads), "{t}");
+    assert_eq!(t["cpus"].as_array().unwrap().len() as u64, threads, "{t}");
+    let text = String::from_utf8(vapp(&["host", "info"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "Topology:     {packages} package(s), {cores} core(s), {threads} thread(s)"
+        )),
+        "{text}"
+    );
+}

@@ -205,7 +205,8 @@ struct hvm_memmap_entry {
     u32 type, reserved;
 };
 
-enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ, MODE_COUNTER };
+enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ, MODE_COUNTER,
+            MODE_SPIN, MODE_DISKIO };
 
 struct disk_desc {
     u64 base;
@@ -218,6 +219,7 @@ static struct {
     unsigned ndisks;
     u32 read_mib, req_kib, depth;
     u32 counter_sectors;
+    int diskio_write; /* mode=diskio: write instead of read */
     int ignore_power_button;
     int prompt; /* prompt=login: end the output with a getty's "login: " and no newline */
 } cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4, .counter_sectors = 64};
@@ -299,6 +301,10 @@ static void parse_cmdline(const char *s)
                 cfg.mode = MODE_READ;
             else if (word_is(v, "counter"))
                 cfg.mode = MODE_COUNTER;
+            else if (word_is(v, "spin"))
+                cfg.mode = MODE_SPIN;
+            else if (word_is(v, "diskio"))
+                cfg.mode = MODE_DISKIO;
         } else if (starts_with(s, "read_mib=", &v)) {
             cfg.read_mib = parse_num(&v);
         } else if (starts_with(s, "req_kib=", &v)) {
@@ -307,6 +313,8 @@ static void parse_cmdline(const char *s)
             cfg.counter_sectors = parse_num(&v);
         } else if (starts_with(s, "depth=", &v)) {
             cfg.depth = parse_num(&v);
+        } else if (starts_with(s, "diskio_write=", &v)) {
+            cfg.diskio_write = parse_num(&v) != 0;
         } else if (starts_with(s, "power_button=", &v)) {
             cfg.ignore_power_button = word_is(v, "ignore");
         } else if (starts_with(s, "prompt=", &v)) {
@@ -1488,6 +1496,46 @@ static void __attribute__((noreturn)) net_main(void)
     }
 }
 
+/* ---- busy modes: load for the host's resource scheduler to divide ---- */
+
+/* mode=spin: every CPU spins forever; the boot CPU reports a count every 2^28 TSC cycles so
+ * a host can see it run. CPU time is measured on the host, where the scheduler gives it. */
+static void __attribute__((noreturn)) spin_forever(void)
+{
+    kprintf("vapp-testguest: spin: started\n");
+    u64 next = rdtsc() + (1ull << 28), loops = 0;
+    for (;;) {
+        loops++;
+        if (rdtsc() >= next) {
+            kprintf("vapp-testguest: spin: %lu\n", loops);
+            next = rdtsc() + (1ull << 28);
+        }
+    }
+}
+
+/* mode=diskio: one 4 KiB request at a time to disk 0 (reads, or writes with diskio_write=1)
+ * over its first MiB, forever; prints the count every 256 requests. */
+static void __attribute__((noreturn)) disk_busy(struct disk *d)
+{
+    static u64 block[4096 / 8];
+    u32 type = cfg.diskio_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    u64 span = d->capacity < 2048 ? d->capacity : 2048;
+    if (span < 8 || (type == VIRTIO_BLK_T_OUT && d->read_only)) {
+        kprintf("vapp-testguest: diskio: disk too small or read-only\n");
+        power_off(FAIL_ERROR_PATH);
+    }
+    kprintf("vapp-testguest: diskio: started (%s)\n", cfg.diskio_write ? "write" : "read");
+    for (u64 k = 1;; k++) {
+        u8 st = disk_request(d, type, ((k * 8) % span) & ~7ull, block, sizeof(block));
+        if (st != VIRTIO_BLK_S_OK) {
+            kprintf("vapp-testguest: diskio: request %lu failed, status %u\n", k, st);
+            power_off(FAIL_DISK_IO);
+        }
+        if (k % 256 == 0)
+            kprintf("vapp-testguest: diskio: %lu\n", k);
+    }
+}
+
 /* ---- the boot CPU ---- */
 
 void bsp_main(u32 start_info_addr)
@@ -1525,6 +1573,8 @@ void bsp_main(u32 start_info_addr)
         fail |= FAIL_CPUS;
     if (cfg.mode == MODE_BOOT)
         power_off(fail);
+    if (cfg.mode == MODE_SPIN)
+        spin_forever();
 
     net_parse_cmdline(cmdline);
     net_claim();
@@ -1540,6 +1590,8 @@ void bsp_main(u32 start_info_addr)
         }
         if (cfg.mode == MODE_COUNTER)
             continue;
+        if (cfg.mode == MODE_DISKIO)
+            disk_busy(&disks[i]);
         fail |= test_disk(&disks[i], i);
     }
     if (cfg.mode == MODE_COUNTER && !fail && cfg.ndisks)

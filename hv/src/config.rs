@@ -49,11 +49,23 @@ impl VmConfig {
 }
 
 /// A virtio-blk device backed by any LUN.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Disk {
     pub lun: Arc<dyn Lun>,
     /// Offer the device read-only (VIRTIO_BLK_F_RO) and refuse writes even if the LUN takes them.
     pub read_only: bool,
+    /// The host's disk scheduler slot of this VM: each request waits for its turn there.
+    pub clock: Option<Arc<sched::DiskClock>>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("lun", &self.lun.name())
+            .field("read_only", &self.read_only)
+            .field("scheduled", &self.clock.is_some())
+            .finish()
+    }
 }
 
 impl Disk {
@@ -61,6 +73,7 @@ impl Disk {
         Disk {
             lun,
             read_only: false,
+            clock: None,
         }
     }
 
@@ -68,6 +81,7 @@ impl Disk {
         Disk {
             lun,
             read_only: true,
+            clock: None,
         }
     }
 }

@@ -448,11 +448,19 @@ impl<'h> Builder<'h> {
     fn add_disks(&mut self, disks: Vec<Disk>, cmdline: &mut String) -> Result<Vec<MmioDevice>> {
         let vm = self.name.clone();
         let mut devices = Vec::new();
-        for (index, Disk { lun, read_only }) in disks.into_iter().enumerate() {
+        for (
+            index,
+            Disk {
+                lun,
+                read_only,
+                clock,
+            },
+        ) in disks.into_iter().enumerate()
+        {
             let (base, gsi) = virtio_mmio_device(index);
             let disk_name = format!("disk{index}");
             let lun_name = lun.name().to_string();
-            let block = Block::new(&vm, &disk_name, lun, read_only);
+            let block = Block::new(&vm, &disk_name, lun, read_only, clock);
             let transport =
                 MmioTransport::new(&vm, &disk_name, block, self.mem.clone(), self.irq(gsi)?)
                     .map_err(|e| HvError::BadDisk {

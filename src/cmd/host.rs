@@ -24,6 +24,8 @@ pub enum HostCommand {
     /// This host's networks (Linux bridges it owns) that VMs name in vm.toml.
     #[command(subcommand)]
     Network(super::network::NetworkCommand),
+    /// Per running VM: its shares, reservations and limits, its entitlement and what it uses.
+    Resources(super::resources::ResourcesArgs),
 }
 
 #[derive(Args)]
@@ -56,6 +58,7 @@ pub fn run(command: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::Run(args) => run_agent(args),
         HostCommand::Events(args) => events(args),
         HostCommand::Network(command) => super::network::run(command),
+        HostCommand::Resources(args) => super::resources::run(args),
     }
 }
 
@@ -158,6 +161,7 @@ fn print_events(events: &[host::Event]) -> anyhow::Result<()> {
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let hv = hv::Hypervisor::open().context("cannot inspect KVM")?;
     let info = hv.host_info();
+    let topology = sched::Topology::read().context("cannot read the CPU topology")?;
     if args.json {
         let value = serde_json::json!({
             "kvm": {
@@ -177,6 +181,13 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 "cpus": info.host_cpus,
                 "memory_bytes": info.host_memory_bytes,
                 "memory_available_bytes": info.host_memory_available_bytes,
+            },
+            "topology": {
+                "packages": topology.packages(),
+                "cores": topology.cores(),
+                "threads": topology.threads(),
+                "core_mhz": topology.core_mhz,
+                "cpus": topology.cpus,
             },
         });
         crate::outln!("{}", serde_json::to_string_pretty(&value)?)?;
@@ -200,6 +211,17 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             info.recommended_vcpus
         )?;
         crate::outln!("Host CPUs:    {}", info.host_cpus)?;
+        crate::outln!(
+            "Topology:     {} package(s), {} core(s), {} thread(s){}",
+            topology.packages(),
+            topology.cores(),
+            topology.threads(),
+            if topology.core_mhz > 0 {
+                format!(", {} MHz", topology.core_mhz)
+            } else {
+                String::new()
+            }
+        )?;
         crate::outln!(
             "Host memory:  {} total, {} available",
             gib(info.host_memory_bytes),

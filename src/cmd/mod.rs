@@ -9,6 +9,7 @@ pub mod host;
 pub mod mount;
 pub mod network;
 pub mod replica;
+pub mod resources;
 pub mod snapshot;
 pub mod vdisk_snapshot;
 pub mod vm;

@@ -323,6 +323,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
             priority,
             ..Default::default()
         }),
+        resources: sched::Resources::default(),
         disks: new_disks
             .iter()
             .enumerate()

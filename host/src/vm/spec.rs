@@ -40,6 +40,13 @@ pub struct VmSpec {
     /// High availability: restarted by the host agents when its host dies or it crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<crate::Ha>,
+    /// Shares, reservations and limits (`[resources]`, see "Resource management" in README.md).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resources: sched::Resources,
+}
+
+fn is_default(r: &sched::Resources) -> bool {
+    *r == sched::Resources::default()
 }
 
 /// What a guest-initiated reset does (libvirt's `on_reboot`).
@@ -225,6 +232,9 @@ impl VmSpec {
                 }
             }
         }
+        self.resources
+            .check(self.vcpus, self.memory_bytes())
+            .map_err(|e| e.to_string())?;
         self.ha.as_ref().map_or(Ok(()), crate::Ha::check)
     }
 
@@ -257,6 +267,7 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             on_reset: OnReset::PowerOff,
             ha: None,
+            resources: sched::Resources::default(),
             disks: vec![
                 DiskSpec {
                     path: "disk0.vdisk".into(),
@@ -313,6 +324,18 @@ mod tests {
             (
                 base.replace("tx_bytes_per_sec = 10000000", "tx_bytes_per_sec = 0"),
                 "`tx_bytes_per_sec` is 0",
+            ),
+            (
+                format!("{base}[resources.cpu]\nlimit = \"250%\"\n"),
+                "[resources] cpu.limit 250% is more than the VM's 2 vCPU(s)",
+            ),
+            (
+                format!("{base}[resources.memory]\nreservation = \"1GiB\"\n"),
+                "memory.reservation",
+            ),
+            (
+                format!("{base}[resources.disk]\nshares = \"max\"\n"),
+                "shares",
             ),
         ];
         for (text, needle) in cases {

@@ -42,10 +42,17 @@ pub(crate) struct Block {
     config: [u8; 24],
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     bounce: Vec<u8>,
+    clock: Option<Arc<sched::DiskClock>>,
 }
 
 impl Block {
-    pub fn new(vm: &str, name: &str, lun: Arc<dyn Lun>, read_only: bool) -> Self {
+    pub fn new(
+        vm: &str,
+        name: &str,
+        lun: Arc<dyn Lun>,
+        read_only: bool,
+        clock: Option<Arc<sched::DiskClock>>,
+    ) -> Self {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&(lun.size() / SECTOR).to_le_bytes());
         // seg_max: a request's descriptors less its header and status.
@@ -63,6 +70,7 @@ impl Block {
             config,
             serial,
             bounce: Vec::new(),
+            clock,
         }
     }
 
@@ -140,6 +148,10 @@ impl Block {
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let len = total(data);
+        // The host's share of the disk: waits for this VM's turn (limit, reservation, shares).
+        if let Some(clock) = &self.clock {
+            clock.admit(len as u64);
+        }
         // The guest's mistakes are its to see in the status, and a guest must not be able to
         // flood the host's log: only failures of the LUN itself are warnings.
         let refused = |what: &dyn std::fmt::Display| {

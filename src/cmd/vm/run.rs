@@ -110,7 +110,19 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     };
     let ds = Datastore::open(lun, &super::vm_identity(folder))
         .with_context(|| format!("{datastore}: cannot open datastore"))?;
-    let loaded = load(&ds, folder)?;
+    let mut loaded = load(&ds, folder)?;
+    // Admission control: refused here, before the guest exists, naming resource and numbers.
+    let power = sched::PowerOn::admit(
+        &super::runtime::runtime_root(),
+        folder,
+        loaded.spec.vcpus,
+        loaded.spec.memory_bytes(),
+        &loaded.spec.resources,
+    )
+    .with_context(|| format!("vm {folder}"))?;
+    for disk in &mut loaded.disks {
+        disk.clock = Some(power.disk_clock());
+    }
     let console = ConsoleSink::new(&options)?;
     let first = hypervisor
         .create_vm(vm_config(folder, &loaded, &console)?)
@@ -138,6 +150,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
         signals: 0,
         boots: 0,
         pending_input: VecDeque::new(),
+        power: &power,
     };
     let outcome = run.run(first);
     if let Some(terminal) = terminal {
@@ -317,6 +330,7 @@ struct Run<'a> {
     signals: u32,
     boots: u32,
     pending_input: VecDeque<u8>,
+    power: &'a sched::PowerOn,
 }
 
 impl Run<'_> {
@@ -341,6 +355,12 @@ impl Run<'_> {
                 std::process::id()
             );
             let handle = Arc::new(vm.start().with_context(|| format!("vm {}", self.folder))?);
+            if let Err(error) = self.power.attach(&handle.guest_memory_host_ranges(), &|| {
+                handle.exit().is_some()
+            }) {
+                handle.stop();
+                return Err(anyhow::Error::new(error).context(format!("vm {}", self.folder)));
+            }
             info!(vm = %self.folder, boots = self.boots, "running");
             spawn_waiter(handle.clone(), self.events.clone())?;
             let exit = self.supervise(&handle);

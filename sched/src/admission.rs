@@ -1,0 +1,277 @@
+//! Admission control: a VM powers on only if its reservations fit in what the host has left
+//! after a host reserve and the reservations of the VMs already running. The running VMs are
+//! files `<runtime>/sched/vms/<vm>.json` written under an exclusive lock on
+//! `<runtime>/sched/ledger.lock`; an entry whose process is gone no longer counts.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::io;
+use crate::{Result, SchedError};
+
+/// What the host can guarantee: its CPUs and memory, less what it keeps for itself.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HostCapacity {
+    /// Per mille of one core: 2000 is two cores.
+    pub cpu_permille: u64,
+    pub memory_bytes: u64,
+    /// Kept for the host: ESX keeps some for its own services, we keep a core's tenth and
+    /// the larger of 256 MiB and 5 % of memory.
+    pub cpu_reserve_permille: u64,
+    pub memory_reserve_bytes: u64,
+}
+
+impl HostCapacity {
+    pub fn new(cpus: usize, memory_bytes: u64) -> HostCapacity {
+        HostCapacity {
+            cpu_permille: cpus as u64 * 1000,
+            memory_bytes,
+            cpu_reserve_permille: 100,
+            memory_reserve_bytes: (256 << 20).max(memory_bytes / 20),
+        }
+    }
+}
+
+/// One running VM's reservations and settings, as `host resources` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub vm: String,
+    pub pid: u32,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub cpu_shares: u64,
+    pub cpu_reservation_permille: u64,
+    pub cpu_limit_permille: Option<u64>,
+    pub memory_reservation_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+    pub disk_shares: u64,
+    pub disk_reservation_iops: u64,
+    pub disk_limit_iops: Option<u64>,
+    pub disk_limit_bytes_per_sec: Option<u64>,
+    /// The logical CPUs its vCPUs are pinned to.
+    pub cpus: Vec<usize>,
+}
+
+pub struct Ledger {
+    dir: PathBuf,
+}
+
+/// A VM's place in the ledger; dropping it (the VM ended) frees its reservations.
+#[derive(Debug)]
+pub struct Admitted {
+    path: PathBuf,
+    entry: LedgerEntry,
+}
+
+impl Admitted {
+    pub fn entry(&self) -> &LedgerEntry {
+        &self.entry
+    }
+
+    /// Records what was decided after admission (the CPUs chosen).
+    pub fn update(&mut self, entry: LedgerEntry) -> Result<()> {
+        self.entry = entry;
+        write_entry(&self.path, &self.entry)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Ledger {
+    /// The ledger under the runtime directory `runtime`.
+    pub fn new(runtime: &Path) -> Ledger {
+        Ledger {
+            dir: runtime.join("sched"),
+        }
+    }
+
+    fn vms(&self) -> PathBuf {
+        self.dir.join("vms")
+    }
+
+    /// The running VMs' entries (stale ones, whose process died, are removed).
+    pub fn running(&self) -> Result<Vec<LedgerEntry>> {
+        let dir = self.vms();
+        let mut out = Vec::new();
+        let list = match std::fs::read_dir(&dir) {
+            Ok(list) => list,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&dir, "listing running VMs")(e)),
+        };
+        for item in list.flatten() {
+            let path = item.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(entry) = serde_json::from_str::<LedgerEntry>(&text) else {
+                tracing::warn!(path = %path.display(), "ignoring an unreadable ledger entry");
+                continue;
+            };
+            if alive(entry.pid) {
+                out.push(entry);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        out.sort_by(|a, b| a.vm.cmp(&b.vm));
+        Ok(out)
+    }
+
+    /// Admits `entry` if its reservations fit, recording it; refuses naming the resource.
+    pub fn admit(&self, capacity: HostCapacity, entry: LedgerEntry) -> Result<Admitted> {
+        std::fs::create_dir_all(self.vms()).map_err(io(self.vms(), "creating the ledger"))?;
+        let lock_path = self.dir.join("ledger.lock");
+        let lock = File::create(&lock_path).map_err(io(&lock_path, "opening the ledger lock"))?;
+        // SAFETY: flock on a descriptor we own; it is released when `lock` closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(io(&lock_path, "locking the ledger")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let others: Vec<LedgerEntry> = self
+            .running()?
+            .into_iter()
+            .filter(|e| e.vm != entry.vm)
+            .collect();
+        let cpu_reserved: u64 = others.iter().map(|e| e.cpu_reservation_permille).sum();
+        let cpu_left = capacity
+            .cpu_permille
+            .saturating_sub(capacity.cpu_reserve_permille)
+            .saturating_sub(cpu_reserved);
+        if entry.cpu_reservation_permille > cpu_left {
+            let pct = |p: u64| format!("{}% of a core", p / 10);
+            return Err(SchedError::Admission {
+                vm: entry.vm,
+                resource: "CPU",
+                detail: refusal(
+                    pct(entry.cpu_reservation_permille),
+                    pct(capacity.cpu_permille),
+                    pct(capacity.cpu_reserve_permille),
+                    pct(cpu_reserved),
+                    pct(cpu_left),
+                ),
+            });
+        }
+        let mem_reserved: u64 = others.iter().map(|e| e.memory_reservation_bytes).sum();
+        let mem_left = capacity
+            .memory_bytes
+            .saturating_sub(capacity.memory_reserve_bytes)
+            .saturating_sub(mem_reserved);
+        if entry.memory_reservation_bytes > mem_left {
+            let mib = |b: u64| format!("{} MiB", b >> 20);
+            return Err(SchedError::Admission {
+                vm: entry.vm,
+                resource: "memory",
+                detail: refusal(
+                    mib(entry.memory_reservation_bytes),
+                    mib(capacity.memory_bytes),
+                    mib(capacity.memory_reserve_bytes),
+                    mib(mem_reserved),
+                    mib(mem_left),
+                ),
+            });
+        }
+        let path = self
+            .vms()
+            .join(format!("{}.json", entry.vm.replace('/', "_")));
+        write_entry(&path, &entry)?;
+        Ok(Admitted { path, entry })
+    }
+}
+
+fn refusal(
+    wanted: String,
+    total: String,
+    reserve: String,
+    reserved: String,
+    left: String,
+) -> String {
+    format!(
+        "of {wanted} does not fit: the host has {total}, keeps {reserve} for itself and has {reserved} reserved by running VMs, leaving {left}"
+    )
+}
+
+fn write_entry(path: &Path, entry: &LedgerEntry) -> Result<()> {
+    let text = serde_json::to_string_pretty(entry).map_err(|e| SchedError::Parse {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(io(&tmp, "writing a ledger entry"))?;
+    std::fs::rename(&tmp, path).map_err(io(path, "writing a ledger entry"))
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(vm: &str, cpu: u64, mem: u64) -> LedgerEntry {
+        LedgerEntry {
+            vm: vm.into(),
+            pid: std::process::id(),
+            cpu_reservation_permille: cpu,
+            memory_reservation_bytes: mem,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reservations_are_refused_once_the_host_is_full_and_freed_when_a_vm_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path());
+        let host = HostCapacity::new(2, 4 << 30);
+        let a = ledger.admit(host, entry("a", 1500, 2 << 30)).unwrap();
+        let err = ledger
+            .admit(host, entry("b", 500, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot power on b: its CPU reservation of 50% of a core"),
+            "{err}"
+        );
+        assert!(err.contains("leaving 40% of a core"), "{err}");
+        let err = ledger
+            .admit(host, entry("c", 0, 2 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory reservation of 2048 MiB"), "{err}");
+        assert!(
+            err.contains("keeps 256 MiB") && err.contains("leaving 1792 MiB"),
+            "{err}"
+        );
+        assert_eq!(ledger.running().unwrap().len(), 1);
+        drop(a);
+        ledger.admit(host, entry("b", 500, 2 << 30)).unwrap();
+    }
+
+    #[test]
+    fn a_dead_process_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path());
+        let host = HostCapacity::new(1, 1 << 30);
+        let a = ledger
+            .admit(
+                host,
+                LedgerEntry {
+                    pid: u32::MAX - 1,
+                    ..entry("a", 900, 0)
+                },
+            )
+            .unwrap();
+        std::mem::forget(a);
+        ledger.admit(host, entry("b", 900, 0)).unwrap();
+    }
+}

@@ -1,0 +1,29 @@
+//! Host resources for the VMs of one host, as ESX's resource manager sees them: every VM has
+//! shares (priority under contention), a reservation (a guaranteed minimum) and a limit (a
+//! maximum) for CPU, memory and disk.
+//!
+//! - [`Topology`] reads the host's packages, cores and hyperthreads from sysfs and places the
+//!   vCPUs of an SMP VM on distinct physical cores.
+//! - [`Cgroup`] is one VM's cgroup (v1 `cpu`/`cpuset`/`memory`, or v2 if that is what the host
+//!   mounts): CPU shares and quota, cpuset, memory limit.
+//! - [`Ledger`] is admission control: the reservations of the running VMs of a host, kept as
+//!   files in the runtime directory so every VM process and the host agent see the same sum.
+//! - [`DiskClock`] is the disk I/O scheduler: mClock's three tags (reservation, limit,
+//!   proportional) kept in a shared-memory file, so the separate processes of a host's VMs
+//!   schedule against one another without a broker process.
+
+mod admission;
+mod cgroup;
+mod disk;
+mod error;
+mod power;
+mod resources;
+mod topology;
+
+pub use admission::{Admitted, HostCapacity, Ledger, LedgerEntry};
+pub use cgroup::{Cgroup, CgroupVersion};
+pub use disk::{DiskClock, DiskTicket, SlotUse};
+pub use error::{Result, SchedError};
+pub use power::{CGROUP_ROOT, PowerOn, host_memory, ksm_pages, vcpu_threads};
+pub use resources::{Amount, Checked, CpuAmount, Level, Rate, Resources, Setting, Shares};
+pub use topology::{Cpu, Topology};

@@ -1,0 +1,182 @@
+//! `vapp host resources`: the running VMs of this host as the scheduler sees them: what each
+//! is configured with, what it is entitled to under contention, and what it uses now.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Args)]
+pub struct ResourcesArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Print again every interval until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// How long use is measured over, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+}
+
+#[derive(Serialize)]
+struct VmUse {
+    #[serde(flatten)]
+    config: sched::LedgerEntry,
+    /// Per mille of one core the VM gets when every VM is busy.
+    cpu_entitlement_permille: u64,
+    /// Fraction of the host's disk I/O the VM gets when every VM is busy.
+    disk_entitlement: f64,
+    cpu_used_permille: Option<u64>,
+    memory_used_bytes: Option<u64>,
+    ksm_merged_pages: Option<u64>,
+    disk_iops: Option<f64>,
+    disk_bytes_per_sec: Option<f64>,
+    disk_reserved_iops: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    cpus: usize,
+    memory_bytes: u64,
+    ksm_pages_shared: Option<u64>,
+    ksm_pages_sharing: Option<u64>,
+    vms: Vec<VmUse>,
+}
+
+pub fn run(args: ResourcesArgs) -> anyhow::Result<ExitCode> {
+    if !(0.05..=3600.0).contains(&args.interval) {
+        anyhow::bail!(
+            "--interval {}: give between 0.05 and 3600 seconds",
+            args.interval
+        );
+    }
+    let runtime = super::vm::runtime::runtime_root();
+    loop {
+        let report = measure(&runtime, Duration::from_secs_f64(args.interval))?;
+        if args.json {
+            crate::outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        } else {
+            print(&report)?;
+        }
+        if !args.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
+    let topology = sched::Topology::read().context("cannot read the CPU topology")?;
+    let memory = sched::host_memory()?;
+    let entries = sched::Ledger::new(runtime).running()?;
+    let cgroups: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            sched::Cgroup::open(
+                Path::new(sched::CGROUP_ROOT),
+                &format!("{}-{}", e.vm, e.pid),
+            )
+        })
+        .collect();
+    let cpu = |cg: &Option<sched::Cgroup>| cg.as_ref().and_then(|c| c.cpu_usage_ns());
+    let before_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
+    let before_disk = sched::DiskClock::usage(runtime)?;
+    let start = Instant::now();
+    std::thread::sleep(interval);
+    let after_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
+    let after_disk = sched::DiskClock::usage(runtime)?;
+    let secs = start.elapsed().as_secs_f64();
+
+    let host_permille = topology.threads() as u64 * 1000;
+    let cpu_shares: u64 = entries.iter().map(|e| e.cpu_shares).sum::<u64>().max(1);
+    let disk_shares: u64 = entries.iter().map(|e| e.disk_shares).sum::<u64>().max(1);
+    let (_, shared, sharing) = sched::ksm_pages(0);
+    let mut vms = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        let proportional = host_permille * e.cpu_shares / cpu_shares;
+        let ceiling = e
+            .cpu_limit_permille
+            .unwrap_or(u64::MAX)
+            .min(u64::from(e.vcpus) * 1000);
+        let disk = |list: &[sched::SlotUse]| list.iter().find(|s| s.pid == e.pid).copied();
+        let (d0, d1) = (disk(&before_disk), disk(&after_disk));
+        let rate = |f: fn(&sched::SlotUse) -> u64| {
+            d0.zip(d1)
+                .map(|(a, b)| f(&b).saturating_sub(f(&a)) as f64 / secs)
+        };
+        vms.push(VmUse {
+            cpu_entitlement_permille: proportional.max(e.cpu_reservation_permille).min(ceiling),
+            disk_entitlement: e.disk_shares as f64 / disk_shares as f64,
+            cpu_used_permille: before_cpu[i]
+                .zip(after_cpu[i])
+                .map(|(a, b)| ((b.saturating_sub(a)) as f64 / secs / 1e6) as u64),
+            memory_used_bytes: cgroups[i].as_ref().and_then(|c| c.memory_usage()),
+            ksm_merged_pages: sched::ksm_pages(e.pid).0,
+            disk_iops: rate(|s| s.ios),
+            disk_bytes_per_sec: rate(|s| s.bytes),
+            disk_reserved_iops: rate(|s| s.reserved_ios),
+            config: e,
+        });
+    }
+    Ok(Report {
+        cpus: topology.threads(),
+        memory_bytes: memory,
+        ksm_pages_shared: shared,
+        ksm_pages_sharing: sharing,
+        vms,
+    })
+}
+
+fn print(report: &Report) -> anyhow::Result<()> {
+    let ksm = match (report.ksm_pages_shared, report.ksm_pages_sharing) {
+        (Some(shared), Some(sharing)) => format!("; KSM: {shared} pages shared by {sharing}"),
+        _ => String::new(),
+    };
+    crate::outln!(
+        "host: {} CPUs, {} MiB{ksm}",
+        report.cpus,
+        report.memory_bytes >> 20
+    )?;
+    if report.vms.is_empty() {
+        crate::outln!("no VMs running")?;
+        return Ok(());
+    }
+    crate::outln!(
+        "{:<20} {:>12} {:>9} {:>9} {:>9} {:>6} {:>11} {:>11} {:>8} {:>9} {:>8} {:>8}",
+        "VM",
+        "CPU shares",
+        "res %",
+        "limit %",
+        "entitled",
+        "used %",
+        "mem res MiB",
+        "mem lim MiB",
+        "used MiB",
+        "disk shr",
+        "IOPS",
+        "KSM pgs"
+    )?;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for v in &report.vms {
+        let c = &v.config;
+        crate::outln!(
+            "{:<20} {:>12} {:>9} {:>9} {:>8}% {:>6} {:>11} {:>11} {:>8} {:>8.0}% {:>8} {:>8}",
+            c.vm,
+            c.cpu_shares,
+            c.cpu_reservation_permille / 10,
+            opt(c.cpu_limit_permille.map(|p| p / 10)),
+            v.cpu_entitlement_permille / 10,
+            opt(v.cpu_used_permille.map(|p| p / 10)),
+            c.memory_reservation_bytes >> 20,
+            opt(c.memory_limit_bytes.map(|b| b >> 20)),
+            opt(v.memory_used_bytes.map(|b| b >> 20)),
+            v.disk_entitlement * 100.0,
+            v.disk_iops.map_or("-".to_string(), |r| format!("{r:.0}")),
+            opt(v.ksm_merged_pages),
+        )?;
+    }
+    Ok(())
+}
