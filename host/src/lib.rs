@@ -11,10 +11,12 @@
 //!   holder already recovered, whose lock is stale) ran there and did not stop cleanly. Two
 //!   survivors racing for one VM both start it; the lock lets one run and the other's child
 //!   fails at once with "already running", and that agent moves on;
+//! - powers off the VMs it runs when its host loses the datastore ([`isolation`]);
 //! - serves an HTTP + JSON API on a Unix socket of mode 0600 ([`api`]).
 
 pub mod api;
 pub mod client;
+pub mod isolation;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -82,6 +84,9 @@ pub struct Config {
     /// A protected VM whose runner fails this many times in a row is marked failed.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// What happens to this host's VMs when it loses the datastore.
+    #[serde(default)]
+    pub isolation_response: isolation::IsolationResponse,
 }
 
 fn default_vm_dirs() -> Vec<String> {
@@ -132,6 +137,9 @@ pub struct Ha {
     pub restart: bool,
     #[serde(default)]
     pub priority: Priority,
+    /// Overrides the host's `isolation_response` for this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<isolation::IsolationResponse>,
 }
 
 /// Restart order after a host failure: high before medium before low.
@@ -157,7 +165,8 @@ pub struct Event {
     pub time_ns: i64,
     /// `host-dead`, `vm-started`, `vm-restarted`, `vm-exited`, `vm-crashed`, `vm-failed`,
     /// `vm-stopped`, `restart-lost` (another host took the VM first), `agent-started`,
-    /// `agent-stopped`.
+    /// `agent-stopped`, `isolated` (this host lost the datastore), `vm-powered-off` and
+    /// `vm-kept` (the isolation response), `rejoined`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
@@ -197,6 +206,8 @@ struct Vm {
     next_try: Option<Instant>,
     /// A stop was asked for: the child's exit is not a crash.
     stopping: bool,
+    /// `[ha] isolation`, read at start: an isolated host cannot read it.
+    isolation: Option<isolation::IsolationResponse>,
 }
 
 /// A host seen in the heartbeat region, by slot and incarnation.
@@ -210,7 +221,9 @@ pub struct Agent {
     config: Config,
     exe: PathBuf,
     lun: Arc<dyn Lun>,
-    ds: Datastore,
+    /// Replaced when the host rejoins after isolation.
+    ds: Mutex<Arc<Datastore>>,
+    isolation: Mutex<isolation::Isolation>,
     vms: Mutex<BTreeMap<String, Vm>>,
     seen: Mutex<HashMap<(u32, u64), Seen>>,
     events: Mutex<Vec<Event>>,
@@ -244,12 +257,17 @@ impl Agent {
             config,
             exe,
             lun,
-            ds,
+            ds: Mutex::new(Arc::new(ds)),
+            isolation: Mutex::new(isolation::Isolation::default()),
             vms: Mutex::new(BTreeMap::new()),
             seen: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
             stop,
         })
+    }
+
+    fn ds(&self) -> Arc<Datastore> {
+        lock(&self.ds).clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -278,12 +296,18 @@ impl Agent {
             Some(&self.config.name),
             format!("serving {}", self.config.socket().display()),
         );
-        let tick = (self.ds.timing().io_timeout / 2).max(Duration::from_millis(50));
+        let tick = (self.ds().timing().io_timeout / 2).max(Duration::from_millis(50));
         while !self.stop.load(Ordering::SeqCst) {
             self.reap();
-            if let Err(e) = self.watch_cluster() {
+            if self.check_isolation() {
+                std::thread::sleep(tick);
+                continue;
+            }
+            let read = self.watch_cluster();
+            if let Err(e) = &read {
                 tracing::warn!(error = %e, "reading the datastore's heartbeats and locks failed");
             }
+            self.heartbeats_read(read.is_ok());
             std::thread::sleep(tick);
         }
         self.event(
@@ -309,8 +333,14 @@ impl Agent {
 
     /// Leaves the datastore cleanly (after [`Agent::run`]).
     pub fn close(self) -> Result<()> {
-        self.ds
-            .close()
+        let Ok(ds) = Arc::try_unwrap(self.ds.into_inner().unwrap_or_else(PoisonError::into_inner))
+        else {
+            return Err(Error::Api(format!(
+                "closing {}: the datastore is still in use",
+                self.config.datastores[0]
+            )));
+        };
+        ds.close()
             .map_err(vmfs_err(format!("closing {}", self.config.datastores[0])))
     }
 
@@ -376,6 +406,7 @@ impl Agent {
                         failures: 0,
                         next_try: None,
                         stopping: false,
+                        isolation: ha.isolation,
                     },
                 );
                 Ok(pid)
@@ -399,14 +430,15 @@ impl Agent {
     /// Waits until `child` holds the VM's lock (it then runs the guest), or exits.
     fn wait_running(&self, folder: &str, child: &mut Child) -> Result<(), String> {
         let config = format!("{folder}/{VM_FILE}");
-        let deadline = Instant::now() + self.ds.timing().lock_wait() * 2 + Duration::from_secs(30);
+        let deadline =
+            Instant::now() + self.ds().timing().lock_wait() * 2 + Duration::from_secs(30);
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return Err(status.to_string()),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            if let Ok(ino) = self.ds.resolve(&config) {
+            if let Ok(ino) = self.ds().resolve(&config) {
                 let held = vmfs::cluster::survey::survey(self.lun.clone(), Duration::ZERO)
                     .map(|s| {
                         s.hosts.iter().any(|h| {
@@ -576,6 +608,7 @@ impl Agent {
                     failures,
                     next_try: None,
                     stopping: false,
+                    isolation: None,
                 });
                 vm.failures = failures + 1;
                 if vm.failures >= self.config.max_restarts {
@@ -608,9 +641,10 @@ impl Agent {
     fn watch_cluster(&self) -> Result<()> {
         let survey = vmfs::cluster::survey::survey(self.lun.clone(), Duration::ZERO)
             .map_err(vmfs_err("reading heartbeats"))?;
-        let dead_after = self.ds.timing().dead_after();
+        let ds = self.ds();
+        let dead_after = ds.timing().dead_after();
         let now = Instant::now();
-        let me = self.ds.host_slot();
+        let me = ds.host_slot();
         // Inodes locked open exclusively by a dead host, or by one already recovered.
         let mut orphaned: HashSet<u64> = HashSet::new();
         let mut alive_holds: HashSet<u64> = HashSet::new();
@@ -670,7 +704,7 @@ impl Agent {
         }
         let mut candidates = Vec::new();
         for folder in self.find_vms()? {
-            let Ok(ino) = self.ds.resolve(&format!("{folder}/{VM_FILE}")) else {
+            let Ok(ino) = ds.resolve(&format!("{folder}/{VM_FILE}")) else {
                 continue;
             };
             if !orphaned.contains(&ino) || alive_holds.contains(&ino) {
@@ -712,7 +746,7 @@ impl Agent {
     }
 
     fn find_in(&self, dir: &str, depth: usize, found: &mut Vec<String>) -> vmfs::Result<()> {
-        let entries = self.ds.list(if dir.is_empty() { "/" } else { dir })?;
+        let entries = self.ds().list(if dir.is_empty() { "/" } else { dir })?;
         if entries
             .iter()
             .any(|(n, a)| n == OsStr::new(VM_FILE) && a.kind == Kind::File)
@@ -739,7 +773,7 @@ impl Agent {
     pub fn read_ha(&self, folder: &str) -> Result<Ha> {
         let path = format!("{folder}/{VM_FILE}");
         let attr = self
-            .ds
+            .ds()
             .stat_path(&path)
             .map_err(|e| Error::Api(format!("{folder}: no VM here ({path}: {e})")))?;
         if attr.size > MAX_VM_FILE {
@@ -749,7 +783,7 @@ impl Agent {
         }
         let mut bytes = vec![0u8; usize::try_from(attr.size).unwrap_or(0)];
         let n = self
-            .ds
+            .ds()
             .read(attr.ino, 0, &mut bytes)
             .map_err(vmfs_err(&path))?;
         bytes.truncate(n);

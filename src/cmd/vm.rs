@@ -309,6 +309,7 @@ fn create(datastore: &str, args: CreateArgs) -> anyhow::Result<ExitCode> {
         ha: args.ha.map(|priority| host::Ha {
             restart: true,
             priority,
+            ..Default::default()
         }),
         disks: new_disks
             .iter()

@@ -1,0 +1,191 @@
+//! The isolation response: what the agent does with its VMs when its host loses the
+//! datastore (VMware HA's "host isolation response").
+//!
+//! A host is isolated when vmfs fenced its slot (no heartbeat renewal completed within the
+//! fence time) or when the agent has not read the datastore's heartbeats for that long. Every
+//! VM runner is a host of its own on the same link, so it is fenced too and its guest can no
+//! longer write; the other hosts declare the runners dead and restart their protected VMs.
+//! With `power-off` (the default) the agent powers its VMs off at once, so that nothing of
+//! them keeps running beside the copies restarted elsewhere; with `keep` it leaves them up
+//! (still unable to write). Once the datastore answers again the agent rejoins it in a new
+//! host slot (a fenced slot stays fenced) and goes on; it starts no VM by itself on rejoining:
+//! a VM another host took is that host's, as its lock says.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmfs::Datastore;
+
+use crate::{Agent, lock};
+
+/// `isolation_response` in host.toml and `isolation` in a VM's `[ha]` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationResponse {
+    /// Power the VM off so that it can restart on a host that still reaches the datastore.
+    #[default]
+    PowerOff,
+    /// Leave the VM running; it cannot write until its host rejoins, and it does not then.
+    Keep,
+}
+
+/// How long a VM's runner may take to power its guest off when isolated.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub(crate) struct Isolation {
+    /// When the agent last read the heartbeats; `None` until the first read.
+    last_read: Option<Instant>,
+    /// Why the host is isolated, while it is.
+    isolated: Option<String>,
+}
+
+impl Agent {
+    /// Records whether this tick of the agent read the datastore's heartbeats.
+    pub(crate) fn heartbeats_read(&self, ok: bool) {
+        let mut state = lock(&self.isolation);
+        if ok || state.last_read.is_none() {
+            state.last_read = Some(Instant::now());
+        }
+    }
+
+    /// Runs the isolation response when the host has just lost the datastore, and rejoins it
+    /// when it answers again. True while the host is isolated: the agent then must not act
+    /// on what it reads of the other hosts.
+    pub(crate) fn check_isolation(&self) -> bool {
+        let ds = self.ds();
+        let isolated = lock(&self.isolation).isolated.is_some();
+        if isolated {
+            return !self.rejoin();
+        }
+        let fence_after = ds.timing().fence_after();
+        let reason = ds.fenced().or_else(|| {
+            lock(&self.isolation)
+                .last_read
+                .map(|t| t.elapsed())
+                .filter(|&unread| unread >= fence_after)
+                .map(|unread| {
+                    format!(
+                        "the datastore's heartbeats could not be read for {} ms",
+                        unread.as_millis()
+                    )
+                })
+        });
+        let Some(reason) = reason else {
+            return false;
+        };
+        lock(&self.isolation).isolated = Some(reason.clone());
+        self.event(
+            "isolated",
+            None,
+            Some(&self.config.name),
+            format!("lost datastore {}: {reason}", self.config.datastores[0]),
+        );
+        self.respond(&reason);
+        true
+    }
+
+    /// Powers off (or keeps) each VM this agent runs, as its `[ha] isolation` or the host's
+    /// `isolation_response` says.
+    fn respond(&self, reason: &str) {
+        let running: Vec<String> = lock(&self.vms)
+            .iter()
+            .filter(|(_, vm)| vm.child.is_some())
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in running {
+            // vm.toml cannot be read from a lost datastore: the response was noted at start.
+            let response = lock(&self.vms)
+                .get(&path)
+                .and_then(|vm| vm.isolation)
+                .unwrap_or(self.config.isolation_response);
+            match response {
+                IsolationResponse::Keep => self.event(
+                    "vm-kept",
+                    Some(&path),
+                    Some(&self.config.name),
+                    "isolation response keep: left running, unable to write".to_string(),
+                ),
+                IsolationResponse::PowerOff => match self.stop_vm(&path, POWER_OFF_GRACE) {
+                    Ok(()) => self.event(
+                        "vm-powered-off",
+                        Some(&path),
+                        Some(&self.config.name),
+                        format!("host isolated ({reason}): powered off to restart elsewhere"),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(vm = %path, error = %e, "powering off an isolated VM failed");
+                    }
+                },
+            }
+        }
+    }
+
+    /// Joins the datastore again in a new host slot. True once it has.
+    fn rejoin(&self) -> bool {
+        let mut options = vmfs::OpenOptions::read_write();
+        options.host_name = self.config.name.clone();
+        let fresh = match Datastore::open(self.lun.clone(), &options) {
+            Ok(ds) => ds,
+            Err(e) => {
+                tracing::debug!(error = %e, "the datastore is still out of reach");
+                return false;
+            }
+        };
+        let slot = fresh.host_slot();
+        let old = std::mem::replace(&mut *lock(&self.ds), Arc::new(fresh));
+        // A fenced slot is left for the other hosts to recover; closing only releases it here.
+        if let Ok(old) = Arc::try_unwrap(old) {
+            if let Err(e) = old.close() {
+                tracing::info!(error = %e, "leaving the fenced host slot");
+            }
+        }
+        let was = lock(&self.isolation).isolated.take().unwrap_or_default();
+        self.heartbeats_read(true);
+        self.event(
+            "rejoined",
+            None,
+            Some(&self.config.name),
+            format!(
+                "datastore {} answers again; host slot {} (isolated: {was})",
+                self.config.datastores[0],
+                slot.map_or_else(|| "-".to_string(), |s| s.to_string())
+            ),
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IsolationResponse;
+    use crate::{Config, Ha};
+
+    const HOST: &str =
+        "name = \"esx-a\"\ndatastores = [\"nbd://10.0.0.1/ds\"]\nruntime_dir = \"/run/vapp\"\n";
+
+    #[test]
+    fn host_response_defaults_to_power_off_and_takes_keep() {
+        let config = Config::parse("host.toml", HOST).unwrap();
+        assert_eq!(config.isolation_response, IsolationResponse::PowerOff);
+        let keep = format!("{HOST}isolation_response = \"keep\"\n");
+        let config = Config::parse("host.toml", &keep).unwrap();
+        assert_eq!(config.isolation_response, IsolationResponse::Keep);
+    }
+
+    #[test]
+    fn an_unknown_response_is_refused_with_its_name() {
+        let bad = format!("{HOST}isolation_response = \"reboot\"\n");
+        let e = Config::parse("host.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("host.toml") && e.contains("reboot"), "{e}");
+    }
+
+    #[test]
+    fn a_vm_overrides_the_host_response() {
+        let ha: Ha = toml::from_str("restart = true\nisolation = \"keep\"\n").unwrap();
+        assert_eq!(ha.isolation, Some(IsolationResponse::Keep));
+        let ha: Ha = toml::from_str("restart = true\n").unwrap();
+        assert_eq!(ha.isolation, None);
+    }
+}
