@@ -9,7 +9,9 @@
 //! them keeps running beside the copies restarted elsewhere; with `keep` it leaves them up
 //! (still unable to write). Once the datastore answers again the agent rejoins it in a new
 //! host slot (a fenced slot stays fenced) and goes on; it starts no VM by itself on rejoining:
-//! a VM another host took is that host's, as its lock says.
+//! a VM another host took is that host's, as its lock says. A kept VM whose runner was fenced
+//! can never write again and has lost its lock: the agent then powers it off (what VMware HA
+//! does to the isolated copy of a VM restarted elsewhere).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +41,8 @@ pub(crate) struct Isolation {
     last_read: Option<Instant>,
     /// Why the host is isolated, while it is.
     isolated: Option<String>,
+    /// VMs left running by the `keep` response during this isolation.
+    kept: Vec<String>,
 }
 
 impl Agent {
@@ -101,12 +105,15 @@ impl Agent {
                 .and_then(|vm| vm.isolation)
                 .unwrap_or(self.config.isolation_response);
             match response {
-                IsolationResponse::Keep => self.event(
-                    "vm-kept",
-                    Some(&path),
-                    Some(&self.config.name),
-                    "isolation response keep: left running, unable to write".to_string(),
-                ),
+                IsolationResponse::Keep => {
+                    self.event(
+                        "vm-kept",
+                        Some(&path),
+                        Some(&self.config.name),
+                        "isolation response keep: left running, unable to write".to_string(),
+                    );
+                    lock(&self.isolation).kept.push(path);
+                }
                 IsolationResponse::PowerOff => match self.stop_vm(&path, POWER_OFF_GRACE) {
                     Ok(()) => self.event(
                         "vm-powered-off",
@@ -141,7 +148,13 @@ impl Agent {
                 tracing::info!(error = %e, "leaving the fenced host slot");
             }
         }
-        let was = lock(&self.isolation).isolated.take().unwrap_or_default();
+        let (was, kept) = {
+            let mut state = lock(&self.isolation);
+            (
+                state.isolated.take().unwrap_or_default(),
+                std::mem::take(&mut state.kept),
+            )
+        };
         self.heartbeats_read(true);
         self.event(
             "rejoined",
@@ -153,7 +166,51 @@ impl Agent {
                 slot.map_or_else(|| "-".to_string(), |s| s.to_string())
             ),
         );
+        self.power_off_fenced(&kept);
         true
+    }
+
+    /// Powers off each kept VM whose runner no longer renews a live host slot: it was fenced
+    /// while the host was isolated, so its guest can never write again and its lock is
+    /// another host's to take.
+    fn power_off_fenced(&self, kept: &[String]) {
+        if kept.is_empty() {
+            return;
+        }
+        // Renewals come every io_timeout: two of them show whether a runner still renews.
+        let watch = self.ds().timing().io_timeout * 2;
+        let survey = match vmfs::cluster::survey::survey(self.lun.clone(), watch) {
+            Ok(survey) => survey,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading heartbeats after rejoining failed");
+                return;
+            }
+        };
+        for path in kept {
+            let Some(pid) = lock(&self.vms)
+                .get(path)
+                .and_then(|vm| vm.child.as_ref().map(std::process::Child::id))
+            else {
+                continue;
+            };
+            let renewing = survey.hosts.iter().any(|h| {
+                h.pid == pid && h.host_name == self.config.name && h.state == "live" && h.renewing
+            });
+            if renewing {
+                continue;
+            }
+            match self.stop_vm(path, POWER_OFF_GRACE) {
+                Ok(()) => self.event(
+                    "vm-powered-off",
+                    Some(path),
+                    Some(&self.config.name),
+                    "kept while the host was isolated, but its runner was fenced: it can no longer write and its lock is lost".to_string(),
+                ),
+                Err(e) => {
+                    tracing::warn!(vm = %path, error = %e, "powering off a fenced VM failed");
+                }
+            }
+        }
     }
 }
 
