@@ -7,7 +7,8 @@
 //!   `vm-powered-off`), the VM restarts elsewhere and continues its counter; when the link
 //!   comes back esx-b rejoins and does not start the VM again.
 //! - esx-c (isolation response `keep`) loses its link: its VM stays up but cannot write; it
-//!   restarts elsewhere all the same, still without a fork.
+//!   restarts elsewhere all the same, still without a fork; back on the datastore, esx-c powers
+//!   its fenced copy off.
 //! - esx-a is killed with -9 with its VMs: the survivors restart them and every counter goes on.
 //!
 //! Namespaces, links and processes are created by the test and always removed.
@@ -475,6 +476,9 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
     wait_for("esx-b rejoining", Duration::from_secs(30), || {
         agents[1].has_event("rejoined", None)
     });
+    // Back on the datastore, esx-b does not start the VM another host took from it.
+    std::thread::sleep(DEAD_AFTER * 2);
+    assert!(!agents[1].has_event("vm-restarted", Some("/vms/b1")));
 
     // (c) esx-c keeps its VM: it stays up unable to write, and restarts elsewhere all the same.
     let (boots_c, before) = history(&seen, "/vms/c1");
@@ -495,20 +499,43 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
     wait_for("esx-c rejoining", Duration::from_secs(30), || {
         agents[2].has_event("rejoined", None)
     });
-    // Back on the datastore, esx-b has not started the VM another host took from it.
-    assert!(!agents[1].has_event("vm-restarted", Some("/vms/b1")));
+    // Its kept copy was fenced and lost the VM's lock: esx-c powers it off once back.
+    wait_for(
+        "esx-c powering off its fenced copy of /vms/c1",
+        Duration::from_secs(30),
+        || !Path::new(&format!("/proc/{}", kept[0])).exists(),
+    );
+    assert!(agents[2].has_event("vm-powered-off", Some("/vms/c1")));
 
     // (a) esx-a dies with its VMs: the survivors restart them, every counter goes on.
+    let on_a: Vec<&str> = VMS
+        .into_iter()
+        .filter(|vm| {
+            let console = format!("{}.console", vm.trim_start_matches('/').replace('/', "_"));
+            !runners(
+                &agents[0]
+                    .runtime
+                    .join("vms")
+                    .join(console)
+                    .to_string_lossy(),
+            )
+            .is_empty()
+        })
+        .collect();
+    assert!(on_a.contains(&"/vms/a1"), "esx-a runs {on_a:?}");
     let lasts: Vec<(usize, u64)> = VMS.iter().map(|vm| history(&seen, vm)).collect();
     let killed = Instant::now();
     agents[0].kill9();
     for (vm, (boots, last)) in VMS.iter().zip(&lasts) {
+        // esx-a's VMs go on in a new boot on a survivor (a write esx-a had in flight may
+        // still land first); the others go on in the boot they had.
+        let boots = boots + usize::from(on_a.contains(vm));
         wait_for(
             &format!("{vm} counting after esx-a died"),
             DEAD_AFTER * 4 + BOOT,
             || {
                 let (b, l) = history(&seen, vm);
-                l > *last && b >= *boots
+                l > *last && b >= boots
             },
         );
     }
@@ -524,7 +551,6 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
         let (boots, last) = history(&seen, vm);
         eprintln!("{vm}: {boots} boots, counter {last}");
     }
-    assert!(history(&seen, "/vms/a1").0 >= 2, "/vms/a1 never restarted");
     eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
     drop(agents);
     drop(links);

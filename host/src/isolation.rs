@@ -58,11 +58,11 @@ impl Agent {
     /// when it answers again. True while the host is isolated: the agent then must not act
     /// on what it reads of the other hosts.
     pub(crate) fn check_isolation(&self) -> bool {
-        let ds = self.ds();
         let isolated = lock(&self.isolation).isolated.is_some();
         if isolated {
             return !self.rejoin();
         }
+        let ds = self.ds();
         let fence_after = ds.timing().fence_after();
         let reason = ds.fenced().or_else(|| {
             lock(&self.isolation)
@@ -76,6 +76,7 @@ impl Agent {
                     )
                 })
         });
+        drop(ds);
         let Some(reason) = reason else {
             return false;
         };
