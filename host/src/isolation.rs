@@ -7,8 +7,8 @@
 //! longer write; the other hosts declare the runners dead and restart their protected VMs.
 //! With `power-off` (the default) the agent powers its VMs off at once, so that nothing of
 //! them keeps running beside the copies restarted elsewhere; with `keep` it leaves them up
-//! (still unable to write). Once the datastore answers again the agent rejoins it in a new
-//! host slot (a fenced slot stays fenced) and goes on; it starts no VM by itself on rejoining:
+//! (still unable to write). Once the datastore answers again the agent rejoins it as a new
+//! incarnation of a host slot (a fenced incarnation stays fenced) and goes on; it starts no VM by itself on rejoining:
 //! a VM another host took is that host's, as its lock says. A kept VM whose runner was fenced
 //! can never write again and has lost its lock: the agent then powers it off (what VMware HA
 //! does to the isolated copy of a VM restarted elsewhere).
@@ -130,7 +130,7 @@ impl Agent {
         }
     }
 
-    /// Joins the datastore again in a new host slot. True once it has.
+    /// Joins the datastore again as a new incarnation. True once it has.
     fn rejoin(&self) -> bool {
         let mut options = vmfs::OpenOptions::read_write();
         options.host_name = self.config.name.clone();
