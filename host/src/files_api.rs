@@ -245,6 +245,11 @@ impl AgentDatastore {
         &self.socket
     }
 
+    /// The datastore's UUID, which names it to the agent whatever path each side opened.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
     /// Runs `request` on the agent. `None`: the agent went away since [`Self::find`] and
     /// nothing was sent, so the command may run by itself. The outer error is the agent
     /// failing mid-request or answering nonsense; the inner one is the command's own failure,
