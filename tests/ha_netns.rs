@@ -556,3 +556,239 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
     drop(links);
     drop(server);
 }
+
+/// What `vm`'s heartbeat ring on the datastore file says last, read as a survivor would
+/// (a read-only open can meet a transaction in flight: then it reads again).
+fn heartbeat_of(file: &Path, vm: &str) -> u64 {
+    for _ in 0..20 {
+        let read = (|| -> Result<Vec<u8>, String> {
+            let lun = lun::open(
+                file.to_str().unwrap(),
+                &lun::OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_only())
+                .map_err(|e| e.to_string())?;
+            let ino = ds
+                .resolve(&format!("{vm}/disk0.vdisk"))
+                .map_err(|e| e.to_string())?;
+            let mut ring = vec![0u8; HEARTBEAT_SECTORS as usize * 512];
+            ds.read(ino, 0, &mut ring).map_err(|e| e.to_string())?;
+            Ok(ring)
+        })();
+        match read {
+            Ok(ring) => {
+                let mut history = HeartbeatHistory::default();
+                history.observe(&ring).unwrap();
+                return history.last();
+            }
+            Err(e) => eprintln!("reading {vm}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{vm}: its heartbeat ring could not be read");
+}
+
+/// This host's record on the datastore file, `/.vapp/hosts/<name>`, as JSON.
+fn host_record(file: &Path, name: &str) -> serde_json::Value {
+    for _ in 0..20 {
+        let read = (|| -> Result<serde_json::Value, String> {
+            let lun = lun::open(
+                file.to_str().unwrap(),
+                &lun::OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_only())
+                .map_err(|e| e.to_string())?;
+            let ino = ds
+                .resolve(&format!("/.vapp/hosts/{name}"))
+                .map_err(|e| e.to_string())?;
+            let mut bytes = vec![0u8; 4096];
+            let n = ds.read(ino, 0, &mut bytes).map_err(|e| e.to_string())?;
+            bytes.truncate(n);
+            serde_json::from_slice(bytes.trim_ascii_end()).map_err(|e| e.to_string())
+        })();
+        match read {
+            Ok(record) => return record,
+            Err(e) => eprintln!("reading {name}'s record: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{name}: its host record could not be read");
+}
+
+/// One agent of two datastores: one over NBD through a link that goes down, one a local file.
+/// Isolated from the first, it powers off that datastore's VM only; the other VM runs on
+/// untouched, and once the link is back the agent rejoins the first datastore with a new host
+/// slot incarnation and a fresh host record there, and restarts the protected VM it lost.
+#[test]
+fn an_agent_isolated_from_one_of_its_datastores_powers_off_that_datastores_vms_only() {
+    use lun::prereq::{have_command, have_device, is_root, require};
+    if !require(
+        is_root() && have_command("ip") && have_command("qemu-nbd"),
+        "root, ip and qemu-nbd (network namespaces and an NBD server)",
+    ) || !require(
+        have_device("/dev/kvm"),
+        "/dev/kvm (read-write) for booting guests",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("testguest.elf");
+    let setup = [("VAPP_RUNTIME_DIR", dir.path())];
+    vapp(&["vm", "test-guest", guest.to_str().unwrap()], &setup);
+    let remote = dir.path().join("remote.vmfs");
+    let local = dir.path().join("local.vmfs");
+    for (file, vm) in [(&remote, "/vms/r1"), (&local, "/vms/l1")] {
+        let f = file.to_str().unwrap();
+        vapp(
+            &[
+                "datastore",
+                "format",
+                f,
+                "--name",
+                "two",
+                "--size",
+                "256M",
+                "--lock-protocol",
+                "paxos",
+                "--io-timeout",
+                &format!("{IO_TIMEOUT_MS}ms"),
+            ],
+            &setup,
+        );
+        vapp(
+            &[
+                "-d",
+                f,
+                "vm",
+                "create",
+                vm,
+                "--kernel",
+                guest.to_str().unwrap(),
+                "--vcpus",
+                "1",
+                "--memory",
+                "64M",
+                "--cmdline",
+                "mode=heartbeat",
+                "--disk",
+                "1M",
+                "--ha",
+                "high",
+            ],
+            &setup,
+        );
+    }
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = QemuNbd::start(&remote, port);
+    let links = Links::new(std::process::id() % 100_000 + 1, 1);
+    let (ns, _, addr) = &links.ends[0];
+    let name = "esx-m";
+    let runtime = dir.path().join("run-esx-m");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let config = dir.path().join("esx-m.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = {name:?}\ndatastores = [\"nbd://{addr}:{port}/ds\", {:?}]\nruntime_dir = {:?}\n",
+            local.to_str().unwrap(),
+            runtime.to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("esx-m.log")).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_vapp"))
+        .args(["--log", "info", "host", "run", "--config"])
+        .arg(&config)
+        .env_remove("VAPP_DATASTORE")
+        .env_remove("VAPP_KVM_DEVICE")
+        .env("VAPP_HOST_NAME", name)
+        .env("VAPP_RUNTIME_DIR", &runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let socket = runtime.join("agent.sock");
+    wait_for("agent esx-m listening", Duration::from_secs(30), || {
+        socket.exists()
+    });
+    let agent = Agent {
+        name: name.to_string(),
+        runtime: runtime.clone(),
+        child: Some(child),
+    };
+    for (file, vm) in [(&remote, "/vms/r1"), (&local, "/vms/l1")] {
+        let out = vapp(
+            &["-d", file.to_str().unwrap(), "vm", "start", vm],
+            &agent.env(),
+        );
+        assert!(out.contains("running on host esx-m"), "{out}");
+    }
+    wait_for("both VMs counting", BOOT, || {
+        heartbeat_of(&remote, "/vms/r1") > 20 && heartbeat_of(&local, "/vms/l1") > 20
+    });
+    let local_runner = runners(&local.to_string_lossy());
+    assert_eq!(local_runner.len(), 1, "esx-m runs /vms/l1");
+    let record = host_record(&remote, name);
+
+    links.set(0, false);
+    wait_for("esx-m powering off /vms/r1", DEAD_AFTER * 4, || {
+        agent.has_event("vm-powered-off", Some("/vms/r1"))
+    });
+    let events = agent.events();
+    let isolated: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["kind"] == "isolated").collect();
+    assert_eq!(isolated.len(), 1, "{events:?}");
+    assert_eq!(isolated[0]["datastore"], format!("nbd://{addr}:{port}/ds"));
+    assert!(!agent.has_event("vm-powered-off", Some("/vms/l1")));
+    // The local datastore's VM runs on in the same runner and goes on writing.
+    let before = heartbeat_of(&local, "/vms/l1");
+    wait_for(
+        "/vms/l1 counting while esx-m is isolated",
+        Duration::from_secs(10),
+        || heartbeat_of(&local, "/vms/l1") > before + 20,
+    );
+    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+
+    links.set(0, true);
+    wait_for("esx-m rejoining", Duration::from_secs(30), || {
+        agent.has_event("rejoined", None)
+    });
+    wait_for(
+        "esx-m's record on the rejoined datastore naming its new incarnation",
+        Duration::from_secs(30),
+        || {
+            let now = host_record(&remote, name);
+            (now["slot"].clone(), now["generation"].clone())
+                != (record["slot"].clone(), record["generation"].clone())
+        },
+    );
+    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+    // Back on the datastore, the agent finds /vms/r1 orphaned (its fenced runner's slot is
+    // dead) and, the only live host there, restarts it: the protected VM runs again.
+    let after = heartbeat_of(&remote, "/vms/r1");
+    wait_for("esx-m restarting /vms/r1", DEAD_AFTER * 4 + BOOT, || {
+        agent.has_event("vm-restarted", Some("/vms/r1"))
+    });
+    wait_for("/vms/r1 counting after the rejoin", BOOT, || {
+        heartbeat_of(&remote, "/vms/r1") > after + 20
+    });
+    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+    drop(agent);
+    drop(links);
+    drop(server);
+}
