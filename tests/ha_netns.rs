@@ -505,7 +505,11 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
         Duration::from_secs(30),
         || !Path::new(&format!("/proc/{}", kept[0])).exists(),
     );
-    assert!(agents[2].has_event("vm-powered-off", Some("/vms/c1")));
+    assert!(
+        agents[2].has_event("vm-powered-off", Some("/vms/c1")),
+        "{:#?}",
+        agents[2].events()
+    );
 
     // (a) esx-a dies with its VMs: the survivors restart them, every counter goes on.
     let on_a: Vec<&str> = VMS

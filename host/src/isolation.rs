@@ -75,6 +75,10 @@ impl Agent {
         if lock(&st.record).is_none() {
             self.reopen_record(store);
         }
+        // Before the agent reads the locks again: a kept runner it finds fenced is powered
+        // off as such, not taken for one that merely lost its lock.
+        let kept = std::mem::take(&mut lock(&st.isolation).kept);
+        self.power_off_fenced(store, kept);
         let ds = st.ds();
         let fence_after = ds.timing().fence_after();
         let reason = ds.fenced().or_else(|| {
@@ -168,13 +172,7 @@ impl Agent {
                 tracing::info!(datastore = %st.given, error = %e, "leaving the fenced host slot");
             }
         }
-        let (was, kept) = {
-            let mut state = lock(&st.isolation);
-            (
-                state.isolated.take().unwrap_or_default(),
-                std::mem::take(&mut state.kept),
-            )
-        };
+        let was = lock(&st.isolation).isolated.take().unwrap_or_default();
         self.heartbeats_read(store, true);
         drop_event_raw(
             &self.events,
@@ -189,7 +187,8 @@ impl Agent {
             ),
         );
         self.reopen_record(store);
-        self.power_off_fenced(store, &kept);
+        let kept = std::mem::take(&mut lock(&st.isolation).kept);
+        self.power_off_fenced(store, kept);
         true
     }
 
@@ -213,8 +212,9 @@ impl Agent {
 
     /// Powers off each kept VM whose runner no longer renews a live host slot: it was fenced
     /// while the host was isolated, so its guest can never write again and its lock is
-    /// another host's to take.
-    fn power_off_fenced(&self, store: usize, kept: &[String]) {
+    /// another host's to take. When the heartbeats cannot be read yet, the next tick looks
+    /// again.
+    fn power_off_fenced(&self, store: usize, kept: Vec<String>) {
         if kept.is_empty() {
             return;
         }
@@ -225,10 +225,11 @@ impl Agent {
             Ok(survey) => survey,
             Err(e) => {
                 tracing::warn!(datastore = %st.given, error = %e, "reading heartbeats after rejoining failed");
+                lock(&st.isolation).kept.extend(kept);
                 return;
             }
         };
-        for path in kept {
+        for path in &kept {
             let Some(pid) = lock(&self.vms)
                 .get(&(store, path.clone()))
                 .and_then(|vm| vm.child.as_ref().map(std::process::Child::id))
