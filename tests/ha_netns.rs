@@ -11,6 +11,9 @@
 //!   its fenced copy off.
 //! - esx-a is killed with -9 with its VMs: the survivors restart them and every counter goes on.
 //!
+//! A second test gives one agent two datastores, one over NBD through a link that goes down
+//! and one a local file: only the first one's VM is powered off, and the agent rejoins it.
+//!
 //! Namespaces, links and processes are created by the test and always removed.
 #![allow(clippy::unwrap_used)]
 
