@@ -45,18 +45,19 @@ pub struct Joined {
 }
 
 /// The datastores this agent is a host of.
-fn joined(agent: &Agent) -> Vec<(Joined, &Datastore)> {
+fn joined(agent: &Agent) -> Vec<(Joined, Arc<Datastore>)> {
     agent
         .stores
         .iter()
         .map(|store| {
+            let ds = store.ds();
             (
                 Joined {
                     uuid: store.uuid.clone(),
-                    label: store.ds.superblock().label.clone(),
+                    label: ds.superblock().label.clone(),
                     lun: store.given.clone(),
                 },
-                &store.ds,
+                ds,
             )
         })
         .collect()
@@ -167,7 +168,7 @@ pub(crate) fn route(
         FileOp::Put { .. } => Some(&mut framed),
         _ => None,
     };
-    let outcome = files::apply(ds, &file_request, input, &mut |_| {});
+    let outcome = files::apply(&ds, &file_request, input, &mut |_| {});
     Some(match outcome {
         Ok(done) => {
             tracing::info!(datastore = uuid, request = ?file_request.op, "file command done for the command line");
@@ -242,6 +243,11 @@ impl AgentDatastore {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The datastore's UUID, which names it to the agent whatever path each side opened.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
     }
 
     /// Runs `request` on the agent. `None`: the agent went away since [`Self::find`] and

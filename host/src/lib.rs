@@ -16,12 +16,15 @@
 //!   grace period (the chosen host may die too, or fail to start it). When two start it
 //!   anyway, the lock lets one run and the other's child fails at once with "already
 //!   running", and that agent moves on;
+//! - powers off the VMs it runs on a datastore its host loses, and rejoins that datastore
+//!   when it answers again ([`isolation`]);
 //! - serves an HTTP + JSON API on a Unix socket of mode 0600 ([`api`]).
 
 pub mod api;
 pub mod client;
 pub mod files;
 pub mod files_api;
+pub mod isolation;
 pub mod network;
 pub mod vm;
 
@@ -106,6 +109,9 @@ pub struct Config {
     /// vCPUs this host offers to VMs (default: its CPUs).
     #[serde(default)]
     pub cpus: Option<u32>,
+    /// What happens to this host's VMs on a datastore it loses.
+    #[serde(default)]
+    pub isolation_response: isolation::IsolationResponse,
 }
 
 fn default_vm_dirs() -> Vec<String> {
@@ -257,6 +263,9 @@ pub struct Ha {
     /// Seconds to wait for `after` before restarting anyway (default 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_timeout: Option<u64>,
+    /// Overrides the host's `isolation_response` for this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<isolation::IsolationResponse>,
 }
 
 impl Ha {
@@ -303,7 +312,8 @@ pub struct Event {
     /// `host-dead`, `vm-started`, `vm-start-failed`, `vm-restarted`, `vm-exited`,
     /// `vm-crashed`, `vm-failed`, `vm-stopped`, `vm-waiting` (for the VMs of its `[ha] after`),
     /// `order-timeout` (restarted without them), `restart-lost` (another host took the VM
-    /// first), `lock-lost`, `agent-started`, `agent-stopped`.
+    /// first), `lock-lost`, `agent-started`, `agent-stopped`, `isolated` (this host lost the
+    /// datastore), `vm-powered-off` and `vm-kept` (the isolation response), `rejoined`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
@@ -355,6 +365,8 @@ struct Vm {
     need: Need,
     /// A `lock-lost` event was recorded for this runner.
     lock_lost: bool,
+    /// `[ha] isolation`, read at start: an isolated host cannot read it.
+    isolation: Option<isolation::IsolationResponse>,
 }
 
 /// A host seen in the heartbeat region, by slot and incarnation.
@@ -373,7 +385,9 @@ struct Store {
     given: String,
     uuid: String,
     lun: Arc<dyn Lun>,
-    ds: Datastore,
+    /// Replaced when the host rejoins the datastore after losing it.
+    ds: Mutex<Arc<Datastore>>,
+    isolation: Mutex<isolation::Isolation>,
     seen: Mutex<HashMap<(u32, u64), Seen>>,
     /// This agent's record file, held open (locked) for its lifetime, and what it last wrote.
     record: Mutex<Option<(vmfs::FileHandle, Option<HostRecord>)>>,
@@ -389,6 +403,10 @@ struct Store {
 }
 
 impl Store {
+    fn ds(&self) -> Arc<Datastore> {
+        lock(&self.ds).clone()
+    }
+
     /// `datastore` is a UUID, or the path host.toml gives (the same file by another path
     /// counts too).
     fn is(&self, datastore: &str) -> bool {
@@ -453,7 +471,8 @@ impl Agent {
                 given: given.clone(),
                 uuid,
                 lun,
-                ds,
+                ds: Mutex::new(Arc::new(ds)),
+                isolation: Mutex::new(isolation::Isolation::default()),
                 seen: Mutex::new(HashMap::new()),
                 record: Mutex::new(Some((record, None))),
                 waiting: Mutex::new(HashMap::new()),
@@ -495,7 +514,7 @@ impl Agent {
         }
         let config = format!("{folder}/{VM_FILE}");
         let on: Vec<usize> = (0..self.stores.len())
-            .filter(|&i| self.stores[i].ds.stat_path(&config).is_ok())
+            .filter(|&i| self.stores[i].ds().stat_path(&config).is_ok())
             .collect();
         match on.as_slice() {
             [i] => Ok(*i),
@@ -541,7 +560,7 @@ impl Agent {
             }
         }
         starting.sort();
-        let host = self.stores[store].ds.host();
+        let host = self.stores[store].ds().host();
         HostRecord {
             version: RECORD_VERSION,
             host: self.config.name.clone(),
@@ -602,15 +621,21 @@ impl Agent {
         Ok(())
     }
 
+    /// Publishes on every datastore it can: one that is lost must not hold back the others.
     fn publish_or_warn(&self) {
-        if let Err(e) = self.publish() {
-            tracing::warn!(error = %e, "publishing this host's free capacity failed");
+        for store in 0..self.stores.len() {
+            if self.is_isolated(store) {
+                continue;
+            }
+            if let Err(e) = self.publish_on(store) {
+                tracing::warn!(datastore = %self.stores[store].given, error = %e, "publishing this host's free capacity failed");
+            }
         }
     }
 
     /// Another agent's record, if it has one that decodes.
     fn read_record(&self, store: usize, name: &str) -> Option<HostRecord> {
-        let ds = &self.stores[store].ds;
+        let ds = self.stores[store].ds();
         let path = record_path(name);
         let ino = ds.resolve(&path).ok()?;
         for _ in 0..3 {
@@ -666,16 +691,22 @@ impl Agent {
         let tick = self
             .stores
             .iter()
-            .map(|s| s.ds.timing().io_timeout / 2)
+            .map(|s| s.ds().timing().io_timeout / 2)
             .min()
             .unwrap_or(Duration::from_secs(1))
             .max(Duration::from_millis(50));
         while !self.stop.load(Ordering::SeqCst) {
             self.reap();
             for store in 0..self.stores.len() {
-                if let Err(e) = self.watch_cluster(store) {
+                // An isolated host must not act on what it reads of the other hosts there.
+                if self.check_isolation(store) {
+                    continue;
+                }
+                let read = self.watch_cluster(store);
+                if let Err(e) = &read {
                     tracing::warn!(datastore = %self.stores[store].given, error = %e, "reading the datastore's heartbeats and locks failed");
                 }
+                self.heartbeats_read(store, read.is_ok());
             }
             std::thread::sleep(tick);
         }
@@ -707,10 +738,19 @@ impl Agent {
         for store in self.stores {
             // The record's handle holds a lock of this host: released before the host leaves.
             drop(lock(&store.record).take());
-            let closed = store
+            let ds = store
                 .ds
-                .close()
-                .map_err(vmfs_err(format!("closing {}", store.given)));
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+            let closed = match Arc::try_unwrap(ds) {
+                Ok(ds) => ds
+                    .close()
+                    .map_err(vmfs_err(format!("closing {}", store.given))),
+                Err(_) => Err(Error::Api(format!(
+                    "closing {}: the datastore is still in use",
+                    store.given
+                ))),
+            };
             if first.is_ok() {
                 first = closed;
             }
@@ -807,6 +847,7 @@ impl Agent {
                         stopping: false,
                         need,
                         lock_lost: false,
+                        isolation: ha.isolation,
                     },
                 );
                 Ok(pid)
@@ -829,7 +870,8 @@ impl Agent {
 
     /// Waits until `child` holds the VM's lock (it then runs the guest), or exits.
     fn wait_running(&self, store: usize, folder: &str, child: &mut Child) -> Result<(), String> {
-        let Store { ds, lun, .. } = &self.stores[store];
+        let ds = self.stores[store].ds();
+        let lun = &self.stores[store].lun;
         let config = format!("{folder}/{VM_FILE}");
         let deadline = Instant::now() + ds.timing().lock_wait() * 2 + Duration::from_secs(30);
         loop {
@@ -1044,6 +1086,7 @@ impl Agent {
                     stopping: false,
                     need: Need::default(),
                     lock_lost: false,
+                    isolation: None,
                 });
                 vm.failures = failures + 1;
                 if vm.failures >= self.config.max_restarts {
@@ -1068,9 +1111,9 @@ impl Agent {
         let st = &self.stores[store];
         let survey = vmfs::cluster::survey::survey(st.lun.clone(), Duration::ZERO)
             .map_err(vmfs_err("reading heartbeats"))?;
-        let dead_after = st.ds.timing().dead_after();
+        let dead_after = st.ds().timing().dead_after();
         let now = Instant::now();
-        let me = st.ds.host();
+        let me = st.ds().host();
         // Inodes locked open exclusively by a dead host, or by one already recovered.
         let mut orphaned: HashSet<u64> = HashSet::new();
         // Inodes locked open exclusively by a live host: its name and pid.
@@ -1118,7 +1161,7 @@ impl Agent {
                     live.push((host.host_name.clone(), host.slot, host.generation));
                 }
                 let quiet =
-                    !mine && !dead && now - entry.moved >= st.ds.timing().renew_interval() * 2;
+                    !mine && !dead && now - entry.moved >= st.ds().timing().renew_interval() * 2;
                 for l in &host.locks {
                     if let (LockTarget::Inode(ino), vmfs::LockMode::Exclusive, true, true) =
                         (l.target, l.mode, l.open, quiet)
@@ -1176,7 +1219,7 @@ impl Agent {
         let inos: HashMap<&str, u64> = folders
             .iter()
             .filter_map(|f| {
-                st.ds
+                st.ds()
                     .resolve(&format!("{f}/{VM_FILE}"))
                     .ok()
                     .map(|ino| (f.as_str(), ino))
@@ -1287,7 +1330,7 @@ impl Agent {
         for ino in orphaned.iter().filter(|ino| configs.contains(ino)) {
             orphans.entry(*ino).or_insert(now);
         }
-        let longest = st.ds.timing().renew_interval() * 6;
+        let longest = st.ds().timing().renew_interval() * 6;
         !coming
             || orphans
                 .values()
@@ -1298,7 +1341,7 @@ impl Agent {
     /// How long an agent leaves a dead host's VM to the agent chosen for it before starting it
     /// itself: longer than a start takes, so only a chosen host that failed is overtaken.
     fn grace(&self, store: usize) -> Duration {
-        self.stores[store].ds.timing().dead_after() * 2 + Duration::from_secs(10)
+        self.stores[store].ds().timing().dead_after() * 2 + Duration::from_secs(10)
     }
 
     /// The candidates whose `[ha] after` VMs run somewhere, or waited for them too long (with
@@ -1410,7 +1453,7 @@ impl Agent {
         let mut found = Vec::new();
         for dir in &self.config.vm_dirs {
             let dir = dir.trim_end_matches('/');
-            match self.find_in(&self.stores[store].ds, dir, 0, &mut found) {
+            match self.find_in(&self.stores[store].ds(), dir, 0, &mut found) {
                 Ok(()) | Err(vmfs::Error::NotFound { .. }) => {}
                 Err(e) => return Err(vmfs_err(format!("listing {dir}"))(e)),
             }
@@ -1452,7 +1495,7 @@ impl Agent {
     /// The `[ha]` table of `folder`'s vm.toml and what the VM takes, read without its lock
     /// (a running VM holds it).
     pub fn read_vm(&self, store: usize, folder: &str) -> Result<(Ha, Need)> {
-        let ds = &self.stores[store].ds;
+        let ds = self.stores[store].ds();
         let path = format!("{folder}/{VM_FILE}");
         let attr = ds
             .stat_path(&path)

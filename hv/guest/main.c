@@ -9,7 +9,8 @@
  * (out-of-range read, write to a read-only disk, unknown request type) come back with the
  * virtio status they must. In mode=wait it then halts until the ACPI power button is pressed
  * (the GED interrupt wakes it) and powers off. In mode=counter it writes an ordered counter to
- * its disks until stopped, so a snapshot of them can be checked for one point in time.
+ * its disks until stopped, so a snapshot of them can be checked for one point in time; in
+ * mode=heartbeat it continues a counter another boot left on its disk (see write_heartbeat).
  *
  * On the PVM backend every kernel-mode instruction here is emulated at about a million per
  * second, and events are not injected while an instruction is being emulated, so the code polls
@@ -206,7 +207,8 @@ struct hvm_memmap_entry {
 };
 
 enum mode { MODE_TEST, MODE_BOOT, MODE_WAIT, MODE_FAULT, MODE_RESET, MODE_READ, MODE_COUNTER,
-            MODE_SPIN, MODE_DISKIO };
+            MODE_SPIN, MODE_DISKIO,
+            MODE_HEARTBEAT };
 
 struct disk_desc {
     u64 base;
@@ -220,6 +222,7 @@ static struct {
     u32 read_mib, req_kib, depth;
     u32 counter_sectors;
     int diskio_write; /* mode=diskio: write instead of read */
+    u64 boot_id; /* mode=heartbeat: 0 draws one at boot */
     int ignore_power_button;
     int prompt; /* prompt=login: end the output with a getty's "login: " and no newline */
 } cfg = {.read_mib = 64, .req_kib = 1024, .depth = 4, .counter_sectors = 64};
@@ -305,12 +308,16 @@ static void parse_cmdline(const char *s)
                 cfg.mode = MODE_SPIN;
             else if (word_is(v, "diskio"))
                 cfg.mode = MODE_DISKIO;
+            else if (word_is(v, "heartbeat"))
+                cfg.mode = MODE_HEARTBEAT;
         } else if (starts_with(s, "read_mib=", &v)) {
             cfg.read_mib = parse_num(&v);
         } else if (starts_with(s, "req_kib=", &v)) {
             cfg.req_kib = parse_num(&v);
         } else if (starts_with(s, "counter_sectors=", &v)) {
             cfg.counter_sectors = parse_num(&v);
+        } else if (starts_with(s, "boot_id=", &v)) {
+            cfg.boot_id = parse_num(&v);
         } else if (starts_with(s, "depth=", &v)) {
             cfg.depth = parse_num(&v);
         } else if (starts_with(s, "diskio_write=", &v)) {
@@ -1536,6 +1543,83 @@ static void __attribute__((noreturn)) disk_busy(struct disk *d)
     }
 }
 
+/* mode=heartbeat: a VM that continues across restarts on other hosts. Record k (from 1) goes to
+ * sector k % HB_SECTORS of disk 0 and holds, as little-endian words: HB_MAGIC, this boot's id,
+ * k, the id of the boot whose last record this boot continued from (0: none), the first k of
+ * this boot, and the xor of those five words with HB_CHECK (a torn sector fails it). At boot the
+ * guest reads the ring and continues after its highest valid record, so a clean handover is a
+ * boot whose first record follows its predecessor's last, and two boots writing at once show as
+ * one k claimed by two boots. hv::test_guest::check_heartbeats judges a history of samples. */
+#define HB_SECTORS 8
+#define HB_MAGIC 0x6862656174726563UL /* "hbeatrec" */
+#define HB_CHECK 0x9e3779b97f4a7c15UL
+
+static u64 hb_sector[512 / 8];
+
+static int heartbeat_valid(const u64 *w)
+{
+    return w[0] == HB_MAGIC && (w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ HB_CHECK) == w[5];
+}
+
+/* Returns the highest valid record's k and its boot id in *boot, or 0 for a blank ring. */
+static u64 heartbeat_last(struct disk *d, u64 *boot)
+{
+    u64 best = 0;
+    *boot = 0;
+    for (u64 s = 0; s < HB_SECTORS; s++) {
+        if (disk_request(d, VIRTIO_BLK_T_IN, s, hb_sector, 512) != VIRTIO_BLK_S_OK) {
+            kprintf("vapp-testguest: heartbeat: reading sector %lu failed\n", s);
+            power_off(FAIL_DISK_IO);
+        }
+        if (heartbeat_valid(hb_sector) && hb_sector[2] > best) {
+            best = hb_sector[2];
+            *boot = hb_sector[1];
+        }
+    }
+    return best;
+}
+
+static u64 heartbeat_boot_id(void)
+{
+    if (cfg.boot_id)
+        return cfg.boot_id;
+    /* The TSC at boot differs between any two boots; mixing spreads it over the word. */
+    u64 x = rdtsc() * HB_CHECK;
+    x ^= x >> 29;
+    x *= 0xbf58476d1ce4e5b9UL;
+    x ^= x >> 32;
+    return x ? x : 1;
+}
+
+static void __attribute__((noreturn)) write_heartbeat(struct disk *d)
+{
+    u64 prev;
+    u64 first = heartbeat_last(d, &prev) + 1;
+    u64 boot = heartbeat_boot_id();
+    kprintf("vapp-testguest: heartbeat: boot %lx continues boot %lx at %lu\n", boot, prev, first);
+    for (u64 k = first;; k++) {
+        for (unsigned w = 6; w < 512 / 8; w++)
+            hb_sector[w] = 0;
+        hb_sector[0] = HB_MAGIC;
+        hb_sector[1] = boot;
+        hb_sector[2] = k;
+        hb_sector[3] = prev;
+        hb_sector[4] = first;
+        hb_sector[5] = HB_MAGIC ^ boot ^ k ^ prev ^ first ^ HB_CHECK;
+        u8 st = disk_request(d, VIRTIO_BLK_T_OUT, k % HB_SECTORS, hb_sector, 512);
+        if (st == VIRTIO_BLK_S_OK && d->has_flush)
+            st = disk_request(d, VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+        if (st != VIRTIO_BLK_S_OK) {
+            /* A fenced host's disk refuses writes: stay up without writing, as a guest whose
+             * storage went away does, so the isolation response decides what happens to it. */
+            kprintf("vapp-testguest: heartbeat: write %lu failed, status %u\n", k, st);
+            wait_for_power_button(cpuid_apic_id(), FAIL_DISK_IO);
+        }
+        if (k % 256 == 0)
+            kprintf("vapp-testguest: heartbeat: %lu\n", k);
+    }
+}
+
 /* ---- the boot CPU ---- */
 
 void bsp_main(u32 start_info_addr)
@@ -1588,7 +1672,7 @@ void bsp_main(u32 start_info_addr)
             fail |= read_benchmark(&disks[i], si);
             break;
         }
-        if (cfg.mode == MODE_COUNTER)
+        if (cfg.mode == MODE_COUNTER || cfg.mode == MODE_HEARTBEAT)
             continue;
         if (cfg.mode == MODE_DISKIO)
             disk_busy(&disks[i]);
@@ -1596,6 +1680,8 @@ void bsp_main(u32 start_info_addr)
     }
     if (cfg.mode == MODE_COUNTER && !fail && cfg.ndisks)
         write_counter(cfg.ndisks);
+    if (cfg.mode == MODE_HEARTBEAT && !fail && cfg.ndisks)
+        write_heartbeat(&disks[0]);
     if (net.present && !fail)
         net_main();
     if (cfg.mode == MODE_WAIT)

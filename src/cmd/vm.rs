@@ -192,6 +192,10 @@ fn start_through_agent(
     datastore: &str,
     folder: &str,
 ) -> anyhow::Result<ExitCode> {
+    // The agent may reach the LUN by another path (an nbd:// export of this file): its UUID
+    // names it either way, unless it is a copy the agent must not run VMs of.
+    let found = host::files_api::AgentDatastore::find(socket, datastore);
+    let datastore = found.as_ref().map_or(datastore, |d| d.uuid());
     let (status, body) = host::client::request(
         socket,
         "POST",
