@@ -195,11 +195,16 @@ impl Datastore {
             at = match self.lookup(at, part) {
                 Ok(a) if a.kind == Kind::Dir => a.ino,
                 Ok(_) => return Err(Error::NotADirectory { object: so_far }),
-                Err(Error::NotFound { .. }) => {
-                    self.mkdir(at, part, mode, creds)
-                        .map_err(|e| e.at(&so_far))?
-                        .ino
-                }
+                Err(Error::NotFound { .. }) => match self.mkdir(at, part, mode, creds) {
+                    Ok(made) => made.ino,
+                    // Another host made it since the lookup: `mkdir -p` takes theirs.
+                    Err(Error::Exists { .. }) => match self.lookup(at, part) {
+                        Ok(a) if a.kind == Kind::Dir => a.ino,
+                        Ok(_) => return Err(Error::NotADirectory { object: so_far }),
+                        Err(e) => return Err(e.at(&so_far)),
+                    },
+                    Err(e) => return Err(e.at(&so_far)),
+                },
                 Err(e) => return Err(e.at(&so_far)),
             };
         }

@@ -635,3 +635,34 @@ fn a_compare_and_write_datastore_refuses_hosts_that_cannot_compare_and_write() {
     .unwrap_err();
     assert!(err.to_string().contains("compare-and-write"), "{err}");
 }
+
+#[test]
+fn hosts_racing_to_make_one_path_both_succeed() {
+    // `mkdir -p` of one path by two hosts at once: the loser of each mkdir takes the winner's
+    // directory (two host agents making their records' folder on first start).
+    let p = LockProtocol::CompareAndWrite;
+    let t = TestDs::cluster(p, 100);
+    let hosts = [open(&t, p, "host-a"), open(&t, p, "host-b")];
+    for round in 0..20 {
+        let path = format!("/race{round}/records");
+        let start = Barrier::new(2);
+        let made: Vec<_> = std::thread::scope(|s| {
+            let runs: Vec<_> = hosts
+                .iter()
+                .map(|ds| {
+                    let (start, path) = (&start, &path);
+                    s.spawn(move || {
+                        start.wait();
+                        ds.mkdir_all(path, 0o755, creds())
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let inos: Vec<u64> = made
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("round {round}: {e}")).ino)
+            .collect();
+        assert_eq!(inos[0], inos[1], "round {round}: one directory for both");
+    }
+}
