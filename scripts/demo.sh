@@ -132,3 +132,90 @@ cmp demo/a.lun demo/b.lun && echo "the drill never wrote the replica: it still e
 echo "the drill's report: demo/dr-report.html"
 site_a replica delete demo/a.lun
 site_b replica delete demo/b.lun
+
+step "HA: two host agents on one datastore; kill -9 one with its VM, the other restarts the VM"
+ha=$PWD/demo/ha.vmfs
+rm -rf "$ha" demo/run-esx-a demo/run-esx-b
+# Each agent is its own host of the datastore: its own name, host id and runtime directory.
+# `env` execs vapp, so in the background $! is the agent itself and its children its VMs' runners.
+host_as() {
+  local h=$1 n=$2; shift 2
+  env VAPP_HOST_NAME="$h" VAPP_HOST_UUID="$n$n$n$n-0000-4000-8000-0000000000$n" \
+    VAPP_RUNTIME_DIR="$PWD/demo/run-$h" "$vapp" -d "$ha" "$@"
+}
+esx_a() { host_as esx-a a1 "$@"; }
+esx_b() { host_as esx-b b2 "$@"; }
+# A 250 ms I/O timeout makes the dead-host time 2 s, so the demo does not wait the default 16 s.
+esx_a datastore format "$ha" --name ha --size 1G --io-timeout 250ms
+esx_a vm create /vms/web --kernel demo/testguest.elf --vcpus 1 --memory 64M --cmdline mode=wait \
+  --disk 1M --ha high | sed -n 1p
+agents=()
+trap 'kill "${agents[@]}" 2>/dev/null || true' EXIT
+for h in esx-a esx-b; do
+  mkdir -p "demo/run-$h"
+  printf 'name = "%s"\ndatastores = ["%s"]\nruntime_dir = "%s"\n' "$h" "$ha" "$PWD/demo/run-$h" \
+    > "demo/$h.toml"
+done
+env VAPP_HOST_NAME=esx-a VAPP_HOST_UUID=a1a1a1a1-0000-4000-8000-0000000000a1 \
+  VAPP_RUNTIME_DIR="$PWD/demo/run-esx-a" "$vapp" -d "$ha" host run --config demo/esx-a.toml \
+  >/dev/null 2>demo/esx-a.log &
+agent_a=$!
+env VAPP_HOST_NAME=esx-b VAPP_HOST_UUID=b2b2b2b2-0000-4000-8000-0000000000b2 \
+  VAPP_RUNTIME_DIR="$PWD/demo/run-esx-b" "$vapp" -d "$ha" host run --config demo/esx-b.toml \
+  >/dev/null 2>demo/esx-b.log &
+agent_b=$!
+agents=("$agent_a" "$agent_b")
+for _ in $(seq 100); do
+  [ -S demo/run-esx-a/agent.sock ] && [ -S demo/run-esx-b/agent.sock ] && break
+  sleep 0.1
+done
+esx_a vm start /vms/web
+esx_a vm list
+echo "kill -9 esx-a's agent and its VM:"
+runner=$(pgrep -P "$agent_a" || true)
+kill -9 "$agent_a" $runner
+wait "$agent_a" 2>/dev/null || true
+start=$(date +%s.%N)
+for _ in $(seq 300); do
+  esx_b vm list --json | grep -q '"host": "esx-b"' && break
+  sleep 0.1
+done
+printf 'running again on esx-b %.1f s after the kill (dead-host time 2 s, plus the boot)\n' \
+  "$(echo "$(date +%s.%N) - $start" | bc)"
+esx_b vm list
+esx_b host events | grep -E 'host-dead|vm-restarted'
+kill -TERM "$agent_b"
+wait "$agent_b" 2>/dev/null || true
+agents=()
+
+step "networking: two VMs on an isolated network ping each other"
+# On the HA datastore: demo/datastore.vmfs has LUN snapshots, so only one process may write it.
+"$vapp" host network delete demo 2>/dev/null || true
+"$vapp" host network create demo --isolated
+for i in 1 2; do
+  "$vapp" -d "$ha" vm create "/vms/ping$i" --kernel demo/testguest.elf --vcpus 1 --memory 64M \
+    --cmdline "net_ip=10.99.0.$i net_ping=10.99.0.$((3 - i)) net_count=3" --net demo | sed -n 1p
+  "$vapp" -d "$ha" vm start "/vms/ping$i" --foreground --console-log "demo/ping$i.console" \
+    >/dev/null 2>&1 &
+  agents+=($!)
+done
+for _ in $(seq 300); do
+  grep -q "3 sent" demo/ping1.console 2>/dev/null && grep -q "3 sent" demo/ping2.console 2>/dev/null \
+    && break
+  sleep 0.1
+done
+grep -h "net: ping" demo/ping1.console demo/ping2.console
+for i in 1 2; do "$vapp" -d "$ha" vm stop "/vms/ping$i" >/dev/null; done
+wait "${agents[@]}" 2>/dev/null || true
+agents=()
+"$vapp" host network delete demo
+
+step "resources: this host's CPU topology, and admission control refusing an over-reservation"
+"$vapp" host info | grep -iE 'topology|cores|threads'
+cores=$(nproc)
+"$vapp" vm create /vms/greedy --kernel demo/testguest.elf --vcpus "$cores" --memory 64M | sed -n 1p
+"$vapp" get /vms/greedy/vm.toml demo/greedy.toml
+# Every vCPU reserved a whole core: more than the host keeps for VMs after its own reserve.
+printf '\n[resources.cpu]\nreservation = "%s%%"\n' "$((cores * 100))" >> demo/greedy.toml
+"$vapp" put demo/greedy.toml /vms/greedy/vm.toml
+"$vapp" vm start /vms/greedy --foreground 2>&1 | sed 's/^/refused: /' || true
