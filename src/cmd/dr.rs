@@ -392,23 +392,7 @@ fn test(a: &TestArgs) -> anyhow::Result<ExitCode> {
         record.failures.push(format!("{e:#}"));
     }
     save_json(&active_file, &active)?;
-    record.conclude();
-    let dir = plan_dir(&plan).join("drills");
-    save_json(&dir.join(format!("{drill}.json")), &record)?;
-    if let Some(path) = &a.report {
-        std::fs::write(path, record.html())
-            .with_context(|| format!("cannot write the report {}", path.display()))?;
-    }
-    if a.json {
-        outln!("{}", serde_json::to_string_pretty(&record)?)?;
-    } else {
-        print_summary(&record)?;
-    }
-    Ok(if record.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    finish(&plan, record, a.report.as_deref(), a.json)
 }
 
 fn print_summary(r: &DrillRecord) -> anyhow::Result<()> {
@@ -914,18 +898,29 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = ran {
         record.failures.push(format!("{e:#}"));
     }
+    finish(&plan, record, a.report.as_deref(), a.json)
+}
+
+/// Concludes a drill's or a failover's record: kept in the plan's history, its report written
+/// where asked, and printed; the exit status says whether it passed.
+fn finish(
+    plan: &dr::plan::Plan,
+    mut record: DrillRecord,
+    report: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     record.conclude();
     save_json(
-        &plan_dir(&plan)
+        &plan_dir(plan)
             .join("drills")
             .join(format!("{}.json", record.drill)),
         &record,
     )?;
-    if let Some(path) = &a.report {
+    if let Some(path) = report {
         std::fs::write(path, record.html())
             .with_context(|| format!("cannot write the report {}", path.display()))?;
     }
-    if a.json {
+    if json {
         outln!("{}", serde_json::to_string_pretty(&record)?)?;
     } else {
         print_summary(&record)?;
