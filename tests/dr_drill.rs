@@ -141,6 +141,26 @@ verify.ready = true
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 
+    // A drill cannot isolate a NIC yet: its copy would join the production network.
+    let guest = p.sites.a.p("guest.elf");
+    p.sites.a.ok(&[
+        "-d", &p.a, "vm", "create", "/vms/nic", "--kernel", &guest, "--vcpus", "1", "--memory",
+        "64M", "--net", "prod",
+    ]);
+    let with_nic = r#"
+[[vm]]
+path = "/vms/nic"
+datastore = "prod"
+verify.ready = true
+"#;
+    let err = sb.fails(&["dr", "test", &write_plan(&p, with_nic)]);
+    assert!(
+        err.contains("vm /vms/nic: has 1 NIC(s) (network \"prod\")"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let plan = write_plan(&p, unknown);
     let plain = sb.lun("plain.lun", 16 * MIB);
     let not_replicated = std::fs::read_to_string(&plan)
         .unwrap()

@@ -195,15 +195,48 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
         };
         for vm in vms {
             let config = format!("{}/vm.toml", vm.trim_end_matches('/'));
-            if ds.stat_path(&config).is_err() {
+            let Ok(attr) = ds.stat_path(&config) else {
                 bail!(
                     "plan {p}: vm {vm}: not found on datastore {name} (replica {}): no {config}",
                     d.lun
                 );
+            };
+            if !failover {
+                refuse_nics_in_drills(p, vm, &ds, &config, attr)?;
             }
         }
     }
     Ok(site)
+}
+
+/// A drill does not yet give its VMs an isolated network of their own, so a VM with a NIC
+/// would join the production network its vm.toml names, beside the VM it copies and with its
+/// addresses: refused before anything starts.
+fn refuse_nics_in_drills(
+    p: &str,
+    vm: &str,
+    ds: &vmfs::Datastore,
+    config: &str,
+    attr: vmfs::Attr,
+) -> anyhow::Result<()> {
+    let mut bytes = vec![0u8; usize::try_from(attr.size.min(1 << 20)).unwrap_or(0)];
+    let n = ds
+        .read(attr.ino, 0, &mut bytes)
+        .with_context(|| format!("plan {p}: vm {vm}: reading {config}"))?;
+    bytes.truncate(n);
+    let text = String::from_utf8_lossy(&bytes);
+    let spec = host::vm::spec::VmSpec::parse(vm, &text)
+        .map_err(|e| anyhow::anyhow!("plan {p}: vm {vm}: {config}: {e}"))?;
+    if let Some(net) = spec.nets.first() {
+        bail!(
+            "plan {p}: vm {vm}: has {} NIC(s) (network {:?}): a drill cannot isolate them yet and \
+             would put the copy on the production network; leave the VM out of drills or remove \
+             its NICs",
+            spec.nets.len(),
+            net.network
+        );
+    }
+    Ok(())
 }
 
 fn check_replica(p: &str, r: &ReplicaRef, failover: bool) -> anyhow::Result<Replica> {
