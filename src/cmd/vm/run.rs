@@ -423,15 +423,19 @@ impl Run<'_> {
         }
         self.signals += 1;
         self.stopping = true;
-        if self.signals == 1 && handle.power_button() {
+        if self.signals == 1 {
+            // Said before pressing: the guest answers the button on the same terminal, and a
+            // message printed after it would split the guest's shutdown line.
             crate::hostln!(
-                "vapp: vm {}: {signal}: pressed the power button; send it again to power the VM off now",
+                "vapp: vm {}: {signal}: pressing the power button; send it again to power the VM off now",
                 self.folder
             );
-        } else {
-            crate::hostln!("vapp: vm {}: {signal}: powering off", self.folder);
-            handle.stop();
+            if handle.power_button() {
+                return;
+            }
         }
+        crate::hostln!("vapp: vm {}: {signal}: powering off", self.folder);
+        handle.stop();
     }
 
     fn on_request(&mut self, handle: &VmHandle, request: Request) -> Reply {
