@@ -6,6 +6,8 @@
 //! of times. The API refuses malformed requests with 400 and other users by socket mode.
 #![allow(clippy::unwrap_used)]
 
+mod vm_support;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -45,7 +47,7 @@ impl Drop for Agent {
             let _ = child.wait();
         }
         // Runners this agent started, should the test have failed with them alive.
-        for pid in runners(&self.runtime.to_string_lossy()) {
+        for pid in vm_support::runners(&self.runtime.to_string_lossy()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -243,27 +245,6 @@ impl Cluster {
     }
 }
 
-/// Pids of the VM runners (`vm start --foreground`) whose command line mentions `needle`.
-fn runners(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("vm start --foreground") && cmdline.contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// The process holds a KVM VM (an `anon_inode:kvm-vm` descriptor): it runs a guest.
 fn runs_a_guest(pid: i32) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -392,10 +373,11 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
         std::thread::spawn(move || {
             while watching.load(Ordering::SeqCst) {
                 for vm in vms {
-                    let pids: Vec<i32> = runners(&format!("{ds} vm start --foreground {vm} "))
-                        .into_iter()
-                        .filter(|&pid| runs_a_guest(pid))
-                        .collect();
+                    let pids: Vec<i32> =
+                        vm_support::runners(&format!("{ds} vm start --foreground {vm} "))
+                            .into_iter()
+                            .filter(|&pid| runs_a_guest(pid))
+                            .collect();
                     if pids.len() > 1 {
                         let who: Vec<String> = pids
                             .iter()
@@ -424,7 +406,7 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     let mut agent_a = a.child.take().unwrap();
     let killed_at = Instant::now();
     agent_a.kill().unwrap();
-    for pid in runners(&a.runtime.to_string_lossy()) {
+    for pid in vm_support::runners(&a.runtime.to_string_lossy()) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -522,14 +504,14 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
     // Power the restarted guests off, and their disks hold one consistent counter sequence:
     // one writer at a time, nothing torn.
     for vm in ["/vms/db", "/vms/web"] {
-        for pid in runners(&format!("{} vm start --foreground {vm} ", cluster.ds)) {
+        for pid in vm_support::runners(&format!("{} vm start --foreground {vm} ", cluster.ds)) {
             power_off(pid);
         }
     }
     wait_for(
         "the restarted runners gone",
         Duration::from_secs(30),
-        || runners(&format!("{} vm start --foreground /vms/", cluster.ds)).is_empty(),
+        || vm_support::runners(&format!("{} vm start --foreground /vms/", cluster.ds)).is_empty(),
     );
     for vm in ["/vms/db", "/vms/web"] {
         let writes =
@@ -703,7 +685,7 @@ fn kill_host(agent: &mut Agent) -> Instant {
     let mut child = agent.child.take().unwrap();
     let killed_at = Instant::now();
     child.kill().unwrap();
-    for pid in runners(&agent.runtime.to_string_lossy()) {
+    for pid in vm_support::runners(&agent.runtime.to_string_lossy()) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -867,7 +849,7 @@ fn a_vm_restarts_only_once_the_vm_it_follows_runs_even_on_another_host() {
             while watching.load(Ordering::SeqCst) {
                 for vm in ["/vms/db", "/vms/web"] {
                     let there = survivors.iter().any(|runtime| {
-                        !runners(&format!(
+                        !vm_support::runners(&format!(
                             "--foreground {vm} --console-log {}",
                             runtime.display()
                         ))
@@ -1075,7 +1057,7 @@ fn an_agent_kills_its_runner_that_lost_the_vms_lock_and_a_survivor_runs_the_vm()
     let a = cluster.agent_with("esx-a", "memory_mib = 128\n", &[]);
     let b = cluster.agent_with("esx-b", "memory_mib = 1024\n", &[]);
     cluster.start_counting(&a, &["/vms/db"]);
-    let runner = runners(&format!(
+    let runner = vm_support::runners(&format!(
         "{} vm start --foreground /vms/db --console-log {}",
         cluster.ds,
         a.runtime.display()

@@ -17,6 +17,8 @@
 //! Namespaces, links and processes are created by the test and always removed.
 #![allow(clippy::unwrap_used)]
 
+mod vm_support;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -205,7 +207,7 @@ impl Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in runners(&self.runtime.to_string_lossy()) {
+        for pid in vm_support::runners(&self.runtime.to_string_lossy()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -218,27 +220,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// Pids of the VM runners (`vm start --foreground`) whose command line mentions `needle`.
-fn runners(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("vm start --foreground") && cmdline.contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -467,7 +448,7 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
     assert!(agents[1].has_event("isolated", None));
     let console_b1 = agents[1].runtime.join("vms").join("vms_b1.console");
     assert!(
-        runners(&console_b1.to_string_lossy()).is_empty(),
+        vm_support::runners(&console_b1.to_string_lossy()).is_empty(),
         "esx-b's runner of /vms/b1 still runs"
     );
     wait_counting(&seen, "/vms/b1", 2, before, DEAD_AFTER * 4 + BOOT);
@@ -486,7 +467,7 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
     // (c) esx-c keeps its VM: it stays up unable to write, and restarts elsewhere all the same.
     let (boots_c, before) = history(&seen, "/vms/c1");
     let console_c1 = agents[2].runtime.join("vms").join("vms_c1.console");
-    let kept = runners(&console_c1.to_string_lossy());
+    let kept = vm_support::runners(&console_c1.to_string_lossy());
     assert_eq!(kept.len(), 1, "esx-c runs /vms/c1");
     links.set(2, false);
     wait_for("esx-c keeping /vms/c1", DEAD_AFTER * 4, || {
@@ -519,7 +500,7 @@ fn isolated_hosts_power_off_or_keep_their_vms_and_no_vm_ever_runs_twice() {
         .into_iter()
         .filter(|vm| {
             let console = format!("{}.console", vm.trim_start_matches('/').replace('/', "_"));
-            !runners(
+            !vm_support::runners(
                 &agents[0]
                     .runtime
                     .join("vms")
@@ -748,7 +729,7 @@ fn an_agent_isolated_from_one_of_its_datastores_powers_off_that_datastores_vms_o
     wait_for("both VMs counting", BOOT, || {
         heartbeat_of(&remote, "/vms/r1") > 20 && heartbeat_of(&local, "/vms/l1") > 20
     });
-    let local_runner = runners(&local.to_string_lossy());
+    let local_runner = vm_support::runners(&local.to_string_lossy());
     assert_eq!(local_runner.len(), 1, "esx-m runs /vms/l1");
     let record = host_record(&remote, name);
 
@@ -769,7 +750,7 @@ fn an_agent_isolated_from_one_of_its_datastores_powers_off_that_datastores_vms_o
         Duration::from_secs(10),
         || heartbeat_of(&local, "/vms/l1") > before + 20,
     );
-    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+    assert_eq!(vm_support::runners(&local.to_string_lossy()), local_runner);
 
     links.set(0, true);
     wait_for("esx-m rejoining", Duration::from_secs(30), || {
@@ -784,7 +765,7 @@ fn an_agent_isolated_from_one_of_its_datastores_powers_off_that_datastores_vms_o
                 != (record["slot"].clone(), record["generation"].clone())
         },
     );
-    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+    assert_eq!(vm_support::runners(&local.to_string_lossy()), local_runner);
     // Back on the datastore, the agent finds /vms/r1 orphaned (its fenced runner's slot is
     // dead) and, the only live host there, restarts it: the protected VM runs again.
     let after = heartbeat_of(&remote, "/vms/r1");
@@ -794,7 +775,7 @@ fn an_agent_isolated_from_one_of_its_datastores_powers_off_that_datastores_vms_o
     wait_for("/vms/r1 counting after the rejoin", BOOT, || {
         heartbeat_of(&remote, "/vms/r1") > after + 20
     });
-    assert_eq!(runners(&local.to_string_lossy()), local_runner);
+    assert_eq!(vm_support::runners(&local.to_string_lossy()), local_runner);
     drop(agent);
     drop(links);
     drop(server);

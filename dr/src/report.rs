@@ -86,6 +86,32 @@ pub struct DrillRecord {
 }
 
 impl DrillRecord {
+    /// A record of a drill or failover of `plan` that starts now: nothing measured yet.
+    pub fn begin(
+        plan: &crate::plan::Plan,
+        drill: String,
+        kind: &str,
+        started_unix_ms: u64,
+    ) -> Self {
+        DrillRecord {
+            plan: plan.name.clone(),
+            drill,
+            kind: kind.to_string(),
+            started_unix_ms,
+            snapshot_ms: 0,
+            open_ms: 0,
+            points: Vec::new(),
+            rpo_ms: None,
+            rpo_target_s: plan.rpo_target_s,
+            rto_ms: None,
+            rto_target_s: plan.rto_target_s,
+            copies: Vec::new(),
+            vms: Vec::new(),
+            failures: Vec::new(),
+            passed: false,
+        }
+    }
+
     /// Judges the record against the plan's targets, fills `rto_ms`, `failures`, `passed`.
     pub fn conclude(&mut self) {
         for vm in &self.vms {

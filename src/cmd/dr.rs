@@ -403,23 +403,7 @@ fn test(a: &TestArgs) -> anyhow::Result<ExitCode> {
         ..Active::default()
     };
     save_json(&active_file, &active)?;
-    let mut record = DrillRecord {
-        plan: plan.name.clone(),
-        drill: drill.clone(),
-        kind: "test".into(),
-        started_unix_ms,
-        snapshot_ms: 0,
-        open_ms: 0,
-        points: Vec::new(),
-        rpo_ms: None,
-        rpo_target_s: plan.rpo_target_s,
-        rto_ms: None,
-        rto_target_s: plan.rto_target_s,
-        copies: Vec::new(),
-        vms: Vec::new(),
-        failures: Vec::new(),
-        passed: false,
-    };
+    let mut record = DrillRecord::begin(&plan, drill.clone(), "test", started_unix_ms);
     let ran = drill_steps(&plan, &site, &session, &mut active, &mut record, started);
     if let Err(e) = ran {
         record.failures.push(format!("{e:#}"));
@@ -876,23 +860,12 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
     } else {
         "failover-unplanned"
     };
-    let mut record = DrillRecord {
-        plan: plan.name.clone(),
-        drill: format!("{kind}-{started_unix_ms}"),
-        kind: kind.into(),
+    let mut record = DrillRecord::begin(
+        &plan,
+        format!("{kind}-{started_unix_ms}"),
+        kind,
         started_unix_ms,
-        snapshot_ms: 0,
-        open_ms: 0,
-        points: Vec::new(),
-        rpo_ms: None,
-        rpo_target_s: plan.rpo_target_s,
-        rto_ms: None,
-        rto_target_s: plan.rto_target_s,
-        copies: Vec::new(),
-        vms: Vec::new(),
-        failures: Vec::new(),
-        passed: false,
-    };
+    );
     let ran = (|| -> anyhow::Result<()> {
         for r in &site.replicas {
             let before = replica::ask(&r.ask, &Request::Status)?.status;
