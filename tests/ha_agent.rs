@@ -531,6 +531,13 @@ fn survivors_restart_a_killed_hosts_protected_vms_once_and_give_up_on_one_that_c
             .any(|e| e["kind"] == "host-dead" && e["host"] == "esx-a"),
         "{survivors:?}"
     );
+    for events in &survivors {
+        let deaths = events
+            .iter()
+            .filter(|e| e["kind"] == "host-dead" && e["host"] == "esx-a")
+            .count();
+        assert!(deaths <= 1, "esx-a found dead {deaths} times: {events:?}");
+    }
     assert!(
         survivors
             .iter()

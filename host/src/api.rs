@@ -8,7 +8,8 @@
 //!   presses its power button and answers once it is off. `D` (percent-encoded) is the
 //!   datastore's UUID or the path host.toml gives; without it, the only datastore of the
 //!   agent's that holds the folder.
-//! - `GET /events`: what the agent did and saw, oldest first.
+//! - `GET /events[?since=SEQ]`: what the agent did and saw, oldest first: the newest
+//!   [`crate::EVENTS_KEPT`], or those numbered after `SEQ`.
 //! - `GET /datastores`, `POST /datastores/<uuid>/files`: the command line's file commands
 //!   ([`crate::files_api`]).
 //!
@@ -114,6 +115,24 @@ fn datastore_param(url: &str) -> Result<Option<String>, String> {
     Ok(datastore)
 }
 
+/// The `since=` parameter of an events query, 0 without one.
+fn since_param(url: &str) -> Result<u64, String> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(0);
+    };
+    let mut since = 0;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "since" {
+            return Err(format!("unknown parameter {key:?} (since)"));
+        }
+        since = value
+            .parse()
+            .map_err(|_| format!("since={value}: not an event number"))?;
+    }
+    Ok(since)
+}
+
 fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) {
     let path = url.split('?').next().unwrap_or(url);
     match path {
@@ -124,7 +143,10 @@ fn route(agent: &Agent, method: &Method, url: &str) -> (u16, serde_json::Value) 
             if path == "/vms" {
                 (200, serde_json::json!(agent.report()))
             } else {
-                (200, serde_json::json!(agent.events()))
+                match since_param(url) {
+                    Ok(since) => (200, serde_json::json!(agent.events_since(since))),
+                    Err(e) => error(400, format!("{method} {url}: {e}")),
+                }
             }
         }
         _ => {

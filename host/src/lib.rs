@@ -28,7 +28,7 @@ pub mod isolation;
 pub mod network;
 pub mod vm;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -307,6 +307,9 @@ struct HaOnly {
 /// One thing the agent did or saw, for `vapp host events` and the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
+    /// This agent's count of events, from 1: `GET /events?since=SEQ` asks for what came after.
+    #[serde(default)]
+    pub seq: u64,
     /// Wall clock, nanoseconds since the Unix epoch.
     pub time_ns: i64,
     /// `host-dead`, `vm-started`, `vm-start-failed`, `vm-restarted`, `vm-exited`,
@@ -400,6 +403,8 @@ struct Store {
     /// The host that last held each VM config's lock, by inode, to name a host found already
     /// recovered.
     holders: Mutex<HashMap<u64, String>>,
+    /// Hosts declared dead and not seen alive since, so each death is one `host-dead` event.
+    declared_dead: Mutex<HashSet<String>>,
 }
 
 impl Store {
@@ -423,12 +428,40 @@ impl Store {
     }
 }
 
+/// How many events an agent keeps for its API: an agent runs for months, and its log (stderr,
+/// the journal) has every event anyway.
+pub const EVENTS_KEPT: usize = 4096;
+
+/// The newest [`EVENTS_KEPT`] events, numbered in order from 1.
+struct EventLog {
+    kept: VecDeque<Event>,
+    next_seq: u64,
+}
+
+impl EventLog {
+    fn new() -> EventLog {
+        EventLog {
+            kept: VecDeque::new(),
+            next_seq: 1,
+        }
+    }
+
+    fn since(&self, since: u64) -> Vec<Event> {
+        let since = if since >= self.next_seq { 0 } else { since };
+        self.kept
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect()
+    }
+}
+
 pub struct Agent {
     config: Config,
     exe: PathBuf,
     stores: Vec<Store>,
     vms: Mutex<BTreeMap<VmKey, Vm>>,
-    events: Mutex<Vec<Event>>,
+    events: Mutex<EventLog>,
     stop: Arc<AtomicBool>,
     /// VMs being started here: their share is counted before their runner holds the lock.
     starting: Mutex<HashMap<VmKey, Need>>,
@@ -479,6 +512,7 @@ impl Agent {
                 deferred: Mutex::new(HashMap::new()),
                 orphans: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
+                declared_dead: Mutex::new(HashSet::new()),
             });
         }
         let agent = Agent {
@@ -486,7 +520,7 @@ impl Agent {
             exe,
             stores,
             vms: Mutex::new(BTreeMap::new()),
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(EventLog::new()),
             stop,
             starting: Mutex::new(HashMap::new()),
         };
@@ -669,8 +703,10 @@ impl Agent {
         );
     }
 
-    pub fn events(&self) -> Vec<Event> {
-        lock(&self.events).clone()
+    /// The events kept after `since` (0: all kept), oldest first. A `since` this agent never
+    /// reached was a previous agent's on the same socket: everything kept is new to its reader.
+    pub fn events_since(&self, since: u64) -> Vec<Event> {
+        lock(&self.events).since(since)
     }
 
     /// Runs until the stop flag is set, then stops the VMs it runs and leaves the datastore.
@@ -1123,6 +1159,9 @@ impl Agent {
         // Names of dead hosts, and the locks of hosts not dead yet that missed two renewals.
         let mut dead_names: HashSet<String> = HashSet::new();
         let mut silent: Vec<(String, u64)> = Vec::new();
+        // Slots newly found dead, by host name: a host (its agent and its VMs' runners) is
+        // declared dead once, however many slots it held.
+        let mut newly_dead: BTreeMap<String, Vec<String>> = BTreeMap::new();
         {
             let mut seen = lock(&st.seen);
             for host in &survey.hosts {
@@ -1141,19 +1180,15 @@ impl Agent {
                 let dead = !mine && (host.state == "recovering" || now - entry.moved >= dead_after);
                 if dead && !entry.declared_dead {
                     entry.declared_dead = true;
-                    drop_event_raw(
-                        &self.events,
-                        "host-dead",
-                        None,
-                        Some(&st.given),
-                        Some(&host.host_name),
-                        format!(
+                    newly_dead
+                        .entry(host.host_name.clone())
+                        .or_default()
+                        .push(format!(
                             "slot {} (pid {}): no heartbeat for {} ms",
                             host.slot,
                             host.pid,
                             (now - entry.moved).as_millis()
-                        ),
-                    );
+                        ));
                 }
                 if dead {
                     dead_names.insert(host.host_name.clone());
@@ -1182,6 +1217,22 @@ impl Agent {
                 }
             }
         }
+        let mut declared = lock(&st.declared_dead);
+        for (name, _, _) in &live {
+            declared.remove(name);
+        }
+        for (name, slots) in newly_dead {
+            if declared.insert(name.clone()) {
+                drop_event_raw(
+                    &self.events,
+                    "host-dead",
+                    None,
+                    Some(&st.given),
+                    Some(&name),
+                    slots.join("; "),
+                );
+            }
+        }
         {
             let mut holders = lock(&st.holders);
             let mut recovered: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1199,6 +1250,9 @@ impl Agent {
                 }
             }
             for (host, objects) in recovered {
+                if !declared.insert(host.clone()) {
+                    continue;
+                }
                 drop_event_raw(
                     &self.events,
                     "host-dead",
@@ -1215,6 +1269,7 @@ impl Agent {
                 holders.insert(*ino, host.clone());
             }
         }
+        drop(declared);
         let folders = self.find_vms(store)?;
         let inos: HashMap<&str, u64> = folders
             .iter()
@@ -1560,7 +1615,7 @@ fn open_record(ds: &Datastore, name: &str) -> Result<vmfs::FileHandle> {
 }
 
 fn drop_event(
-    events: &Mutex<Vec<Event>>,
+    events: &Mutex<EventLog>,
     kind: &str,
     vm: &str,
     datastore: &str,
@@ -1579,7 +1634,7 @@ fn drop_event(
 
 /// Records an event (also while the caller holds another lock of the agent's) and logs it.
 fn drop_event_raw(
-    events: &Mutex<Vec<Event>>,
+    events: &Mutex<EventLog>,
     kind: &str,
     vm: Option<&str>,
     datastore: Option<&str>,
@@ -1595,7 +1650,14 @@ fn drop_event_raw(
     } else {
         tracing::info!(kind, vm, datastore, host, %detail, "host agent event");
     }
-    lock(events).push(Event {
+    let mut log = lock(events);
+    let seq = log.next_seq;
+    log.next_seq += 1;
+    if log.kept.len() == EVENTS_KEPT {
+        log.kept.pop_front();
+    }
+    log.kept.push_back(Event {
+        seq,
         time_ns: now_ns(),
         kind: kind.to_string(),
         vm: vm.map(str::to_string),
@@ -1671,5 +1733,27 @@ mod tests {
         // the most memory.
         assert_eq!(placed, [Some("a".to_string()), Some("b".to_string())]);
         assert!(place(&[], &[need(1, 1)]) == [None]);
+    }
+
+    #[test]
+    fn the_event_log_keeps_the_newest_and_answers_since_a_number() {
+        let log = Mutex::new(EventLog::new());
+        let total = EVENTS_KEPT as u64 + 10;
+        for i in 0..total {
+            drop_event_raw(&log, "vm-started", None, None, None, format!("event {i}"));
+        }
+        let log = lock(&log);
+        let all = log.since(0);
+        assert_eq!(all.len(), EVENTS_KEPT);
+        assert_eq!(all.first().map(|e| e.seq), Some(11));
+        assert_eq!(all.last().map(|e| e.seq), Some(total));
+        let tail = log.since(total - 2);
+        assert_eq!(
+            tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [total - 1, total]
+        );
+        assert!(log.since(total).is_empty());
+        // A reader following a previous agent's numbers gets everything kept.
+        assert_eq!(log.since(total + 5).len(), EVENTS_KEPT);
     }
 }

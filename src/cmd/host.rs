@@ -102,8 +102,13 @@ fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn fetch_events(socket: &std::path::Path) -> anyhow::Result<Vec<host::Event>> {
-    let (status, body) = host::client::request(socket, "GET", "/events", Duration::from_secs(10))?;
+fn fetch_events(socket: &std::path::Path, since: u64) -> anyhow::Result<Vec<host::Event>> {
+    let (status, body) = host::client::request(
+        socket,
+        "GET",
+        &format!("/events?since={since}"),
+        Duration::from_secs(10),
+    )?;
     if status != 200 {
         bail!("host agent at {}: {status} {body}", socket.display());
     }
@@ -112,7 +117,7 @@ fn fetch_events(socket: &std::path::Path) -> anyhow::Result<Vec<host::Event>> {
 
 fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let socket = agent_socket();
-    let events = fetch_events(&socket)?;
+    let mut events = fetch_events(&socket, 0)?;
     if !args.follow {
         if args.json {
             crate::outln!("{}", serde_json::to_string_pretty(&events)?)?;
@@ -121,25 +126,19 @@ fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // The agent keeps every event in order, so what is new is what lies past the last count.
-    let mut printed = 0;
-    let mut events = events;
+    let mut since = 0;
     loop {
-        if events.len() < printed {
-            // Another agent answers on the socket now: its events are all new.
-            printed = 0;
-        }
-        let new = &events[printed..];
         if args.json {
-            for e in new {
+            for e in &events {
                 crate::outln!("{}", serde_json::to_string(e)?)?;
             }
         } else {
-            print_events(new)?;
+            print_events(&events)?;
         }
-        printed = events.len();
+        // An agent that took over the socket since answers with all it kept: see events_since.
+        since = events.last().map_or(since, |e| e.seq);
         std::thread::sleep(Duration::from_millis(200));
-        events = fetch_events(&socket)?;
+        events = fetch_events(&socket, since)?;
     }
 }
 
