@@ -117,10 +117,25 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if error.chain().any(|e| e.is::<cmd::StdoutClosed>()) => die_of_sigpipe(),
         Err(error) => {
-            hostln!("vapp: {error:#}");
+            hostln!("vapp: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, as `{:#}` prints them, but without a cause the
+/// message before it already quotes (the libraries' errors name their cause in their text).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
 }
 
 /// `println!` panics when standard output is a closed pipe; the commands that print much
@@ -165,4 +180,35 @@ fn init_logging(filter: &str) {
         // Daemons (a background mount, a VM under a service manager) log to files and pipes.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{what}: {source}")]
+    struct Quoting {
+        what: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let quoting = Quoting {
+            what: "/dev/sdb".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let error = anyhow::Error::new(quoting).context("joining datastore prod");
+        assert_eq!(
+            one_line(&error),
+            "joining datastore prod: /dev/sdb: No such file or directory (os error 2)"
+        );
+        let plain = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EACCES))
+            .context("opening the plan");
+        assert_eq!(
+            one_line(&plain),
+            "opening the plan: Permission denied (os error 13)"
+        );
+    }
 }

@@ -194,6 +194,12 @@ pub fn open_raw_lun(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn lun::
         lun::NbdOptions {
             read_only,
             io_timeout: sb.timing().io_timeout,
+            // A host cut off retries its connection until the link is back: each try should
+            // give up about as soon as a request would, not after the default 10 s.
+            connect_timeout: sb.timing().io_timeout.clamp(
+                std::time::Duration::from_secs(1),
+                lun::NbdOptions::default().connect_timeout,
+            ),
             ..Default::default()
         },
     )

@@ -107,6 +107,9 @@ pub struct Node {
     wake: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
     left: AtomicBool,
+    /// The last read of the heartbeat region failed: a cut-off host retries every few tens of
+    /// milliseconds, and says so once, not on each try.
+    heartbeats_unreadable: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -241,6 +244,7 @@ impl Node {
             wake: Condvar::new(),
             thread: Mutex::new(None),
             left: AtomicBool::new(false),
+            heartbeats_unreadable: AtomicBool::new(false),
         });
         guard(&JOINED).push((sb.uuid, node.me.slot, nonce));
         node.refresh_monitor();
@@ -676,8 +680,15 @@ impl Node {
         let slots = self.sb.host_slots;
         let mut region = vec![0u8; slots as usize * UNIT];
         if let Err(e) = self.raw.read_at(&mut region, self.sb.heartbeat_offset) {
-            tracing::warn!(lun = %self.raw.name(), error = %e, "reading the heartbeat region failed");
+            if self.heartbeats_unreadable.swap(true, Ordering::SeqCst) {
+                tracing::debug!(lun = %self.raw.name(), error = %e, "reading the heartbeat region failed");
+            } else {
+                tracing::warn!(lun = %self.raw.name(), error = %e, "reading the heartbeat region failed; retrying quietly");
+            }
             return;
+        }
+        if self.heartbeats_unreadable.swap(false, Ordering::SeqCst) {
+            tracing::warn!(lun = %self.raw.name(), "the heartbeat region reads again");
         }
         let now = Instant::now();
         let mut m = guard(&self.monitor);
