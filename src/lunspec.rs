@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use lun::{CasScope, CompareAndWrite, IoRequest, Lun, Reach};
+use lun::Lun;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -249,11 +249,10 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
         // The pool may have been made while this waited: then the engine path applies.
         if existing_pool(&spec)?.is_none() {
             let inner = open_raw(&spec.typed, false)?;
-            return Ok(Arc::new(Claimed {
-                reach: inner.reach(),
+            return Ok(Arc::new(lun::Keeping::new(
                 inner,
-                _hold: Hold::Users { _users: users },
-            }));
+                Hold::Users { _users: users },
+            )));
         }
     }
     let Some(pool) = existing_pool(&spec)? else {
@@ -297,14 +296,17 @@ pub fn open(typed: &str, write: bool) -> anyhow::Result<Arc<dyn Lun>> {
             session
         }
     };
-    Ok(Arc::new(Claimed {
-        inner,
-        reach,
-        _hold: Hold::Engine {
-            _snaps: snaps,
-            _claim: claim,
-        },
-    }))
+    Ok(Arc::new(
+        lun::Keeping::new(
+            inner,
+            Hold::Engine {
+                _snaps: snaps,
+                _claim: claim,
+            },
+        )
+        // Where the source really is: the engine's view says nothing about it.
+        .reached(reach),
+    ))
 }
 
 /// A clone LUN written through its source's engine, which logs the writes for the next sync.
@@ -326,14 +328,17 @@ fn open_clone(typed: &str, entry: &crate::cmd::clone::CloneEntry) -> anyhow::Res
     let inner: Arc<dyn Lun> = snaps
         .clone_view(&entry.name)
         .with_context(|| format!("{typed}: cannot open the clone"))?;
-    Ok(Arc::new(Claimed {
-        inner,
-        reach,
-        _hold: Hold::Engine {
-            _snaps: snaps,
-            _claim: claim,
-        },
-    }))
+    Ok(Arc::new(
+        lun::Keeping::new(
+            inner,
+            Hold::Engine {
+                _snaps: snaps,
+                _claim: claim,
+            },
+        )
+        // Where the source really is: the engine's view says nothing about it.
+        .reached(reach),
+    ))
 }
 
 /// Session `name` of `snaps`, or an error naming the sessions that exist.
@@ -777,68 +782,6 @@ enum Hold {
     },
     /// A direct writer's share of a LUN without snapshots.
     Users { _users: Users },
-}
-
-/// A LUN opened for the command line, with what it holds.
-#[derive(Debug)]
-struct Claimed {
-    inner: Arc<dyn Lun>,
-    /// Where the source really is: the engine's view says nothing about it.
-    reach: Reach,
-    _hold: Hold,
-}
-
-impl Lun for Claimed {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn sector_size(&self) -> u32 {
-        self.inner.sector_size()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> lun::Result<()> {
-        self.inner.flush()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn supports_compare_and_write(&self) -> bool {
-        self.inner.supports_compare_and_write()
-    }
-    fn compare_and_write_scope(&self) -> CasScope {
-        self.inner.compare_and_write_scope()
-    }
-    fn reach(&self) -> Reach {
-        self.reach
-    }
-    fn identity(&self) -> Option<lun::LunIdentity> {
-        self.inner.identity()
-    }
-    fn compare_and_write(
-        &self,
-        expected: &[u8],
-        new: &[u8],
-        offset: u64,
-    ) -> lun::Result<CompareAndWrite> {
-        self.inner.compare_and_write(expected, new, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn may_hold_data(&self, offset: u64, len: u64) -> lun::Result<bool> {
-        self.inner.may_hold_data(offset, len)
-    }
-    fn submit(&self, batch: &mut [IoRequest<'_>]) -> lun::Result<()> {
-        self.inner.submit(batch)
-    }
 }
 
 #[cfg(test)]

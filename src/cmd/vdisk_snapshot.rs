@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use lun::{Lun, Reach};
+use lun::Lun;
 use snapshot::{PoolOptions, PoolUsage, SessionInfo, Snapshots};
 use vmfs::{Access, Attr, Creds, Datastore, Kind, SnapshotRole};
 
@@ -313,13 +313,7 @@ pub fn open_for_serving(
     let snaps =
         attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))?;
     let view: Arc<dyn Lun> = snaps.source();
-    Ok((
-        Arc::new(Held {
-            _snaps: snaps,
-            lun: view,
-        }),
-        attr,
-    ))
+    Ok((Arc::new(lun::Keeping::new(view, snaps)), attr))
 }
 
 /// Session `name` of the disk at `path` as a LUN: writable when `write` is asked and the
@@ -357,7 +351,7 @@ fn open_session_as(
     let lun: Arc<dyn Lun> = snaps
         .session(name)
         .with_context(|| format!("{path}@{name}"))?;
-    Ok(Arc::new(Held { _snaps: snaps, lun }))
+    Ok(Arc::new(lun::Keeping::new(lun, snaps)))
 }
 
 /// Bytes of the disk in a datastore read without locks for the snapshot engine: one stretch
@@ -461,43 +455,6 @@ pub fn read_session_unlocked(
         offset += len;
     }
     Ok(size)
-}
-
-/// A LUN of an engine, keeping the engine (and its rollback thread) alive with it.
-#[derive(Debug)]
-struct Held {
-    _snaps: Snapshots,
-    lun: Arc<dyn Lun>,
-}
-
-impl Lun for Held {
-    fn name(&self) -> &str {
-        self.lun.name()
-    }
-    fn sector_size(&self) -> u32 {
-        self.lun.sector_size()
-    }
-    fn size(&self) -> u64 {
-        self.lun.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> lun::Result<()> {
-        self.lun.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> lun::Result<()> {
-        self.lun.write_at(buf, offset)
-    }
-    fn flush(&self) -> lun::Result<()> {
-        self.lun.flush()
-    }
-    fn is_read_only(&self) -> bool {
-        self.lun.is_read_only()
-    }
-    fn reach(&self) -> Reach {
-        self.lun.reach()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> lun::Result<()> {
-        self.lun.write_zeroes(offset, len)
-    }
 }
 
 #[cfg(test)]
