@@ -403,8 +403,8 @@ struct Store {
     /// The host that last held each VM config's lock, by inode, to name a host found already
     /// recovered.
     holders: Mutex<HashMap<u64, String>>,
-    /// Hosts declared dead and not seen alive since, so each death is one `host-dead` event.
-    declared_dead: Mutex<HashSet<String>>,
+    /// Hosts declared dead lately, by name, so each death is one `host-dead` event.
+    declared_dead: Mutex<HashMap<String, Instant>>,
 }
 
 impl Store {
@@ -512,7 +512,7 @@ impl Agent {
                 deferred: Mutex::new(HashMap::new()),
                 orphans: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
-                declared_dead: Mutex::new(HashSet::new()),
+                declared_dead: Mutex::new(HashMap::new()),
             });
         }
         let agent = Agent {
@@ -904,8 +904,12 @@ impl Agent {
         }
     }
 
-    /// Waits until `child` holds the VM's lock (it then runs the guest), or exits.
+    /// Waits until `child` holds the VM's lock and answers on its control socket, which it
+    /// opens once admission control let the VM power on and the guest exists; or exits.
     fn wait_running(&self, store: usize, folder: &str, child: &mut Child) -> Result<(), String> {
+        let control =
+            vm::runtime::Registry::under(&self.config.runtime_dir, &self.stores[store].uuid)
+                .socket_path(folder);
         let ds = self.stores[store].ds();
         let lun = &self.stores[store].lun;
         let config = format!("{folder}/{VM_FILE}");
@@ -930,7 +934,7 @@ impl Agent {
                         })
                     })
                     .unwrap_or(false);
-                if held {
+                if held && vm::runtime::ask(&control, vm::runtime::Request::Status).is_ok() {
                     return Ok(());
                 }
             }
@@ -1217,12 +1221,20 @@ impl Agent {
                 }
             }
         }
+        // Its agent and runners die and are recovered one slot at a time, some seen dead by
+        // their heartbeat, some found recovered, some still renewing for a moment: one death
+        // is what happens to one name within a few dead-host times.
         let mut declared = lock(&st.declared_dead);
-        for (name, _, _) in &live {
-            declared.remove(name);
-        }
+        declared.retain(|_, at| now - *at < dead_after * 3);
+        let mut first_death = |name: &str| match declared.entry(name.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        };
         for (name, slots) in newly_dead {
-            if declared.insert(name.clone()) {
+            if first_death(&name) {
                 drop_event_raw(
                     &self.events,
                     "host-dead",
@@ -1250,7 +1262,7 @@ impl Agent {
                 }
             }
             for (host, objects) in recovered {
-                if !declared.insert(host.clone()) {
+                if !first_death(&host) {
                     continue;
                 }
                 drop_event_raw(

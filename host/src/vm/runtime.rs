@@ -107,8 +107,13 @@ fn key(vm: &str) -> String {
 
 impl Registry {
     pub fn for_datastore(uuid: &str) -> Registry {
+        Registry::under(&runtime_root(), uuid)
+    }
+
+    /// The registry of runtime directory `root` (a host agent's, for the runners it starts).
+    pub fn under(root: &Path, uuid: &str) -> Registry {
         Registry {
-            dir: runtime_root().join("vms").join(uuid),
+            dir: root.join("vms").join(uuid),
         }
     }
 
