@@ -192,7 +192,7 @@ fn a_drill_pings_its_copy_on_an_isolated_network_while_production_keeps_the_same
     let app_mac = create_app(&p);
     let (local, prod1_mac, _prod1, _prod2) = production_at_b(&p);
     assert_ne!(app_mac, prod1_mac);
-    let plan = write_plan(&p, APP);
+    let plan = write_plan(&p, &format!("{APP}verify.ping_from = \"10.9.0.200\"\n"));
 
     let report = sb.p("report.html");
     let out = sb.vapp(&["dr", "test", &plan, "--json", "--report", &report]);
@@ -213,7 +213,7 @@ fn a_drill_pings_its_copy_on_an_isolated_network_while_production_keeps_the_same
     assert!(
         detail.contains(&format!(
             "ping 10.9.0.1: answered by {app_mac} on network {network}"
-        )),
+        )) && detail.contains("asked from 10.9.0.200"),
         "{record:#}"
     );
     assert!(
@@ -319,6 +319,12 @@ fn a_failover_starts_vms_on_the_recovery_network_and_a_missing_one_is_refused() 
     let sb = &p.sites.b;
     sb.ok(&["host", "network", "create", "recov"]);
     let plan = write_plan(&p, APP);
+    // Without a recovery network the VM's own must exist here.
+    let err = sb.fails(&["dr", "failover", &plan]);
+    assert!(
+        err.contains("vm /vms/app: its NIC's network \"prod\" does not exist on this host"),
+        "{err}"
+    );
     let with_network = |name: &str| {
         let text = std::fs::read_to_string(&plan).unwrap();
         std::fs::write(&plan, format!("recovery_network = \"{name}\"\n{text}")).unwrap();

@@ -124,6 +124,9 @@ pub struct Verify {
     /// The VM's address answers ICMP echo on its network (the drill's in a drill), asked
     /// from a port of its own on that network, never through the host's routes.
     pub ping: Option<Ipv4Addr>,
+    /// The address the ping probe speaks from (and answers ARP for): one nothing else on
+    /// the network has. Default: the last of the target's /24 that is not the target.
+    pub ping_from: Option<Ipv4Addr>,
 }
 
 /// A network name is at most 12 bytes (its bridge is `vb-NAME`): a prefix, '-' and four
@@ -253,6 +256,19 @@ impl Plan {
                     "{who}: verify.console is not a regular expression: {first}"
                 )));
             }
+            match (v.ping, v.ping_from) {
+                (None, Some(_)) => {
+                    return Err(self.invalid(format!(
+                        "{who}: verify.ping_from is the address of a ping check: give verify.ping"
+                    )));
+                }
+                (Some(to), Some(from)) if to == from => {
+                    return Err(self.invalid(format!(
+                        "{who}: verify.ping_from {from} is the address pinged"
+                    )));
+                }
+                _ => {}
+            }
             if v.tcp_port.is_some() {
                 return Err(self.invalid(format!(
                     "{who}: verify.tcp_port is not supported yet (the drill's probe speaks ARP \
@@ -374,6 +390,14 @@ verify.console = "ready"
             (
                 "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ping = \"10.0.0.300\"\n",
                 "invalid IPv4 address",
+            ),
+            (
+                "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ping = \"10.0.0.1\"\nverify.ping_from = \"10.0.0.1\"\n",
+                "verify.ping_from 10.0.0.1 is the address pinged",
+            ),
+            (
+                "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ready = true\nverify.ping_from = \"10.0.0.9\"\n",
+                "give verify.ping",
             ),
             (
                 "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.console = \"(\"\n",

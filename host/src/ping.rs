@@ -99,6 +99,12 @@ impl Prober {
                     Err(e) => return Err(e),
                 };
                 let frame = &buf[..n];
+                // A guest that resolves the probe's address before it answers (Linux
+                // does, unless our request already taught it) is told where it is.
+                if let Some((mac, ip)) = arp_request_for(frame, source) {
+                    self.tap
+                        .write_frame(&arp_reply(self.mac, source, mac, ip))?;
+                }
                 match peer {
                     None => {
                         if let Some(mac) = arp_reply_from(frame, self.mac, target) {
@@ -152,17 +158,39 @@ fn ethernet(dst: [u8; 6], src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u
     f
 }
 
-fn arp_request(mac: MacAddr, source: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+fn arp(op: u16, mac: MacAddr, source: Ipv4Addr, dst: [u8; 6], target: Ipv4Addr) -> Vec<u8> {
     let mut a = Vec::with_capacity(28);
     a.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
     a.extend_from_slice(&ETHERTYPE_IP.to_be_bytes());
     a.extend_from_slice(&[6, 4]);
-    a.extend_from_slice(&1u16.to_be_bytes()); // request
+    a.extend_from_slice(&op.to_be_bytes());
     a.extend_from_slice(&mac.0);
     a.extend_from_slice(&source.octets());
-    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&if op == 1 { [0; 6] } else { dst });
     a.extend_from_slice(&target.octets());
-    ethernet(BROADCAST, mac, ETHERTYPE_ARP, &a)
+    ethernet(dst, mac, ETHERTYPE_ARP, &a)
+}
+
+fn arp_request(mac: MacAddr, source: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    arp(1, mac, source, BROADCAST, target)
+}
+
+fn arp_reply(mac: MacAddr, source: Ipv4Addr, to: MacAddr, to_ip: Ipv4Addr) -> Vec<u8> {
+    arp(2, mac, source, to.0, to_ip)
+}
+
+/// The asker's MAC and address if `frame` is an ARP request for `ip`.
+fn arp_request_for(frame: &[u8], ip: Ipv4Addr) -> Option<(MacAddr, Ipv4Addr)> {
+    let a = frame.get(ETH_HLEN..ETH_HLEN + 28)?;
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let op = u16::from_be_bytes([a[6], a[7]]);
+    if ethertype != ETHERTYPE_ARP || op != 1 || a[24..28] != ip.octets() {
+        return None;
+    }
+    let mut sender = [0u8; 6];
+    sender.copy_from_slice(&a[8..14]);
+    let sender_ip = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
+    Some((MacAddr(sender), sender_ip))
 }
 
 /// The sender's MAC if `frame` is an ARP reply to `mac` saying where `target` is.
@@ -260,6 +288,19 @@ mod tests {
             default_source(Ipv4Addr::new(10, 9, 0, 254)),
             Ipv4Addr::new(10, 9, 0, 253)
         );
+    }
+
+    #[test]
+    fn the_probe_answers_arp_for_its_own_address_only() {
+        let guest = MacAddr([0x52, 0x54, 0, 9, 9, 9]);
+        let (probe_ip, guest_ip) = (Ipv4Addr::new(10, 0, 0, 254), Ipv4Addr::new(10, 0, 0, 1));
+        let asked = arp_request(guest, guest_ip, probe_ip);
+        assert_eq!(arp_request_for(&asked, probe_ip), Some((guest, guest_ip)));
+        assert_eq!(arp_request_for(&asked, guest_ip), None);
+        let probe = MacAddr([0x52, 0x54, 0, 1, 2, 3]);
+        let reply = arp_reply(probe, probe_ip, guest, guest_ip);
+        assert_eq!(arp_reply_from(&reply, guest, probe_ip), Some(probe));
+        assert_eq!(arp_request_for(&reply, probe_ip), None);
     }
 
     #[test]

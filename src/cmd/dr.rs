@@ -91,7 +91,7 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
     match command {
         DrCommand::Validate(a) => {
             let (plan, site) = load_checked(&a.plan)?;
-            dr_net::check_recovery_network(&plan)?;
+            dr_net::check_recovery_network(&plan, None)?;
             outln!(
                 "plan {}: valid: {} replica(s) ({} LUNs), {} datastore(s), {} VM(s) in {} priority group(s)",
                 plan.name,
@@ -866,7 +866,7 @@ fn history(a: &HistoryArgs) -> anyhow::Result<ExitCode> {
 fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::load(&a.plan)?;
     let site = check_site_for(&plan, true)?;
-    dr_net::check_recovery_network(&plan)?;
+    dr_net::check_recovery_network(&plan, Some(&site.nics))?;
     if let Some(active) = load_json::<Active>(&active_path(&plan))? {
         bail!(
             "plan {}: drill {} is still set up; vapp dr cleanup {} first",

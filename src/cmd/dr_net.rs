@@ -46,18 +46,33 @@ pub fn vm_networks(
     Ok(spec.nets.into_iter().map(|n| n.network).collect())
 }
 
-/// Refuses a plan whose recovery network this host does not have.
-pub fn check_recovery_network(plan: &Plan) -> anyhow::Result<()> {
-    let Some(name) = &plan.recovery_network else {
-        return Ok(());
-    };
-    let known = host::network::list()?;
-    if !known.iter().any(|n| n.network.name == *name) {
-        bail!(
+/// Refuses a plan whose recovery network this host does not have; for a failover
+/// (`nics`) without one, also a VM whose vm.toml names a network this host does not have.
+pub fn check_recovery_network(plan: &Plan, nics: Option<&Nics>) -> anyhow::Result<()> {
+    let known: Vec<String> = host::network::list()?
+        .into_iter()
+        .map(|n| n.network.name)
+        .collect();
+    let has = |name: &str| known.iter().any(|k| k == name);
+    match (&plan.recovery_network, nics) {
+        (Some(name), _) if !has(name) => bail!(
             "plan {}: recovery_network {name:?} does not exist on this host (vapp host network \
              list; create it with vapp host network create {name} --uplink IFACE)",
             plan.name
-        );
+        ),
+        (None, Some(nics)) => {
+            for ((_, vm), networks) in nics {
+                if let Some(missing) = networks.iter().find(|n| !has(n)) {
+                    bail!(
+                        "plan {}: vm {vm}: its NIC's network {missing:?} does not exist on this \
+                         host; create it (vapp host network create {missing} --uplink IFACE) or \
+                         give the plan a recovery_network",
+                        plan.name
+                    );
+                }
+            }
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -192,7 +207,10 @@ impl Networking {
             .probes
             .get_mut(&network)
             .context("the probe was just attached")?;
-        let source = ping::default_source(target);
+        let source = vm
+            .verify
+            .ping_from
+            .unwrap_or_else(|| ping::default_source(target));
         let reply = prober
             .ping(target, source, PING_ATTEMPT)
             .with_context(|| format!("ping {target} on network {network}"))?;
