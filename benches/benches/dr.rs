@@ -422,6 +422,10 @@ fn drill(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
             });
         });
         group.finish();
+        // Filtered out (`cargo bench --bench dr -- NAME`): no drill ran, no figures.
+        if last.is_null() {
+            continue;
+        }
         let vms_done = last["vms"].as_array().cloned().unwrap_or_default();
         let mean = |f: &dyn Fn(&serde_json::Value) -> u64| {
             vms_done.iter().map(f).sum::<u64>() as f64 / vms_done.len().max(1) as f64
