@@ -194,6 +194,11 @@ fn a_drill_pings_its_copy_on_an_isolated_network_while_production_keeps_the_same
     assert_ne!(app_mac, prod1_mac);
     let plan = write_plan(&p, &format!("{APP}verify.ping_from = \"10.9.0.200\"\n"));
 
+    let out = sb.ok(&["dr", "validate", &plan]);
+    assert!(
+        out.contains("1 VM(s) with NICs: a drill puts them on an isolated network drill-XXXX"),
+        "{out}"
+    );
     let report = sb.p("report.html");
     let out = sb.vapp(&["dr", "test", &plan, "--json", "--report", &report]);
     let text = String::from_utf8(out.stdout).unwrap();

@@ -101,6 +101,18 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
                 plan.vms.len(),
                 plan.start_order().len()
             )?;
+            let with_nics = site.nics.values().filter(|n| !n.is_empty()).count();
+            if with_nics > 0 {
+                outln!(
+                    "  {with_nics} VM(s) with NICs: a drill puts them on an isolated network {}-XXXX of its own; a failover on {}",
+                    plan.drill_network_prefix(),
+                    plan.recovery_network
+                        .as_ref()
+                        .map_or("the networks their vm.toml names".into(), |n| format!(
+                            "the recovery network {n}"
+                        ))
+                )?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         DrCommand::Test(a) => test(&a),

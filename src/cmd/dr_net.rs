@@ -94,6 +94,15 @@ pub fn create_drill_network(
             n /= 36;
         }
         let name = format!("{prefix}-{}", String::from_utf8_lossy(&suffix));
+        // Another drill's name is passed over before it is recorded: cleanup deletes what is
+        // recorded, and must never find another drill's network there.
+        let taken = host::network::list()?
+            .iter()
+            .any(|n| n.network.name == name)
+            || hv::net::interface_exists(&format!("vb-{name}"));
+        if taken {
+            continue;
+        }
         record(Some(&name))?;
         match host::network::create(&name, None, true) {
             Ok(_) => {
