@@ -141,21 +141,16 @@ verify.ready = true
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 
-    // A drill cannot isolate a NIC yet: its copy would join the production network.
-    let guest = p.sites.a.p("guest.elf");
-    p.sites.a.ok(&[
-        "-d", &p.a, "vm", "create", "/vms/nic", "--kernel", &guest, "--vcpus", "1", "--memory",
-        "64M", "--net", "prod",
-    ]);
-    let with_nic = r#"
+    // A ping check needs a NIC to ping.
+    let ping_without_nic = r#"
 [[vm]]
-path = "/vms/nic"
+path = "/vms/web"
 datastore = "prod"
-verify.ready = true
+verify.ping = "10.9.0.1"
 "#;
-    let err = sb.fails(&["dr", "test", &write_plan(&p, with_nic)]);
+    let err = sb.fails(&["dr", "test", &write_plan(&p, ping_without_nic)]);
     assert!(
-        err.contains("vm /vms/nic: has 1 NIC(s) (network \"prod\")"),
+        err.contains("vm /vms/web: verify.ping = \"10.9.0.1\" but its /vms/web/vm.toml has no NIC"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -7,8 +7,13 @@
 //!   datastore and waits for every ready line; `drill` is `vapp dr test` at B (copies at one
 //!   point, resignature, start and verify the N VMs), whose wall time is the drill's RTO.
 //!   `dr cleanup` runs between samples, untimed. The drill's parts of the last sample are
-//!   figures: `snapshot_ms`, `open_ms`, `boot_ms` (mean from `vm start` to running) and
-//!   `verify_ms` (mean from running to verified).
+//!   figures: `snapshot_ms`, `open_ms`, `network_ms`, `boot_ms` (mean from `vm start` to
+//!   running) and `verify_ms` (mean from running to verified).
+//! - `dr_drill_rto_1vm_nic`: `baseline` is the drill of one VM without a NIC, `drill` as above
+//!   of one VM with a NIC (`--net prod`, the test
+//!   guest answering on 10.9.0.1, `verify.ping`): the drill creates its isolated network
+//!   (`network_ms`, within the RTO), starts the copy's NIC on it and pings it there; cleanup
+//!   deletes the network between samples. Also needs /dev/net/tun.
 //! - `dr_failover_1vm`: `baseline` as above for one VM; `unplanned` is `vapp dr failover` at B
 //!   after site A's daemon was killed; `planned` is `vapp replica demote` at A followed by
 //!   `vapp dr failover --planned` at B. Each sample sets up a fresh pair, untimed.
@@ -154,7 +159,8 @@ fn kill_site(state: &Path) {
     }
 }
 
-fn pair(bin: &Path, guest: &Path, vms: usize) -> Pair {
+/// `nic`: each VM has a NIC on network `prod` and is verified by ping on the drill's network.
+fn pair(bin: &Path, guest: &Path, vms: usize, nic: bool) -> Pair {
     let dir = tempfile::Builder::new()
         .prefix("vapp-dr-bench-")
         .tempdir_in("/dev/shm")
@@ -218,12 +224,16 @@ fn pair(bin: &Path, guest: &Path, vms: usize) -> Pair {
     a.ok(&["datastore", "format", &lun_a, "--name", "prod"]);
     let guest = guest.to_str().unwrap();
     for i in 0..vms {
-        a.ok(&[
+        let (path, cmdline) = (
+            format!("/vms/vm{i}"),
+            format!("mode=test net_ip=10.9.0.{}", i + 1),
+        );
+        let mut args = vec![
             "-d",
             &lun_a,
             "vm",
             "create",
-            &format!("/vms/vm{i}"),
+            &path,
             "--kernel",
             guest,
             "--vcpus",
@@ -232,7 +242,12 @@ fn pair(bin: &Path, guest: &Path, vms: usize) -> Pair {
             "64M",
             "--cmdline",
             "mode=wait",
-        ]);
+        ];
+        if nic {
+            args.pop();
+            args.extend([cmdline.as_str(), "--net", "prod"]);
+        }
+        a.ok(&args);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while {
@@ -243,11 +258,16 @@ fn pair(bin: &Path, guest: &Path, vms: usize) -> Pair {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut plan = format!(
-        "name = \"bench\"\n[[replica]]\nlun = \"{lun_b}\"\n[[datastore]]\nname = \"prod\"\nlun = \"{lun_b}\"\n"
+        "name = \"bench\"\ntest_network = \"bench\"\n[[replica]]\nlun = \"{lun_b}\"\n[[datastore]]\nname = \"prod\"\nlun = \"{lun_b}\"\n"
     );
     for i in 0..vms {
+        let verify = if nic {
+            format!("verify.ping = \"10.9.0.{}\"", i + 1)
+        } else {
+            "verify.ready = true".to_string()
+        };
         plan.push_str(&format!(
-            "[[vm]]\npath = \"/vms/vm{i}\"\ndatastore = \"prod\"\nverify.ready = true\n"
+            "[[vm]]\npath = \"/vms/vm{i}\"\ndatastore = \"prod\"\n{verify}\n"
         ));
     }
     std::fs::write(b.p("plan.toml"), plan).unwrap();
@@ -342,37 +362,70 @@ fn start_direct(site: &Site, ds: &str, vms: usize) -> Duration {
     took
 }
 
+/// `dr test` at `site`, timed; `dr cleanup` after it, untimed.
+fn timed_drill(site: &Site, plan: &str) -> (Duration, serde_json::Value) {
+    let t = Instant::now();
+    let out = site.ok(&["dr", "test", plan, "--json"]);
+    let took = t.elapsed();
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["passed"], true, "{record:#}");
+    site.ok(&["dr", "cleanup", plan]);
+    (took, record)
+}
+
 fn drill(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
-    for vms in [1usize, 4] {
-        let (local_site, ds) = local(bin, guest, dir, "d", vms);
-        let p = pair(bin, guest, vms);
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    if !tun {
+        eprintln!("dr_drill_rto_1vm_nic skipped: needs /dev/net/tun");
+    }
+    for (vms, nic) in [(1usize, false), (4, false), (1, true)] {
+        if nic && !tun {
+            continue;
+        }
+        let p = pair(bin, guest, vms, nic);
         let plan = p.b.p("plan.toml");
         let mut last = serde_json::Value::Null;
-        let group_name = format!("dr_drill_rto_{vms}vm");
+        let group_name = format!("dr_drill_rto_{vms}vm{}", if nic { "_nic" } else { "" });
         let mut group = c.benchmark_group(&group_name);
         configure(&mut group);
-        group.bench_function("baseline", |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| start_direct(&local_site, &ds, vms))
-                    .sum()
+        if nic {
+            // The baseline is the same drill of the VM without a NIC: the ratio is what
+            // the drill's network and the ping check cost.
+            let plain = pair(bin, guest, vms, false);
+            let plain_plan = plain.b.p("plan.toml");
+            group.bench_function("baseline", |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| timed_drill(&plain.b, &plain_plan).0)
+                        .sum()
+                });
             });
-        });
+        } else {
+            let (local_site, ds) = local(bin, guest, dir, "d", vms);
+            group.bench_function("baseline", |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| start_direct(&local_site, &ds, vms))
+                        .sum()
+                });
+            });
+        }
         group.bench_function("drill", |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let t = Instant::now();
-                    let out = p.b.ok(&["dr", "test", &plan, "--json"]);
-                    total += t.elapsed();
-                    last = serde_json::from_str(&out).unwrap();
-                    assert_eq!(last["passed"], true, "{last:#}");
-                    p.b.ok(&["dr", "cleanup", &plan]);
+                    let (took, record) = timed_drill(&p.b, &plan);
+                    total += took;
+                    last = record;
                 }
                 total
             });
         });
         group.finish();
+        // Filtered out (`cargo bench --bench dr -- NAME`): no drill ran, no figures.
+        if last.is_null() {
+            continue;
+        }
         let vms_done = last["vms"].as_array().cloned().unwrap_or_default();
         let mean = |f: &dyn Fn(&serde_json::Value) -> u64| {
             vms_done.iter().map(f).sum::<u64>() as f64 / vms_done.len().max(1) as f64
@@ -381,6 +434,7 @@ fn drill(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
         let parts = [
             ("snapshot_ms", n(&last["snapshot_ms"]) as f64),
             ("open_ms", n(&last["open_ms"]) as f64),
+            ("network_ms", n(&last["network_ms"]) as f64),
             (
                 "boot_ms",
                 mean(&|v| n(&v["running_ms"]).saturating_sub(n(&v["start_ms"]))),
@@ -410,7 +464,7 @@ fn failover(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let p = pair(bin, guest, 1);
+                    let p = pair(bin, guest, 1, false);
                     let plan = p.b.p("plan.toml");
                     let hide = p.a.dir.clone();
                     let t;

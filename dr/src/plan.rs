@@ -1,6 +1,7 @@
 //! The recovery plan: a TOML file kept at the DR site.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -30,10 +31,11 @@ pub struct Plan {
     /// The longest the recovery may take, in seconds, from the drill's start to its last
     /// VM verified.
     pub rto_target_s: Option<u64>,
-    /// The network drill VMs attach to. Not used yet: this build has no VM networking, so
-    /// drill VMs have no NIC.
+    /// The prefix of the isolated network each drill creates for its VMs' NICs
+    /// (`PREFIX-XXXX`, see [`Plan::drill_network_prefix`]); default `drill`.
     pub test_network: Option<String>,
-    /// The network recovered VMs attach to; not used yet, as `test_network`.
+    /// The network of this host recovered VMs' NICs go on in a failover, instead of the ones
+    /// their vm.toml names.
     pub recovery_network: Option<String>,
     /// The replicas at this (DR) site: each replicated LUN or consistency group.
     #[serde(rename = "replica")]
@@ -117,9 +119,19 @@ pub struct Verify {
     pub ready: bool,
     /// The VM powers off by itself with this status (the test guest's checks: 0).
     pub exit_status: Option<u32>,
-    /// A TCP port answering on the VM's address: needs VM networking.
+    /// A TCP port answering on the VM's address: refused, see [`Plan::check`].
     pub tcp_port: Option<u16>,
+    /// The VM's address answers ICMP echo on its network (the drill's in a drill), asked
+    /// from a port of its own on that network, never through the host's routes.
+    pub ping: Option<Ipv4Addr>,
+    /// The address the ping probe speaks from (and answers ARP for): one nothing else on
+    /// the network has. Default: the last of the target's /24 that is not the target.
+    pub ping_from: Option<Ipv4Addr>,
 }
+
+/// A network name is at most 12 bytes (its bridge is `vb-NAME`): a prefix, '-' and four
+/// characters telling the drills apart.
+pub const MAX_TEST_NETWORK_PREFIX: usize = 7;
 
 /// The console line the test guest prints in `mode=wait` once its checks passed.
 pub const READY_LINE: &str = "vapp-testguest: waiting to be stopped";
@@ -143,6 +155,8 @@ impl Verify {
             format!("powers off with status {s}")
         } else if let Some(p) = self.tcp_port {
             format!("TCP port {p}")
+        } else if let Some(ip) = self.ping {
+            format!("answers ping at {ip}")
         } else {
             "nothing".into()
         }
@@ -226,10 +240,11 @@ impl Plan {
                 v.ready,
                 v.exit_status.is_some(),
                 v.tcp_port.is_some(),
+                v.ping.is_some(),
             ];
             if kinds.iter().filter(|k| **k).count() != 1 {
                 return Err(self.invalid(format!(
-                    "{who}: verify needs exactly one of console, ready, exit_status, tcp_port"
+                    "{who}: verify needs exactly one of console, ready, exit_status, tcp_port, ping"
                 )));
             }
             if let Some(re) = &v.console
@@ -241,14 +256,47 @@ impl Plan {
                     "{who}: verify.console is not a regular expression: {first}"
                 )));
             }
+            match (v.ping, v.ping_from) {
+                (None, Some(_)) => {
+                    return Err(self.invalid(format!(
+                        "{who}: verify.ping_from is the address of a ping check: give verify.ping"
+                    )));
+                }
+                (Some(to), Some(from)) if to == from => {
+                    return Err(self.invalid(format!(
+                        "{who}: verify.ping_from {from} is the address pinged"
+                    )));
+                }
+                _ => {}
+            }
             if v.tcp_port.is_some() {
                 return Err(self.invalid(format!(
-                    "{who}: verify.tcp_port needs VM networking, which this vapp does not have \
-                     (drill VMs have no NIC); verify by console line instead"
+                    "{who}: verify.tcp_port is not supported yet (the drill's probe speaks ARP \
+                     and ICMP only); verify with verify.ping or a console line instead"
+                )));
+            }
+        }
+        if let Some(prefix) = &self.test_network {
+            let ok = !prefix.is_empty()
+                && prefix.len() <= MAX_TEST_NETWORK_PREFIX
+                && prefix.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                return Err(self.invalid(format!(
+                    "test_network {prefix:?}: the prefix of each drill's network \
+                     (PREFIX-XXXX) is 1 to {MAX_TEST_NETWORK_PREFIX} lowercase letters, digits, \
+                     '-' or '_', starting with a letter or digit"
                 )));
             }
         }
         Ok(())
+    }
+
+    /// The prefix of each drill's isolated network: `test_network`, or `drill`.
+    pub fn drill_network_prefix(&self) -> &str {
+        self.test_network.as_deref().unwrap_or("drill")
     }
 
     /// The VMs in start order: by priority group, then order, then path.
@@ -337,7 +385,19 @@ verify.console = "ready"
             ),
             (
                 "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.tcp_port = 22\n",
-                "needs VM networking",
+                "verify.tcp_port is not supported yet",
+            ),
+            (
+                "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ping = \"10.0.0.300\"\n",
+                "invalid IPv4 address",
+            ),
+            (
+                "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ping = \"10.0.0.1\"\nverify.ping_from = \"10.0.0.1\"\n",
+                "verify.ping_from 10.0.0.1 is the address pinged",
+            ),
+            (
+                "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.ready = true\nverify.ping_from = \"10.0.0.9\"\n",
+                "give verify.ping",
             ),
             (
                 "[[vm]]\npath = \"/vms/x\"\ndatastore = \"ds-a\"\nverify.console = \"(\"\n",
@@ -360,5 +420,15 @@ verify.console = "ready"
             assert!(err.contains(needle), "{extra}: {err}");
             assert_eq!(err.lines().count(), 1, "{err}");
         }
+        // The drill's network name must fit a bridge name: the prefix leaves room for it.
+        let err = plan(&format!("test_network = \"drill-net\"\n{BASE}"))
+            .expect_err("a long prefix")
+            .to_string();
+        assert!(
+            err.contains("test_network \"drill-net\": the prefix of each drill's network"),
+            "{err}"
+        );
+        let p = plan(&format!("test_network = \"pay\"\n{BASE}")).expect("a short prefix");
+        assert_eq!(p.drill_network_prefix(), "pay");
     }
 }

@@ -70,6 +70,13 @@ pub struct DrillRecord {
     pub snapshot_ms: u64,
     /// Resignaturing the datastore copies.
     pub open_ms: u64,
+    /// The network the VMs' NICs went on instead of their vm.toml's: the drill's own
+    /// isolated network, or a failover's recovery network; none when they kept theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Creating the drill's isolated network (part of the RTO, after the copies).
+    #[serde(default)]
+    pub network_ms: u64,
     pub points: Vec<PointRecord>,
     /// The oldest point's age.
     pub rpo_ms: Option<u64>,
@@ -100,6 +107,8 @@ impl DrillRecord {
             started_unix_ms,
             snapshot_ms: 0,
             open_ms: 0,
+            network: None,
+            network_ms: 0,
             points: Vec::new(),
             rpo_ms: None,
             rpo_target_s: plan.rpo_target_s,
@@ -112,6 +121,11 @@ impl DrillRecord {
         }
     }
 
+    /// Before the first VM starts: copies, their resignature, the drill's network.
+    pub fn prep_ms(&self) -> u64 {
+        self.snapshot_ms + self.open_ms + self.network_ms
+    }
+
     /// Judges the record against the plan's targets, fills `rto_ms`, `failures`, `passed`.
     pub fn conclude(&mut self) {
         for vm in &self.vms {
@@ -122,7 +136,7 @@ impl DrillRecord {
         }
         let done = self.vms.iter().filter_map(|v| v.done_ms).max();
         self.rto_ms = if self.failures.is_empty() {
-            Some(done.unwrap_or(self.snapshot_ms + self.open_ms))
+            Some(done.unwrap_or(self.prep_ms()))
         } else {
             None
         };
@@ -206,9 +220,18 @@ impl DrillRecord {
                 esc(&p.session)
             );
         }
+        let network = match (&self.network, self.kind.as_str()) {
+            (Some(n), "test") => format!(
+                "; creating the drill's isolated network <code>{}</code>: {}",
+                esc(n),
+                secs(self.network_ms)
+            ),
+            (Some(n), _) => format!("; NICs on the recovery network <code>{}</code>", esc(n)),
+            (None, _) => String::new(),
+        };
         let _ = writeln!(
             h,
-            "</table>\n<p>Taking the copies: {}; opening them (resignature): {}.</p>",
+            "</table>\n<p>Taking the copies: {}; opening them (resignature): {}{network}.</p>",
             secs(self.snapshot_ms),
             secs(self.open_ms)
         );
@@ -218,13 +241,13 @@ impl DrillRecord {
             .filter_map(|v| v.done_ms)
             .max()
             .unwrap_or(0)
-            .max(self.snapshot_ms + self.open_ms)
+            .max(self.prep_ms())
             .max(1) as f64;
         let pct = |ms: u64| ms as f64 * 100.0 / span;
         h.push_str("<h2>Timeline</h2>\n<table><tr><th>priority</th><th>VM</th><th>verification</th><th>start</th><th>running</th><th>done</th><th>boot</th><th>result</th><th style=\"width:600px\">0 .. ");
         h.push_str(&secs(span as u64));
         h.push_str("</th></tr>\n");
-        let prep = self.snapshot_ms + self.open_ms;
+        let prep = self.prep_ms();
         let _ = writeln!(
             h,
             "<tr><td></td><td>copies</td><td></td><td>0</td><td></td><td>{}</td><td></td><td></td>\
@@ -334,6 +357,8 @@ mod tests {
             started_unix_ms: 1,
             snapshot_ms: 20,
             open_ms: 300,
+            network: Some("drill-k3x9".into()),
+            network_ms: 40,
             points: vec![],
             rpo_ms: Some(1500),
             rpo_target_s: Some(1),
@@ -376,6 +401,10 @@ mod tests {
         let page = r.html();
         assert!(page.contains("RPO 1.500 s is over"));
         assert!(page.contains("/vms/&lt;a&gt;"), "names are escaped");
+        assert!(
+            page.contains("isolated network <code>drill-k3x9</code>: 0.040 s"),
+            "{page}"
+        );
         assert!(!page.contains("<script"));
     }
 }

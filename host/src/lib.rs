@@ -26,6 +26,7 @@ pub mod files;
 pub mod files_api;
 pub mod isolation;
 pub mod network;
+pub mod ping;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

@@ -19,6 +19,7 @@ use dr::report::{PointRecord, secs};
 use dr::{DrillRecord, Outcome, Plan, ReplicaRef, VmResult};
 use serde::{Deserialize, Serialize};
 
+use crate::cmd::dr_net::{self, Networking, Nics};
 use crate::cmd::replica::{self, PointJson, Request, Role};
 use crate::lunspec::{self, Spec};
 use crate::outln;
@@ -90,6 +91,7 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
     match command {
         DrCommand::Validate(a) => {
             let (plan, site) = load_checked(&a.plan)?;
+            dr_net::check_recovery_network(&plan, None)?;
             outln!(
                 "plan {}: valid: {} replica(s) ({} LUNs), {} datastore(s), {} VM(s) in {} priority group(s)",
                 plan.name,
@@ -99,6 +101,18 @@ pub fn run(command: DrCommand) -> anyhow::Result<ExitCode> {
                 plan.vms.len(),
                 plan.start_order().len()
             )?;
+            let with_nics = site.nics.values().filter(|n| !n.is_empty()).count();
+            if with_nics > 0 {
+                outln!(
+                    "  {with_nics} VM(s) with NICs: a drill puts them on an isolated network {}-XXXX of its own; a failover on {}",
+                    plan.drill_network_prefix(),
+                    plan.recovery_network
+                        .as_ref()
+                        .map_or("the networks their vm.toml names".into(), |n| format!(
+                            "the recovery network {n}"
+                        ))
+                )?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         DrCommand::Test(a) => test(&a),
@@ -119,6 +133,8 @@ struct Replica {
 
 struct Site {
     replicas: Vec<Replica>,
+    /// The networks of each plan VM's NICs, as its vm.toml on the replica names them.
+    nics: Nics,
 }
 
 impl Site {
@@ -147,7 +163,10 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
     for r in &plan.replicas {
         replicas.push(check_replica(p, r, failover)?);
     }
-    let site = Site { replicas };
+    let mut site = Site {
+        replicas,
+        nics: Nics::new(),
+    };
     for d in &plan.datastores {
         let spec = Spec::parse(&d.lun);
         if !site.luns().iter().any(|l| l.source == spec.source) {
@@ -165,12 +184,9 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
             );
         }
     }
-    let mut by_ds: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut by_ds: BTreeMap<&str, Vec<&dr::VmEntry>> = BTreeMap::new();
     for vm in &plan.vms {
-        by_ds
-            .entry(vm.datastore.as_str())
-            .or_default()
-            .push(&vm.path);
+        by_ds.entry(vm.datastore.as_str()).or_default().push(vm);
     }
     for (name, vms) in by_ds {
         let Some(d) = plan.datastore(name) else {
@@ -193,7 +209,8 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
                 }
             }
         };
-        for vm in vms {
+        for entry in vms {
+            let vm = &entry.path;
             let config = format!("{}/vm.toml", vm.trim_end_matches('/'));
             let Ok(attr) = ds.stat_path(&config) else {
                 bail!(
@@ -201,42 +218,12 @@ fn check_site_for(plan: &Plan, failover: bool) -> anyhow::Result<Site> {
                     d.lun
                 );
             };
-            if !failover {
-                refuse_nics_in_drills(p, vm, &ds, &config, attr)?;
-            }
+            let networks = dr_net::vm_networks(p, entry, &ds, &config, attr)?;
+            site.nics
+                .insert((entry.datastore.clone(), vm.clone()), networks);
         }
     }
     Ok(site)
-}
-
-/// A drill does not yet give its VMs an isolated network of their own, so a VM with a NIC
-/// would join the production network its vm.toml names, beside the VM it copies and with its
-/// addresses: refused before anything starts.
-fn refuse_nics_in_drills(
-    p: &str,
-    vm: &str,
-    ds: &vmfs::Datastore,
-    config: &str,
-    attr: vmfs::Attr,
-) -> anyhow::Result<()> {
-    let mut bytes = vec![0u8; usize::try_from(attr.size.min(1 << 20)).unwrap_or(0)];
-    let n = ds
-        .read(attr.ino, 0, &mut bytes)
-        .with_context(|| format!("plan {p}: vm {vm}: reading {config}"))?;
-    bytes.truncate(n);
-    let text = String::from_utf8_lossy(&bytes);
-    let spec = host::vm::spec::VmSpec::parse(vm, &text)
-        .map_err(|e| anyhow::anyhow!("plan {p}: vm {vm}: {config}: {e}"))?;
-    if let Some(net) = spec.nets.first() {
-        bail!(
-            "plan {p}: vm {vm}: has {} NIC(s) (network {:?}): a drill cannot isolate them yet and \
-             would put the copy on the production network; leave the VM out of drills or remove \
-             its NICs",
-            spec.nets.len(),
-            net.network
-        );
-    }
-    Ok(())
 }
 
 fn check_replica(p: &str, r: &ReplicaRef, failover: bool) -> anyhow::Result<Replica> {
@@ -311,6 +298,9 @@ struct Active {
     /// Every LUN that has the drill's session.
     luns: Vec<String>,
     vms: Vec<ActiveVm>,
+    /// The drill's isolated network, once it is (about to be) created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    network: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -404,7 +394,14 @@ fn test(a: &TestArgs) -> anyhow::Result<ExitCode> {
     };
     save_json(&active_file, &active)?;
     let mut record = DrillRecord::begin(&plan, drill.clone(), "test", started_unix_ms);
-    let ran = drill_steps(&plan, &site, &session, &mut active, &mut record, started);
+    let ran = drill_steps(
+        &plan,
+        &site,
+        &session,
+        &mut active,
+        &mut record,
+        (started, started_unix_ms),
+    );
     if let Err(e) = ran {
         record.failures.push(format!("{e:#}"));
     }
@@ -428,6 +425,14 @@ fn print_summary(r: &DrillRecord) -> anyhow::Result<()> {
         secs(r.snapshot_ms),
         secs(r.open_ms)
     )?;
+    match (&r.network, r.kind.as_str()) {
+        (Some(n), "test") => outln!(
+            "  NICs on the drill's isolated network {n} (created in {})",
+            secs(r.network_ms)
+        )?,
+        (Some(n), _) => outln!("  NICs on the recovery network {n}")?,
+        (None, _) => {}
+    }
     for v in &r.vms {
         outln!(
             "  [{}] {} ({}): {:?}, boot {}: {}",
@@ -455,7 +460,7 @@ fn drill_steps(
     session: &str,
     active: &mut Active,
     record: &mut DrillRecord,
-    started: Instant,
+    (started, started_unix_ms): (Instant, u64),
 ) -> anyhow::Result<()> {
     let active_file = active_path(plan);
     for r in &site.replicas {
@@ -493,11 +498,30 @@ fn drill_steps(
         record.copies.push((copy, label));
     }
     record.open_ms = elapsed_ms(started) - record.snapshot_ms;
+    // The copies' VMs have production's addresses and MACs: their NICs go on a network of
+    // the drill's own, which nothing else reaches.
+    if dr_net::any_nic(&site.nics) {
+        let network = dr_net::create_drill_network(plan, started_unix_ms, &mut |name| {
+            active.network = name.map(str::to_string);
+            save_json(&active_file, active)
+        })?;
+        record.network = Some(network);
+        record.network_ms = elapsed_ms(started) - record.snapshot_ms - record.open_ms;
+    }
+    let mut networking = Networking::new(record.network.clone(), site.nics.clone());
     let on_disk = |d: &dr::plan::DatastoreEntry| format!("{}@{session}", d.lun);
-    start_by_priority(plan, &on_disk, false, started, record, &mut |vm| {
-        active.vms.push(vm);
-        save_json(&active_file, active)
-    })
+    start_by_priority(
+        plan,
+        &on_disk,
+        false,
+        started,
+        record,
+        &mut networking,
+        &mut |vm| {
+            active.vms.push(vm);
+            save_json(&active_file, active)
+        },
+    )
 }
 
 /// Starts the plan's VMs by priority group from the datastores `on_disk` names, each as
@@ -509,6 +533,7 @@ fn start_by_priority(
     keep_signature: bool,
     started: Instant,
     record: &mut DrillRecord,
+    networking: &mut Networking,
     spawned: &mut dyn FnMut(ActiveVm) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let logs = plan_dir(plan).join("drills").join(&record.drill);
@@ -548,6 +573,7 @@ fn start_by_priority(
                         "--console-log",
                         &console_arg,
                     ])?;
+                    c.args(dr_net::start_args(networking));
                     if keep_signature {
                         c.env(vmfs::KEEP_SIGNATURE_ENV, "1");
                     }
@@ -572,7 +598,7 @@ fn start_by_priority(
                 }
             }
         }
-        verify_group(running, started, record)?;
+        verify_group(running, started, record, networking)?;
     }
     Ok(())
 }
@@ -582,6 +608,7 @@ fn verify_group(
     mut running: Vec<(&dr::VmEntry, Child, PathBuf, PathBuf, VmResult)>,
     started: Instant,
     record: &mut DrillRecord,
+    networking: &mut Networking,
 ) -> anyhow::Result<()> {
     let patterns: Vec<Option<regex::Regex>> = running
         .iter()
@@ -608,6 +635,13 @@ fn verify_group(
                 text.lines()
                     .find(|l| re.is_match(l))
                     .map(|l| (Outcome::Verified, format!("console: {}", l.trim())))
+            } else if let Some(target) = vm.verify.ping
+                && result.running_ms.is_some()
+            {
+                match networking.ping(vm, target) {
+                    Ok(answer) => answer.map(|detail| (Outcome::Verified, detail)),
+                    Err(e) => Some((Outcome::Failed, format!("{e:#}"))),
+                }
             } else {
                 None
             };
@@ -766,6 +800,16 @@ fn cleanup(path: &Path) -> anyhow::Result<ExitCode> {
             problems.push(format!("vm {} (pid {}) is still running", vm.path, vm.pid));
         }
     }
+    // The network last: its VMs' taps went with their processes.
+    let pids: Vec<u32> = active.vms.iter().map(|v| v.pid).collect();
+    match &active.network {
+        Some(network) => problems.extend(dr_net::delete_drill_network(network, &pids)),
+        None => problems.extend(
+            dr_net::leftover_taps(&pids)
+                .into_iter()
+                .map(|t| format!("tap {t} remains")),
+        ),
+    }
     if !problems.is_empty() {
         bail!(
             "plan {}: drill {} not fully cleaned up: {}",
@@ -776,8 +820,12 @@ fn cleanup(path: &Path) -> anyhow::Result<ExitCode> {
     }
     std::fs::remove_file(&active_file)
         .with_context(|| format!("cannot remove {}", active_file.display()))?;
+    let network = active
+        .network
+        .as_ref()
+        .map_or(String::new(), |n| format!(", network {n} deleted"));
     outln!(
-        "plan {}: drill {} cleaned up: {} VM process(es) stopped, session {} deleted from {} LUN(s); checked: no session, session socket or VM process of it remains",
+        "plan {}: drill {} cleaned up: {} VM process(es) stopped, session {} deleted from {} LUN(s){network}; checked: no session, session socket, VM process, bridge or tap of it remains",
         plan.name,
         active.drill,
         active.vms.len(),
@@ -830,6 +878,7 @@ fn history(a: &HistoryArgs) -> anyhow::Result<ExitCode> {
 fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::load(&a.plan)?;
     let site = check_site_for(&plan, true)?;
+    dr_net::check_recovery_network(&plan, Some(&site.nics))?;
     if let Some(active) = load_json::<Active>(&active_path(&plan))? {
         bail!(
             "plan {}: drill {} is still set up; vapp dr cleanup {} first",
@@ -899,7 +948,17 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
         let on_lun = |d: &dr::plan::DatastoreEntry| d.lun.clone();
         // The replicas carry the protected datastores' signatures: they now stand in for
         // the originals, which are gone from this site's view.
-        start_by_priority(&plan, &on_lun, true, started, &mut record, &mut |_| Ok(()))
+        record.network.clone_from(&plan.recovery_network);
+        let mut networking = Networking::new(plan.recovery_network.clone(), site.nics.clone());
+        start_by_priority(
+            &plan,
+            &on_lun,
+            true,
+            started,
+            &mut record,
+            &mut networking,
+            &mut |_| Ok(()),
+        )
     })();
     if let Err(e) = ran {
         record.failures.push(format!("{e:#}"));

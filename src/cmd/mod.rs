@@ -3,6 +3,7 @@
 pub mod clone;
 pub mod datastore;
 pub mod dr;
+pub mod dr_net;
 pub mod export;
 pub mod files;
 pub mod host;

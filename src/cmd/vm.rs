@@ -117,6 +117,10 @@ pub struct StartArgs {
     /// without it, the agent runs the VM and this command returns once the VM runs.
     #[arg(long)]
     foreground: bool,
+    /// Put every NIC on network NAME instead of the ones vm.toml names, for this run only
+    /// (vm.toml is not changed; DR drills and recoveries use it). Runs in this process.
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
 }
 
 #[derive(Args)]
@@ -160,7 +164,12 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
             let datastore = super::require_datastore(datastore)?;
             let folder = folder_path(&args.path)?;
             let socket = super::host::agent_socket();
-            if !args.foreground && !args.console && args.console_log.is_none() && socket.exists() {
+            if !args.foreground
+                && !args.console
+                && args.console_log.is_none()
+                && args.network.is_none()
+                && socket.exists()
+            {
                 return start_through_agent(&socket, datastore, &folder);
             }
             run::start(
@@ -170,6 +179,7 @@ pub fn run(datastore: Option<&str>, command: VmCommand) -> anyhow::Result<ExitCo
                     console: args.console,
                     console_log: args.console_log,
                     kvm: args.kvm,
+                    network: args.network,
                 },
             )
         }

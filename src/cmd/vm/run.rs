@@ -55,6 +55,8 @@ pub struct Options {
     /// Write the serial console to this file (appended) instead of standard output.
     pub console_log: Option<PathBuf>,
     pub kvm: PathBuf,
+    /// Every NIC on this network instead of vm.toml's, for this run only.
+    pub network: Option<String>,
 }
 
 enum Event {
@@ -111,6 +113,12 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     let ds = Datastore::open(lun, &super::vm_identity(folder))
         .with_context(|| format!("{datastore}: cannot open datastore"))?;
     let mut loaded = load(&ds, folder)?;
+    // After `load`, which may write vm.toml back (new MACs): the override never reaches it.
+    if let Some(network) = &options.network {
+        for net in &mut loaded.spec.nets {
+            net.network.clone_from(network);
+        }
+    }
     // Admission control: refused here, before the guest exists, naming resource and numbers.
     let power = sched::PowerOn::admit(
         &super::runtime::runtime_root(),
