@@ -56,6 +56,18 @@ pub struct PointRecord {
     pub session: String,
 }
 
+/// One step of a failover (stop at the other site, final sync, promote, start, verify).
+/// Times are ms from the record's start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: String,
+    /// Where it ran: `protected` (the other site, as it reported) or `here`.
+    pub site: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub detail: String,
+}
+
 /// One drill, from start to report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrillRecord {
@@ -80,6 +92,9 @@ pub struct DrillRecord {
     /// The resignatured copies: replica LUN session → the copy's datastore name.
     pub copies: Vec<(String, String)>,
     pub vms: Vec<VmResult>,
+    /// A failover's steps in order; empty for a drill.
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
     /// What went wrong, one line each; empty when the drill passed.
     pub failures: Vec<String>,
     pub passed: bool,
@@ -107,6 +122,7 @@ impl DrillRecord {
             rto_target_s: plan.rto_target_s,
             copies: Vec::new(),
             vms: Vec::new(),
+            steps: Vec::new(),
             failures: Vec::new(),
             passed: false,
         }
@@ -193,6 +209,21 @@ impl DrillRecord {
                 got.map_or("-".into(), secs),
                 target.map_or("-".into(), |t| format!("{t} s")),
             );
+        }
+        if !self.steps.is_empty() {
+            h.push_str("</table>\n<h2>Steps</h2>\n<table><tr><th>step</th><th>site</th><th>from</th><th>to</th><th>took</th><th>detail</th></tr>\n");
+            for s in &self.steps {
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&s.step),
+                    esc(&s.site),
+                    secs(s.start_ms),
+                    secs(s.end_ms),
+                    secs(s.end_ms.saturating_sub(s.start_ms)),
+                    esc(&s.detail)
+                );
+            }
         }
         h.push_str("</table>\n<h2>Copies</h2>\n<table><tr><th>replica</th><th>mode</th><th>point</th><th>age</th><th>session</th></tr>\n");
         for p in &self.points {
@@ -351,6 +382,7 @@ mod tests {
                 outcome: Outcome::Verified,
                 detail: "ready line seen".into(),
             }],
+            steps: vec![],
             failures: vec![],
             passed: false,
         }
