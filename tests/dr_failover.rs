@@ -217,14 +217,20 @@ fn step_names(record: &Value) -> Vec<String> {
         .collect()
 }
 
-fn vm_state(site: &Site, lun: &str, folder: &str) -> String {
+/// `vm list`'s state of `folder` at `site`, and the host running it.
+fn vm_state(site: &Site, lun: &str, folder: &str) -> (String, String) {
     let list: Value = serde_json::from_str(&site.ok(&["-d", lun, "vm", "list", "--json"])).unwrap();
-    list.as_array()
+    let vm = list
+        .as_array()
         .unwrap()
         .iter()
         .find(|v| v["path"] == folder)
-        .map(|v| v["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
+        .cloned()
+        .unwrap_or_default();
+    (
+        vm["state"].as_str().unwrap_or_default().to_string(),
+        vm["host"].as_str().unwrap_or_default().to_string(),
+    )
 }
 
 #[test]
@@ -325,7 +331,11 @@ fn planned_failover_stops_site_a_ships_every_write_and_fails_back() {
     );
     assert_eq!(back["kind"], "failover-planned");
     assert_eq!(sb.status(&p.b)["role"], "secondary", "B is demoted");
-    assert_eq!(vm_state(sb, &p.b, "/vms/hb"), "stopped");
+    // The replica B is again shows the VM held by A's runner: B's was stopped first.
+    assert_eq!(
+        vm_state(sb, &p.b, "/vms/hb"),
+        ("running".to_string(), "site-a".to_string())
+    );
     let (_, continued, first) = hb_boot(&failover_console(sa, &back, "/vms/hb"));
     let (b_boot, _, _) = hb_boot(&b_hb);
     assert_eq!(continued, b_boot, "A's new boot continues B's");
@@ -356,6 +366,7 @@ fn a_vm_at_site_a_that_will_not_stop_aborts_the_planned_failover_with_a_still_pr
         &["dr", "failover", &plan, "--planned", "--stop-timeout", "1"],
     );
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("vm /vms/db") && err.contains("did not power off"),
@@ -372,7 +383,10 @@ fn a_vm_at_site_a_that_will_not_stop_aborts_the_planned_failover_with_a_still_pr
     // A's counter guest kept writing, and the web VM the handover stopped runs again.
     let before = counter(&p.db_console);
     wait_counter(&p.db_console, before + 256);
-    assert_eq!(vm_state(sa, &p.a, "/vms/web"), "running");
+    assert_eq!(
+        vm_state(sa, &p.a, "/vms/web"),
+        ("running".to_string(), "site-a".to_string())
+    );
 }
 
 #[test]
@@ -386,6 +400,7 @@ fn a_planned_failover_is_refused_when_site_a_cannot_be_reached() {
     p.sites.cut();
     let out = isolated(sb, sa, &["dr", "failover", &plan, "--planned"]);
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("cannot be reached") && err.contains("unplanned"),

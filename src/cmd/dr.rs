@@ -989,9 +989,13 @@ fn hand_over(
         }
     }
     if !reply.ok {
+        let hint = if !a.force_stop && reply.message.contains("did not power off") {
+            " (with --force-stop a VM still running after --stop-timeout is powered off)"
+        } else {
+            ""
+        };
         bail!(
-            "plan {p}: replica {}: planned failover refused, nothing changed at this site: {}{steps}",
-            r.what,
+            "plan {p}: planned failover refused, nothing changed at this site: {}{hint}{steps}",
             reply.message
         );
     }

@@ -190,7 +190,11 @@ fn hand_over(d: &Daemon, request: &HandoverRequest) -> HandoverReply {
             }
             Err(e) => {
                 steps.push(format!("stop {}", vm.folder), start, format!("FAILED: {e}"));
-                failures.push(format!("vm {}: {e}", vm.folder));
+                failures.push(if e.starts_with("vm ") {
+                    e
+                } else {
+                    format!("vm {}: {e}", vm.folder)
+                });
             }
         }
     }
