@@ -486,3 +486,35 @@ fn a_handover_request_needs_the_links_secret_and_names_only_vms_on_the_replicate
     let before = counter(&p.db_console);
     wait_counter(&p.db_console, before + 256);
 }
+
+#[test]
+fn a_planned_failover_after_site_a_was_demoted_by_hand_checks_it_and_loses_nothing() {
+    if !prerequisites() || !kvm() {
+        return;
+    }
+    let mut p = protected(&["--mode", "sync"]);
+    let (sa, sb) = (&p.sites.a, &p.sites.b);
+    let plan = write_plan(&p, WEB);
+    // The old way: A's VM stopped and its replica demoted there by hand.
+    p.db.kill().unwrap();
+    p.db.wait().unwrap();
+    sa.wait_in_sync(&p.a, Duration::from_secs(30));
+    let written = db_writes(sa, &p.a);
+    sa.ok(&["replica", "demote", &p.a]);
+    let record = failover(sb, sa, &plan, true);
+    let handover = record["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"].as_str().unwrap().starts_with("handover of"))
+        .cloned()
+        .unwrap_or_else(|| panic!("{record:#}"));
+    assert!(
+        handover["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already a secondary"),
+        "{handover:#}"
+    );
+    assert_eq!(db_writes(sb, &p.b), written, "nothing is lost");
+}
