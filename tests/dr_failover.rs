@@ -518,3 +518,65 @@ fn a_planned_failover_after_site_a_was_demoted_by_hand_checks_it_and_loses_nothi
     );
     assert_eq!(db_writes(sb, &p.b), written, "nothing is lost");
 }
+
+#[test]
+fn a_planned_failover_in_async_mode_ships_a_last_delta_set_before_b_promotes() {
+    if !prerequisites() || !kvm() {
+        return;
+    }
+    // Sets every 10 s: without a last one, B would miss seconds of A's writes.
+    let mut p = protected(&["--mode", "async", "--period", "10s"]);
+    p.db.kill().unwrap();
+    p.db.wait().unwrap();
+    let (sa, sb) = (&p.sites.a, &p.sites.b);
+    let guest = sa.p("guest.elf");
+    sa.ok(&[
+        "-d",
+        &p.a,
+        "vm",
+        "create",
+        "/vms/hb",
+        "--kernel",
+        &guest,
+        "--vcpus",
+        "1",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mode=heartbeat",
+        "--disk",
+        "4M",
+    ]);
+    // The datastore and the VM reach B in a set; the guest's writes after it do not yet.
+    sa.wait_in_sync(&p.a, Duration::from_secs(60));
+    let hb_console = sa.p("hb.console");
+    let mut hb = start_vm(sa, &p.a, "/vms/hb", &hb_console);
+    wait_console(&hb_console, "heartbeat: 512");
+    let (a_boot, _, _) = hb_boot(&hb_console);
+    let plan = write_plan(
+        &p,
+        r#"
+[[vm]]
+path = "/vms/hb"
+datastore = "prod"
+verify.console = "heartbeat: boot"
+"#,
+    );
+    let record = failover_with(
+        sb,
+        sa,
+        &plan,
+        true,
+        &["--stop-timeout", "1", "--force-stop"],
+    );
+    exits(&mut hb, "A's heartbeat VM");
+    let acknowledged = hb_last(&hb_console);
+    assert_eq!(record["rpo_ms"], 0, "{record:#}");
+    let (_, continued, first) = hb_boot(&failover_console(sb, &record, "/vms/hb"));
+    assert_eq!(continued, a_boot);
+    assert!(
+        first > acknowledged,
+        "B continued at {first}; A had acknowledged heartbeat {acknowledged}"
+    );
+    assert_eq!(sa.status(&p.a)["role"], "secondary");
+}
