@@ -397,7 +397,7 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
         None => None,
     };
     *lock(&d.group) = group.clone();
-    let _handover = handover::listen(d);
+    let handover = handover::listen(d);
     // Asynchronous sets are cut here rather than by the engine's own cycle, which connects
     // without first probing the peer (holding every writer up against a silent one), and a
     // group's are cut at one point across its members.
@@ -463,6 +463,7 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    lock(&handover).clear();
     for s in &served {
         s.shutdown.shutdown();
     }

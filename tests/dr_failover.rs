@@ -163,13 +163,21 @@ fn wait_console(console: &str, what: &str) -> String {
 
 /// The heartbeat guest's `(boot, continued boot, first counter)` from a console.
 fn hb_boot(console: &str) -> (String, String, u64) {
-    let text = wait_console(console, "heartbeat: boot");
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("vapp-testguest: heartbeat: boot "))
-        .unwrap();
-    let w: Vec<&str> = line.split_whitespace().collect();
-    (w[0].into(), w[3].into(), w[5].parse().unwrap())
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // The line is whole once its newline is written.
+        let text = wait_console(console, "heartbeat: boot");
+        let line = text
+            .split_inclusive('\n')
+            .find_map(|l| l.strip_prefix("vapp-testguest: heartbeat: boot "))
+            .filter(|l| l.ends_with('\n'));
+        if let Some(line) = line {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            return (w[0].into(), w[3].into(), w[5].parse().unwrap());
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The highest heartbeat counter a console printed (every 256th write, each flushed first).

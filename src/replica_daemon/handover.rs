@@ -12,6 +12,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,38 +32,49 @@ use crate::lunspec;
 const STEP_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves handover requests on every member's `--listen` address while this daemon is the
-/// primary. A member whose address cannot be bound is logged: the DR site then finds this
-/// side unreachable and changes nothing.
-pub(super) fn listen(d: &Arc<Daemon>) -> Vec<HandoverServer> {
+/// primary, from threads that bind it (retrying a few seconds, as the secondary this process
+/// was a moment ago may still hold it) so the link comes up meanwhile. A member whose address
+/// cannot be bound is logged: the DR site then finds this side unreachable and changes
+/// nothing. The servers stop when the returned value is dropped.
+pub(super) fn listen(d: &Arc<Daemon>) -> Arc<Mutex<Vec<HandoverServer>>> {
     let handler: Arc<dyn HandoverHandler> = Arc::new(Handler {
         d: d.clone(),
         one_at_a_time: Mutex::new(()),
     });
-    let mut servers = Vec::new();
+    let servers = Arc::new(Mutex::new(Vec::new()));
     for m in &d.members {
-        let cfg = lock(&m.cfg).clone();
-        let bound = replica::resolve(&cfg.listen, "--listen").and_then(|addr| {
-            // The secondary this process was a moment ago may still hold the address.
-            let mut tries = 0;
-            loop {
-                match TcpListener::bind(addr) {
-                    Ok(l) => break Ok(l),
-                    Err(_) if tries < 20 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(100));
+        let (d, m, handler, servers) = (d.clone(), m.clone(), handler.clone(), servers.clone());
+        let spawned = std::thread::Builder::new()
+            .name("handover-bind".into())
+            .spawn(move || {
+                let listen = lock(&m.cfg).listen.clone();
+                let bound = replica::resolve(&listen, "--listen").and_then(|addr| {
+                    let mut tries = 0;
+                    loop {
+                        match TcpListener::bind(addr) {
+                            Ok(l) => break Ok(l),
+                            Err(_) if tries < 50 && !d.stop.load(Ordering::SeqCst) => {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            Err(e) => break Err(anyhow::Error::new(e)),
+                        }
                     }
-                    Err(e) => break Err(anyhow::Error::new(e)),
+                });
+                let started = bound.and_then(|l| {
+                    HandoverServer::start(l, m.secret.clone(), handler).map_err(Into::into)
+                });
+                match started {
+                    // Held only while the daemon runs in this role.
+                    Ok(s) if !d.stop.load(Ordering::SeqCst) => lock(&servers).push(s),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(lun = %m.spec.typed, listen = %listen, error = %e, "cannot listen for planned-handover requests")
+                    }
                 }
-            }
-        });
-        let started = bound.and_then(|l| {
-            HandoverServer::start(l, m.secret.clone(), handler.clone()).map_err(Into::into)
-        });
-        match started {
-            Ok(s) => servers.push(s),
-            Err(e) => {
-                warn!(lun = %m.spec.typed, listen = %cfg.listen, error = %e, "cannot listen for planned-handover requests")
-            }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start listening for planned-handover requests");
         }
     }
     servers
