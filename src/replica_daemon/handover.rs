@@ -340,40 +340,43 @@ fn vapp(args: &[&str]) -> Result<String, String> {
         .to_string())
 }
 
-/// Stops one VM: through this host's agent when one runs here and runs it, else through its
-/// runner (`vapp vm stop`); powered off after the timeout when forced. `Ok(false)`: it was
-/// not running on this host (and on no other host either).
+/// Stops one VM: its power button through its runner (`vapp vm stop`, which reaches a VM the
+/// host agent runs too; a guest that powers off is a clean stop the agent does not restart),
+/// then, when forced, powered off: through this host's agent when one runs here
+/// (`POST /vms/<folder>/stop`, so the agent knows it was stopped and does not restart it; it
+/// powers the VM off after its own grace), else through its runner. `Ok(false)`: it was not
+/// running on this host, nor on any other.
 fn stop_vm(vm: &Located, timeout: Duration, force: bool) -> Result<bool, String> {
+    let secs = timeout.as_secs().max(1).to_string();
+    let graceful = vapp(&["-d", &vm.lun, "vm", "stop", &vm.folder, "--timeout", &secs]);
+    let e = match graceful {
+        Ok(_) => return Ok(true),
+        Err(e) if e.contains("is not running on this host") && !e.contains("runs on host") => {
+            return Ok(false);
+        }
+        Err(e) if force && e.contains("did not power off") => e,
+        Err(e) => return Err(e),
+    };
     let agent = crate::cmd::host::agent_socket();
     if agent.exists() {
         let uuid = open_read_only(&vm.lun)
             .map(|ds| ds.superblock().uuid.to_string())
             .map_err(|e| format!("{e:#}"))?;
         let path = host::client::vm_path(&vm.folder, "stop", &uuid);
-        match host::client::request(&agent, "POST", &path, timeout + STEP_WAIT) {
+        // The agent's grace (60 s) before it powers the VM off, and some slack.
+        match host::client::request(&agent, "POST", &path, Duration::from_secs(90)) {
             Ok((status, _)) if (200..300).contains(&status) => return Ok(true),
             Ok((status, body)) => {
-                info!(vm = %vm.folder, status, body = %body, "the host agent did not stop the VM; asking its runner")
+                info!(vm = %vm.folder, status, body = %body, "the host agent does not run the VM; powering it off through its runner")
             }
             Err(e) => {
-                info!(vm = %vm.folder, error = %e, "the host agent did not answer; asking the VM's runner")
+                info!(vm = %vm.folder, error = %e, "the host agent did not answer; powering the VM off through its runner")
             }
         }
     }
-    let secs = timeout.as_secs().max(1).to_string();
-    let graceful = vapp(&["-d", &vm.lun, "vm", "stop", &vm.folder, "--timeout", &secs]);
-    match graceful {
-        Ok(_) => Ok(true),
-        Err(e) if e.contains("is not running on this host") && !e.contains("runs on host") => {
-            Ok(false)
-        }
-        Err(e) if force && e.contains("did not power off") => {
-            vapp(&["-d", &vm.lun, "vm", "stop", &vm.folder, "--force"])
-                .map(|_| true)
-                .map_err(|f| format!("{e}; then forced: {f}"))
-        }
-        Err(e) => Err(e),
-    }
+    vapp(&["-d", &vm.lun, "vm", "stop", &vm.folder, "--force"])
+        .map(|_| true)
+        .map_err(|f| format!("{e}; then forced: {f}"))
 }
 
 /// Waits until no live host holds a stopped VM's `vm.toml`: its runner let its locks go.
