@@ -588,3 +588,110 @@ verify.console = "heartbeat: boot"
     );
     assert_eq!(sa.status(&p.a)["role"], "secondary");
 }
+
+#[test]
+fn a_planned_failover_hands_over_every_member_of_a_consistency_group() {
+    if !prerequisites() || !kvm() {
+        return;
+    }
+    let sites = Sites::new();
+    let (sa, sb) = (&sites.a, &sites.b);
+    sa.secret("secret", "dr test secret");
+    sb.secret("secret", "dr test secret");
+    let luns_a = [sa.lun("a1.lun", 128 * MIB), sa.lun("a2.lun", 128 * MIB)];
+    let luns_b = [sb.lun("b1.lun", 128 * MIB), sb.lun("b2.lun", 128 * MIB)];
+    let group = ["--group", "g", "--mode", "sync"];
+    for (i, port) in [PORT, PORT + 1].into_iter().enumerate() {
+        sb.create_on(&luns_b[i], "secondary", sa, port, &group);
+    }
+    for (i, port) in [PORT, PORT + 1].into_iter().enumerate() {
+        sa.create_on(&luns_a[i], "primary", sb, port, &group);
+    }
+    for lun in &luns_a {
+        sa.wait_in_sync(lun, Duration::from_secs(60));
+    }
+    // One VM on each member's datastore.
+    let guest = sa.p("guest.elf");
+    sa.ok(&["vm", "test-guest", &guest]);
+    let mut running = Vec::new();
+    for (lun, name, folder, cmdline) in [
+        (&luns_a[0], "prod", "/vms/hb", "mode=heartbeat"),
+        (&luns_a[1], "logs", "/vms/web", "mode=wait"),
+    ] {
+        sa.ok(&["datastore", "format", lun, "--name", name]);
+        sa.ok(&[
+            "-d",
+            lun,
+            "vm",
+            "create",
+            folder,
+            "--kernel",
+            &guest,
+            "--vcpus",
+            "1",
+            "--memory",
+            "64M",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            "4M",
+        ]);
+        let console = sa.p(&format!("{name}.console"));
+        running.push((start_vm(sa, lun, folder, &console), console));
+    }
+    let hb_console = running[0].1.clone();
+    wait_console(&hb_console, "heartbeat: 512");
+    let (a_boot, _, _) = hb_boot(&hb_console);
+    let plan = sb.p("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"name = "prod"
+[[replica]]
+group = "g"
+[[datastore]]
+name = "prod"
+lun = "{}"
+[[datastore]]
+name = "logs"
+lun = "{}"
+[[vm]]
+path = "/vms/hb"
+datastore = "prod"
+verify.console = "heartbeat: boot"
+[[vm]]
+path = "/vms/web"
+datastore = "logs"
+verify.ready = true
+"#,
+            luns_b[0], luns_b[1]
+        ),
+    )
+    .unwrap();
+    let record = failover_with(
+        sb,
+        sa,
+        &plan,
+        true,
+        &["--stop-timeout", "2", "--force-stop"],
+    );
+    for (child, console) in &mut running {
+        exits(child, console);
+    }
+    let steps = step_names(&record);
+    assert!(steps.iter().any(|s| s == "stop /vms/hb"), "{record:#}");
+    assert!(steps.iter().any(|s| s == "stop /vms/web"), "{record:#}");
+    for lun in &luns_a {
+        assert_eq!(sa.status(lun)["role"], "secondary", "{lun}");
+    }
+    for lun in &luns_b {
+        assert_eq!(sb.status(lun)["role"], "primary", "{lun}");
+    }
+    let acknowledged = hb_last(&hb_console);
+    let (_, continued, first) = hb_boot(&failover_console(sb, &record, "/vms/hb"));
+    assert_eq!(continued, a_boot);
+    assert!(
+        first > acknowledged,
+        "B continued at {first}, A acknowledged {acknowledged}"
+    );
+}
