@@ -572,11 +572,20 @@ pub(super) fn ask_peer(
     );
     let reply = match answer {
         Ok(r) => r,
-        Err(HandoverError::Unreachable { reason, .. }) => bail!(
-            "{what}: the protected site's replication daemon at {peer} cannot be reached \
-             ({reason}); nothing changed at either site. If that site is lost, run the \
-             failover unplanned"
-        ),
+        Err(HandoverError::Unreachable { reason, .. }) => {
+            let why = if reason.contains("refused") {
+                " (nothing listens there: its replication daemon is down, or is a vapp from \
+                 before planned handover, in which case stop its VMs and run vapp replica \
+                 demote there, then fail over planned again)"
+            } else {
+                ""
+            };
+            bail!(
+                "{what}: the protected site's replication daemon at {peer} cannot be reached \
+                 ({reason}){why}; nothing changed at either site. If that site is lost, run the \
+                 failover unplanned"
+            )
+        }
         Err(HandoverError::Refused { reason, .. }) => {
             let old = if reason.contains("unknown message type") {
                 " (a vapp there from before planned handover: stop its VMs and run vapp \
