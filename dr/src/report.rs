@@ -410,4 +410,22 @@ mod tests {
         assert!(page.contains("/vms/&lt;a&gt;"), "names are escaped");
         assert!(!page.contains("<script"));
     }
+
+    #[test]
+    fn a_failovers_steps_are_timed_on_its_page() {
+        let mut r = record();
+        r.kind = "failover-planned".into();
+        r.steps.push(StepRecord {
+            step: "stop /vms/<a>".into(),
+            site: "protected (10.0.0.1:7788)".into(),
+            start_ms: 5,
+            end_ms: 1205,
+            detail: "stopped".into(),
+        });
+        r.conclude();
+        let page = r.html();
+        assert!(page.contains("<h2>Steps</h2>"), "{page}");
+        assert!(page.contains("stop /vms/&lt;a&gt;"), "{page}");
+        assert!(page.contains("1.200 s"), "{page}");
+    }
 }

@@ -447,6 +447,16 @@ fn print_summary(r: &DrillRecord) -> anyhow::Result<()> {
             v.detail
         )?;
     }
+    for st in &r.steps {
+        outln!(
+            "  {} at {} ({}, {}): {}",
+            st.step,
+            secs(st.start_ms),
+            st.site,
+            secs(st.end_ms.saturating_sub(st.start_ms)),
+            st.detail
+        )?;
+    }
     for f in &r.failures {
         outln!("  failed: {f}")?;
     }
