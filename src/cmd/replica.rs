@@ -572,9 +572,11 @@ pub fn ask(spec: &Spec, request: &Request) -> anyhow::Result<Reply> {
     let limit = match request {
         Request::Verify => None,
         // The other site shuts its VMs down first.
-        Request::Handover { stop_timeout_s, .. } => {
-            Some(Duration::from_secs(stop_timeout_s * 2 + HANDOVER_SLACK_S))
-        }
+        Request::Handover { stop_timeout_s, .. } => Some(Duration::from_secs(
+            stop_timeout_s
+                .saturating_mul(2)
+                .saturating_add(HANDOVER_SLACK_S),
+        )),
         _ => Some(Duration::from_secs(60)),
     };
     stream.set_read_timeout(limit)?;

@@ -562,7 +562,11 @@ pub(super) fn ask_peer(
     };
     let t0 = Instant::now();
     // Shorter than the control request's own limit, so the caller hears why.
-    let wait = Duration::from_secs(stop_timeout_s * 2 + HANDOVER_SLACK_S - 10);
+    let wait = Duration::from_secs(
+        stop_timeout_s
+            .saturating_mul(2)
+            .saturating_add(HANDOVER_SLACK_S - 10),
+    );
     let answer = replication::handover::request_handover(
         addr,
         &m.secret,
