@@ -286,6 +286,12 @@ fn planned_failover_stops_site_a_ships_every_write_and_fails_back() {
         &["--stop-timeout", "2", "--force-stop"],
     );
     assert_eq!(record["kind"], "failover-planned");
+    for st in record["steps"].as_array().unwrap() {
+        eprintln!(
+            "{} ({}): {} ms to {} ms: {}",
+            st["step"], st["site"], st["start_ms"], st["end_ms"], st["detail"]
+        );
+    }
     exits(&mut hb, "A's heartbeat VM");
     exits(&mut web, "A's web VM");
     let acknowledged = hb_last(&hb_console);

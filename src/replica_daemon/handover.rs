@@ -171,44 +171,53 @@ fn hand_over(d: &Daemon, request: &HandoverRequest) -> HandoverReply {
         steps: Vec::new(),
     };
     let timeout = Duration::from_millis(request.stop_timeout_ms);
-    let outcomes: Vec<(u64, Result<bool, String>)> = std::thread::scope(|scope| {
+    // Each VM's stop is timed by its own thread: they run at once.
+    let t0 = steps.t0;
+    let ms = move || t0.elapsed().as_millis() as u64;
+    let outcomes: Vec<(u64, u64, Result<bool, String>)> = std::thread::scope(|scope| {
         let running: Vec<_> = vms
             .iter()
             .map(|vm| {
-                let start = steps.ms();
-                scope.spawn(move || (start, stop_vm(vm, timeout, request.force)))
+                scope.spawn(move || {
+                    let start = ms();
+                    let outcome = stop_vm(vm, timeout, request.force);
+                    (start, ms(), outcome)
+                })
             })
             .collect();
         running
             .into_iter()
             .map(|t| {
                 t.join()
-                    .unwrap_or_else(|_| (0, Err("the stopping thread panicked".into())))
+                    .unwrap_or_else(|_| (0, 0, Err("the stopping thread panicked".into())))
             })
             .collect()
     });
     let mut stopped = Vec::new();
     let mut failures = Vec::new();
-    for (vm, (start, outcome)) in vms.iter().zip(outcomes) {
-        match outcome {
-            Ok(was_running) => {
-                let detail = if was_running {
-                    stopped.push(vm);
-                    "stopped"
-                } else {
-                    "was not running here"
-                };
-                steps.push(format!("stop {}", vm.folder), start, detail.into());
+    for (vm, (start_ms, end_ms, outcome)) in vms.iter().zip(outcomes) {
+        let detail = match outcome {
+            Ok(true) => {
+                stopped.push(vm);
+                "stopped".to_string()
             }
+            Ok(false) => "was not running here".to_string(),
             Err(e) => {
-                steps.push(format!("stop {}", vm.folder), start, format!("FAILED: {e}"));
+                let detail = format!("FAILED: {e}");
                 failures.push(if e.starts_with("vm ") {
                     e
                 } else {
                     format!("vm {}: {e}", vm.folder)
                 });
+                detail
             }
-        }
+        };
+        steps.steps.push(HandoverStep {
+            step: format!("stop {}", vm.folder),
+            start_ms,
+            end_ms,
+            detail,
+        });
     }
     if !failures.is_empty() {
         return abort(d, steps, &stopped, failures.join("; "));
