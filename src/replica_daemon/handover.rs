@@ -259,6 +259,12 @@ fn hand_over(d: &Daemon, request: &HandoverRequest) -> HandoverReply {
         return abort(d, steps, &stopped, format!("{e:#}"));
     }
     steps.push("demote".into(), start, format!("{what}: now a secondary"));
+    // A writer outside the plan may have written between the final sync and the fracture:
+    // what it left is dirty here, and the DR site refuses to promote over it.
+    let mut members = members;
+    for (m, (_, p)) in members.iter_mut().zip(primaries(d).unwrap_or_default()) {
+        m.dirty_regions = p.status().dirty_regions;
+    }
     HandoverReply {
         outcome: HandoverOutcome::Demoted,
         members,
@@ -275,8 +281,11 @@ fn hand_over(d: &Daemon, request: &HandoverRequest) -> HandoverReply {
 fn locate(d: &Daemon, vms: &[HandoverVm]) -> anyhow::Result<Vec<Located>> {
     let mut on_luns = Vec::new();
     for m in &d.members {
-        let ds = open_read_only(&m.spec.typed)?;
-        on_luns.push((m.spec.typed.clone(), ds));
+        // A group may hold LUNs without a datastore; none of the plan's VMs is on them.
+        match open_read_only(&m.spec.typed) {
+            Ok(ds) => on_luns.push((m.spec.typed.clone(), ds)),
+            Err(e) => info!(lun = %m.spec.typed, error = %e, "no datastore to look for VMs on"),
+        }
     }
     let mut found = Vec::new();
     for vm in vms {
@@ -648,6 +657,7 @@ pub(super) fn ask_peer(
         }
         HandoverOutcome::Demoted => {
             reply.members.len() == secondaries.len()
+                && reply.members.iter().all(|r| r.dirty_regions == 0)
                 && secondaries.iter().all(|(_, x)| {
                     let current = x.gens().current;
                     reply.members.iter().any(|r| r.generation == current)
