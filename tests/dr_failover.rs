@@ -701,3 +701,55 @@ verify.ready = true
         "B continued at {first}, A acknowledged {acknowledged}"
     );
 }
+
+#[test]
+fn a_handover_whose_answer_is_lost_leaves_b_a_secondary_until_it_asks_again() {
+    if !prerequisites() || !kvm() {
+        return;
+    }
+    let mut p = protected(&["--mode", "sync"]);
+    let info: Value =
+        serde_json::from_str(&p.sites.a.ok(&["datastore", "info", &p.a, "--json"])).unwrap();
+    let uuid = info["uuid"].as_str().unwrap().to_string();
+    // B gives up waiting while A is still stopping its VM (forced after 2 s): the answer
+    // is lost, as when the link drops mid-handover.
+    let addr = p.sites.a.addr(PORT).parse().unwrap();
+    let request = HandoverRequest {
+        vms: vec![HandoverVm {
+            datastore: uuid,
+            path: "/vms/db".into(),
+        }],
+        stop_timeout_ms: 2000,
+        force: true,
+    };
+    let lost = Sites::in_site(&p.sites.b, move || {
+        request_handover(
+            addr,
+            b"dr test secret",
+            &request,
+            Duration::from_secs(5),
+            Duration::from_millis(300),
+        )
+    });
+    assert!(
+        matches!(lost, Err(HandoverError::NoAnswer { .. })),
+        "{lost:?}"
+    );
+    let (sa, sb) = (&p.sites.a, &p.sites.b);
+    assert_eq!(sb.status(&p.b)["role"], "secondary", "B promoted nothing");
+    // A finishes all the same: its VM stopped, demoted.
+    p.db.wait().unwrap();
+    let acknowledged = counter(&p.db_console);
+    sa.wait(&p.a, "demoted", Duration::from_secs(30), |s| {
+        s["role"] == "secondary" && s["running"] == true
+    });
+    // Asked again, A says it is a secondary and what it holds; B takes over losing nothing.
+    let plan = write_plan(&p, WEB);
+    let record = failover(sb, sa, &plan, true);
+    assert_eq!(sb.status(&p.b)["role"], "primary");
+    let writes = db_writes(sb, &p.b);
+    assert!(
+        writes >= acknowledged,
+        "B holds {writes} of the guest's writes, it had acknowledged {acknowledged}: {record:#}"
+    );
+}
