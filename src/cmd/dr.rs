@@ -1054,11 +1054,13 @@ fn finish(
 /// primary. `force` takes over from a primary this side still believes connected (the
 /// protected site is gone but its link has not timed out yet).
 fn promote(r: &Replica, force: bool) -> anyhow::Result<()> {
+    // While the daemon restarts in its new role it answers from the registry (role primary,
+    // no generation) before it serves writers; a VM started then would be refused.
     let is_primary = |spec: &Spec| {
         replica::ask(spec, &Request::Status)
             .ok()
             .and_then(|reply| reply.status)
-            .is_some_and(|s| s.role == Role::Primary && s.running)
+            .is_some_and(|s| s.role == Role::Primary && s.running && s.generation.current != 0)
     };
     if r.luns.iter().all(is_primary) {
         return Ok(());
