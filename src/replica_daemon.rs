@@ -42,6 +42,8 @@ use crate::cmd::replica::{
 };
 use crate::lunspec::{self, Claim, Spec};
 
+mod handover;
+
 /// Regions a resync copies between two looks at the writers and the control socket.
 const RESYNC_STEP: u64 = 64;
 /// The longest wait between two connection attempts.
@@ -62,6 +64,8 @@ struct Member {
     connect_error: Mutex<Option<String>>,
     /// Makes a writer's compare-and-write one step against the others'.
     compare_and_write: Mutex<()>,
+    /// The link's shared secret: a handover request is sent and taken with it.
+    secret: Vec<u8>,
 }
 
 struct Daemon {
@@ -125,13 +129,15 @@ pub fn run(typed: &str) -> anyhow::Result<ExitCode> {
     let daemon = Arc::new(Daemon {
         members: configs
             .iter()
-            .map(|(spec, cfg)| {
+            .zip(&secrets)
+            .map(|((spec, cfg), secret)| {
                 Arc::new(Member {
                     spec: spec.clone(),
                     cfg: Mutex::new(cfg.clone()),
                     side: Mutex::new(None),
                     connect_error: Mutex::new(None),
                     compare_and_write: Mutex::new(()),
+                    secret: secret.clone(),
                 })
             })
             .collect(),
@@ -391,6 +397,7 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
         None => None,
     };
     *lock(&d.group) = group.clone();
+    let handover = handover::listen(d);
     // Asynchronous sets are cut here rather than by the engine's own cycle, which connects
     // without first probing the peer (holding every writer up against a silent one), and a
     // group's are cut at one point across its members.
@@ -456,6 +463,7 @@ fn run_primary(d: &Arc<Daemon>, claims: &mut [Claim], secrets: Vec<Vec<u8>>) -> 
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    lock(&handover).clear();
     for s in &served {
         s.shutdown.shutdown();
     }
@@ -768,29 +776,18 @@ fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
             if all.iter().all(|(_, s)| matches!(s, Side::Secondary(_))) {
                 return Ok(done(format!("{what}: already a secondary")));
             }
-            if let Some(g) = &group
-                && primaries(d)?.iter().any(|(_, p)| {
-                    matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing)
-                })
-            {
-                g.fracture()
-                    .with_context(|| format!("{what}: cannot fracture before demoting"))?;
-            }
-            for (m, p) in primaries(d)? {
-                if matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
-                    p.fracture().with_context(|| {
-                        format!("{}: cannot fracture before demoting", m.spec.typed)
-                    })?;
-                }
-                p.demote(*discard_local)
-                    .with_context(|| format!("{}: cannot demote", m.spec.typed))?;
-            }
+            demote_all(d, &what, *discard_local)?;
             switch_role(d, Role::Secondary)?;
             Ok(done(format!(
                 "{what}: demoted; now a secondary, taking its primary on {}",
                 lock(&m.cfg).listen
             )))
         }
+        Request::Handover {
+            vms,
+            stop_timeout_s,
+            force,
+        } => handover::ask_peer(d, m, vms, *stop_timeout_s, *force),
         Request::Resolve => {
             let all = sides(d)?;
             if all.iter().any(|(_, s)| matches!(s, Side::Primary(_))) {
@@ -811,6 +808,29 @@ fn handle(d: &Daemon, m: &Member, request: &Request) -> anyhow::Result<Reply> {
             )))
         }
     }
+}
+
+/// Fractures every member whose link is up (a group's all at once), then demotes each:
+/// the engine's half of a demote; the daemon takes the new role with [`switch_role`].
+fn demote_all(d: &Daemon, what: &str, discard_local: bool) -> anyhow::Result<()> {
+    let group = lock(&d.group).clone();
+    if let Some(g) = &group
+        && primaries(d)?
+            .iter()
+            .any(|(_, p)| matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing))
+    {
+        g.fracture()
+            .with_context(|| format!("{what}: cannot fracture before demoting"))?;
+    }
+    for (m, p) in primaries(d)? {
+        if matches!(p.link_state(), LinkState::Connected | LinkState::Resyncing) {
+            p.fracture()
+                .with_context(|| format!("{}: cannot fracture before demoting", m.spec.typed))?;
+        }
+        p.demote(discard_local)
+            .with_context(|| format!("{}: cannot demote", m.spec.typed))?;
+    }
+    Ok(())
 }
 
 /// The longest a drill waits for a delta set being applied to become whole.

@@ -15,8 +15,10 @@
 //!   (`network_ms`, within the RTO), starts the copy's NIC on it and pings it there; cleanup
 //!   deletes the network between samples. Also needs /dev/net/tun.
 //! - `dr_failover_1vm`: `baseline` as above for one VM; `unplanned` is `vapp dr failover` at B
-//!   after site A's daemon was killed; `planned` is `vapp replica demote` at A followed by
-//!   `vapp dr failover --planned` at B. Each sample sets up a fresh pair, untimed.
+//!   after site A's daemon was killed; `planned_stop_at_a` is `vapp dr failover --planned` at
+//!   B with the VM running at A: B asks A to stop it (its power button), ship its last writes
+//!   and demote, then promotes and starts and verifies it. Each sample sets up a fresh pair
+//!   (and starts A's VM), untimed.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -460,7 +462,12 @@ fn failover(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
         b.iter_custom(|iters| (0..iters).map(|_| start_direct(&local_site, &ds, 1)).sum());
     });
     for planned in [false, true] {
-        group.bench_function(if planned { "planned" } else { "unplanned" }, |b| {
+        let name = if planned {
+            "planned_stop_at_a"
+        } else {
+            "unplanned"
+        };
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -469,9 +476,13 @@ fn failover(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
                     let hide = p.a.dir.clone();
                     let t;
                     if planned {
+                        let mut at_a = start_at_a(&p);
                         t = Instant::now();
-                        p.a.ok(&["replica", "demote", &p.lun_a]);
-                        p.b.isolated(&hide, &["dr", "failover", &plan, "--planned"]);
+                        p.b.isolated(
+                            &hide,
+                            &["dr", "failover", &plan, "--planned", "--stop-timeout", "30"],
+                        );
+                        let _ = at_a.wait();
                     } else {
                         kill_site(&p.a.dir.join("state"));
                         t = Instant::now();
@@ -485,6 +496,35 @@ fn failover(c: &mut Criterion, bin: &Path, guest: &Path, dir: &Path) {
         });
     }
     group.finish();
+}
+
+/// Starts the pair's VM at site A and waits until it is ready.
+fn start_at_a(p: &Pair) -> Child {
+    let console = p.a.p("vm0.console");
+    let child =
+        p.a.command(&[
+            "-d",
+            &p.lun_a,
+            "vm",
+            "start",
+            "/vms/vm0",
+            "--foreground",
+            "--console-log",
+            &console,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("waiting to be stopped")
+    {
+        assert!(Instant::now() < deadline, "site A's VM never got ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 fn benches(c: &mut Criterion) {

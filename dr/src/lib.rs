@@ -12,4 +12,4 @@ pub mod plan;
 pub mod report;
 
 pub use plan::{Plan, PlanError, ReplicaRef, Verify, VmEntry};
-pub use report::{DrillRecord, Outcome, VmResult};
+pub use report::{DrillRecord, Outcome, StepRecord, VmResult};

@@ -56,6 +56,18 @@ pub struct PointRecord {
     pub session: String,
 }
 
+/// One step of a failover (stop at the other site, final sync, promote, start, verify).
+/// Times are ms from the record's start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: String,
+    /// Where it ran: `protected` (the other site, as it reported) or `here`.
+    pub site: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub detail: String,
+}
+
 /// One drill, from start to report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrillRecord {
@@ -87,6 +99,9 @@ pub struct DrillRecord {
     /// The resignatured copies: replica LUN session → the copy's datastore name.
     pub copies: Vec<(String, String)>,
     pub vms: Vec<VmResult>,
+    /// A failover's steps in order; empty for a drill.
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
     /// What went wrong, one line each; empty when the drill passed.
     pub failures: Vec<String>,
     pub passed: bool,
@@ -116,6 +131,7 @@ impl DrillRecord {
             rto_target_s: plan.rto_target_s,
             copies: Vec::new(),
             vms: Vec::new(),
+            steps: Vec::new(),
             failures: Vec::new(),
             passed: false,
         }
@@ -207,6 +223,21 @@ impl DrillRecord {
                 got.map_or("-".into(), secs),
                 target.map_or("-".into(), |t| format!("{t} s")),
             );
+        }
+        if !self.steps.is_empty() {
+            h.push_str("</table>\n<h2>Steps</h2>\n<table><tr><th>step</th><th>site</th><th>from</th><th>to</th><th>took</th><th>detail</th></tr>\n");
+            for s in &self.steps {
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&s.step),
+                    esc(&s.site),
+                    secs(s.start_ms),
+                    secs(s.end_ms),
+                    secs(s.end_ms.saturating_sub(s.start_ms)),
+                    esc(&s.detail)
+                );
+            }
         }
         h.push_str("</table>\n<h2>Copies</h2>\n<table><tr><th>replica</th><th>mode</th><th>point</th><th>age</th><th>session</th></tr>\n");
         for p in &self.points {
@@ -376,6 +407,7 @@ mod tests {
                 outcome: Outcome::Verified,
                 detail: "ready line seen".into(),
             }],
+            steps: vec![],
             failures: vec![],
             passed: false,
         }
@@ -406,5 +438,23 @@ mod tests {
             "{page}"
         );
         assert!(!page.contains("<script"));
+    }
+
+    #[test]
+    fn a_failovers_steps_are_timed_on_its_page() {
+        let mut r = record();
+        r.kind = "failover-planned".into();
+        r.steps.push(StepRecord {
+            step: "stop /vms/<a>".into(),
+            site: "protected (10.0.0.1:7788)".into(),
+            start_ms: 5,
+            end_ms: 1205,
+            detail: "stopped".into(),
+        });
+        r.conclude();
+        let page = r.html();
+        assert!(page.contains("<h2>Steps</h2>"), "{page}");
+        assert!(page.contains("stop /vms/&lt;a&gt;"), "{page}");
+        assert!(page.contains("1.200 s"), "{page}");
     }
 }

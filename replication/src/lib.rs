@@ -60,6 +60,7 @@
 mod delta;
 mod error;
 mod group;
+pub mod handover;
 mod meta;
 mod peer;
 mod primary;

@@ -428,6 +428,21 @@ impl Secondary {
         self.last_heard_ms.store(now_ms(), Ordering::Relaxed);
         let answer = match msg {
             Message::Write { offset, data } => self.apply_write(offset, &data),
+            // A DR site asking for a planned handover finds this side demoted already: it
+            // learns what this side holds and decides whether it may promote.
+            Message::Handover(_) => {
+                let st = self.status();
+                Ok(Message::HandoverReply(crate::handover::HandoverReply {
+                    outcome: crate::handover::HandoverOutcome::AlreadySecondary,
+                    members: vec![crate::handover::HandoverMember {
+                        generation: st.gens.current,
+                        bitmap_generation: st.gens.bitmap,
+                        dirty_regions: st.dirty_regions,
+                    }],
+                    steps: Vec::new(),
+                    message: format!("{}: already a secondary", self.name),
+                }))
+            }
             Message::DeltaCommit { id } => self.commit(id),
             msg @ (Message::DeltaBegin { .. } | Message::ResyncBegin { .. }) => {
                 self.abort_ended().and_then(|()| {

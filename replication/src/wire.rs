@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::handover::{self, HandoverReply, HandoverRequest};
 use crate::meta::{Gens, get32, get64, put32};
 
 pub const FRAME_MAGIC: [u8; 4] = *b"VRPL";
@@ -42,6 +43,8 @@ const T_CHECKSUMS: u16 = 41;
 const T_RESYNC_ZERO: u16 = 42;
 const T_PING: u16 = 50;
 const T_PONG: u16 = 51;
+const T_HANDOVER: u16 = 60;
+const T_HANDOVER_REPLY: u16 = 61;
 const T_OK: u16 = 20;
 const T_ERROR: u16 = 21;
 
@@ -139,6 +142,10 @@ pub enum Message {
     /// at once with [`Message::Pong`], so an idle link is seen alive at both ends.
     Ping,
     Pong,
+    /// The DR side asks the protected side for a planned handover (see
+    /// [`crate::handover`]); the answer is [`Message::HandoverReply`].
+    Handover(HandoverRequest),
+    HandoverReply(HandoverReply),
     Ok,
     Error {
         reason: String,
@@ -170,6 +177,8 @@ impl Message {
             Message::Bitmap { .. } => "bitmap",
             Message::Ping => "ping",
             Message::Pong => "pong",
+            Message::Handover(_) => "handover",
+            Message::HandoverReply(_) => "handover-reply",
             Message::Ok => "ok",
             Message::Error { .. } => "error",
         }
@@ -322,6 +331,14 @@ pub fn encode(seq: u64, msg: &Message) -> Vec<u8> {
         }
         Message::Ping => T_PING,
         Message::Pong => T_PONG,
+        Message::Handover(r) => {
+            handover::encode_request(&mut p, r);
+            T_HANDOVER
+        }
+        Message::HandoverReply(r) => {
+            handover::encode_reply(&mut p, r);
+            T_HANDOVER_REPLY
+        }
         Message::Ok => T_OK,
         Message::Error { reason } => {
             p.extend_from_slice(reason.as_bytes());
@@ -557,6 +574,8 @@ fn decode_payload(ty: u16, mut p: Vec<u8>) -> Result<Message, WireError> {
             need("pong", &p, 0, true)?;
             Message::Pong
         }
+        T_HANDOVER => Message::Handover(handover::decode_request(&p)?),
+        T_HANDOVER_REPLY => Message::HandoverReply(handover::decode_reply(&p)?),
         T_OK => {
             need("ok", &p, 0, true)?;
             Message::Ok
@@ -757,6 +776,29 @@ mod tests {
             Message::Bitmap {
                 words: vec![1, u64::MAX, 0],
             },
+            Message::Handover(HandoverRequest {
+                vms: vec![handover::HandoverVm {
+                    datastore: "0b1c".into(),
+                    path: "/vms/db".into(),
+                }],
+                stop_timeout_ms: 30_000,
+                force: true,
+            }),
+            Message::HandoverReply(HandoverReply {
+                outcome: handover::HandoverOutcome::Aborted,
+                members: vec![handover::HandoverMember {
+                    generation: 7,
+                    bitmap_generation: 6,
+                    dirty_regions: 0,
+                }],
+                steps: vec![handover::HandoverStep {
+                    step: "stop /vms/db".into(),
+                    start_ms: 1,
+                    end_ms: 20,
+                    detail: "shut down é".into(),
+                }],
+                message: "vm /vms/web would not stop".into(),
+            }),
             Message::Ok,
             Message::Error {
                 reason: "no".into(),
@@ -766,6 +808,24 @@ mod tests {
             let (seq, back) = read_frame(&mut &f[..]).expect("decodes");
             assert_eq!((seq, &back), (42, &m));
         }
+    }
+
+    #[test]
+    fn a_handover_request_of_a_newer_layout_is_refused_by_name() {
+        let mut f = encode(
+            1,
+            &Message::Handover(HandoverRequest {
+                vms: vec![],
+                stop_timeout_ms: 1,
+                force: false,
+            }),
+        );
+        f[HEADER_LEN] = 2;
+        f[20..24].fill(0);
+        let crc = crc32c::crc32c(&f);
+        put32(&mut f, 20, crc);
+        let err = read_frame(&mut &f[..]).unwrap_err().to_string();
+        assert!(err.contains("request version 2"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use dr::report::{PointRecord, secs};
-use dr::{DrillRecord, Outcome, Plan, ReplicaRef, VmResult};
+use dr::{DrillRecord, Outcome, Plan, ReplicaRef, StepRecord, VmResult};
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::dr_net::{self, Networking, Nics};
@@ -52,11 +52,19 @@ pub struct ReprotectArgs {
 #[derive(Args)]
 pub struct FailoverArgs {
     pub plan: PathBuf,
-    /// The protected site was shut down in order: its VMs stopped and its replicas
-    /// demoted there (`vapp replica demote`), so nothing is lost; refused while a primary
-    /// still replicates to this site.
+    /// The protected site is up: ask it, over the replication link, to stop the plan's VMs,
+    /// ship its last writes and demote itself, and promote here only once it has, so
+    /// nothing is lost. Refused, changing nothing, when it cannot be reached.
     #[arg(long)]
     pub planned: bool,
+    /// Planned: seconds each VM at the protected site gets to shut down after its power
+    /// button.
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    pub stop_timeout: u64,
+    /// Planned: power off a VM still running after the stop timeout, instead of aborting
+    /// the failover.
+    #[arg(long)]
+    pub force_stop: bool,
     /// Write the failover's report as an HTML page.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -442,6 +450,16 @@ fn print_summary(r: &DrillRecord) -> anyhow::Result<()> {
             v.outcome,
             v.boot_ms().map_or("-".into(), secs),
             v.detail
+        )?;
+    }
+    for st in &r.steps {
+        outln!(
+            "  {} at {} ({}, {}): {}",
+            st.step,
+            secs(st.start_ms),
+            st.site,
+            secs(st.end_ms.saturating_sub(st.start_ms)),
+            st.detail
         )?;
     }
     for f in &r.failures {
@@ -887,21 +905,6 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
             a.plan.display()
         );
     }
-    let p = &plan.name;
-    // Every replica is checked before any is promoted: a planned failover half done
-    // would leave the sites split.
-    for r in &site.replicas {
-        let status = replica::ask(&r.ask, &Request::Status)?
-            .status
-            .with_context(|| format!("plan {p}: replica {}: its daemon sent no status", r.what))?;
-        if a.planned && status.role == Role::Secondary && status.link == "connected" {
-            bail!(
-                "plan {p}: replica {}: its primary {} still replicates to it; for a planned failover stop the VMs there and run vapp replica demote on its LUN there first (or fail over unplanned)",
-                r.what,
-                status.peer
-            );
-        }
-    }
     let started = Instant::now();
     let started_unix_ms = now_ms();
     let kind = if a.planned {
@@ -915,21 +918,41 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
         kind,
         started_unix_ms,
     );
+    if a.planned {
+        // Every replica is handed over before any is promoted: nothing here changes until
+        // the protected site has stopped writing and the replicas hold all it wrote.
+        for r in &site.replicas {
+            hand_over(&plan, r, a, started, &mut record)?;
+        }
+    }
     let ran = (|| -> anyhow::Result<()> {
         for r in &site.replicas {
             let before = replica::ask(&r.ask, &Request::Status)?.status;
+            let start = elapsed_ms(started);
             promote(r, !a.planned)?;
+            record.steps.push(StepRecord {
+                step: format!("promote {}", r.what),
+                site: "here".into(),
+                start_ms: start,
+                end_ms: elapsed_ms(started),
+                detail: if a.planned {
+                    "the replica is the primary".into()
+                } else {
+                    "forced: the protected site is taken for lost".into()
+                },
+            });
             let now = now_ms();
             // Synchronous: every acknowledged write is here. Asynchronous: the last delta
-            // set applied whole.
+            // set applied whole (a planned failover shipped a last one first).
             let point = before
                 .as_ref()
                 .and_then(|s| s.secondary.as_ref())
                 .and_then(|x| x.point_in_time_ms)
                 .filter(|_| {
-                    before
-                        .as_ref()
-                        .is_some_and(|s| s.mode == replica::ModeName::Async)
+                    !a.planned
+                        && before
+                            .as_ref()
+                            .is_some_and(|s| s.mode == replica::ModeName::Async)
                 })
                 .unwrap_or(now);
             record.points.push(PointRecord {
@@ -950,7 +973,8 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
         // the originals, which are gone from this site's view.
         record.network.clone_from(&plan.recovery_network);
         let mut networking = Networking::new(plan.recovery_network.clone(), site.nics.clone());
-        start_by_priority(
+        let start = elapsed_ms(started);
+        let started_vms = start_by_priority(
             &plan,
             &on_lun,
             true,
@@ -958,12 +982,99 @@ fn failover(a: &FailoverArgs) -> anyhow::Result<ExitCode> {
             &mut record,
             &mut networking,
             &mut |_| Ok(()),
-        )
+        );
+        let verified = record
+            .vms
+            .iter()
+            .filter(|v| v.outcome == Outcome::Verified)
+            .count();
+        record.steps.push(StepRecord {
+            step: "start and verify VMs".into(),
+            site: "here".into(),
+            start_ms: start,
+            end_ms: elapsed_ms(started),
+            detail: format!("{verified} of {} VM(s) verified", plan.vms.len()),
+        });
+        started_vms
     })();
     if let Err(e) = ran {
         record.failures.push(format!("{e:#}"));
     }
     finish(&plan, record, a.report.as_deref(), a.json)
+}
+
+/// Asks the protected site, through this replica's daemon, to stop the plan's VMs on it,
+/// ship its last writes and demote itself; records what it did. A refusal, an abort or no
+/// answer is an error and nothing here has changed.
+fn hand_over(
+    plan: &Plan,
+    r: &Replica,
+    a: &FailoverArgs,
+    started: Instant,
+    record: &mut DrillRecord,
+) -> anyhow::Result<()> {
+    let p = &plan.name;
+    let status = replica::ask(&r.ask, &Request::Status)?
+        .status
+        .with_context(|| format!("plan {p}: replica {}: its daemon sent no status", r.what))?;
+    if status.role == Role::Primary {
+        // A failover run again after its promote: the handover is done.
+        return Ok(());
+    }
+    let mut vms = Vec::new();
+    for d in &plan.datastores {
+        let source = Spec::parse(&d.lun).source;
+        if !r.luns.iter().any(|l| l.source == source) {
+            continue;
+        }
+        let ds = super::datastore::open_datastore(&d.lun, &vmfs::OpenOptions::read_only())
+            .with_context(|| format!("plan {p}: datastore {} on replica {}", d.name, d.lun))?;
+        let uuid = ds.superblock().uuid.to_string();
+        for vm in plan.vms.iter().filter(|v| v.datastore == d.name) {
+            vms.push((uuid.clone(), vm.path.clone()));
+        }
+    }
+    let start = elapsed_ms(started);
+    let reply = replica::ask(
+        &r.ask,
+        &Request::Handover {
+            vms,
+            stop_timeout_s: a.stop_timeout,
+            force: a.force_stop,
+        },
+    )?;
+    let mut steps = String::new();
+    if let Some(h) = &reply.handover {
+        for s in &h.steps {
+            record.steps.push(StepRecord {
+                step: s.step.clone(),
+                site: format!("protected ({})", h.peer),
+                start_ms: start + s.start_ms,
+                end_ms: start + s.end_ms,
+                detail: s.detail.clone(),
+            });
+            steps.push_str(&format!("\n  at {}: {}: {}", h.peer, s.step, s.detail));
+        }
+    }
+    if !reply.ok {
+        let hint = if !a.force_stop && reply.message.contains("did not power off") {
+            " (with --force-stop a VM still running after --stop-timeout is powered off)"
+        } else {
+            ""
+        };
+        bail!(
+            "plan {p}: planned failover refused, nothing changed at this site: {}{hint}{steps}",
+            reply.message
+        );
+    }
+    record.steps.push(StepRecord {
+        step: format!("handover of {}", r.what),
+        site: "here".into(),
+        start_ms: start,
+        end_ms: elapsed_ms(started),
+        detail: reply.message,
+    });
+    Ok(())
 }
 
 /// Concludes a drill's or a failover's record: kept in the plan's history, its report written
@@ -1001,11 +1112,13 @@ fn finish(
 /// primary. `force` takes over from a primary this side still believes connected (the
 /// protected site is gone but its link has not timed out yet).
 fn promote(r: &Replica, force: bool) -> anyhow::Result<()> {
+    // While the daemon restarts in its new role it answers from the registry (role primary,
+    // no generation) before it serves writers; a VM started then would be refused.
     let is_primary = |spec: &Spec| {
         replica::ask(spec, &Request::Status)
             .ok()
             .and_then(|reply| reply.status)
-            .is_some_and(|s| s.role == Role::Primary && s.running)
+            .is_some_and(|s| s.role == Role::Primary && s.running && s.generation.current != 0)
     };
     if r.luns.iter().all(is_primary) {
         return Ok(());

@@ -213,6 +213,35 @@ pub enum Request {
     DrillPoint {
         name: String,
     },
+    /// A secondary: ask the primary's daemon, over the link's address and secret, to stop
+    /// these VMs, ship its last writes and demote itself (a planned failover); answered once
+    /// the primary answered and this side checked it holds every write the primary did.
+    Handover {
+        /// (datastore UUID, VM folder) of each VM the plan protects on this replica.
+        vms: Vec<(String, String)>,
+        stop_timeout_s: u64,
+        force: bool,
+    },
+}
+
+/// What the other site did for a [`Request::Handover`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoverJson {
+    /// `demoted`, `already-secondary`, `refused`, `aborted`.
+    pub outcome: String,
+    pub peer: String,
+    pub message: String,
+    pub steps: Vec<HandoverStepJson>,
+    /// How long the request took, as this side measured it.
+    pub took_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoverStepJson {
+    pub step: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub detail: String,
 }
 
 /// Where a [`Request::DrillPoint`] was taken.
@@ -242,6 +271,9 @@ pub struct Reply {
     /// For [`Request::DrillPoint`].
     #[serde(default)]
     pub point: Option<PointJson>,
+    /// For [`Request::Handover`].
+    #[serde(default)]
+    pub handover: Option<HandoverJson>,
 }
 
 impl Reply {
@@ -252,6 +284,7 @@ impl Reply {
             status: None,
             miscompare: None,
             point: None,
+            handover: None,
         }
     }
 
@@ -527,6 +560,10 @@ impl Lun for Routed {
 }
 
 /// Sends `request` to the daemon of `spec`; an error when none answers.
+/// What a handover may take beyond its VMs' stop timeout: a forced stop, the wait for their
+/// locks, the final sync and the demote.
+pub const HANDOVER_SLACK_S: u64 = 120;
+
 pub fn ask(spec: &Spec, request: &Request) -> anyhow::Result<Reply> {
     let path = control_path(spec);
     let stream = UnixStream::connect(&path)
@@ -534,6 +571,12 @@ pub fn ask(spec: &Spec, request: &Request) -> anyhow::Result<Reply> {
     // A verify reads the whole LUN at both sites.
     let limit = match request {
         Request::Verify => None,
+        // The other site shuts its VMs down first.
+        Request::Handover { stop_timeout_s, .. } => Some(Duration::from_secs(
+            stop_timeout_s
+                .saturating_mul(2)
+                .saturating_add(HANDOVER_SLACK_S),
+        )),
         _ => Some(Duration::from_secs(60)),
     };
     stream.set_read_timeout(limit)?;

@@ -227,7 +227,7 @@ fn start_through_agent(
 }
 
 /// The VM folder as an absolute datastore path without a trailing slash.
-fn folder_path(path: &str) -> anyhow::Result<String> {
+pub(crate) fn folder_path(path: &str) -> anyhow::Result<String> {
     let trimmed = path.trim_end_matches('/');
     if !path.starts_with('/') || trimmed.is_empty() {
         bail!("{path:?}: a VM folder is an absolute datastore path below /, e.g. /vms/web1");
@@ -718,16 +718,18 @@ fn kill_process(folder: &str, record: Option<&runtime::Record>) -> anyhow::Resul
 }
 
 /// A host holding a VM's identity (its vm.toml, exclusively and open).
-struct LockHolder {
-    host: String,
-    pid: u32,
+pub(crate) struct LockHolder {
+    pub(crate) host: String,
+    pub(crate) pid: u32,
 }
 
 /// Who holds each inode exclusively open, from the lock records on the datastore (read once,
 /// without joining the cluster). A host that died holds its locks until the cluster rules
 /// break them; a holder that is a process of this host that is gone is left out, since that
 /// VM is certainly not running.
-fn lock_holders(ds: &Datastore) -> anyhow::Result<std::collections::HashMap<u64, LockHolder>> {
+pub(crate) fn lock_holders(
+    ds: &Datastore,
+) -> anyhow::Result<std::collections::HashMap<u64, LockHolder>> {
     let survey = vmfs::cluster::survey::survey(ds.lun().clone(), Duration::ZERO)
         .context("reading the datastore's lock records")?;
     let here = host_name();
@@ -765,7 +767,7 @@ fn process_exists(pid: u32) -> bool {
         )
 }
 
-fn folder_config_ino(ds: &Datastore, folder: &str) -> anyhow::Result<u64> {
+pub(crate) fn folder_config_ino(ds: &Datastore, folder: &str) -> anyhow::Result<u64> {
     Ok(ds.resolve(&spec::path_in(folder, spec::FILE_NAME))?)
 }
 
