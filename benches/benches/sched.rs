@@ -1,4 +1,4 @@
-//! The disk scheduler (sched::DiskClock) in the virtio-blk path of real VMs (the test guest in
+//! The disk scheduler (sched::Clock) in the virtio-blk path of real VMs (the test guest in
 //! `mode=diskio`: one 4 KiB read at a time, forever).
 //!
 //! - `sched_disk_iops_4k`: the time for 1,024 guest reads of a page-cached 1 MiB disk;
@@ -19,11 +19,7 @@ use lun::FileLun;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn start(
-    dir: &Path,
-    name: &str,
-    clock: Option<Arc<sched::DiskClock>>,
-) -> (VmHandle, ConsoleBuffer) {
+fn start(dir: &Path, name: &str, clock: Option<Arc<sched::Clock>>) -> (VmHandle, ConsoleBuffer) {
     let path = dir.join(format!("{name}.img"));
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
     let lun = Arc::new(FileLun::open(&path, false).unwrap());
@@ -54,22 +50,23 @@ fn count(console: &ConsoleBuffer) -> u64 {
         .unwrap_or(0)
 }
 
-fn ticket(shares: u64, reservation_iops: u64) -> sched::DiskTicket {
-    sched::DiskTicket {
+fn ticket(shares: u64, reservation_iops: u64) -> sched::Ticket {
+    sched::Ticket {
         shares,
-        reservation_iops,
+        reservation: reservation_iops,
         ..Default::default()
     }
 }
 
 /// IOPS of each VM over `secs`, all running at once.
-fn contend(dir: &Path, tickets: &[sched::DiskTicket], secs: f64) -> Vec<f64> {
+fn contend(dir: &Path, tickets: &[sched::Ticket], secs: f64) -> Vec<f64> {
     let runtime = dir.join("run-contend");
     let vms: Vec<_> = tickets
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let clock = Arc::new(sched::DiskClock::join(&runtime, *t).unwrap());
+            let clock =
+                Arc::new(sched::Clock::join(&runtime, sched::Class::Disk, *t, None).unwrap());
             start(dir, &format!("c{i}"), Some(clock))
         })
         .collect();
@@ -103,7 +100,13 @@ fn main() {
     for variant in ["baseline", "mclock"] {
         let clock = (variant == "mclock").then(|| {
             Arc::new(
-                sched::DiskClock::join(&dir.path().join("run-single"), ticket(1000, 0)).unwrap(),
+                sched::Clock::join(
+                    &dir.path().join("run-single"),
+                    sched::Class::Disk,
+                    ticket(1000, 0),
+                    None,
+                )
+                .unwrap(),
             )
         });
         let (handle, console) = start(dir.path(), variant, clock);

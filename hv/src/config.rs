@@ -55,7 +55,7 @@ pub struct Disk {
     /// Offer the device read-only (VIRTIO_BLK_F_RO) and refuse writes even if the LUN takes them.
     pub read_only: bool,
     /// The host's disk scheduler slot of this VM: each request waits for its turn there.
-    pub clock: Option<Arc<sched::DiskClock>>,
+    pub clock: Option<Arc<sched::Clock>>,
 }
 
 impl std::fmt::Debug for Disk {

@@ -21,6 +21,9 @@ pub struct HostCapacity {
     /// the larger of 256 MiB and 5 % of memory.
     pub cpu_reserve_permille: u64,
     pub memory_reserve_bytes: u64,
+    /// Transmit bytes/s the host's VMs share (`VAPP_NET_CAPACITY`); None: not set, so no
+    /// network reservation can be guaranteed.
+    pub net_bytes_per_sec: Option<u64>,
 }
 
 impl HostCapacity {
@@ -30,12 +33,15 @@ impl HostCapacity {
             memory_bytes,
             cpu_reserve_permille: 100,
             memory_reserve_bytes: (256 << 20).max(memory_bytes / 20),
+            net_bytes_per_sec: None,
         }
     }
 }
 
 /// One running VM's reservations and settings, as `host resources` shows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+// Entries written before a field existed read it as its default.
+#[serde(default)]
 pub struct LedgerEntry {
     pub vm: String,
     pub pid: u32,
@@ -50,6 +56,10 @@ pub struct LedgerEntry {
     pub disk_reservation_iops: u64,
     pub disk_limit_iops: Option<u64>,
     pub disk_limit_bytes_per_sec: Option<u64>,
+    pub net_shares: u64,
+    pub net_reservation_bytes_per_sec: u64,
+    pub net_limit_bytes_per_sec: Option<u64>,
+    pub net_limit_packets_per_sec: Option<u64>,
     /// The logical CPUs its vCPUs are pinned to.
     pub cpus: Vec<usize>,
 }
@@ -180,6 +190,34 @@ impl Ledger {
                 ),
             });
         }
+        let net_reserved: u64 = others.iter().map(|e| e.net_reservation_bytes_per_sec).sum();
+        if entry.net_reservation_bytes_per_sec > 0 {
+            let wanted = rate(entry.net_reservation_bytes_per_sec);
+            let Some(net) = capacity.net_bytes_per_sec else {
+                return Err(SchedError::Admission {
+                    vm: entry.vm,
+                    resource: "network",
+                    detail: format!(
+                        "of {wanted} cannot be guaranteed: the host's transmit capacity is not set ({})",
+                        crate::NET_CAPACITY_ENV
+                    ),
+                });
+            };
+            let net_left = net.saturating_sub(net_reserved);
+            if entry.net_reservation_bytes_per_sec > net_left {
+                return Err(SchedError::Admission {
+                    vm: entry.vm,
+                    resource: "network",
+                    detail: refusal(
+                        wanted,
+                        rate(net),
+                        rate(0),
+                        rate(net_reserved),
+                        rate(net_left),
+                    ),
+                });
+            }
+        }
         let path = self
             .vms()
             .join(format!("{}.json", entry.vm.replace('/', "_")));
@@ -198,6 +236,17 @@ fn refusal(
     format!(
         "of {wanted} does not fit: the host has {total}, keeps {reserve} for itself and has {reserved} reserved by running VMs, leaving {left}"
     )
+}
+
+/// Bytes per second in the unit the operator most likely wrote.
+fn rate(b: u64) -> String {
+    if b > 0 && b % (1 << 20) == 0 {
+        format!("{} MiB/s", b >> 20)
+    } else if b > 0 && b % 1_000_000 == 0 {
+        format!("{} MB/s", b / 1_000_000)
+    } else {
+        format!("{b} bytes/s")
+    }
 }
 
 fn write_entry(path: &Path, entry: &LedgerEntry) -> Result<()> {
@@ -273,5 +322,40 @@ mod tests {
             .unwrap();
         std::mem::forget(a);
         ledger.admit(host, entry("b", 900, 0)).unwrap();
+    }
+
+    #[test]
+    fn net_reservations_fit_in_the_host_capacity_or_are_refused_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(dir.path());
+        let net = |vm: &str, bps| LedgerEntry {
+            net_reservation_bytes_per_sec: bps,
+            ..entry(vm, 0, 0)
+        };
+        let unset = HostCapacity::new(2, 4 << 30);
+        let err = ledger
+            .admit(unset, net("a", 1 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its network reservation of 1 MiB/s cannot be guaranteed")
+                && err.contains("VAPP_NET_CAPACITY"),
+            "{err}"
+        );
+        let host = HostCapacity {
+            net_bytes_per_sec: Some(10 << 20),
+            ..unset
+        };
+        let _a = ledger.admit(host, net("a", 6 << 20)).unwrap();
+        let err = ledger
+            .admit(host, net("b", 6 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot power on b: its network reservation of 6 MiB/s does not fit: the host has 10 MiB/s")
+                && err.contains("6 MiB/s reserved by running VMs, leaving 4 MiB/s"),
+            "{err}"
+        );
+        ledger.admit(host, net("c", 4 << 20)).unwrap();
     }
 }

@@ -83,11 +83,11 @@ fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
         .collect();
     let cpu = |cg: &Option<sched::Cgroup>| cg.as_ref().and_then(|c| c.cpu_usage_ns());
     let before_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
-    let before_disk = sched::DiskClock::usage(runtime)?;
+    let before_disk = sched::Clock::usage(runtime, sched::Class::Disk)?;
     let start = Instant::now();
     std::thread::sleep(interval);
     let after_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
-    let after_disk = sched::DiskClock::usage(runtime)?;
+    let after_disk = sched::Clock::usage(runtime, sched::Class::Disk)?;
     let secs = start.elapsed().as_secs_f64();
 
     let host_permille = topology.threads() as u64 * 1000;
