@@ -12,7 +12,7 @@
 //!   bucket over all its disks, or all its NICs.
 //! - proportional: a virtual-time tag (`P`, start-time fair queueing: the start tag of the
 //!   VM's next I/O); an I/O goes when its tag is the smallest among the VMs that issued I/O in
-//!   the last [`ACTIVE_NS`] and are not held by their own limit, so backlogged VMs are served
+//!   the last [`Class::active_ns`] and are not held by their own limit, so backlogged VMs are served
 //!   in proportion to their shares. A VM that was idle restarts at the smallest tag of the
 //!   active ones and cannot bank credit while idle.
 //!
@@ -44,8 +44,11 @@ pub const SLOTS: usize = 64;
 const WORDS: usize = 16;
 const HEADER_WORDS: usize = 8;
 const FILE_BYTES: usize = (HEADER_WORDS + SLOTS * WORDS) * 8;
-/// A VM that issued no I/O for this long is idle: others stop waiting for it.
-pub const ACTIVE_NS: u64 = 20_000_000;
+/// A disk VM that issued no I/O for this long is idle: others stop waiting for it.
+const DISK_ACTIVE_NS: u64 = 20_000_000;
+/// The same for a VM's transmit, which its backend retries on a millisecond timer that a
+/// loaded host runs late: a VM still sending must not look idle and lose its place.
+const NET_ACTIVE_NS: u64 = 100_000_000;
 /// How far behind its limit a VM may fall and still catch up, as a token bucket's burst.
 pub const LIMIT_BURST_NS: u64 = 20_000_000;
 /// Virtual time one disk I/O costs a VM of one share.
@@ -56,7 +59,10 @@ const NET_TAG_PER_BYTE: u64 = 1 << 16;
 /// How far (in time on the wire) a VM's network tag may run ahead of the others' before it
 /// waits: a VM retries on a millisecond timer, so waiting for strict tag order would leave
 /// the wire idle between turns. The lead is bounded, so shares still hold over time.
-const NET_WINDOW_NS: u64 = 10_000_000;
+const NET_WINDOW_NS: u64 = 100_000_000;
+/// How much idle wire time may still be used later: a backend that retries late loses no
+/// capacity for the others.
+const WIRE_BURST_NS: u64 = 50_000_000;
 /// How long a VM that is not its turn waits before trying again.
 const TURN_NS: u64 = 50_000;
 
@@ -84,6 +90,8 @@ const BYTES: usize = 11;
 const RESERVED_IOS: usize = 12;
 const WAIT_NS: usize = 13;
 const P_START: usize = 14;
+/// Net: when the VM last had a frame refused that it still holds (0: none since its last sent).
+const PENDING: usize = 15;
 
 /// What a clock schedules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,6 +105,14 @@ pub enum Class {
 }
 
 impl Class {
+    /// How long after its last request a VM still counts as active.
+    pub fn active_ns(self) -> u64 {
+        match self {
+            Class::Disk => DISK_ACTIVE_NS,
+            Class::Net => NET_ACTIVE_NS,
+        }
+    }
+
     fn file(self) -> &'static str {
         match self {
             Class::Disk => "disk.clock",
@@ -276,7 +292,7 @@ impl Clock {
             return wait(l);
         }
         let last = self.mine(ACTIVE).swap(t, Ordering::AcqRel);
-        let was_idle = last == 0 || t.saturating_sub(last) > ACTIVE_NS;
+        let was_idle = last == 0 || t.saturating_sub(last) > self.class.active_ns();
         let shares = self.mine(SHARES).load(Ordering::Relaxed).max(1);
         let reservation = self.mine(RESERVATION).load(Ordering::Relaxed);
         let (capacity, unit) = match self.class {
@@ -295,9 +311,10 @@ impl Clock {
                     self.mine(R_NEXT),
                     t,
                     unit.saturating_mul(1_000_000_000) / reservation,
+                    LIMIT_BURST_NS,
                 );
                 if capacity > 0 {
-                    charge(self.header(H_WIRE), t, wire_cost);
+                    charge(self.header(H_WIRE), t, wire_cost, WIRE_BURST_NS);
                 }
                 self.mine(RESERVED_IOS).fetch_add(1, Ordering::Relaxed);
                 break;
@@ -308,6 +325,7 @@ impl Clock {
             }
             let wire = self.header(H_WIRE).load(Ordering::Acquire);
             if capacity > 0 && wire > t {
+                self.mine(PENDING).store(t, Ordering::Release);
                 return wait(wire);
             }
             // Proportional: the smallest start tag among the active VMs goes.
@@ -315,7 +333,7 @@ impl Clock {
                 Class::Disk => TAG_UNIT / shares,
                 Class::Net => bytes.saturating_mul(NET_TAG_PER_BYTE) / shares,
             };
-            let turn = self.tags(t, was_idle);
+            let turn = self.tags(t);
             let window = match self.class {
                 Class::Disk => 0,
                 Class::Net => {
@@ -325,20 +343,32 @@ impl Clock {
                         as u64
                 }
             };
+            // No banked credit. A disk VM coming back from idle starts level with the active
+            // ones; one that stayed active keeps its place, behind or ahead. A network VM
+            // lags the others by at most the window, whether it was idle or just sent less.
+            let floor = match self.class {
+                Class::Disk => turn.virtual_time.filter(|_| was_idle),
+                Class::Net => turn.virtual_time.map(|v| v.saturating_sub(window)),
+            };
+            if let Some(floor) = floor {
+                self.mine(P_NEXT).fetch_max(floor, Ordering::AcqRel);
+            }
+            let mine = self.mine(P_NEXT).load(Ordering::Acquire);
             let first = turn.others_min.is_none_or(|(tag, slot)| {
                 if window == 0 {
-                    (turn.mine, self.slot) < (tag, slot)
+                    (mine, self.slot) < (tag, slot)
                 } else {
-                    turn.mine <= tag.saturating_add(window)
+                    mine <= tag.saturating_add(window)
                 }
             });
             if !first {
+                self.mine(PENDING).store(t, Ordering::Release);
                 return wait(t + TURN_NS);
             }
             if capacity > 0 {
                 // The wire, like a limit, banks at most a burst while idle: a backend that
                 // retries on a millisecond timer loses no capacity while it sleeps.
-                let next = wire.max(t.saturating_sub(wire_cost.max(LIMIT_BURST_NS))) + wire_cost;
+                let next = wire.max(t.saturating_sub(wire_cost.max(WIRE_BURST_NS))) + wire_cost;
                 if self
                     .header(H_WIRE)
                     .compare_exchange(wire, next, Ordering::AcqRel, Ordering::Acquire)
@@ -348,26 +378,27 @@ impl Clock {
                     continue;
                 }
             }
-            self.mine(P_START).fetch_max(turn.mine, Ordering::AcqRel);
+            self.mine(P_START).fetch_max(mine, Ordering::AcqRel);
             self.mine(P_NEXT).fetch_add(step, Ordering::AcqRel);
             break;
         }
         let limit_ops = self.mine(LIMIT_OPS).load(Ordering::Relaxed);
         if let Some(period) = 1_000_000_000u64.checked_div(limit_ops) {
-            charge(self.mine(L_NEXT), t, period);
+            charge(self.mine(L_NEXT), t, period, LIMIT_BURST_NS);
         }
         let limit_bps = self.mine(LIMIT_BPS).load(Ordering::Relaxed);
         if let Some(cost) = bytes.saturating_mul(1_000_000_000).checked_div(limit_bps) {
-            charge(self.mine(LB_NEXT), t, cost);
+            charge(self.mine(LB_NEXT), t, cost, LIMIT_BURST_NS);
         }
+        self.mine(PENDING).store(0, Ordering::Release);
         self.mine(IOS).fetch_add(1, Ordering::Relaxed);
         self.mine(BYTES).fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
-    /// This VM's next start tag, the smallest next tag of another active VM, and the shares
-    /// of the active others.
-    fn tags(&self, t: u64, was_idle: bool) -> Turn {
+    /// The smallest next tag of another VM waiting for its turn, the smallest start tag of the
+    /// active others (virtual time), and their shares.
+    fn tags(&self, t: u64) -> Turn {
         let mut others_min: Option<(u64, usize)> = None;
         let mut virtual_time: Option<u64> = None;
         let mut active_shares = 0;
@@ -376,7 +407,7 @@ impl Clock {
                 continue;
             }
             let active = self.word(s, ACTIVE).load(Ordering::Acquire);
-            if active == 0 || t.saturating_sub(active) > ACTIVE_NS {
+            if active == 0 || t.saturating_sub(active) > self.class.active_ns() {
                 continue;
             }
             // A VM its limit holds back cannot use its turn: do not wait for it.
@@ -387,38 +418,41 @@ impl Clock {
             if held > t {
                 continue;
             }
-            let next = (self.word(s, P_NEXT).load(Ordering::Acquire), s);
-            others_min = Some(others_min.map_or(next, |m| m.min(next)));
+            // A network VM waits only for another that holds a refused frame: one that sends
+            // less than its share has nothing queued, and the wire must not idle for it.
+            let pending = self.word(s, PENDING).load(Ordering::Acquire);
+            let queued = match self.class {
+                Class::Disk => true,
+                Class::Net => pending != 0 && t.saturating_sub(pending) <= self.class.active_ns(),
+            };
+            if queued {
+                let next = (self.word(s, P_NEXT).load(Ordering::Acquire), s);
+                others_min = Some(others_min.map_or(next, |m| m.min(next)));
+            }
             let start = self.word(s, P_START).load(Ordering::Acquire);
             virtual_time = Some(virtual_time.map_or(start, |v| v.min(start)));
             active_shares += self.word(s, SHARES).load(Ordering::Relaxed);
         }
-        // A VM coming back from idle starts level with the active ones: no banked credit. One
-        // that stayed active keeps its place, behind or ahead, so the shares hold over time.
-        if let Some(v) = virtual_time.filter(|_| was_idle) {
-            self.mine(P_NEXT).fetch_max(v, Ordering::AcqRel);
-        }
-        let mine = self.mine(P_NEXT).load(Ordering::Acquire);
         Turn {
-            mine,
             others_min,
+            virtual_time,
             active_shares,
         }
     }
 }
 
 struct Turn {
-    mine: u64,
     others_min: Option<(u64, usize)>,
+    virtual_time: Option<u64>,
     active_shares: u64,
 }
 
 /// Advances a "next allowed" time by `cost`, letting it lag `now` by at most a burst: a VM
 /// descheduled for a moment may catch up (so the average over a second is the rate), but an
 /// idle one banks no more than the burst.
-fn charge(next: &AtomicU64, t: u64, cost: u64) {
+fn charge(next: &AtomicU64, t: u64, cost: u64, burst: u64) {
     let _ = next.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-        Some(l.max(t.saturating_sub(cost.max(LIMIT_BURST_NS))) + cost)
+        Some(l.max(t.saturating_sub(cost.max(burst))) + cost)
     });
 }
 
@@ -683,6 +717,41 @@ mod tests {
         assert!(
             sent[1] > 3 * sent[0],
             "{sent:?}: shares divided no capacity"
+        );
+    }
+
+    #[test]
+    fn a_vm_sending_less_than_its_share_leaves_the_rest_of_the_wire_to_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let capacity = 20_000_000;
+        let ticket = Ticket {
+            shares: 1000,
+            ..Default::default()
+        };
+        let slow = Clock::join(dir.path(), Class::Net, ticket, Some(capacity)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pacer = {
+            let stop = stop.clone();
+            // About 1.5 MB/s: far below its half of the wire.
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    while let Err(wait) = slow.try_admit(1514) {
+                        std::thread::sleep(wait.max(Duration::from_millis(1)));
+                    }
+                    sent += 1514;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                sent
+            })
+        };
+        let greedy = send(dir.path(), &[ticket], Some(capacity), 1514, 1.5);
+        stop.store(true, Ordering::Relaxed);
+        let slow = pacer.join().unwrap();
+        let rate = (greedy[0] + slow) as f64 / 1.5;
+        assert!(
+            rate >= 0.9 * capacity as f64,
+            "{greedy:?} and {slow}: {rate:.0} of {capacity} bytes/s used"
         );
     }
 }
