@@ -49,6 +49,11 @@ impl PowerOn {
             Vec::new()
         };
         let core_mhz = topology.core_mhz;
+        let pool = checked
+            .pool
+            .as_deref()
+            .map(|name| crate::Pool::load(&crate::pools_dir(), name, core_mhz))
+            .transpose()?;
         let permille = |a: Option<crate::CpuAmount>| a.map(|a| a.permille(core_mhz));
         let entry = LedgerEntry {
             vm: vm.to_string(),
@@ -68,6 +73,7 @@ impl PowerOn {
             net_reservation_bytes_per_sec: checked.net_reservation_bytes_per_sec,
             net_limit_bytes_per_sec: checked.net_limit_bytes_per_sec,
             net_limit_packets_per_sec: checked.net_limit_packets_per_sec,
+            pool: pool.clone(),
             cpus,
         };
         let net_capacity = crate::net_capacity()?;
@@ -78,15 +84,19 @@ impl PowerOn {
         let admitted = ledger.admit(capacity, entry)?;
         // The pid keeps two hosts' runtime directories (tests, nested setups) apart.
         let group = format!("{vm}-{}", std::process::id());
-        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), &group) {
+        let wants = wants_cgroup(&checked)
+            || pool
+                .as_ref()
+                .is_some_and(|p| p.cpu_limit_permille.is_some() || p.memory_limit_bytes.is_some());
+        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), pool.as_ref(), &group) {
             Ok(cgroup) => cgroup,
-            Err(error) if !wants_cgroup(&checked) => {
+            Err(error) if !wants => {
                 warn!(vm, %error, "no cgroup for the VM: it runs with the host's defaults");
                 None
             }
             Err(error) => return Err(error),
         };
-        if cgroup.is_none() && wants_cgroup(&checked) {
+        if cgroup.is_none() && wants {
             return Err(SchedError::Config(format!(
                 "this host mounts no cgroup cpu or memory controller under {CGROUP_ROOT} to apply shares or limits with"
             )));

@@ -70,6 +70,9 @@ pub struct Resources {
     pub disk: Option<Setting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<Setting>,
+    /// The resource pool of this host the VM runs in (see [`crate::Pool`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// CPU: MHz of the host's cores, or a percentage of one core (200% is two cores).
@@ -114,6 +117,7 @@ pub struct Checked {
     /// Bytes per second the VM may send over all its NICs together.
     pub net_limit_bytes_per_sec: Option<u64>,
     pub net_limit_packets_per_sec: Option<u64>,
+    pub pool: Option<String>,
 }
 
 impl Resources {
@@ -124,6 +128,9 @@ impl Resources {
         let mem = self.memory.as_ref().unwrap_or(&none);
         let disk = self.disk.as_ref().unwrap_or(&none);
         let net = self.net.as_ref().unwrap_or(&none);
+        if let Some(pool) = &self.pool {
+            crate::pool::check_name(pool)?;
+        }
         for (name, s) in [("cpu", cpu), ("memory", mem), ("disk", disk), ("net", net)] {
             if let Some(Shares::Number(0)) = s.shares {
                 return Err(SchedError::Config(format!(
@@ -253,6 +260,7 @@ impl Resources {
             net_reservation_bytes_per_sec: net_reservation.bytes_per_sec.unwrap_or(0),
             net_limit_bytes_per_sec: net_limit.bytes_per_sec,
             net_limit_packets_per_sec: net_limit.iops,
+            pool: self.pool.clone(),
         })
     }
 }
@@ -271,7 +279,7 @@ fn number(field: &str, digits: &str, text: &str) -> Result<u64> {
     })
 }
 
-fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
+pub(crate) fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
     let text = match amount {
         Amount::Number(n) => return Ok(CpuAmount::Mhz(*n)),
         Amount::Text(t) => t,
@@ -288,7 +296,7 @@ fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
     }
 }
 
-fn bytes(field: &str, amount: &Amount) -> Result<u64> {
+pub(crate) fn bytes(field: &str, amount: &Amount) -> Result<u64> {
     let text = match amount {
         Amount::Number(n) => return Ok(*n),
         Amount::Text(t) => t,

@@ -53,6 +53,18 @@ struct Report {
     /// network shares and reservations have no effect (limits still do).
     net_capacity_bytes_per_sec: Option<u64>,
     vms: Vec<VmUse>,
+    /// The resource pools of the running VMs: the tree under the host.
+    pools: Vec<PoolUse>,
+}
+
+#[derive(Serialize)]
+struct PoolUse {
+    #[serde(flatten)]
+    pool: sched::Pool,
+    /// Its running VMs' folders.
+    vms: Vec<String>,
+    cpu_used_permille: Option<u64>,
+    memory_used_bytes: Option<u64>,
 }
 
 pub fn run(args: ResourcesArgs) -> anyhow::Result<ExitCode> {
@@ -86,17 +98,37 @@ fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
         .map(|e| {
             sched::Cgroup::open(
                 Path::new(sched::CGROUP_ROOT),
-                &format!("{}-{}", e.vm, e.pid),
+                e.pool.as_ref().map(|p| p.name.as_str()),
+                Some(&format!("{}-{}", e.vm, e.pid)),
             )
         })
         .collect();
+    let mut pools: Vec<PoolUse> = Vec::new();
+    for e in &entries {
+        let Some(pool) = &e.pool else { continue };
+        match pools.iter_mut().find(|p| p.pool.name == pool.name) {
+            Some(p) => p.vms.push(e.vm.clone()),
+            None => pools.push(PoolUse {
+                pool: pool.clone(),
+                vms: vec![e.vm.clone()],
+                cpu_used_permille: None,
+                memory_used_bytes: None,
+            }),
+        }
+    }
+    let pool_groups: Vec<_> = pools
+        .iter()
+        .map(|p| sched::Cgroup::open(Path::new(sched::CGROUP_ROOT), Some(&p.pool.name), None))
+        .collect();
     let cpu = |cg: &Option<sched::Cgroup>| cg.as_ref().and_then(|c| c.cpu_usage_ns());
     let before_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
+    let before_pools: Vec<_> = pool_groups.iter().map(cpu).collect();
     let before_disk = sched::Clock::usage(runtime, sched::Class::Disk)?;
     let before_net = sched::Clock::usage(runtime, sched::Class::Net)?;
     let start = Instant::now();
     std::thread::sleep(interval);
     let after_cpu: Vec<_> = cgroups.iter().map(cpu).collect();
+    let after_pools: Vec<_> = pool_groups.iter().map(cpu).collect();
     let after_disk = sched::Clock::usage(runtime, sched::Class::Disk)?;
     let after_net = sched::Clock::usage(runtime, sched::Class::Net)?;
     let secs = start.elapsed().as_secs_f64();
@@ -105,6 +137,12 @@ fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
     let cpu_shares: u64 = entries.iter().map(|e| e.cpu_shares).sum::<u64>().max(1);
     let disk_shares: u64 = entries.iter().map(|e| e.disk_shares).sum::<u64>().max(1);
     let net_shares: u64 = entries.iter().map(|e| e.net_shares).sum::<u64>().max(1);
+    for (i, p) in pools.iter_mut().enumerate() {
+        p.cpu_used_permille = before_pools[i]
+            .zip(after_pools[i])
+            .map(|(a, b)| ((b.saturating_sub(a)) as f64 / secs / 1e6) as u64);
+        p.memory_used_bytes = pool_groups[i].as_ref().and_then(|c| c.memory_usage());
+    }
     let (_, shared, sharing) = sched::ksm_pages(0);
     let mut vms = Vec::new();
     for (i, e) in entries.into_iter().enumerate() {
@@ -153,6 +191,7 @@ fn measure(runtime: &Path, interval: Duration) -> anyhow::Result<Report> {
         ksm_pages_sharing: sharing,
         net_capacity_bytes_per_sec: net_capacity,
         vms,
+        pools,
     })
 }
 
@@ -204,7 +243,35 @@ fn print(report: &Report) -> anyhow::Result<()> {
             opt(v.ksm_merged_pages),
         )?;
     }
-    print_net(report)
+    print_net(report)?;
+    print_pools(report)
+}
+
+/// The pools and their VMs, as a tree under the host.
+fn print_pools(report: &Report) -> anyhow::Result<()> {
+    if report.pools.is_empty() {
+        return Ok(());
+    }
+    crate::outln!("pools:")?;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for p in &report.pools {
+        let pool = &p.pool;
+        crate::outln!(
+            "  pool {}: CPU shares {}, res {}%, limit {}%, used {}%; memory res {} MiB, limit {} MiB, used {} MiB",
+            pool.name,
+            pool.cpu_shares,
+            pool.cpu_reservation_permille / 10,
+            opt(pool.cpu_limit_permille.map(|l| l / 10)),
+            opt(p.cpu_used_permille.map(|u| u / 10)),
+            pool.memory_reservation_bytes >> 20,
+            opt(pool.memory_limit_bytes.map(|b| b >> 20)),
+            opt(p.memory_used_bytes.map(|b| b >> 20)),
+        )?;
+        for vm in &p.vms {
+            crate::outln!("    {vm}")?;
+        }
+    }
+    Ok(())
 }
 
 /// The network: settings, entitlement and what each VM sent, in MiB/s.
