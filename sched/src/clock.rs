@@ -11,10 +11,10 @@
 //!   bytes/s); before that the VM waits even on an idle device. This is the VM-wide token
 //!   bucket over all its disks, or all its NICs.
 //! - proportional: a virtual-time tag (`P`, start-time fair queueing: the start tag of the
-//!   VM's next I/O); an I/O goes when its tag is the smallest among the VMs that issued I/O in
-//!   the last [`Class::active_ns`] and are not held by their own limit, so backlogged VMs are served
-//!   in proportion to their shares. A VM that was idle restarts at the smallest tag of the
-//!   active ones and cannot bank credit while idle.
+//!   VM's next I/O); an I/O goes when its tag is the smallest among the VMs waiting for a turn
+//!   (disk: that issued I/O in the last [`Class::active_ns`]; net: that hold a refused frame)
+//!   and are not held by their own limit, so backlogged VMs are served in proportion to their
+//!   shares. A VM cannot bank credit while idle or sending less than its share.
 //!
 //! The classes differ in what is scarce. A disk is its own arbiter: its service time paces the
 //! VMs, a tag costs one I/O, and a reservation is in IOPS. A host's network is not (a tap on a
