@@ -1068,7 +1068,9 @@ static void __attribute__((noreturn)) write_counter(unsigned ndisks)
  * peer, or broadcast without one), net_frame=B (bytes per burst frame, default 1514) and
  * net_arp=N (ARP requests before the peer is unreachable, ~0.4 s apart, default 40). Burst
  * frames it receives are counted on the console every 256.
- * The first virtio-net device found among the virtio_mmio.device= entries is used; after its
+ * The first virtio-net device found among the virtio_mmio.device= entries pings and answers; a
+ * burst alternates its frames over the first NET_NICS devices (to the peer on the first, as
+ * broadcasts on the others), so a VM-wide limit over several NICs can be measured. After its
  * work the guest keeps answering until the VM is stopped or its power button pressed. ---- */
 
 #define VIRTIO_ID_NET 1
@@ -1097,7 +1099,10 @@ struct net_queue {
     u16 avail_idx, last_used;
 };
 
-static struct {
+#define NET_NICS 2
+
+/* Every function works on the current NIC, `net`; only the burst switches between them. */
+static struct net_nic {
     u64 base;
     int present;
     u8 mac[6], peer_mac[6];
@@ -1107,7 +1112,9 @@ static struct {
     struct net_queue rx, tx;
     u8 rxbuf[NET_QSIZE][NET_BUF] __attribute__((aligned(64)));
     u8 txbuf[NET_QSIZE][NET_BUF] __attribute__((aligned(64)));
-} net = {.count = 4, .frame = 1514, .arp_tries = 40};
+} nets[NET_NICS] = {{.count = 4, .frame = 1514, .arp_tries = 40}};
+static unsigned net_cur, net_nics;
+#define net (nets[net_cur])
 
 static u32 net_parse_ip(const char **sp)
 {
@@ -1150,7 +1157,8 @@ static void net_parse_cmdline(const char *s)
 static u32 nreg(u32 off) { return mmio_read32(net.base + off); }
 static void nset(u32 off, u32 v) { mmio_write32(net.base + off, v); }
 
-/* Takes the first virtio-net device out of the disk list (both come as virtio_mmio.device=). */
+/* Takes the virtio-net devices out of the disk list (both come as virtio_mmio.device=); the
+ * first NET_NICS are used, each with the settings of the command line. */
 static void net_claim(void)
 {
     unsigned kept = 0;
@@ -1158,9 +1166,13 @@ static void net_claim(void)
         u64 base = cfg.disks[i].base;
         if (mmio_read32(base + VIRTIO_MMIO_MAGIC) == 0x74726976 &&
             mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_NET) {
-            if (!net.present) {
-                net.present = 1;
-                net.base = base;
+            if (net_nics < NET_NICS) {
+                struct net_nic *n = &nets[net_nics];
+                if (net_nics)
+                    *n = nets[0];
+                n->present = 1;
+                n->base = base;
+                net_nics++;
             }
             continue;
         }
@@ -1464,24 +1476,35 @@ static void net_send_burst(void)
     const u8 *dst = broadcast;
     if (net.peer_ip && net_resolve_peer())
         dst = net.peer_mac;
+    u32 burst = net.burst, frame = net.frame;
     kprintf("vapp-testguest: net: burst start\n");
-    for (u32 i = 0; i < net.burst; i++) {
+    for (u32 i = 0; i < burst; i++) {
+        net_cur = i % net_nics;
+        u32 k = i / net_nics; /* this NIC's frame number */
         u8 *f = net_tx_buffer();
-        u8 *p = eth_header(f, dst, ETHERTYPE_BURST);
+        u8 *p = eth_header(f, net_cur ? broadcast : dst, ETHERTYPE_BURST);
         put32(p, i);
         /* Notify once per quarter ring: each notify is a VM exit. */
-        net_tx_queue(net.frame, (i + 1) % (NET_QSIZE / 4) == 0 || i + 1 == net.burst);
+        net_tx_queue(frame, (k + 1) % (NET_QSIZE / 4) == 0 || i + net_nics >= burst);
         net_poll();
     }
-    while (net_tx_reclaim())
-        cpu_relax();
-    kprintf("vapp-testguest: net: burst of %u frames of %u bytes sent\n", net.burst, net.frame);
+    for (net_cur = 0; net_cur < net_nics; net_cur++)
+        while (net_tx_reclaim())
+            cpu_relax();
+    net_cur = 0;
+    if (net_nics > 1)
+        kprintf("vapp-testguest: net: burst of %u frames of %u bytes sent over %u NICs\n", burst,
+                frame, net_nics);
+    else
+        kprintf("vapp-testguest: net: burst of %u frames of %u bytes sent\n", burst, frame);
 }
 
 static void __attribute__((noreturn)) net_main(void)
 {
-    if (net_init())
-        power_off(FAIL_DISK_SETUP);
+    for (net_cur = 0; net_cur < net_nics; net_cur++)
+        if (net_init())
+            power_off(FAIL_DISK_SETUP);
+    net_cur = 0;
     if (net.peer_ip && net.count)
         net_ping();
     if (net.burst)

@@ -55,7 +55,7 @@ pub struct Disk {
     /// Offer the device read-only (VIRTIO_BLK_F_RO) and refuse writes even if the LUN takes them.
     pub read_only: bool,
     /// The host's disk scheduler slot of this VM: each request waits for its turn there.
-    pub clock: Option<Arc<sched::DiskClock>>,
+    pub clock: Option<Arc<sched::Clock>>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -88,7 +88,6 @@ impl Disk {
 
 /// A virtio-net device on a tap the caller created (and attached to whatever switch it
 /// wants): the VM owns the tap from here, so the interface goes when the VM does.
-#[derive(Debug)]
 pub struct Nic {
     pub tap: Tap,
     pub mac: MacAddr,
@@ -96,6 +95,21 @@ pub struct Nic {
     pub rx: NicLimits,
     /// Limits on what the guest sends.
     pub tx: NicLimits,
+    /// The host's network scheduler slot of this VM, shared by all its NICs: every
+    /// transmitted frame also waits for the VM-wide limit and its share of the host's capacity.
+    pub clock: Option<Arc<sched::Clock>>,
+}
+
+impl std::fmt::Debug for Nic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nic")
+            .field("tap", &self.tap)
+            .field("mac", &self.mac)
+            .field("rx", &self.rx)
+            .field("tx", &self.tx)
+            .field("scheduled", &self.clock.is_some())
+            .finish()
+    }
 }
 
 impl Nic {
@@ -105,6 +119,7 @@ impl Nic {
             mac,
             rx: NicLimits::default(),
             tx: NicLimits::default(),
+            clock: None,
         }
     }
 }

@@ -513,7 +513,8 @@ impl<'h> Builder<'h> {
                 &nic.rx,
                 &nic.tx,
                 kick.try_clone().map_err(io)?,
-            );
+            )
+            .scheduled(nic.clock.clone());
             let transport = MmioTransport::new(&vm, &name, net, self.mem.clone(), self.irq(gsi)?)
                 .map_err(|e| HvError::BadNic {
                 vm: vm.clone(),

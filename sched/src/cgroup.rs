@@ -1,4 +1,5 @@
-//! One VM's cgroup: `vapp/<vm>-<pid>` under each controller the host mounts. Under cgroup v1
+//! One VM's cgroup: `vapp/<vm>-<pid>` (or `vapp/pool-<pool>/<vm>-<pid>`) under each
+//! controller the host mounts. Under cgroup v1
 //! (one hierarchy per controller, as these hosts have) only the vCPU threads join `cpu`,
 //! `cpuacct` and `cpuset`, so the VMM's own threads are not weighed against the guest; the
 //! whole process joins `memory`, which charges per process. v2 moves the whole process.
@@ -7,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
-use crate::Result;
 use crate::error::io;
+use crate::{Pool, Result};
 
 /// The CFS period vapp uses for quotas: 100 ms, the kernel's default.
 pub const PERIOD_US: u64 = 100_000;
@@ -40,46 +41,85 @@ impl Cgroup {
         }
     }
 
-    /// Creates (or reuses) `vapp/<vm>` under `root`.
-    pub fn create(root: &Path, vm: &str) -> Result<Option<Cgroup>> {
+    /// Creates (or reuses) `vapp/<vm>` under `root`, or `vapp/pool-<pool>/<vm>` with the
+    /// pool's shares and limits on the pool's group.
+    pub fn create(root: &Path, pool: Option<&Pool>, vm: &str) -> Result<Option<Cgroup>> {
         let Some(version) = Cgroup::detect(root) else {
             return Ok(None);
         };
         let name = sanitize(vm);
+        let parents = parents(pool.map(|p| p.name.as_str()));
         let dirs = match version {
             CgroupVersion::V2 => {
-                let parent = root.join("vapp");
-                mkdir(&parent)?;
-                // The parent must hand cpu, cpuset and memory down to the VM's group.
-                let control = parent.join("cgroup.subtree_control");
-                if let Err(e) = write(&root.join("cgroup.subtree_control"), "+cpu +cpuset +memory")
-                    .and_then(|()| write(&control, "+cpu +cpuset +memory"))
-                {
+                // Each parent must hand cpu, cpuset and memory down to the groups below it.
+                let mut at = root.to_path_buf();
+                for parent in &parents {
+                    let control = at.join("cgroup.subtree_control");
+                    at = at.join(parent);
+                    mkdir(&at)?;
+                    if let Err(e) = write(&control, "+cpu +cpuset +memory") {
+                        warn!(%e, "cannot enable cgroup v2 controllers for vapp");
+                    }
+                }
+                if let Err(e) = write(&at.join("cgroup.subtree_control"), "+cpu +cpuset +memory") {
                     warn!(%e, "cannot enable cgroup v2 controllers for vapp");
                 }
-                vec![("unified", parent.join(&name))]
+                vec![("unified", at.join(&name))]
             }
             CgroupVersion::V1 => ["cpu", "cpuacct", "cpuset", "memory"]
                 .into_iter()
                 .filter(|c| root.join(c).is_dir())
-                .map(|c| (c, root.join(c).join("vapp").join(&name)))
+                .map(|c| {
+                    (
+                        c,
+                        parents
+                            .iter()
+                            .fold(root.join(c), |d, p| d.join(p))
+                            .join(&name),
+                    )
+                })
                 .collect(),
         };
         for (controller, dir) in &dirs {
-            if let Some(parent) = dir.parent() {
-                mkdir(parent)?;
-                remove_stale(parent);
+            let base = match version {
+                CgroupVersion::V2 => root.to_path_buf(),
+                CgroupVersion::V1 => root.join(controller),
+            };
+            let mut at = base;
+            for parent in &parents {
+                let above = at.clone();
+                at = at.join(parent);
+                mkdir(&at)?;
                 if *controller == "cpuset" {
-                    // A v1 cpuset with empty cpus or mems refuses tasks: inherit the root's.
-                    inherit(root.join("cpuset"), parent)?;
+                    // A v1 cpuset with empty cpus or mems refuses tasks: inherit the parent's.
+                    inherit(above, &at)?;
                 }
             }
+            remove_stale(&at);
             mkdir(dir)?;
             if *controller == "cpuset" {
-                inherit(dir.parent().map(Path::to_path_buf).unwrap_or_default(), dir)?;
+                inherit(at, dir)?;
             }
         }
-        debug!(vm, ?version, "cgroup ready");
+        if let Some(pool) = pool {
+            let group = Cgroup {
+                version,
+                dirs: dirs
+                    .iter()
+                    .filter_map(|(c, d)| d.parent().map(|p| (*c, p.to_path_buf())))
+                    .collect(),
+                owned: false,
+            };
+            group.set_cpu_shares(pool.cpu_shares)?;
+            group.set_cpu_limit(pool.cpu_limit_permille)?;
+            group.set_memory_limit(pool.memory_limit_bytes)?;
+        }
+        debug!(
+            vm,
+            ?version,
+            pool = pool.map(|p| p.name.as_str()),
+            "cgroup ready"
+        );
         Ok(Some(Cgroup {
             version,
             dirs,
@@ -87,15 +127,20 @@ impl Cgroup {
         }))
     }
 
-    /// Another process's VM cgroup, to read its use; None if it has none.
-    pub fn open(root: &Path, vm: &str) -> Option<Cgroup> {
+    /// Another process's VM cgroup (or, with `vm` None, a pool's), to read its use; None if
+    /// it has none.
+    pub fn open(root: &Path, pool: Option<&str>, vm: Option<&str>) -> Option<Cgroup> {
         let version = Cgroup::detect(root)?;
-        let name = sanitize(vm);
+        let mut parts = parents(pool);
+        if let Some(vm) = vm {
+            parts.push(sanitize(vm));
+        }
+        let path = |base: PathBuf| parts.iter().fold(base, |d, p| d.join(p));
         let dirs: Vec<_> = match version {
-            CgroupVersion::V2 => vec![("unified", root.join("vapp").join(&name))],
+            CgroupVersion::V2 => vec![("unified", path(root.to_path_buf()))],
             CgroupVersion::V1 => ["cpu", "cpuacct", "cpuset", "memory"]
                 .into_iter()
-                .map(|c| (c, root.join(c).join("vapp").join(&name)))
+                .map(|c| (c, path(root.join(c))))
                 .collect(),
         };
         let dirs: Vec<_> = dirs.into_iter().filter(|(_, d)| d.is_dir()).collect();
@@ -254,7 +299,10 @@ impl Drop for Cgroup {
         if self.owned {
             for (controller, dir) in &self.dirs {
                 if matches!(*controller, "memory" | "unified") {
-                    if let Some(root) = dir.parent().and_then(Path::parent) {
+                    let vapp = dir
+                        .ancestors()
+                        .find(|a| a.file_name().is_some_and(|n| n == "vapp"));
+                    if let Some(root) = vapp.and_then(Path::parent) {
                         let _ = std::fs::write(
                             root.join("cgroup.procs"),
                             std::process::id().to_string(),
@@ -265,8 +313,23 @@ impl Drop for Cgroup {
         }
         for (_, dir) in self.dirs.iter().filter(|_| self.owned) {
             let _ = std::fs::remove_dir(dir);
+            // The last VM of a pool takes the pool's group with it; while others run, the
+            // group is not empty and stays.
+            if let Some(pool) = dir.parent().filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("pool-"))
+            }) {
+                let _ = std::fs::remove_dir(pool);
+            }
         }
     }
+}
+
+/// The groups above a VM's: `vapp`, then `pool-<name>` for a VM in a pool.
+fn parents(pool: Option<&str>) -> Vec<String> {
+    let mut parents = vec!["vapp".to_string()];
+    parents.extend(pool.map(|p| format!("pool-{}", sanitize(p))));
+    parents
 }
 
 fn sanitize(vm: &str) -> String {

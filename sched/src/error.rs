@@ -13,14 +13,14 @@ pub enum SchedError {
     Parse { path: PathBuf, reason: String },
     #[error("[resources] {0}")]
     Config(String),
-    /// `resource` is "CPU" or "memory"; `detail` gives the numbers.
+    /// `resource` is "CPU", "memory" or "network"; `detail` gives the numbers.
     #[error("cannot power on {vm}: its {resource} reservation {detail}")]
     Admission {
         vm: String,
         resource: &'static str,
         detail: String,
     },
-    #[error("{path}: all {slots} disk scheduler slots are in use by running VMs")]
+    #[error("{path}: all {slots} scheduler slots are in use by running VMs")]
     NoSlot { path: PathBuf, slots: usize },
 }
 

@@ -1,4 +1,5 @@
-//! Powering on one VM: admission, its cgroup, vCPU placement, memory and its disk slot, held
+//! Powering on one VM: admission, its cgroup, vCPU placement, memory and its disk and network
+//! slots, held
 //! for as long as the VM process runs.
 
 use std::path::Path;
@@ -8,8 +9,8 @@ use tracing::{info, warn};
 
 use crate::resources::Checked;
 use crate::{
-    Admitted, Cgroup, DiskClock, DiskTicket, HostCapacity, Ledger, LedgerEntry, Resources, Result,
-    SchedError, Topology,
+    Admitted, Cgroup, Class, Clock, HostCapacity, Ledger, LedgerEntry, Resources, Result,
+    SchedError, Ticket, Topology,
 };
 
 /// Where cgroups are mounted.
@@ -21,7 +22,8 @@ pub struct PowerOn {
     checked: Checked,
     admitted: Admitted,
     cgroup: Option<Cgroup>,
-    disk: Arc<DiskClock>,
+    disk: Arc<Clock>,
+    net: Arc<Clock>,
 }
 
 impl PowerOn {
@@ -47,6 +49,11 @@ impl PowerOn {
             Vec::new()
         };
         let core_mhz = topology.core_mhz;
+        let pool = checked
+            .pool
+            .as_deref()
+            .map(|name| crate::Pool::load(&crate::pools_dir(), name, core_mhz))
+            .transpose()?;
         let permille = |a: Option<crate::CpuAmount>| a.map(|a| a.permille(core_mhz));
         let entry = LedgerEntry {
             vm: vm.to_string(),
@@ -62,21 +69,34 @@ impl PowerOn {
             disk_reservation_iops: checked.disk_reservation_iops,
             disk_limit_iops: checked.disk_limit.iops,
             disk_limit_bytes_per_sec: checked.disk_limit.bytes_per_sec,
+            net_shares: checked.net_shares,
+            net_reservation_bytes_per_sec: checked.net_reservation_bytes_per_sec,
+            net_limit_bytes_per_sec: checked.net_limit_bytes_per_sec,
+            net_limit_packets_per_sec: checked.net_limit_packets_per_sec,
+            pool: pool.clone(),
             cpus,
         };
-        let capacity = HostCapacity::new(topology.threads(), host_memory()?);
+        let net_capacity = crate::net_capacity()?;
+        let capacity = HostCapacity {
+            net_bytes_per_sec: net_capacity,
+            ..HostCapacity::new(topology.threads(), host_memory()?)
+        };
         let admitted = ledger.admit(capacity, entry)?;
         // The pid keeps two hosts' runtime directories (tests, nested setups) apart.
         let group = format!("{vm}-{}", std::process::id());
-        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), &group) {
+        let wants = wants_cgroup(&checked)
+            || pool
+                .as_ref()
+                .is_some_and(|p| p.cpu_limit_permille.is_some() || p.memory_limit_bytes.is_some());
+        let cgroup = match Cgroup::create(Path::new(CGROUP_ROOT), pool.as_ref(), &group) {
             Ok(cgroup) => cgroup,
-            Err(error) if !wants_cgroup(&checked) => {
+            Err(error) if !wants => {
                 warn!(vm, %error, "no cgroup for the VM: it runs with the host's defaults");
                 None
             }
             Err(error) => return Err(error),
         };
-        if cgroup.is_none() && wants_cgroup(&checked) {
+        if cgroup.is_none() && wants {
             return Err(SchedError::Config(format!(
                 "this host mounts no cgroup cpu or memory controller under {CGROUP_ROOT} to apply shares or limits with"
             )));
@@ -91,14 +111,27 @@ impl PowerOn {
                 cg.set_cpus(&e.cpus)?;
             }
         }
-        let disk = Arc::new(DiskClock::join(
+        let disk = Arc::new(Clock::join(
             runtime,
-            DiskTicket {
+            Class::Disk,
+            Ticket {
                 shares: checked.disk_shares,
-                reservation_iops: checked.disk_reservation_iops,
-                limit_iops: checked.disk_limit.iops,
+                reservation: checked.disk_reservation_iops,
+                limit_ops: checked.disk_limit.iops,
                 limit_bytes_per_sec: checked.disk_limit.bytes_per_sec,
             },
+            None,
+        )?);
+        let net = Arc::new(Clock::join(
+            runtime,
+            Class::Net,
+            Ticket {
+                shares: checked.net_shares,
+                reservation: checked.net_reservation_bytes_per_sec,
+                limit_ops: checked.net_limit_packets_per_sec,
+                limit_bytes_per_sec: checked.net_limit_bytes_per_sec,
+            },
+            net_capacity,
         )?);
         info!(vm, cpus = ?admitted.entry().cpus, "admitted");
         Ok(PowerOn {
@@ -107,12 +140,19 @@ impl PowerOn {
             admitted,
             cgroup,
             disk,
+            net,
         })
     }
 
     /// The disk scheduler slot every virtio-blk device of the VM goes through.
-    pub fn disk_clock(&self) -> Arc<DiskClock> {
+    pub fn disk_clock(&self) -> Arc<Clock> {
         self.disk.clone()
+    }
+
+    /// The network scheduler slot the transmit of every virtio-net device of the VM goes
+    /// through: its VM-wide limit and its share of the host's capacity.
+    pub fn net_clock(&self) -> Arc<Clock> {
+        self.net.clone()
     }
 
     pub fn entry(&self) -> &LedgerEntry {

@@ -1,5 +1,5 @@
 //! `[resources]` in vm.toml: shares, reservation and limit for each resource, with the units
-//! the operator writes ("1000MHz", "50%", "512MiB", "200 IOPS", "10MiB/s").
+//! the operator writes ("1000MHz", "50%", "512MiB", "200 IOPS", "10MiB/s", "5000 pps").
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,9 @@ pub struct Resources {
     pub disk: Option<Setting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<Setting>,
+    /// The resource pool of this host the VM runs in (see [`crate::Pool`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// CPU: MHz of the host's cores, or a percentage of one core (200% is two cores).
@@ -108,6 +111,13 @@ pub struct Checked {
     pub disk_shares: u64,
     pub disk_reservation_iops: u64,
     pub disk_limit: Rate,
+    pub net_shares: u64,
+    /// Bytes per second of transmit the VM is guaranteed (0: none).
+    pub net_reservation_bytes_per_sec: u64,
+    /// Bytes per second the VM may send over all its NICs together.
+    pub net_limit_bytes_per_sec: Option<u64>,
+    pub net_limit_packets_per_sec: Option<u64>,
+    pub pool: Option<String>,
 }
 
 impl Resources {
@@ -117,13 +127,11 @@ impl Resources {
         let cpu = self.cpu.as_ref().unwrap_or(&none);
         let mem = self.memory.as_ref().unwrap_or(&none);
         let disk = self.disk.as_ref().unwrap_or(&none);
-        if self.net.as_ref().is_some_and(|n| *n != none) {
-            return Err(SchedError::Config(
-                "net: this vapp has no virtio-net device to apply network shares or limits to"
-                    .into(),
-            ));
+        let net = self.net.as_ref().unwrap_or(&none);
+        if let Some(pool) = &self.pool {
+            crate::pool::check_name(pool)?;
         }
-        for (name, s) in [("cpu", cpu), ("memory", mem), ("disk", disk)] {
+        for (name, s) in [("cpu", cpu), ("memory", mem), ("disk", disk), ("net", net)] {
             if let Some(Shares::Number(0)) = s.shares {
                 return Err(SchedError::Config(format!(
                     "{name}.shares is 0: use 1 or more"
@@ -209,6 +217,35 @@ impl Resources {
                 )));
             }
         }
+        let net_reservation = net
+            .reservation
+            .as_ref()
+            .map(|a| net_rate("net.reservation", a))
+            .transpose()?
+            .unwrap_or_default();
+        if net_reservation.iops.is_some() {
+            return Err(SchedError::Config(
+                "net.reservation is in bytes per second (\"10MiB/s\"): packets per second cannot be guaranteed across frame sizes".into(),
+            ));
+        }
+        let net_limit = net
+            .limit
+            .as_ref()
+            .map(|a| net_rate("net.limit", a))
+            .transpose()?
+            .unwrap_or_default();
+        if net_limit.iops == Some(0) || net_limit.bytes_per_sec == Some(0) {
+            return Err(SchedError::Config(
+                "net.limit is 0: a VM with a NIC needs to send something".into(),
+            ));
+        }
+        if let (Some(r), Some(l)) = (net_reservation.bytes_per_sec, net_limit.bytes_per_sec) {
+            if r > l {
+                return Err(SchedError::Config(format!(
+                    "net.reservation {r} bytes/s is above net.limit {l} bytes/s"
+                )));
+            }
+        }
         Ok(Checked {
             cpu_shares: cpu.shares.unwrap_or_default().value(vcpus),
             cpu_reservation,
@@ -219,6 +256,11 @@ impl Resources {
             disk_shares: disk.shares.unwrap_or_default().value(1),
             disk_reservation_iops: disk_reservation.iops.unwrap_or(0),
             disk_limit,
+            net_shares: net.shares.unwrap_or_default().value(1),
+            net_reservation_bytes_per_sec: net_reservation.bytes_per_sec.unwrap_or(0),
+            net_limit_bytes_per_sec: net_limit.bytes_per_sec,
+            net_limit_packets_per_sec: net_limit.iops,
+            pool: self.pool.clone(),
         })
     }
 }
@@ -237,7 +279,7 @@ fn number(field: &str, digits: &str, text: &str) -> Result<u64> {
     })
 }
 
-fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
+pub(crate) fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
     let text = match amount {
         Amount::Number(n) => return Ok(CpuAmount::Mhz(*n)),
         Amount::Text(t) => t,
@@ -254,7 +296,7 @@ fn cpu_amount(field: &str, amount: &Amount) -> Result<CpuAmount> {
     }
 }
 
-fn bytes(field: &str, amount: &Amount) -> Result<u64> {
+pub(crate) fn bytes(field: &str, amount: &Amount) -> Result<u64> {
     let text = match amount {
         Amount::Number(n) => return Ok(*n),
         Amount::Text(t) => t,
@@ -313,6 +355,46 @@ fn rate(field: &str, amount: &Amount) -> Result<Rate> {
     }
 }
 
+/// A network rate: a plain number or "…/s" is bytes per second, "… pps" or "… packets/s" is
+/// packets per second (returned in `iops`).
+fn net_rate(field: &str, amount: &Amount) -> Result<Rate> {
+    let text = match amount {
+        Amount::Number(n) => {
+            return Ok(Rate {
+                iops: None,
+                bytes_per_sec: Some(*n),
+            });
+        }
+        Amount::Text(t) => t,
+    };
+    let (digits, unit) = split(text);
+    if unit == "pps" || unit == "packets/s" {
+        return Ok(Rate {
+            iops: Some(number(field, digits, text)?),
+            bytes_per_sec: None,
+        });
+    }
+    Ok(Rate {
+        iops: None,
+        bytes_per_sec: Some(bytes_per_sec(field, text)?),
+    })
+}
+
+/// Bytes per second: "10MiB/s", "1GB/s" or a bare number.
+pub(crate) fn bytes_per_sec(field: &str, text: &str) -> Result<u64> {
+    let trimmed = text.trim();
+    let Some(bare) = trimmed
+        .strip_suffix("/s")
+        .or_else(|| trimmed.strip_suffix("/S"))
+        .or_else(|| trimmed.parse::<u64>().is_ok().then_some(trimmed))
+    else {
+        return Err(SchedError::Config(format!(
+            "{field} {text:?}: the unit is bytes per second (\"10MiB/s\", \"1GB/s\") or packets per second (\"5000 pps\")"
+        )));
+    };
+    bytes(field, &Amount::Text(bare.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +408,8 @@ mod tests {
         let r = parse(
             "[cpu]\nshares = \"high\"\nreservation = \"1200MHz\"\nlimit = \"150%\"\n\
              [memory]\nreservation = \"128MiB\"\nlimit = 268435456\n\
-             [disk]\nshares = 3000\nreservation = \"200 IOPS\"\nlimit = \"10MiB/s\"\n",
+             [disk]\nshares = 3000\nreservation = \"200 IOPS\"\nlimit = \"10MiB/s\"\n\
+             [net]\nshares = \"low\"\nreservation = \"2MB/s\"\nlimit = \"4MiB/s\"\n",
         );
         let c = r.check(2, 256 << 20).unwrap();
         assert_eq!(c.cpu_shares, 4000);
@@ -337,6 +420,14 @@ mod tests {
         assert_eq!(c.disk_shares, 3000);
         assert_eq!(c.disk_reservation_iops, 200);
         assert_eq!(c.disk_limit.bytes_per_sec, Some(10 << 20));
+        assert_eq!(c.net_shares, 500);
+        assert_eq!(c.net_reservation_bytes_per_sec, 2_000_000);
+        assert_eq!(c.net_limit_bytes_per_sec, Some(4 << 20));
+        let pps = parse("[net]\nlimit = \"5000 pps\"\n")
+            .check(1, 1 << 30)
+            .unwrap();
+        assert_eq!(pps.net_limit_packets_per_sec, Some(5000));
+        assert_eq!(pps.net_limit_bytes_per_sec, None);
         assert_eq!(
             Resources::default().check(4, 1 << 30).unwrap().cpu_shares,
             4000
@@ -356,7 +447,17 @@ mod tests {
             ("[disk]\nlimit = \"fast\"\n", "disk.limit"),
             ("[disk]\nreservation = \"5MB/s\"\n", "disk.reservation"),
             ("[disk]\nshares = 0\n", "disk.shares is 0"),
-            ("[net]\nlimit = \"1MB/s\"\n", "virtio-net"),
+            ("[net]\nlimit = \"fast\"\n", "net.limit \"fast\""),
+            ("[net]\nlimit = 0\n", "net.limit is 0"),
+            ("[net]\nshares = 0\n", "net.shares is 0"),
+            (
+                "[net]\nreservation = \"100 pps\"\n",
+                "net.reservation is in bytes",
+            ),
+            (
+                "[net]\nreservation = \"2MiB/s\"\nlimit = \"1MiB/s\"\n",
+                "net.reservation 2097152 bytes/s is above net.limit 1048576 bytes/s",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(text).check(2, 256 << 20).unwrap_err().to_string();

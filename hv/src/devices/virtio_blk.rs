@@ -42,7 +42,7 @@ pub(crate) struct Block {
     config: [u8; 24],
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     bounce: Vec<u8>,
-    clock: Option<Arc<sched::DiskClock>>,
+    clock: Option<Arc<sched::Clock>>,
 }
 
 impl Block {
@@ -51,7 +51,7 @@ impl Block {
         name: &str,
         lun: Arc<dyn Lun>,
         read_only: bool,
-        clock: Option<Arc<sched::DiskClock>>,
+        clock: Option<Arc<sched::Clock>>,
     ) -> Self {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&(lun.size() / SECTOR).to_le_bytes());

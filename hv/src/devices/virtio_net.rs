@@ -1,5 +1,6 @@
 //! virtio-net backed by a tap device, with Firecracker-style token-bucket rate limits on
-//! each direction.
+//! each direction, and transmit through the host's network scheduler (`sched::Clock`: the
+//! VM-wide limit over all its NICs, and its share of the host's capacity).
 //!
 //! Transmit runs on the vCPU thread inside the guest's QUEUE_NOTIFY. Receive runs on a
 //! backend thread per NIC that polls the tap: the guest's notify of the receive queue (new
@@ -49,6 +50,13 @@ impl Limiter {
 
     /// Takes one frame of `len` bytes, or says when to try again.
     fn admit(&mut self, len: usize, now: Instant) -> Result<(), Instant> {
+        self.check(len, now)?;
+        self.consume(len);
+        Ok(())
+    }
+
+    /// Whether a frame of `len` bytes may pass now, without taking it.
+    fn check(&mut self, len: usize, now: Instant) -> Result<(), Instant> {
         let mut wait = Duration::ZERO;
         if let Some(bucket) = &mut self.bytes
             && let Err(w) = bucket.check(len as u64, now)
@@ -63,13 +71,16 @@ impl Limiter {
         if !wait.is_zero() {
             return Err(now + wait);
         }
+        Ok(())
+    }
+
+    fn consume(&mut self, len: usize) {
         if let Some(bucket) = &mut self.bytes {
             bucket.consume(len as u64);
         }
         if let Some(bucket) = &mut self.packets {
             bucket.consume(1);
         }
-        Ok(())
     }
 }
 
@@ -101,6 +112,7 @@ pub(crate) struct Net {
     rx_limit: Limiter,
     tx_frame: Vec<u8>,
     tx_limit: Limiter,
+    tx_clock: Option<Arc<sched::Clock>>,
     tx_throttled_until: Option<Instant>,
 }
 
@@ -126,8 +138,15 @@ impl Net {
             rx_limit: Limiter::new(rx),
             tx_frame: vec![0; HEADER_LEN + MAX_FRAME],
             tx_limit: Limiter::new(tx),
+            tx_clock: None,
             tx_throttled_until: None,
         }
+    }
+
+    /// Sends through the VM's network scheduler slot too.
+    pub fn scheduled(mut self, clock: Option<Arc<sched::Clock>>) -> Net {
+        self.tx_clock = clock;
+        self
     }
 
     fn wake_backend(&self) {
@@ -205,7 +224,18 @@ impl Net {
         used && queue.needs_notification(mem).unwrap_or(true)
     }
 
-    /// Sends the guest's frames to the tap while the rate limit lets them through.
+    /// Takes a transmitted frame of `len` bytes from this NIC's buckets and the VM's scheduler
+    /// slot, or says when to try again; a refused frame is charged to neither.
+    fn admit_tx(&mut self, len: usize, now: Instant) -> Result<(), Instant> {
+        self.tx_limit.check(len, now)?;
+        if let Some(clock) = &self.tx_clock {
+            clock.try_admit(len as u64).map_err(|wait| now + wait)?;
+        }
+        self.tx_limit.consume(len);
+        Ok(())
+    }
+
+    /// Sends the guest's frames to the tap while the rate limits let them through.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
         loop {
@@ -235,7 +265,7 @@ impl Net {
             }
             if fault || len <= HEADER_LEN {
                 debug!(vm = %self.vm, nic = %self.name, len, "malformed transmit buffer dropped");
-            } else if let Err(until) = self.tx_limit.admit(len - HEADER_LEN, now) {
+            } else if let Err(until) = self.admit_tx(len - HEADER_LEN, now) {
                 queue.go_to_previous_position();
                 self.tx_throttled_until = Some(until);
                 self.wake_backend();

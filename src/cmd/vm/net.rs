@@ -45,7 +45,12 @@ pub fn assign_macs(
 
 /// A tap per NIC on its network, named after this process (unique on the host, and gone
 /// with it).
-pub fn attach_nics(folder: &str, spec: &VmSpec) -> anyhow::Result<Vec<hv::Nic>> {
+/// `clock` is the VM's network scheduler slot, shared by all its NICs.
+pub fn attach_nics(
+    folder: &str,
+    spec: &VmSpec,
+    clock: &std::sync::Arc<sched::Clock>,
+) -> anyhow::Result<Vec<hv::Nic>> {
     let mut nics = Vec::new();
     for (i, net) in spec.nets.iter().enumerate() {
         let mac = net
@@ -59,6 +64,7 @@ pub fn attach_nics(folder: &str, spec: &VmSpec) -> anyhow::Result<Vec<hv::Nic>> 
             mac,
             rx: net.rx_limits(),
             tx: net.tx_limits(),
+            clock: Some(clock.clone()),
         });
     }
     Ok(nics)

@@ -133,7 +133,7 @@ pub fn start(datastore: &str, folder: &str, options: Options) -> anyhow::Result<
     }
     let console = ConsoleSink::new(&options)?;
     let first = hypervisor
-        .create_vm(vm_config(folder, &loaded, &console)?)
+        .create_vm(vm_config(folder, &loaded, &console, &power)?)
         .with_context(|| format!("vm {folder}"))?;
     let listener = claim.listen()?;
 
@@ -309,7 +309,12 @@ fn open_disks(
     Ok((disks, writable))
 }
 
-fn vm_config(folder: &str, loaded: &Loaded, console: &ConsoleSink) -> anyhow::Result<hv::VmConfig> {
+fn vm_config(
+    folder: &str,
+    loaded: &Loaded,
+    console: &ConsoleSink,
+    power: &sched::PowerOn,
+) -> anyhow::Result<hv::VmConfig> {
     let spec = &loaded.spec;
     let mut config = hv::VmConfig::new(spec.name.clone(), loaded.kernel.clone());
     config.vcpus = spec.vcpus;
@@ -317,7 +322,7 @@ fn vm_config(folder: &str, loaded: &Loaded, console: &ConsoleSink) -> anyhow::Re
     config.initrd = loaded.initrd.clone();
     config.cmdline = spec.cmdline.clone();
     config.disks = loaded.disks.clone();
-    config.nics = super::net::attach_nics(folder, spec)?;
+    config.nics = super::net::attach_nics(folder, spec, &power.net_clock())?;
     config.console = hv::Console::Writer(Box::new(console.clone()));
     Ok(config)
 }
@@ -385,7 +390,12 @@ impl Run<'_> {
             info!(vm = %self.folder, "the guest reset: booting it again");
             vm = self
                 .hypervisor
-                .create_vm(vm_config(&self.folder, &self.loaded, &self.console)?)
+                .create_vm(vm_config(
+                    &self.folder,
+                    &self.loaded,
+                    &self.console,
+                    self.power,
+                )?)
                 .with_context(|| format!("vm {}: rebooting", self.folder))?;
         }
     }
