@@ -647,6 +647,8 @@ fn a_planned_failover_hands_over_every_member_of_a_consistency_group() {
     }
     let hb_console = running[0].1.clone();
     wait_console(&hb_console, "heartbeat: 512");
+    // Both run before the failover: a runner still starting holds no lock A could wait for.
+    wait_console(&running[1].1, "power button");
     let (a_boot, _, _) = hb_boot(&hb_console);
     let plan = sb.p("plan.toml");
     std::fs::write(
