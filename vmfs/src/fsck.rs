@@ -167,6 +167,7 @@ pub struct FsckStats {
     pub symlinks: u64,
     /// FIFOs, device nodes and sockets.
     pub special: u64,
+    pub raw_device_mappings: u64,
     pub file_blocks_used: u64,
     pub sub_blocks_used: u64,
     pub pointer_blocks_used: u64,
@@ -638,6 +639,9 @@ struct Walk<'a> {
     subdirs: HashMap<u64, u32>,
     dirs_seen: HashSet<u64>,
     inodes_seen: HashSet<u64>,
+    /// The LUN each raw device mapping names (its identity without the path hint), and
+    /// the mapping's inode: one LUN mapped twice would have two writers.
+    mapped_luns: HashMap<String, u64>,
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
     orphans: &'a HashMap<u64, String>,
@@ -664,6 +668,7 @@ impl Scan {
             subdirs: HashMap::new(),
             dirs_seen: HashSet::new(),
             inodes_seen: HashSet::new(),
+            mapped_luns: HashMap::new(),
             inode_fix: HashMap::new(),
             orphans,
             damaged: HashSet::new(),
@@ -835,6 +840,10 @@ impl Walk<'_> {
             Kind::File => self.stats.files += 1,
             Kind::Dir => self.stats.directories += 1,
             Kind::Symlink => self.stats.symlinks += 1,
+            Kind::Rdm => {
+                self.stats.raw_device_mappings += 1;
+                self.check_rdm(&u);
+            }
             Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
                 self.stats.special += 1
             }
@@ -1267,6 +1276,7 @@ impl Walk<'_> {
             match u.kind() {
                 Some(Kind::Dir) => self.stats.directories -= 1,
                 Some(Kind::Symlink) => self.stats.symlinks -= 1,
+                Some(Kind::Rdm) => self.stats.raw_device_mappings -= 1,
                 _ => self.stats.files -= 1,
             }
             return Ok(());
@@ -1282,6 +1292,43 @@ impl Walk<'_> {
             image: Inode::freed(ino, u.generation()).seal(off),
         });
         Ok(())
+    }
+
+    /// A mapping's payload must decode and agree with its inode. The LUN it names is not
+    /// looked for: fsck checks the datastore, `rdm verify` the device. Nothing is repaired,
+    /// since only the user knows which LUN was meant; the mapping can be removed and made
+    /// again.
+    fn check_rdm(&mut self, u: &Arc<Unit>) {
+        let ino = u.ino();
+        let problem = match crate::rdm::RdmRecord::decode(&u[..]) {
+            Err(reason) => format!("damaged mapping payload: {reason}"),
+            Ok(r) if r.size != u.size() => format!(
+                "mapping records a LUN of {} bytes but its size is {}",
+                r.size,
+                u.size()
+            ),
+            Ok(r) => {
+                let lun = r
+                    .identity
+                    .split_once(' ')
+                    .map_or(&*r.identity, |(key, _)| key);
+                match self.mapped_luns.get(lun) {
+                    Some(&first) => {
+                        format!("maps the same LUN as raw device mapping inode {first} ({lun})")
+                    }
+                    None => {
+                        self.mapped_luns.insert(lun.to_string(), ino);
+                        return;
+                    }
+                }
+            }
+        };
+        self.findings.push(finding(
+            format!("raw device mapping inode {ino}"),
+            Some(self.s.sb().inode_offset(ino)),
+            problem,
+            None,
+        ));
     }
 
     /// A root that is damaged, free or not a directory is replaced by an empty one; what it
