@@ -56,7 +56,17 @@ pub struct Disk {
     pub read_only: bool,
     /// The host's disk scheduler slot of this VM: each request waits for its turn there.
     pub clock: Option<Arc<sched::DiskClock>>,
+    /// What the guest reads with GET_ID (`/sys/block/vda/serial`, `/dev/disk/by-id/virtio-…`):
+    /// at most [`SERIAL_BYTES`] bytes. `None` gives `vapp-diskN`, which names only the slot.
+    pub serial: Option<String>,
+    /// Offer discard (VIRTIO_BLK_F_DISCARD), served by [`Lun::write_zeroes`] of the whole LUN
+    /// sectors it covers. Set it only where that is cheap and gives space back (a device that
+    /// deallocates, a thin file): elsewhere discarding would mean writing zeroes.
+    pub discard: bool,
 }
+
+/// The longest serial a virtio-blk device can report (VIRTIO_BLK_ID_BYTES).
+pub const SERIAL_BYTES: usize = 20;
 
 impl std::fmt::Debug for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +74,8 @@ impl std::fmt::Debug for Disk {
             .field("lun", &self.lun.name())
             .field("read_only", &self.read_only)
             .field("scheduled", &self.clock.is_some())
+            .field("serial", &self.serial)
+            .field("discard", &self.discard)
             .finish()
     }
 }
@@ -74,6 +86,8 @@ impl Disk {
             lun,
             read_only: false,
             clock: None,
+            serial: None,
+            discard: false,
         }
     }
 
@@ -82,6 +96,8 @@ impl Disk {
             lun,
             read_only: true,
             clock: None,
+            serial: None,
+            discard: false,
         }
     }
 }
