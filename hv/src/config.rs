@@ -59,11 +59,16 @@ pub struct Disk {
     /// What the guest reads with GET_ID (`/sys/block/vda/serial`, `/dev/disk/by-id/virtio-…`):
     /// at most [`SERIAL_BYTES`] bytes. `None` gives `vapp-diskN`, which names only the slot.
     pub serial: Option<String>,
-    /// Offer discard (VIRTIO_BLK_F_DISCARD), served by [`Lun::write_zeroes`] of the whole LUN
-    /// sectors it covers. Set it only where that is cheap and gives space back (a device that
-    /// deallocates, a thin file): elsewhere discarding would mean writing zeroes.
-    pub discard: bool,
+    /// Offer discard (VIRTIO_BLK_F_DISCARD) and pass each range of whole LUN sectors the guest
+    /// discards to this (a device's BLKDISCARD, a punched hole). `None` offers none: where
+    /// the disk cannot give space back, discarding would mean writing zeroes.
+    pub discard: Option<Discard>,
 }
+
+/// Discards `len` bytes at `offset`, both multiples of the LUN's sector size; the range may
+/// read back as anything afterwards.
+pub type Discard = Arc<dyn Fn(u64, u64) -> Result<(), DiscardError> + Send + Sync>;
+pub type DiscardError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The longest serial a virtio-blk device can report (VIRTIO_BLK_ID_BYTES).
 pub const SERIAL_BYTES: usize = 20;
@@ -75,7 +80,7 @@ impl std::fmt::Debug for Disk {
             .field("read_only", &self.read_only)
             .field("scheduled", &self.clock.is_some())
             .field("serial", &self.serial)
-            .field("discard", &self.discard)
+            .field("discard", &self.discard.is_some())
             .finish()
     }
 }
@@ -87,7 +92,7 @@ impl Disk {
             read_only: false,
             clock: None,
             serial: None,
-            discard: false,
+            discard: None,
         }
     }
 
@@ -97,7 +102,7 @@ impl Disk {
             read_only: true,
             clock: None,
             serial: None,
-            discard: false,
+            discard: None,
         }
     }
 }

@@ -459,7 +459,7 @@ impl<'h> Builder<'h> {
             let (base, gsi) = virtio_mmio_device(index);
             let disk_name = format!("disk{index}");
             let lun_name = disk.lun.name().to_string();
-            let (read_only, discard) = (disk.read_only, disk.discard);
+            let (read_only, discard) = (disk.read_only, disk.discard.is_some());
             let block = Block::new(&vm, &disk_name, disk);
             let transport =
                 MmioTransport::new(&vm, &disk_name, block, self.mem.clone(), self.irq(gsi)?)

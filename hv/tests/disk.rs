@@ -314,7 +314,10 @@ fn a_guest_discard_zeroes_its_range_and_gives_the_space_back_only_where_allowed(
             .collect();
         let (mut config, console) = guest_config("discard", 1, "");
         let mut thin = disk(&luns[0]);
-        thin.discard = true;
+        let punch = luns[0].clone();
+        thin.discard = Some(Arc::new(move |offset, len| {
+            Ok(punch.write_zeroes(offset, len)?)
+        }));
         config.disks = vec![thin, disk(&luns[1])];
         let (exit, out) = run_to_end(config, &console);
         assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");

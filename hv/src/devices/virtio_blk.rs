@@ -1,5 +1,5 @@
 //! virtio-blk backed by any [`Lun`]: reads, writes, flushes, GET_ID and (where the disk
-//! allows it) discards, each answered with the virtio status the guest must see. A flush
+//! gives a way) discards, each answered with the virtio status the guest must see. A flush
 //! returns only after [`Lun::flush`], so whatever the guest was told is durable is durable.
 //!
 //! Data moves between the LUN and guest memory without a copy when the request's buffers are
@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::virtio_mmio::VirtioDevice;
-use crate::config::Disk;
+use crate::config::{Discard, Disk};
 
 pub(crate) const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
@@ -49,7 +49,7 @@ pub(crate) struct Block {
     name: String,
     lun: Arc<dyn Lun>,
     read_only: bool,
-    discard: bool,
+    discard: Option<Discard>,
     config: [u8; CONFIG_LEN],
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     bounce: Vec<u8>,
@@ -73,7 +73,7 @@ impl Block {
         config[20..24].copy_from_slice(&lun.sector_size().to_le_bytes());
         config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         config[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        // The guest then discards whole LUN sectors, the only ones write_zeroes takes.
+        // The guest then discards whole LUN sectors, the only ones a device can deallocate.
         let alignment = (u64::from(lun.sector_size()) / SECTOR) as u32;
         config[44..48].copy_from_slice(&alignment.to_le_bytes());
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
@@ -84,7 +84,7 @@ impl Block {
             vm: vm.to_string(),
             name: name.to_string(),
             read_only,
-            discard: discard && !read_only,
+            discard: discard.filter(|_| !read_only),
             lun,
             config,
             serial,
@@ -139,7 +139,7 @@ impl Block {
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 },
-                VIRTIO_BLK_T_DISCARD if self.discard => {
+                VIRTIO_BLK_T_DISCARD if self.discard.is_some() => {
                     (self.discard(&skip(readable, HEADER_LEN), mem), 0)
                 }
                 VIRTIO_BLK_T_GET_ID => {
@@ -251,9 +251,12 @@ impl Block {
         }
     }
 
-    /// Deallocates the ranges of a discard request: the whole LUN sectors each covers, since
-    /// a discard is a hint and its ragged edges may be left alone. Returns the status.
+    /// Passes on the ranges of a discard request: the whole LUN sectors each covers, since a
+    /// discard is a hint and its ragged edges may be left alone. Returns the status.
     fn discard(&mut self, data: &[Segment], mem: &GuestMemoryMmap) -> u32 {
+        let Some(discard) = self.discard.clone() else {
+            return VIRTIO_BLK_S_UNSUPP;
+        };
         let len = total(data);
         let count = len / DISCARD_RANGE_LEN;
         if len % DISCARD_RANGE_LEN != 0 || count == 0 || count > MAX_DISCARD_SEG as usize {
@@ -299,7 +302,7 @@ impl Block {
             if first >= last {
                 continue;
             }
-            if let Err(error) = self.lun.write_zeroes(first, last - first) {
+            if let Err(error) = discard(first, last - first) {
                 warn!(vm = %self.vm, disk = %self.name, lun = %self.lun.name(), sector, sectors,
                       %error, "discard failed");
                 return VIRTIO_BLK_S_IOERR;
@@ -429,7 +432,7 @@ impl VirtioDevice for Block {
         if self.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
-        if self.discard {
+        if self.discard.is_some() {
             features |= 1 << VIRTIO_BLK_F_DISCARD;
         }
         features
