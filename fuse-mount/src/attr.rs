@@ -7,7 +7,7 @@ use vmfs::{Attr, Kind};
 
 pub(crate) fn file_type(kind: Kind) -> FileType {
     match kind {
-        Kind::File => FileType::RegularFile,
+        Kind::File | Kind::Rdm => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
         Kind::Fifo => FileType::NamedPipe,

@@ -180,6 +180,86 @@ impl LunIdentity {
         }
     }
 
+    /// Block devices of this machine that are this LUN, compared exactly (never by path):
+    /// loop devices over the same file (device and inode) at the same offset, found through
+    /// `/sys/block/loop*/loop/backing_file` and `offset`; disks and partitions with the same
+    /// stable id and start, found through `/sys/class/block`. Empty for the kinds that are
+    /// never compared.
+    pub fn block_devices(&self) -> Vec<PathBuf> {
+        let names = || -> Vec<String> {
+            std::fs::read_dir("/sys/class/block")
+                .map(|entries| {
+                    let mut names: Vec<String> = entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
+                    names.sort();
+                    names
+                })
+                .unwrap_or_default()
+        };
+        match self {
+            LunIdentity::File {
+                dev, ino, offset, ..
+            } => names()
+                .into_iter()
+                .filter(|name| {
+                    loop_backing(name).is_some_and(|(d, i, o)| (d, i, o) == (*dev, *ino, *offset))
+                })
+                .map(|name| PathBuf::from("/dev").join(name))
+                .collect(),
+            LunIdentity::Device { id, start, .. } => names()
+                .into_iter()
+                .filter(|name| !name.starts_with("loop"))
+                .filter(|name| {
+                    let sys = PathBuf::from("/sys/class/block").join(name);
+                    of_sysfs(&sys, String::new())
+                        .is_some_and(|found| matches!(found, LunIdentity::Device { id: i, start: s, .. } if i == *id && s == *start))
+                })
+                .map(|name| PathBuf::from("/dev").join(name))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `other` is exactly this LUN: same device and inode (and offset) for files,
+    /// same id and start for devices, same URI for NBD. Unlike [`LunIdentity::same_lun`],
+    /// a path is never enough: a mapping must reach the very LUN it was made on.
+    pub fn is_exactly(&self, other: &LunIdentity) -> bool {
+        use LunIdentity::*;
+        match (self, other) {
+            (
+                File {
+                    dev, ino, offset, ..
+                },
+                File {
+                    dev: d2,
+                    ino: i2,
+                    offset: o2,
+                    ..
+                },
+            ) => (dev, ino, offset) == (d2, i2, o2),
+            (
+                Device { id, start, .. },
+                Device {
+                    id: i2, start: s2, ..
+                },
+            ) => id == i2 && start == s2,
+            (
+                Shared { fs, dev, ino, .. },
+                Shared {
+                    fs: f2,
+                    dev: d2,
+                    ino: i2,
+                    ..
+                },
+            ) => (fs, dev, ino) == (f2, d2, i2),
+            (Nbd { uri }, Nbd { uri: u2 }) => uri == u2,
+            (Other(a), Other(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// Paths on this machine where the LUN may be found now: its recorded path, and for a
     /// file at an offset or a device every loop device or `/dev/disk/by-id` link. The
     /// caller opens each and compares identities.
@@ -335,12 +415,46 @@ fn of_loop(file: &File) -> Option<LunIdentity> {
     })
 }
 
+/// The backing file's device and inode and the offset of attached loop device `name`
+/// (e.g. `loop3`), from sysfs; `None` for anything else or a detached loop.
+fn loop_backing(name: &str) -> Option<(u64, u64, u64)> {
+    let sys = PathBuf::from("/sys/block").join(name).join("loop");
+    let backing = std::fs::read_to_string(sys.join("backing_file")).ok()?;
+    let backing = backing.trim_end_matches('\n');
+    let offset = std::fs::read_to_string(sys.join("offset"))
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    match std::fs::metadata(backing) {
+        Ok(md) => Some((md.dev(), md.ino(), offset)),
+        // The backing file was deleted or renamed since: the kernel still knows it.
+        Err(_) => {
+            let file = File::open(PathBuf::from("/dev").join(name)).ok()?;
+            match of_loop(&file)? {
+                LunIdentity::File {
+                    dev, ino, offset, ..
+                } => Some((dev, ino, offset)),
+                _ => None,
+            }
+        }
+    }
+}
+
 /// A block device's stable id from sysfs (`wwid`, then `serial`), else its
 /// `/dev/disk/by-id` name; a partition adds its start.
 fn of_block_device(metadata: &std::fs::Metadata, path: String) -> Option<LunIdentity> {
     let rdev = metadata.rdev();
     let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    of_sysfs(
+        &PathBuf::from(format!("/sys/dev/block/{major}:{minor}")),
+        path,
+    )
+}
+
+/// [`of_block_device`] from the device's sysfs directory.
+fn of_sysfs(sys: &Path, path: String) -> Option<LunIdentity> {
+    let sys = sys.to_path_buf();
     let (disk, start) = match std::fs::read_to_string(sys.join("start")) {
         Ok(start) => (
             sys.join(".."),

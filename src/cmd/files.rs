@@ -657,6 +657,8 @@ fn mode_string(a: &vmfs::Attr) -> String {
         Kind::Symlink => 'l',
         Kind::File if a.vdisk => 'v',
         Kind::File => '-',
+        // As VMFS lists an RDM pointer: not a plain file, and not a virtual disk either.
+        Kind::Rdm => 'r',
         Kind::Fifo => 'p',
         Kind::CharDevice => 'c',
         Kind::BlockDevice => 'b',

@@ -34,6 +34,7 @@ use crate::layout::{
     FORMAT_VERSION, LONG_SYMLINKS_VERSION, ROOT_INO, ResourceKind, SPECIAL_FILES_VERSION,
     Superblock,
 };
+use crate::rdm::RdmRecord;
 use crate::state::{State, now_ns};
 use crate::store::{self, Store};
 
@@ -934,6 +935,69 @@ impl Datastore {
             let attr = Attr::from_unit(&i, bs);
             s.put_inode(i);
             Ok(attr)
+        })
+    }
+
+    /// Creates a raw device mapping: an inode of type 4 whose inline data is `record` and
+    /// whose size is the mapped LUN's. Resolving and checking the LUN is the caller's work
+    /// (the `rdm` crate); this stores what it was given, after checking it is well formed.
+    pub fn create_rdm(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        record: &RdmRecord,
+        mode: u32,
+        creds: Creds,
+    ) -> Result<Attr> {
+        let object = describe(parent, name);
+        record.validate().map_err(|reason| Error::Invalid {
+            object: object.clone(),
+            reason,
+        })?;
+        self.needs_version(crate::layout::RDM_VERSION, &object, || {
+            "raw device mappings".into()
+        })?;
+        let bs = self.inner.sb.block_size;
+        self.write_op(|s| {
+            s.lock_inode(parent)?;
+            let (ino, generation) = prepare_entry(s, parent, name)?;
+            let mut i = Inode::new(
+                ino,
+                generation,
+                Kind::Rdm,
+                mode,
+                creds.uid,
+                creds.gid,
+                parent,
+                now_ns(),
+            );
+            i.set_size(record.size);
+            record.encode(i.raw_mut());
+            link_entry(s, parent, name, ino, Kind::Rdm, false)?;
+            let attr = Attr::from_unit(&i, bs);
+            s.put_inode(i);
+            Ok(attr)
+        })
+    }
+
+    /// The payload of raw device mapping `ino`; `Invalid` when it is not one, `Corrupt`
+    /// naming the damage when its payload does not decode.
+    pub fn rdm_record(&self, ino: u64) -> Result<RdmRecord> {
+        self.read_op(|s| {
+            let u = s.inode(ino)?;
+            if u.kind() != Some(Kind::Rdm) {
+                return Err(Error::Invalid {
+                    object: format!("inode {ino}"),
+                    reason: "not a raw device mapping".into(),
+                });
+            }
+            RdmRecord::decode(&u[..]).map_err(|reason| {
+                s.st.corrupt(
+                    format!("raw device mapping inode {ino}"),
+                    s.sb().inode_offset(ino),
+                    reason,
+                )
+            })
         })
     }
 

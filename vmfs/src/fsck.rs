@@ -167,6 +167,7 @@ pub struct FsckStats {
     pub symlinks: u64,
     /// FIFOs, device nodes and sockets.
     pub special: u64,
+    pub raw_device_mappings: u64,
     pub file_blocks_used: u64,
     pub sub_blocks_used: u64,
     pub pointer_blocks_used: u64,
@@ -835,6 +836,10 @@ impl Walk<'_> {
             Kind::File => self.stats.files += 1,
             Kind::Dir => self.stats.directories += 1,
             Kind::Symlink => self.stats.symlinks += 1,
+            Kind::Rdm => {
+                self.stats.raw_device_mappings += 1;
+                self.check_rdm(&u);
+            }
             Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
                 self.stats.special += 1
             }
@@ -1267,6 +1272,7 @@ impl Walk<'_> {
             match u.kind() {
                 Some(Kind::Dir) => self.stats.directories -= 1,
                 Some(Kind::Symlink) => self.stats.symlinks -= 1,
+                Some(Kind::Rdm) => self.stats.raw_device_mappings -= 1,
                 _ => self.stats.files -= 1,
             }
             return Ok(());
@@ -1282,6 +1288,29 @@ impl Walk<'_> {
             image: Inode::freed(ino, u.generation()).seal(off),
         });
         Ok(())
+    }
+
+    /// A mapping's payload must decode and agree with its inode. The LUN it names is not
+    /// looked for: fsck checks the datastore, `rdm verify` the device. Nothing is repaired,
+    /// since only the user knows which LUN was meant; the mapping can be removed and made
+    /// again.
+    fn check_rdm(&mut self, u: &Arc<Unit>) {
+        let ino = u.ino();
+        let problem = match crate::rdm::RdmRecord::decode(&u[..]) {
+            Err(reason) => format!("damaged mapping payload: {reason}"),
+            Ok(r) if r.size != u.size() => format!(
+                "mapping records a LUN of {} bytes but its size is {}",
+                r.size,
+                u.size()
+            ),
+            Ok(_) => return,
+        };
+        self.findings.push(finding(
+            format!("raw device mapping inode {ino}"),
+            Some(self.s.sb().inode_offset(ino)),
+            problem,
+            None,
+        ));
     }
 
     /// A root that is damaged, free or not a directory is replaced by an empty one; what it

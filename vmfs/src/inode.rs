@@ -45,6 +45,9 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// A raw device mapping: its inline data is the mapping payload ([`crate::RdmRecord`]),
+    /// its size the mapped LUN's.
+    Rdm,
     Fifo,
     CharDevice,
     BlockDevice,
@@ -57,7 +60,7 @@ impl Kind {
             Kind::File => 1,
             Kind::Dir => 2,
             Kind::Symlink => 3,
-            // 4 is kept for raw device mappings.
+            Kind::Rdm => 4,
             Kind::Fifo => 5,
             Kind::CharDevice => 6,
             Kind::BlockDevice => 7,
@@ -69,6 +72,7 @@ impl Kind {
             1 => Some(Kind::File),
             2 => Some(Kind::Dir),
             3 => Some(Kind::Symlink),
+            4 => Some(Kind::Rdm),
             5 => Some(Kind::Fifo),
             6 => Some(Kind::CharDevice),
             7 => Some(Kind::BlockDevice),
@@ -100,7 +104,8 @@ impl Kind {
     /// The S_IFMT bits.
     pub fn type_bits(self) -> u32 {
         match self {
-            Kind::File => libc::S_IFREG,
+            // To POSIX a mapping is a regular file the size of its LUN, as on VMFS.
+            Kind::File | Kind::Rdm => libc::S_IFREG,
             Kind::Dir => libc::S_IFDIR,
             Kind::Symlink => libc::S_IFLNK,
             Kind::Fifo => libc::S_IFIFO,
@@ -332,6 +337,10 @@ impl Inode {
         put_u8(&mut self.raw[..], OFF_ADDR_MODE, mode.code());
         self.raw[TAIL..].fill(0);
     }
+    /// The whole unit, for payloads laid out over it (a mapping's).
+    pub fn raw_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[..]
+    }
     pub fn inline_mut(&mut self) -> &mut [u8] {
         &mut self.raw[TAIL..]
     }
@@ -381,6 +390,14 @@ pub fn check(u: &Unit, ino: u64) -> Result<(), String> {
         && (mode == AddrMode::Tree || u.size() == 0 || u.size() > SYMLINK_MAX as u64)
     {
         return Err(format!("symbolic link target of {} bytes", u.size()));
+    }
+    if kind == Kind::Rdm {
+        // The size is the mapped LUN's; the payload is checked by fsck and by whoever
+        // opens the mapping, so a damaged one can still be listed and removed.
+        if mode != AddrMode::Inline || u.allocated() != 0 {
+            return Err("raw device mapping with data storage".into());
+        }
+        return Ok(());
     }
     if mode == AddrMode::Inline && u.size() > INLINE_MAX as u64 {
         return Err(format!("inline file of {} bytes", u.size()));

@@ -144,10 +144,20 @@ fn file_kind_check(u: &impl InodeView) -> Result<()> {
         Some(Kind::Dir) => Err(Error::IsADirectory {
             object: format!("inode {}", u.ino()),
         }),
-        _ => Err(Error::Invalid {
-            object: format!("inode {}", u.ino()),
-            reason: "not a regular file".into(),
-        }),
+        _ => Err(not_a_file(u)),
+    }
+}
+
+fn not_a_file(u: &impl InodeView) -> Error {
+    let reason = if u.kind() == Some(Kind::Rdm) {
+        // Its size is the LUN's, its bytes are on the LUN: only the rdm crate reaches them.
+        "a raw device mapping, not a regular file: its data is on the mapped LUN"
+    } else {
+        "not a regular file"
+    };
+    Error::Invalid {
+        object: format!("inode {}", u.ino()),
+        reason: reason.into(),
     }
 }
 
@@ -158,6 +168,9 @@ impl State {
             return Err(Error::IsADirectory {
                 object: format!("inode {ino}"),
             });
+        }
+        if u.kind() == Some(Kind::Rdm) {
+            return Err(not_a_file(&u));
         }
         let size = u.size();
         if off >= size || len == 0 {

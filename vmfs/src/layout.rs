@@ -11,10 +11,13 @@ use crate::cluster::{LockProtocol, Timing};
 use crate::codec::*;
 use crate::error::{Error, Result};
 
-/// Version 2 adds FIFOs, device nodes and sockets, and symbolic link targets in a sub-block.
-/// A host opens every version up to its own; a version-1 datastore stays version 1 (hosts
-/// running an older vapp may mount it) and refuses only what version 1 cannot store.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 adds FIFOs, device nodes and sockets, and symbolic link targets in a sub-block;
+/// version 3 raw device mappings. A host opens every version up to its own; an older
+/// datastore keeps its version (hosts running an older vapp may mount it) and refuses only
+/// what its version cannot store.
+pub const FORMAT_VERSION: u32 = 3;
+/// The first version that stores raw device mappings (inode type 4).
+pub const RDM_VERSION: u32 = 3;
 /// The first version that stores FIFOs, character and block devices and sockets.
 pub const SPECIAL_FILES_VERSION: u32 = 2;
 /// The first version that stores symbolic link targets longer than an inode's inline data.

@@ -39,6 +39,7 @@ mod journal;
 mod layout;
 mod locks;
 mod path;
+mod rdm;
 mod recovery;
 mod state;
 mod store;
@@ -57,10 +58,11 @@ pub use fsck::{Finding, FindingGroup, FsckOptions, FsckReport, Severity, fsck};
 pub use handle::{Access, FileHandle, VdiskLun};
 pub use inode::{INLINE_MAX, Kind};
 pub use layout::{
-    FORMAT_VERSION, HOST_SLOTS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_JOURNAL, ROOT_INO,
+    FORMAT_VERSION, HOST_SLOTS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_JOURNAL, RDM_VERSION, ROOT_INO,
     ResourceKind, Superblock,
 };
 pub use path::{PutOptions, snapshot_pool_path, snapshot_source_path};
+pub use rdm::{RDM_IDENTITY_MAX, RDM_SERIAL_MAX, RDM_SPEC_MAX, RdmDevice, RdmMode, RdmRecord};
 
 /// Offsets of on-disk structures, for tests and tools that inspect or damage a datastore.
 pub mod debug {
@@ -71,4 +73,13 @@ pub mod debug {
     pub fn inode_offset(sb: &Superblock, ino: u64) -> u64 {
         sb.inode_offset(ino)
     }
+
+    /// Reseals an inode unit read from `location` after a test changed its bytes, so the
+    /// damage is found by what checks the contents, not by the crc.
+    pub fn reseal_inode(unit: &mut [u8], location: u64) {
+        crate::codec::seal(unit, crate::codec::MAGIC_INODE, location, UNIT);
+    }
+
+    /// Offset of a raw device mapping's mode byte within its inode unit.
+    pub const RDM_MODE_OFFSET: usize = crate::inode::TAIL + 6;
 }

@@ -216,6 +216,19 @@ impl Datastore {
         self.create(parent, &name, new).map_err(|e| e.at(path))
     }
 
+    /// Creates a raw device mapping at `path` (see [`Datastore::create_rdm`]), mode 0600
+    /// as a virtual disk.
+    pub fn create_rdm_path(
+        &self,
+        path: &str,
+        record: &crate::RdmRecord,
+        creds: Creds,
+    ) -> Result<Attr> {
+        let (parent, name) = self.split_parent(path)?;
+        self.create_rdm(parent, &name, record, 0o600, creds)
+            .map_err(|e| e.at(path))
+    }
+
     /// Removes a file, a symlink or an empty directory; with `recursive`, a whole tree.
     pub fn remove_path(&self, path: &str, recursive: bool) -> Result<()> {
         let (parent, name) = self.split_parent(path)?;
