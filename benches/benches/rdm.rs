@@ -1,8 +1,10 @@
 //! Raw device mappings against the device itself: sequential 1 MiB writes and reads of
 //! 256 MiB, and 4 KiB random reads and writes at queue depth 32, on a loop device. `baseline`
-//! is the loop device opened directly (block devices are always O_DIRECT); the variants reach
-//! the same device through a mapping file on a datastore, in each compatibility mode, in the
-//! same run. Buffers are page-aligned, so no variant pays for a bounce copy.
+//! is the loop device opened directly (block devices are always O_DIRECT); `physical` and
+//! `virtual` reach the same device through a mapping file on a datastore (one datastore per
+//! mode: a LUN is mapped once per datastore), in the same run. `virtual` is wrapped as a VM's
+//! writable disk is (a `SwitchLun`, under which a snapshot engine can be put while it runs).
+//! Buffers are page-aligned, so no variant pays for a bounce copy.
 //!
 //! Needs root and losetup; skipped (with a line saying so) without them.
 #![allow(clippy::unwrap_used)]
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
-use lun::{AlignedBuf, IoRequest, Lun};
+use lun::{AlignedBuf, IoRequest, Lun, SwitchLun};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const MIB: usize = 1 << 20;
@@ -118,9 +120,37 @@ fn random(lun: &dyn Lun, offsets: &[u64], buffers: &mut [AlignedBuf], write: boo
 
 /// The device and every way of reaching it, by criterion function id.
 struct Setup {
-    _dir: tempfile::TempDir,
-    _device: Loop,
     targets: Vec<(&'static str, Arc<dyn Lun>)>,
+    // Dropped after the targets: the mappings' locks go before their datastores close.
+    _datastores: Vec<vmfs::Datastore>,
+    _device: Loop,
+    _dir: tempfile::TempDir,
+}
+
+/// A datastore in a file of `dir`, holding a mapping of `device` in `mode` at `/db.rdm`,
+/// and the mapping opened as a VM opens its disk.
+fn mapped(dir: &Path, device: &str, mode: rdm::Mode) -> (vmfs::Datastore, Arc<rdm::RdmLun>) {
+    let path = dir.join(format!("{mode}.vmfs"));
+    let lun = lun::open(
+        &path.to_string_lossy(),
+        &lun::OpenOptions {
+            create_size: Some(256 * MIB as u64),
+            ..lun::OpenOptions::default()
+        },
+    )
+    .unwrap();
+    vmfs::format(
+        lun.clone(),
+        &vmfs::FormatOptions {
+            label: "bench".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ds = vmfs::Datastore::open(lun, &vmfs::OpenOptions::read_write()).unwrap();
+    rdm::create(&ds, "/db.rdm", device, mode).unwrap();
+    let rdm = Arc::new(rdm::open(&ds, "/db.rdm", vmfs::Access::Exclusive).unwrap());
+    (ds, rdm)
 }
 
 fn setup() -> Setup {
@@ -133,11 +163,18 @@ fn setup() -> Setup {
     std::fs::write(&backing, &data).unwrap();
     let device = Loop::attach(&backing);
     let direct = lun::open(&device.dev, &lun::OpenOptions::default()).unwrap();
-    let targets = vec![("baseline", direct)];
+    let (physical_ds, physical) = mapped(dir.path(), &device.dev, rdm::Mode::Physical);
+    let (virtual_ds, virtual_rdm) = mapped(dir.path(), &device.dev, rdm::Mode::Virtual);
+    let virtual_disk: Arc<dyn Lun> = Arc::new(SwitchLun::new(virtual_rdm));
     Setup {
-        _dir: dir,
+        targets: vec![
+            ("baseline", direct),
+            ("physical", physical),
+            ("virtual", virtual_disk),
+        ],
+        _datastores: vec![physical_ds, virtual_ds],
         _device: device,
-        targets,
+        _dir: dir,
     }
 }
 
