@@ -60,6 +60,19 @@ pub fn split_session<'a>(ds: &Datastore, path: &'a str) -> Option<(&'a str, &'a 
 
 fn disk_attr(ds: &Datastore, path: &str) -> anyhow::Result<Attr> {
     let attr = ds.stat_path(path)?;
+    if attr.kind == Kind::Rdm {
+        let mapping = rdm::show(ds, path)?;
+        if mapping.mode == rdm::Mode::Physical {
+            bail!(
+                "{path}: a physical-mode raw device mapping: the guest reaches the device \
+                 directly, so vapp takes no snapshot of it; use the array's snapshots, or map \
+                 the LUN in virtual mode"
+            );
+        }
+        bail!(
+            "{path}: a virtual-mode raw device mapping: vapp snapshots of it are not supported yet"
+        );
+    }
     if attr.snapshot_pool {
         bail!("{path}: a snapshot pool; snapshot the virtual disk it is named after");
     }
@@ -76,6 +89,21 @@ fn pool_access(source: &dyn Lun) -> Access {
         Access::ReadOnly
     } else {
         Access::Exclusive
+    }
+}
+
+/// Opens the disk at `path` to serve it to a guest: a virtual disk's file (for writing,
+/// through the door the snapshot engine uses, see [`attach`]), or a virtual-mode raw device
+/// mapping's LUN under the mapping file's lock (`vm start` presents a physical-mode one
+/// itself, with the device's serial and discard).
+pub fn open_disk(ds: &Datastore, path: &str, access: Access) -> anyhow::Result<Arc<dyn Lun>> {
+    if ds.stat_path(path)?.kind == Kind::Rdm {
+        return Ok(Arc::new(rdm::open(ds, path, access)?));
+    }
+    if access.can_write() {
+        Ok(ds.open_lun_through_engine(path, access)?)
+    } else {
+        Ok(ds.open_lun(path, access)?)
     }
 }
 

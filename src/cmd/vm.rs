@@ -463,9 +463,14 @@ fn check_existing_disk(ds: &Datastore, path: &str) -> anyhow::Result<u64> {
         return Ok(ds.stat_path(disk)?.ino);
     }
     let attr = ds.stat_path(path)?;
+    if attr.kind == Kind::Rdm {
+        // The mapping must be this datastore's and its LUN reachable, as at every start.
+        rdm::verify(ds, path)?;
+        return Ok(attr.ino);
+    }
     if attr.kind != Kind::File || attr.size == 0 || attr.size % 512 != 0 {
         bail!(
-            "{path}: not a virtual disk (a regular file whose size is a non-zero multiple of 512)"
+            "{path}: not a virtual disk (a regular file whose size is a non-zero multiple of 512) nor a raw device mapping"
         );
     }
     Ok(attr.ino)

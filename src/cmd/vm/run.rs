@@ -269,21 +269,38 @@ fn open_disks(
             continue;
         }
         let attr = ds.stat_path(&path).with_context(what)?;
-        if attr.kind != Kind::File {
-            bail!("{}: not a virtual disk file", what());
+        if attr.kind != Kind::File && attr.kind != Kind::Rdm {
+            bail!(
+                "{}: neither a virtual disk file nor a raw device mapping",
+                what()
+            );
         }
         if let Some(first) = inodes.iter().position(|&ino| ino == attr.ino) {
             bail!("{}: the same file as disk {first}", what());
         }
         inodes.push(attr.ino);
-        if disk.read_only {
-            let lun = ds.open_lun(&path, Access::ReadOnly).with_context(what)?;
-            disks.push(hv::Disk::read_only(lun));
+        let serial = Some(file_serial(ds, attr.ino));
+        let access = if disk.read_only {
+            Access::ReadOnly
+        } else {
+            Access::Exclusive
+        };
+        if attr.kind == Kind::Rdm
+            && rdm::show(ds, &path).with_context(what)?.mode == rdm::Mode::Physical
+        {
+            let mapped = Arc::new(rdm::open(ds, &path, access).with_context(what)?);
+            disks.push(physical_disk(mapped, disk.read_only, serial));
             continue;
         }
-        let lun = ds
-            .open_lun_through_engine(&path, Access::Exclusive)
-            .with_context(what)?;
+        if disk.read_only {
+            let mut ro = hv::Disk::read_only(
+                crate::cmd::vdisk_snapshot::open_disk(ds, &path, access).with_context(what)?,
+            );
+            ro.serial = serial;
+            disks.push(ro);
+            continue;
+        }
+        let lun = crate::cmd::vdisk_snapshot::open_disk(ds, &path, access).with_context(what)?;
         let engine =
             crate::cmd::vdisk_snapshot::attach(ds, &path, lun.clone(), false).with_context(what)?;
         let below: Arc<dyn Lun> = match &engine {
@@ -291,7 +308,9 @@ fn open_disks(
             None => lun,
         };
         let switch = Arc::new(SwitchLun::new(below));
-        disks.push(hv::Disk::new(switch.clone()));
+        let mut rw = hv::Disk::new(switch.clone());
+        rw.serial = serial;
+        disks.push(rw);
         writable.push(WritableDisk {
             path,
             switch,
@@ -299,6 +318,51 @@ fn open_disks(
         });
     }
     Ok((disks, writable))
+}
+
+/// A physical-mode mapping as the guest sees it: the device itself, its own serial (a
+/// stable one of the mapping when it has none, as a loop device has not), and its discard.
+/// No snapshot engine can be put under it.
+fn physical_disk(mapped: Arc<rdm::RdmLun>, read_only: bool, serial: Option<String>) -> hv::Disk {
+    let serial = mapped
+        .serial()
+        .map(|s| {
+            s.chars()
+                .filter(char::is_ascii_graphic)
+                .take(hv::SERIAL_BYTES)
+                .collect()
+        })
+        .or(serial);
+    let lun: Arc<dyn Lun> = mapped.clone();
+    let mut disk = if read_only {
+        hv::Disk::read_only(lun)
+    } else {
+        hv::Disk::new(lun)
+    };
+    disk.serial = serial;
+    if !read_only {
+        disk.discard = Some(Arc::new(
+            move |offset, len| Ok(mapped.discard(offset, len)?),
+        ));
+    }
+    disk
+}
+
+/// The serial a guest reads for the disk file `ino` of `ds` (GET_ID): the same on every host
+/// and every start, so a guest's `/dev/disk/by-id` names survive both; another file, or a
+/// copy on another datastore, gets another.
+fn file_serial(ds: &Datastore, ino: u64) -> String {
+    let uuid = ds.superblock().uuid;
+    let hash = uuid
+        .as_bytes()
+        .iter()
+        .copied()
+        .chain(ino.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    // "vapp-" and 15 hex digits: the 20 bytes GET_ID carries.
+    format!("vapp-{:015x}", hash >> 4)
 }
 
 fn vm_config(folder: &str, loaded: &Loaded, console: &ConsoleSink) -> anyhow::Result<hv::VmConfig> {
