@@ -56,6 +56,9 @@ enum Command {
     /// Manage virtual disks.
     #[command(subcommand)]
     Vdisk(cmd::files::VdiskCommand),
+    /// Raw device mappings: a mapping file that names a raw LUN by identity.
+    #[command(subcommand)]
+    Rdm(cmd::rdm::RdmCommand),
     /// Serve a LUN over NBD (qemu, nbdkit clients, other hosts' vapp).
     Export(cmd::export::ExportArgs),
     /// What this host offers for running VMs.
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Put(args) => cmd::files::put(datastore, args),
         Command::Get(args) => cmd::files::get(datastore, args),
         Command::Vdisk(command) => cmd::files::vdisk(datastore, command),
+        Command::Rdm(command) => cmd::rdm::run(datastore, command),
         Command::Export(args) => cmd::export::run(datastore, args),
         Command::Host(command) => cmd::host::run(command),
         Command::Mount(args) => cmd::mount::mount(datastore, args),

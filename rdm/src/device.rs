@@ -92,9 +92,8 @@ pub(crate) fn resolve(mapping: &Mapping, write: bool) -> Result<Found> {
             match claiming.as_slice() {
                 [] => {
                     return Err(missing(format!(
-                        "{} and {} other block devices",
-                        mapping.recorded_path,
-                        candidates.len().saturating_sub(1)
+                        "{} and every block device of this machine",
+                        mapping.recorded_path
                     )));
                 }
                 [(path, _)] => {

@@ -158,10 +158,10 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
     for (name, a) in entries {
         let name = name.to_string_lossy();
         if args.long {
-            let target = if a.kind == Kind::Symlink {
-                format!(" -> {}", ds.readlink(a.ino)?.to_string_lossy())
-            } else {
-                String::new()
+            let target = match a.kind {
+                Kind::Symlink => format!(" -> {}", ds.readlink(a.ino)?.to_string_lossy()),
+                Kind::Rdm => format!(" -> {}", rdm_summary(&ds, a.ino)),
+                _ => String::new(),
             };
             // ls(1) shows a device node's numbers where a file's size goes.
             let size = match device_numbers(&a) {
@@ -279,7 +279,21 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
     } else {
         None
     };
+    let mapping = (a.kind == Kind::Rdm).then(|| ds.rdm_record(a.ino));
     if args.json {
+        let rdm = match &mapping {
+            Some(Ok(r)) => serde_json::json!({
+                "mode": r.mode,
+                "identity": r.identity,
+                "identity_text": lun::LunIdentity::parse(&r.identity).map(|i| i.to_string()),
+                "mapped_at": r.spec,
+                "size": r.size,
+                "sector_size": r.sector_size,
+                "serial": Some(&r.serial).filter(|s| !s.is_empty()),
+            }),
+            Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+            None => serde_json::Value::Null,
+        };
         let v = serde_json::json!({
             "path": args.path,
             "ino": a.ino,
@@ -301,14 +315,18 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
             "block_size": a.block_size,
             "symlink_target": target,
             "device": device_numbers(&a).map(|(major, minor)| serde_json::json!({"major": major, "minor": minor})),
+            "rdm": rdm,
         });
         crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     crate::outln!("  path: {}", args.path)?;
     crate::outln!(
-        "  type: {:?}{}{}",
-        a.kind,
+        "  type: {}{}{}",
+        match a.kind {
+            Kind::Rdm => "raw device mapping".to_string(),
+            kind => format!("{kind:?}"),
+        },
         if a.vdisk { " (virtual disk)" } else { "" },
         if a.thick { ", thick" } else { "" }
     )?;
@@ -317,6 +335,21 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
     }
     if let Some((major, minor)) = device_numbers(&a) {
         crate::outln!("device: {major}, {minor}")?;
+    }
+    match mapping {
+        Some(Ok(r)) => {
+            let identity = lun::LunIdentity::parse(&r.identity)
+                .map_or_else(|| r.identity.clone(), |i| i.to_string());
+            crate::outln!(
+                "   rdm: {} mapping of {identity}, {} bytes, {}-byte sectors, mapped at {}",
+                r.mode,
+                r.size,
+                r.sector_size,
+                r.spec
+            )?;
+        }
+        Some(Err(e)) => crate::outln!("   rdm: damaged: {e}")?,
+        None => {}
     }
     crate::outln!(
         " inode: {} (generation {}, version {})",
@@ -645,6 +678,18 @@ pub fn vdisk_snapshot(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `ls -l` shows after a mapping's name: its mode and LUN.
+fn rdm_summary(ds: &Datastore, ino: u64) -> String {
+    match ds.rdm_record(ino) {
+        Ok(r) => {
+            let identity = lun::LunIdentity::parse(&r.identity)
+                .map_or_else(|| r.identity.clone(), |i| i.to_string());
+            format!("{identity} ({}, {}-byte sectors)", r.mode, r.sector_size)
+        }
+        Err(e) => format!("damaged mapping ({e})"),
+    }
+}
+
 /// (major, minor) of a character or block device node.
 fn device_numbers(a: &vmfs::Attr) -> Option<(u32, u32)> {
     matches!(a.kind, Kind::CharDevice | Kind::BlockDevice)
@@ -687,7 +732,7 @@ fn mode_string(a: &vmfs::Attr) -> String {
 }
 
 /// UTC "YYYY-MM-DD HH:MM:SS" from nanoseconds since the epoch.
-fn format_time(ns: i64) -> String {
+pub(crate) fn format_time(ns: i64) -> String {
     let secs = ns.div_euclid(1_000_000_000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);

@@ -8,6 +8,7 @@ pub mod files;
 pub mod host;
 pub mod mount;
 pub mod network;
+pub mod rdm;
 pub mod replica;
 pub mod resources;
 pub mod snapshot;

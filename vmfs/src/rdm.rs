@@ -39,7 +39,10 @@ const OFF_SPEC_LEN: usize = TAIL + 52;
 const OFF_IDENTITY: usize = TAIL + 64;
 const OFF_SERIAL: usize = OFF_IDENTITY + RDM_IDENTITY_MAX;
 const OFF_SPEC: usize = OFF_SERIAL + RDM_SERIAL_MAX;
-const _: () = assert!(OFF_SPEC + RDM_SPEC_MAX <= UNIT, "the payload fits the inode");
+const _: () = assert!(
+    OFF_SPEC + RDM_SPEC_MAX <= UNIT,
+    "the payload fits the inode"
+);
 
 /// Compatibility mode of a mapping (VMware's terms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
