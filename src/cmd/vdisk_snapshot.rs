@@ -116,6 +116,10 @@ pub fn attach(
     source: Arc<dyn Lun>,
     create: bool,
 ) -> anyhow::Result<Option<Snapshots>> {
+    // A mapping has no sessions: taking one is refused (see `disk_attr`).
+    if !create && ds.stat_path(path)?.kind == Kind::Rdm {
+        return Ok(None);
+    }
     let attr = disk_attr(ds, path)?;
     let pool_path = vmfs::snapshot_pool_path(path);
     if attr.snapshot_source {
