@@ -570,6 +570,31 @@ mod tests {
     }
 
     #[test]
+    fn exactly_the_same_lun_never_by_path() {
+        let file = |dev, ino, offset, path: &str| LunIdentity::File {
+            dev,
+            ino,
+            offset,
+            path: path.into(),
+        };
+        let a = file(1, 10, 0, "/a");
+        assert!(a.is_exactly(&file(1, 10, 0, "/dev/loop7")));
+        assert!(!a.is_exactly(&file(9, 99, 0, "/a")));
+        assert!(!a.is_exactly(&file(1, 10, 4096, "/a")));
+        let disk = |id: &str, start| LunIdentity::Device {
+            id: id.into(),
+            start,
+            path: String::new(),
+        };
+        assert!(disk("naa.6001", 0).is_exactly(&disk("naa.6001", 0)));
+        assert!(!disk("naa.6001", 0).is_exactly(&disk("naa.6001", 1 << 20)));
+        assert!(!a.is_exactly(&disk("naa.6001", 0)));
+        let nbd = |uri: &str| LunIdentity::Nbd { uri: uri.into() };
+        assert!(nbd("nbd://h/a").is_exactly(&nbd("nbd://h/a")));
+        assert!(!nbd("nbd://h/a").is_exactly(&nbd("nbd://h/b")));
+    }
+
+    #[test]
     fn a_file_is_identified_by_device_and_inode() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lun");

@@ -349,6 +349,13 @@ impl Datastore {
     ) -> Result<u64> {
         let (parent, name) = self.split_parent(path)?;
         match self.lookup(parent, &name) {
+            // Replacing it would drop the mapping, not write to its LUN.
+            Ok(a) if a.kind == Kind::Rdm => {
+                return Err(Error::Invalid {
+                    object: path.into(),
+                    reason: "is a raw device mapping; its data is on the mapped LUN (remove the mapping first to put a file in its place)".into(),
+                });
+            }
             Ok(a) if a.kind != Kind::File => {
                 return Err(Error::IsADirectory {
                     object: path.into(),

@@ -50,6 +50,19 @@ fn a_mapping_is_a_file_the_size_of_its_lun_whose_data_is_elsewhere() {
     let e = ds.write(attr.ino, 0, &buf).unwrap_err();
     assert!(e.to_string().contains("raw device mapping"), "{e}");
     assert!(ds.open_lun("/vms/a/db.rdm", Access::ReadOnly).is_err());
+    let e = ds
+        .put(
+            &mut &b"data"[..],
+            "/vms/a/db.rdm",
+            &vmfs::PutOptions {
+                overwrite: true,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("is a raw device mapping"), "{e}");
+    assert_eq!(ds.rdm_record(attr.ino).unwrap(), r);
 
     // Its lock is a file's: one writer.
     let held = ds.open_path("/vms/a/db.rdm", Access::Exclusive).unwrap();
