@@ -1,10 +1,11 @@
 //! Raw device mappings used as a user uses a virtual disk, on loop devices with 512- and
 //! 4096-byte sectors: a VM's disk (the test guest checks the host's pattern and writes its
 //! own, which must land on the device), the GET_ID serial and discard of a physical mapping,
-//! a second VM refused while the first holds the mapping, NBD export, and snapshots refused
-//! for a physical mapping.
+//! a second VM refused while the first holds the mapping, NBD export (reads and writes reach
+//! the device), and snapshots refused for a physical mapping.
 #![allow(clippy::unwrap_used)]
 
+mod export_support;
 mod vm_support;
 
 use std::path::Path;
@@ -228,4 +229,62 @@ fn a_physical_mapping_is_never_snapshotted_by_vapp() {
     // Nothing was made beside it, and the device is untouched.
     fx.fails(&["stat", "/maps/.db.rdm.snap"], &["/maps/.db.rdm.snap"]);
     assert_eq!(device.read(0, PATTERN_BYTES), host_pattern(0));
+}
+
+/// `vapp -d DS export` of the mapping: a client reads the device's bytes and its writes land
+/// on the device.
+fn export_reaches_the_device(mode: &str, sector: u32) {
+    if !lun::prereq::require(
+        lun::prereq::is_root() && lun::prereq::have_command("losetup"),
+        "root and losetup for loop devices",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let device = Loop::with_pattern(dir.path(), sector);
+    let ds = export_support::Datastore::format("128M");
+    ds.ok(&["mkdir", "-p", "/maps"]);
+    ds.ok(&[
+        "rdm",
+        "create",
+        "/maps/db.rdm",
+        "--lun",
+        &device.dev,
+        "--mode",
+        mode,
+    ]);
+    let export = ds
+        .export(1, "/maps/db.rdm", &["--listen", "127.0.0.1:0"])
+        .unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    assert_eq!(client.size(), DEVICE_SIZE);
+    let mut head = vec![0u8; PATTERN_BYTES];
+    client.read_at(&mut head, HOST_PATTERN_OFFSET).unwrap();
+    assert_eq!(head, host_pattern(0), "{mode}: the export's bytes");
+    let written = vec![0x5a; 2 * PATTERN_BYTES];
+    client.write_at(&written, 1 << 20).unwrap();
+    client.flush().unwrap();
+    drop(client);
+    // Another export of the mapping while this one holds it is refused, naming it.
+    let refused = ds
+        .export(2, "/maps/db.rdm", &["--listen", "127.0.0.1:0"])
+        .err()
+        .expect("a second export of a mapping in use was accepted");
+    assert!(
+        refused.contains("/maps/db.rdm") && refused.contains("busy"),
+        "{refused}"
+    );
+    export.stop();
+    assert_eq!(device.read(1 << 20, written.len()), written, "{mode}");
+    ds.assert_clean();
+}
+
+#[test]
+fn an_exported_physical_mapping_of_a_4k_sector_device_is_the_device_over_nbd() {
+    export_reaches_the_device("physical", 4096);
+}
+
+#[test]
+fn an_exported_virtual_mapping_of_a_512_byte_sector_device_is_the_device_over_nbd() {
+    export_reaches_the_device("virtual", 512);
 }

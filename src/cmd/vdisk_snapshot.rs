@@ -326,7 +326,7 @@ pub fn rollback_engine(path: &str, snaps: &Snapshots, name: &str) -> anyhow::Res
 
 /// Opens a datastore file for serving (export): `PATH@NAME` is the session (read-only
 /// unless it is a writable session and `access` writes), a disk with snapshots is its
-/// source through the engine, any other file is opened as it is. The returned attributes
+/// source through the engine, a raw device mapping its LUN, any other file as it is. The returned attributes
 /// are the disk's.
 pub fn open_for_serving(
     ds: &Datastore,
@@ -338,6 +338,9 @@ pub fn open_for_serving(
         return Ok((lun, disk_attr(ds, disk)?));
     }
     let attr = ds.stat_path(path)?;
+    if attr.kind == Kind::Rdm {
+        return Ok((Arc::new(rdm::open(ds, path, access)?), attr));
+    }
     if !attr.snapshot_source || !access.can_write() {
         return Ok((ds.open_lun(path, access)?, attr));
     }
