@@ -288,3 +288,48 @@ fn an_exported_physical_mapping_of_a_4k_sector_device_is_the_device_over_nbd() {
 fn an_exported_virtual_mapping_of_a_512_byte_sector_device_is_the_device_over_nbd() {
     export_reaches_the_device("virtual", 512);
 }
+
+#[test]
+fn a_snapshot_of_a_virtual_mapping_keeps_the_bytes_the_vm_then_overwrote_on_the_device() {
+    if !have_loop_devices_and_kvm() {
+        return;
+    }
+    let fx = Fixture::new();
+    let device = Loop::with_pattern(fx.dir.path(), 4096);
+    vm_on_mapping(&fx, &device, "virtual", "mode=test");
+    let taken = fx.ok(&["snapshot", "create", "/maps/db.rdm", "before"]);
+    assert!(taken.contains("before"), "{taken}");
+
+    let (status, console, messages) = fx.start("/vms/db", &[]).wait();
+    assert_eq!(status.code(), Some(0), "{console}\n{messages}");
+    assert_eq!(
+        device.read(GUEST_PATTERN_OFFSET, PATTERN_BYTES),
+        guest_pattern(0)
+    );
+
+    // The snapshot, served over NBD, still holds what was there before the VM ran.
+    let export = export_support::Export::launch(
+        &[
+            "-d",
+            &fx.ds,
+            "export",
+            "/maps/db.rdm@before",
+            "--listen",
+            "127.0.0.1:0",
+            "--read-only",
+        ],
+        &[],
+    )
+    .unwrap();
+    let client = lun::open(&export.url, &Default::default()).unwrap();
+    let mut old = vec![0u8; PATTERN_BYTES];
+    client.read_at(&mut old, GUEST_PATTERN_OFFSET).unwrap();
+    assert_eq!(old, vec![0; PATTERN_BYTES], "the snapshot's bytes");
+    client.read_at(&mut old, HOST_PATTERN_OFFSET).unwrap();
+    assert_eq!(old, host_pattern(0));
+    drop(client);
+    export.stop();
+    let listed = fx.ok(&["snapshot", "list", "/maps/db.rdm"]);
+    assert!(listed.contains("before"), "{listed}");
+    fx.assert_fsck_clean();
+}

@@ -69,9 +69,7 @@ fn disk_attr(ds: &Datastore, path: &str) -> anyhow::Result<Attr> {
                  the LUN in virtual mode"
             );
         }
-        bail!(
-            "{path}: a virtual-mode raw device mapping: vapp snapshots of it are not supported yet"
-        );
+        return Ok(attr);
     }
     if attr.snapshot_pool {
         bail!("{path}: a snapshot pool; snapshot the virtual disk it is named after");
@@ -92,19 +90,15 @@ fn pool_access(source: &dyn Lun) -> Access {
     }
 }
 
-/// Opens the disk at `path` to serve it to a guest: a virtual disk's file (for writing,
-/// through the door the snapshot engine uses, see [`attach`]), or a virtual-mode raw device
+/// Opens the disk at `path` for the snapshot engine to sit on: a virtual disk's file
+/// through the engine's door (see [`attach`]), or a virtual-mode raw device
 /// mapping's LUN under the mapping file's lock (`vm start` presents a physical-mode one
 /// itself, with the device's serial and discard).
 pub fn open_disk(ds: &Datastore, path: &str, access: Access) -> anyhow::Result<Arc<dyn Lun>> {
     if ds.stat_path(path)?.kind == Kind::Rdm {
         return Ok(Arc::new(rdm::open(ds, path, access)?));
     }
-    if access.can_write() {
-        Ok(ds.open_lun_through_engine(path, access)?)
-    } else {
-        Ok(ds.open_lun(path, access)?)
-    }
+    Ok(ds.open_lun_through_engine(path, access)?)
 }
 
 /// The engine of the disk at `path`, whose LUN `source` the caller opened with
@@ -116,13 +110,9 @@ pub fn attach(
     source: Arc<dyn Lun>,
     create: bool,
 ) -> anyhow::Result<Option<Snapshots>> {
-    // A mapping has no sessions: taking one is refused (see `disk_attr`).
-    if !create && ds.stat_path(path)?.kind == Kind::Rdm {
-        return Ok(None);
-    }
     let attr = disk_attr(ds, path)?;
     let pool_path = vmfs::snapshot_pool_path(path);
-    if attr.snapshot_source {
+    if has_sessions(ds, path, &attr) {
         let pool = ds
             .open_lun_through_engine(&pool_path, pool_access(&*source))
             .with_context(|| format!("{path}: its snapshot pool"))?;
@@ -160,8 +150,10 @@ pub fn attach(
         ds.fsync(made.ino)?;
         let pool = ds.open_lun_through_engine(&pool_path, Access::Exclusive)?;
         let snaps = Snapshots::create(source, pool, PoolOptions::default())?;
-        ds.set_snapshot_role(attr.ino, SnapshotRole::Source)?;
-        ds.fsync(attr.ino)?;
+        if attr.kind == Kind::File {
+            ds.set_snapshot_role(attr.ino, SnapshotRole::Source)?;
+            ds.fsync(attr.ino)?;
+        }
         anyhow::Ok(snaps)
     })();
     match formatted {
@@ -200,8 +192,10 @@ pub fn release_if_empty(ds: &Datastore, path: &str, snaps: Snapshots) -> anyhow:
     let attr = ds.stat_path(path)?;
     // The disk first: a crash then leaves an unflagged pool, which the next snapshot
     // replaces.
-    ds.set_snapshot_role(attr.ino, SnapshotRole::None)?;
-    ds.fsync(attr.ino)?;
+    if attr.kind == Kind::File {
+        ds.set_snapshot_role(attr.ino, SnapshotRole::None)?;
+        ds.fsync(attr.ino)?;
+    }
     remove_pool(ds, &vmfs::snapshot_pool_path(path))?;
     tracing::info!(path, "last snapshot deleted: pool removed");
     Ok(true)
@@ -211,23 +205,41 @@ pub fn release_if_empty(ds: &Datastore, path: &str, snaps: Snapshots) -> anyhow:
 /// change it.
 pub fn open_engine(ds: &Datastore, path: &str) -> anyhow::Result<Snapshots> {
     let attr = disk_attr(ds, path)?;
-    if !attr.snapshot_source {
+    if !has_sessions(ds, path, &attr) {
         bail!("{path}: has no snapshots");
     }
-    let source = ds
-        .open_lun_through_engine(path, Access::Exclusive)
-        .map_err(busy_hint)?;
+    let source = open_disk(ds, path, Access::Exclusive).map_err(busy_hint)?;
     attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))
 }
 
-fn busy_hint(e: vmfs::Error) -> anyhow::Error {
-    match e {
-        e @ vmfs::Error::Busy { .. } => anyhow::Error::new(e).context(
-            "a VM or an export is writing this disk: stop it, or snapshot a VM through `vapp vm snapshot`",
-        ),
-        e => e.into(),
+/// Whether the disk at `path` has snapshot sessions, so every writer goes through their
+/// engine. A virtual disk's inode carries the flag; a mapping's inode cannot (vmfs flags
+/// only regular files), so the pool beside it says it.
+fn has_sessions(ds: &Datastore, path: &str, attr: &Attr) -> bool {
+    if attr.kind == Kind::Rdm {
+        return ds
+            .stat_path(&vmfs::snapshot_pool_path(path))
+            .is_ok_and(|pool| pool.snapshot_pool);
     }
+    attr.snapshot_source
 }
+
+/// Adds advice to an error that carries a lock conflict (vmfs's, or a mapping's).
+fn busy_hint(e: anyhow::Error) -> anyhow::Error {
+    let busy = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<vmfs::Error>(),
+            Some(vmfs::Error::Busy { .. })
+        ) || matches!(
+            cause.downcast_ref::<rdm::Error>(),
+            Some(rdm::Error::Vmfs(vmfs::Error::Busy { .. }))
+        )
+    });
+    if busy { e.context(BUSY_HINT) } else { e }
+}
+
+const BUSY_HINT: &str =
+    "a VM or an export is writing this disk: stop it, or snapshot a VM through `vapp vm snapshot`";
 
 /// Runs `body` on the datastore `spec` mounted read-write (a short-lived host), closing
 /// it cleanly however `body` ends.
@@ -255,9 +267,7 @@ fn with_datastore<T>(
 pub fn create(ds: &str, path: &str, name: &str, writable: bool) -> anyhow::Result<SessionInfo> {
     with_datastore(ds, false, |ds| {
         disk_attr(ds, path)?;
-        let source = ds
-            .open_lun_through_engine(path, Access::Exclusive)
-            .map_err(busy_hint)?;
+        let source = open_disk(ds, path, Access::Exclusive).map_err(busy_hint)?;
         let snaps = attach(ds, path, source, true)?
             .with_context(|| format!("{path}: no snapshot engine"))?;
         match snaps.create_session(name, writable) {
@@ -275,7 +285,7 @@ pub fn create(ds: &str, path: &str, name: &str, writable: bool) -> anyhow::Resul
 pub fn list(ds: &str, path: &str) -> anyhow::Result<(Vec<SessionInfo>, PoolUsage)> {
     with_datastore(ds, true, |ds| {
         let attr = disk_attr(ds, path)?;
-        if !attr.snapshot_source {
+        if !has_sessions(ds, path, &attr) {
             return Ok((
                 Vec::new(),
                 PoolUsage {
@@ -285,7 +295,7 @@ pub fn list(ds: &str, path: &str) -> anyhow::Result<(Vec<SessionInfo>, PoolUsage
                 },
             ));
         }
-        let source = ds.open_lun_through_engine(path, Access::ReadOnly)?;
+        let source = open_disk(ds, path, Access::ReadOnly)?;
         let snaps = attach(ds, path, source, false)?
             .with_context(|| format!("{path}: has no snapshots"))?;
         Ok((snaps.list(), snaps.usage()))
@@ -338,13 +348,13 @@ pub fn open_for_serving(
         return Ok((lun, disk_attr(ds, disk)?));
     }
     let attr = ds.stat_path(path)?;
-    if attr.kind == Kind::Rdm {
+    if attr.kind == Kind::Rdm && !(access.can_write() && has_sessions(ds, path, &attr)) {
         return Ok((Arc::new(rdm::open(ds, path, access)?), attr));
     }
-    if !attr.snapshot_source || !access.can_write() {
+    if attr.kind == Kind::File && (!attr.snapshot_source || !access.can_write()) {
         return Ok((ds.open_lun(path, access)?, attr));
     }
-    let source = ds.open_lun_through_engine(path, access)?;
+    let source = open_disk(ds, path, access)?;
     let snaps =
         attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))?;
     let view: Arc<dyn Lun> = snaps.source();
@@ -380,11 +390,10 @@ fn open_session_as(
     access: Access,
 ) -> anyhow::Result<Arc<dyn Lun>> {
     let attr = disk_attr(ds, path)?;
-    if !attr.snapshot_source {
+    if !has_sessions(ds, path, &attr) {
         bail!("{path}@{name}: {path} has no snapshots");
     }
-    let source = ds
-        .open_lun_through_engine(path, access)
+    let source = open_disk(ds, path, access)
         .map_err(busy_hint)
         .with_context(|| format!("{path}@{name}"))?;
     let snaps =

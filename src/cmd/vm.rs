@@ -625,8 +625,7 @@ fn snapshot(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         // is refused naming that host.
         let mut engines = Vec::new();
         for path in &disks {
-            let source = ds
-                .open_lun_through_engine(path, vmfs::Access::Exclusive)
+            let source = snap::open_disk(ds, path, vmfs::Access::Exclusive)
                 .with_context(|| format!("vm {folder}: disk {path}"))?;
             let snaps = snap::attach(ds, path, source, true)?
                 .with_context(|| format!("{path}: no snapshot engine"))?;

@@ -293,9 +293,12 @@ fn open_disks(
             continue;
         }
         if disk.read_only {
-            let mut ro = hv::Disk::read_only(
-                crate::cmd::vdisk_snapshot::open_disk(ds, &path, access).with_context(what)?,
-            );
+            let lun = if attr.kind == Kind::Rdm {
+                crate::cmd::vdisk_snapshot::open_disk(ds, &path, access)
+            } else {
+                ds.open_lun(&path, access).map_err(anyhow::Error::from)
+            };
+            let mut ro = hv::Disk::read_only(lun.with_context(what)?);
             ro.serial = serial;
             disks.push(ro);
             continue;
@@ -537,6 +540,19 @@ impl Run<'_> {
     /// session is taken while the writes of all disks wait. Returns what the guest felt.
     fn snapshot(&mut self, name: &str) -> anyhow::Result<String> {
         let folder = &self.folder;
+        // A physical mapping is not among the writable disks an engine can go under: a
+        // snapshot of the others alone would not be the VM's point in time.
+        for disk in self.loaded.spec.disks.iter().filter(|d| !d.read_only) {
+            let path = spec::path_in(folder, &disk.path);
+            if let Ok(mapping) = rdm::show(self.ds, &path)
+                && mapping.mode == rdm::Mode::Physical
+            {
+                bail!(
+                    "vm {folder}: disk {path} is a physical-mode raw device mapping, which vapp \
+                     does not snapshot; use the array's snapshots, or make the disk read_only"
+                );
+            }
+        }
         let mut switch_pause = Duration::ZERO;
         for disk in &mut self.loaded.writable {
             if disk.engine.is_some() {
