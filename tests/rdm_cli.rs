@@ -635,3 +635,49 @@ fn fsck_finds_a_damaged_mapping_payload_and_rm_removes_it() {
     f.ok(&["rm", "/vms/a/db.rdm"]);
     assert!(f.fsck().status.success());
 }
+
+#[test]
+fn physical_mode_passes_discard_through_to_the_device() {
+    if !loops_available() {
+        return;
+    }
+    let f = Fixture::new();
+    let mut loops = Loops::default();
+    let image = f.image("db.img", 16 * MIB);
+    let dev = loops.attach(&image, 4096);
+    f.ok(&[
+        "rdm",
+        "create",
+        "/vms/a/db.rdm",
+        "--lun",
+        &dev,
+        "--mode",
+        "physical",
+    ]);
+    let ds = f.open(false);
+    let lun = rdm::open(&ds, "/vms/a/db.rdm", vmfs::Access::Exclusive).unwrap();
+    assert_eq!(lun.serial(), None, "a loop device has no serial of its own");
+    let mut data = lun::AlignedBuf::with_alignment(2 * MIB as usize, 4096);
+    data.fill(0xa5);
+    lun::Lun::write_at(&lun, &data, 4 * MIB).unwrap();
+    lun::Lun::flush(&lun).unwrap();
+    lun.discard(4 * MIB, MIB).unwrap();
+    let mut back = lun::AlignedBuf::with_alignment(2 * MIB as usize, 4096);
+    lun::Lun::read_at(&lun, &mut back, 4 * MIB).unwrap();
+    assert!(
+        back[..MIB as usize].iter().all(|&b| b == 0),
+        "discarded range reads zero"
+    );
+    assert!(
+        back[MIB as usize..].iter().all(|&b| b == 0xa5),
+        "the rest is kept"
+    );
+    let e = lun.discard(4 * MIB + 512, 4096).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not aligned to the 4096-byte sector"),
+        "{e}"
+    );
+    drop(lun);
+    ds.close().unwrap();
+}

@@ -35,8 +35,8 @@ pub(crate) fn resolve(mapping: &Mapping, write: bool) -> Result<Found> {
     };
     let found = match mapping.device {
         DeviceKind::Nbd => {
-            let lun = lun::open(&mapping.recorded_path, &options)
-                .map_err(|e| missing(format!("{} ({e})", mapping.recorded_path)))?;
+            let lun =
+                lun::open(&mapping.recorded_path, &options).map_err(|e| missing(e.to_string()))?;
             Found {
                 path: mapping.recorded_path.clone(),
                 lun,
