@@ -639,6 +639,9 @@ struct Walk<'a> {
     subdirs: HashMap<u64, u32>,
     dirs_seen: HashSet<u64>,
     inodes_seen: HashSet<u64>,
+    /// The LUN each raw device mapping names (its identity without the path hint), and
+    /// the mapping's inode: one LUN mapped twice would have two writers.
+    mapped_luns: HashMap<String, u64>,
     /// Pending new images of inodes (link counts, parents, allocation).
     inode_fix: HashMap<u64, Inode>,
     orphans: &'a HashMap<u64, String>,
@@ -665,6 +668,7 @@ impl Scan {
             subdirs: HashMap::new(),
             dirs_seen: HashSet::new(),
             inodes_seen: HashSet::new(),
+            mapped_luns: HashMap::new(),
             inode_fix: HashMap::new(),
             orphans,
             damaged: HashSet::new(),
@@ -1303,7 +1307,21 @@ impl Walk<'_> {
                 r.size,
                 u.size()
             ),
-            Ok(_) => return,
+            Ok(r) => {
+                let lun = r
+                    .identity
+                    .split_once(' ')
+                    .map_or(&*r.identity, |(key, _)| key);
+                match self.mapped_luns.get(lun) {
+                    Some(&first) => {
+                        format!("maps the same LUN as raw device mapping inode {first} ({lun})")
+                    }
+                    None => {
+                        self.mapped_luns.insert(lun.to_string(), ino);
+                        return;
+                    }
+                }
+            }
         };
         self.findings.push(finding(
             format!("raw device mapping inode {ino}"),

@@ -159,3 +159,24 @@ fn fsck_reports_a_damaged_mapping_payload() {
     let e = ds.rdm_record(attr.ino).unwrap_err();
     assert!(e.to_string().contains("unknown mapping mode 9"), "{e}");
 }
+
+#[test]
+fn fsck_reports_one_lun_mapped_twice() {
+    let t = TestDs::new(128 << 20);
+    let ds = t.open();
+    ds.create_rdm_path("/a.rdm", &record(&ds), creds()).unwrap();
+    let mut other = record(&ds);
+    other.identity = "file:fe00:98c0a1:0 /elsewhere/lun0.img".into();
+    let second = ds.create_rdm_path("/b.rdm", &other, creds()).unwrap();
+    ds.close().unwrap();
+    let report = vmfs::fsck(t.lun_ro(), &vmfs::FsckOptions::default()).unwrap();
+    assert!(!report.clean);
+    assert!(
+        report.findings.iter().any(|f| f.object
+            == format!("raw device mapping inode {}", second.ino)
+            && f.problem
+                .contains("maps the same LUN as raw device mapping inode")),
+        "{:#?}",
+        report.findings
+    );
+}
