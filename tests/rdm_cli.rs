@@ -681,3 +681,43 @@ fn physical_mode_passes_discard_through_to_the_device() {
     drop(lun);
     ds.close().unwrap();
 }
+
+#[test]
+fn two_hosts_racing_to_map_one_lun_leave_at_most_one_mapping() {
+    if !loops_available() {
+        return;
+    }
+    let f = Fixture::new();
+    let mut loops = Loops::default();
+    let image = f.image("db.img", 16 * MIB);
+    let dev = loops.attach(&image, 512);
+    for round in 0..4 {
+        let spawn = |name: &str| {
+            let path = format!("/vms/a/{name}{round}.rdm");
+            Command::new(env!("CARGO_BIN_EXE_vapp"))
+                .args(["-d", &f.ds, "rdm", "create", &path, "--lun", &dev])
+                .args(["--mode", "virtual"])
+                .env_remove("VAPP_DATASTORE")
+                .env("VAPP_HOST_NAME", name)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let racers = [spawn("esx-a"), spawn("esx-b")];
+        for racer in racers {
+            let out = racer.wait_with_output().unwrap();
+            let e = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() || e.contains("already mapped on this datastore"),
+                "{e}"
+            );
+        }
+        let listing = f.ok(&["ls", "/vms/a"]);
+        assert!(listing.lines().count() <= 1, "round {round}: {listing}");
+        for name in listing.lines() {
+            f.ok(&["rm", &format!("/vms/a/{name}")]);
+        }
+    }
+    assert!(f.fsck().status.success());
+}

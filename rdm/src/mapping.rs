@@ -90,7 +90,7 @@ pub fn create(ds: &Datastore, path: &str, lun_spec: &str, mode: Mode) -> Result<
             datastore: ds.lun().name().to_string(),
         });
     }
-    if let Some(other) = find_mapping_of(ds, &identity)? {
+    if let Some(other) = find_mapping_of(ds, &identity, None)? {
         return Err(Error::AlreadyMapped {
             lun: lun_spec.to_string(),
             other,
@@ -118,6 +118,16 @@ pub fn create(ds: &Datastore, path: &str, lun_spec: &str, mode: Mode) -> Result<
         spec,
     };
     let attr = ds.create_rdm_path(path, &record, Creds::current())?;
+    // Another host may have mapped the same LUN meanwhile: once ours is committed, whoever
+    // then sees the other's backs off, so at most one of two racing mappings survives.
+    ds.sync()?;
+    if let Some(other) = find_mapping_of(ds, &identity, Some(attr.ino))? {
+        ds.remove_path(path, false)?;
+        return Err(Error::AlreadyMapped {
+            lun: lun_spec.to_string(),
+            other,
+        });
+    }
     tracing::info!(path, lun = lun_spec, identity = %record.identity, mode = %mode, size = record.size, "raw device mapping created");
     Ok(Mapping::new(path, attr.ino, record))
 }
@@ -211,9 +221,13 @@ fn open_spec(spec: &str) -> Result<(DeviceKind, Arc<dyn Lun>)> {
     Ok((kind, lun))
 }
 
-/// The path of a mapping on `ds` that names `identity`, if any: a LUN mapped twice would be
-/// written by two VMs that each hold their own mapping's lock.
-fn find_mapping_of(ds: &Datastore, identity: &LunIdentity) -> Result<Option<String>> {
+/// The path of a mapping on `ds` other than inode `except` that names `identity`, if any: a
+/// LUN mapped twice would be written by two VMs that each hold their own mapping's lock.
+fn find_mapping_of(
+    ds: &Datastore,
+    identity: &LunIdentity,
+    except: Option<u64>,
+) -> Result<Option<String>> {
     let mut dirs = vec![String::from("/")];
     while let Some(dir) = dirs.pop() {
         let entries: Vec<(OsString, vmfs::Attr)> = ds.list(&dir)?;
@@ -225,7 +239,7 @@ fn find_mapping_of(ds: &Datastore, identity: &LunIdentity) -> Result<Option<Stri
             };
             match attr.kind {
                 Kind::Dir => dirs.push(child),
-                Kind::Rdm => {
+                Kind::Rdm if Some(attr.ino) != except => {
                     // A damaged mapping names nothing; fsck reports it.
                     let Ok(record) = ds.rdm_record(attr.ino) else {
                         continue;
