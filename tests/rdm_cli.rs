@@ -581,6 +581,21 @@ fn two_hosts_racing_for_one_mapping_get_one_writer() {
     let a = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-a");
     let b = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-b");
     assert_eq!([result_of(a), result_of(b)], ["opened", "opened"]);
+
+    // A writer killed with -9 leaves its lock to whoever comes next: its slot is recovered
+    // (its process is gone) before the lock is broken.
+    let mut holder = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-a");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(holder.stdout.take().unwrap()));
+    let said = lines
+        .find_map(|l| l.unwrap().split_once("RESULT ").map(|(_, r)| r.to_string()))
+        .unwrap();
+    assert_eq!(said, "opened");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let ds = f.open(false);
+    let lun = rdm::open(&ds, "/vms/a/db.rdm", vmfs::Access::Exclusive).unwrap();
+    drop(lun);
+    ds.close().unwrap();
 }
 
 #[test]
