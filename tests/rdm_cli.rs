@@ -199,6 +199,7 @@ fn create_show_verify_and_list_mappings_at_512_and_4096_byte_sectors() {
             "{shown}"
         );
         let verified = f.json(&["rdm", "verify", &path, "--json"]);
+        assert_eq!(verified["ok"], true);
         assert_eq!(verified["found_at"], dev.as_str());
         assert_eq!(verified["moved"], false);
 
@@ -320,6 +321,17 @@ fn a_removed_resized_or_doubled_device_or_new_sector_size_is_refused_naming_the_
         "{e}"
     );
     assert_eq!(e.lines().count(), 1, "{e}");
+    let out = vapp(&["-d", &f.ds, "rdm", "verify", "/vms/a/db.rdm", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("not found on this machine"),
+        "{answer}"
+    );
 
     let dev = loops.attach(&image, 4096);
     let e = f.refused(&["rdm", "verify", "/vms/a/db.rdm"]);

@@ -70,10 +70,26 @@ pub fn run(datastore: Option<&str>, command: RdmCommand) -> anyhow::Result<ExitC
         }
         RdmCommand::Verify(args) => {
             let ds = super::datastore::open_datastore(spec, &vmfs::OpenOptions::read_only())?;
-            let verified = rdm::verify(&ds, &args.path)?;
+            let verified = rdm::verify(&ds, &args.path);
             if args.json {
-                crate::outln!("{}", serde_json::to_string_pretty(&verified)?)?;
-            } else {
+                // A failed check is an answer too: tools read it from the same document.
+                let (value, code) = match verified {
+                    Ok(v) => {
+                        let mut value = serde_json::to_value(&v)?;
+                        value["ok"] = true.into();
+                        value["error"] = serde_json::Value::Null;
+                        (value, ExitCode::SUCCESS)
+                    }
+                    Err(e) => (
+                        serde_json::json!({ "ok": false, "error": e.to_string(), "path": args.path }),
+                        ExitCode::FAILURE,
+                    ),
+                };
+                crate::outln!("{}", serde_json::to_string_pretty(&value)?)?;
+                return Ok(code);
+            }
+            let verified = verified?;
+            {
                 crate::outln!(
                     "{}: ok, {} found at {}{}",
                     verified.mapping.path,
