@@ -508,6 +508,7 @@ fn child_opens_a_mapping() {
     );
     let access = match access {
         "ro" => vmfs::Access::ReadOnly,
+        "mw" => vmfs::Access::MultiWriter,
         _ => vmfs::Access::Exclusive,
     };
     let ds = vmfs::Datastore::open(
@@ -518,7 +519,7 @@ fn child_opens_a_mapping() {
     match rdm::open(&ds, path, access) {
         Ok(lun) => {
             println!("RESULT opened");
-            std::thread::sleep(std::time::Duration::from_secs(3));
+            std::thread::sleep(std::time::Duration::from_secs(2));
             drop(lun);
         }
         Err(e) => println!("RESULT refused: {e}"),
@@ -592,6 +593,10 @@ fn two_hosts_racing_for_one_mapping_get_one_writer() {
     // Read-only opens share it.
     let a = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-a");
     let b = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-b");
+    assert_eq!([result_of(a), result_of(b)], ["opened", "opened"]);
+    // So do the writers of a guest cluster that coordinates itself (multi-writer).
+    let a = spawn_child("mw", &f.ds, "/vms/a/db.rdm", "esx-a");
+    let b = spawn_child("mw", &f.ds, "/vms/a/db.rdm", "esx-b");
     assert_eq!([result_of(a), result_of(b)], ["opened", "opened"]);
 
     // A writer killed with -9 leaves its lock to whoever comes next: its slot is recovered
