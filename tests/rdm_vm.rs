@@ -1,11 +1,13 @@
 //! Raw device mappings used as a user uses a virtual disk, on loop devices with 512- and
 //! 4096-byte sectors: a VM's disk (the test guest checks the host's pattern and writes its
 //! own, which must land on the device), the GET_ID serial and discard of a physical mapping,
-//! a second VM refused while the first holds the mapping, NBD export (reads and writes reach
-//! the device), and snapshots refused for a physical mapping.
+//! a second VM refused while the first holds the mapping, NBD export and the FUSE mount
+//! (reads and writes reach the device), snapshots of a virtual mapping, and snapshots refused
+//! for a physical one.
 #![allow(clippy::unwrap_used)]
 
 mod export_support;
+mod fuse_support;
 mod vm_support;
 
 use std::path::Path;
@@ -332,4 +334,61 @@ fn a_snapshot_of_a_virtual_mapping_keeps_the_bytes_the_vm_then_overwrote_on_the_
     let listed = fx.ok(&["snapshot", "list", "/maps/db.rdm"]);
     assert!(listed.contains("before"), "{listed}");
     fx.assert_fsck_clean();
+}
+
+#[test]
+fn through_the_fuse_mount_a_mappings_data_is_its_device() {
+    if !lun::prereq::require(
+        lun::prereq::is_root() && lun::prereq::have_command("losetup"),
+        "root and losetup for loop devices",
+    ) || !fuse_support::fuse_available()
+    {
+        return;
+    }
+    let fx = fuse_support::Fixture::new("128M");
+    let device = Loop::with_pattern(fx.dir.path(), 4096);
+    fuse_support::ok(&["-d", fx.lun(), "mkdir", "-p", "/maps"]);
+    fuse_support::ok(&[
+        "-d",
+        fx.lun(),
+        "rdm",
+        "create",
+        "/maps/db.rdm",
+        "--lun",
+        &device.dev,
+        "--mode",
+        "physical",
+    ]);
+    let mount = fuse_support::Mounted::new(&fx, "mnt", &[]);
+    let file = mount.path("maps/db.rdm");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), DEVICE_SIZE);
+    // Reads, aligned or not, are the device's bytes.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; 1000];
+    f.read_exact_at(&mut head, 100).unwrap();
+    assert_eq!(head[..], host_pattern(0)[100..1100]);
+    // A write that covers no whole sector lands on the device, its neighbours kept.
+    f.write_all_at(b"written through the mount", (1 << 20) + 10)
+        .unwrap();
+    f.sync_all().unwrap();
+    let on_device = device.read(1 << 20, 4096);
+    assert_eq!(&on_device[10..35], b"written through the mount");
+    assert!(
+        on_device[..10]
+            .iter()
+            .chain(&on_device[35..])
+            .all(|&b| b == 0)
+    );
+    // A write past the device's end is refused: a mapping cannot grow.
+    let past = f.write_all_at(b"x", DEVICE_SIZE).unwrap_err();
+    assert_eq!(past.raw_os_error(), Some(libc::EFBIG), "{past}");
+    std::io::Write::flush(&mut f).unwrap();
+    drop(f);
+    mount.unmount();
+    fx.assert_clean();
 }
