@@ -193,6 +193,11 @@ fn a_second_vm_on_a_mapping_in_use_is_refused_naming_the_holder() {
         &["vm", "start", "/vms/other"],
         &["/maps/db.rdm", "busy", "esx-a"],
     );
+    // Nor does the running VM take a snapshot that would leave its physical disk out.
+    fx.fails(
+        &["vm", "snapshot", "/vms/db", "s1"],
+        &["/maps/db.rdm", "physical-mode raw device mapping"],
+    );
     fx.ok(&["vm", "stop", "/vms/db"]);
     let (status, console, messages) = first.wait();
     assert_eq!(status.code(), Some(0), "{console}\n{messages}");
@@ -229,6 +234,11 @@ fn a_physical_mapping_is_never_snapshotted_by_vapp() {
         &["/maps/db.rdm", "physical-mode raw device mapping", "array"],
     );
     // Nothing was made beside it, and the device is untouched.
+    fx.create_vm("/vms/db", 1, "mode=test", &["/maps/db.rdm"]);
+    fx.fails(
+        &["vm", "snapshot", "/vms/db", "before"],
+        &["/maps/db.rdm", "physical-mode raw device mapping"],
+    );
     fx.fails(&["stat", "/maps/.db.rdm.snap"], &["/maps/.db.rdm.snap"]);
     assert_eq!(device.read(0, PATTERN_BYTES), host_pattern(0));
 }
