@@ -519,7 +519,8 @@ fn child_opens_a_mapping() {
     match rdm::open(&ds, path, access) {
         Ok(lun) => {
             println!("RESULT opened");
-            std::thread::sleep(std::time::Duration::from_secs(2));
+            // Held until the parent says so (closes our stdin), however slow the machine.
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
             drop(lun);
         }
         Err(e) => println!("RESULT refused: {e}"),
@@ -527,8 +528,14 @@ fn child_opens_a_mapping() {
     ds.close().unwrap();
 }
 
-fn spawn_child(access: &str, ds: &str, path: &str, host: &str) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
+/// A child process opening a mapping as a host of its own.
+struct Child {
+    process: std::process::Child,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+fn spawn_child(access: &str, ds: &str, path: &str, host: &str) -> Child {
+    let mut process = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "child_opens_a_mapping",
@@ -538,21 +545,30 @@ fn spawn_child(access: &str, ds: &str, path: &str, host: &str) -> std::process::
         .env(CHILD_ENV, format!("{access}|{ds}|{path}"))
         .env("VAPP_HOST_NAME", host)
         .env("VAPP_HOST_UUID", uuid::Uuid::new_v4().to_string())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let stdout = std::io::BufRead::lines(std::io::BufReader::new(process.stdout.take().unwrap()));
+    Child { process, stdout }
 }
 
-fn result_of(child: std::process::Child) -> String {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    stdout
-        .lines()
-        // The harness prints the test's name on the same line first.
-        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
-        .unwrap_or_else(|| panic!("child said nothing: {stdout}"))
-        .to_string()
+impl Child {
+    /// "opened" or "refused: …"; an opened child holds the mapping until released.
+    fn result(&mut self) -> String {
+        self.stdout
+            .by_ref()
+            .map_while(Result::ok)
+            // The harness prints the test's name on the same line first.
+            .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_string()))
+            .expect("the child says what happened")
+    }
+
+    fn release(mut self) {
+        drop(self.process.stdin.take());
+        assert!(self.process.wait().unwrap().success());
+    }
 }
 
 #[test]
@@ -574,9 +590,11 @@ fn two_hosts_racing_for_one_mapping_get_one_writer() {
         "physical",
     ]);
 
-    let a = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-a");
-    let b = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-b");
-    let results = [result_of(a), result_of(b)];
+    let mut a = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-a");
+    let mut b = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-b");
+    let results = [a.result(), b.result()];
+    a.release();
+    b.release();
     let opened = results.iter().filter(|r| *r == "opened").count();
     assert_eq!(opened, 1, "exactly one writer: {results:?}");
     let refusal = results.iter().find(|r| *r != "opened").unwrap();
@@ -590,25 +608,22 @@ fn two_hosts_racing_for_one_mapping_get_one_writer() {
         "{refusal}"
     );
 
-    // Read-only opens share it.
-    let a = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-a");
-    let b = spawn_child("ro", &f.ds, "/vms/a/db.rdm", "esx-b");
-    assert_eq!([result_of(a), result_of(b)], ["opened", "opened"]);
-    // So do the writers of a guest cluster that coordinates itself (multi-writer).
-    let a = spawn_child("mw", &f.ds, "/vms/a/db.rdm", "esx-a");
-    let b = spawn_child("mw", &f.ds, "/vms/a/db.rdm", "esx-b");
-    assert_eq!([result_of(a), result_of(b)], ["opened", "opened"]);
+    // Read-only opens share it, and so do the writers of a guest cluster that coordinates
+    // itself (multi-writer).
+    for access in ["ro", "mw"] {
+        let mut a = spawn_child(access, &f.ds, "/vms/a/db.rdm", "esx-a");
+        let mut b = spawn_child(access, &f.ds, "/vms/a/db.rdm", "esx-b");
+        assert_eq!([a.result(), b.result()], ["opened", "opened"], "{access}");
+        a.release();
+        b.release();
+    }
 
     // A writer killed with -9 leaves its lock to whoever comes next: its slot is recovered
     // (its process is gone) before the lock is broken.
     let mut holder = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-a");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(holder.stdout.take().unwrap()));
-    let said = lines
-        .find_map(|l| l.unwrap().split_once("RESULT ").map(|(_, r)| r.to_string()))
-        .unwrap();
-    assert_eq!(said, "opened");
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    assert_eq!(holder.result(), "opened");
+    holder.process.kill().unwrap();
+    holder.process.wait().unwrap();
     let ds = f.open(false);
     let lun = rdm::open(&ds, "/vms/a/db.rdm", vmfs::Access::Exclusive).unwrap();
     drop(lun);
