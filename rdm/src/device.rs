@@ -330,3 +330,76 @@ impl Lun for RdmLun {
         self.lun.submit(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::RdmRecord;
+
+    fn mapping_of(file: &Path, size: u64) -> Mapping {
+        let md = std::fs::metadata(file).unwrap();
+        let identity = LunIdentity::File {
+            dev: md.dev(),
+            ino: md.ino(),
+            offset: 0,
+            path: file.to_string_lossy().into_owned(),
+        };
+        Mapping::new(
+            "/vms/a/f.rdm",
+            7,
+            RdmRecord {
+                mode: Mode::Virtual,
+                device: DeviceKind::File,
+                sector_size: 512,
+                size,
+                created_ns: 0,
+                datastore_uuid: uuid::Uuid::nil(),
+                identity: identity.serialise(),
+                serial: String::new(),
+                spec: file.to_string_lossy().into_owned(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_file_is_found_at_its_path_only_while_it_is_the_same_file_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lun.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mapping = mapping_of(&file, 1 << 20);
+        let found = resolve(&mapping, false).unwrap();
+        assert_eq!(found.path, file.to_string_lossy());
+        assert_eq!(found.lun.size(), 1 << 20);
+
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let e = resolve(&mapping, false).err().unwrap();
+        assert!(
+            matches!(e, Error::SizeChanged { recorded, actual, .. } if recorded == 1 << 20 && actual == 2 << 20),
+            "{e}"
+        );
+
+        // Another file put in its place is not the mapped LUN.
+        let other = dir.path().join("other.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        std::fs::rename(&other, &file).unwrap();
+        let e = resolve(&mapping, false).err().unwrap();
+        assert!(matches!(e, Error::DeviceMissing { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with("/vms/a/f.rdm: mapped LUN file"),
+            "{e}"
+        );
+    }
+}

@@ -36,7 +36,7 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    fn new(path: &str, ino: u64, record: RdmRecord) -> Mapping {
+    pub(crate) fn new(path: &str, ino: u64, record: RdmRecord) -> Mapping {
         let identity_text = LunIdentity::parse(&record.identity)
             .map(|i| i.to_string())
             .unwrap_or_default();
