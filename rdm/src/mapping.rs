@@ -98,7 +98,8 @@ pub fn create(ds: &Datastore, path: &str, lun_spec: &str, mode: Mode) -> Result<
     }
     let spec = match kind {
         DeviceKind::Nbd => lun_spec.to_string(),
-        _ => std::fs::canonicalize(lun_spec)
+        // Absolute but with links kept: a /dev/disk/by-id name outlives /dev/sdX.
+        _ => std::path::absolute(lun_spec)
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| lun_spec.to_string()),
     };
