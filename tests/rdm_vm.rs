@@ -343,6 +343,11 @@ fn a_snapshot_of_a_virtual_mapping_keeps_the_bytes_the_vm_then_overwrote_on_the_
     export.stop();
     let listed = fx.ok(&["snapshot", "list", "/maps/db.rdm"]);
     assert!(listed.contains("before"), "{listed}");
+    let copy = fx.dir.path().join("copy.img");
+    fx.fails(
+        &["get", "/maps/db.rdm@before", copy.to_str().unwrap()],
+        &["/maps/db.rdm@before", "export"],
+    );
     fx.assert_fsck_clean();
 }
 

@@ -1,5 +1,6 @@
 //! Snapshots of virtual disks inside a datastore (`vapp -d DS snapshot ... PATH`,
-//! `PATH@NAME`, `vm snapshot`).
+//! `PATH@NAME`, `vm snapshot`), and of virtual-mode raw device mappings, whose LUN is the
+//! source (a physical-mode mapping is refused: the guest reaches its device directly).
 //!
 //! A disk's sessions live in a pool that is itself a virtual disk beside it,
 //! `/vms/a/.disk0.vdisk.snap` ([`vmfs::snapshot_pool_path`]), whose data area holds a quarter
@@ -7,7 +8,8 @@
 //! snapshot as an array's reserved LUN pool is: a copy-on-first-write then never needs
 //! space from the datastore, so a full datastore cannot fail a guest's write; only the
 //! pool's own slots run out, and then the engine invalidates sessions and the write goes on. While a
-//! disk has sessions its inode is flagged as a snapshot source and the pool's as a pool:
+//! disk has sessions its inode is flagged as a snapshot source (a mapping's cannot be, so for
+//! a mapping the flagged pool beside it says it has sessions) and the pool's as a pool:
 //! vmfs then refuses to open either for writing except through
 //! [`vmfs::Datastore::open_lun_through_engine`], and refuses to remove, rename or replace
 //! them, so every writer (a VM, an export, a rollback) goes through the copy-on-first-write
@@ -465,7 +467,15 @@ pub fn read_session_unlocked(
     sink: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     let mount = || super::datastore::open_datastore(spec, &vmfs::OpenOptions::read_only());
-    let size = disk_attr(&mount()?, path)?.size;
+    let attr = disk_attr(&mount()?, path)?;
+    if attr.kind == Kind::Rdm {
+        // Its LUN is reached only under the mapping's lock, which the VM using it holds.
+        bail!(
+            "{path}@{name}: a raw device mapping's snapshot is not copied out without a lock; \
+             serve it with `vapp -d DS export {path}@{name} --read-only` instead"
+        );
+    }
+    let size = attr.size;
     let pool_path = vmfs::snapshot_pool_path(path);
     let mut offset = 0;
     while offset < size {
