@@ -411,3 +411,36 @@ fn through_the_fuse_mount_a_mappings_data_is_its_device() {
     mount.unmount();
     fx.assert_clean();
 }
+
+#[test]
+fn a_virtual_disks_serial_is_stable_across_starts_and_its_own() {
+    if !vm_support::kvm_available() {
+        return;
+    }
+    let fx = Fixture::with_size("128M");
+    fx.create_vm("/vms/two", 1, "mode=test", &["1M", "1M"]);
+    let serials = |console: &str| -> Vec<String> {
+        (0..2)
+            .map(|i| {
+                let line = console
+                    .lines()
+                    .find(|l| l.contains(&format!("disk {i}: id \"")))
+                    .unwrap_or_else(|| panic!("no GET_ID line for disk {i}: {console}"));
+                line.split('"').nth(1).unwrap().to_string()
+            })
+            .collect()
+    };
+    let (status, console, messages) = fx.start("/vms/two", &[]).wait();
+    assert_eq!(status.code(), Some(0), "{console}\n{messages}");
+    let first = serials(&console);
+    assert!(
+        first
+            .iter()
+            .all(|s| s.starts_with("vapp-") && s.len() == 20),
+        "{first:?}"
+    );
+    assert_ne!(first[0], first[1]);
+    let (status, console, messages) = fx.start("/vms/two", &[]).wait();
+    assert_eq!(status.code(), Some(0), "{console}\n{messages}");
+    assert_eq!(serials(&console), first);
+}
