@@ -406,7 +406,9 @@ fn through_the_fuse_mount_a_mappings_data_is_its_device() {
     // A write past the device's end is refused: a mapping cannot grow.
     let past = f.write_all_at(b"x", DEVICE_SIZE).unwrap_err();
     assert_eq!(past.raw_os_error(), Some(libc::EFBIG), "{past}");
-    std::io::Write::flush(&mut f).unwrap();
+    // Nor can it be truncated: its size is its device's.
+    assert!(f.set_len(0).is_err());
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), DEVICE_SIZE);
     drop(f);
     mount.unmount();
     fx.assert_clean();
