@@ -382,7 +382,7 @@ fn through_the_fuse_mount_a_mappings_data_is_its_device() {
     let file = mount.path("maps/db.rdm");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), DEVICE_SIZE);
     // Reads, aligned or not, are the device's bytes.
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&file)
