@@ -43,6 +43,7 @@ use vmfs::{Attr, Creds, Datastore, DirEntry, Kind, NewFile, SetAttr};
 
 use crate::attr::{errno, file_attr, file_type, time_ns};
 use crate::open_files::{CachePolicy, Io, OpenFiles};
+use crate::rdm_files::RdmFiles;
 
 /// How long the kernel may trust attributes and directory entries.
 const TTL: Duration = Duration::from_secs(1);
@@ -62,6 +63,8 @@ thread_local! {
 pub(crate) struct Shared {
     pub ds: Datastore,
     pub files: OpenFiles,
+    /// Raw device mappings open here: their data is on the mapped LUN.
+    pub rdms: RdmFiles,
     pub read_only: bool,
 }
 
@@ -499,6 +502,17 @@ impl Filesystem for VmfsFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.ds().getattr(ino.0).is_ok_and(|a| a.kind == Kind::Rdm) {
+            let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+            if write && let Err(e) = self.check_writable() {
+                return reply.error(e);
+            }
+            // O_TRUNC cannot shrink a device: the mapping keeps its LUN's size.
+            return match self.shared.rdms.open(self.ds(), ino.0, write) {
+                Ok(fh) => reply.opened(Fh(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => reply.error(e),
+            };
+        }
         match self.open_file(req.uid(), ino.0, flags) {
             Ok((fh, policy)) => reply.opened(Fh(fh), fopen_flags(policy)),
             Err(e) => reply.error(e),
@@ -516,6 +530,12 @@ impl Filesystem for VmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if RdmFiles::is_rdm(fh.0) {
+            return match self.shared.rdms.read(fh.0, offset, size as usize) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            };
+        }
         let Some((inode, _)) = self.shared.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -545,6 +565,13 @@ impl Filesystem for VmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if RdmFiles::is_rdm(fh.0) {
+            // A request is at most MAX_REQUEST bytes.
+            return match self.shared.rdms.write(fh.0, offset, data) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(e),
+            };
+        }
         let Some((inode, true)) = self.shared.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -573,11 +600,21 @@ impl Filesystem for VmfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.shared.files.release(self.ds(), fh.0);
+        if RdmFiles::is_rdm(fh.0) {
+            self.shared.rdms.release(fh.0);
+        } else {
+            self.shared.files.release(self.ds(), fh.0);
+        }
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: Fh, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: Fh, _datasync: bool, reply: ReplyEmpty) {
+        if RdmFiles::is_rdm(fh.0) {
+            return match self.shared.rdms.fsync(fh.0) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         // Data is written in place before write returns; fsync commits the journal (size,
         // new blocks) and flushes the LUN, which makes both durable.
         match self.ds().fsync(ino.0) {

@@ -26,6 +26,7 @@ mod fs;
 mod kernel_mount;
 mod mounts;
 mod open_files;
+mod rdm_files;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,6 +127,7 @@ pub fn mount(ds: Datastore, mountpoint: &Path, options: &MountOptions) -> Result
     let shared = Arc::new(Shared {
         ds,
         files: OpenFiles::new(read_only),
+        rdms: rdm_files::RdmFiles::default(),
         read_only,
     });
     let at = match check_mountpoint(mountpoint) {

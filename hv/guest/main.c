@@ -51,6 +51,7 @@ typedef uint64_t u64;
 #define PATTERN_BYTES 4096
 #define HOST_PATTERN_SECTOR 0
 #define GUEST_PATTERN_SECTOR 8
+#define DISCARD_SECTOR 16 /* 4096 bytes discarded here when the device offers discard */
 
 extern char ap_trampoline_start[], ap_trampoline_end[], triple_fault_insn[];
 extern void triple_fault(void) __attribute__((noreturn));
@@ -571,12 +572,14 @@ static unsigned start_secondary_cpus(u32 bsp_apic_id)
 #define VIRTIO_BLK_F_RO (1u << 5)
 #define VIRTIO_BLK_F_BLK_SIZE (1u << 6)
 #define VIRTIO_BLK_F_FLUSH (1u << 9)
+#define VIRTIO_BLK_F_DISCARD (1u << 13)
 #define VIRTIO_F_VERSION_1_HIGH 1u /* bit 32 */
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
 #define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
 #define VIRTIO_BLK_ID_BYTES 20
 #define VIRTIO_BLK_T_BOGUS 0x7e
 #define VIRTIO_BLK_S_OK 0
@@ -614,7 +617,7 @@ struct disk {
     u64 base;
     u64 capacity; /* 512-byte sectors */
     u32 blk_size;
-    int read_only, has_flush;
+    int read_only, has_flush, has_discard;
     u16 qsize, avail_idx;
     struct virtq_desc desc[QSIZE] __attribute__((aligned(16)));
     struct virtq_avail avail __attribute__((aligned(2)));
@@ -648,7 +651,7 @@ static int disk_init(struct disk *d, unsigned index, u64 base)
         kprintf("vapp-testguest: disk %u: device does not offer VIRTIO_F_VERSION_1\n", index);
         return -1;
     }
-    low &= VIRTIO_BLK_F_RO | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+    low &= VIRTIO_BLK_F_RO | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD;
     vset(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
     vset(d, VIRTIO_MMIO_DRIVER_FEATURES, low);
     vset(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
@@ -681,6 +684,7 @@ static int disk_init(struct disk *d, unsigned index, u64 base)
 
     d->read_only = !!(low & VIRTIO_BLK_F_RO);
     d->has_flush = !!(low & VIRTIO_BLK_F_FLUSH);
+    d->has_discard = !!(low & VIRTIO_BLK_F_DISCARD);
     d->capacity = vreg(d, VIRTIO_MMIO_CONFIG) | ((u64)vreg(d, VIRTIO_MMIO_CONFIG + 4) << 32);
     d->blk_size = (low & VIRTIO_BLK_F_BLK_SIZE) ? vreg(d, VIRTIO_MMIO_CONFIG + 20) : 512;
     kprintf("vapp-testguest: disk %u: %lu sectors, block size %u, %s\n", index, d->capacity,
@@ -707,7 +711,8 @@ static void build_chain(struct disk *d, unsigned slot, u32 type, u64 sector, voi
                                          VIRTQ_DESC_F_NEXT, first + 1};
     unsigned last = first + 1;
     if (len) {
-        u16 flags = VIRTQ_DESC_F_NEXT | (type == VIRTIO_BLK_T_IN ? VIRTQ_DESC_F_WRITE : 0);
+        int to_guest = type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID;
+        u16 flags = VIRTQ_DESC_F_NEXT | (to_guest ? VIRTQ_DESC_F_WRITE : 0);
         d->desc[first + 1] = (struct virtq_desc){(u64)buf, len, flags, first + 2};
         last = first + 2;
     }
@@ -837,6 +842,23 @@ static u32 test_disk(struct disk *d, unsigned i)
             kprintf("vapp-testguest: disk %u: guest pattern written, %s, read back\n", i,
                     d->has_flush ? "flushed" : "no flush offered");
         }
+    }
+
+    if (d->has_discard) {
+        struct {
+            u64 sector;
+            u32 num_sectors, flags;
+        } range = {DISCARD_SECTOR, PATTERN_BYTES / 512, 0};
+        st = disk_request(d, VIRTIO_BLK_T_DISCARD, 0, &range, sizeof(range));
+        u8 rst = disk_request(d, VIRTIO_BLK_T_IN, DISCARD_SECTOR, sector_buf, PATTERN_BYTES);
+        const char *back = rst != VIRTIO_BLK_S_OK               ? "an error"
+                           : is_zero(sector_buf, PATTERN_BYTES) ? "zeroes"
+                                                                : "data";
+        kprintf("vapp-testguest: disk %u: discard status=%u, reads back %s\n", i, st, back);
+        if (st != VIRTIO_BLK_S_OK || rst != VIRTIO_BLK_S_OK)
+            fail |= FAIL_DISK_IO;
+    } else {
+        kprintf("vapp-testguest: disk %u: no discard offered\n", i);
     }
 
     st = disk_request(d, VIRTIO_BLK_T_IN, d->capacity, sector_buf, PATTERN_BYTES);

@@ -56,7 +56,22 @@ pub struct Disk {
     pub read_only: bool,
     /// The host's disk scheduler slot of this VM: each request waits for its turn there.
     pub clock: Option<Arc<sched::Clock>>,
+    /// What the guest reads with GET_ID (`/sys/block/vda/serial`, `/dev/disk/by-id/virtio-…`):
+    /// at most [`SERIAL_BYTES`] bytes. `None` gives `vapp-diskN`, which names only the slot.
+    pub serial: Option<String>,
+    /// Offer discard (VIRTIO_BLK_F_DISCARD) and pass each range of whole LUN sectors the guest
+    /// discards to this (a device's BLKDISCARD, a punched hole). `None` offers none: where
+    /// the disk cannot give space back, discarding would mean writing zeroes.
+    pub discard: Option<Discard>,
 }
+
+/// Discards `len` bytes at `offset`, both multiples of the LUN's sector size; the range may
+/// read back as anything afterwards.
+pub type Discard = Arc<dyn Fn(u64, u64) -> Result<(), DiscardError> + Send + Sync>;
+pub type DiscardError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The longest serial a virtio-blk device can report (VIRTIO_BLK_ID_BYTES).
+pub const SERIAL_BYTES: usize = 20;
 
 impl std::fmt::Debug for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +79,8 @@ impl std::fmt::Debug for Disk {
             .field("lun", &self.lun.name())
             .field("read_only", &self.read_only)
             .field("scheduled", &self.clock.is_some())
+            .field("serial", &self.serial)
+            .field("discard", &self.discard.is_some())
             .finish()
     }
 }
@@ -74,6 +91,8 @@ impl Disk {
             lun,
             read_only: false,
             clock: None,
+            serial: None,
+            discard: None,
         }
     }
 
@@ -82,6 +101,8 @@ impl Disk {
             lun,
             read_only: true,
             clock: None,
+            serial: None,
+            discard: None,
         }
     }
 }

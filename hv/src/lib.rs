@@ -34,7 +34,9 @@ mod vcpu;
 mod vm;
 
 pub use boot::check_kernel;
-pub use config::{Console, ConsoleBuffer, Disk, Nic, NicLimits, VmConfig};
+pub use config::{
+    Console, ConsoleBuffer, Discard, DiscardError, Disk, Nic, NicLimits, SERIAL_BYTES, VmConfig,
+};
 pub use cpu::Registers;
 pub use error::{HvError, Result};
 pub use exit::VmExit;

@@ -13,12 +13,15 @@
 //!
 //! Disk protocol, per disk `i`: the host writes [`host_pattern`]`(i)` at byte 0; the guest
 //! checks it, writes [`guest_pattern`]`(i)` at byte [`GUEST_PATTERN_OFFSET`], flushes and reads
-//! it back.
+//! it back, prints the serial GET_ID returns (`disk i: id "SERIAL"`), and, when the device
+//! offers discard, discards [`PATTERN_BYTES`] at byte [`DISCARD_OFFSET`] and says whether they
+//! read back as zeroes.
 
 /// Bytes of each pattern.
 pub const PATTERN_BYTES: usize = 4096;
 pub const HOST_PATTERN_OFFSET: u64 = 0;
 pub const GUEST_PATTERN_OFFSET: u64 = 4096;
+pub const DISCARD_OFFSET: u64 = 8192;
 
 /// Bits of the power-off status (0: every check passed).
 pub mod status {

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::acpi::{self, MmioDevice};
 use crate::boot;
-use crate::config::{Disk, Nic, VmConfig};
+use crate::config::{Disk, Nic, SERIAL_BYTES, VmConfig};
 use crate::cpu::{self, BootEntry};
 use crate::devices::ged::Ged;
 use crate::devices::legacy::{AcpiRegisters, ExitStatusPort, I8042, SerialPort};
@@ -168,6 +168,13 @@ fn validate(config: &VmConfig, host: &HostInfo) -> Result<()> {
             return Err(bad(format!(
                 "size {} is not a positive multiple of its {sector}-byte sector",
                 lun.size()
+            )));
+        }
+        if let Some(serial) = &disk.serial
+            && (serial.len() > SERIAL_BYTES || !serial.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(bad(format!(
+                "serial {serial:?} is not at most {SERIAL_BYTES} printable ASCII characters"
             )));
         }
     }
@@ -448,19 +455,12 @@ impl<'h> Builder<'h> {
     fn add_disks(&mut self, disks: Vec<Disk>, cmdline: &mut String) -> Result<Vec<MmioDevice>> {
         let vm = self.name.clone();
         let mut devices = Vec::new();
-        for (
-            index,
-            Disk {
-                lun,
-                read_only,
-                clock,
-            },
-        ) in disks.into_iter().enumerate()
-        {
+        for (index, disk) in disks.into_iter().enumerate() {
             let (base, gsi) = virtio_mmio_device(index);
             let disk_name = format!("disk{index}");
-            let lun_name = lun.name().to_string();
-            let block = Block::new(&vm, &disk_name, lun, read_only, clock);
+            let lun_name = disk.lun.name().to_string();
+            let (read_only, discard) = (disk.read_only, disk.discard.is_some());
+            let block = Block::new(&vm, &disk_name, disk);
             let transport =
                 MmioTransport::new(&vm, &disk_name, block, self.mem.clone(), self.irq(gsi)?)
                     .map_err(|e| HvError::BadDisk {
@@ -479,7 +479,7 @@ impl<'h> Builder<'h> {
             }
             cmdline.push_str(&format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
             devices.push(MmioDevice { base, gsi });
-            info!(vm, disk = index, lun = %lun_name, base, gsi, read_only, "virtio-blk attached");
+            info!(vm, disk = index, lun = %lun_name, base, gsi, read_only, discard, "virtio-blk attached");
         }
         Ok(devices)
     }

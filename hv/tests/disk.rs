@@ -7,7 +7,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{disk, guest_config, kvm_available, pattern_disk, run_to_end};
-use hv::test_guest::{GUEST_PATTERN_OFFSET, PATTERN_BYTES, guest_pattern, host_pattern, status};
+use hv::test_guest::{
+    DISCARD_OFFSET, GUEST_PATTERN_OFFSET, PATTERN_BYTES, guest_pattern, host_pattern, status,
+};
 use hv::{Disk, VmExit};
 use lun::fault::{CrashMode, FaultLun};
 use lun::{FileLun, Lun, OpenOptions};
@@ -241,4 +243,107 @@ fn out_of_range_and_unknown_requests_get_ioerr_and_unsupp() {
         "{out}"
     );
     assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");
+}
+
+#[test]
+fn the_guest_reads_the_serial_given_to_its_disk_and_the_slot_name_otherwise() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let luns: Vec<_> = (0..2).map(|i| pattern_disk(&dir, i, 1 << 20)).collect();
+    let (mut config, console) = guest_config("serial", 1, "");
+    let mut named = disk(&luns[0]);
+    // 20 bytes, the most GET_ID carries: the guest sees no terminating NUL.
+    named.serial = Some("WD-WX12A3456789ABCDE".into());
+    config.disks = vec![named, disk(&luns[1])];
+    let (exit, out) = run_to_end(config, &console);
+    assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");
+    assert!(
+        out.contains("disk 0: id \"WD-WX12A3456789ABCDE\" status=0"),
+        "{out}"
+    );
+    assert!(out.contains("disk 1: id \"vapp-disk1\" status=0"), "{out}");
+}
+
+#[test]
+fn a_serial_longer_than_get_id_carries_is_refused_before_the_guest_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lun = pattern_disk(&dir, 0, 1 << 20);
+    let (mut config, _console) = guest_config("long-serial", 1, "");
+    let mut named = disk(&lun);
+    named.serial = Some("a-serial-of-21-bytes!".into());
+    config.disks.push(named);
+    let Err(error) = hv::Vm::create(config) else {
+        panic!("a 21-byte serial was accepted");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("disk 0") && error.contains("a-serial-of-21-bytes!"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_guest_discard_zeroes_its_range_and_gives_the_space_back_only_where_allowed() {
+    if !kvm_available() {
+        return;
+    }
+    for sector_size in [512u32, 4096] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = OpenOptions {
+            sector_size: Some(sector_size),
+            ..OpenOptions::default()
+        };
+        let paths: Vec<_> = (0..2)
+            .map(|i| dir.path().join(format!("d{i}.img")))
+            .collect();
+        let luns: Vec<Arc<FileLun>> = (0..2u32)
+            .map(|i| {
+                let lun =
+                    Arc::new(FileLun::create_with(&paths[i as usize], 1 << 20, &options).unwrap());
+                lun.write_at(&host_pattern(i), 0).unwrap();
+                lun.write_at(&[0xa5; PATTERN_BYTES], DISCARD_OFFSET)
+                    .unwrap();
+                lun.flush().unwrap();
+                lun
+            })
+            .collect();
+        let (mut config, console) = guest_config("discard", 1, "");
+        let mut thin = disk(&luns[0]);
+        let punch = luns[0].clone();
+        thin.discard = Some(Arc::new(move |offset, len| {
+            Ok(punch.write_zeroes(offset, len)?)
+        }));
+        config.disks = vec![thin, disk(&luns[1])];
+        let (exit, out) = run_to_end(config, &console);
+        assert_eq!(exit, VmExit::PowerOff { status: 0 }, "{out}");
+        assert!(
+            out.contains("disk 0: discard status=0, reads back zeroes"),
+            "{out}"
+        );
+        assert_eq!(
+            read(luns[0].as_ref(), DISCARD_OFFSET),
+            vec![0; PATTERN_BYTES]
+        );
+        assert!(
+            !luns[0]
+                .may_hold_data(DISCARD_OFFSET, PATTERN_BYTES as u64)
+                .unwrap(),
+            "{sector_size}-byte sectors: the discarded range is still allocated"
+        );
+        // The guest's own pattern, next to the range, is untouched.
+        assert_eq!(
+            read(luns[0].as_ref(), GUEST_PATTERN_OFFSET),
+            guest_pattern(0)
+        );
+        assert!(out.contains("disk 1: no discard offered"), "{out}");
+        assert_eq!(
+            read(luns[1].as_ref(), DISCARD_OFFSET),
+            vec![0xa5; PATTERN_BYTES]
+        );
+    }
 }

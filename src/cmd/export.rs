@@ -188,8 +188,9 @@ fn serve_datastore_file(
     tracing::info!(lun = spec, path, %access, size = attr.size, thick = attr.thick,
         "exporting a datastore file");
     // Trimming whole blocks of a thin disk frees them, a metadata-only change; on a thick
-    // disk it would mean writing zeroes over them.
-    let trim = (!attr.thick).then_some(attr.block_size);
+    // disk it would mean writing zeroes over them, and on a mapped device too (a device
+    // without WRITE ZEROES falls back to writing them).
+    let trim = (attr.kind == vmfs::Kind::File && !attr.thick).then_some(attr.block_size);
     serve(disk, args, addr, signals, trim, Some(&|| ds.fenced()))
 }
 

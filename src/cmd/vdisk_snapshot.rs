@@ -1,5 +1,6 @@
 //! Snapshots of virtual disks inside a datastore (`vapp -d DS snapshot ... PATH`,
-//! `PATH@NAME`, `vm snapshot`).
+//! `PATH@NAME`, `vm snapshot`), and of virtual-mode raw device mappings, whose LUN is the
+//! source (a physical-mode mapping is refused: the guest reaches its device directly).
 //!
 //! A disk's sessions live in a pool that is itself a virtual disk beside it,
 //! `/vms/a/.disk0.vdisk.snap` ([`vmfs::snapshot_pool_path`]), whose data area holds a quarter
@@ -7,7 +8,8 @@
 //! snapshot as an array's reserved LUN pool is: a copy-on-first-write then never needs
 //! space from the datastore, so a full datastore cannot fail a guest's write; only the
 //! pool's own slots run out, and then the engine invalidates sessions and the write goes on. While a
-//! disk has sessions its inode is flagged as a snapshot source and the pool's as a pool:
+//! disk has sessions its inode is flagged as a snapshot source (a mapping's cannot be, so for
+//! a mapping the flagged pool beside it says it has sessions) and the pool's as a pool:
 //! vmfs then refuses to open either for writing except through
 //! [`vmfs::Datastore::open_lun_through_engine`], and refuses to remove, rename or replace
 //! them, so every writer (a VM, an export, a rollback) goes through the copy-on-first-write
@@ -60,6 +62,17 @@ pub fn split_session<'a>(ds: &Datastore, path: &'a str) -> Option<(&'a str, &'a 
 
 fn disk_attr(ds: &Datastore, path: &str) -> anyhow::Result<Attr> {
     let attr = ds.stat_path(path)?;
+    if attr.kind == Kind::Rdm {
+        let mapping = rdm::show(ds, path)?;
+        if mapping.mode == rdm::Mode::Physical {
+            bail!(
+                "{path}: a physical-mode raw device mapping: the guest reaches the device \
+                 directly, so vapp takes no snapshot of it; use the array's snapshots, or map \
+                 the LUN in virtual mode"
+            );
+        }
+        return Ok(attr);
+    }
     if attr.snapshot_pool {
         bail!("{path}: a snapshot pool; snapshot the virtual disk it is named after");
     }
@@ -79,6 +92,17 @@ fn pool_access(source: &dyn Lun) -> Access {
     }
 }
 
+/// Opens the disk at `path` for the snapshot engine to sit on: a virtual disk's file
+/// through the engine's door (see [`attach`]), or a virtual-mode raw device
+/// mapping's LUN under the mapping file's lock (`vm start` presents a physical-mode one
+/// itself, with the device's serial and discard).
+pub fn open_disk(ds: &Datastore, path: &str, access: Access) -> anyhow::Result<Arc<dyn Lun>> {
+    if ds.stat_path(path)?.kind == Kind::Rdm {
+        return Ok(Arc::new(rdm::open(ds, path, access)?));
+    }
+    Ok(ds.open_lun_through_engine(path, access)?)
+}
+
 /// The engine of the disk at `path`, whose LUN `source` the caller opened with
 /// [`Datastore::open_lun_through_engine`]. A disk without sessions gets a pool when
 /// `create` is set; otherwise `None`.
@@ -90,7 +114,7 @@ pub fn attach(
 ) -> anyhow::Result<Option<Snapshots>> {
     let attr = disk_attr(ds, path)?;
     let pool_path = vmfs::snapshot_pool_path(path);
-    if attr.snapshot_source {
+    if has_sessions(ds, path, &attr) {
         let pool = ds
             .open_lun_through_engine(&pool_path, pool_access(&*source))
             .with_context(|| format!("{path}: its snapshot pool"))?;
@@ -128,8 +152,10 @@ pub fn attach(
         ds.fsync(made.ino)?;
         let pool = ds.open_lun_through_engine(&pool_path, Access::Exclusive)?;
         let snaps = Snapshots::create(source, pool, PoolOptions::default())?;
-        ds.set_snapshot_role(attr.ino, SnapshotRole::Source)?;
-        ds.fsync(attr.ino)?;
+        if attr.kind == Kind::File {
+            ds.set_snapshot_role(attr.ino, SnapshotRole::Source)?;
+            ds.fsync(attr.ino)?;
+        }
         anyhow::Ok(snaps)
     })();
     match formatted {
@@ -168,8 +194,10 @@ pub fn release_if_empty(ds: &Datastore, path: &str, snaps: Snapshots) -> anyhow:
     let attr = ds.stat_path(path)?;
     // The disk first: a crash then leaves an unflagged pool, which the next snapshot
     // replaces.
-    ds.set_snapshot_role(attr.ino, SnapshotRole::None)?;
-    ds.fsync(attr.ino)?;
+    if attr.kind == Kind::File {
+        ds.set_snapshot_role(attr.ino, SnapshotRole::None)?;
+        ds.fsync(attr.ino)?;
+    }
     remove_pool(ds, &vmfs::snapshot_pool_path(path))?;
     tracing::info!(path, "last snapshot deleted: pool removed");
     Ok(true)
@@ -179,23 +207,41 @@ pub fn release_if_empty(ds: &Datastore, path: &str, snaps: Snapshots) -> anyhow:
 /// change it.
 pub fn open_engine(ds: &Datastore, path: &str) -> anyhow::Result<Snapshots> {
     let attr = disk_attr(ds, path)?;
-    if !attr.snapshot_source {
+    if !has_sessions(ds, path, &attr) {
         bail!("{path}: has no snapshots");
     }
-    let source = ds
-        .open_lun_through_engine(path, Access::Exclusive)
-        .map_err(busy_hint)?;
+    let source = open_disk(ds, path, Access::Exclusive).map_err(busy_hint)?;
     attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))
 }
 
-fn busy_hint(e: vmfs::Error) -> anyhow::Error {
-    match e {
-        e @ vmfs::Error::Busy { .. } => anyhow::Error::new(e).context(
-            "a VM or an export is writing this disk: stop it, or snapshot a VM through `vapp vm snapshot`",
-        ),
-        e => e.into(),
+/// Whether the disk at `path` has snapshot sessions, so every writer goes through their
+/// engine. A virtual disk's inode carries the flag; a mapping's inode cannot (vmfs flags
+/// only regular files), so the pool beside it says it.
+fn has_sessions(ds: &Datastore, path: &str, attr: &Attr) -> bool {
+    if attr.kind == Kind::Rdm {
+        return ds
+            .stat_path(&vmfs::snapshot_pool_path(path))
+            .is_ok_and(|pool| pool.snapshot_pool);
     }
+    attr.snapshot_source
 }
+
+/// Adds advice to an error that carries a lock conflict (vmfs's, or a mapping's).
+fn busy_hint(e: anyhow::Error) -> anyhow::Error {
+    let busy = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<vmfs::Error>(),
+            Some(vmfs::Error::Busy { .. })
+        ) || matches!(
+            cause.downcast_ref::<rdm::Error>(),
+            Some(rdm::Error::Vmfs(vmfs::Error::Busy { .. }))
+        )
+    });
+    if busy { e.context(BUSY_HINT) } else { e }
+}
+
+const BUSY_HINT: &str =
+    "a VM or an export is writing this disk: stop it, or snapshot a VM through `vapp vm snapshot`";
 
 /// Runs `body` on the datastore `spec` mounted read-write (a short-lived host), closing
 /// it cleanly however `body` ends.
@@ -223,9 +269,7 @@ fn with_datastore<T>(
 pub fn create(ds: &str, path: &str, name: &str, writable: bool) -> anyhow::Result<SessionInfo> {
     with_datastore(ds, false, |ds| {
         disk_attr(ds, path)?;
-        let source = ds
-            .open_lun_through_engine(path, Access::Exclusive)
-            .map_err(busy_hint)?;
+        let source = open_disk(ds, path, Access::Exclusive).map_err(busy_hint)?;
         let snaps = attach(ds, path, source, true)?
             .with_context(|| format!("{path}: no snapshot engine"))?;
         match snaps.create_session(name, writable) {
@@ -243,7 +287,7 @@ pub fn create(ds: &str, path: &str, name: &str, writable: bool) -> anyhow::Resul
 pub fn list(ds: &str, path: &str) -> anyhow::Result<(Vec<SessionInfo>, PoolUsage)> {
     with_datastore(ds, true, |ds| {
         let attr = disk_attr(ds, path)?;
-        if !attr.snapshot_source {
+        if !has_sessions(ds, path, &attr) {
             return Ok((
                 Vec::new(),
                 PoolUsage {
@@ -253,7 +297,7 @@ pub fn list(ds: &str, path: &str) -> anyhow::Result<(Vec<SessionInfo>, PoolUsage
                 },
             ));
         }
-        let source = ds.open_lun_through_engine(path, Access::ReadOnly)?;
+        let source = open_disk(ds, path, Access::ReadOnly)?;
         let snaps = attach(ds, path, source, false)?
             .with_context(|| format!("{path}: has no snapshots"))?;
         Ok((snaps.list(), snaps.usage()))
@@ -294,7 +338,7 @@ pub fn rollback_engine(path: &str, snaps: &Snapshots, name: &str) -> anyhow::Res
 
 /// Opens a datastore file for serving (export): `PATH@NAME` is the session (read-only
 /// unless it is a writable session and `access` writes), a disk with snapshots is its
-/// source through the engine, any other file is opened as it is. The returned attributes
+/// source through the engine, a raw device mapping its LUN, any other file as it is. The returned attributes
 /// are the disk's.
 pub fn open_for_serving(
     ds: &Datastore,
@@ -306,10 +350,13 @@ pub fn open_for_serving(
         return Ok((lun, disk_attr(ds, disk)?));
     }
     let attr = ds.stat_path(path)?;
-    if !attr.snapshot_source || !access.can_write() {
+    if attr.kind == Kind::Rdm && !(access.can_write() && has_sessions(ds, path, &attr)) {
+        return Ok((Arc::new(rdm::open(ds, path, access)?), attr));
+    }
+    if attr.kind == Kind::File && (!attr.snapshot_source || !access.can_write()) {
         return Ok((ds.open_lun(path, access)?, attr));
     }
-    let source = ds.open_lun_through_engine(path, access)?;
+    let source = open_disk(ds, path, access)?;
     let snaps =
         attach(ds, path, source, false)?.with_context(|| format!("{path}: has no snapshots"))?;
     let view: Arc<dyn Lun> = snaps.source();
@@ -339,11 +386,10 @@ fn open_session_as(
     access: Access,
 ) -> anyhow::Result<Arc<dyn Lun>> {
     let attr = disk_attr(ds, path)?;
-    if !attr.snapshot_source {
+    if !has_sessions(ds, path, &attr) {
         bail!("{path}@{name}: {path} has no snapshots");
     }
-    let source = ds
-        .open_lun_through_engine(path, access)
+    let source = open_disk(ds, path, access)
         .map_err(busy_hint)
         .with_context(|| format!("{path}@{name}"))?;
     let snaps =
@@ -415,7 +461,15 @@ pub fn read_session_unlocked(
     sink: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
     let mount = || super::datastore::open_datastore(spec, &vmfs::OpenOptions::read_only());
-    let size = disk_attr(&mount()?, path)?.size;
+    let attr = disk_attr(&mount()?, path)?;
+    if attr.kind == Kind::Rdm {
+        // Its LUN is reached only under the mapping's lock, which the VM using it holds.
+        bail!(
+            "{path}@{name}: a raw device mapping's snapshot is not copied out without a lock; \
+             serve it with `vapp -d DS export {path}@{name} --read-only` instead"
+        );
+    }
+    let size = attr.size;
     let pool_path = vmfs::snapshot_pool_path(path);
     let mut offset = 0;
     while offset < size {

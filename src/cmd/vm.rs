@@ -473,9 +473,14 @@ fn check_existing_disk(ds: &Datastore, path: &str) -> anyhow::Result<u64> {
         return Ok(ds.stat_path(disk)?.ino);
     }
     let attr = ds.stat_path(path)?;
+    if attr.kind == Kind::Rdm {
+        // The mapping must be this datastore's and its LUN reachable, as at every start.
+        rdm::verify(ds, path)?;
+        return Ok(attr.ino);
+    }
     if attr.kind != Kind::File || attr.size == 0 || attr.size % 512 != 0 {
         bail!(
-            "{path}: not a virtual disk (a regular file whose size is a non-zero multiple of 512)"
+            "{path}: not a virtual disk (a regular file whose size is a non-zero multiple of 512) nor a raw device mapping"
         );
     }
     Ok(attr.ino)
@@ -630,8 +635,7 @@ fn snapshot(datastore: &str, args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         // is refused naming that host.
         let mut engines = Vec::new();
         for path in &disks {
-            let source = ds
-                .open_lun_through_engine(path, vmfs::Access::Exclusive)
+            let source = snap::open_disk(ds, path, vmfs::Access::Exclusive)
                 .with_context(|| format!("vm {folder}: disk {path}"))?;
             let snaps = snap::attach(ds, path, source, true)?
                 .with_context(|| format!("{path}: no snapshot engine"))?;

@@ -1,6 +1,6 @@
-//! virtio-blk backed by any [`Lun`]: reads, writes, flushes and GET_ID, each answered with the
-//! virtio status the guest must see. A flush returns only after [`Lun::flush`], so whatever
-//! the guest was told is durable is durable.
+//! virtio-blk backed by any [`Lun`]: reads, writes, flushes, GET_ID and (where the disk
+//! gives a way) discards, each answered with the virtio status the guest must see. A flush
+//! returns only after [`Lun::flush`], so whatever the guest was told is durable is durable.
 //!
 //! Data moves between the LUN and guest memory without a copy when the request's buffers are
 //! whole LUN sectors and do not overlap; otherwise through a bounce buffer.
@@ -10,9 +10,10 @@ use std::sync::Arc;
 use lun::{IoRequest, Lun, check_request};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -21,12 +22,21 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::virtio_mmio::VirtioDevice;
+use crate::config::{Discard, Disk};
 
 pub(crate) const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
 const HEADER_LEN: usize = 16;
 /// Requests needing a bounce buffer larger than this fail rather than allocate without bound.
 const MAX_BOUNCE: usize = 64 << 20;
+/// Ranges of one discard request, and 512-byte sectors of one range: bounds on the time a
+/// vCPU spends in one request (the guest splits larger discards).
+const MAX_DISCARD_SEG: u32 = 32;
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// A discard range: le64 sector, le32 sectors, le32 flags.
+const DISCARD_RANGE_LEN: usize = 16;
+/// virtio_blk_config up to discard_sector_alignment.
+const CONFIG_LEN: usize = 48;
 
 #[derive(Debug, Clone, Copy)]
 struct Segment {
@@ -39,33 +49,42 @@ pub(crate) struct Block {
     name: String,
     lun: Arc<dyn Lun>,
     read_only: bool,
-    config: [u8; 24],
+    discard: Option<Discard>,
+    config: [u8; CONFIG_LEN],
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     bounce: Vec<u8>,
     clock: Option<Arc<sched::Clock>>,
 }
 
 impl Block {
-    pub fn new(
-        vm: &str,
-        name: &str,
-        lun: Arc<dyn Lun>,
-        read_only: bool,
-        clock: Option<Arc<sched::Clock>>,
-    ) -> Self {
-        let mut config = [0u8; 24];
+    pub fn new(vm: &str, name: &str, disk: Disk) -> Self {
+        let Disk {
+            lun,
+            read_only,
+            clock,
+            serial: id,
+            discard,
+        } = disk;
+        let read_only = read_only || lun.is_read_only();
+        let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&(lun.size() / SECTOR).to_le_bytes());
         // seg_max: a request's descriptors less its header and status.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config[20..24].copy_from_slice(&lun.sector_size().to_le_bytes());
+        config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+        // The guest then discards whole LUN sectors, the only ones a device can deallocate.
+        let alignment = (u64::from(lun.sector_size()) / SECTOR) as u32;
+        config[44..48].copy_from_slice(&alignment.to_le_bytes());
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-        let id = format!("vapp-{name}");
+        let id = id.unwrap_or_else(|| format!("vapp-{name}"));
         let n = id.len().min(serial.len());
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
         Block {
             vm: vm.to_string(),
             name: name.to_string(),
-            read_only: read_only || lun.is_read_only(),
+            read_only,
+            discard: discard.filter(|_| !read_only),
             lun,
             config,
             serial,
@@ -120,6 +139,9 @@ impl Block {
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 },
+                VIRTIO_BLK_T_DISCARD if self.discard.is_some() => {
+                    (self.discard(&skip(readable, HEADER_LEN), mem), 0)
+                }
                 VIRTIO_BLK_T_GET_ID => {
                     let n = scatter(mem, &data_in, &self.serial);
                     (VIRTIO_BLK_S_OK, n)
@@ -227,6 +249,66 @@ impl Block {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(error) => io_error(&error),
         }
+    }
+
+    /// Passes on the ranges of a discard request: the whole LUN sectors each covers, since a
+    /// discard is a hint and its ragged edges may be left alone. Returns the status.
+    fn discard(&mut self, data: &[Segment], mem: &GuestMemoryMmap) -> u32 {
+        let Some(discard) = self.discard.clone() else {
+            return VIRTIO_BLK_S_UNSUPP;
+        };
+        let len = total(data);
+        let count = len / DISCARD_RANGE_LEN;
+        if len % DISCARD_RANGE_LEN != 0 || count == 0 || count > MAX_DISCARD_SEG as usize {
+            debug!(vm = %self.vm, disk = %self.name, len, "malformed discard request");
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let mut ranges = vec![0u8; len];
+        if !gather(mem, data, &mut ranges) {
+            debug!(vm = %self.vm, disk = %self.name, "discard ranges outside guest memory");
+            return VIRTIO_BLK_S_IOERR;
+        }
+        // One operation of the VM's disk share, whatever it spans: it moves no data.
+        if let Some(clock) = &self.clock {
+            clock.admit(0);
+        }
+        let granule = u64::from(self.lun.sector_size());
+        for range in ranges.chunks_exact(DISCARD_RANGE_LEN) {
+            let le = |at: usize, n: usize| {
+                range[at..at + n]
+                    .iter()
+                    .rev()
+                    .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+            };
+            let (sector, sectors, flags) = (le(0, 8), le(8, 4), le(12, 4));
+            // No flag is defined for a discard (UNMAP belongs to write-zeroes).
+            if flags != 0 {
+                debug!(vm = %self.vm, disk = %self.name, flags, "discard with flags");
+                return VIRTIO_BLK_S_UNSUPP;
+            }
+            if sectors > u64::from(MAX_DISCARD_SECTORS) {
+                debug!(vm = %self.vm, disk = %self.name, sectors, "discard range too long");
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let Some(start) = sector.checked_mul(SECTOR) else {
+                return VIRTIO_BLK_S_IOERR;
+            };
+            let end = start.saturating_add(sectors * SECTOR);
+            if end > self.lun.size() {
+                debug!(vm = %self.vm, disk = %self.name, sector, sectors, "discard past the end");
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let (first, last) = (start.div_ceil(granule) * granule, end / granule * granule);
+            if first >= last {
+                continue;
+            }
+            if let Err(error) = discard(first, last - first) {
+                warn!(vm = %self.vm, disk = %self.name, lun = %self.lun.name(), sector, sectors,
+                      %error, "discard failed");
+                return VIRTIO_BLK_S_IOERR;
+            }
+        }
+        VIRTIO_BLK_S_OK
     }
 
     /// Where the guest buffers are in our address space, when each is whole LUN sectors,
@@ -349,6 +431,9 @@ impl VirtioDevice for Block {
             | (1 << VIRTIO_BLK_F_SEG_MAX);
         if self.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.discard.is_some() {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
         }
         features
     }

@@ -277,21 +277,41 @@ fn open_disks(
             continue;
         }
         let attr = ds.stat_path(&path).with_context(what)?;
-        if attr.kind != Kind::File {
-            bail!("{}: not a virtual disk file", what());
+        if attr.kind != Kind::File && attr.kind != Kind::Rdm {
+            bail!(
+                "{}: neither a virtual disk file nor a raw device mapping",
+                what()
+            );
         }
         if let Some(first) = inodes.iter().position(|&ino| ino == attr.ino) {
             bail!("{}: the same file as disk {first}", what());
         }
         inodes.push(attr.ino);
-        if disk.read_only {
-            let lun = ds.open_lun(&path, Access::ReadOnly).with_context(what)?;
-            disks.push(hv::Disk::read_only(lun));
+        let serial = Some(file_serial(ds, attr.ino));
+        let access = if disk.read_only {
+            Access::ReadOnly
+        } else {
+            Access::Exclusive
+        };
+        if attr.kind == Kind::Rdm
+            && rdm::show(ds, &path).with_context(what)?.mode == rdm::Mode::Physical
+        {
+            let mapped = Arc::new(rdm::open(ds, &path, access).with_context(what)?);
+            disks.push(physical_disk(mapped, disk.read_only, serial));
             continue;
         }
-        let lun = ds
-            .open_lun_through_engine(&path, Access::Exclusive)
-            .with_context(what)?;
+        if disk.read_only {
+            let lun = if attr.kind == Kind::Rdm {
+                crate::cmd::vdisk_snapshot::open_disk(ds, &path, access)
+            } else {
+                ds.open_lun(&path, access).map_err(anyhow::Error::from)
+            };
+            let mut ro = hv::Disk::read_only(lun.with_context(what)?);
+            ro.serial = serial;
+            disks.push(ro);
+            continue;
+        }
+        let lun = crate::cmd::vdisk_snapshot::open_disk(ds, &path, access).with_context(what)?;
         let engine =
             crate::cmd::vdisk_snapshot::attach(ds, &path, lun.clone(), false).with_context(what)?;
         let below: Arc<dyn Lun> = match &engine {
@@ -299,7 +319,9 @@ fn open_disks(
             None => lun,
         };
         let switch = Arc::new(SwitchLun::new(below));
-        disks.push(hv::Disk::new(switch.clone()));
+        let mut rw = hv::Disk::new(switch.clone());
+        rw.serial = serial;
+        disks.push(rw);
         writable.push(WritableDisk {
             path,
             switch,
@@ -307,6 +329,51 @@ fn open_disks(
         });
     }
     Ok((disks, writable))
+}
+
+/// A physical-mode mapping as the guest sees it: the device itself, its own serial (a
+/// stable one of the mapping when it has none, as a loop device has not), and its discard.
+/// No snapshot engine can be put under it.
+fn physical_disk(mapped: Arc<rdm::RdmLun>, read_only: bool, serial: Option<String>) -> hv::Disk {
+    let serial = mapped
+        .serial()
+        .map(|s| {
+            s.chars()
+                .filter(char::is_ascii_graphic)
+                .take(hv::SERIAL_BYTES)
+                .collect()
+        })
+        .or(serial);
+    let lun: Arc<dyn Lun> = mapped.clone();
+    let mut disk = if read_only {
+        hv::Disk::read_only(lun)
+    } else {
+        hv::Disk::new(lun)
+    };
+    disk.serial = serial;
+    if !read_only {
+        disk.discard = Some(Arc::new(
+            move |offset, len| Ok(mapped.discard(offset, len)?),
+        ));
+    }
+    disk
+}
+
+/// The serial a guest reads for the disk file `ino` of `ds` (GET_ID): the same on every host
+/// and every start, so a guest's `/dev/disk/by-id` names survive both; another file, or a
+/// copy on another datastore, gets another.
+fn file_serial(ds: &Datastore, ino: u64) -> String {
+    let uuid = ds.superblock().uuid;
+    let hash = uuid
+        .as_bytes()
+        .iter()
+        .copied()
+        .chain(ino.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    // "vapp-" and 15 hex digits: the 20 bytes GET_ID carries.
+    format!("vapp-{:015x}", hash >> 4)
 }
 
 fn vm_config(
@@ -491,6 +558,19 @@ impl Run<'_> {
     /// session is taken while the writes of all disks wait. Returns what the guest felt.
     fn snapshot(&mut self, name: &str) -> anyhow::Result<String> {
         let folder = &self.folder;
+        // A physical mapping is not among the writable disks an engine can go under: a
+        // snapshot of the others alone would not be the VM's point in time.
+        for disk in self.loaded.spec.disks.iter().filter(|d| !d.read_only) {
+            let path = spec::path_in(folder, &disk.path);
+            if let Ok(mapping) = rdm::show(self.ds, &path)
+                && mapping.mode == rdm::Mode::Physical
+            {
+                bail!(
+                    "vm {folder}: disk {path} is a physical-mode raw device mapping, which vapp \
+                     does not snapshot; use the array's snapshots, or make the disk read_only"
+                );
+            }
+        }
         let mut switch_pause = Duration::ZERO;
         for disk in &mut self.loaded.writable {
             if disk.engine.is_some() {
