@@ -219,3 +219,23 @@ cores=$(nproc)
 printf '\n[resources.cpu]\nreservation = "%s%%"\n' "$((cores * 100))" >> demo/greedy.toml
 "$vapp" put demo/greedy.toml /vms/greedy/vm.toml
 "$vapp" vm start /vms/greedy --foreground 2>&1 | sed 's/^/refused: /' || true
+
+step "raw device mappings: a whole LUN (a 4 KiB-sector loop device) mapped into the datastore"
+for dev in $(losetup -j "$PWD/demo/rdm.lun" -O NAME -n 2>/dev/null); do losetup -d "$dev"; done
+rm -f demo/rdm.lun demo/rdm-other.lun
+truncate -s 64M demo/rdm.lun demo/rdm-other.lun
+device=$(losetup -f --show --sector-size 4096 demo/rdm.lun)
+"$vapp" mkdir -p /vms/db
+"$vapp" rdm create /vms/db/data.rdm --lun "$device" --mode physical
+"$vapp" ls -l /vms/db
+"$vapp" rdm show /vms/db/data.rdm
+echo "the device detached and attached again elsewhere: the mapping finds it by its identity"
+losetup -d "$device"
+# The kernel detaches a loop device on its last close: wait for it, as udev may still hold it.
+for _ in $(seq 100); do [ -z "$(losetup -j "$PWD/demo/rdm.lun")" ] && break; sleep 0.05; done
+other=$(losetup -f --show demo/rdm-other.lun)
+device=$(losetup -f --show --sector-size 4096 demo/rdm.lun)
+echo "now $device (was taken by $other)"
+"$vapp" rdm verify /vms/db/data.rdm
+"$vapp" snapshot create /vms/db/data.rdm before 2>&1 | sed 's/^/refused: /' || true
+losetup -d "$device" "$other"

@@ -177,7 +177,7 @@ pub fn ls(datastore: Option<&str>, args: LsArgs) -> anyhow::Result<ExitCode> {
                 a.gid,
                 size,
                 a.allocated,
-                format_time(a.mtime_ns),
+                super::utc_time(a.mtime_ns.into()),
                 name,
                 target
             )
@@ -371,10 +371,10 @@ pub fn stat(datastore: Option<&str>, args: StatArgs) -> anyhow::Result<ExitCode>
         a.allocated,
         a.block_size
     )?;
-    crate::outln!("access: {}", format_time(a.atime_ns))?;
-    crate::outln!("modify: {}", format_time(a.mtime_ns))?;
-    crate::outln!("change: {}", format_time(a.ctime_ns))?;
-    crate::outln!(" birth: {}", format_time(a.crtime_ns))?;
+    crate::outln!("access: {}", super::utc_time(a.atime_ns.into()))?;
+    crate::outln!("modify: {}", super::utc_time(a.mtime_ns.into()))?;
+    crate::outln!("change: {}", super::utc_time(a.ctime_ns.into()))?;
+    crate::outln!(" birth: {}", super::utc_time(a.crtime_ns.into()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -731,40 +731,19 @@ fn mode_string(a: &vmfs::Attr) -> String {
     s
 }
 
-/// UTC "YYYY-MM-DD HH:MM:SS" from nanoseconds since the epoch.
-pub(crate) fn format_time(ns: i64) -> String {
-    let secs = ns.div_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use super::format_time;
+    use super::super::utc_time;
 
     #[test]
     fn times_format_as_utc() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(1_700_000_000_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc_time(951_782_400_000_000_000), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(-1_000_000_000), "1969-12-31 23:59:59");
         assert_eq!(
-            format_time(1_700_000_000_000_000_000),
-            "2023-11-14 22:13:20"
+            utc_time(i128::MAX),
+            format!("@{}", i128::MAX / 1_000_000_000)
         );
-        assert_eq!(format_time(951_782_400_000_000_000), "2000-02-29 00:00:00");
     }
 }

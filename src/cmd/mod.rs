@@ -60,6 +60,20 @@ macro_rules! outln {
 }
 
 /// The `-d LUN` argument, required by every command that works inside a datastore.
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a time in nanoseconds since the Unix epoch, as `ls -l`,
+/// `stat` and `snapshot list` show it; `@SECONDS` for one no calendar holds.
+pub fn utc_time(ns: i128) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("@{}", ns.div_euclid(1_000_000_000)))
+}
+
 pub fn require_datastore(datastore: Option<&str>) -> anyhow::Result<&str> {
     datastore.context("no datastore given: pass -d LUN or set VAPP_DATASTORE")
 }

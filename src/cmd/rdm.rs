@@ -116,6 +116,6 @@ pub fn print_mapping(m: &rdm::Mapping) -> anyhow::Result<()> {
     crate::outln!("   sector: {} bytes", m.sector_size)?;
     crate::outln!("   serial: {}", m.serial.as_deref().unwrap_or("(none)"))?;
     crate::outln!("datastore: {}", m.datastore_uuid)?;
-    crate::outln!("  created: {}", super::files::format_time(m.created_ns))?;
+    crate::outln!("  created: {}", super::utc_time(m.created_ns.into()))?;
     Ok(())
 }

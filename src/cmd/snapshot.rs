@@ -1069,34 +1069,13 @@ pub fn print_listing(l: &Listing) -> anyhow::Result<()> {
         outln!(
             "{:<24} {:<20} {:<8} {:<9} {:>8}",
             s.name,
-            utc(s.created_unix),
+            super::utc_time(i128::from(s.created_unix) * 1_000_000_000),
             s.state,
             if s.writable { "yes" } else { "no" },
             s.chunks
         )?;
     }
     Ok(())
-}
-
-/// `YYYY-MM-DD HH:MM:SS` of a Unix time (the civil-from-days algorithm).
-fn utc(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 /// Starts `vapp snapshot resume LUN` in the background: it holds the LUN while the copy back
@@ -1330,12 +1309,6 @@ pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
-    }
 
     #[test]
     fn default_pool_is_a_fifth_at_least_4m() {
