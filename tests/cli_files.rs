@@ -122,9 +122,18 @@ fn a_closed_standard_output_ends_a_command_quietly_by_sigpipe() {
     fx.ok(&["mkdir", "/dir"]);
     std::fs::write(fx.local("f.bin"), pattern(3 * MIB, 1)).unwrap();
     fx.ok(&["put", fx.local("f.bin").to_str().unwrap(), "/dir/f.bin"]);
+    // A VM, so that `vm list --json` writes lines.
+    let kernel = fx.local("guest.elf");
+    fx.ok(&["vm", "test-guest", kernel.to_str().unwrap()]);
+    let kernel = kernel.to_str().unwrap();
+    fx.ok(&[
+        "vm", "create", "/vms/a", "--kernel", kernel, "--vcpus", "1", "--memory", "64M",
+    ]);
 
     let ds = fx.ds.clone();
-    let commands: [&[&str]; 6] = [
+    let commands: [&[&str]; 8] = [
+        &["vm", "list"],
+        &["vm", "list", "--json"],
         &["ls", "/dir"],
         &["ls", "-l", "/"],
         &["stat", "/dir/f.bin"],

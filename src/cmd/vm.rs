@@ -829,7 +829,9 @@ fn list(datastore: &str, args: ListArgs) -> anyhow::Result<ExitCode> {
     mark_failed(&ds, &mut listed);
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &listed)?;
+        serde_json::to_writer_pretty(&mut out, &listed)
+            .map_err(std::io::Error::from)
+            .map_err(crate::cmd::stdout_error)?;
         writeln!(out).map_err(crate::cmd::stdout_error)?;
         return Ok(ExitCode::SUCCESS);
     }
