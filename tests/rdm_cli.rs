@@ -138,6 +138,11 @@ impl Fixture {
         ok(&all.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// `rdm create PATH --lun LUN --mode MODE`, which must succeed.
+    fn map(&self, path: &str, lun: &str, mode: &str) -> String {
+        self.ok(&["rdm", "create", path, "--lun", lun, "--mode", mode])
+    }
+
     fn refused(&self, args: &[&str]) -> String {
         let all = self.ds(args);
         refused(&all.iter().map(String::as_str).collect::<Vec<_>>())
@@ -242,24 +247,8 @@ fn a_mapping_finds_its_lun_after_loop_devices_are_attached_again_in_another_orde
     let b = f.image("b.img", 32 * MIB);
     let dev_a = loops.attach(&a, 4096);
     let dev_b = loops.attach(&b, 512);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/a.rdm",
-        "--lun",
-        &dev_a,
-        "--mode",
-        "physical",
-    ]);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/b.rdm",
-        "--lun",
-        &dev_b,
-        "--mode",
-        "virtual",
-    ]);
+    f.map("/vms/a/a.rdm", &dev_a, "physical");
+    f.map("/vms/a/b.rdm", &dev_b, "virtual");
     loops.detach(&dev_a);
     loops.detach(&dev_b);
     // b first now, so it likely takes a's old number; either way the paths are new.
@@ -304,15 +293,7 @@ fn a_removed_resized_or_doubled_device_or_new_sector_size_is_refused_naming_the_
     let mut loops = Loops::default();
     let image = f.image("db.img", 16 * MIB);
     let dev = loops.attach(&image, 512);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/db.rdm",
-        "--lun",
-        &dev,
-        "--mode",
-        "virtual",
-    ]);
+    f.map("/vms/a/db.rdm", &dev, "virtual");
 
     loops.detach(&dev);
     let e = f.refused(&["rdm", "verify", "/vms/a/db.rdm"]);
@@ -398,15 +379,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     let mut loops = Loops::default();
     let image = f.image("db.img", 16 * MIB);
     let dev = loops.attach(&image, 512);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/db.rdm",
-        "--lun",
-        &dev,
-        "--mode",
-        "virtual",
-    ]);
+    f.map("/vms/a/db.rdm", &dev, "virtual");
     let before = f.ok(&["ls", "-l", "/vms/a"]);
 
     let missing = f
@@ -580,15 +553,7 @@ fn two_hosts_racing_for_one_mapping_get_one_writer() {
     let mut loops = Loops::default();
     let image = f.image("db.img", 16 * MIB);
     let dev = loops.attach(&image, 512);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/db.rdm",
-        "--lun",
-        &dev,
-        "--mode",
-        "physical",
-    ]);
+    f.map("/vms/a/db.rdm", &dev, "physical");
 
     let mut a = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-a");
     let mut b = spawn_child("rw", &f.ds, "/vms/a/db.rdm", "esx-b");
@@ -639,15 +604,7 @@ fn fsck_finds_a_damaged_mapping_payload_and_rm_removes_it() {
     let mut loops = Loops::default();
     let image = f.image("db.img", 16 * MIB);
     let dev = loops.attach(&image, 4096);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/db.rdm",
-        "--lun",
-        &dev,
-        "--mode",
-        "virtual",
-    ]);
+    f.map("/vms/a/db.rdm", &dev, "virtual");
     let ino = f.json(&["stat", "/vms/a/db.rdm", "--json"])["ino"]
         .as_u64()
         .unwrap();
@@ -692,15 +649,7 @@ fn physical_mode_passes_discard_through_to_the_device() {
     let mut loops = Loops::default();
     let image = f.image("db.img", 16 * MIB);
     let dev = loops.attach(&image, 4096);
-    f.ok(&[
-        "rdm",
-        "create",
-        "/vms/a/db.rdm",
-        "--lun",
-        &dev,
-        "--mode",
-        "physical",
-    ]);
+    f.map("/vms/a/db.rdm", &dev, "physical");
     let ds = f.open(false);
     let lun = rdm::open(&ds, "/vms/a/db.rdm", vmfs::Access::Exclusive).unwrap();
     assert_eq!(lun.serial(), None, "a loop device has no serial of its own");

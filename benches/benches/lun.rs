@@ -56,36 +56,12 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_secs(6));
 }
 
-/// Writes the whole file from `source` (BATCH * CHUNK bytes) in CHUNK-sized requests,
-/// BATCH per submit, then flushes.
 fn write_all(lun: &dyn Lun, source: &[u8]) {
-    for base in (0..FILE_SIZE).step_by(BATCH * CHUNK) {
-        let mut batch: Vec<IoRequest<'_>> = source
-            .chunks(CHUNK)
-            .enumerate()
-            .map(|(i, buf)| IoRequest::Write {
-                buf,
-                offset: (base + i * CHUNK) as u64,
-            })
-            .collect();
-        lun.submit(&mut batch).unwrap();
-    }
-    lun.flush().unwrap();
+    vapp_benches::write_whole(lun, source, FILE_SIZE, CHUNK);
 }
 
-/// Reads the whole file into `target` (BATCH * CHUNK bytes, reused) the same way.
 fn read_all(lun: &dyn Lun, target: &mut [u8]) {
-    for base in (0..FILE_SIZE).step_by(BATCH * CHUNK) {
-        let mut batch: Vec<IoRequest<'_>> = target
-            .chunks_mut(CHUNK)
-            .enumerate()
-            .map(|(i, buf)| IoRequest::Read {
-                buf,
-                offset: (base + i * CHUNK) as u64,
-            })
-            .collect();
-        lun.submit(&mut batch).unwrap();
-    }
+    vapp_benches::read_whole(lun, target, FILE_SIZE, CHUNK);
 }
 
 fn sequential(c: &mut Criterion) {

@@ -64,36 +64,12 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_secs(6));
 }
 
-/// Writes the whole device from `source` (BATCH * CHUNK bytes) in CHUNK-sized requests,
-/// BATCH per submit, then flushes.
 fn write_all(lun: &dyn Lun, source: &[u8]) {
-    for base in (0..DEVICE_SIZE).step_by(BATCH * CHUNK) {
-        let mut batch: Vec<IoRequest<'_>> = source
-            .chunks(CHUNK)
-            .enumerate()
-            .map(|(i, buf)| IoRequest::Write {
-                buf,
-                offset: (base + i * CHUNK) as u64,
-            })
-            .collect();
-        lun.submit(&mut batch).unwrap();
-    }
-    lun.flush().unwrap();
+    vapp_benches::write_whole(lun, source, DEVICE_SIZE, CHUNK);
 }
 
-/// Reads the whole device into `target` (BATCH * CHUNK bytes, reused) the same way.
 fn read_all(lun: &dyn Lun, target: &mut [u8]) {
-    for base in (0..DEVICE_SIZE).step_by(BATCH * CHUNK) {
-        let mut batch: Vec<IoRequest<'_>> = target
-            .chunks_mut(CHUNK)
-            .enumerate()
-            .map(|(i, buf)| IoRequest::Read {
-                buf,
-                offset: (base + i * CHUNK) as u64,
-            })
-            .collect();
-        lun.submit(&mut batch).unwrap();
-    }
+    vapp_benches::read_whole(lun, target, DEVICE_SIZE, CHUNK);
 }
 
 /// RANDOM_IOS requests of RANDOM_SIZE at `offsets`, QUEUE_DEPTH per submit; writes end with

@@ -49,3 +49,43 @@ pub fn write_figure(group: &str, name: &str, value: f64, unit: &str) {
         eprintln!("cannot record figure {}: {e}", path.display());
     }
 }
+
+/// Writes `size` bytes of `lun` from offset 0 in `source.len() / chunk` requests of `chunk`
+/// bytes per submit (`source` holding one batch), then flushes: a sequential write at a
+/// queue depth of one batch.
+pub fn write_whole(lun: &dyn lun::Lun, source: &[u8], size: usize, chunk: usize) {
+    for base in (0..size).step_by(source.len()) {
+        let mut batch: Vec<lun::IoRequest<'_>> = source
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, buf)| lun::IoRequest::Write {
+                buf,
+                offset: (base + i * chunk) as u64,
+            })
+            .collect();
+        if let Err(e) = lun.submit(&mut batch) {
+            panic!("{}: a benchmark write failed: {e}", lun.name());
+        }
+    }
+    if let Err(e) = lun.flush() {
+        panic!("{}: a benchmark flush failed: {e}", lun.name());
+    }
+}
+
+/// Reads `size` bytes of `lun` the same way into `target` (one batch, reused).
+pub fn read_whole(lun: &dyn lun::Lun, target: &mut [u8], size: usize, chunk: usize) {
+    let step = target.len();
+    for base in (0..size).step_by(step) {
+        let mut batch: Vec<lun::IoRequest<'_>> = target
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, buf)| lun::IoRequest::Read {
+                buf,
+                offset: (base + i * chunk) as u64,
+            })
+            .collect();
+        if let Err(e) = lun.submit(&mut batch) {
+            panic!("{}: a benchmark read failed: {e}", lun.name());
+        }
+    }
+}
