@@ -231,7 +231,9 @@ fn find_mapping_of(
 ) -> Result<Option<String>> {
     let mut dirs = vec![String::from("/")];
     while let Some(dir) = dirs.pop() {
-        let entries: Vec<(OsString, vmfs::Attr)> = ds.list(&dir)?;
+        let Some(entries) = list_settled(ds, &dir)? else {
+            continue;
+        };
         for (name, attr) in entries {
             let child = if dir == "/" {
                 format!("/{}", name.to_string_lossy())
@@ -255,6 +257,20 @@ fn find_mapping_of(
         }
     }
     Ok(None)
+}
+
+/// The entries of `dir`, or `None` once it is gone. An entry another host removes while it is
+/// listed (a racing `create` backing off) fails the listing: list again until one holds.
+fn list_settled(ds: &Datastore, dir: &str) -> Result<Option<Vec<(OsString, vmfs::Attr)>>> {
+    let mut tries = 0;
+    loop {
+        match ds.list(dir) {
+            Ok(entries) => return Ok(Some(entries)),
+            Err(e) if e.errno() == libc::ENOENT && ds.stat_path(dir).is_err() => return Ok(None),
+            Err(e) if e.errno() == libc::ENOENT && tries < 20 => tries += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn now_ns() -> i64 {
