@@ -9,13 +9,12 @@
 //! sectors reads the sectors it touches first, one such write at a time per mapping.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fuser::Errno;
 use lun::Lun;
-use vmfs::{Access, Datastore, Kind};
+use vmfs::{Access, Datastore};
 
 /// File handles of mappings carry this bit, so they never collide with `OpenFiles`' ones.
 const RDM_FH: u64 = 1 << 63;
@@ -61,29 +60,6 @@ fn lun_errno(op: &'static str, ino: u64, e: &lun::LunError) -> Errno {
     Errno::EIO
 }
 
-/// The path of `ino` on `ds`: a mapping is opened by path. Mappings are few and opened
-/// rarely, so a walk of the tree is cheap enough and needs no path cache to keep right.
-fn path_of(ds: &Datastore, ino: u64) -> Option<String> {
-    let mut dirs = vec![String::from("/")];
-    while let Some(dir) = dirs.pop() {
-        let entries: Vec<(OsString, vmfs::Attr)> = ds.list(&dir).ok()?;
-        for (name, attr) in entries {
-            let child = if dir == "/" {
-                format!("/{}", name.to_string_lossy())
-            } else {
-                format!("{dir}/{}", name.to_string_lossy())
-            };
-            if attr.ino == ino {
-                return Some(child);
-            }
-            if attr.kind == Kind::Dir {
-                dirs.push(child);
-            }
-        }
-    }
-    None
-}
-
 impl RdmFiles {
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
@@ -106,13 +82,13 @@ impl RdmFiles {
             }
             Some(entry) => entry.opens += 1,
             None => {
-                let path = path_of(ds, ino).ok_or(Errno::ENOENT)?;
                 let access = if write {
                     Access::Exclusive
                 } else {
                     Access::ReadOnly
                 };
-                let lun = rdm::open(ds, &path, access).map_err(|e| rdm_errno("open", ino, &e))?;
+                let lun = rdm::open_ino(ds, ino, &format!("inode {ino}"), access)
+                    .map_err(|e| rdm_errno("open", ino, &e))?;
                 let opened = Arc::new(Opened {
                     lun,
                     write,

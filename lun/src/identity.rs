@@ -452,22 +452,45 @@ fn of_block_device(metadata: &std::fs::Metadata, path: String) -> Option<LunIden
     )
 }
 
-/// [`of_block_device`] from the device's sysfs directory.
-fn of_sysfs(sys: &Path, path: String) -> Option<LunIdentity> {
-    let sys = sys.to_path_buf();
-    let (disk, start) = match std::fs::read_to_string(sys.join("start")) {
+/// The sysfs directory of a block device's whole disk, and a partition's start in bytes.
+fn disk_of(sys: &Path) -> (PathBuf, u64) {
+    match std::fs::read_to_string(sys.join("start")) {
         Ok(start) => (
             sys.join(".."),
             start.trim().parse::<u64>().ok().map_or(0, |s| s * 512),
         ),
-        Err(_) => (sys.clone(), 0),
-    };
-    let read = |rel: &str| {
-        std::fs::read_to_string(disk.join(rel))
-            .ok()
-            .map(|s| s.trim().replace([' ', ':'], "_"))
-            .filter(|s| !s.is_empty())
-    };
+        Err(_) => (sys.to_path_buf(), 0),
+    }
+}
+
+/// A non-empty sysfs attribute `rel` of `disk`, trimmed.
+fn disk_attribute(disk: &Path, rel: &str) -> Option<String> {
+    std::fs::read_to_string(disk.join(rel))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// A block device's own serial number (`device/serial`, `serial`, then the WWID), as a guest
+/// reads it through virtio-blk GET_ID; `None` for what is not a block device or has none (a
+/// loop device).
+pub fn device_serial(path: &Path) -> Option<String> {
+    let md = std::fs::metadata(path).ok()?;
+    if !md.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = md.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let (disk, _) = disk_of(&PathBuf::from(format!("/sys/dev/block/{major}:{minor}")));
+    ["device/serial", "serial", "device/wwid", "wwid"]
+        .iter()
+        .find_map(|rel| disk_attribute(&disk, rel))
+}
+
+/// [`of_block_device`] from the device's sysfs directory.
+fn of_sysfs(sys: &Path, path: String) -> Option<LunIdentity> {
+    let (disk, start) = disk_of(sys);
+    let read = |rel: &str| disk_attribute(&disk, rel).map(|s| s.replace([' ', ':'], "_"));
     let id = read("device/wwid")
         .or_else(|| read("wwid"))
         .or_else(|| read("device/serial"))

@@ -25,7 +25,7 @@ pub use direct::AlignedBuf;
 pub use engine::{IO_ENGINE_ENV, IoEngine};
 pub use error::{LunError, Result};
 pub use file::{Backing, FileLun};
-pub use identity::{IDENTITY_MAX, LunIdentity};
+pub use identity::{IDENTITY_MAX, LunIdentity, device_serial};
 pub use keeping::Keeping;
 pub use nbd::{NbdLun, NbdOptions, NbdServer, NbdTarget};
 pub use open::{LunSpec, NBD_DEFAULT_PORT, OpenOptions, open};

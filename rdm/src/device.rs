@@ -139,34 +139,6 @@ pub(crate) fn resolve(mapping: &Mapping, write: bool) -> Result<Found> {
     Ok(found)
 }
 
-/// A block device's own serial number from sysfs (`device/serial`, `serial`, then the
-/// WWID), as a guest would see it through GET_ID; `None` when it has none (loop devices).
-pub(crate) fn serial_of(path: &Path) -> Option<String> {
-    let md = std::fs::metadata(path).ok()?;
-    if !md.file_type().is_block_device() {
-        return None;
-    }
-    let rdev = md.rdev();
-    let sys = PathBuf::from(format!(
-        "/sys/dev/block/{}:{}",
-        libc::major(rdev),
-        libc::minor(rdev)
-    ));
-    let disk = if sys.join("partition").exists() {
-        sys.join("..")
-    } else {
-        sys
-    };
-    ["device/serial", "serial", "device/wwid", "wwid"]
-        .iter()
-        .find_map(|rel| {
-            std::fs::read_to_string(disk.join(rel))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
-}
-
 /// An open raw device mapping: the mapped LUN, reached by identity, with the mapping file's
 /// lock held until it is dropped.
 pub struct RdmLun {
@@ -191,7 +163,7 @@ impl std::fmt::Debug for RdmLun {
 
 impl RdmLun {
     pub(crate) fn new(name: String, mapping: Mapping, found: Found, handle: FileHandle) -> RdmLun {
-        let serial = serial_of(Path::new(&found.path)).or_else(|| mapping.serial.clone());
+        let serial = lun::device_serial(Path::new(&found.path)).or_else(|| mapping.serial.clone());
         RdmLun {
             name,
             device_path: found.path,

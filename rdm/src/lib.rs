@@ -29,5 +29,5 @@ mod mapping;
 
 pub use device::RdmLun;
 pub use error::{Error, Result};
-pub use mapping::{Mapping, Verified, create, is_mapping, open, show, verify};
+pub use mapping::{Mapping, Verified, create, is_mapping, open, open_ino, show, verify};
 pub use vmfs::{RdmDevice as DeviceKind, RdmMode as Mode, RdmRecord};

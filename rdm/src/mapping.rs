@@ -112,7 +112,7 @@ pub fn create(ds: &Datastore, path: &str, lun_spec: &str, mode: Mode) -> Result<
         datastore_uuid: ds.superblock().uuid,
         identity: identity.serialise(),
         serial: match kind {
-            DeviceKind::BlockDevice => device::serial_of(std::path::Path::new(&spec)),
+            DeviceKind::BlockDevice => lun::device_serial(std::path::Path::new(&spec)),
             _ => None,
         }
         .unwrap_or_default(),
@@ -170,9 +170,22 @@ pub fn verify(ds: &Datastore, path: &str) -> Result<Verified> {
 /// naming the holder when another host or handle conflicts), resolves the LUN by identity
 /// and checks it. The lock is held until the returned LUN is dropped.
 pub fn open(ds: &Datastore, path: &str, access: Access) -> Result<RdmLun> {
-    let mapping = show(ds, path)?;
+    let attr = ds.stat_path(path)?;
+    if attr.kind != Kind::Rdm {
+        return Err(Error::NotAMapping {
+            path: path.to_string(),
+        });
+    }
+    open_ino(ds, attr.ino, path, access)
+}
+
+/// [`open`] for the mapping at inode `ino`, which errors name `path` (a caller that knows the
+/// inode, such as the FUSE mount, need not find its path).
+pub fn open_ino(ds: &Datastore, ino: u64, path: &str, access: Access) -> Result<RdmLun> {
+    let record = ds.rdm_record(ino).map_err(|e| e.at(path))?;
+    let mapping = Mapping::new(path, ino, record);
     check_datastore(ds, &mapping)?;
-    let handle = ds.open_path(path, access)?;
+    let handle = ds.open_file(ino, access).map_err(|e| e.at(path))?;
     let found = device::resolve(&mapping, access.can_write())?;
     let name = format!("rdm:{}:{}", ds.superblock().label, path);
     tracing::info!(path, device = %found.path, mode = %mapping.mode, access = %access, "raw device mapping opened");
