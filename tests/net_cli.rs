@@ -46,27 +46,6 @@ impl Drop for Networks<'_> {
     }
 }
 
-fn create_vm_on(fx: &Fixture, path: &str, cmdline: &str, networks: &[&str]) -> String {
-    let guest = fx.guest.to_str().unwrap();
-    let mut args = vec![
-        "vm",
-        "create",
-        path,
-        "--kernel",
-        guest,
-        "--vcpus",
-        "1",
-        "--memory",
-        "64M",
-        "--cmdline",
-        cmdline,
-    ];
-    for network in networks {
-        args.extend(["--net", network]);
-    }
-    fx.ok(&args)
-}
-
 /// The MAC vm.toml of `path` holds for its first NIC.
 fn mac_of(fx: &Fixture, path: &str) -> String {
     let toml = fx.ok(&["cat", &format!("{path}/vm.toml")]);
@@ -99,21 +78,19 @@ fn two_vms_on_one_network_ping_each_other_and_keep_their_macs_across_a_restart()
         out.contains(&format!("bridge vb-{net}, no uplink")),
         "{out}"
     );
-    create_vm_on(
-        &fx,
+    fx.create_vm_on(
         "/vms/a",
         "mode=test net_ip=10.98.0.1 net_ping=10.98.0.2 net_count=3",
         &[&net],
     );
-    create_vm_on(
-        &fx,
+    fx.create_vm_on(
         "/vms/b",
         "mode=test net_ip=10.98.0.2 net_ping=10.98.0.1 net_count=3",
         &[&net],
     );
     let (mac_a, mac_b) = (mac_of(&fx, "/vms/a"), mac_of(&fx, "/vms/b"));
     assert_ne!(mac_a, mac_b);
-    let created = create_vm_on(&fx, "/vms/c", "mode=test", &[&net, &net]);
+    let created = fx.create_vm_on("/vms/c", "mode=test", &[&net, &net]);
     assert!(
         created.contains(&format!("  net 0: network {net}, MAC 52:54:00:")),
         "{created}"
@@ -209,22 +186,19 @@ fn a_vm_on_an_isolated_network_reaches_neither_another_network_nor_the_uplink() 
     assert!(list.contains(&uplink), "{list}");
     assert_eq!(list.matches("(isolated)").count(), 2, "{list}");
 
-    create_vm_on(
-        &fx,
+    fx.create_vm_on(
         "/vms/web",
         "mode=test net_ip=10.97.0.1 net_ping=10.97.0.254 net_count=3",
         &[&prod],
     );
     // The same addresses as production, as a DR drill has: one drill VM looks for the
     // uplink's far end, one (on a second isolated network) for the production VM.
-    create_vm_on(
-        &fx,
+    fx.create_vm_on(
         "/vms/drill",
         "mode=test net_ip=10.97.0.1 net_ping=10.97.0.254 net_count=3 net_arp=8",
         &[&drill],
     );
-    create_vm_on(
-        &fx,
+    fx.create_vm_on(
         "/vms/drill2",
         "mode=test net_ip=10.97.0.2 net_ping=10.97.0.1 net_count=3 net_arp=8",
         &[&drill2],
@@ -284,7 +258,7 @@ fn bad_network_input_is_refused_before_the_guest_starts() {
     );
 
     // An unknown network: refused before the guest prints anything.
-    create_vm_on(&fx, "/vms/lost", "mode=test net_ip=10.96.0.9", &["nowhere"]);
+    fx.create_vm_on("/vms/lost", "mode=test net_ip=10.96.0.9", &["nowhere"]);
     let (status, console, messages) = fx.start("/vms/lost", &[]).wait();
     assert_eq!(status.code(), Some(1), "{console}\n{messages}");
     assert!(
@@ -294,8 +268,8 @@ fn bad_network_input_is_refused_before_the_guest_starts() {
     assert!(!console.contains("vapp-testguest"), "{console}");
 
     // A MAC a running VM already uses on the network.
-    create_vm_on(&fx, "/vms/one", "mode=test net_ip=10.96.0.1", &[&net]);
-    create_vm_on(&fx, "/vms/two", "mode=test net_ip=10.96.0.2", &[&net]);
+    fx.create_vm_on("/vms/one", "mode=test net_ip=10.96.0.1", &[&net]);
+    fx.create_vm_on("/vms/two", "mode=test net_ip=10.96.0.2", &[&net]);
     let mac = mac_of(&fx, "/vms/one");
     let toml = fx.ok(&["cat", "/vms/two/vm.toml"]);
     let copied = toml.replace(&mac_of(&fx, "/vms/two"), &mac);
@@ -348,7 +322,7 @@ fn a_nic_added_by_hand_gets_its_mac_at_the_first_start_and_keeps_it() {
         names: vec![net.clone()],
     };
     fx.ok(&["host", "network", "create", &net]);
-    create_vm_on(&fx, "/vms/h", "mode=test net_ip=10.95.0.1", &[]);
+    fx.create_vm_on("/vms/h", "mode=test net_ip=10.95.0.1", &[]);
     let toml = fx.ok(&["cat", "/vms/h/vm.toml"]);
     let local = fx.dir.path().join("h.toml");
     std::fs::write(&local, format!("{toml}\n[[net]]\nnetwork = \"{net}\"\n")).unwrap();

@@ -78,24 +78,8 @@ impl Drop for Networks<'_> {
 /// `vm create` of the test guest with a NIC on each of `networks`, then `extra_toml`
 /// appended to its vm.toml.
 fn create(fx: &Fixture, path: &str, cmdline: &str, networks: &[&String], extra_toml: &str) {
-    let guest = fx.guest.to_str().unwrap();
-    let mut args = vec![
-        "vm",
-        "create",
-        path,
-        "--kernel",
-        guest,
-        "--vcpus",
-        "1",
-        "--memory",
-        "64M",
-        "--cmdline",
-        cmdline,
-    ];
-    for network in networks {
-        args.extend(["--net", network.as_str()]);
-    }
-    fx.ok(&args);
+    let networks: Vec<&str> = networks.iter().map(|n| n.as_str()).collect();
+    fx.create_vm_on(path, cmdline, &networks);
     let toml_path = format!("{path}/vm.toml");
     let config = fx.ok(&["cat", &toml_path]);
     let local = fx.dir.path().join("vm.toml.new");

@@ -121,6 +121,23 @@ impl Fixture {
 
     /// `vm create` of the test guest with `cmdline`, `vcpus`, 64 MiB and `disks`.
     pub fn create_vm(&self, path: &str, vcpus: u32, cmdline: &str, disks: &[&str]) -> String {
+        let disks: Vec<(&str, &str)> = disks.iter().map(|d| ("--disk", *d)).collect();
+        self.create_vm_with(path, vcpus, cmdline, &disks)
+    }
+
+    /// `vm create` of the test guest, 1 vCPU, with a NIC on each of `networks`.
+    pub fn create_vm_on(&self, path: &str, cmdline: &str, networks: &[&str]) -> String {
+        let nics: Vec<(&str, &str)> = networks.iter().map(|n| ("--net", *n)).collect();
+        self.create_vm_with(path, 1, cmdline, &nics)
+    }
+
+    fn create_vm_with(
+        &self,
+        path: &str,
+        vcpus: u32,
+        cmdline: &str,
+        options: &[(&str, &str)],
+    ) -> String {
         let vcpus = vcpus.to_string();
         let mut args = vec![
             "vm",
@@ -135,8 +152,8 @@ impl Fixture {
             "--cmdline",
             cmdline,
         ];
-        for disk in disks {
-            args.extend(["--disk", disk]);
+        for (option, value) in options {
+            args.extend([*option, *value]);
         }
         self.ok(&args)
     }
